@@ -1,0 +1,1 @@
+//! Kernel attach for rootfork: the generic-netlink `nbd` family, the `/dev/nbdN` pool and attachments.

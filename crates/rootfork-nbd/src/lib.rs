@@ -1,0 +1,1 @@
+//! The NBD protocol for rootfork: wire format, request dispatcher and socket server.

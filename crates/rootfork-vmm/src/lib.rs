@@ -1,0 +1,1 @@
+//! VMM backends for rootfork: the Firecracker API client and process launcher, and QEMU.
