@@ -1,0 +1,1 @@
+//! Rootfs providers: one trait over kernel NBD, socket NBD and direct files.

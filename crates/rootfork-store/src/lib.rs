@@ -1,0 +1,1 @@
+//! Template store: layered templates kept locally or in object storage, fetched lazily in chunks.
