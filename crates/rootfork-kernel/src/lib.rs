@@ -1,1 +1,3 @@
 //! Kernel attach for rootfork: the generic-netlink `nbd` family, the `/dev/nbdN` pool and attachments.
+
+pub mod netlink;
