@@ -1,1 +1,3 @@
 //! VMM backends for rootfork: the Firecracker API client and process launcher, and QEMU.
+
+pub mod qemu;

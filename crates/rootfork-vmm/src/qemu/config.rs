@@ -1,0 +1,320 @@
+//! The QEMU binary and a typed VM description rendered into QEMU's command line.
+//!
+//! Rendering is a pure function ([`QemuConfig::args`]) so the exact command line is unit-tested
+//! without starting anything.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::accel::Accel;
+use super::disk::RootDisk;
+use super::error::QemuError;
+
+/// Where QEMU lives and how it is run: the binary, its module directory (the TCG accelerator is a
+/// loadable module in Debian's packaging) and its firmware directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuBinary {
+    path: PathBuf,
+    module_dir: Option<PathBuf>,
+    firmware_dirs: Vec<PathBuf>,
+}
+
+impl QemuBinary {
+    /// The binary at `path`, with Debian's firmware directories (`/usr/share/seabios`,
+    /// `/usr/share/qemu`) and no module directory.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        QemuBinary {
+            path: path.into(),
+            module_dir: None,
+            firmware_dirs: vec!["/usr/share/seabios".into(), "/usr/share/qemu".into()],
+        }
+    }
+
+    /// From the environment `tests/vm/assets.sh` sets up: `QEMU` (default
+    /// `qemu-system-x86_64` on `PATH`) and `QEMU_MODULE_DIR`.
+    pub fn from_env() -> Self {
+        let path = std::env::var_os("QEMU").unwrap_or_else(|| "qemu-system-x86_64".into());
+        let mut b = QemuBinary::new(path);
+        b.module_dir = std::env::var_os("QEMU_MODULE_DIR").map(PathBuf::from);
+        b
+    }
+
+    /// Sets the directory QEMU loads its modules from (`QEMU_MODULE_DIR`).
+    pub fn with_module_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.module_dir = Some(dir.into());
+        self
+    }
+
+    /// Replaces the firmware search directories (`-L`).
+    pub fn with_firmware_dirs(mut self, dirs: Vec<PathBuf>) -> Self {
+        self.firmware_dirs = dirs;
+        self
+    }
+
+    /// The binary's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A command for this binary with its environment, firmware directories and `-nodefaults`
+    /// (no default NIC, display, CD-ROM or floppy) already applied.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.path);
+        if let Some(dir) = &self.module_dir {
+            cmd.env("QEMU_MODULE_DIR", dir);
+        }
+        for dir in &self.firmware_dirs {
+            cmd.arg("-L").arg(dir);
+        }
+        cmd.args(["-nodefaults", "-no-user-config"]);
+        cmd
+    }
+}
+
+/// A VM to boot: a Linux kernel (with optional initrd and command line) whose root disk is a
+/// provider's device, with its serial console written to a file.
+#[derive(Debug)]
+pub struct QemuConfig {
+    /// Accelerator.
+    pub accel: Accel,
+    /// Machine type (`q35` by default; `microvm` needs extra tuning under TCG).
+    pub machine: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// An optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub append: String,
+    /// The root disk, seen by the guest as the first virtio-blk disk (`/dev/vda`).
+    pub root: RootDisk,
+    /// Opens the root disk read-only in QEMU.
+    pub read_only_root: bool,
+    /// The file the guest's first serial port (`ttyS0`) is written to.
+    pub serial: PathBuf,
+}
+
+impl QemuConfig {
+    /// A config with q35, 256 MiB, one vCPU, a read-write root and TCG.
+    pub fn new(kernel: impl Into<PathBuf>, root: RootDisk, serial: impl Into<PathBuf>) -> Self {
+        QemuConfig {
+            accel: Accel::Tcg,
+            machine: "q35".into(),
+            memory_mib: 256,
+            cpus: 1,
+            kernel: kernel.into(),
+            initrd: None,
+            append: "console=ttyS0".into(),
+            root,
+            read_only_root: false,
+            serial: serial.into(),
+        }
+    }
+
+    /// Checks that the files QEMU will be asked to open exist.
+    pub fn check_files(&self) -> Result<(), QemuError> {
+        if !self.kernel.is_file() {
+            return Err(QemuError::Missing {
+                what: "kernel",
+                path: self.kernel.clone(),
+            });
+        }
+        if let Some(initrd) = &self.initrd {
+            if !initrd.is_file() {
+                return Err(QemuError::Missing {
+                    what: "initrd",
+                    path: initrd.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// QEMU's arguments for this VM (after the binary's own, see [`QemuBinary::command`]).
+    pub fn args(&self) -> Result<Vec<OsString>, QemuError> {
+        if self.memory_mib < 16 {
+            return Err(QemuError::InvalidConfig(format!(
+                "{} MiB of memory is too little",
+                self.memory_mib
+            )));
+        }
+        if self.cpus == 0 || self.cpus > 255 {
+            return Err(QemuError::InvalidConfig(format!("{} vCPUs", self.cpus)));
+        }
+        if self.machine.is_empty() || self.machine.contains(',') {
+            return Err(QemuError::InvalidConfig(format!(
+                "machine type {:?}",
+                self.machine
+            )));
+        }
+        let serial = option_path("serial file", &self.serial)?;
+        let mut blockdev = self.root.blockdev("root")?;
+        if self.read_only_root {
+            blockdev.push_str(",read-only=on");
+        }
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(s.into());
+        push("-accel");
+        push(self.accel.as_arg());
+        push("-M");
+        push(&self.machine);
+        push("-m");
+        push(&self.memory_mib.to_string());
+        push("-smp");
+        push(&self.cpus.to_string());
+        push("-display");
+        push("none");
+        push("-no-reboot");
+        push("-serial");
+        push(&format!("file:{serial}"));
+        push("-blockdev");
+        push(&blockdev);
+        push("-device");
+        push("virtio-blk-pci,drive=root");
+        a.push("-kernel".into());
+        a.push(self.kernel.clone().into_os_string());
+        if let Some(initrd) = &self.initrd {
+            a.push("-initrd".into());
+            a.push(initrd.clone().into_os_string());
+        }
+        if !self.append.is_empty() {
+            a.push("-append".into());
+            a.push(self.append.clone().into());
+        }
+        Ok(a)
+    }
+}
+
+/// A path as an option value: UTF-8 and free of the commas QEMU's option parser splits on.
+fn option_path<'a>(what: &str, p: &'a Path) -> Result<&'a str, QemuError> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| QemuError::InvalidConfig(format!("{what} {p:?} is not UTF-8")))?;
+    if s.is_empty() || s.contains(',') {
+        return Err(QemuError::InvalidConfig(format!(
+            "{what} {s:?} is empty or has a comma"
+        )));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::disk::NbdEndpoint;
+    use super::*;
+
+    fn strs(v: &[OsString]) -> Vec<String> {
+        v.iter().map(|s| s.to_string_lossy().into_owned()).collect()
+    }
+
+    fn nbd_config() -> QemuConfig {
+        let ep = NbdEndpoint::new("/run/rf/sb1.sock", "sb1").unwrap();
+        let mut c = QemuConfig::new("/k/vmlinuz", RootDisk::Nbd(ep), "/tmp/sb1.console");
+        c.initrd = Some("/k/initrd.gz".into());
+        c.append = "console=ttyS0 root=/dev/vda rw".into();
+        c
+    }
+
+    #[test]
+    fn nbd_root_renders_unix_blockdev_and_virtio_disk() {
+        let a = strs(&nbd_config().args().unwrap());
+        let i = a.iter().position(|s| s == "-blockdev").unwrap();
+        assert_eq!(
+            a[i + 1],
+            "driver=nbd,node-name=root,server.type=unix,server.path=/run/rf/sb1.sock,export=sb1"
+        );
+        assert_eq!(a[i + 2], "-device");
+        assert_eq!(a[i + 3], "virtio-blk-pci,drive=root");
+        let pair = |k: &str| a[a.iter().position(|s| s == k).unwrap() + 1].clone();
+        assert_eq!(pair("-accel"), "tcg");
+        assert_eq!(pair("-M"), "q35");
+        assert_eq!(pair("-m"), "256");
+        assert_eq!(pair("-serial"), "file:/tmp/sb1.console");
+        assert_eq!(pair("-kernel"), "/k/vmlinuz");
+        assert_eq!(pair("-initrd"), "/k/initrd.gz");
+        assert_eq!(pair("-append"), "console=ttyS0 root=/dev/vda rw");
+        // The root disk is only ever reached through the NBD driver, never as a file.
+        assert!(!a
+            .iter()
+            .any(|s| s.contains("driver=file") || s.starts_with("file=")));
+    }
+
+    #[test]
+    fn empty_export_is_omitted_and_read_only_is_passed() {
+        let ep = NbdEndpoint::new("/s.sock", "").unwrap();
+        let mut c = QemuConfig::new("/k", RootDisk::Nbd(ep), "/c");
+        c.read_only_root = true;
+        c.accel = Accel::Kvm;
+        let a = strs(&c.args().unwrap());
+        assert!(a.contains(
+            &"driver=nbd,node-name=root,server.type=unix,server.path=/s.sock,read-only=on"
+                .to_string()
+        ));
+        assert!(a.contains(&"kvm".to_string()));
+        assert!(!a.contains(&"-initrd".to_string()));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let mut c = nbd_config();
+        c.serial = "/tmp/a,b".into();
+        assert!(matches!(c.args(), Err(QemuError::InvalidConfig(_))));
+        let mut c = nbd_config();
+        c.memory_mib = 1;
+        assert!(matches!(c.args(), Err(QemuError::InvalidConfig(_))));
+        let mut c = nbd_config();
+        c.cpus = 0;
+        assert!(matches!(c.args(), Err(QemuError::InvalidConfig(_))));
+        assert!(NbdEndpoint::new("/a,b.sock", "x").is_err());
+        assert!(NbdEndpoint::new("rel.sock", "x").is_err());
+        assert!(NbdEndpoint::new("/s.sock", "a,b").is_err());
+    }
+
+    #[test]
+    fn missing_kernel_is_reported() {
+        let c = nbd_config();
+        assert!(matches!(
+            c.check_files(),
+            Err(QemuError::Missing { what: "kernel", .. })
+        ));
+    }
+
+    #[test]
+    fn uri_is_percent_encoded() {
+        let ep = NbdEndpoint::new("/tmp/my sock", "a b").unwrap();
+        assert_eq!(ep.uri(), "nbd+unix:///a%20b?socket=/tmp/my%20sock");
+    }
+
+    #[test]
+    fn binary_command_carries_firmware_and_module_dir() {
+        let b = QemuBinary::new("/q/qemu").with_module_dir("/q/mods");
+        let cmd = b.command();
+        let args: Vec<_> = cmd
+            .get_args()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "-L",
+                "/usr/share/seabios",
+                "-L",
+                "/usr/share/qemu",
+                "-nodefaults",
+                "-no-user-config"
+            ]
+        );
+        let env: Vec<_> = cmd.get_envs().collect();
+        assert_eq!(
+            env,
+            [(
+                std::ffi::OsStr::new("QEMU_MODULE_DIR"),
+                Some(std::ffi::OsStr::new("/q/mods"))
+            )]
+        );
+    }
+}

@@ -1,0 +1,54 @@
+//! Errors of the QEMU backend.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// An error from building, starting or waiting for a QEMU process.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// A configuration value cannot be expressed on QEMU's command line.
+    #[error("invalid QEMU configuration: {0}")]
+    InvalidConfig(String),
+    /// `ROOTFORK_QEMU_ACCEL` (or an explicit policy string) is not `tcg`, `kvm` or `auto`.
+    #[error("unknown accelerator policy {0:?} (expected tcg, kvm or auto)")]
+    UnknownAccel(String),
+    /// A file QEMU needs (binary, kernel, initrd) does not exist.
+    #[error("{what} not found at {path}")]
+    Missing {
+        /// What the file is.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// Spawning QEMU failed.
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        /// The QEMU binary.
+        binary: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating or reading a console/log file failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The VM did not exit within the allowed time (it has been killed).
+    #[error("QEMU did not exit within {0:?}")]
+    Timeout(Duration),
+}
+
+impl QemuError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        QemuError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds the boot test's guest side into OUT (default: <repo>/build/boot):
+#   template.ext4   a 64 MiB ext4 root: busybox-static and an /init that writes /hello-<vmid>
+#                   (vmid comes from the kernel command line), syncs, prints a marker line listing
+#                   the hello files it sees, and powers off;
+#   initrd.cpio.gz  busybox + the cloud kernel's virtio modules; mounts /dev/vda and switches root.
+# Needs MODDIR (from `eval "$(tests/vm/assets.sh)"`), busybox-static, cpio, e2fsprogs.
+set -euo pipefail
+OUT=${1:-$(cd "$(dirname "$0")/../.." && pwd)/build/boot}
+: "${MODDIR:?set MODDIR (eval \"\$(tests/vm/assets.sh)\")}"
+BUSYBOX=${BUSYBOX:-/bin/busybox}
+file "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' || [ -n "${BUSYBOX_SKIP_CHECK:-}" ] \
+  || { echo "build-assets: $BUSYBOX is not static (install busybox-static)" >&2; exit 1; }
+rm -rf "$OUT/work" && mkdir -p "$OUT/work"
+W=$OUT/work
+
+# --- initramfs: load virtio (modules in the cloud kernel), mount the root disk, switch root.
+MODS="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
+mkdir -p "$W"/initrd/{bin,dev,proc,sys,newroot,lib/modules}
+cp "$BUSYBOX" "$W/initrd/bin/busybox"
+for m in $MODS; do
+  f=$(find "$MODDIR" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -1)
+  [ -n "$f" ] || { echo "build-assets: module $m not found under $MODDIR" >&2; exit 1; }
+  case "$f" in *.ko) cp "$f" "$W/initrd/lib/modules/$m.ko" ;;
+               *.xz) xz -dc "$f" > "$W/initrd/lib/modules/$m.ko" ;;
+               *.zst) zstd -qdc "$f" > "$W/initrd/lib/modules/$m.ko" ;; esac
+done
+cat > "$W/initrd/init" <<EOI
+#!/bin/busybox sh
+B=/bin/busybox
+\$B mount -t proc proc /proc; \$B mount -t sysfs sysfs /sys; \$B mount -t devtmpfs devtmpfs /dev
+for m in $MODS; do \$B insmod /lib/modules/\$m.ko 2>/dev/null || echo "initrd: insmod \$m failed"; done
+i=0; while [ ! -b /dev/vda ] && [ \$i -lt 500 ]; do \$B usleep 10000; i=\$((i+1)); done
+\$B mount -t ext4 -o rw /dev/vda /newroot || { echo "ROOTFORK-BOOT-FAIL mount"; \$B poweroff -f; }
+\$B umount /proc /sys; \$B mount --move /dev /newroot/dev
+exec \$B switch_root /newroot /init
+EOI
+chmod +x "$W/initrd/init"
+(cd "$W/initrd" && find . | cpio -o -H newc --quiet | gzip -1 > "$OUT/initrd.cpio.gz")
+
+# --- template root filesystem.
+mkdir -p "$W"/root/{bin,dev,proc,sys,tmp}
+cp "$BUSYBOX" "$W/root/bin/busybox"
+cat > "$W/root/init" <<'EOI'
+#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+VMID=$($B sed -n 's/.*rootfork.vmid=\([A-Za-z0-9_-]*\).*/\1/p' /proc/cmdline)
+[ -n "$VMID" ] || VMID=unnamed
+echo "written by $VMID" > "/hello-$VMID"
+$B sync
+FILES=$(cd / && $B ls -1 | $B grep '^hello-' | $B tr '\n' ' ')
+echo "ROOTFORK-BOOT-OK vmid=$VMID files=[$FILES] uptime=$($B cut -d' ' -f1 /proc/uptime)"
+$B mount -o remount,ro / 2>/dev/null; $B sync
+$B poweroff -f
+EOI
+chmod +x "$W/root/init"
+rm -f "$OUT/template.ext4"
+truncate -s 64M "$OUT/template.ext4"
+mkfs.ext4 -q -F -E root_owner=0:0 -d "$W/root" "$OUT/template.ext4"
+chmod 0444 "$OUT/template.ext4"
+rm -rf "$W"
+echo "build-assets: $OUT/template.ext4 $OUT/initrd.cpio.gz"
