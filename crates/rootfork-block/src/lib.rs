@@ -7,6 +7,8 @@
 
 mod device;
 mod error;
+pub mod layered;
 
 pub use device::{BlockDevice, BlockState, Extent};
 pub use error::{BlockError, Result};
+pub use layered::{BuildId, LayerError, LayeredTemplate, LocalStore};

@@ -1,0 +1,403 @@
+//! Tests of the layered format end to end: import, layers, merge against a model, and refusal of
+//! every kind of damaged or mismatched build.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::device::{BlockDevice, BlockState};
+
+const BS: u64 = 4096;
+
+fn opts() -> BuildOptions {
+    BuildOptions {
+        block_size: BS as u32,
+        chunk_size: 16 * 1024,
+    }
+}
+
+/// Writes `image` as a file with the all-zero 64 KiB stretches left as holes.
+fn write_sparse(path: &std::path::Path, image: &[u8]) {
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    f.set_len(image.len() as u64).unwrap();
+    for (i, c) in image.chunks(65536).enumerate() {
+        if c.iter().any(|&b| b != 0) {
+            f.write_all_at(c, (i * 65536) as u64).unwrap();
+        }
+    }
+}
+
+fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
+    let mut out = vec![0u8; dev.size() as usize];
+    dev.read_at(&mut out, 0).unwrap();
+    out
+}
+
+fn sample_image(size: usize) -> Vec<u8> {
+    let mut img = vec![0u8; size];
+    for (i, b) in img.iter_mut().enumerate() {
+        // Data in some blocks, zero blocks in others, one hole-sized zero stretch.
+        let block = i / BS as usize;
+        if block % 3 != 1 && !(40..60).contains(&block) {
+            *b = (i % 251) as u8 | 1;
+        }
+    }
+    img
+}
+
+#[test]
+fn import_is_sparse_and_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = sample_image(300 * 1024 + 100);
+    let path = dir.path().join("img");
+    write_sparse(&path, &img);
+    let store = LocalStore::new(dir.path().join("store"));
+    let map = store.import_image(&path, opts()).unwrap();
+    let nonzero = img
+        .chunks(BS as usize)
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .count() as u64;
+    // The last partial block is data too; data_len counts its real length.
+    assert!(map.header.data_len <= nonzero * BS);
+    assert!(map.header.data_len > (nonzero - 1) * BS);
+    let t = store.open(&map.header.id).unwrap();
+    assert_eq!(t.size(), img.len() as u64);
+    assert_eq!(read_all(&t), img);
+    let ext = t.extents(0, t.size()).unwrap();
+    assert_eq!(ext[0].state, BlockState::Data);
+    assert_eq!(ext[1].state, BlockState::Zero);
+    assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), t.size());
+    // Unaligned reads across run boundaries.
+    let mut buf = vec![0u8; 10_000];
+    t.read_at(&mut buf, 3 * BS - 17).unwrap();
+    assert_eq!(buf, img[(3 * BS - 17) as usize..][..10_000]);
+    assert!(t.read_at(&mut buf, t.size() - 1).is_err());
+    assert!(t.write_at(&buf, 0).is_err());
+}
+
+fn data_diff(
+    runs: &[(u64, Vec<u8>)],
+    zeros: &[(u64, u64)],
+) -> (Vec<(u64, u64, DiffSource)>, MemData) {
+    let mut all: Vec<(u64, u64, Option<&Vec<u8>>)> = runs
+        .iter()
+        .map(|(o, d)| (*o, d.len() as u64, Some(d)))
+        .collect();
+    all.extend(zeros.iter().map(|&(o, l)| (o, l, None)));
+    all.sort_by_key(|r| r.0);
+    let mut data = Vec::new();
+    let mut out = Vec::new();
+    for (o, l, d) in all {
+        match d {
+            Some(d) => {
+                out.push((o, l, DiffSource::Data(data.len() as u64)));
+                data.extend_from_slice(d);
+            }
+            None => out.push((o, l, DiffSource::Zero)),
+        }
+    }
+    (out, MemData(data))
+}
+
+#[test]
+fn layers_merge_and_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = sample_image(256 * 1024);
+    let path = dir.path().join("img");
+    write_sparse(&path, &model);
+    let store = LocalStore::new(dir.path().join("store"));
+    let base = store.import_image(&path, opts()).unwrap();
+    let (runs, data) = data_diff(
+        &[
+            (BS, vec![7u8; 2 * BS as usize]),
+            (100 * 1024, vec![9u8; 5000]),
+        ],
+        &[(200 * 1024, 3 * BS)],
+    );
+    let diff = LayerDiff {
+        size: model.len() as u64,
+        block_size: BS as u32,
+        runs,
+        data: &data,
+    };
+    let l1 = store.create_layer(&base.header.id, &diff).unwrap();
+    model[BS as usize..3 * BS as usize].fill(7);
+    model[100 * 1024..100 * 1024 + 5000].fill(9);
+    model[200 * 1024..200 * 1024 + 3 * BS as usize].fill(0);
+    assert_eq!(l1.header.generation, 1);
+    assert_eq!(l1.header.parent, Some(base.header.id));
+    assert_eq!(l1.lineage, vec![l1.header.id, base.header.id]);
+    assert_eq!(read_all(&store.open(&l1.header.id).unwrap()), model);
+    // The base is unchanged.
+    let base_t = store.open(&base.header.id).unwrap();
+    assert_ne!(read_all(&base_t), model);
+    // A zero-only layer referencing no own data still opens.
+    let (runs, data) = data_diff(&[], &[(0, model.len() as u64)]);
+    let diff = LayerDiff {
+        size: model.len() as u64,
+        block_size: BS as u32,
+        runs,
+        data: &data,
+    };
+    let l2 = store.create_layer(&l1.header.id, &diff).unwrap();
+    assert_eq!(l2.mapping.runs().len(), 1);
+    assert!(read_all(&store.open(&l2.header.id).unwrap())
+        .iter()
+        .all(|&b| b == 0));
+}
+
+fn store_with_layer() -> (tempfile::TempDir, LocalStore, BuildMap, BuildMap) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = sample_image(256 * 1024);
+    let path = dir.path().join("img");
+    write_sparse(&path, &img);
+    let store = LocalStore::new(dir.path().join("store"));
+    let base = store.import_image(&path, opts()).unwrap();
+    let (runs, data) = data_diff(&[(0, vec![5u8; 64 * 1024])], &[]);
+    let diff = LayerDiff {
+        size: img.len() as u64,
+        block_size: BS as u32,
+        runs,
+        data: &data,
+    };
+    let l1 = store.create_layer(&base.header.id, &diff).unwrap();
+    (dir, store, base, l1)
+}
+
+#[test]
+fn corrupt_data_chunk_is_eio_only_for_that_chunk() {
+    let (_d, store, base, _l1) = store_with_layer();
+    let path = store.data_path(&base.header.id);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // Flip one byte in the second checksum chunk of the base's data.
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 16 * 1024 + 5).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, 16 * 1024 + 5).unwrap();
+    let t = store.open(&base.header.id).unwrap();
+    // Find the device offset that maps to data offset 16 KiB + 5.
+    let target = t
+        .mapping()
+        .runs()
+        .iter()
+        .find_map(|r| match r.kind {
+            RunKind::Data { data_offset, .. }
+                if data_offset <= 16 * 1024 + 5 && data_offset + r.len > 16 * 1024 + 5 =>
+            {
+                Some(r.offset + (16 * 1024 + 5 - data_offset))
+            }
+            _ => None,
+        })
+        .unwrap();
+    let mut buf = [0u8; 1];
+    // Another byte in the same chunk fails too (the whole chunk is verified).
+    let err = t.read_at(&mut buf, target).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    let err = t.read_at(&mut buf, target).unwrap_err();
+    assert_eq!(
+        err.errno(),
+        libc::EIO,
+        "a failed chunk never becomes readable"
+    );
+    // The first chunk still reads.
+    t.read_at(&mut buf, 0).unwrap();
+}
+
+#[test]
+fn damaged_maps_are_refused() {
+    let (_d, store, base, l1) = store_with_layer();
+    let path = store.map_path(&l1.header.id);
+    let good = fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    bad[0] = b'X';
+    fs::write(&path, &bad).unwrap();
+    assert!(matches!(
+        store.open(&l1.header.id),
+        Err(LayerError::BadMagic { .. })
+    ));
+    let mut bad = good.clone();
+    bad[8] = 9;
+    fs::write(&path, &bad).unwrap();
+    assert!(matches!(
+        store.open(&l1.header.id),
+        Err(LayerError::UnsupportedVersion { found: 9, .. })
+    ));
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 7] ^= 1;
+    fs::write(&path, &bad).unwrap();
+    assert!(matches!(
+        store.open(&l1.header.id),
+        Err(LayerError::MapChecksum { .. })
+    ));
+    fs::write(&path, &good).unwrap();
+    store.open(&l1.header.id).unwrap();
+    // Truncated data.
+    let dpath = store.data_path(&base.header.id);
+    let f = OpenOptions::new().write(true).open(&dpath).unwrap();
+    f.set_len(base.header.data_len - 1).unwrap();
+    assert!(matches!(
+        store.open(&l1.header.id),
+        Err(LayerError::DataLength { .. })
+    ));
+    // Missing parent.
+    fs::remove_dir_all(store.build_dir(&base.header.id)).unwrap();
+    assert!(
+        matches!(store.open(&l1.header.id), Err(LayerError::MissingBuild(id)) if id == base.header.id)
+    );
+}
+
+#[test]
+fn wrong_parent_is_refused() {
+    let (d, store, base, l1) = store_with_layer();
+    // Another base imported from the same image, then moved into the first base's place.
+    let other = store.import_image(&d.path().join("img"), opts()).unwrap();
+    let b = store.build_dir(&base.header.id);
+    fs::remove_dir_all(&b).unwrap();
+    fs::rename(store.build_dir(&other.header.id), &b).unwrap();
+    assert!(matches!(
+        store.open(&l1.header.id),
+        Err(LayerError::WrongBuild { .. })
+    ));
+    // A layer of another lineage placed under the parent's id.
+    let (runs, data) = data_diff(&[], &[(0, BS)]);
+    let diff = LayerDiff {
+        size: l1.header.size,
+        block_size: BS as u32,
+        runs,
+        data: &data,
+    };
+    assert!(
+        store.create_layer(&l1.header.id, &diff).is_err(),
+        "parent chain is broken"
+    );
+}
+
+#[test]
+fn bad_diffs_and_geometry_are_refused_without_leftovers() {
+    let (_d, store, base, _l1) = store_with_layer();
+    let data = MemData(vec![1; 8192]);
+    let size = base.header.size;
+    let cases = vec![
+        (
+            size,
+            4096,
+            vec![(4096, 4096, DiffSource::Zero), (0, 4096, DiffSource::Zero)],
+        ),
+        (
+            size,
+            4096,
+            vec![(0, 8192, DiffSource::Zero), (4096, 4096, DiffSource::Zero)],
+        ),
+        (size, 4096, vec![(size - 4096, 8192, DiffSource::Zero)]),
+        (size, 4096, vec![(0, 4096, DiffSource::Data(8000))]),
+        (size, 4096, vec![(0, 0, DiffSource::Zero)]),
+    ];
+    for (sz, bs, runs) in cases {
+        let diff = LayerDiff {
+            size: sz,
+            block_size: bs,
+            runs,
+            data: &data,
+        };
+        assert!(matches!(
+            store.create_layer(&base.header.id, &diff),
+            Err(LayerError::InvalidDiff(_))
+        ));
+    }
+    for (sz, bs) in [(size + 4096, 4096), (size, 512)] {
+        let diff = LayerDiff {
+            size: sz,
+            block_size: bs,
+            runs: vec![],
+            data: &data,
+        };
+        assert!(matches!(
+            store.create_layer(&base.header.id, &diff),
+            Err(LayerError::Geometry { .. })
+        ));
+    }
+    let names: Vec<_> = fs::read_dir(store.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "only the two committed builds remain: {names:?}"
+    );
+    let _ = std::io::stdout().flush();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Random chains of layers read back exactly like a byte model, at every generation.
+    #[test]
+    fn chains_match_model(
+        layers in proptest::collection::vec(
+            proptest::collection::vec((0u64..64, 1u64..6, any::<u8>(), any::<bool>()), 0..8),
+            1..7,
+        )
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = sample_image(64 * BS as usize);
+        let path = dir.path().join("img");
+        write_sparse(&path, &model);
+        let store = LocalStore::new(dir.path().join("store"));
+        let mut top = store.import_image(&path, opts()).unwrap().header.id;
+        for writes in layers {
+            // Apply in order to a block-state model, then export ascending runs.
+            let mut blocks: Vec<Option<Option<u8>>> = vec![None; 64];
+            for (b, n, v, zero) in writes {
+                for blk in b..(b + n).min(64) {
+                    blocks[blk as usize] = Some(if zero { None } else { Some(v) });
+                }
+            }
+            let mut data = Vec::new();
+            let mut runs = Vec::new();
+            for (i, s) in blocks.iter().enumerate() {
+                let off = i as u64 * BS;
+                match s {
+                    None => {}
+                    Some(None) => {
+                        runs.push((off, BS, DiffSource::Zero));
+                        model[off as usize..(off + BS) as usize].fill(0);
+                    }
+                    Some(Some(v)) => {
+                        runs.push((off, BS, DiffSource::Data(data.len() as u64)));
+                        data.extend_from_slice(&[*v; BS as usize]);
+                        model[off as usize..(off + BS) as usize].fill(*v);
+                    }
+                }
+            }
+            let data = MemData(data);
+            let diff = LayerDiff { size: model.len() as u64, block_size: BS as u32, runs, data: &data };
+            let m = store.create_layer(&top, &diff).unwrap();
+            // Normalised: no two neighbours could be one run.
+            for w in m.mapping.runs().windows(2) {
+                let joinable = match (w[0].kind, w[1].kind) {
+                    (RunKind::Zero, RunKind::Zero) => true,
+                    (RunKind::Data { build: a, data_offset: x }, RunKind::Data { build: b, data_offset: y }) => a == b && x + w[0].len == y,
+                    _ => false,
+                };
+                prop_assert!(!joinable);
+            }
+            top = m.header.id;
+            let t = store.open(&top).unwrap();
+            prop_assert_eq!(read_all(&t), model.clone());
+        }
+    }
+}
