@@ -27,6 +27,10 @@ pub enum BlockError {
     /// The operation is not supported by this device.
     #[error("operation not supported: {0}")]
     Unsupported(&'static str),
+    /// An argument is invalid (for example a block size that is not a power of two, or a diff
+    /// map whose runs overlap).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
     /// The device has been shut down (for example while draining before export).
     #[error("the device is shut down")]
     Shutdown,
@@ -47,6 +51,22 @@ impl BlockError {
         BlockError::Io { context, source }
     }
 
+    /// An I/O error carrying a plain errno, with a short description of the operation.
+    pub fn errno_io(context: &'static str, errno: i32) -> Self {
+        BlockError::Io {
+            context,
+            source: io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    /// Checks that `len` bytes at `offset` lie inside a device of `size` bytes.
+    pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::OutOfRange { offset, len, size }),
+        }
+    }
+
     /// The errno that best describes this error on the wire.
     ///
     /// The NBD protocol names `EPERM`, `EIO`, `ENOMEM`, `EINVAL`, `ENOSPC`, `EOVERFLOW`,
@@ -56,6 +76,7 @@ impl BlockError {
             BlockError::OutOfRange { .. } => libc::ENOSPC,
             BlockError::ReadOnly => libc::EPERM,
             BlockError::Unsupported(_) => libc::ENOTSUP,
+            BlockError::InvalidArgument(_) => libc::EINVAL,
             BlockError::Shutdown => libc::ESHUTDOWN,
             BlockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }

@@ -6,9 +6,16 @@
 //! dirty blocks into a new template layer.
 
 mod device;
+mod diff;
 mod error;
-pub mod layered;
+mod overlay;
+mod sys;
+mod template;
 
 pub use device::{BlockDevice, BlockState, Extent};
+pub use diff::{DiffKind, DiffLayer, DiffMap, DiffRun};
 pub use error::{BlockError, Result};
-pub use layered::{BuildId, LayerError, LayeredTemplate, LocalStore};
+pub use overlay::{
+    Durability, Overlay, OverlayOptions, OverlayStats, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
+};
+pub use template::{TemplateFile, TemplatePath, TEMPLATE_BLOCK_SIZE};

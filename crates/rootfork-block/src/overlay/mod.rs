@@ -1,0 +1,229 @@
+//! The copy-on-write overlay: a writable view of a read-only base device.
+//!
+//! Writes land in a sparse cache file the size of the device; a 2-bit-per-block state map
+//! (`state_map.rs`) says for every block whether it is still read from the base (absent), held in
+//! the cache (data) or reads as zeroes with no storage (zero). The data path has no device-wide
+//! lock: reads only load the map (`read.rs`), mutations lock the stripes of the regions they touch
+//! (`range_lock.rs`, `write.rs`). Creating an overlay opens one file, sets its length and
+//! allocates a zeroed map, so it costs the same for a 1 GiB and a 64 GiB template apart from the
+//! map's allocation. `export.rs` turns the data and zero blocks into a [`DiffMap`](crate::DiffMap).
+//!
+//! See `docs/overlay.md` for the design and the ordering rules that keep failed writes harmless.
+
+mod export;
+mod options;
+mod range_lock;
+mod read;
+mod state_map;
+mod stats;
+mod write;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub use options::{Durability, OverlayOptions, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+pub use stats::OverlayStats;
+
+use crate::device::{BlockDevice, Extent};
+use crate::error::{BlockError, Result};
+use range_lock::RangeLocks;
+use state_map::StateMap;
+use stats::Counters;
+
+/// A copy-on-write overlay over a read-only base device.
+pub struct Overlay {
+    base: Arc<dyn BlockDevice>,
+    cache: File,
+    cache_path: PathBuf,
+    keep_cache: bool,
+    durability: Durability,
+    size: u64,
+    block_size: u32,
+    /// log2 of `block_size`.
+    shift: u32,
+    map: StateMap,
+    locks: RangeLocks,
+    frozen: AtomicBool,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("cache_path", &self.cache_path)
+            .field("size", &self.size)
+            .field("block_size", &self.block_size)
+            .field("durability", &self.durability)
+            .field("frozen", &self.is_frozen())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Overlay {
+    /// Creates an overlay over `base` with a new cache file at `cache_path`.
+    ///
+    /// The cache is created with `O_EXCL` (an existing file is an error, never reused) and
+    /// truncated to the device size, so it starts as one hole. Every block starts absent.
+    pub fn create(
+        base: Arc<dyn BlockDevice>,
+        cache_path: &Path,
+        opts: OverlayOptions,
+    ) -> Result<Overlay> {
+        opts.validate()?;
+        let size = base.size();
+        let shift = opts.block_size.trailing_zeros();
+        let blocks = size.div_ceil(u64::from(opts.block_size));
+        let map = StateMap::new(blocks)?;
+        let cache = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(cache_path)
+            .map_err(|e| BlockError::io("creating the overlay cache", e))?;
+        if let Err(e) = cache.set_len(size) {
+            let _ = std::fs::remove_file(cache_path);
+            return Err(BlockError::io("sizing the overlay cache", e));
+        }
+        Ok(Overlay {
+            base,
+            cache,
+            cache_path: cache_path.to_path_buf(),
+            keep_cache: opts.keep_cache,
+            durability: opts.durability,
+            size,
+            block_size: opts.block_size,
+            shift,
+            locks: RangeLocks::new(blocks, shift),
+            map,
+            frozen: AtomicBool::new(false),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The path of the cache file.
+    pub fn cache_path(&self) -> &Path {
+        &self.cache_path
+    }
+
+    /// What `flush` does on this overlay.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// The base device (the template).
+    pub fn base(&self) -> &Arc<dyn BlockDevice> {
+        &self.base
+    }
+
+    /// A snapshot of the overlay's counters.
+    pub fn stats(&self) -> OverlayStats {
+        let (absent, data, zero) = self.map.counts();
+        OverlayStats {
+            blocks_absent: absent,
+            blocks_data: data,
+            blocks_zero: zero,
+            bytes_read_base: Counters::get(&self.counters.read_base),
+            bytes_read_cache: Counters::get(&self.counters.read_cache),
+            bytes_written: Counters::get(&self.counters.written),
+        }
+    }
+
+    /// Refuses every further write, write-zeroes and trim with [`BlockError::Shutdown`] and waits
+    /// for the ones in flight to finish; reads keep working. Used before a pause exports the
+    /// overlay. Idempotent.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+        // Mutations re-check the flag after taking their stripe locks, so once every stripe has
+        // been taken and released here none is running and none can start.
+        drop(self.locks.lock_all());
+    }
+
+    /// Whether [`Overlay::freeze`] was called.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    /// First byte of `block`.
+    fn block_start(&self, block: u64) -> u64 {
+        block << self.shift
+    }
+
+    /// One past the last byte of `block` (the last block may be short).
+    fn block_end(&self, block: u64) -> u64 {
+        ((block + 1) << self.shift).min(self.size)
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        if !self.keep_cache {
+            let _ = std::fs::remove_file(&self.cache_path);
+        }
+    }
+}
+
+impl BlockDevice for Overlay {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        BlockError::check_range(offset, buf.len() as u64, self.size)?;
+        self.read_range(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.mutate(offset, buf.len() as u64, write::Payload::Bytes(buf))?;
+        Counters::add(&self.counters.written, buf.len() as u64);
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> Result<()> {
+        self.mutate(offset, len, write::Payload::Zeroes { punch })
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.mutate(offset, len, write::Payload::Zeroes { punch: true })
+    }
+
+    fn flush(&self) -> Result<()> {
+        match self.durability {
+            Durability::Durable => self
+                .cache
+                .sync_data()
+                .map_err(|e| BlockError::io("syncing the overlay cache", e)),
+            Durability::Ephemeral => Ok(()),
+        }
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        BlockError::check_range(offset, len, self.size)?;
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let last = (end - 1) >> self.shift;
+            let (state, run_end) = self.map.run(pos >> self.shift, last + 1);
+            let run_end = self.block_start(run_end).min(end);
+            out.push(Extent {
+                len: run_end - pos,
+                state,
+            });
+            pos = run_end;
+        }
+        Ok(out)
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        Some(self.base.as_ref())
+    }
+}

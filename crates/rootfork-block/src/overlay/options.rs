@@ -1,0 +1,54 @@
+//! How an overlay is set up: block size, durability and whether its cache outlives it.
+
+use crate::error::{BlockError, Result};
+
+/// Whether `flush` makes the overlay's writes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `flush` is `fdatasync` of the cache file: after it returns, completed writes survive a
+    /// host crash (needed when the cache is kept for pause/resume).
+    Durable,
+    /// `flush` is a no-op: the cache dies with the sandbox, so syncing it buys nothing.
+    #[default]
+    Ephemeral,
+}
+
+/// Options of [`Overlay::create`](super::Overlay::create).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlayOptions {
+    /// Size of the overlay's blocks (the copy-on-write unit): a power of two, 512 bytes to 16 MiB.
+    pub block_size: u32,
+    /// What `flush` does.
+    pub durability: Durability,
+    /// Keep the cache file when the overlay is dropped (by default it is unlinked).
+    pub keep_cache: bool,
+}
+
+impl Default for OverlayOptions {
+    fn default() -> Self {
+        OverlayOptions {
+            block_size: 4096,
+            durability: Durability::default(),
+            keep_cache: false,
+        }
+    }
+}
+
+/// Smallest block size accepted.
+pub const MIN_BLOCK_SIZE: u32 = 512;
+/// Largest block size accepted.
+pub const MAX_BLOCK_SIZE: u32 = 16 * 1024 * 1024;
+
+impl OverlayOptions {
+    /// Checks the options.
+    pub fn validate(&self) -> Result<()> {
+        if !self.block_size.is_power_of_two()
+            || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size)
+        {
+            return Err(BlockError::InvalidArgument(
+                "overlay block size must be a power of two from 512 bytes to 16 MiB",
+            ));
+        }
+        Ok(())
+    }
+}

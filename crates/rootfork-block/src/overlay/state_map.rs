@@ -1,0 +1,261 @@
+//! The overlay's per-block state map: 2 bits a block, 32 blocks to an `AtomicU64`.
+//!
+//! Readers load words without any lock; writers change a block's state with one compare-and-swap
+//! on its word, after the cache holds the block's new contents (see `write.rs` for the ordering).
+//! The map is allocated zeroed straight from the allocator (`alloc_zeroed`, which for large maps
+//! is fresh zero pages from the kernel), so creating the map for a 64 GiB device costs no
+//! per-block work: "all zero" is "every block absent".
+
+use std::alloc::{alloc_zeroed, Layout};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::device::BlockState;
+use crate::error::{BlockError, Result};
+
+/// Blocks held by one word of the map.
+pub(crate) const BLOCKS_PER_WORD: u64 = 32;
+
+/// Every 2-bit field of a word set to 0b01.
+const LOW_BITS: u64 = 0x5555_5555_5555_5555;
+
+/// The 2-bit encoding of a state.
+fn code(state: BlockState) -> u64 {
+    match state {
+        BlockState::Absent => 0,
+        BlockState::Data => 1,
+        BlockState::Zero => 2,
+    }
+}
+
+fn decode(bits: u64) -> BlockState {
+    match bits & 3 {
+        1 => BlockState::Data,
+        2 => BlockState::Zero,
+        // 3 is never stored; 0 is absent.
+        _ => BlockState::Absent,
+    }
+}
+
+/// A word with every field set to `state`.
+fn pattern(state: BlockState) -> u64 {
+    code(state) * LOW_BITS
+}
+
+fn index(state: BlockState) -> usize {
+    code(state) as usize
+}
+
+/// The state of every block of a device.
+pub(crate) struct StateMap {
+    words: Box<[AtomicU64]>,
+    blocks: u64,
+    /// Blocks in each state, indexed by the state's code.
+    counts: [AtomicU64; 3],
+}
+
+impl StateMap {
+    /// A map of `blocks` blocks, all [`BlockState::Absent`].
+    pub(crate) fn new(blocks: u64) -> Result<StateMap> {
+        let words = usize::try_from(blocks.div_ceil(BLOCKS_PER_WORD))
+            .map_err(|_| BlockError::InvalidArgument("device too large for the state map"))?;
+        let words = if words == 0 {
+            Box::default()
+        } else {
+            let layout = Layout::array::<AtomicU64>(words)
+                .map_err(|_| BlockError::InvalidArgument("device too large for the state map"))?;
+            // SAFETY: `layout` has a non-zero size (words > 0).
+            let ptr = unsafe { alloc_zeroed(layout) }.cast::<AtomicU64>();
+            if ptr.is_null() {
+                return Err(BlockError::errno_io(
+                    "allocating the state map",
+                    libc::ENOMEM,
+                ));
+            }
+            // SAFETY: `ptr` is a live allocation from the global allocator with the layout of
+            // `[AtomicU64; words]`, so `Box<[AtomicU64]>` frees it with the same layout; all-zero
+            // bytes are a valid `AtomicU64` (zero), so every element is initialised.
+            unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, words)) }
+        };
+        Ok(StateMap {
+            words,
+            blocks,
+            counts: [AtomicU64::new(blocks), AtomicU64::new(0), AtomicU64::new(0)],
+        })
+    }
+
+    /// Number of blocks.
+    pub(crate) fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    fn word(&self, block: u64) -> &AtomicU64 {
+        &self.words[(block / BLOCKS_PER_WORD) as usize]
+    }
+
+    /// The state of one block.
+    pub(crate) fn get(&self, block: u64) -> BlockState {
+        debug_assert!(block < self.blocks);
+        let shift = (block % BLOCKS_PER_WORD) * 2;
+        decode(self.word(block).load(Ordering::Acquire) >> shift)
+    }
+
+    /// The state of `start` and the end (exclusive, at most `limit`) of the run of blocks from
+    /// `start` that share it. Whole words in that state are skipped at once.
+    pub(crate) fn run(&self, start: u64, limit: u64) -> (BlockState, u64) {
+        debug_assert!(start < limit && limit <= self.blocks);
+        let state = self.get(start);
+        let pat = pattern(state);
+        let mut block = start;
+        loop {
+            let shift = (block % BLOCKS_PER_WORD) * 2;
+            let diff = (self.word(block).load(Ordering::Acquire) ^ pat) >> shift;
+            if diff != 0 {
+                let end = block + u64::from(diff.trailing_zeros() / 2);
+                return (state, end.min(limit));
+            }
+            block = (block / BLOCKS_PER_WORD + 1) * BLOCKS_PER_WORD;
+            if block >= limit {
+                return (state, limit);
+            }
+        }
+    }
+
+    /// Sets blocks `start..end` to `state` and returns how many of them were in each state
+    /// before (indexed like [`StateMap::counts`]).
+    pub(crate) fn set(&self, start: u64, end: u64, state: BlockState) -> [u64; 3] {
+        debug_assert!(start <= end && end <= self.blocks);
+        let pat = pattern(state);
+        let mut before = [0u64; 3];
+        let mut block = start;
+        while block < end {
+            let first = block % BLOCKS_PER_WORD;
+            let n = (end - block).min(BLOCKS_PER_WORD - first);
+            // Mask of the low bit of each field being changed.
+            let low = if n == BLOCKS_PER_WORD {
+                LOW_BITS
+            } else {
+                (LOW_BITS & ((1u64 << (2 * n)) - 1)) << (2 * first)
+            };
+            let mask = low | (low << 1);
+            let old = self
+                .word(block)
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    Some((w & !mask) | (pat & mask))
+                })
+                .unwrap_or_else(|w| w);
+            for s in [BlockState::Absent, BlockState::Data, BlockState::Zero] {
+                let same = !(old ^ pattern(s));
+                before[index(s)] += u64::from((same & (same >> 1) & low).count_ones());
+            }
+            block += n;
+        }
+        let total = end - start;
+        for (i, n) in before.iter().enumerate() {
+            if *n > 0 {
+                self.counts[i].fetch_sub(*n, Ordering::Relaxed);
+            }
+        }
+        if total > 0 {
+            self.counts[index(state)].fetch_add(total, Ordering::Relaxed);
+        }
+        before
+    }
+
+    /// Blocks currently absent, data and zero.
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.counts[0].load(Ordering::Relaxed),
+            self.counts[1].load(Ordering::Relaxed),
+            self.counts[2].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether every block of `start..end` is in `state`.
+    pub(crate) fn all(&self, start: u64, end: u64, state: BlockState) -> bool {
+        start >= end || self.run(start, end) == (state, end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use BlockState::*;
+
+    fn naive_runs(map: &StateMap, start: u64, end: u64) -> Vec<(BlockState, u64)> {
+        let mut out: Vec<(BlockState, u64)> = Vec::new();
+        for b in start..end {
+            let s = map.get(b);
+            match out.last_mut() {
+                Some(last) if last.0 == s => last.1 = b + 1,
+                _ => out.push((s, b + 1)),
+            }
+        }
+        out
+    }
+
+    fn runs(map: &StateMap, start: u64, end: u64) -> Vec<(BlockState, u64)> {
+        let mut out = Vec::new();
+        let mut b = start;
+        while b < end {
+            let r = map.run(b, end);
+            out.push(r);
+            b = r.1;
+        }
+        out
+    }
+
+    #[test]
+    fn set_get_run_and_counts() {
+        let map = StateMap::new(200).unwrap();
+        assert_eq!(map.counts(), (200, 0, 0));
+        assert_eq!(map.run(0, 200), (Absent, 200));
+        assert_eq!(map.set(10, 100, Data), [90, 0, 0]);
+        assert_eq!(map.set(30, 40, Zero), [0, 10, 0]);
+        assert_eq!(map.set(35, 70, Absent), [0, 30, 5]);
+        assert_eq!(map.counts(), (200 - 90 + 35, 90 - 10 - 30, 5));
+        assert_eq!(map.get(9), Absent);
+        assert_eq!(map.get(10), Data);
+        assert_eq!(map.get(34), Zero);
+        assert_eq!(map.get(35), Absent);
+        assert_eq!(map.get(99), Data);
+        assert_eq!(map.get(100), Absent);
+        for (s, e) in [(0, 200), (3, 150), (31, 33), (64, 128), (199, 200)] {
+            assert_eq!(runs(&map, s, e), naive_runs(&map, s, e), "{s}..{e}");
+        }
+        assert!(map.all(70, 100, Data));
+        assert!(!map.all(69, 100, Data));
+    }
+
+    #[test]
+    fn random_sets_match_a_naive_model() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let n = 1000;
+        let map = StateMap::new(n).unwrap();
+        let mut model = vec![Absent; n as usize];
+        for _ in 0..2000 {
+            let a = rng.gen_range(0..n);
+            let b = rng.gen_range(a..=n.min(a + 100));
+            let s = [Absent, Data, Zero][rng.gen_range(0..3)];
+            let mut before = [0u64; 3];
+            for m in &mut model[a as usize..b as usize] {
+                before[index(*m)] += 1;
+                *m = s;
+            }
+            assert_eq!(map.set(a, b, s), before);
+        }
+        for (b, m) in model.iter().enumerate() {
+            assert_eq!(map.get(b as u64), *m);
+        }
+        assert_eq!(runs(&map, 0, n), naive_runs(&map, 0, n));
+        let count = |s| model.iter().filter(|m| **m == s).count() as u64;
+        assert_eq!(map.counts(), (count(Absent), count(Data), count(Zero)));
+    }
+
+    #[test]
+    fn empty_map() {
+        let map = StateMap::new(0).unwrap();
+        assert_eq!(map.blocks(), 0);
+        assert_eq!(map.counts(), (0, 0, 0));
+    }
+}

@@ -1,0 +1,38 @@
+//! Counters of an overlay: blocks in each state and bytes moved, for metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of an overlay's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OverlayStats {
+    /// Blocks still read from the base (never written).
+    pub blocks_absent: u64,
+    /// Blocks held in the cache.
+    pub blocks_data: u64,
+    /// Blocks that read as zeroes with no storage.
+    pub blocks_zero: u64,
+    /// Bytes read from the base device.
+    pub bytes_read_base: u64,
+    /// Bytes read from the cache file.
+    pub bytes_read_cache: u64,
+    /// Bytes of successful client writes (`write_at` payloads).
+    pub bytes_written: u64,
+}
+
+/// The byte counters, updated with relaxed atomics on the data path.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub read_base: AtomicU64,
+    pub read_cache: AtomicU64,
+    pub written: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
