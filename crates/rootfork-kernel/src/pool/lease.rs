@@ -1,0 +1,119 @@
+//! [`Lease`]: the move-only claim on one slot. Dropping it always releases the claim (the lock
+//! file is unlocked and its record says `released`), so a slot can never leak from this process;
+//! whether the slot is reusable is decided by the quiescence check at the next claim.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use super::lockfile::{now_ms, LockRecord, RecordState, SlotLock};
+use super::{DevicePool, PoolEvent};
+use crate::identity::device_path;
+
+/// A claimed slot. Not `Clone`: exactly one owner releases it.
+#[derive(Debug)]
+pub struct Lease {
+    pool: DevicePool,
+    index: u32,
+    sandbox: String,
+    cache: Option<PathBuf>,
+    pub(super) lock: Option<SlotLock>,
+}
+
+impl Lease {
+    pub(crate) fn new(pool: DevicePool, index: u32, sandbox: String, lock: SlotLock) -> Self {
+        Lease {
+            pool,
+            index,
+            sandbox,
+            cache: None,
+            lock: Some(lock),
+        }
+    }
+
+    /// The slot index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The device node of the slot.
+    pub fn device_path(&self) -> PathBuf {
+        device_path(self.index)
+    }
+
+    /// The sandbox it was claimed for.
+    pub fn sandbox(&self) -> &str {
+        &self.sandbox
+    }
+
+    /// The pool it came from.
+    pub fn pool(&self) -> &DevicePool {
+        &self.pool
+    }
+
+    /// Records the attachment's overlay cache file in the lock file, so that a reclaim after a
+    /// crash can remove it.
+    pub fn set_cache_path(&mut self, cache: &Path) -> io::Result<()> {
+        self.cache = Some(cache.to_owned());
+        let rec = LockRecord {
+            state: RecordState::Claimed,
+            pid: std::process::id(),
+            sandbox: self.sandbox.clone(),
+            since_ms: now_ms(),
+            cache: self.cache.clone(),
+        };
+        match &mut self.lock {
+            Some(l) => l.write(&rec),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the device connected or disconnected (listing and events).
+    pub(crate) fn set_connected(&self, connected: bool) {
+        if let Some(s) = self.pool.shared.local.lock().get_mut(&self.index) {
+            s.connected = connected;
+        }
+        self.pool.emit(if connected {
+            PoolEvent::Connected { index: self.index }
+        } else {
+            PoolEvent::Disconnected { index: self.index }
+        });
+    }
+
+    /// Releases the claim now (the same as dropping it).
+    pub fn release(mut self) {
+        self.release_inner();
+    }
+
+    fn release_inner(&mut self) {
+        let Some(mut lock) = self.lock.take() else {
+            return;
+        };
+        let rec = LockRecord {
+            state: RecordState::Released,
+            pid: std::process::id(),
+            sandbox: self.sandbox.clone(),
+            since_ms: now_ms(),
+            cache: None,
+        };
+        if let Err(e) = lock.write(&rec) {
+            // The claim is still released (the lock goes with the file); only the cooldown is lost.
+            tracing::warn!(index = self.index, "cannot write the release record: {e}");
+        }
+        drop(lock);
+        let shared = &self.pool.shared;
+        shared.local.lock().remove(&self.index);
+        shared.metrics.claimed.fetch_sub(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .releases_total
+            .fetch_add(1, Ordering::Relaxed);
+        self.pool.emit(PoolEvent::Released { index: self.index });
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.release_inner();
+    }
+}

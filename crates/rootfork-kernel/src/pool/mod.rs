@@ -1,0 +1,305 @@
+//! The `/dev/nbdN` device pool: host-wide claims (`flock` per slot), the quiescence rule, a
+//! cooldown after release, a rotating start index, move-only leases, a status listing, metrics
+//! and events.
+//!
+//! A slot is handed out only when three things hold at once: this process can take its lock file
+//! (no other rootfork process on the host has it), its last orderly release is older than the
+//! cooldown, and sysfs shows it quiescent (no `pid`, size 0, `inflight` `0 0`, no holders). The
+//! lock is taken *before* sysfs is read, so no other rootfork process can start a connect between
+//! the check and the claim.
+
+mod events;
+mod lease;
+mod lockfile;
+mod metrics;
+mod status;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+pub use events::{EventSink, PoolEvent};
+pub use lease::Lease;
+pub use lockfile::{now_ms, LockDir, LockRecord, RecordState, SlotLock};
+pub use metrics::{HistogramSnapshot, MetricsSnapshot, QuiescenceSkips, LATENCY_BOUNDS_US};
+pub use status::{SlotState, SlotStatus};
+
+use crate::identity::host_id;
+use crate::sysfs::Sysfs;
+use events::Events;
+use metrics::Metrics;
+
+/// Where the pool looks and how it behaves.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Where sysfs is mounted (`/sys`).
+    pub sysfs_root: PathBuf,
+    /// Directory of the per-slot lock files (`/run/rootfork/nbd`). Every rootfork process on the
+    /// host must use the same one.
+    pub lock_dir: PathBuf,
+    /// How long a released slot rests before it is handed out again.
+    pub cooldown: Duration,
+    /// This host's id, as written into backend identifiers.
+    pub host_id: String,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            sysfs_root: PathBuf::from("/sys"),
+            lock_dir: PathBuf::from("/run/rootfork/nbd"),
+            cooldown: Duration::from_millis(200),
+            host_id: host_id(),
+        }
+    }
+}
+
+/// Errors from claiming or listing slots.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// There is no `nbd` module.
+    #[error("the nbd kernel module is not loaded ({0} is missing)")]
+    ModuleNotLoaded(PathBuf),
+    /// Every slot is claimed, cooling down or not quiescent.
+    #[error("no free nbd slot among {total}: {busy} claimed, {cooling} cooling down, {not_quiescent} not quiescent")]
+    Exhausted {
+        /// Slots in the pool.
+        total: usize,
+        /// Claimed by this or another process.
+        busy: usize,
+        /// Released within the cooldown.
+        cooling: usize,
+        /// Refused by the quiescence check.
+        not_quiescent: usize,
+    },
+    /// Reading sysfs or a lock file failed.
+    #[error("nbd pool i/o: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl PoolError {
+    /// The errno for metrics and the wire.
+    pub fn errno(&self) -> i32 {
+        match self {
+            PoolError::ModuleNotLoaded(_) => libc::ENODEV,
+            PoolError::Exhausted { .. } => libc::EBUSY,
+            PoolError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// What this process knows about a slot it holds.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalSlot {
+    pub(crate) sandbox: String,
+    pub(crate) since_ms: u64,
+    pub(crate) connected: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) cfg: PoolConfig,
+    pub(crate) sysfs: Sysfs,
+    pub(crate) locks: LockDir,
+    next: AtomicU32,
+    pub(crate) local: Mutex<BTreeMap<u32, LocalSlot>>,
+    pub(crate) metrics: Metrics,
+    pub(crate) events: Events,
+}
+
+/// The device pool. Cheap to clone; clones share state.
+#[derive(Debug, Clone)]
+pub struct DevicePool {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl DevicePool {
+    /// A pool over the slots that sysfs shows.
+    pub fn new(cfg: PoolConfig) -> Self {
+        let sysfs = Sysfs::new(cfg.sysfs_root.clone());
+        let locks = LockDir::new(cfg.lock_dir.clone());
+        DevicePool {
+            shared: Arc::new(Shared {
+                cfg,
+                sysfs,
+                locks,
+                next: AtomicU32::new(0),
+                local: Mutex::new(BTreeMap::new()),
+                metrics: Metrics::default(),
+                events: Events::default(),
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.shared.cfg
+    }
+
+    /// The pool's sysfs view.
+    pub fn sysfs(&self) -> &Sysfs {
+        &self.shared.sysfs
+    }
+
+    /// The pool's lock directory.
+    pub fn locks(&self) -> &LockDir {
+        &self.shared.locks
+    }
+
+    /// Calls `sink` for every future event.
+    pub fn subscribe(&self, sink: EventSink) {
+        self.shared.events.subscribe(sink);
+    }
+
+    /// Events as a channel.
+    pub fn events(&self) -> std::sync::mpsc::Receiver<PoolEvent> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        self.subscribe(Arc::new(move |e: &PoolEvent| {
+            let _ = tx.lock().send(e.clone());
+        }));
+        rx
+    }
+
+    pub(crate) fn emit(&self, ev: PoolEvent) {
+        self.shared.events.emit(ev);
+    }
+
+    /// Records a successful attach's claim-to-connected latency.
+    pub fn record_connect_latency(&self, d: Duration) {
+        self.shared.metrics.connect_latency.observe(d);
+    }
+
+    /// Records a failed attach.
+    pub fn record_failure(&self, errno: i32) {
+        self.shared.metrics.failure(errno);
+    }
+
+    pub(crate) fn record_reclaimed(&self) {
+        self.shared
+            .metrics
+            .reclaimed_total
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn slots(&self) -> Result<Vec<u32>, PoolError> {
+        if !self.shared.sysfs.module_loaded() {
+            return Err(PoolError::ModuleNotLoaded(
+                self.shared.sysfs.root().join("module/nbd"),
+            ));
+        }
+        Ok(self.shared.sysfs.pool_indices()?)
+    }
+
+    fn cooling(&self, rec: Option<&LockRecord>) -> bool {
+        rec.is_some_and(|r| {
+            r.state == RecordState::Released
+                && now_ms().saturating_sub(r.since_ms) < self.shared.cfg.cooldown.as_millis() as u64
+        })
+    }
+
+    /// Claims a free, quiescent slot for `sandbox`, starting after the previously claimed one.
+    pub fn claim(&self, sandbox: &str) -> Result<Lease, PoolError> {
+        let slots = self.slots()?;
+        let n = slots.len();
+        let m = &self.shared.metrics;
+        let (mut busy, mut cooling, mut not_quiescent) = (0, 0, 0);
+        let start = self.shared.next.fetch_add(1, Ordering::Relaxed) as usize;
+        for k in 0..n {
+            let pos = (start + k) % n;
+            let index = slots[pos];
+            if self.shared.local.lock().contains_key(&index) {
+                busy += 1;
+                continue;
+            }
+            let Some(mut lock) = self.shared.locks.try_lock(index)? else {
+                busy += 1;
+                m.busy_skips.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let rec = lock.read();
+            if self.cooling(rec.as_ref()) {
+                cooling += 1;
+                m.cooling_skips.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let st = match self.shared.sysfs.slot(index) {
+                Ok(st) => st,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if let Err(why) = st.check_quiescent() {
+                tracing::debug!(index, %why, "nbd slot not quiescent, skipped");
+                not_quiescent += 1;
+                m.not_quiescent(why);
+                continue;
+            }
+            // A claim whose owner died before connecting (or after a clean disconnect but before
+            // releasing) may have left its cache file behind.
+            if let Some(r) = rec.filter(|r| r.state == RecordState::Claimed) {
+                if let Some(cache) = &r.cache {
+                    match std::fs::remove_file(cache) {
+                        Ok(()) => {
+                            tracing::info!(index, cache = %cache.display(), "removed a dead claim's cache file")
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(index, cache = %cache.display(), "cannot remove a dead claim's cache file: {e}")
+                        }
+                    }
+                }
+                self.record_reclaimed();
+                self.emit(PoolEvent::Reclaimed {
+                    index,
+                    backend: None,
+                });
+            }
+            let since_ms = now_ms();
+            lock.write(&LockRecord {
+                state: RecordState::Claimed,
+                pid: std::process::id(),
+                sandbox: sandbox.to_owned(),
+                since_ms,
+                cache: None,
+            })?;
+            self.shared.local.lock().insert(
+                index,
+                LocalSlot {
+                    sandbox: sandbox.to_owned(),
+                    since_ms,
+                    connected: false,
+                },
+            );
+            self.shared.next.store(pos as u32 + 1, Ordering::Relaxed);
+            m.claimed.fetch_add(1, Ordering::Relaxed);
+            m.claims_total.fetch_add(1, Ordering::Relaxed);
+            self.emit(PoolEvent::Claimed {
+                index,
+                sandbox: sandbox.to_owned(),
+            });
+            return Ok(Lease::new(self.clone(), index, sandbox.to_owned(), lock));
+        }
+        m.exhausted_total.fetch_add(1, Ordering::Relaxed);
+        Err(PoolError::Exhausted {
+            total: n,
+            busy,
+            cooling,
+            not_quiescent,
+        })
+    }
+
+    /// The pool's metrics, with `ready` counted from a fresh scan.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let list = self.list().unwrap_or_default();
+        let ready = list.iter().filter(|s| s.state == SlotState::Free).count() as u64;
+        self.shared.metrics.snapshot(ready, list.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,230 @@
+//! Pool tests on a fake sysfs tree in a tempdir.
+
+use std::fs;
+use std::time::Duration;
+
+use super::*;
+use crate::sysfs::fake;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(n: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fake::tree(&dir.path().join("sys"), n);
+        Env { dir }
+    }
+
+    fn sys(&self) -> PathBuf {
+        self.dir.path().join("sys")
+    }
+
+    fn pool(&self, cooldown: Duration) -> DevicePool {
+        DevicePool::new(PoolConfig {
+            sysfs_root: self.sys(),
+            lock_dir: self.dir.path().join("locks"),
+            cooldown,
+            host_id: "testhost".into(),
+        })
+    }
+}
+
+#[test]
+fn claims_rotate_and_drop_releases() {
+    let env = Env::new(4);
+    let pool = env.pool(Duration::ZERO);
+    let events = pool.events();
+    let a = pool.claim("a").unwrap();
+    let b = pool.claim("b").unwrap();
+    assert_ne!(a.index(), b.index());
+    assert_eq!(a.device_path(), crate::identity::device_path(a.index()));
+    let (ia, ib) = (a.index(), b.index());
+    drop(a);
+    b.release();
+    // The next claim starts after the last one taken, not at the lowest free index.
+    let c = pool.claim("c").unwrap();
+    assert_eq!(c.index(), (ib + 1) % 4);
+    let evs: Vec<_> = events.try_iter().collect();
+    assert_eq!(
+        evs[..4],
+        [
+            PoolEvent::Claimed {
+                index: ia,
+                sandbox: "a".into()
+            },
+            PoolEvent::Claimed {
+                index: ib,
+                sandbox: "b".into()
+            },
+            PoolEvent::Released { index: ia },
+            PoolEvent::Released { index: ib },
+        ]
+    );
+    let m = pool.metrics();
+    assert_eq!((m.claimed, m.claims_total, m.releases_total), (1, 3, 2));
+    assert_eq!(m.ready, 3);
+}
+
+#[test]
+fn two_daemons_never_share_a_slot() {
+    let env = Env::new(3);
+    let one = env.pool(Duration::ZERO);
+    let two = env.pool(Duration::ZERO);
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let p = if i % 2 == 0 { &one } else { &two };
+        held.push(p.claim("x").unwrap());
+    }
+    let mut idx: Vec<_> = held.iter().map(|l| l.index()).collect();
+    idx.sort_unstable();
+    assert_eq!(idx, vec![0, 1, 2]);
+    match two.claim("y") {
+        Err(PoolError::Exhausted {
+            total: 3, busy: 3, ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // The other daemon's claims are visible in its listing.
+    let list = two.list().unwrap();
+    assert!(list.iter().all(|s| s.state == SlotState::Claimed));
+    assert!(list.iter().all(|s| s.sandbox.as_deref() == Some("x")));
+}
+
+#[test]
+fn every_quiescence_rule_keeps_a_slot_out() {
+    let env = Env::new(5);
+    let sys = env.sys();
+    let pool = env.pool(Duration::ZERO);
+    fake::connect(&sys, 0, 77, 4096, Some("other-tool"));
+    fs::write(sys.join("block/nbd1/size"), "8\n").unwrap();
+    fs::write(sys.join("block/nbd2/inflight"), "1 0\n").unwrap();
+    fs::create_dir(sys.join("block/nbd3/holders/dm-3")).unwrap();
+    let l = pool.claim("s").unwrap();
+    assert_eq!(l.index(), 4);
+    match pool.claim("t") {
+        Err(PoolError::Exhausted {
+            not_quiescent: 4,
+            busy: 1,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    let m = pool.metrics();
+    assert_eq!(
+        m.not_quiescent_skips,
+        QuiescenceSkips {
+            pid: 2,
+            size: 2,
+            inflight: 2,
+            holders: 2
+        }
+    );
+    let states: Vec<_> = pool.list().unwrap().iter().map(|s| s.state).collect();
+    assert_eq!(
+        states,
+        vec![
+            SlotState::Busy,
+            SlotState::Busy,
+            SlotState::Busy,
+            SlotState::Busy,
+            SlotState::Claimed
+        ]
+    );
+}
+
+#[test]
+fn a_released_slot_cools_down() {
+    let env = Env::new(1);
+    let pool = env.pool(Duration::from_secs(60));
+    pool.claim("a").unwrap().release();
+    match pool.claim("b") {
+        Err(PoolError::Exhausted { cooling: 1, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(pool.list().unwrap()[0].state, SlotState::Cooling);
+    // The cooldown is host-wide: another process sees it through the lock file.
+    let other = env.pool(Duration::from_secs(60));
+    assert!(matches!(
+        other.claim("c"),
+        Err(PoolError::Exhausted { cooling: 1, .. })
+    ));
+    let relaxed = env.pool(Duration::ZERO);
+    assert_eq!(relaxed.claim("d").unwrap().index(), 0);
+}
+
+#[test]
+fn listing_shows_connected_and_orphaned_devices() {
+    let env = Env::new(3);
+    let sys = env.sys();
+    let pool = env.pool(Duration::ZERO);
+    let l = pool.claim("mine").unwrap();
+    fake::connect(
+        &sys,
+        l.index(),
+        std::process::id(),
+        8192,
+        Some("rootfork:testhost:1:mine"),
+    );
+    l.set_connected(true);
+    // A device of this host's rootfork whose owner is gone (nobody holds the lock).
+    fake::connect(
+        &sys,
+        1,
+        999_999,
+        8192,
+        Some("rootfork:testhost:999999:dead"),
+    );
+    // Another host's rootfork device: not ours to touch.
+    fake::connect(&sys, 2, 5, 8192, Some("rootfork:elsewhere:5:x"));
+    let list = pool.list().unwrap();
+    assert_eq!(list[0].state, SlotState::Connected);
+    assert_eq!(list[0].sandbox.as_deref(), Some("mine"));
+    assert_eq!(list[1].state, SlotState::Orphaned);
+    assert_eq!(
+        list[1].backend.as_deref(),
+        Some("rootfork:testhost:999999:dead")
+    );
+    assert_eq!(list[2].state, SlotState::Busy);
+}
+
+#[test]
+fn a_dead_claims_cache_file_is_removed_on_the_next_claim() {
+    let env = Env::new(1);
+    let pool = env.pool(Duration::ZERO);
+    let cache = env.dir.path().join("sb.cache");
+    fs::write(&cache, b"x").unwrap();
+    let mut l = pool.claim("sb").unwrap();
+    l.set_cache_path(&cache).unwrap();
+    // Simulate a crash: the lock goes (the process died) but no release record is written.
+    let lock = l.lock.take();
+    drop(lock);
+    std::mem::forget(l);
+    let other = env.pool(Duration::ZERO);
+    let ev = other.events();
+    let l2 = other.claim("next").unwrap();
+    assert_eq!(l2.index(), 0);
+    assert!(!cache.exists());
+    assert_eq!(
+        ev.try_iter().next(),
+        Some(PoolEvent::Reclaimed {
+            index: 0,
+            backend: None
+        })
+    );
+}
+
+#[test]
+fn no_module_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = DevicePool::new(PoolConfig {
+        sysfs_root: dir.path().into(),
+        lock_dir: dir.path().join("l"),
+        cooldown: Duration::ZERO,
+        host_id: "h".into(),
+    });
+    let err = pool.claim("x").unwrap_err();
+    assert!(matches!(err, PoolError::ModuleNotLoaded(_)));
+    assert_eq!(err.errno(), libc::ENODEV);
+}
