@@ -49,10 +49,9 @@ impl Default for BuildOptions {
 
 /// A diff to turn into a layer: ascending, non-overlapping runs and the file holding their data.
 pub struct LayerDiff<'a> {
-    /// Size of the device the diff was taken from.
+    /// Size of the device the diff was taken from (must equal the parent's). The diff's own
+    /// block size does not matter: runs are byte ranges, and the layer keeps its parent's.
     pub size: u64,
-    /// Its block size.
-    pub block_size: u32,
     /// `(offset, len, source)` runs, ascending; data sources are offsets into `data`.
     pub runs: Vec<(u64, u64, DiffSource)>,
     /// The diff's data.
@@ -266,7 +265,6 @@ impl LocalStore {
         check_geometry(
             &pmap.header,
             &BuildHeader {
-                block_size: diff.block_size,
                 size: diff.size,
                 ..pmap.header.clone()
             },

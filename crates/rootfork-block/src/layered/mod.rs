@@ -14,6 +14,7 @@ pub mod format;
 mod id;
 mod local;
 mod mapping;
+mod pause;
 mod source;
 mod template;
 mod writer;

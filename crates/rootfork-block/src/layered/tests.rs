@@ -124,7 +124,6 @@ fn layers_merge_and_resolve() {
     );
     let diff = LayerDiff {
         size: model.len() as u64,
-        block_size: BS as u32,
         runs,
         data: &data,
     };
@@ -143,7 +142,6 @@ fn layers_merge_and_resolve() {
     let (runs, data) = data_diff(&[], &[(0, model.len() as u64)]);
     let diff = LayerDiff {
         size: model.len() as u64,
-        block_size: BS as u32,
         runs,
         data: &data,
     };
@@ -164,7 +162,6 @@ fn store_with_layer() -> (tempfile::TempDir, LocalStore, BuildMap, BuildMap) {
     let (runs, data) = data_diff(&[(0, vec![5u8; 64 * 1024])], &[]);
     let diff = LayerDiff {
         size: img.len() as u64,
-        block_size: BS as u32,
         runs,
         data: &data,
     };
@@ -275,7 +272,6 @@ fn wrong_parent_is_refused() {
     let (runs, data) = data_diff(&[], &[(0, BS)]);
     let diff = LayerDiff {
         size: l1.header.size,
-        block_size: BS as u32,
         runs,
         data: &data,
     };
@@ -293,22 +289,19 @@ fn bad_diffs_and_geometry_are_refused_without_leftovers() {
     let cases = vec![
         (
             size,
-            4096,
             vec![(4096, 4096, DiffSource::Zero), (0, 4096, DiffSource::Zero)],
         ),
         (
             size,
-            4096,
             vec![(0, 8192, DiffSource::Zero), (4096, 4096, DiffSource::Zero)],
         ),
-        (size, 4096, vec![(size - 4096, 8192, DiffSource::Zero)]),
-        (size, 4096, vec![(0, 4096, DiffSource::Data(8000))]),
-        (size, 4096, vec![(0, 0, DiffSource::Zero)]),
+        (size, vec![(size - 4096, 8192, DiffSource::Zero)]),
+        (size, vec![(0, 4096, DiffSource::Data(8000))]),
+        (size, vec![(0, 0, DiffSource::Zero)]),
     ];
-    for (sz, bs, runs) in cases {
+    for (sz, runs) in cases {
         let diff = LayerDiff {
             size: sz,
-            block_size: bs,
             runs,
             data: &data,
         };
@@ -317,10 +310,9 @@ fn bad_diffs_and_geometry_are_refused_without_leftovers() {
             Err(LayerError::InvalidDiff(_))
         ));
     }
-    for (sz, bs) in [(size + 4096, 4096), (size, 512)] {
+    for sz in [size + 4096, size - 4096] {
         let diff = LayerDiff {
             size: sz,
-            block_size: bs,
             runs: vec![],
             data: &data,
         };
@@ -384,7 +376,7 @@ proptest! {
                 }
             }
             let data = MemData(data);
-            let diff = LayerDiff { size: model.len() as u64, block_size: BS as u32, runs, data: &data };
+            let diff = LayerDiff { size: model.len() as u64, runs, data: &data };
             let m = store.create_layer(&top, &diff).unwrap();
             // Normalised: no two neighbours could be one run.
             for w in m.mapping.runs().windows(2) {
