@@ -1,0 +1,118 @@
+//! Errors of attaching and detaching, each with the errno that metrics count it under.
+
+use std::io;
+
+use crate::netlink::NlError;
+use crate::pool::PoolError;
+use crate::sysfs::NotQuiescent;
+
+/// An attach or detach failure.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// No slot could be claimed.
+    #[error("claiming an nbd slot: {0}")]
+    Pool(#[from] PoolError),
+    /// Creating a socketpair failed.
+    #[error("creating a socketpair: {0}")]
+    Socket(#[source] io::Error),
+    /// Starting the dispatcher failed.
+    #[error("starting the NBD dispatcher: {0}")]
+    Dispatch(#[source] io::Error),
+    /// The options are unusable.
+    #[error("invalid attach options: {0}")]
+    Invalid(&'static str),
+    /// `NBD_CMD_CONNECT` failed (classified).
+    #[error("connecting /dev/nbd{index}: {source}")]
+    Connect {
+        /// The slot.
+        index: u32,
+        /// Not sent, refused, or ambiguous.
+        #[source]
+        source: NlError,
+    },
+    /// The kernel did not show the device connected in time.
+    #[error("/dev/nbd{index} did not come up within {waited_ms} ms")]
+    ConnectTimeout {
+        /// The slot.
+        index: u32,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// The kernel shows another size than the one connected.
+    #[error("/dev/nbd{index} has {got} bytes, expected {expected}")]
+    SizeMismatch {
+        /// The slot.
+        index: u32,
+        /// The export size.
+        expected: u64,
+        /// What sysfs shows.
+        got: u64,
+    },
+    /// Reading sysfs failed.
+    #[error("reading sysfs of /dev/nbd{index}: {source}")]
+    Sysfs {
+        /// The slot.
+        index: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening the device node failed.
+    #[error("opening /dev/nbd{index}: {source}")]
+    Open {
+        /// The slot.
+        index: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// `fsync`/`BLKFLSBUF` failed: writes may be lost.
+    #[error("flushing /dev/nbd{index}: {source}")]
+    Flush {
+        /// The slot.
+        index: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// `NBD_CMD_DISCONNECT` failed (classified).
+    #[error("disconnecting /dev/nbd{index}: {source}")]
+    Disconnect {
+        /// The slot.
+        index: u32,
+        /// Not sent, refused, or ambiguous.
+        #[source]
+        source: NlError,
+    },
+    /// The device did not become quiescent after disconnecting; the slot was released but the
+    /// pool will not hand it out until it is.
+    #[error("/dev/nbd{index} is not quiescent after disconnect: {why}")]
+    NotQuiescent {
+        /// The slot.
+        index: u32,
+        /// The rule it still breaks.
+        why: NotQuiescent,
+    },
+}
+
+impl AttachError {
+    /// The errno metrics count this failure under.
+    pub fn errno(&self) -> i32 {
+        match self {
+            AttachError::Pool(e) => e.errno(),
+            AttachError::Socket(e) | AttachError::Dispatch(e) => {
+                e.raw_os_error().unwrap_or(libc::EIO)
+            }
+            AttachError::Invalid(_) => libc::EINVAL,
+            AttachError::Connect { source, .. } | AttachError::Disconnect { source, .. } => {
+                source.errno()
+            }
+            AttachError::ConnectTimeout { .. } => libc::ETIMEDOUT,
+            AttachError::SizeMismatch { .. } => libc::EIO,
+            AttachError::Sysfs { source, .. }
+            | AttachError::Open { source, .. }
+            | AttachError::Flush { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            AttachError::NotQuiescent { .. } => libc::EBUSY,
+        }
+    }
+}

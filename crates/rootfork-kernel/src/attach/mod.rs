@@ -1,0 +1,371 @@
+//! Attachments: an overlay served to the kernel as `/dev/nbdN`.
+//!
+//! [`Attacher::attach`] runs claim → socketpairs → kernel-mode dispatchers → `NBD_CMD_CONNECT` →
+//! wait until sysfs shows the device connected (bounded backoff, no spin) → verify the size →
+//! open and keep a device fd. Every step's resource is held by a guard declared after the previous
+//! one's, so an error or a dropped future unwinds in reverse: disconnect, stop dispatchers,
+//! release the claim. Each step ends at a cancellation point.
+//!
+//! [`Attachment::close`] is the orderly path: flush (`fsync` + `BLKFLSBUF`) → close the fd → drain
+//! the dispatchers → `NBD_CMD_DISCONNECT` → join the dispatchers → wait until the slot is
+//! quiescent → release. Dropping an [`Attachment`] without `close` still disconnects, stops and
+//! releases, but does not wait for quiescence (the pool re-checks it before reuse).
+//!
+//! The netlink requests are short blocking syscalls with a receive timeout; they run inline on
+//! the calling task, which is what keeps cancellation exact: a request is either not started or
+//! finished (and its guard armed) when the future can be dropped.
+
+mod error;
+mod guards;
+mod seams;
+mod wait;
+
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use error::AttachError;
+pub use seams::{DeviceNodes, Dispatch, Dispatcher, HostNodes};
+
+use crate::identity::{device_path, BackendId};
+use crate::netlink::{ConnectRequest, NbdControl};
+use crate::pool::{DevicePool, Lease};
+use guards::{Connected, Dispatches};
+use wait::{stage_boundary, until};
+
+/// The logical block size rootfork gives the kernel.
+pub const BLOCK_SIZE: u64 = 4096;
+
+/// How to attach.
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    /// The sandbox the device is for (in the claim and the backend identifier).
+    pub sandbox: String,
+    /// Sockets (kernel connections) for the device.
+    pub connections: usize,
+    /// The kernel's request timeout; must exceed the worst backend latency.
+    pub timeout: Duration,
+    /// How long the kernel waits for a dead connection to be replaced, if at all.
+    pub dead_conn_timeout: Option<Duration>,
+    /// `NBD_CFLAG_*`.
+    pub client_flags: u64,
+    /// Bound on waiting for sysfs to show the device connected.
+    pub connect_wait: Duration,
+    /// Bound on waiting for in-flight requests before disconnecting.
+    pub drain_wait: Duration,
+    /// Bound on waiting for quiescence after disconnecting.
+    pub quiesce_wait: Duration,
+    /// The overlay's cache file, recorded in the claim so a reclaim can remove it.
+    pub cache_path: Option<PathBuf>,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions {
+            sandbox: String::new(),
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            dead_conn_timeout: None,
+            client_flags: 0,
+            connect_wait: Duration::from_secs(10),
+            drain_wait: Duration::from_secs(10),
+            quiesce_wait: Duration::from_secs(10),
+            cache_path: None,
+        }
+    }
+}
+
+/// Attaches dispatchers to devices of a pool.
+#[derive(Clone)]
+pub struct Attacher {
+    pool: DevicePool,
+    control: Arc<dyn NbdControl>,
+    nodes: Arc<dyn DeviceNodes>,
+}
+
+impl std::fmt::Debug for Attacher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attacher")
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+impl Attacher {
+    /// An attacher over `pool`, talking to the kernel through `control` and `nodes`.
+    pub fn new(
+        pool: DevicePool,
+        control: Arc<dyn NbdControl>,
+        nodes: Arc<dyn DeviceNodes>,
+    ) -> Self {
+        Attacher {
+            pool,
+            control,
+            nodes,
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &DevicePool {
+        &self.pool
+    }
+
+    /// Attaches `dispatcher`'s device to a free slot. See the module docs for the steps.
+    pub async fn attach(
+        &self,
+        dispatcher: &dyn Dispatcher,
+        opts: &AttachOptions,
+    ) -> Result<Attachment, AttachError> {
+        let started = Instant::now();
+        let r = self.attach_inner(dispatcher, opts, started).await;
+        match &r {
+            Ok(a) => self.pool.record_connect_latency(a.connect_latency),
+            Err(e) => self.pool.record_failure(e.errno()),
+        }
+        r
+    }
+
+    async fn attach_inner(
+        &self,
+        dispatcher: &dyn Dispatcher,
+        opts: &AttachOptions,
+        started: Instant,
+    ) -> Result<Attachment, AttachError> {
+        if opts.connections == 0 || opts.connections > 64 {
+            return Err(AttachError::Invalid("connections must be 1..=64"));
+        }
+        let size = dispatcher.size();
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
+            return Err(AttachError::Invalid(
+                "the device size must be a non-zero multiple of 4096",
+            ));
+        }
+
+        // 1. Claim.
+        let mut lease = self.pool.claim(&opts.sandbox)?;
+        let index = lease.index();
+        if let Some(cache) = &opts.cache_path {
+            lease
+                .set_cache_path(cache)
+                .map_err(|source| AttachError::Sysfs { index, source })?;
+        }
+        stage_boundary().await;
+
+        // 2. Socketpairs, 3. dispatchers on our ends.
+        let mut dispatches = Dispatches::default();
+        let mut kernel_ends = Vec::with_capacity(opts.connections);
+        for _ in 0..opts.connections {
+            let (ours, kernels) = UnixStream::pair().map_err(AttachError::Socket)?;
+            dispatches
+                .0
+                .push(dispatcher.spawn(ours).map_err(AttachError::Dispatch)?);
+            kernel_ends.push(kernels);
+        }
+        stage_boundary().await;
+
+        // 4. Connect. From here on the device may be connected: the guard disconnects on error.
+        let backend = BackendId::this_process(&self.pool.config().host_id, &opts.sandbox);
+        let req = ConnectRequest {
+            index: Some(index),
+            size_bytes: size,
+            block_size_bytes: BLOCK_SIZE,
+            timeout_secs: opts.timeout.as_secs().max(1),
+            dead_conn_timeout_secs: opts.dead_conn_timeout.map(|d| d.as_secs()),
+            server_flags: dispatcher.server_flags(),
+            client_flags: opts.client_flags,
+            sockets: kernel_ends.iter().map(|s| s.as_raw_fd()).collect(),
+            backend_identifier: Some(backend.to_string()),
+        };
+        let connected = match self.control.connect(&req) {
+            Ok(_) => Connected::new(self.control.clone(), index),
+            Err(source) => {
+                let _maybe = source
+                    .may_have_taken_effect()
+                    .then(|| Connected::new(self.control.clone(), index));
+                return Err(AttachError::Connect { index, source });
+            }
+        };
+        // The kernel holds its own references to its ends now.
+        drop(kernel_ends);
+        stage_boundary().await;
+
+        // 5. Wait until sysfs shows it connected, 6. with the right size.
+        let sysfs = self.pool.sysfs().clone();
+        let seen = until(opts.connect_wait, || match sysfs.slot(index) {
+            Ok(s) if s.connected() && s.size_sectors != 0 => Some(Ok(s)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .await;
+        let seen = match seen {
+            None => {
+                return Err(AttachError::ConnectTimeout {
+                    index,
+                    waited_ms: opts.connect_wait.as_millis() as u64,
+                })
+            }
+            Some(Err(source)) => return Err(AttachError::Sysfs { index, source }),
+            Some(Ok(s)) => s,
+        };
+        if seen.size_sectors * 512 != size {
+            return Err(AttachError::SizeMismatch {
+                index,
+                expected: size,
+                got: seen.size_sectors * 512,
+            });
+        }
+        stage_boundary().await;
+
+        // 7. Open and keep the device fd.
+        let file = self
+            .nodes
+            .open(index)
+            .map_err(|source| AttachError::Open { index, source })?;
+        lease.set_connected(true);
+        Ok(Attachment {
+            index,
+            size,
+            connect_latency: started.elapsed(),
+            file: Some(file),
+            connected: Some(connected),
+            dispatches: Some(dispatches),
+            lease: Some(lease),
+            nodes: self.nodes.clone(),
+            drain_wait: opts.drain_wait,
+            quiesce_wait: opts.quiesce_wait,
+        })
+    }
+}
+
+/// A connected `/dev/nbdN` served by dispatchers. Dropping it disconnects and releases the slot;
+/// [`Attachment::close`] does so in order and waits for quiescence.
+pub struct Attachment {
+    index: u32,
+    size: u64,
+    connect_latency: Duration,
+    // Dropped in this order (see `Drop`): fd, device, dispatchers, claim.
+    file: Option<File>,
+    connected: Option<Connected>,
+    dispatches: Option<Dispatches>,
+    lease: Option<Lease>,
+    nodes: Arc<dyn DeviceNodes>,
+    drain_wait: Duration,
+    quiesce_wait: Duration,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("index", &self.index)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Attachment {
+    /// The slot index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The device node (`/dev/nbdN`).
+    pub fn device_path(&self) -> PathBuf {
+        device_path(self.index)
+    }
+
+    /// The device size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Claim-to-open latency of this attach.
+    pub fn connect_latency(&self) -> Duration {
+        self.connect_latency
+    }
+
+    /// The device fd opened at connect time.
+    pub fn file(&self) -> &File {
+        self.file
+            .as_ref()
+            .expect("the file is present until close or drop")
+    }
+
+    /// `fsync` of the device fd (writeback errors surface here), then `BLKFLSBUF`.
+    pub fn flush(&self) -> Result<(), AttachError> {
+        self.nodes
+            .flush(self.file())
+            .map_err(|source| AttachError::Flush {
+                index: self.index,
+                source,
+            })
+    }
+
+    /// Flushes, disconnects, waits for quiescence and releases the slot. Every step runs even if
+    /// an earlier one failed; the first error is returned.
+    pub async fn close(mut self) -> Result<(), AttachError> {
+        let index = self.index;
+        let mut first: Option<AttachError> = None;
+        if let Err(e) = self.flush() {
+            first.get_or_insert(e);
+        }
+        drop(self.file.take());
+        let mut dispatches = self.dispatches.take().expect("present until close");
+        let connected = self.connected.take().expect("present until close");
+        let lease = self.lease.take().expect("present until close");
+        stage_boundary().await;
+
+        dispatches.drain();
+        until(self.drain_wait, || {
+            (dispatches.in_flight() == 0).then_some(())
+        })
+        .await;
+        if let Err(source) = connected.disconnect() {
+            first.get_or_insert(AttachError::Disconnect { index, source });
+        }
+        // The kernel sends NBD_CMD_DISC and closes its ends: the dispatchers finish.
+        until(self.drain_wait, || dispatches.all_finished().then_some(())).await;
+        dispatches.stop();
+
+        let sysfs = lease.pool().sysfs().clone();
+        let last = until(self.quiesce_wait, || match sysfs.slot(index) {
+            Ok(s) => s.check_quiescent().is_ok().then_some(Ok(())),
+            Err(e) => Some(Err(e)),
+        })
+        .await;
+        match last {
+            Some(Ok(())) => lease.set_connected(false),
+            Some(Err(source)) => {
+                first.get_or_insert(AttachError::Sysfs { index, source });
+            }
+            None => {
+                let why = sysfs
+                    .slot(index)
+                    .ok()
+                    .and_then(|s| s.check_quiescent().err());
+                if let Some(why) = why {
+                    first.get_or_insert(AttachError::NotQuiescent { index, why });
+                }
+            }
+        }
+        lease.release();
+        match first {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        drop(self.file.take());
+        drop(self.connected.take());
+        drop(self.dispatches.take());
+        drop(self.lease.take());
+    }
+}

@@ -1,0 +1,451 @@
+//! Attachment lifecycle through a fake kernel (netlink + sysfs tree + device nodes in a tempdir),
+//! with failures and cancellation injected at every stage.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::future::Future;
+use std::io::{self, Read};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::*;
+use crate::netlink::{AmbiguousCause, DeviceStatus, NlError, ReconfigureRequest};
+use crate::pool::{DevicePool, PoolConfig, PoolEvent};
+use crate::sysfs::fake;
+
+/// What the fake kernel does on CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnConnect {
+    Work,
+    Refuse(i32),
+    /// Connects, then loses the answer.
+    AmbiguousConnected,
+    /// Never shows the device in sysfs.
+    Invisible,
+    /// Shows another size.
+    WrongSize,
+}
+
+struct FakeKernel {
+    sys: PathBuf,
+    on_connect: Mutex<OnConnect>,
+    /// Connected devices with the kernel's references to their sockets.
+    connected: Mutex<BTreeMap<u32, Vec<OwnedFd>>>,
+    disconnects: AtomicUsize,
+}
+
+impl NbdControl for FakeKernel {
+    fn connect(&self, req: &ConnectRequest) -> Result<u32, NlError> {
+        let i = req.index.unwrap();
+        let mut refs = Vec::new();
+        for &fd in &req.sockets {
+            // The sockets must be open while the kernel looks them up; it keeps a reference.
+            // SAFETY: the fd is only borrowed for the duration of this call, in which the caller
+            // keeps it open (a closed fd fails the dup and is refused like the kernel does).
+            let b = unsafe { BorrowedFd::borrow_raw(fd) };
+            refs.push(
+                b.try_clone_to_owned()
+                    .map_err(|_| NlError::Refused { errno: libc::EBADF })?,
+            );
+        }
+        assert_eq!(req.block_size_bytes, 4096);
+        let b = req.backend_identifier.as_deref();
+        assert!(crate::identity::BackendId::parse(b.unwrap()).is_some());
+        match *self.on_connect.lock() {
+            OnConnect::Refuse(errno) => return Err(NlError::Refused { errno }),
+            OnConnect::Invisible => {}
+            OnConnect::WrongSize => fake::connect(&self.sys, i, 1, req.size_bytes * 2, b),
+            OnConnect::Work | OnConnect::AmbiguousConnected => {
+                fake::connect(&self.sys, i, std::process::id(), req.size_bytes, b)
+            }
+        }
+        self.connected.lock().insert(i, refs);
+        if *self.on_connect.lock() == OnConnect::AmbiguousConnected {
+            return Err(NlError::Ambiguous(AmbiguousCause::Io(
+                io::ErrorKind::TimedOut.into(),
+            )));
+        }
+        Ok(i)
+    }
+
+    fn disconnect(&self, index: u32) -> Result<(), NlError> {
+        self.disconnects.fetch_add(1, Ordering::SeqCst);
+        if self.connected.lock().remove(&index).is_none() {
+            return Err(NlError::Refused {
+                errno: libc::EINVAL,
+            });
+        }
+        fake::disconnect(&self.sys, index);
+        Ok(())
+    }
+
+    fn reconfigure(&self, _: &ReconfigureRequest) -> Result<(), NlError> {
+        Err(NlError::Refused {
+            errno: libc::EOPNOTSUPP,
+        })
+    }
+
+    fn status(&self, _: Option<u32>) -> Result<Vec<DeviceStatus>, NlError> {
+        Ok(vec![])
+    }
+}
+
+struct FakeNodes {
+    dir: PathBuf,
+    flushes: AtomicUsize,
+    fail_open: Mutex<bool>,
+}
+
+impl DeviceNodes for FakeNodes {
+    fn open(&self, index: u32) -> io::Result<File> {
+        if *self.fail_open.lock() {
+            return Err(io::Error::from_raw_os_error(libc::ENXIO));
+        }
+        File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.dir.join(format!("nbd{index}")))
+    }
+
+    fn flush(&self, file: &File) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        file.sync_all()
+    }
+}
+
+/// Serves by reading until EOF; counts live connections.
+struct FakeDispatcher {
+    live: Arc<AtomicUsize>,
+    fail_spawn_after: Mutex<Option<usize>>,
+}
+
+struct FakeDispatch {
+    stream: UnixStream,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Dispatcher for FakeDispatcher {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+
+    fn server_flags(&self) -> u64 {
+        1
+    }
+
+    fn spawn(&self, stream: UnixStream) -> io::Result<Box<dyn Dispatch>> {
+        if let Some(n) = self.fail_spawn_after.lock().as_mut() {
+            if *n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EMFILE));
+            }
+            *n -= 1;
+        }
+        let mut reader = stream.try_clone()?;
+        let live = self.live.clone();
+        live.fetch_add(1, Ordering::SeqCst);
+        let thread = std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            while matches!(reader.read(&mut b), Ok(n) if n > 0) {}
+            live.fetch_sub(1, Ordering::SeqCst);
+        });
+        Ok(Box::new(FakeDispatch { stream, thread }))
+    }
+}
+
+impl Dispatch for FakeDispatch {
+    fn drain(&self) {}
+    fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+    fn in_flight(&self) -> usize {
+        0
+    }
+    fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+    fn wait(self: Box<Self>) {
+        self.thread.join().unwrap();
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    sys: PathBuf,
+    kernel: Arc<FakeKernel>,
+    nodes: Arc<FakeNodes>,
+    dispatcher: FakeDispatcher,
+    attacher: Attacher,
+}
+
+impl Env {
+    fn new(slots: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().join("sys");
+        fake::tree(&sys, slots);
+        std::fs::create_dir(dir.path().join("dev")).unwrap();
+        let pool = DevicePool::new(PoolConfig {
+            sysfs_root: sys.clone(),
+            lock_dir: dir.path().join("locks"),
+            cooldown: Duration::ZERO,
+            host_id: "h".into(),
+        });
+        let kernel = Arc::new(FakeKernel {
+            sys: sys.clone(),
+            on_connect: Mutex::new(OnConnect::Work),
+            connected: Mutex::new(BTreeMap::new()),
+            disconnects: AtomicUsize::new(0),
+        });
+        let nodes = Arc::new(FakeNodes {
+            dir: dir.path().join("dev"),
+            flushes: AtomicUsize::new(0),
+            fail_open: Mutex::new(false),
+        });
+        let attacher = Attacher::new(pool, kernel.clone(), nodes.clone());
+        Env {
+            _dir: dir,
+            sys,
+            kernel,
+            nodes,
+            dispatcher: FakeDispatcher {
+                live: Arc::new(AtomicUsize::new(0)),
+                fail_spawn_after: Mutex::new(None),
+            },
+            attacher,
+        }
+    }
+
+    fn opts(&self, connections: usize) -> AttachOptions {
+        AttachOptions {
+            sandbox: "sb".into(),
+            connections,
+            connect_wait: Duration::from_millis(100),
+            drain_wait: Duration::from_millis(500),
+            quiesce_wait: Duration::from_millis(200),
+            ..Default::default()
+        }
+    }
+
+    /// Nothing is left: no connected device, no live dispatcher, no claim, every slot quiescent.
+    fn assert_clean(&self) {
+        assert!(
+            self.kernel.connected.lock().is_empty(),
+            "device left connected"
+        );
+        assert_eq!(
+            self.dispatcher.live.load(Ordering::SeqCst),
+            0,
+            "dispatcher left running"
+        );
+        let pool = self.attacher.pool();
+        assert_eq!(pool.metrics().claimed, 0, "claim left held");
+        let s = crate::sysfs::Sysfs::new(&self.sys);
+        for i in s.pool_indices().unwrap() {
+            s.slot(i).unwrap().check_quiescent().unwrap();
+        }
+        // And every slot can be claimed again.
+        let held: Vec<_> = (0..s.pool_indices().unwrap().len())
+            .map(|_| pool.claim("again").unwrap())
+            .collect();
+        drop(held);
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn attach_flush_close_and_reuse() {
+    let env = Env::new(2);
+    let events = env.attacher.pool().events();
+    rt().block_on(async {
+        for round in 0..3 {
+            let a = env
+                .attacher
+                .attach(&env.dispatcher, &env.opts(2))
+                .await
+                .unwrap();
+            assert_eq!(a.size(), 1 << 20);
+            assert_eq!(a.device_path(), crate::identity::device_path(a.index()));
+            assert_eq!(env.dispatcher.live.load(Ordering::SeqCst), 2);
+            let st = env.attacher.pool().list().unwrap();
+            assert_eq!(
+                st[a.index() as usize].state,
+                crate::pool::SlotState::Connected,
+                "round {round}"
+            );
+            a.flush().unwrap();
+            a.close().await.unwrap();
+            env.assert_clean();
+        }
+    });
+    assert_eq!(env.nodes.flushes.load(Ordering::SeqCst), 6);
+    let evs: Vec<_> = events.try_iter().collect();
+    assert!(matches!(evs[0], PoolEvent::Claimed { .. }));
+    assert!(matches!(evs[1], PoolEvent::Connected { .. }));
+    assert!(matches!(evs[2], PoolEvent::Disconnected { .. }));
+    assert!(matches!(evs[3], PoolEvent::Released { .. }));
+    assert_eq!(env.attacher.pool().metrics().connect_latency.count, 3);
+}
+
+#[test]
+fn dropping_an_attachment_disconnects_and_releases() {
+    let env = Env::new(1);
+    rt().block_on(async {
+        let a = env
+            .attacher
+            .attach(&env.dispatcher, &env.opts(1))
+            .await
+            .unwrap();
+        drop(a);
+    });
+    env.assert_clean();
+}
+
+#[test]
+fn refused_connect_is_classified_and_releases_the_slot() {
+    let env = Env::new(1);
+    *env.kernel.on_connect.lock() = OnConnect::Refuse(libc::EINVAL);
+    let err = rt()
+        .block_on(env.attacher.attach(&env.dispatcher, &env.opts(1)))
+        .unwrap_err();
+    match &err {
+        AttachError::Connect {
+            source: NlError::Refused { errno },
+            ..
+        } => assert_eq!(*errno, libc::EINVAL),
+        other => panic!("{other:?}"),
+    }
+    // Refused: nothing to undo, so no disconnect was sent.
+    assert_eq!(env.kernel.disconnects.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        env.attacher.pool().metrics().failures_by_errno[&libc::EINVAL],
+        1
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn ambiguous_connect_is_undone() {
+    let env = Env::new(1);
+    *env.kernel.on_connect.lock() = OnConnect::AmbiguousConnected;
+    let err = rt()
+        .block_on(env.attacher.attach(&env.dispatcher, &env.opts(1)))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        AttachError::Connect {
+            source: NlError::Ambiguous(_),
+            ..
+        }
+    ));
+    assert_eq!(env.kernel.disconnects.load(Ordering::SeqCst), 1);
+    env.assert_clean();
+}
+
+#[test]
+fn every_later_failure_is_undone() {
+    for (what, setup) in [
+        (
+            "invisible",
+            &(|e: &Env| *e.kernel.on_connect.lock() = OnConnect::Invisible) as &dyn Fn(&Env),
+        ),
+        ("wrong size", &|e: &Env| {
+            *e.kernel.on_connect.lock() = OnConnect::WrongSize
+        }),
+        ("open fails", &|e: &Env| *e.nodes.fail_open.lock() = true),
+        ("second dispatcher fails", &|e: &Env| {
+            *e.dispatcher.fail_spawn_after.lock() = Some(1)
+        }),
+    ] {
+        let env = Env::new(1);
+        setup(&env);
+        let err = rt()
+            .block_on(env.attacher.attach(&env.dispatcher, &env.opts(2)))
+            .unwrap_err();
+        match (what, &err) {
+            ("invisible", AttachError::ConnectTimeout { .. })
+            | ("wrong size", AttachError::SizeMismatch { .. })
+            | ("open fails", AttachError::Open { .. })
+            | ("second dispatcher fails", AttachError::Dispatch(_)) => {}
+            _ => panic!("{what}: {err:?}"),
+        }
+        env.assert_clean();
+    }
+}
+
+#[test]
+fn bad_options_fail_before_claiming() {
+    let env = Env::new(1);
+    let err = rt()
+        .block_on(env.attacher.attach(&env.dispatcher, &env.opts(0)))
+        .unwrap_err();
+    assert!(matches!(err, AttachError::Invalid(_)));
+    assert_eq!(env.attacher.pool().metrics().claims_total, 0);
+}
+
+/// Polls `fut` `n` times (or until it finishes) and drops it.
+async fn poll_n_then_drop<F: Future>(fut: F, n: usize) -> bool {
+    let mut fut = pin!(fut);
+    for _ in 0..n {
+        let done = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_ready())).await;
+        if done {
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    false
+}
+
+#[test]
+fn cancelling_attach_at_every_stage_leaves_nothing() {
+    let mut finished_at = None;
+    for n in 0..64 {
+        let env = Env::new(2);
+        let done = rt().block_on(async {
+            poll_n_then_drop(env.attacher.attach(&env.dispatcher, &env.opts(2)), n).await
+        });
+        // A finished attach returned an Attachment, which the drop above also tore down.
+        env.assert_clean();
+        if done {
+            finished_at = Some(n);
+            break;
+        }
+    }
+    // The attach has at least five cancellation points before it completes.
+    assert!(finished_at.is_some_and(|n| n >= 5), "{finished_at:?}");
+}
+
+#[test]
+fn cancelling_close_at_every_stage_leaves_nothing() {
+    let mut finished_at = None;
+    for n in 0..64 {
+        let env = Env::new(1);
+        let done = rt().block_on(async {
+            let a = env
+                .attacher
+                .attach(&env.dispatcher, &env.opts(1))
+                .await
+                .unwrap();
+            poll_n_then_drop(a.close(), n).await
+        });
+        env.assert_clean();
+        if done {
+            finished_at = Some(n);
+            break;
+        }
+    }
+    assert!(finished_at.is_some_and(|n| n >= 1), "{finished_at:?}");
+}
