@@ -1,7 +1,27 @@
-//! Kernel attach for rootfork: the generic-netlink `nbd` family, the `/dev/nbdN` pool and attachments.
+//! Kernel attach for rootfork: the generic-netlink `nbd` family, the `/dev/nbdN` pool and
+//! attachments.
+//!
+//! - [`netlink`]: a small netlink codec, a request/answer client whose errors say whether the
+//!   kernel got the request (not sent / refused with errno / ambiguous), and the `nbd` family.
+//! - [`sysfs`]: a slot's state under `/sys/block/nbdN` and the quiescence rule.
+//! - [`pool`]: host-wide `flock` claims, cooldown, rotation, move-only leases, listing, metrics,
+//!   events.
+//! - [`attach`]: claim → socketpairs → dispatchers → connect → ready → flush → ordered close,
+//!   cancellation-safe.
+//! - [`reclaim`]: cleaning up after dead rootfork processes on this host, and only those.
+//! - [`identity`]: `/dev/nbdN` paths, host id and backend identifiers.
 
 pub mod attach;
 pub mod identity;
 pub mod netlink;
 pub mod pool;
+pub mod reclaim;
 pub mod sysfs;
+
+pub use attach::{
+    AttachError, AttachOptions, Attacher, Attachment, DeviceNodes, Dispatch, Dispatcher, HostNodes,
+};
+pub use identity::{device_path, BackendId};
+pub use netlink::{NbdControl, NbdNetlink, NlError};
+pub use pool::{DevicePool, Lease, PoolConfig, PoolError, PoolEvent, SlotState, SlotStatus};
+pub use reclaim::{reclaim, Reclaimed};
