@@ -152,7 +152,9 @@ impl Overlay {
         if self.map.all(start, end, BlockState::Zero) {
             return Ok(());
         }
-        let (from, to) = (self.block_start(start), self.block_end(end - 1));
+        // Punch whole blocks even past the end of a short last block (with KEEP_SIZE that is
+        // allowed), so its page is deallocated instead of zeroed in place.
+        let (from, to) = (self.block_start(start), self.block_start(end));
         match sys::punch_hole(&self.cache, from, to - from) {
             // Without hole punching the stale bytes stay allocated but are never read: zero
             // blocks read as a memset.
@@ -183,7 +185,7 @@ impl Overlay {
         while block < end {
             let (state, run_end) = self.map.run(block, end);
             if state != BlockState::Data {
-                let (from, to) = (self.block_start(block), self.block_end(run_end - 1));
+                let (from, to) = (self.block_start(block), self.block_start(run_end));
                 let _ = sys::punch_hole(&self.cache, from, to - from);
             }
             block = run_end;
