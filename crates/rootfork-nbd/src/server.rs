@@ -1,0 +1,403 @@
+//! The socket-mode server: named exports, Unix listeners (created 0600) and optional TCP
+//! listeners, one thread per connection (handshake, then the transmission engine), graceful
+//! shutdown, and server-wide counters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
+use nix::unistd::pipe;
+use parking_lot::{Mutex, RwLock};
+
+use crate::buf::BufPool;
+use crate::conn::{serve, Shared, Transmission};
+use crate::handshake::{negotiate, Export, ExportSet};
+use crate::opts::ServeOptions;
+use crate::sock::Sock;
+use crate::stats::{Stats, StatsSnapshot};
+
+/// Errors of the socket server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// An export of this name already exists.
+    #[error("export {0:?} already exists")]
+    DuplicateExport(String),
+    /// The Unix socket path is taken by a live server or a non-socket file.
+    #[error("{0} is in use")]
+    AddressInUse(PathBuf),
+    /// The server is shutting down.
+    #[error("the server is shut down")]
+    ShutDown,
+    /// Creating or binding a listener failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>, source: impl Into<io::Error>) -> ServerError {
+    ServerError::Io {
+        context: context.into(),
+        source: source.into(),
+    }
+}
+
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+struct ListenerHandle {
+    wake: OwnedFd,
+    thread: JoinHandle<()>,
+    path: Option<PathBuf>,
+}
+
+struct ConnEntry {
+    /// A handle to the socket (to end a connection still in its handshake).
+    sock: Sock,
+    /// The engine, once in the transmission phase.
+    shared: Option<Arc<Shared>>,
+}
+
+struct Inner {
+    opts: ServeOptions,
+    exports: RwLock<BTreeMap<String, Arc<Export>>>,
+    stats: Arc<Stats>,
+    pool: Arc<BufPool>,
+    conns: Mutex<HashMap<u64, ConnEntry>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    next_id: AtomicU64,
+    draining: AtomicBool,
+    stopped: AtomicBool,
+    connections_total: AtomicU64,
+}
+
+/// An NBD server with named exports, serving socket clients (fixed newstyle).
+///
+/// Cheap to clone (all clones are the same server). Every method is blocking-safe to call from
+/// any thread; nothing here needs an async runtime.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+    listeners: Arc<Mutex<Vec<ListenerHandle>>>,
+}
+
+impl Server {
+    /// A server with no exports and no listeners.
+    pub fn new(opts: ServeOptions) -> Server {
+        Server {
+            inner: Arc::new(Inner {
+                opts,
+                exports: RwLock::new(BTreeMap::new()),
+                stats: Arc::new(Stats::default()),
+                pool: Arc::new(BufPool::new()),
+                conns: Mutex::new(HashMap::new()),
+                threads: Mutex::new(Vec::new()),
+                next_id: AtomicU64::new(1),
+                draining: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
+                connections_total: AtomicU64::new(0),
+            }),
+            listeners: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Adds an export; clients can reach it from now on.
+    pub fn add_export(&self, export: Export) -> Result<(), ServerError> {
+        let mut ex = self.inner.exports.write();
+        if ex.contains_key(&export.name) {
+            return Err(ServerError::DuplicateExport(export.name));
+        }
+        ex.insert(export.name.clone(), Arc::new(export));
+        Ok(())
+    }
+
+    /// Removes an export from the list new clients see; connected clients keep using it.
+    pub fn remove_export(&self, name: &str) -> Option<Arc<Export>> {
+        self.inner.exports.write().remove(name)
+    }
+
+    /// Names of the exports.
+    pub fn export_names(&self) -> Vec<String> {
+        self.inner.exports.read().keys().cloned().collect()
+    }
+
+    /// Listens on a Unix socket at `path`, created with mode 0600 before it accepts anyone. A
+    /// stale socket file (nobody listening) is replaced; a live one is [`ServerError::AddressInUse`].
+    pub fn listen_unix(&self, path: &Path) -> Result<(), ServerError> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() || UnixStream::connect(path).is_ok() {
+                return Err(ServerError::AddressInUse(path.to_owned()));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| io_err(format!("remove {}", path.display()), e))?;
+        }
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| io_err("socket", e))?;
+        let addr = UnixAddr::new(path).map_err(|e| io_err(format!("{}", path.display()), e))?;
+        bind(fd.as_raw_fd(), &addr).map_err(|e| io_err(format!("bind {}", path.display()), e))?;
+        // Nobody can connect before listen(): restrict the mode first.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_err(format!("chmod {}", path.display()), e))?;
+        listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
+            .map_err(|e| io_err(format!("listen {}", path.display()), e))?;
+        let l = UnixListener::from(fd);
+        self.start_listener(Listener::Unix(l, path.to_owned()), Some(path.to_owned()))
+    }
+
+    /// Listens on TCP `addr` (use a loopback address unless remote clients are intended);
+    /// returns the bound address (useful with port 0).
+    pub fn listen_tcp(&self, addr: SocketAddr) -> Result<SocketAddr, ServerError> {
+        let l = TcpListener::bind(addr).map_err(|e| io_err(format!("bind {addr}"), e))?;
+        let local = l.local_addr().map_err(|e| io_err("local_addr", e))?;
+        self.start_listener(Listener::Tcp(l), None)?;
+        Ok(local)
+    }
+
+    fn start_listener(&self, l: Listener, path: Option<PathBuf>) -> Result<(), ServerError> {
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            return Err(ServerError::ShutDown);
+        }
+        let (r, w) = pipe().map_err(|e| io_err("pipe", e))?;
+        let inner = Arc::clone(&self.inner);
+        let thread = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(inner, l, r))
+            .map_err(|e| io_err("spawn", e))?;
+        self.listeners.lock().push(ListenerHandle {
+            wake: w,
+            thread,
+            path,
+        });
+        Ok(())
+    }
+
+    /// Server-wide counters (all connections, past and present).
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// Connections currently open (including those still in the handshake).
+    pub fn connections(&self) -> usize {
+        self.inner.conns.lock().len()
+    }
+
+    /// Connections accepted since the start.
+    pub fn connections_total(&self) -> u64 {
+        self.inner.connections_total.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight over all connections.
+    pub fn in_flight(&self) -> usize {
+        self.inner
+            .conns
+            .lock()
+            .values()
+            .filter_map(|c| c.shared.as_ref())
+            .map(|s| s.in_flight())
+            .sum()
+    }
+
+    /// Stops taking new work on every connection (new requests get `ESHUTDOWN`).
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        for c in self.inner.conns.lock().values() {
+            if let Some(s) = &c.shared {
+                s.drain();
+            }
+        }
+    }
+
+    /// Graceful shutdown: stops the listeners (removing Unix socket files), drains every
+    /// connection, waits up to `grace` for in-flight requests to finish, closes the connections
+    /// and joins their threads.
+    pub fn shutdown(&self, grace: Duration) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        for l in self.listeners.lock().drain(..) {
+            let _ = nix::unistd::write(&l.wake, &[1u8]);
+            let _ = l.thread.join();
+            if let Some(p) = l.path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        self.drain();
+        let deadline = Instant::now() + grace;
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for c in self.inner.conns.lock().values() {
+            match &c.shared {
+                Some(s) => s.shutdown(),
+                None => c.sock.shutdown(std::net::Shutdown::Both),
+            }
+        }
+        let threads: Vec<_> = self.inner.threads.lock().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(inner: Arc<Inner>, l: Listener, wake: OwnedFd) {
+    let lfd = match &l {
+        Listener::Unix(u, _) => u.as_fd(),
+        Listener::Tcp(t) => t.as_fd(),
+    };
+    loop {
+        let mut fds = [
+            PollFd::new(lfd, PollFlags::POLLIN),
+            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!("nbd listener poll failed: {e}");
+                return;
+            }
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) || inner.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        if !fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN))
+        {
+            continue;
+        }
+        let (sock, peer) = match &l {
+            Listener::Unix(u, path) => match u.accept() {
+                Ok((s, _)) => (Sock::Unix(s), format!("unix:{}", path.display())),
+                Err(e) => {
+                    tracing::warn!("nbd accept failed: {e}");
+                    continue;
+                }
+            },
+            Listener::Tcp(t) => match t.accept() {
+                Ok((s, a)) => {
+                    let _ = s.set_nodelay(true);
+                    (Sock::Tcp(s), format!("tcp:{a}"))
+                }
+                Err(e) => {
+                    tracing::warn!("nbd accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let Ok(handle) = sock.try_clone() else {
+            continue;
+        };
+        inner.conns.lock().insert(
+            id,
+            ConnEntry {
+                sock: handle,
+                shared: None,
+            },
+        );
+        inner.connections_total.fetch_add(1, Ordering::Relaxed);
+        let inner2 = Arc::clone(&inner);
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || connection(inner2, id, sock, peer));
+        match spawned {
+            Ok(t) => {
+                let mut threads = inner.threads.lock();
+                threads.retain(|t| !t.is_finished());
+                threads.push(t);
+            }
+            Err(e) => {
+                tracing::warn!("nbd: cannot spawn a connection thread: {e}");
+                inner.conns.lock().remove(&id);
+            }
+        }
+    }
+}
+
+fn connection(inner: Arc<Inner>, id: u64, sock: Sock, peer: String) {
+    let opts = &inner.opts;
+    let _ = sock.set_read_timeout(Some(opts.handshake_timeout));
+    let session = {
+        let exports = inner.exports.read().clone();
+        let mut io = &sock;
+        negotiate(&mut io, &exports as &dyn ExportSet, opts)
+    };
+    let session = match session {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            tracing::info!(conn = id, peer, "nbd client left during the handshake");
+            inner.conns.lock().remove(&id);
+            return;
+        }
+        Err(e) => {
+            tracing::info!(conn = id, peer, "nbd handshake failed: {e}");
+            inner.conns.lock().remove(&id);
+            return;
+        }
+    };
+    let _ = sock.set_read_timeout(None);
+    tracing::info!(
+        conn = id,
+        peer,
+        export = session.export.name,
+        structured = session.framing.structured,
+        extended = session.framing.extended,
+        "nbd client connected"
+    );
+    let tx = Transmission {
+        device: Arc::clone(&session.export.device),
+        limits: session.limits(opts),
+        framing: session.framing,
+        contexts: session.contexts.clone(),
+    };
+    let shared = Shared::new(
+        sock,
+        tx,
+        opts.clone(),
+        Arc::clone(&inner.pool),
+        Some(Arc::clone(&inner.stats)),
+    );
+    {
+        let mut conns = inner.conns.lock();
+        if let Some(c) = conns.get_mut(&id) {
+            c.shared = Some(Arc::clone(&shared));
+        }
+        if inner.draining.load(Ordering::SeqCst) {
+            shared.drain();
+        }
+        if inner.stopped.load(Ordering::SeqCst) && inner.draining.load(Ordering::SeqCst) {
+            shared.shutdown();
+        }
+    }
+    let (reason, stats) = serve(&shared);
+    inner.conns.lock().remove(&id);
+    tracing::info!(
+        conn = id,
+        peer,
+        export = session.export.name,
+        requests = stats.total_requests(),
+        "nbd client disconnected: {reason}"
+    );
+}
