@@ -1,3 +1,16 @@
 //! VMM backends for rootfork: the Firecracker API client and process launcher, and QEMU.
+//!
+//! The root drive's path types ([`DevicePath`], [`ReadyDevice`], [`StableDrivePath`],
+//! [`RootDrive`]) make configuring a VMM with a template path a compile error; the
+//! [`firecracker`] module adds the run-time check on what the VMM process really opened.
+//! [`double`] is a Firecracker API double validated against Firecracker's OpenAPI spec, used
+//! by the tests (and by the `rootfork-fc-double` binary).
 
+pub mod double;
+mod drive;
+pub mod firecracker;
+mod identity;
 pub mod qemu;
+
+pub use drive::{DevicePath, DriveAccess, DriveError, ReadyDevice, RootDrive, StableDrivePath};
+pub use identity::{FileIdentity, FileKind};

@@ -1,0 +1,241 @@
+//! Launching the VMM process (Firecracker, or the API double) and owning it.
+//!
+//! [`VmmProcess`] is an RAII guard: dropping it kills and reaps the process; the normal path is
+//! [`VmmProcess::shutdown`], which asks politely (`SIGTERM`) and waits before killing.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::namespace::NamespacePlan;
+
+/// Errors launching or stopping the VMM process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The process could not be started.
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The log file could not be created.
+    #[error("cannot create the log file {path}: {source}")]
+    Log {
+        /// The log path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The process exited while it was expected to run.
+    #[error("the VMM exited early ({status}); log {log}: {tail}")]
+    Exited {
+        /// Its exit status.
+        status: ExitStatus,
+        /// The log path.
+        log: PathBuf,
+        /// The end of its log.
+        tail: String,
+    },
+    /// The API socket did not appear in time.
+    #[error("the API socket {socket} did not accept connections within {waited:?}")]
+    SocketTimeout {
+        /// The socket path.
+        socket: PathBuf,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// Waiting for or signalling the process failed.
+    #[error("cannot signal or reap pid {pid}: {source}")]
+    Wait {
+        /// The pid.
+        pid: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The command line of a VMM: a program and its arguments.
+#[derive(Debug, Clone)]
+pub struct VmmCommand {
+    program: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl VmmCommand {
+    /// A command running `program`.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        VmmCommand {
+            program: program.into(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Appends an argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// The program.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
+    /// The arguments.
+    pub fn args(&self) -> &[OsString] {
+        &self.args
+    }
+}
+
+/// A running VMM process; killed and reaped on drop.
+#[derive(Debug)]
+pub struct VmmProcess {
+    child: Option<Child>,
+    pid: u32,
+    log: PathBuf,
+}
+
+impl VmmProcess {
+    /// Starts `cmd` with stdout and stderr appended to `log`, inside the mount namespace
+    /// described by `plan` if given.
+    pub fn spawn(
+        cmd: &VmmCommand,
+        plan: Option<NamespacePlan>,
+        log: &Path,
+    ) -> Result<Self, ProcessError> {
+        let log_err = |source| ProcessError::Log {
+            path: log.to_owned(),
+            source,
+        };
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(log_err)?;
+        let err = out.try_clone().map_err(log_err)?;
+        let mut command = Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        if let Some(plan) = plan {
+            // SAFETY: the hook runs in the forked child before exec; `NamespacePlan::enter` only
+            // makes system calls on data prepared before the fork (no allocation, no locks).
+            unsafe {
+                command.pre_exec(move || plan.enter());
+            }
+        }
+        let child = command.spawn().map_err(|source| ProcessError::Spawn {
+            program: cmd.program.clone(),
+            source,
+        })?;
+        Ok(VmmProcess {
+            pid: child.id(),
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// The process id (whose `/proc/<pid>/fd` is verified).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last bytes of the log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(2000);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        text[start..].trim().to_owned()
+    }
+
+    /// `Err(Exited)` if the process has exited.
+    pub fn check_running(&mut self) -> Result<(), ProcessError> {
+        let child = self.child.as_mut().expect("child present until shutdown");
+        match child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(ProcessError::Exited {
+                status,
+                log: self.log.clone(),
+                tail: self.log_tail(),
+            }),
+            Err(source) => Err(ProcessError::Wait {
+                pid: self.pid,
+                source,
+            }),
+        }
+    }
+
+    /// Waits until `socket` accepts connections, failing early if the process exits.
+    pub async fn wait_for_socket(
+        &mut self,
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<(), ProcessError> {
+        let start = Instant::now();
+        loop {
+            self.check_running()?;
+            if tokio::net::UnixStream::connect(socket).await.is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(ProcessError::SocketTimeout {
+                    socket: socket.to_owned(),
+                    waited: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the process: `SIGTERM`, up to `grace` to exit, then `SIGKILL`; reaps it.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<ExitStatus, ProcessError> {
+        let mut child = self.child.take().expect("child present until shutdown");
+        let pid = self.pid;
+        let wait_err = |source| ProcessError::Wait { pid, source };
+        if child.try_wait().map_err(wait_err)?.is_none() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            let start = Instant::now();
+            while start.elapsed() < grace {
+                if let Some(status) = child.try_wait().map_err(wait_err)? {
+                    return Ok(status);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = child.kill();
+        }
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .map_err(|e| wait_err(io::Error::other(e)))?
+            .map_err(wait_err)
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
