@@ -17,6 +17,7 @@
 
 mod error;
 mod guards;
+mod nbd_dispatch;
 mod seams;
 mod wait;
 
@@ -31,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use error::AttachError;
+pub use nbd_dispatch::NbdDispatcher;
 pub use seams::{DeviceNodes, Dispatch, Dispatcher, HostNodes};
 
 use crate::identity::{device_path, BackendId};
@@ -42,6 +44,9 @@ use wait::{stage_boundary, until};
 /// The logical block size rootfork gives the kernel.
 pub const BLOCK_SIZE: u64 = 4096;
 
+/// The most sockets one device may have.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// How to attach.
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
@@ -49,6 +54,9 @@ pub struct AttachOptions {
     pub sandbox: String,
     /// Sockets (kernel connections) for the device.
     pub connections: usize,
+    /// The logical block size (`NBD_ATTR_BLOCK_SIZE_BYTES`): [`BLOCK_SIZE`] unless testing what
+    /// the kernel refuses; the device size must be a multiple of it.
+    pub block_size: u64,
     /// The kernel's request timeout; must exceed the worst backend latency.
     pub timeout: Duration,
     /// How long the kernel waits for a dead connection to be replaced, if at all.
@@ -70,6 +78,7 @@ impl Default for AttachOptions {
         AttachOptions {
             sandbox: String::new(),
             connections: 1,
+            block_size: BLOCK_SIZE,
             timeout: Duration::from_secs(30),
             dead_conn_timeout: None,
             client_flags: 0,
@@ -137,13 +146,13 @@ impl Attacher {
         opts: &AttachOptions,
         started: Instant,
     ) -> Result<Attachment, AttachError> {
-        if opts.connections == 0 || opts.connections > 64 {
+        if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
             return Err(AttachError::Invalid("connections must be 1..=64"));
         }
         let size = dispatcher.size();
-        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
+        if opts.block_size == 0 || size == 0 || !size.is_multiple_of(opts.block_size) {
             return Err(AttachError::Invalid(
-                "the device size must be a non-zero multiple of 4096",
+                "the device size must be a non-zero multiple of the block size",
             ));
         }
 
@@ -174,7 +183,7 @@ impl Attacher {
         let req = ConnectRequest {
             index: Some(index),
             size_bytes: size,
-            block_size_bytes: BLOCK_SIZE,
+            block_size_bytes: opts.block_size,
             timeout_secs: opts.timeout.as_secs().max(1),
             dead_conn_timeout_secs: opts.dead_conn_timeout.map(|d| d.as_secs()),
             server_flags: dispatcher.server_flags(),
