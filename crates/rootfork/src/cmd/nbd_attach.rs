@@ -1,6 +1,23 @@
 //! `rootfork nbd attach`: a fresh overlay attached to a free `/dev/nbdN` until SIGINT/SIGTERM.
+//!
+//! On start it reclaims this host's devices left behind by dead rootfork processes. It then
+//! creates the overlay (cache file in `--cache-dir`, recorded in the slot's claim so a later
+//! reclaim can remove it after a crash), attaches it, prints the device path as the first line
+//! on stdout, and serves until signalled; then it flushes, detaches (waiting for the kernel's
+//! teardown) and releases the slot.
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::{SigSet, Signal};
+use rootfork_block::{BlockDevice, Overlay, OverlayOptions, TemplateFile, TemplatePath};
+use rootfork_kernel::{
+    reclaim, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher, NbdNetlink, PoolConfig,
+};
+use rootfork_nbd::ServeOptions;
 
 /// Arguments of `rootfork nbd attach`.
 #[derive(Debug, clap::Args)]
@@ -11,9 +28,118 @@ pub struct Args {
     /// Number of sockets (kernel connections) for the device.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
+    /// The sandbox name (in the claim and the device's backend identifier).
+    #[arg(long)]
+    pub sandbox: Option<String>,
+    /// Directory for the overlay's cache file.
+    #[arg(long, env = "ROOTFORK_CACHE_DIR", default_value = "/var/tmp/rootfork")]
+    pub cache_dir: PathBuf,
+    /// Directory of the host-wide slot lock files (the same for every rootfork on the host).
+    #[arg(
+        long,
+        env = "ROOTFORK_NBD_LOCK_DIR",
+        default_value = "/run/rootfork/nbd"
+    )]
+    pub lock_dir: PathBuf,
+    /// The kernel's request timeout in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+    /// Skip reclaiming dead rootfork devices on start.
+    #[arg(long)]
+    pub no_reclaim: bool,
 }
 
 /// Runs the command.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("nbd attach is not built yet ({args:?})")
+    // Block the signals before any thread exists so every thread inherits the mask and the
+    // main thread alone receives them with sigwait.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("blocking SIGINT/SIGTERM")?;
+
+    let sandbox = args
+        .sandbox
+        .clone()
+        .unwrap_or_else(|| format!("attach-{}", std::process::id()));
+    let pool = DevicePool::new(PoolConfig {
+        lock_dir: args.lock_dir.clone(),
+        ..PoolConfig::default()
+    });
+    let control = Arc::new(
+        NbdNetlink::open(Duration::from_secs(10))
+            .context("opening the kernel's nbd netlink family (is the nbd module loaded?)")?,
+    );
+    if !args.no_reclaim {
+        for r in reclaim(&pool, &*control, Duration::from_secs(10))? {
+            tracing::info!(
+                index = r.index,
+                disconnected = ?r.disconnected,
+                cache_removed = ?r.cache_removed,
+                error = ?r.error,
+                "reclaimed a slot of a dead rootfork process"
+            );
+        }
+    }
+
+    let template = TemplateFile::open(&TemplatePath::new(&args.template))
+        .with_context(|| format!("opening template {}", args.template.display()))?;
+    std::fs::create_dir_all(&args.cache_dir)
+        .with_context(|| format!("creating {}", args.cache_dir.display()))?;
+    let cache = args.cache_dir.join(format!(
+        "attach-{}-{}.cache",
+        std::process::id(),
+        sanitize(&sandbox)
+    ));
+    let overlay: Arc<dyn BlockDevice> = Arc::new(
+        Overlay::create(Arc::new(template), &cache, OverlayOptions::default())
+            .with_context(|| format!("creating the overlay cache {}", cache.display()))?,
+    );
+    let dispatcher = NbdDispatcher::new(overlay, ServeOptions::default());
+    let attacher = Attacher::new(pool, control, Arc::new(HostNodes));
+    let opts = AttachOptions {
+        sandbox: sandbox.clone(),
+        connections: args.connections as usize,
+        timeout: Duration::from_secs(args.timeout.max(1)),
+        cache_path: Some(cache.clone()),
+        ..AttachOptions::default()
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .context("starting the runtime")?;
+    let attachment = rt
+        .block_on(attacher.attach(&dispatcher, &opts))
+        .context("attaching the overlay")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", attachment.device_path().display())?;
+    out.flush()?;
+    drop(out);
+    tracing::info!(
+        device = %attachment.device_path().display(),
+        sandbox,
+        template = %args.template.display(),
+        latency_ms = attachment.connect_latency().as_secs_f64() * 1e3,
+        "attached; serving until SIGINT/SIGTERM"
+    );
+
+    let sig = signals.wait().context("waiting for a signal")?;
+    tracing::info!(?sig, "detaching");
+    let closed = rt.block_on(attachment.close());
+    drop(dispatcher); // the overlay goes with it, and its cache file
+    closed.context("detaching")?;
+    Ok(())
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
