@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the boot test's guest side into OUT (default: <repo>/build/boot):
 #   template.ext4   a 64 MiB ext4 root: busybox-static and an /init that writes /hello-<vmid>
-#                   (vmid comes from the kernel command line), syncs, prints a marker line listing
-#                   the hello files it sees, and powers off;
+#                   (vmid = rootfork.vmid= on the kernel command line), syncs, prints each hello
+#                   file's content and a marker line listing them, and powers off;
 #   initrd.cpio.gz  busybox + the cloud kernel's virtio modules; mounts /dev/vda and switches root.
 # Needs MODDIR (from `eval "$(tests/vm/assets.sh)"`), busybox-static, cpio, e2fsprogs.
 set -euo pipefail
@@ -50,6 +50,7 @@ VMID=$($B sed -n 's/.*rootfork.vmid=\([A-Za-z0-9_-]*\).*/\1/p' /proc/cmdline)
 echo "written by $VMID" > "/hello-$VMID"
 $B sync
 FILES=$(cd / && $B ls -1 | $B grep '^hello-' | $B tr '\n' ' ')
+for f in /hello-*; do echo "ROOTFORK-FILE $f: $($B cat "$f")"; done
 echo "ROOTFORK-BOOT-OK vmid=$VMID files=[$FILES] uptime=$($B cut -d' ' -f1 /proc/uptime)"
 $B mount -o remount,ro / 2>/dev/null; $B sync
 $B poweroff -f

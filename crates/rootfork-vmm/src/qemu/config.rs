@@ -275,6 +275,18 @@ mod tests {
     }
 
     #[test]
+    fn ready_device_root_uses_file_or_host_device_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("rootfs.ext4");
+        std::fs::write(&f, vec![0u8; 4096]).unwrap();
+        let dev = crate::ReadyDevice::verify(crate::DevicePath::new(&f)).unwrap();
+        let c = QemuConfig::new("/k", RootDisk::Device(dev), "/c");
+        let a = strs(&c.args().unwrap());
+        let want = format!("driver=file,node-name=root,filename={}", f.display());
+        assert!(a.contains(&want), "{a:?}");
+    }
+
+    #[test]
     fn missing_kernel_is_reported() {
         let c = nbd_config();
         assert!(matches!(

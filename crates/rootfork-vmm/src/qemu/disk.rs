@@ -1,6 +1,7 @@
 //! The root disk QEMU boots from: an NBD export on a Unix socket, or a ready block device.
 //!
-//! [`NbdEndpoint`] is deliberately not a path: it names a socket and an export, renders as an
+//! A block device must come as a [`ReadyDevice`] (only a provider's verified device becomes one),
+//! and [`NbdEndpoint`] is deliberately not a path: it names a socket and an export, renders as an
 //! `nbd+unix://` URI and can only be turned into QEMU's `nbd` block driver, never into a `file`
 //! driver that would open an image directly.
 
@@ -8,6 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::error::QemuError;
+use crate::ReadyDevice;
 
 /// An NBD export served on a Unix socket (`nbd+unix:///EXPORT?socket=PATH`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +93,8 @@ fn percent_encode(s: &str) -> String {
 pub enum RootDisk {
     /// An NBD export, opened by QEMU's own NBD client.
     Nbd(NbdEndpoint),
+    /// A provider's device (`/dev/nbdN`, or the direct provider's file), verified ready.
+    Device(ReadyDevice),
 }
 
 impl RootDisk {
@@ -107,6 +111,23 @@ impl RootDisk {
                     v.push_str(ep.export());
                 }
                 Ok(v)
+            }
+            RootDisk::Device(dev) => {
+                let path = dev.path();
+                let s = path.to_str().ok_or_else(|| {
+                    QemuError::InvalidConfig(format!("device path {path:?} is not UTF-8"))
+                })?;
+                if s.contains(',') {
+                    return Err(QemuError::InvalidConfig(format!(
+                        "device path {s:?} contains a comma"
+                    )));
+                }
+                let driver = if dev.is_block() {
+                    "host_device"
+                } else {
+                    "file"
+                };
+                Ok(format!("driver={driver},node-name={node},filename={s}"))
             }
         }
     }

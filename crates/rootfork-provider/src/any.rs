@@ -1,0 +1,85 @@
+//! [`AnyProvider`]: the closed set of provider kinds as one type, for callers that pick the kind
+//! at run time, and [`ProviderDevice`], what any of them hands to a VMM.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use rootfork_vmm::qemu::{NbdEndpoint, RootDisk};
+use rootfork_vmm::ReadyDevice;
+
+use crate::direct::DirectProvider;
+use crate::error::Result;
+use crate::pause::PausedDisk;
+use crate::provider::{Provider, ProviderKind};
+use crate::socket::SocketProvider;
+
+/// The device a provider hands to the VMM layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderDevice {
+    /// An NBD export on a Unix socket.
+    Nbd(NbdEndpoint),
+    /// A verified block device or file.
+    Device(ReadyDevice),
+}
+
+impl ProviderDevice {
+    /// QEMU's root disk for this device.
+    pub fn into_root_disk(self) -> RootDisk {
+        match self {
+            ProviderDevice::Nbd(ep) => RootDisk::Nbd(ep),
+            ProviderDevice::Device(dev) => RootDisk::Device(dev),
+        }
+    }
+}
+
+/// One of the provider kinds.
+#[derive(Debug)]
+pub enum AnyProvider {
+    /// See [`SocketProvider`].
+    Socket(SocketProvider),
+    /// See [`DirectProvider`].
+    Direct(DirectProvider),
+}
+
+impl Provider for AnyProvider {
+    type Device = ProviderDevice;
+
+    fn kind(&self) -> ProviderKind {
+        match self {
+            AnyProvider::Socket(p) => p.kind(),
+            AnyProvider::Direct(p) => p.kind(),
+        }
+    }
+
+    fn start(&mut self) -> Result<()> {
+        match self {
+            AnyProvider::Socket(p) => p.start(),
+            AnyProvider::Direct(p) => p.start(),
+        }
+    }
+
+    async fn path<C>(&self, timeout: Duration, cancel: C) -> Result<ProviderDevice>
+    where
+        C: Future<Output = ()> + Send,
+    {
+        match self {
+            AnyProvider::Socket(p) => p.path(timeout, cancel).await.map(ProviderDevice::Nbd),
+            AnyProvider::Direct(p) => p.path(timeout, cancel).await.map(ProviderDevice::Device),
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        match self {
+            AnyProvider::Socket(p) => p.close().await,
+            AnyProvider::Direct(p) => p.close().await,
+        }
+    }
+
+    async fn export_diff(&mut self, data_out: &Path) -> Result<PausedDisk> {
+        match self {
+            AnyProvider::Socket(p) => p.export_diff(data_out).await,
+            AnyProvider::Direct(p) => p.export_diff(data_out).await,
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Errors of the providers.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rootfork_block::BlockError;
+use rootfork_vmm::qemu::QemuError;
+use rootfork_vmm::DriveError;
+
+/// Result alias for providers.
+pub type Result<T> = std::result::Result<T, ProviderError>;
+
+/// An error from a provider.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// `path()`/`export_diff()` before `start()`.
+    #[error("the provider has not been started")]
+    NotStarted,
+    /// `start()` called twice.
+    #[error("the provider has already been started")]
+    AlreadyStarted,
+    /// The provider has been closed.
+    #[error("the provider is closed")]
+    Closed,
+    /// `path()` gave up waiting.
+    #[error("the device was not ready within {0:?}")]
+    Timeout(Duration),
+    /// `path()` was cancelled by the caller.
+    #[error("waiting for the device was cancelled")]
+    Cancelled,
+    /// The background attach failed; every waiter sees the same error.
+    #[error("attaching failed: {0}")]
+    AttachFailed(Arc<ProviderError>),
+    /// The operation does not exist for this kind of provider.
+    #[error("{op} is not supported by the {kind} provider")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+        /// The provider kind.
+        kind: &'static str,
+    },
+    /// A destination that must be new already exists.
+    #[error("{0} already exists")]
+    Exists(PathBuf),
+    /// Bad input.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The block layer (template, overlay, diff) failed.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// The device could not be verified as ready.
+    #[error(transparent)]
+    Drive(#[from] DriveError),
+    /// The NBD endpoint is not valid.
+    #[error(transparent)]
+    Endpoint(#[from] QemuError),
+    /// The NBD server failed.
+    #[error("NBD server: {0}")]
+    Nbd(String),
+    /// A host I/O operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A background task panicked or was aborted.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl ProviderError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        ProviderError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

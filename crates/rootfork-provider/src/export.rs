@@ -1,0 +1,75 @@
+//! One sandbox's NBD export: rootfork-nbd's socket server with a single named export on a
+//! per-sandbox Unix socket, stopped on drop.
+//!
+//! [`ExportServer::shutdown`] is the graceful path (listener closed and socket file removed,
+//! connections drained, in-flight requests given a grace period); dropping stops the server
+//! with no grace so a dropped provider never leaves a listener or threads behind.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rootfork_block::BlockDevice;
+use rootfork_nbd::{Export, ServeOptions, Server};
+
+use crate::error::{ProviderError, Result};
+
+/// How long a graceful shutdown waits for in-flight requests.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// A running per-sandbox NBD server.
+pub(crate) struct ExportServer {
+    server: Option<Server>,
+}
+
+impl ExportServer {
+    /// Serves `device` as `export` on a new Unix socket at `socket` (mode 0600).
+    pub(crate) async fn start(
+        socket: &Path,
+        export: &str,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<Self> {
+        let (socket, export) = (socket.to_owned(), export.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let server = Server::new(ServeOptions::default());
+            let guard = ExportServer {
+                server: Some(server.clone()),
+            };
+            server
+                .add_export(Export {
+                    description: format!("rootfork sandbox {export}"),
+                    name: export,
+                    device,
+                })
+                .map_err(|e| ProviderError::Nbd(e.to_string()))?;
+            server
+                .listen_unix(&socket)
+                .map_err(|e| ProviderError::Nbd(e.to_string()))?;
+            Ok(guard)
+        })
+        .await
+        .map_err(|e| ProviderError::Task(e.to_string()))?
+    }
+
+    /// Open client connections (for tests and metrics).
+    #[allow(dead_code)]
+    pub(crate) fn connections(&self) -> usize {
+        self.server.as_ref().map_or(0, Server::connections)
+    }
+
+    /// Graceful shutdown (blocking): stop listening, drain, wait for in-flight requests, close.
+    pub(crate) fn shutdown(mut self) -> Result<()> {
+        if let Some(s) = self.server.take() {
+            s.shutdown(GRACE);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ExportServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown(Duration::ZERO);
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! What a pause leaves behind, and the base a resumed sandbox is stacked on.
+//!
+//! A pause exports the overlay's dirty blocks as a [`DiffMap`] plus a packed data file. A resume
+//! opens the template read-only, lays the diff over it as a read-only [`DiffLayer`], and gives the
+//! sandbox a fresh overlay on top of that, so the template and the paused diff both stay
+//! untouched and a paused sandbox can be resumed more than once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rootfork_block::{BlockDevice, DiffLayer, DiffMap, TemplateFile, TemplatePath};
+
+use crate::error::Result;
+
+/// A paused sandbox's disk, relative to its template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PausedDisk {
+    /// The runs that differ from the template, in ascending offset order.
+    pub map: DiffMap,
+    /// The packed data file the map's data runs point into.
+    pub data: PathBuf,
+}
+
+impl PausedDisk {
+    /// The data file.
+    pub fn data_path(&self) -> &Path {
+        &self.data
+    }
+}
+
+/// What a sandbox's overlay is stacked on.
+#[derive(Debug, Clone)]
+pub enum BaseImage {
+    /// A template, for a fresh sandbox.
+    Template(TemplatePath),
+    /// A template plus a paused sandbox's diff, for a resume.
+    Resumed {
+        /// The template the paused sandbox was forked from.
+        template: TemplatePath,
+        /// Its exported diff.
+        paused: PausedDisk,
+    },
+}
+
+impl BaseImage {
+    /// The template at the bottom.
+    pub fn template(&self) -> &TemplatePath {
+        match self {
+            BaseImage::Template(t) | BaseImage::Resumed { template: t, .. } => t,
+        }
+    }
+
+    /// Opens the base read-only (the template with `O_RDONLY`; the diff as a read-only layer).
+    pub fn open(&self) -> Result<Arc<dyn BlockDevice>> {
+        let template: Arc<dyn BlockDevice> = Arc::new(TemplateFile::open(self.template())?);
+        match self {
+            BaseImage::Template(_) => Ok(template),
+            BaseImage::Resumed { paused, .. } => Ok(Arc::new(DiffLayer::open(
+                template,
+                paused.map.clone(),
+                &paused.data,
+            )?)),
+        }
+    }
+}

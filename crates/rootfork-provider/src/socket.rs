@@ -1,0 +1,223 @@
+//! The socket provider: a copy-on-write overlay served by rootfork's NBD server on a per-sandbox
+//! Unix socket.
+//!
+//! This is the provider for QEMU (its built-in NBD client connects to the socket) and for hosts
+//! without the `nbd` kernel module. `path()` returns an [`NbdEndpoint`], which is not a file path,
+//! so it cannot be confused with the template's path or a device node.
+//!
+//! Attach (in the background): open the base read-only → create the overlay's cache file →
+//! bind the socket and start serving → ready. Close: stop accepting and drain the connections →
+//! flush the overlay → drop it (its cache file is removed unless kept) → remove the socket.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rootfork_block::{BlockDevice, Overlay, OverlayOptions};
+use rootfork_vmm::qemu::NbdEndpoint;
+use tokio::task::JoinHandle;
+
+use crate::error::{ProviderError, Result};
+use crate::export::ExportServer;
+use crate::pause::{BaseImage, PausedDisk};
+use crate::provider::{Provider, ProviderKind};
+use crate::readiness::{Readiness, State};
+
+/// What a socket provider serves and where.
+#[derive(Debug, Clone)]
+pub struct SocketConfig {
+    /// The template (or template + paused diff) the overlay is stacked on.
+    pub base: BaseImage,
+    /// The Unix socket to serve on (must not exist yet).
+    pub socket: PathBuf,
+    /// The export name (usually the sandbox id).
+    pub export: String,
+    /// The overlay's cache file (must not exist yet).
+    pub cache: PathBuf,
+    /// Overlay options.
+    pub overlay: OverlayOptions,
+}
+
+/// The live parts of an attached socket provider.
+struct Running {
+    overlay: Arc<Overlay>,
+    server: ExportServer,
+}
+
+/// A per-sandbox NBD export on a Unix socket.
+pub struct SocketProvider {
+    config: SocketConfig,
+    readiness: Arc<Readiness<NbdEndpoint>>,
+    running: Arc<Mutex<Option<Running>>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SocketProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketProvider")
+            .field("config", &self.config)
+            .field("state", &self.readiness.current())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SocketProvider {
+    /// A provider for `config` (nothing happens until [`Provider::start`]).
+    pub fn new(config: SocketConfig) -> Self {
+        SocketProvider {
+            config,
+            readiness: Arc::new(Readiness::new()),
+            running: Arc::new(Mutex::new(None)),
+            task: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SocketConfig {
+        &self.config
+    }
+
+    /// The overlay, while attached (for statistics and tests).
+    pub fn overlay(&self) -> Option<Arc<Overlay>> {
+        lock(&self.running).as_ref().map(|r| r.overlay.clone())
+    }
+
+    fn attach_blocking(config: &SocketConfig) -> Result<Arc<Overlay>> {
+        let base = config.base.open()?;
+        Ok(Arc::new(Overlay::create(
+            base,
+            &config.cache,
+            config.overlay,
+        )?))
+    }
+
+    fn release(running: Option<Running>, socket: &Path, graceful: bool) -> Result<()> {
+        let Some(Running { overlay, server }) = running else {
+            return Ok(());
+        };
+        // Drain first, so nothing writes while we flush.
+        let drained = if graceful {
+            server.shutdown()
+        } else {
+            drop(server);
+            Ok(())
+        };
+        let flushed = overlay.flush().map_err(ProviderError::from);
+        drop(overlay);
+        let _ = std::fs::remove_file(socket);
+        drained.and(flushed)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Provider for SocketProvider {
+    type Device = NbdEndpoint;
+
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Socket
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let endpoint = NbdEndpoint::new(&self.config.socket, &self.config.export)?;
+        self.config.overlay.validate()?;
+        if self.config.socket.exists() {
+            return Err(ProviderError::Exists(self.config.socket.clone()));
+        }
+        self.readiness.begin()?;
+        let config = self.config.clone();
+        let (readiness, running) = (self.readiness.clone(), self.running.clone());
+        self.task = Some(tokio::spawn(async move {
+            let attach = async {
+                let cfg = config.clone();
+                let overlay = tokio::task::spawn_blocking(move || Self::attach_blocking(&cfg))
+                    .await
+                    .map_err(|e| ProviderError::Task(e.to_string()))??;
+                let device: Arc<dyn BlockDevice> = overlay.clone();
+                let server = ExportServer::start(&config.socket, &config.export, device).await?;
+                Ok::<_, ProviderError>(Running { overlay, server })
+            };
+            match attach.await {
+                Ok(r) => {
+                    *lock(&running) = Some(r);
+                    readiness.set(State::Ready(endpoint));
+                }
+                Err(e) => {
+                    tracing::warn!(socket = %config.socket.display(), "socket provider attach failed: {e}");
+                    readiness.set(State::Failed(Arc::new(e)));
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    fn path<C>(
+        &self,
+        timeout: Duration,
+        cancel: C,
+    ) -> impl Future<Output = Result<NbdEndpoint>> + Send
+    where
+        C: Future<Output = ()> + Send,
+    {
+        let readiness = self.readiness.clone();
+        async move { readiness.wait(timeout, cancel).await }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if matches!(self.readiness.current(), State::Closed) {
+            return Ok(());
+        }
+        if let Some(task) = self.task.take() {
+            // Abandon an attach in progress; whatever it built is dropped (and released) with it.
+            task.abort();
+            let _ = task.await;
+        }
+        self.readiness.set(State::Closed);
+        let running = lock(&self.running).take();
+        let socket = self.config.socket.clone();
+        tokio::task::spawn_blocking(move || Self::release(running, &socket, true))
+            .await
+            .map_err(|e| ProviderError::Task(e.to_string()))?
+    }
+
+    async fn export_diff(&mut self, data_out: &Path) -> Result<PausedDisk> {
+        let data_out = data_out.to_path_buf();
+        let overlay = match self.readiness.current() {
+            State::Ready(_) => self.overlay().ok_or(ProviderError::Closed)?,
+            State::Idle => return Err(ProviderError::NotStarted),
+            State::Attaching => return Err(ProviderError::Timeout(Duration::ZERO)),
+            State::Failed(e) => return Err(ProviderError::AttachFailed(e)),
+            State::Closed => return Err(ProviderError::Closed),
+        };
+        tokio::task::spawn_blocking(move || {
+            // Flush before export, then refuse further writes so the diff is final.
+            overlay.flush()?;
+            overlay.freeze();
+            let map = overlay.export_diff(&data_out)?;
+            Ok(PausedDisk {
+                map,
+                data: data_out,
+            })
+        })
+        .await
+        .map_err(|e| ProviderError::Task(e.to_string()))?
+    }
+}
+
+impl Drop for SocketProvider {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let running = lock(&self.running).take();
+        if running.is_some() {
+            if let Err(e) = Self::release(running, &self.config.socket, false) {
+                tracing::warn!("releasing a dropped socket provider: {e}");
+            }
+        }
+        self.readiness.set(State::Closed);
+    }
+}
