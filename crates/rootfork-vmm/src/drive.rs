@@ -40,13 +40,18 @@
 //! }
 //! ```
 //!
-//! The same shape with a ready device compiles:
+//! The same function with the ready device in the template's place compiles. (Stable rustdoc
+//! does not check the error code of a `compile_fail` example, so this twin pins down that the
+//! only thing wrong above is the argument's type.)
 //!
 //! ```
 //! fn configure(
+//!     template: &rootfork_block::TemplatePath,
 //!     device: &rootfork_vmm::ReadyDevice,
 //!     stable: rootfork_vmm::StableDrivePath,
 //! ) -> rootfork_vmm::RootDrive {
+//!     let _ = template.as_path();
+//!     let _cache = std::path::PathBuf::from("/var/lib/rootfork/templates/base/cache");
 //!     rootfork_vmm::RootDrive::new(device, stable)
 //! }
 //! ```
@@ -133,9 +138,9 @@ pub struct ReadyDevice {
 }
 
 impl ReadyDevice {
-    /// Stats `path` (following symlinks) and records what it is. Block devices and regular files
-    /// are accepted; character devices only in tests of this crate's own plumbing would make
-    /// sense, so they are refused like directories and sockets.
+    /// Stats `path` (following symlinks) and records what it is. Block devices (`/dev/nbdN`) and
+    /// regular files (the direct provider) are accepted; character devices, directories and
+    /// sockets cannot back a drive and are refused.
     pub fn verify(path: DevicePath) -> Result<Self, DriveError> {
         let identity = FileIdentity::of(path.as_path()).map_err(|source| DriveError::Stat {
             path: path.0.clone(),

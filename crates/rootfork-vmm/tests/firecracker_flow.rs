@@ -367,3 +367,40 @@ async fn two_vms_share_the_stable_path_with_different_devices() {
     va.shutdown(Duration::from_secs(2)).await.unwrap();
     vb.shutdown(Duration::from_secs(2)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_live_vm_moves_to_another_device_through_the_same_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = LoopDevice::new(dir.path(), "overlay-m1", 4 * MIB, b"m1");
+    let second = LoopDevice::new(dir.path(), "overlay-m2", 4 * MIB, b"m2");
+    let (_t, template) = template(dir.path());
+    let report_path = dir.path().join("report.jsonl");
+    let mut vm = FirecrackerVm::launch(
+        &double_command(&report_path),
+        &launch_config(dir.path(), "vm_m"),
+    )
+    .await
+    .unwrap();
+    vm.configure_and_start(
+        &first.ready(),
+        std::slice::from_ref(&template),
+        &cold(dir.path()),
+    )
+    .await
+    .unwrap();
+    vm.pause().await.unwrap();
+    vm.replace_device(&second.ready(), std::slice::from_ref(&template))
+        .await
+        .unwrap();
+    assert_eq!(vm.phase(), VmPhase::Paused);
+    assert_eq!(vm.opened_drive().unwrap().target, second.path);
+    let events = report(&report_path);
+    let patch = opens(&events)
+        .into_iter()
+        .find(|e| e["purpose"] == "drive_patch")
+        .unwrap();
+    assert_eq!(patch["path"], "/fc-vm/rootfs.ext4");
+    assert_eq!(patch["rdev"], second.rdev());
+    assert!(requests(&events).contains(&"PATCH /drives/rootfs 204".to_owned()));
+    vm.shutdown(Duration::from_secs(2)).await.unwrap();
+}

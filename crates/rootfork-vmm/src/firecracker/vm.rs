@@ -456,6 +456,41 @@ impl FirecrackerVm {
         Ok(())
     }
 
+    /// Moves a running or paused VM onto `device` (for example the same overlay re-attached
+    /// on another `/dev/nbdN`): retargets the link, `PATCH /drives/rootfs` with the same stable
+    /// path so the VMM reopens it, and verifies the VMM now holds `device`. On a failed check
+    /// the process is killed.
+    pub async fn replace_device(
+        &mut self,
+        device: &ReadyDevice,
+        templates: &[TemplateIdentity],
+    ) -> Result<(), VmError> {
+        if !matches!(self.phase, VmPhase::Running | VmPhase::Paused) {
+            return Err(VmError::State {
+                op: "replace_device",
+                state: self.phase,
+            });
+        }
+        let access = self
+            .root
+            .as_ref()
+            .map(RootDrive::access)
+            .unwrap_or_default();
+        self.bind(device)?;
+        self.client
+            .patch_drive(&PartialDrive {
+                drive_id: RootDrive::DRIVE_ID.to_owned(),
+                path_on_host: Some(self.stable.to_api_string()),
+                rate_limiter: None,
+            })
+            .await?;
+        self.root = Some(RootDrive::new(device, self.stable.clone()).with_access(access));
+        let phase = self.phase;
+        self.verify(device, templates)?;
+        self.phase = phase;
+        Ok(())
+    }
+
     /// Pauses the guest.
     pub async fn pause(&mut self) -> Result<(), VmError> {
         self.expect_phase("pause", VmPhase::Running)?;
