@@ -10,6 +10,7 @@ use rootfork_vmm::ReadyDevice;
 
 use crate::direct::DirectProvider;
 use crate::error::Result;
+use crate::kernel::KernelProvider;
 use crate::pause::PausedDisk;
 use crate::provider::{Provider, ProviderKind};
 use crate::socket::SocketProvider;
@@ -38,6 +39,8 @@ impl ProviderDevice {
 pub enum AnyProvider {
     /// See [`SocketProvider`].
     Socket(SocketProvider),
+    /// See [`KernelProvider`].
+    Kernel(Box<KernelProvider>),
     /// See [`DirectProvider`].
     Direct(DirectProvider),
 }
@@ -48,6 +51,7 @@ impl Provider for AnyProvider {
     fn kind(&self) -> ProviderKind {
         match self {
             AnyProvider::Socket(p) => p.kind(),
+            AnyProvider::Kernel(p) => p.kind(),
             AnyProvider::Direct(p) => p.kind(),
         }
     }
@@ -55,6 +59,7 @@ impl Provider for AnyProvider {
     fn start(&mut self) -> Result<()> {
         match self {
             AnyProvider::Socket(p) => p.start(),
+            AnyProvider::Kernel(p) => p.start(),
             AnyProvider::Direct(p) => p.start(),
         }
     }
@@ -65,6 +70,7 @@ impl Provider for AnyProvider {
     {
         match self {
             AnyProvider::Socket(p) => p.path(timeout, cancel).await.map(ProviderDevice::Nbd),
+            AnyProvider::Kernel(p) => p.path(timeout, cancel).await.map(ProviderDevice::Device),
             AnyProvider::Direct(p) => p.path(timeout, cancel).await.map(ProviderDevice::Device),
         }
     }
@@ -72,6 +78,7 @@ impl Provider for AnyProvider {
     async fn close(&mut self) -> Result<()> {
         match self {
             AnyProvider::Socket(p) => p.close().await,
+            AnyProvider::Kernel(p) => p.close().await,
             AnyProvider::Direct(p) => p.close().await,
         }
     }
@@ -79,6 +86,7 @@ impl Provider for AnyProvider {
     async fn export_diff(&mut self, data_out: &Path) -> Result<PausedDisk> {
         match self {
             AnyProvider::Socket(p) => p.export_diff(data_out).await,
+            AnyProvider::Kernel(p) => p.export_diff(data_out).await,
             AnyProvider::Direct(p) => p.export_diff(data_out).await,
         }
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rootfork_block::BlockError;
+use rootfork_kernel::AttachError;
 use rootfork_vmm::qemu::QemuError;
 use rootfork_vmm::DriveError;
 
@@ -56,6 +57,9 @@ pub enum ProviderError {
     /// The NBD endpoint is not valid.
     #[error(transparent)]
     Endpoint(#[from] QemuError),
+    /// Attaching to or detaching from the kernel's `nbd` driver failed.
+    #[error("kernel NBD: {0}")]
+    Kernel(#[from] AttachError),
     /// The NBD server failed.
     #[error("NBD server: {0}")]
     Nbd(String),

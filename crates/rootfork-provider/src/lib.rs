@@ -6,7 +6,7 @@
 //! | kind | device (`path()`) | for |
 //! |---|---|---|
 //! | [`SocketProvider`] | [`NbdEndpoint`](rootfork_vmm::qemu::NbdEndpoint): a per-sandbox Unix socket served by rootfork's NBD server over a COW overlay | QEMU, libnbd clients, hosts without the `nbd` module |
-//! | kernel | [`ReadyDevice`](rootfork_vmm::ReadyDevice) for `/dev/nbdN` | Firecracker |
+//! | [`KernelProvider`] | [`ReadyDevice`](rootfork_vmm::ReadyDevice) for `/dev/nbdN` | Firecracker |
 //! | [`DirectProvider`] | [`ReadyDevice`](rootfork_vmm::ReadyDevice) for a full writable copy | building templates |
 //!
 //! See [`provider`] for the lifecycle and `docs/providers.md` for the whole picture.
@@ -16,6 +16,7 @@ mod copy;
 mod direct;
 mod error;
 mod export;
+mod kernel;
 mod pause;
 pub mod provider;
 mod readiness;
@@ -25,6 +26,7 @@ pub use any::{AnyProvider, ProviderDevice};
 pub use copy::CopyMethod;
 pub use direct::DirectProvider;
 pub use error::{ProviderError, Result};
+pub use kernel::{KernelConfig, KernelProvider, NodePath};
 pub use pause::{BaseImage, PausedDisk};
 pub use provider::{Provider, ProviderKind};
 pub use readiness::{Readiness, State};
