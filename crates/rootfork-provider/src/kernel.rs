@@ -201,7 +201,9 @@ impl Provider for KernelProvider {
         // completion on a blocking thread, driven by this runtime's timers.
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let detached = handle.block_on(attachment.close()).map_err(ProviderError::Kernel);
+            let detached = handle
+                .block_on(attachment.close())
+                .map_err(ProviderError::Kernel);
             let flushed = overlay.flush().map_err(ProviderError::from);
             drop(overlay);
             detached.and(flushed)
