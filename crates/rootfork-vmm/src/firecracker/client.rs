@@ -155,7 +155,7 @@ impl FirecrackerClient {
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|_| ApiError::InvalidId(path.to_owned()))?;
+            .map_err(|_| ApiError::InvalidRequest(path.to_owned()))?;
         let result = async {
             let resp = sender.send_request(req).await.map_err(transport)?;
             let status = resp.status();
@@ -330,5 +330,105 @@ impl FirecrackerClient {
     /// `GET /mmds`.
     pub async fn get_mmds(&self) -> Result<serde_json::Value, ApiError> {
         self.get("/mmds").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn missing_socket_is_a_connect_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = FirecrackerClient::new(dir.path().join("none.sock"));
+        assert!(matches!(
+            c.describe_instance().await,
+            Err(ApiError::Connect { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let _server = tokio::spawn(async move {
+            let (_s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let c = FirecrackerClient::new(&sock).with_timeout(Duration::from_millis(100));
+        assert!(matches!(
+            c.instance_start().await,
+            Err(ApiError::Timeout {
+                timeout_ms: 100,
+                ..
+            })
+        ));
+    }
+
+    async fn one_shot(response: &'static [u8]) -> (tempfile::TempDir, FirecrackerClient) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            s.write_all(response).await.unwrap();
+        });
+        (dir, FirecrackerClient::new(&sock))
+    }
+
+    #[tokio::test]
+    async fn fault_messages_and_bad_bodies_are_typed() {
+        let (_d, c) = one_shot(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 29\r\n\r\n{\"fault_message\": \"no drive\"}",
+        )
+        .await;
+        match c.instance_start().await {
+            Err(ApiError::Api {
+                status: 400,
+                fault_message,
+                path,
+                ..
+            }) => {
+                assert_eq!(fault_message, "no drive");
+                assert_eq!(path, "/actions");
+            }
+            other => panic!("{other:?}"),
+        }
+        let (_d, c) = one_shot(b"HTTP/1.1 500 Oops\r\nContent-Length: 5\r\n\r\nnope!").await;
+        let e = c.instance_start().await.unwrap_err();
+        assert_eq!(e.fault_message(), Some("nope!"));
+        let (_d, c) = one_shot(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
+        assert!(matches!(
+            c.describe_instance().await,
+            Err(ApiError::Decode { .. })
+        ));
+        let (_d, c) = one_shot(b"garbage\r\n\r\n").await;
+        assert!(matches!(
+            c.describe_instance().await,
+            Err(ApiError::Transport { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn ids_that_do_not_fit_a_url_are_refused_before_sending() {
+        let c = FirecrackerClient::new("/nonexistent.sock");
+        let mut d = Drive {
+            drive_id: "../x".into(),
+            is_root_device: false,
+            path_on_host: None,
+            is_read_only: None,
+            partuuid: None,
+            cache_type: None,
+            io_engine: None,
+            rate_limiter: None,
+            socket: None,
+        };
+        assert!(matches!(c.put_drive(&d).await, Err(ApiError::InvalidId(_))));
+        d.drive_id = String::new();
+        assert!(matches!(c.put_drive(&d).await, Err(ApiError::InvalidId(_))));
     }
 }

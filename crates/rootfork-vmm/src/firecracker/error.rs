@@ -70,6 +70,9 @@ pub enum ApiError {
         #[source]
         source: serde_json::Error,
     },
+    /// The request could not be built (a path that is not a valid URI).
+    #[error("cannot build the request for {0:?}")]
+    InvalidRequest(String),
     /// A resource id that cannot be put in a URL path.
     #[error("invalid resource id {0:?}: only ASCII letters, digits and '_' are allowed")]
     InvalidId(String),

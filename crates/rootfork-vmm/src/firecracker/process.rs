@@ -239,3 +239,81 @@ impl Drop for VmmProcess {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[tokio::test]
+    async fn early_exit_is_reported_with_the_log_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = VmmCommand::new("/bin/sh")
+            .arg("-c")
+            .arg("echo the api socket is busy >&2; exit 3");
+        let mut p = VmmProcess::spawn(&cmd, None, &dir.path().join("log")).unwrap();
+        match p
+            .wait_for_socket(&dir.path().join("sock"), Duration::from_secs(5))
+            .await
+        {
+            Err(ProcessError::Exited { status, tail, .. }) => {
+                assert_eq!(status.code(), Some(3));
+                assert!(tail.contains("socket is busy"), "{tail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_never_appears_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = VmmCommand::new("/bin/sleep").arg("30");
+        let mut p = VmmProcess::spawn(&cmd, None, &dir.path().join("log")).unwrap();
+        let r = p
+            .wait_for_socket(&dir.path().join("sock"), Duration::from_millis(50))
+            .await;
+        assert!(
+            matches!(r, Err(ProcessError::SocketTimeout { .. })),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_terminates_and_drop_kills() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = VmmCommand::new("/bin/sleep").arg("30");
+        let p = VmmProcess::spawn(&cmd, None, &dir.path().join("log")).unwrap();
+        let status = p.shutdown(Duration::from_secs(2)).await.unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+
+        // A process ignoring SIGTERM is killed after the grace period.
+        let cmd = VmmCommand::new("/bin/sh")
+            .arg("-c")
+            .arg("trap '' TERM; exec sleep 30");
+        let p = VmmProcess::spawn(&cmd, None, &dir.path().join("log")).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let status = p.shutdown(Duration::from_millis(100)).await.unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+
+        let p = VmmProcess::spawn(
+            &VmmCommand::new("/bin/sleep").arg("30"),
+            None,
+            &dir.path().join("log"),
+        )
+        .unwrap();
+        let pid = p.pid();
+        drop(p);
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_spawn_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = VmmProcess::spawn(
+            &VmmCommand::new("/nonexistent/fc"),
+            None,
+            &dir.path().join("log"),
+        );
+        assert!(matches!(r, Err(ProcessError::Spawn { .. })));
+    }
+}
