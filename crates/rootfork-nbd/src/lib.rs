@@ -25,6 +25,7 @@ pub mod buf;
 mod conn;
 pub mod consts;
 mod exec;
+pub mod fuzzing;
 pub mod handshake;
 pub mod kernel;
 pub mod meta;
