@@ -254,6 +254,25 @@ async fn vms_boot_from_one_template_in_isolation_and_resume_after_pause() {
     assert!(listing.contains("hello-vm0-resumed") && !listing.contains("hello-vm1"));
     resumed.close().await.unwrap();
 
+    // --- Peer comparison, one VM at a time in this same run: rootfork's socket provider vs
+    // nbdkit's cow filter over the same template (the host's load is the same for both).
+    let mut solo = SocketProvider::new(socket_config(
+        dir.path(),
+        BaseImage::Template(template.clone()),
+        "solo",
+    ));
+    solo.start().unwrap();
+    let ep = solo.path(Duration::from_secs(30), never()).await.unwrap();
+    let solo_boot = boot(&env, dir.path(), "solo", ep).await;
+    assert_eq!(marker_files(&solo_boot), vec!["hello-solo".to_string()]);
+    solo.close().await.unwrap();
+    let peer_boot = {
+        let _nbdkit = Nbdkit::start(&env.template, &dir.path().join("peer.sock"));
+        let ep = NbdEndpoint::new(dir.path().join("peer.sock"), "").unwrap();
+        boot(&env, dir.path(), "peer", ep).await
+    };
+    assert_eq!(marker_files(&peer_boot), vec!["hello-peer".to_string()]);
+
     assert_eq!(sha256(&env.template), before, "template modified");
     assert_eq!(
         watch.events().0,
@@ -280,6 +299,45 @@ async fn vms_boot_from_one_template_in_isolation_and_resume_after_pause() {
         again.elapsed.as_secs_f64(),
         diff_bytes / 1024
     );
+    eprintln!(
+        "  one VM alone: rootfork socket provider {:.2} s, nbdkit cow filter {:.2} s (ratio {:.2})",
+        solo_boot.elapsed.as_secs_f64(),
+        peer_boot.elapsed.as_secs_f64(),
+        solo_boot.elapsed.as_secs_f64() / peer_boot.elapsed.as_secs_f64()
+    );
+}
+
+/// nbdkit with its cow filter over the template, in the foreground, killed and reaped on drop:
+/// the peer the boot times are compared with.
+struct Nbdkit(std::process::Child);
+
+impl Nbdkit {
+    fn start(template: &Path, socket: &Path) -> Nbdkit {
+        let child = Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(socket)
+            .args(["--filter=cow", "file"])
+            .arg(template)
+            .spawn()
+            .expect("nbdkit (Debian package nbdkit) must be installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "nbdkit did not create {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Nbdkit(child)
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Runs futures concurrently on this task and returns their outputs in order.
