@@ -179,4 +179,10 @@ impl BuildData for RemoteData {
         }
         Ok(())
     }
+
+    fn verifies_checksums(&self) -> bool {
+        // Every chunk is checked when fetched and before a chunk found in the cache at start is
+        // served (see `fetch`).
+        true
+    }
 }

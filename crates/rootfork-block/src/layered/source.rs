@@ -22,6 +22,14 @@ pub trait BuildData: Send + Sync {
 
     /// Reads exactly `buf.len()` bytes at `offset` (within `len()`).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Whether this source itself verifies every byte it returns against the build's chunk
+    /// checksums (a remote source checks each chunk as it is fetched and before it serves a
+    /// cached one). A [`LayeredTemplate`](super::LayeredTemplate) then skips its own lazy
+    /// verification of this build instead of reading every chunk twice.
+    fn verifies_checksums(&self) -> bool {
+        false
+    }
 }
 
 /// A build's data in a local file, opened `O_RDONLY`.

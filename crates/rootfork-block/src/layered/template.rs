@@ -11,6 +11,8 @@
 //! reading the chunk), and remembers success in a per-build bitmap. A chunk that fails
 //! verification fails the request with `EIO` and stays unverified, so every later read of it
 //! fails too; no byte of it is ever returned. Opening stays O(map size) however large the data.
+//! A source that verifies on its own ([`BuildData::verifies_checksums`], e.g. the object store's
+//! chunk fetcher) is trusted to do so and not checked twice.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,12 +57,18 @@ fn checksum_error(id: &BuildId, chunk: u64) -> BlockError {
 impl CheckedData {
     fn new(map: &BuildMap, data: Arc<dyn BuildData>) -> Self {
         let words = map.chunk_crcs.len().div_ceil(64);
+        // A self-verifying source starts with every chunk marked verified.
+        let initial = if data.verifies_checksums() {
+            u64::MAX
+        } else {
+            0
+        };
         CheckedData {
             id: map.header.id,
             data,
             chunk_size: u64::from(map.header.chunk_size),
             crcs: map.chunk_crcs.clone(),
-            verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            verified: (0..words).map(|_| AtomicU64::new(initial)).collect(),
         }
     }
 
