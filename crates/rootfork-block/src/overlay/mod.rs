@@ -17,6 +17,7 @@ mod read;
 mod state_map;
 mod stats;
 mod write;
+mod zeroed;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;

@@ -2,13 +2,13 @@
 //!
 //! Readers load words without any lock; writers change a block's state with one compare-and-swap
 //! on its word, after the cache holds the block's new contents (see `write.rs` for the ordering).
-//! The map is allocated zeroed straight from the allocator (`alloc_zeroed`, which for large maps
-//! is fresh zero pages from the kernel), so creating the map for a 64 GiB device costs no
-//! per-block work: "all zero" is "every block absent".
+//! The map starts as zeroed memory (`zeroed.rs`: fresh zero pages from the kernel for large maps),
+//! so creating the map for a 64 GiB device costs no per-block work: "all zero" is "every block
+//! absent".
 
-use std::alloc::{alloc_zeroed, Layout};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::zeroed::ZeroedWords;
 use crate::device::BlockState;
 use crate::error::{BlockError, Result};
 
@@ -47,7 +47,7 @@ fn index(state: BlockState) -> usize {
 
 /// The state of every block of a device.
 pub(crate) struct StateMap {
-    words: Box<[AtomicU64]>,
+    words: ZeroedWords,
     blocks: u64,
     /// Blocks in each state, indexed by the state's code.
     counts: [AtomicU64; 3],
@@ -58,24 +58,7 @@ impl StateMap {
     pub(crate) fn new(blocks: u64) -> Result<StateMap> {
         let words = usize::try_from(blocks.div_ceil(BLOCKS_PER_WORD))
             .map_err(|_| BlockError::InvalidArgument("device too large for the state map"))?;
-        let words = if words == 0 {
-            Box::default()
-        } else {
-            let layout = Layout::array::<AtomicU64>(words)
-                .map_err(|_| BlockError::InvalidArgument("device too large for the state map"))?;
-            // SAFETY: `layout` has a non-zero size (words > 0).
-            let ptr = unsafe { alloc_zeroed(layout) }.cast::<AtomicU64>();
-            if ptr.is_null() {
-                return Err(BlockError::errno_io(
-                    "allocating the state map",
-                    libc::ENOMEM,
-                ));
-            }
-            // SAFETY: `ptr` is a live allocation from the global allocator with the layout of
-            // `[AtomicU64; words]`, so `Box<[AtomicU64]>` frees it with the same layout; all-zero
-            // bytes are a valid `AtomicU64` (zero), so every element is initialised.
-            unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, words)) }
-        };
+        let words = ZeroedWords::new(words)?;
         Ok(StateMap {
             words,
             blocks,
