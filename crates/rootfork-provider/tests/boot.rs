@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::{never, sha256, WriteWatch};
 use rootfork_block::{OverlayOptions, TemplatePath};
-use rootfork_provider::{BaseImage, PausedDisk, Provider, SocketConfig, SocketProvider};
+use rootfork_provider::{
+    BaseImage, DirectProvider, PausedDisk, Provider, SocketConfig, SocketProvider,
+};
 use rootfork_vmm::qemu::{
     Accel, AccelPolicy, NbdEndpoint, QemuBinary, QemuConfig, QemuProcess, RootDisk,
 };
@@ -67,11 +69,12 @@ struct Boot {
 
 /// Boots a VM whose root disk is `ep` and waits for it to power off.
 async fn boot(env: &Env, dir: &Path, vmid: &str, ep: NbdEndpoint) -> Boot {
-    let mut cfg = QemuConfig::new(
-        &env.kernel,
-        RootDisk::Nbd(ep),
-        dir.join(format!("{vmid}.console")),
-    );
+    boot_disk(env, dir, vmid, RootDisk::Nbd(ep)).await
+}
+
+/// Boots a VM on `root` and waits for it to power off.
+async fn boot_disk(env: &Env, dir: &Path, vmid: &str, root: RootDisk) -> Boot {
+    let mut cfg = QemuConfig::new(&env.kernel, root, dir.join(format!("{vmid}.console")));
     cfg.accel = env.accel;
     cfg.initrd = Some(env.initrd.clone());
     cfg.append = format!("console=ttyS0 root=/dev/vda rw panic=-1 quiet rootfork.vmid={vmid}");
@@ -124,15 +127,24 @@ fn root_listing_via_nbd(ep: &NbdEndpoint, raw: &Path) -> String {
         .status()
         .expect("nbdcopy (libnbd-bin)");
     assert!(st.success(), "nbdcopy {ep} failed");
-    let out = Command::new("debugfs")
-        .args(["-R", "ls -l /"])
-        .arg(raw)
-        .output()
-        .expect("debugfs");
-    assert!(out.status.success(), "debugfs failed on {}", raw.display());
-    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let listing = root_listing(raw);
     std::fs::remove_file(raw).unwrap();
     listing
+}
+
+/// Lists the root directory of the ext4 image `image` with `debugfs`.
+fn root_listing(image: &Path) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", "ls -l /"])
+        .arg(image)
+        .output()
+        .expect("debugfs");
+    assert!(
+        out.status.success(),
+        "debugfs failed on {}",
+        image.display()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn socket_config(dir: &Path, base: BaseImage, name: &str) -> SocketConfig {
@@ -255,23 +267,55 @@ async fn vms_boot_from_one_template_in_isolation_and_resume_after_pause() {
     resumed.close().await.unwrap();
 
     // --- Peer comparison, one VM at a time in this same run: rootfork's socket provider vs
-    // nbdkit's cow filter over the same template (the host's load is the same for both).
-    let mut solo = SocketProvider::new(socket_config(
-        dir.path(),
-        BaseImage::Template(template.clone()),
-        "solo",
-    ));
-    solo.start().unwrap();
-    let ep = solo.path(Duration::from_secs(30), never()).await.unwrap();
-    let solo_boot = boot(&env, dir.path(), "solo", ep).await;
-    assert_eq!(marker_files(&solo_boot), vec!["hello-solo".to_string()]);
-    solo.close().await.unwrap();
-    let peer_boot = {
-        let _nbdkit = Nbdkit::start(&env.template, &dir.path().join("peer.sock"));
-        let ep = NbdEndpoint::new(dir.path().join("peer.sock"), "").unwrap();
-        boot(&env, dir.path(), "peer", ep).await
-    };
-    assert_eq!(marker_files(&peer_boot), vec!["hello-peer".to_string()]);
+    // nbdkit's cow filter over the same template, in ABBA order so a drift in the host's load
+    // (other builds on the machine) hits both sides alike.
+    let mut solo_total = Duration::ZERO;
+    let mut peer_total = Duration::ZERO;
+    for (round, ours) in [true, false, false, true].into_iter().enumerate() {
+        let name = format!("{}{round}", if ours { "solo" } else { "peer" });
+        let b = if ours {
+            let mut p = SocketProvider::new(socket_config(
+                dir.path(),
+                BaseImage::Template(template.clone()),
+                &name,
+            ));
+            p.start().unwrap();
+            let ep = p.path(Duration::from_secs(30), never()).await.unwrap();
+            let b = boot(&env, dir.path(), &name, ep).await;
+            p.close().await.unwrap();
+            b
+        } else {
+            let sock = dir.path().join(format!("{name}.sock"));
+            let _nbdkit = Nbdkit::start(&env.template, &sock);
+            boot(
+                &env,
+                dir.path(),
+                &name,
+                NbdEndpoint::new(&sock, "").unwrap(),
+            )
+            .await
+        };
+        assert_eq!(marker_files(&b), vec![format!("hello-{name}")]);
+        *(if ours {
+            &mut solo_total
+        } else {
+            &mut peer_total
+        }) += b.elapsed;
+    }
+
+    // --- The direct provider (building templates): a full copy, booted as a plain file.
+    let copy = dir.path().join("direct.ext4");
+    let mut direct = DirectProvider::new(template.clone(), &copy);
+    direct.start().unwrap();
+    let dev = direct.path(Duration::from_secs(60), never()).await.unwrap();
+    let direct_boot = boot_disk(&env, dir.path(), "direct", RootDisk::Device(dev)).await;
+    assert_eq!(marker_files(&direct_boot), vec!["hello-direct".to_string()]);
+    direct.close().await.unwrap();
+    let listing = root_listing(&copy);
+    assert!(
+        listing.contains("hello-direct"),
+        "the direct copy lacks the guest's file:\n{listing}"
+    );
 
     assert_eq!(sha256(&env.template), before, "template modified");
     assert_eq!(
@@ -300,10 +344,16 @@ async fn vms_boot_from_one_template_in_isolation_and_resume_after_pause() {
         diff_bytes / 1024
     );
     eprintln!(
-        "  one VM alone: rootfork socket provider {:.2} s, nbdkit cow filter {:.2} s (ratio {:.2})",
-        solo_boot.elapsed.as_secs_f64(),
-        peer_boot.elapsed.as_secs_f64(),
-        solo_boot.elapsed.as_secs_f64() / peer_boot.elapsed.as_secs_f64()
+        "  one VM alone, mean of 2 (ABBA): rootfork socket provider {:.2} s, nbdkit cow filter {:.2} s (ratio {:.2})",
+        solo_total.as_secs_f64() / 2.0,
+        peer_total.as_secs_f64() / 2.0,
+        solo_total.as_secs_f64() / peer_total.as_secs_f64()
+    );
+    eprintln!(
+        "  {:<12} {:>7.2} s (direct provider: full copy by {:?}, booted as a file)",
+        direct_boot.vmid,
+        direct_boot.elapsed.as_secs_f64(),
+        direct.copy_method()
     );
 }
 
