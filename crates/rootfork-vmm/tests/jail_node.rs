@@ -53,3 +53,92 @@ fn jail_node_is_the_device_owned_by_the_jail_user() {
     assert!(std::fs::symlink_metadata(&path).is_err());
     assert!(b.path.exists(), "the host device is untouched");
 }
+
+/// A stand-in for Firecracker's `jailer`: builds `<base>/<exec name>/<id>/root` with the exec
+/// file and its shared libraries, then execs it chrooted as the jail uid/gid (same pid), like
+/// the real jailer without `--daemonize`.
+const FAKE_JAILER: &str = r#"#!/bin/sh
+set -eu
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --id) id=$2; shift 2 ;;
+    --exec-file) exe=$2; shift 2 ;;
+    --uid) uid=$2; shift 2 ;;
+    --gid) gid=$2; shift 2 ;;
+    --chroot-base-dir) base=$2; shift 2 ;;
+    --) shift; break ;;
+    *) echo "fake jailer: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+root="$base/$(basename "$exe")/$id/root"
+mkdir -p "$root/run" "$root/bin"
+cp "$exe" "$root/bin/vmm"
+for lib in $(ldd "$exe" | grep -o '/[^ ]*'); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+cp "@SPEC@" "$root/spec.yaml"
+touch "$root/report.jsonl"
+chown "$uid:$gid" "$root/run" "$root/report.jsonl"
+exec chroot --userspec="$uid:$gid" "$root" /bin/vmm --spec /spec.yaml --report /report.jsonl "$@"
+"#;
+
+#[tokio::test]
+async fn jailed_vmm_opens_the_mknod_node_as_the_jail_user() {
+    use rootfork_vmm::firecracker::{ColdBootConfig, FirecrackerVm, JailerConfig, VmPhase};
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let jailer = dir.path().join("jailer");
+    let script = FAKE_JAILER.replace("@SPEC@", spec_path().to_str().unwrap());
+    std::fs::write(&jailer, script).unwrap();
+    std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dev = LoopDevice::new(dir.path(), "jailed.img", 2 << 20, b"jailed");
+    let (_t, template) = template(dir.path());
+    let cfg = JailerConfig {
+        jailer,
+        firecracker: env!("CARGO_BIN_EXE_rootfork-fc-double").into(),
+        id: "jailed_vm".into(),
+        owner: JailOwner {
+            uid: 40123,
+            gid: 40123,
+        },
+        chroot_base: dir.path().join("srv"),
+    };
+    let stable = StableDrivePath::new("/rootfs.ext4").unwrap();
+    let mut vm = FirecrackerVm::launch_jailed(
+        &cfg,
+        stable,
+        &dir.path().join("jailer.log"),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let root = cfg.chroot_root();
+    std::fs::write(root.join("vmlinux"), b"kernel").unwrap();
+    let boot = ColdBootConfig::new("/vmlinux", None, 1, 128);
+    vm.configure_and_start(&dev.ready(), std::slice::from_ref(&template), &boot)
+        .await
+        .unwrap();
+    assert_eq!(vm.phase(), VmPhase::Running);
+    // The jailed process (running as the jail user) opened the node inside its chroot.
+    let opened = vm.opened_drive().unwrap();
+    assert_eq!(opened.identity.unwrap().rdev, dev.rdev());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid().unwrap())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("40123")),
+        "{status}"
+    );
+    let events = report(&root.join("report.jsonl"));
+    let o = opens(&events)
+        .into_iter()
+        .find(|e| e["purpose"] == "drive")
+        .unwrap();
+    assert_eq!(o["path"], "/rootfs.ext4");
+    assert_eq!(o["rdev"], dev.rdev());
+    assert_eq!(o["read_only"], false);
+    vm.shutdown(Duration::from_secs(2)).await.unwrap();
+}
