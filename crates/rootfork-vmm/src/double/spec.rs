@@ -277,3 +277,61 @@ impl Spec {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINI: &str = r##"
+swagger: "2.0"
+info: { version: "9" }
+paths:
+  /:
+    get: { operationId: describe, responses: { 200: { description: ok } } }
+  /drives/{drive_id}:
+    put:
+      operationId: putDrive
+      parameters:
+        - { name: drive_id, in: path, required: true, type: string }
+        - { name: body, in: body, required: true, schema: { $ref: "#/definitions/D" } }
+  /drives/special:
+    get: { operationId: special }
+definitions:
+  D: { type: object, properties: { x: { type: string } } }
+"##;
+
+    #[test]
+    fn paths_match_with_parameters_and_literals_win() {
+        let spec = Spec::parse(MINI).unwrap();
+        assert_eq!(spec.version, "9");
+        let (item, params) = spec.find_path("/drives/rootfs").unwrap();
+        assert_eq!(item.template, "/drives/{drive_id}");
+        assert_eq!(params["drive_id"], "rootfs");
+        let op = &item.operations["PUT"];
+        assert_eq!(op.operation_id, "putDrive");
+        assert!(op.body().unwrap().required);
+        assert_eq!(
+            spec.find_path("/drives/special").unwrap().0.template,
+            "/drives/special"
+        );
+        assert!(spec.find_path("/drives/").is_none());
+        assert!(spec.find_path("/drives/a/b").is_none());
+        assert_eq!(spec.find_path("/").unwrap().0.template, "/");
+    }
+
+    #[test]
+    fn malformed_specs_are_refused() {
+        assert!(
+            Spec::parse("swagger: \"3.0\"\ninfo: {version: x}\npaths: {}\ndefinitions: {}")
+                .unwrap_err()
+                .contains("2.0")
+        );
+        let bad_ref = MINI.replace("#/definitions/D", "#/definitions/Nope");
+        assert!(Spec::parse(&bad_ref).unwrap_err().contains("unresolved"));
+        assert!(Spec::parse("not: [yaml").is_err());
+        assert!(matches!(
+            Spec::load(Path::new("/nonexistent/firecracker.yaml")),
+            Err(SpecError::Read { .. })
+        ));
+    }
+}
