@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 pub use report::{read_report, Reporter};
 pub use server::serve;
-pub use spec::{Spec, SpecError};
+pub use spec::{Additional, Operation, Parameter, PathItem, Schema, Spec, SpecError};
 pub use state::{is_double_snapshot, DoubleState, Phase, Reply, SNAPSHOT_MAGIC};
 pub use validate::validate;
 
