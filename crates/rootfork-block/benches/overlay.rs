@@ -4,7 +4,10 @@
 //! * 4 KiB random writes, beside `pwrite` on a plain file;
 //! * 1 MiB sequential reads (unwritten and written), beside `pread` on the template file.
 //!
-//! Run with `cargo bench -p rootfork-block --bench overlay`. Files live in `$BENCH_DIR` (default:
+//! After the criterion groups, a paired table alternates batches of each benchmark and its peer
+//! (both under the same machine load) and prints medians and ratios as Markdown.
+//!
+//! Run with `cargo bench -p rootfork-block --bench overlay` (`-- paired` for the table only). Files live in `$BENCH_DIR` (default:
 //! the system temp dir); the page cache is warmed before the read benchmarks.
 
 use std::fs::File;
@@ -15,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions, TemplateFile, TemplatePath};
 
 /// Size of the template the I/O benchmarks use (fits the page cache comfortably).
@@ -271,6 +274,194 @@ fn io(c: &mut Criterion) {
     g.finish();
 }
 
+/// One row of the paired comparison.
+struct Paired {
+    name: &'static str,
+    peer: &'static str,
+    peer_ns: f64,
+    subject_ns: f64,
+    ratio: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Alternates batches of `peer` and `subject` (swapping which goes first every round), so both
+/// see the same machine load, and reports medians of the per-op times and of the per-round
+/// ratios. On a busy machine this is far steadier than comparing two criterion runs.
+fn paired(
+    name: &'static str,
+    peer_name: &'static str,
+    batch: usize,
+    rounds: usize,
+    mut peer: impl FnMut(usize),
+    mut subject: impl FnMut(usize),
+) -> Paired {
+    let mut k = 0usize;
+    let time = |f: &mut dyn FnMut(usize), k: &mut usize| {
+        let t = Instant::now();
+        for _ in 0..batch {
+            f(*k);
+            *k += 1;
+        }
+        t.elapsed().as_nanos() as f64 / batch as f64
+    };
+    // Warm-up round.
+    time(&mut peer, &mut k);
+    time(&mut subject, &mut k);
+    let (mut p, mut s, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (a, b) = if round % 2 == 0 {
+            let a = time(&mut peer, &mut k);
+            (a, time(&mut subject, &mut k))
+        } else {
+            let b = time(&mut subject, &mut k);
+            (time(&mut peer, &mut k), b)
+        };
+        p.push(a);
+        s.push(b);
+        r.push(b / a);
+    }
+    Paired {
+        name,
+        peer: peer_name,
+        peer_ns: median(p),
+        subject_ns: median(s),
+        ratio: median(r),
+    }
+}
+
+/// The paired comparison of every benchmark, printed as a Markdown table.
+fn paired_table() {
+    let io = io_setup();
+    let offs = offsets(TEMPLATE_SIZE, BLOCK as u64, 1 << 16);
+    let at = |k: usize| offs[k & (offs.len() - 1)];
+    let seq = |k: usize| (k as u64 * SEQ as u64) % TEMPLATE_SIZE;
+    let buf = std::cell::RefCell::new(vec![0u8; SEQ]);
+    let data = pattern(BLOCK, 3);
+    let dir = bench_dir();
+    let fresh = Overlay::create(
+        io.unwritten.base().clone(),
+        &dir.path().join("fresh"),
+        OverlayOptions::default(),
+    )
+    .unwrap();
+    let mut rows = Vec::new();
+    let pread = |len: usize, off: u64| {
+        io.template
+            .read_exact_at(&mut buf.borrow_mut()[..len], off)
+            .unwrap()
+    };
+    let ovread =
+        |ov: &Overlay, len: usize, off: u64| ov.read_at(&mut buf.borrow_mut()[..len], off).unwrap();
+    rows.push(paired(
+        "read_4k_random_unwritten",
+        "pread_template",
+        4000,
+        41,
+        |k| pread(BLOCK, at(k)),
+        |k| ovread(&fresh, BLOCK, at(k)),
+    ));
+    rows.push(paired(
+        "read_4k_random_written",
+        "pread_template",
+        4000,
+        41,
+        |k| pread(BLOCK, at(k)),
+        |k| ovread(&io.written, BLOCK, at(k)),
+    ));
+    let cache = File::open(io.written.cache_path()).unwrap();
+    let pread_cache = |len: usize, off: u64| {
+        cache
+            .read_exact_at(&mut buf.borrow_mut()[..len], off)
+            .unwrap()
+    };
+    rows.push(paired(
+        "read_4k_random_written",
+        "pread_cache_file",
+        4000,
+        41,
+        |k| pread_cache(BLOCK, at(k)),
+        |k| ovread(&io.written, BLOCK, at(k)),
+    ));
+    rows.push(paired(
+        "read_1m_sequential_written",
+        "pread_cache_file",
+        40,
+        41,
+        |k| pread_cache(SEQ, seq(k)),
+        |k| ovread(&io.written, SEQ, seq(k)),
+    ));
+    rows.push(paired(
+        "read_1m_sequential_unwritten",
+        "pread_template",
+        40,
+        41,
+        |k| pread(SEQ, seq(k)),
+        |k| ovread(&fresh, SEQ, seq(k)),
+    ));
+    rows.push(paired(
+        "read_1m_sequential_written",
+        "pread_template",
+        40,
+        41,
+        |k| pread(SEQ, seq(k)),
+        |k| ovread(&io.written, SEQ, seq(k)),
+    ));
+    rows.push(paired(
+        "write_4k_random",
+        "pwrite_file",
+        2000,
+        41,
+        |k| io.scratch.write_all_at(&data, at(k)).unwrap(),
+        |k| io.unwritten.write_at(&data, at(k)).unwrap(),
+    ));
+    for (label, size) in [("create_1GiB", 1u64 << 30), ("create_64GiB", 64u64 << 30)] {
+        let path = dir.path().join(format!("sparse-{size}.img"));
+        File::create(&path).unwrap().set_len(size).unwrap();
+        let base: Arc<dyn BlockDevice> =
+            Arc::new(TemplateFile::open(&TemplatePath::new(&path)).unwrap());
+        let cache_dir = bench_dir();
+        let cache_dir = cache_dir.path();
+        let mut plain = Vec::new();
+        let mut overlays = Vec::new();
+        rows.push(paired(
+            label,
+            "file_create_set_len",
+            20,
+            41,
+            |_| {
+                let p = unique(cache_dir, "plain");
+                let f = File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&p)
+                    .unwrap();
+                f.set_len(size).unwrap();
+                plain.push(RemoveOnDrop(p));
+            },
+            |_| {
+                let p = unique(cache_dir, "cache");
+                overlays
+                    .push(Overlay::create(base.clone(), &p, OverlayOptions::default()).unwrap());
+            },
+        ));
+    }
+    println!();
+    println!("paired comparison (medians of 41 alternating rounds):");
+    println!();
+    println!("| benchmark | peer | peer ns/op | overlay ns/op | ratio overlay/peer |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.3} |",
+            r.name, r.peer, r.peer_ns, r.subject_ns, r.ratio
+        );
+    }
+}
+
 fn criterion() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -284,4 +475,20 @@ criterion_group! {
     config = criterion();
     targets = creation, io
 }
-criterion_main!(benches);
+
+fn main() {
+    // `cargo bench -- paired` runs only the paired table; a filter naming a criterion group
+    // skips it.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let only_paired = args.iter().any(|a| a == "paired");
+    if !only_paired {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    }
+    if args.is_empty() || only_paired {
+        paired_table();
+    }
+}
