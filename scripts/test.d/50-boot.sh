@@ -4,7 +4,9 @@
 # by rootfork's NBD server; then one is paused (diff exported) and resumed on a new overlay over
 # template + diff. Asserts markers, per-overlay isolation (read back through the export with
 # nbdcopy + debugfs), the template's sha256, and prints the boot times.
-# Knobs: ROOTFORK_BOOT_VMS (default 3), ROOTFORK_VM_CACHE (QEMU/kernel cache, see tests/vm/assets.sh).
+# Then the kernel provider against the real nbd driver inside a TCG VM (tests/boot/kernel-vm.sh).
+# Knobs: ROOTFORK_BOOT_VMS (default 3), ROOTFORK_BOOT_KERNEL=0 (skip the kernel VM part),
+# ROOTFORK_VM_CACHE (QEMU/kernel cache, see tests/vm/assets.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 fail() { echo "50-boot: $*"; echo "boot: 0 passed, 1 failed"; exit 1; }
@@ -22,6 +24,15 @@ cargo test -q -p rootfork-provider --test boot -- --ignored --nocapture 2>&1 \
   | grep -v -E ' INFO |nbd client (connected|disconnected)'
 status=${PIPESTATUS[0]}
 set -e
-echo "50-boot: $(( $(date +%s) - start )) s (including the test build)"
+echo "50-boot: boot test $(( $(date +%s) - start )) s (including the test build)"
 [ "$status" = 0 ] || fail "the boot test failed"
-echo "boot: 1 passed, 0 failed"
+passed=1
+# The kernel provider against the real nbd driver, inside a TCG VM (the host has no nbd module).
+# Reuses the static release build the kernel suite makes in the same target dir.
+if [ "${ROOTFORK_BOOT_KERNEL:-1}" != 0 ]; then
+  start=$(date +%s)
+  tests/boot/kernel-vm.sh || fail "the kernel provider VM test failed"
+  echo "50-boot: kernel provider VM $(( $(date +%s) - start )) s (including the static build)"
+  passed=2
+fi
+echo "boot: $passed passed, 0 failed"
