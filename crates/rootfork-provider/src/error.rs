@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rootfork_block::BlockError;
 use rootfork_kernel::AttachError;
+use rootfork_nbd::ServerError;
 use rootfork_vmm::qemu::QemuError;
 use rootfork_vmm::DriveError;
 
@@ -25,6 +26,9 @@ pub enum ProviderError {
     /// The provider has been closed.
     #[error("the provider is closed")]
     Closed,
+    /// The device is still attaching (an operation that needs it ready was called too early).
+    #[error("the device is still attaching")]
+    NotReady,
     /// `path()` gave up waiting.
     #[error("the device was not ready within {0:?}")]
     Timeout(Duration),
@@ -62,7 +66,7 @@ pub enum ProviderError {
     Kernel(#[from] AttachError),
     /// The NBD server failed.
     #[error("NBD server: {0}")]
-    Nbd(String),
+    Nbd(#[from] ServerError),
     /// A host I/O operation failed.
     #[error("{context}: {source}")]
     Io {

@@ -35,16 +35,12 @@ impl ExportServer {
             let guard = ExportServer {
                 server: Some(server.clone()),
             };
-            server
-                .add_export(Export {
-                    description: format!("rootfork sandbox {export}"),
-                    name: export,
-                    device,
-                })
-                .map_err(|e| ProviderError::Nbd(e.to_string()))?;
-            server
-                .listen_unix(&socket)
-                .map_err(|e| ProviderError::Nbd(e.to_string()))?;
+            server.add_export(Export {
+                description: format!("rootfork sandbox {export}"),
+                name: export,
+                device,
+            })?;
+            server.listen_unix(&socket)?;
             Ok(guard)
         })
         .await

@@ -216,7 +216,7 @@ impl Provider for KernelProvider {
         match self.readiness.current() {
             State::Ready(_) => {}
             State::Idle => return Err(ProviderError::NotStarted),
-            State::Attaching => return Err(ProviderError::Timeout(Duration::ZERO)),
+            State::Attaching => return Err(ProviderError::NotReady),
             State::Failed(e) => return Err(ProviderError::AttachFailed(e)),
             State::Closed => return Err(ProviderError::Closed),
         }

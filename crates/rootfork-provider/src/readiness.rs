@@ -84,7 +84,7 @@ impl<D: Clone + Send + Sync + 'static> Readiness<D> {
         match self.current() {
             State::Ready(d) => Ok(d),
             State::Idle => Err(ProviderError::NotStarted),
-            State::Attaching => Err(ProviderError::Timeout(Duration::ZERO)),
+            State::Attaching => Err(ProviderError::NotReady),
             State::Failed(e) => Err(ProviderError::AttachFailed(e)),
             State::Closed => Err(ProviderError::Closed),
         }

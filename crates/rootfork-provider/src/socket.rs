@@ -188,7 +188,7 @@ impl Provider for SocketProvider {
         let overlay = match self.readiness.current() {
             State::Ready(_) => self.overlay().ok_or(ProviderError::Closed)?,
             State::Idle => return Err(ProviderError::NotStarted),
-            State::Attaching => return Err(ProviderError::Timeout(Duration::ZERO)),
+            State::Attaching => return Err(ProviderError::NotReady),
             State::Failed(e) => return Err(ProviderError::AttachFailed(e)),
             State::Closed => return Err(ProviderError::Closed),
         };
