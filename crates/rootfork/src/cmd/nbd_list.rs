@@ -2,9 +2,12 @@
 
 use std::path::PathBuf;
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+
 use anyhow::Context;
 use rootfork_kernel::pool::now_ms;
-use rootfork_kernel::{DevicePool, PoolConfig};
+use rootfork_kernel::{DevicePool, PoolConfig, SlotStatus};
 
 /// Arguments of `rootfork nbd list`.
 #[derive(Debug, clap::Args)]
@@ -28,18 +31,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..PoolConfig::default()
     });
     let slots = pool.list().context("listing nbd slots")?;
+    let mut out = String::new();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&slots)?);
-        return Ok(());
+        out = serde_json::to_string_pretty(&slots)?;
+        out.push('\n');
+    } else {
+        table(&mut out, &slots)?;
     }
-    println!(
+    // A reader that stops early (`| head`, `| grep -q`) is not an error.
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing the listing"),
+    }
+}
+
+fn table(out: &mut String, slots: &[SlotStatus]) -> anyhow::Result<()> {
+    writeln!(
+        out,
         "{:<12} {:<10} {:>7} {:>8} {:<20} BACKEND",
         "DEVICE", "STATE", "PID", "AGE_S", "SANDBOX"
-    );
+    )?;
     let now = now_ms();
     for s in slots {
         let state = serde_json::to_value(s.state)?;
-        println!(
+        writeln!(
+            out,
             "{:<12} {:<10} {:>7} {:>8} {:<20} {}",
             s.device.display(),
             state.as_str().unwrap_or("?"),
@@ -51,7 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             s.sandbox.as_deref().unwrap_or("-"),
             s.backend.as_deref().unwrap_or("-"),
-        );
+        )?;
     }
     Ok(())
 }

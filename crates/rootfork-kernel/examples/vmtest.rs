@@ -1,0 +1,166 @@
+//! Kernel-in-the-loop checks run inside the test VM (see `tests/vm/`), built statically.
+//!
+//! - `vmtest latency N TEMPLATE`: N cold attaches (claim → connect → ready → open) and closes of
+//!   fresh overlays of TEMPLATE; prints p50/p95 of each.
+//! - `vmtest invalid TEMPLATE`: a connect the kernel must refuse (block size 8192 > PAGE_SIZE);
+//!   checks the error is `Refused { EINVAL }` and the slot was released and is quiescent.
+//! - `vmtest claim-all`: claims every free slot, prints how many and what the quiescence check
+//!   refused, releases them.
+//!
+//! Every check prints `PASS <name>` or `FAIL <name>: <why>` and exits non-zero on failure.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rootfork_block::{BlockDevice, Overlay, OverlayOptions, TemplateFile, TemplatePath};
+use rootfork_kernel::{
+    AttachError, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher, NbdNetlink,
+    NlError, PoolConfig,
+};
+use rootfork_nbd::ServeOptions;
+
+fn overlay(template: &Path, cache: &Path) -> Arc<dyn BlockDevice> {
+    let t = TemplateFile::open(&TemplatePath::new(template)).expect("template");
+    let _ = std::fs::remove_file(cache);
+    Arc::new(Overlay::create(Arc::new(t), cache, OverlayOptions::default()).expect("overlay"))
+}
+
+fn attacher() -> Attacher {
+    let pool = DevicePool::new(PoolConfig::default());
+    let control = Arc::new(NbdNetlink::open(Duration::from_secs(10)).expect("nbd netlink"));
+    Attacher::new(pool, control, Arc::new(HostNodes))
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn latency(n: usize, template: &Path) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let at = attacher();
+    let (mut attach, mut close) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let d = NbdDispatcher::new(
+            overlay(template, Path::new("/tmp/lat.cache")),
+            ServeOptions::default(),
+        );
+        let opts = AttachOptions {
+            sandbox: format!("lat-{i}"),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let a = rt
+            .block_on(at.attach(&d, &opts))
+            .map_err(|e| format!("attach {i}: {e}"))?;
+        attach.push(t0.elapsed().as_secs_f64() * 1e3);
+        let t1 = Instant::now();
+        rt.block_on(a.close())
+            .map_err(|e| format!("close {i}: {e}"))?;
+        close.push(t1.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "LATENCY cold_attach n={n} p50_ms={:.2} p95_ms={:.2} max_ms={:.2}",
+        pct(&mut attach, 0.5),
+        pct(&mut attach, 0.95),
+        pct(&mut attach, 1.0)
+    );
+    println!(
+        "LATENCY close n={n} p50_ms={:.2} p95_ms={:.2} max_ms={:.2}",
+        pct(&mut close, 0.5),
+        pct(&mut close, 0.95),
+        pct(&mut close, 1.0)
+    );
+    let m = at.pool().metrics();
+    println!(
+        "METRICS {}",
+        serde_json::to_string(&m).unwrap_or_default()
+    );
+    if m.claimed != 0 {
+        return Err(format!("{} slots still claimed", m.claimed));
+    }
+    Ok(())
+}
+
+fn invalid(template: &Path) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let at = attacher();
+    let d = NbdDispatcher::new(
+        overlay(template, Path::new("/tmp/invalid.cache")),
+        ServeOptions::default(),
+    );
+    let opts = AttachOptions {
+        sandbox: "invalid".into(),
+        block_size: 8192,
+        ..Default::default()
+    };
+    match rt.block_on(at.attach(&d, &opts)) {
+        Ok(a) => Err(format!("the kernel accepted block size 8192 on {:?}", a.device_path())),
+        Err(AttachError::Connect {
+            index,
+            source: NlError::Refused { errno },
+        }) if errno == libc::EINVAL => {
+            println!("invalid connect on nbd{index} refused: errno {errno} (EINVAL)");
+            let m = at.pool().metrics();
+            if m.claimed != 0 {
+                return Err("the slot is still claimed".into());
+            }
+            if m.failures_by_errno.get(&libc::EINVAL) != Some(&1) {
+                return Err(format!("failure not counted: {:?}", m.failures_by_errno));
+            }
+            let st = at.pool().sysfs().slot(index).map_err(|e| e.to_string())?;
+            st.check_quiescent()
+                .map_err(|w| format!("nbd{index} not quiescent: {w}"))?;
+            // And the same slot can be claimed again.
+            drop(at.pool().claim("after-invalid").map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Err(e) => Err(format!("unexpected error: {e:?}")),
+    }
+}
+
+fn claim_all() -> Result<(), String> {
+    let pool = DevicePool::new(PoolConfig::default());
+    let mut held = Vec::new();
+    while let Ok(l) = pool.claim("claim-all") {
+        held.push(l);
+    }
+    let m = pool.metrics();
+    println!(
+        "CLAIM_ALL claimed={} not_quiescent={}",
+        held.len(),
+        serde_json::to_string(&m.not_quiescent_skips).unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (name, r) = match args.get(1).map(String::as_str) {
+        Some("latency") if args.len() == 4 => (
+            "latency",
+            latency(args[2].parse().expect("N"), Path::new(&args[3])),
+        ),
+        Some("invalid") if args.len() == 3 => ("invalid", invalid(Path::new(&args[2]))),
+        Some("claim-all") => ("claim-all", claim_all()),
+        _ => {
+            eprintln!("usage: vmtest latency N TEMPLATE | invalid TEMPLATE | claim-all");
+            std::process::exit(2);
+        }
+    };
+    match r {
+        Ok(()) => println!("PASS {name}"),
+        Err(e) => {
+            println!("FAIL {name}: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,196 @@
+#!/bin/busybox sh
+# /init of the kernel-test VM: loads nbd.ko and runs the kernel-in-the-loop checks against
+# /dev/nbdN with the static `rootfork` and `vmtest` binaries. Prints `PASS <name>` /
+# `FAIL <name>: <why>` lines, `LATENCY ...` lines and a final `RESULT pass=N fail=M`, then powers
+# off. The host side is run.sh.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /run /tmp /var/tmp /mnt
+mount -t tmpfs tmpfs /run
+echo vmtest > /proc/sys/kernel/hostname
+export ROOTFORK_HOST_ID=vmtest RUST_LOG=${RUST_LOG:-info}
+# The kernel's own messages about nbd go to the console too (they explain failures).
+echo 4 > /proc/sys/kernel/printk
+
+PASS=0; FAIL=0
+now() { cut -d' ' -f1 /proc/uptime; }
+pass() { echo "PASS $1 (t=$(now)s)"; PASS=$((PASS+1)); }
+fail() { echo "FAIL $1: $2 (t=$(now)s)"; FAIL=$((FAIL+1)); }
+finish() {
+  echo "RESULT pass=$PASS fail=$FAIL"
+  sync
+  poweroff -f
+}
+
+insmod /lib/modules/nbd.ko nbds_max=16 || { fail insmod "nbd.ko did not load"; finish; }
+[ -e /sys/module/nbd/parameters/nbds_max ] && pass insmod || fail insmod "no nbd sysfs"
+
+MB=1048576
+# A 32 MiB template with random contents; its checksum must never change.
+dd if=/dev/urandom of=/tmp/t.img bs=$MB count=32 2>/dev/null
+TSUM=$(sha256sum /tmp/t.img | cut -d' ' -f1)
+
+# start_attach NAME [args...]: starts `rootfork nbd attach` in the background; sets $APID and
+# $DEV (first stdout line) or fails the check.
+start_attach() {
+  name=$1; shift
+  rootfork nbd attach --template /tmp/t.img --sandbox "$name" "$@" >/tmp/$name.out 2>/tmp/$name.err &
+  APID=$!
+  DEV=
+  i=0
+  while [ $i -lt 300 ]; do
+    DEV=$(head -n1 /tmp/$name.out 2>/dev/null)
+    [ -n "$DEV" ] && return 0
+    kill -0 $APID 2>/dev/null || break
+    sleep 0.1; i=$((i+1))
+  done
+  cat /tmp/$name.err
+  return 1
+}
+
+# stop_attach PID: SIGTERM and wait for a clean exit.
+stop_attach() {
+  kill -TERM $1 && wait $1
+}
+
+quiescent() { # quiescent N
+  d=/sys/block/nbd$1
+  [ ! -s $d/pid ] && [ "$(cat $d/size)" = 0 ] && [ "$(cat $d/inflight | tr -s ' ' | sed 's/^ //')" = "0 0" ] \
+    && [ -z "$(ls $d/holders)" ]
+}
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+# --- 1. connect, sysfs, pattern, ext4, disconnect, reuse -----------------------------------
+t=connect
+if start_attach one; then
+  N=${DEV#/dev/nbd}
+  S=/sys/block/nbd$N
+  if [ "$(cat $S/pid)" = "$APID" ] && [ "$(cat $S/size)" = $((32*MB/512)) ] \
+     && case "$(cat $S/backend)" in rootfork:vmtest:$APID:one) true;; *) false;; esac; then
+    pass "$t-sysfs"
+  else
+    fail "$t-sysfs" "pid=$(cat $S/pid) size=$(cat $S/size) backend=$(cat $S/backend)"
+  fi
+  [ "$(cat /sys/block/nbd$N/queue/logical_block_size)" = 4096 ] && pass "$t-block-size" \
+    || fail "$t-block-size" "$(cat /sys/block/nbd$N/queue/logical_block_size)"
+  rootfork nbd list | grep -q "^$DEV *connected" && pass "$t-list" || { rootfork nbd list; fail "$t-list" "not connected in list"; }
+  rootfork nbd list --json | grep -q '"state": "connected"' && pass "$t-list-json" || fail "$t-list-json" "no connected slot"
+  # The template's bytes come through; a written pattern reads back after dropping caches.
+  dd if=$DEV bs=$MB count=32 2>/dev/null | cmp -s - /tmp/t.img && pass "$t-reads-template" || fail "$t-reads-template" "differs"
+  dd if=/dev/urandom of=/tmp/pat bs=4096 count=256 2>/dev/null
+  dd if=/tmp/pat of=$DEV bs=4096 seek=1000 conv=fsync,notrunc 2>/dev/null
+  drop_caches
+  dd if=$DEV bs=4096 skip=1000 count=256 2>/dev/null | cmp -s - /tmp/pat && pass "$t-pattern" || fail "$t-pattern" "read back differs"
+  # ext4: mkfs, mount, files, unmount, fsck, mount again and verify.
+  if /sbin/mke2fs -q -F -t ext4 $DEV && mount -t ext4 $DEV /mnt; then
+    for f in 1 2 3 4 5; do dd if=/dev/urandom of=/mnt/f$f bs=64k count=$((f*4)) 2>/dev/null; done
+    (cd /mnt && sha256sum f* > /tmp/sums)
+    umount /mnt
+    drop_caches
+    if /sbin/e2fsck -f -n $DEV >/tmp/fsck.out 2>&1; then pass "$t-ext4-fsck"; else cat /tmp/fsck.out; fail "$t-ext4-fsck" "e2fsck"; fi
+    mount -t ext4 $DEV /mnt && (cd /mnt && sha256sum -c /tmp/sums >/dev/null) && pass "$t-ext4-files" || fail "$t-ext4-files" "checksums"
+    umount /mnt
+  else
+    fail "$t-ext4" "mkfs or mount failed"
+  fi
+  if stop_attach $APID; then pass "$t-detach"; else cat /tmp/one.err; fail "$t-detach" "exit status"; fi
+  quiescent $N && pass "$t-quiescent" || fail "$t-quiescent" "nbd$N: pid=$(cat $S/pid 2>/dev/null) size=$(cat $S/size)"
+  [ -z "$(ls /var/tmp/rootfork)" ] && pass "$t-cache-removed" || fail "$t-cache-removed" "$(ls /var/tmp/rootfork)"
+  # A new process starts its rotation at slot 0: the same slot, reused, shows a fresh overlay.
+  sleep 0.3
+  if start_attach two; then
+    [ "$DEV" = "/dev/nbd$N" ] && pass "$t-slot-reused" || fail "$t-slot-reused" "got $DEV, expected /dev/nbd$N"
+    dd if=$DEV bs=$MB count=32 2>/dev/null | cmp -s - /tmp/t.img && pass "$t-reuse-is-fresh" || fail "$t-reuse-is-fresh" "old writes visible"
+    stop_attach $APID || fail "$t-detach-2" "exit status"
+  else
+    fail "$t-reattach" "no device"
+  fi
+else
+  fail "$t" "attach did not print a device"
+fi
+
+# --- 2. eight devices on one template at once, isolated ----------------------------------------
+t=eight
+PIDS=""; DEVS=""
+ok=1
+for i in 1 2 3 4 5 6 7 8; do
+  if start_attach m$i; then PIDS="$PIDS $APID"; DEVS="$DEVS $DEV"; else ok=0; fi
+done
+[ $ok = 1 ] && [ "$(echo $DEVS | tr ' ' '\n' | sort -u | wc -l)" = 8 ] && pass "$t-attached" || fail "$t-attached" "devices: $DEVS"
+dd if=/tmp/t.img of=/tmp/t5 bs=$MB skip=5 2>/dev/null
+dd if=/tmp/t.img of=/tmp/t0 bs=$MB count=4 2>/dev/null
+i=0; WP=""
+for D in $DEVS; do
+  i=$((i+1))
+  yes "device $i " | head -c $MB > /tmp/p$i
+  dd if=/tmp/p$i of=$D bs=$MB seek=4 conv=fsync,notrunc 2>/dev/null &
+  WP="$WP $!"
+done
+wait $WP
+drop_caches
+i=0; iso=1
+for D in $DEVS; do
+  i=$((i+1))
+  dd if=$D bs=$MB skip=4 count=1 2>/dev/null | cmp -s - /tmp/p$i || { iso=0; echo "$D: own write missing"; }
+  # Everything else is still the template's.
+  dd if=$D bs=$MB count=4 2>/dev/null | cmp -s - /tmp/t0 || { iso=0; echo "$D: head differs"; }
+  dd if=$D bs=$MB skip=5 2>/dev/null | cmp -s - /tmp/t5 || { iso=0; echo "$D: tail differs"; }
+done
+[ $iso = 1 ] && pass "$t-isolated" || fail "$t-isolated" "see above"
+ok=1
+for p in $PIDS; do stop_attach $p || ok=0; done
+[ $ok = 1 ] && pass "$t-detached" || fail "$t-detached" "exit status"
+ok=1
+for D in $DEVS; do quiescent ${D#/dev/nbd} || { ok=0; echo "$D not quiescent"; }; done
+[ $ok = 1 ] && pass "$t-quiescent" || fail "$t-quiescent" "see above"
+[ "$(sha256sum /tmp/t.img | cut -d' ' -f1)" = "$TSUM" ] && pass "$t-template-unchanged" || fail "$t-template-unchanged" "checksum"
+
+# --- 3. the attach process killed with SIGKILL mid-I/O; a new start reclaims -------------------
+t=sigkill
+if start_attach victim --timeout 3; then
+  VPID=$APID; VDEV=$DEV; VN=${DEV#/dev/nbd}
+  CACHE=$(ls /var/tmp/rootfork/*victim* 2>/dev/null)
+  dd if=/dev/urandom of=$VDEV bs=64k count=4000 oflag=direct 2>/dev/null &
+  DD=$!
+  sleep 1
+  kill -KILL $VPID; wait $VPID 2>/dev/null
+  # The writer fails (EIO) once the kernel gives up on the dead connection.
+  i=0; while kill -0 $DD 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+  kill -0 $DD 2>/dev/null && { kill -KILL $DD; fail "$t-writer-ends" "dd still running"; } || pass "$t-writer-ends"
+  wait $DD 2>/dev/null
+  [ -s /sys/block/nbd$VN/pid ] && pass "$t-left-connected" || fail "$t-left-connected" "the kernel already dropped it"
+  rootfork nbd list | grep -q "^$VDEV *orphaned" && pass "$t-listed-orphaned" || { rootfork nbd list; fail "$t-listed-orphaned" "not orphaned"; }
+  [ -n "$CACHE" ] && [ -e "$CACHE" ] && pass "$t-cache-leaked" || fail "$t-cache-leaked" "no leaked cache to reclaim ($CACHE)"
+  # The pool's quiescence check keeps the orphan out of every claim.
+  vmtest claim-all | tee /tmp/claimall
+  grep -q '"pid":[1-9]' /tmp/claimall && pass "$t-quiescence-check-caught-it" || fail "$t-quiescence-check-caught-it" "no pid skip"
+  # A new start reclaims it.
+  if start_attach after; then
+    quiescent $VN || [ "$DEV" = "$VDEV" ] && pass "$t-reclaimed" || fail "$t-reclaimed" "nbd$VN still connected"
+    grep -q "reclaimed" /tmp/after.err && pass "$t-reclaim-logged" || { cat /tmp/after.err; fail "$t-reclaim-logged" "no log"; }
+    [ ! -e "$CACHE" ] && pass "$t-cache-removed" || fail "$t-cache-removed" "$CACHE"
+    dd if=$DEV bs=$MB count=32 2>/dev/null | cmp -s - /tmp/t.img && pass "$t-new-attach-works" || fail "$t-new-attach-works" "differs"
+    stop_attach $APID || fail "$t-detach" "exit status"
+  else
+    fail "$t-restart" "no device"
+  fi
+else
+  fail "$t" "attach did not print a device"
+fi
+
+# --- 4. an invalid connect is classified and releases the slot ---------------------------------
+vmtest invalid /tmp/t.img && PASS=$((PASS+1)) || FAIL=$((FAIL+1))
+
+# --- 5. every slot quiescent, nothing claimed -------------------------------------------------
+ok=1
+for d in /sys/block/nbd*; do n=${d#/sys/block/nbd}; quiescent $n || { ok=0; echo "nbd$n not quiescent"; }; done
+[ $ok = 1 ] && pass all-quiescent || fail all-quiescent "see above"
+
+# --- 6. attach latency -------------------------------------------------------------------------
+vmtest latency ${LATENCY_N:-100} /tmp/t.img && PASS=$((PASS+1)) || FAIL=$((FAIL+1))
+
+finish
