@@ -25,6 +25,8 @@ use rootfork_block::{BlockDevice, Overlay, OverlayOptions, TemplateFile, Templat
 const TEMPLATE_SIZE: u64 = 128 << 20;
 const BLOCK: usize = 4096;
 const SEQ: usize = 1 << 20;
+/// Rounds of the paired comparison.
+const ROUNDS: usize = 401;
 
 fn bench_dir() -> tempfile::TempDir {
     match std::env::var_os("BENCH_DIR") {
@@ -288,37 +290,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Runs `f` `batch` times and returns the mean ns per call; what `f` returns is dropped after
+/// the clock stops.
+fn time_batch<T>(batch: usize, k: &mut usize, f: &mut impl FnMut(usize) -> T) -> f64 {
+    let mut outs = Vec::with_capacity(batch);
+    let t = Instant::now();
+    for _ in 0..batch {
+        outs.push(f(*k));
+        *k += 1;
+    }
+    let ns = t.elapsed().as_nanos() as f64 / batch as f64;
+    drop(black_box(outs));
+    ns
+}
+
 /// Alternates batches of `peer` and `subject` (swapping which goes first every round), so both
 /// see the same machine load, and reports medians of the per-op times and of the per-round
-/// ratios. On a busy machine this is far steadier than comparing two criterion runs.
-fn paired(
+/// ratios. Batches are kept short (about half a millisecond) so that most of them run without
+/// being preempted; on a busy machine this is far steadier than comparing two criterion runs.
+fn paired<A, B>(
     name: &'static str,
     peer_name: &'static str,
     batch: usize,
     rounds: usize,
-    mut peer: impl FnMut(usize),
-    mut subject: impl FnMut(usize),
+    mut peer: impl FnMut(usize) -> A,
+    mut subject: impl FnMut(usize) -> B,
 ) -> Paired {
     let mut k = 0usize;
-    let time = |f: &mut dyn FnMut(usize), k: &mut usize| {
-        let t = Instant::now();
-        for _ in 0..batch {
-            f(*k);
-            *k += 1;
-        }
-        t.elapsed().as_nanos() as f64 / batch as f64
-    };
     // Warm-up round.
-    time(&mut peer, &mut k);
-    time(&mut subject, &mut k);
+    time_batch(batch, &mut k, &mut peer);
+    time_batch(batch, &mut k, &mut subject);
     let (mut p, mut s, mut r) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let (a, b) = if round % 2 == 0 {
-            let a = time(&mut peer, &mut k);
-            (a, time(&mut subject, &mut k))
+            let a = time_batch(batch, &mut k, &mut peer);
+            (a, time_batch(batch, &mut k, &mut subject))
         } else {
-            let b = time(&mut subject, &mut k);
-            (time(&mut peer, &mut k), b)
+            let b = time_batch(batch, &mut k, &mut subject);
+            (time_batch(batch, &mut k, &mut peer), b)
         };
         p.push(a);
         s.push(b);
@@ -359,16 +368,16 @@ fn paired_table() {
     rows.push(paired(
         "read_4k_random_unwritten",
         "pread_template",
-        4000,
-        41,
+        200,
+        ROUNDS,
         |k| pread(BLOCK, at(k)),
         |k| ovread(&fresh, BLOCK, at(k)),
     ));
     rows.push(paired(
         "read_4k_random_written",
         "pread_template",
-        4000,
-        41,
+        200,
+        ROUNDS,
         |k| pread(BLOCK, at(k)),
         |k| ovread(&io.written, BLOCK, at(k)),
     ));
@@ -381,40 +390,40 @@ fn paired_table() {
     rows.push(paired(
         "read_4k_random_written",
         "pread_cache_file",
-        4000,
-        41,
+        200,
+        ROUNDS,
         |k| pread_cache(BLOCK, at(k)),
         |k| ovread(&io.written, BLOCK, at(k)),
     ));
     rows.push(paired(
         "read_1m_sequential_written",
         "pread_cache_file",
-        40,
-        41,
+        4,
+        ROUNDS,
         |k| pread_cache(SEQ, seq(k)),
         |k| ovread(&io.written, SEQ, seq(k)),
     ));
     rows.push(paired(
         "read_1m_sequential_unwritten",
         "pread_template",
-        40,
-        41,
+        4,
+        ROUNDS,
         |k| pread(SEQ, seq(k)),
         |k| ovread(&fresh, SEQ, seq(k)),
     ));
     rows.push(paired(
         "read_1m_sequential_written",
         "pread_template",
-        40,
-        41,
+        4,
+        ROUNDS,
         |k| pread(SEQ, seq(k)),
         |k| ovread(&io.written, SEQ, seq(k)),
     ));
     rows.push(paired(
         "write_4k_random",
         "pwrite_file",
-        2000,
-        41,
+        100,
+        ROUNDS,
         |k| io.scratch.write_all_at(&data, at(k)).unwrap(),
         |k| io.unwritten.write_at(&data, at(k)).unwrap(),
     ));
@@ -425,13 +434,11 @@ fn paired_table() {
             Arc::new(TemplateFile::open(&TemplatePath::new(&path)).unwrap());
         let cache_dir = bench_dir();
         let cache_dir = cache_dir.path();
-        let mut plain = Vec::new();
-        let mut overlays = Vec::new();
         rows.push(paired(
             label,
             "file_create_set_len",
-            20,
-            41,
+            10,
+            ROUNDS,
             |_| {
                 let p = unique(cache_dir, "plain");
                 let f = File::options()
@@ -440,17 +447,16 @@ fn paired_table() {
                     .open(&p)
                     .unwrap();
                 f.set_len(size).unwrap();
-                plain.push(RemoveOnDrop(p));
+                RemoveOnDrop(p)
             },
             |_| {
                 let p = unique(cache_dir, "cache");
-                overlays
-                    .push(Overlay::create(base.clone(), &p, OverlayOptions::default()).unwrap());
+                Overlay::create(base.clone(), &p, OverlayOptions::default()).unwrap()
             },
         ));
     }
     println!();
-    println!("paired comparison (medians of 41 alternating rounds):");
+    println!("paired comparison (medians of {ROUNDS} alternating rounds):");
     println!();
     println!("| benchmark | peer | peer ns/op | overlay ns/op | ratio overlay/peer |");
     println!("|---|---|---|---|---|");

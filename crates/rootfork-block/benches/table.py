@@ -23,19 +23,22 @@ PEERS = {
 
 
 def estimates(path):
+    """Median and its confidence interval, in ns."""
     with open(os.path.join(path, "new", "estimates.json")) as f:
         e = json.load(f)
     return e["median"]["point_estimate"], e["median"]["confidence_interval"]
 
 
 def benches(group):
-    out = []
+    """Maps each benchmark's function id to its directory."""
+    out = {}
     gdir = os.path.join(root, group)
-    for dirpath, dirnames, filenames in os.walk(gdir):
-        if os.path.basename(dirpath) == "new" and "estimates.json" in filenames:
-            bench_dir = os.path.dirname(dirpath)
-            out.append(os.path.relpath(bench_dir, gdir))
-    return sorted(out)
+    for name in os.listdir(gdir):
+        meta = os.path.join(gdir, name, "new", "benchmark.json")
+        if os.path.exists(meta):
+            with open(meta) as f:
+                out[json.load(f)["function_id"]] = os.path.join(gdir, name)
+    return out
 
 
 def fmt(ns):
@@ -52,13 +55,17 @@ for group, peer in PEERS.items():
     if not os.path.isdir(os.path.join(root, group)):
         continue
     ids = benches(group)
-    for b in ids:
-        med, _ = estimates(os.path.join(root, group, b))
+    for b in sorted(ids):
         if group == "create":
-            fs, kind, size = b.split("/")
-            p = f"{fs}/file_create_set_len/{size}"
+            parts = b.split("/")
+            if len(parts) != 3:
+                continue  # left over from an older version of the benchmark
+            p = f"{parts[0]}/file_create_set_len/{parts[2]}"
         else:
             p = peer
-        pmed, _ = estimates(os.path.join(root, group, p))
+        if p not in ids:
+            continue
+        med, _ = estimates(ids[b])
+        pmed, _ = estimates(ids[p])
         ratio = "—" if p == b else f"{med / pmed:.3f}"
-        print(f"| {group} | {b} | {fmt(med)} ({med:.0f} ns) | {ratio} | {p if p != b else ''} |")
+        print(f"| {group} | {b} | {fmt(med)} | {ratio} | {p if p != b else ''} |")

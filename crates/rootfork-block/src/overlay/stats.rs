@@ -11,28 +11,34 @@ pub struct OverlayStats {
     pub blocks_data: u64,
     /// Blocks that read as zeroes with no storage.
     pub blocks_zero: u64,
-    /// Bytes read from the base device.
+    /// Bytes read from the base device (client reads and the reads of read-modify-writes).
     pub bytes_read_base: u64,
-    /// Bytes read from the cache file.
+    /// Bytes read from the cache file (client reads and the reads of read-modify-writes).
     pub bytes_read_cache: u64,
     /// Bytes of successful client writes (`write_at` payloads).
     pub bytes_written: u64,
 }
 
+/// One counter on its own cache line, so that threads bumping different counters do not
+/// contend on one line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct Counter(AtomicU64);
+
 /// The byte counters, updated with relaxed atomics on the data path.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub read_base: AtomicU64,
-    pub read_cache: AtomicU64,
-    pub written: AtomicU64,
+    pub read_base: Counter,
+    pub read_cache: Counter,
+    pub written: Counter,
 }
 
 impl Counters {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub(crate) fn add(counter: &Counter, n: u64) {
+        counter.0.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub(crate) fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub(crate) fn get(counter: &Counter) -> u64 {
+        counter.0.load(Ordering::Relaxed)
     }
 }
