@@ -2,7 +2,7 @@
 //! under long random sequences of reads, writes, write-zeroes, trims, flushes and extent queries
 //! at arbitrary offsets and lengths, for 512 B, 4 KiB and 64 KiB blocks.
 //!
-//! `PROPTEST_CASES` sets the cases per block size (default 6; each case runs 1000-3000 ops).
+//! `PROPTEST_CASES` sets the cases per block size (default 4; each case runs 1000-3000 ops).
 
 mod common;
 
@@ -83,7 +83,7 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6)
+        .unwrap_or(4)
 }
 
 /// Runs `ops` against an overlay of a template and the model, checking as it goes.
