@@ -193,3 +193,88 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
         );
     }
 }
+
+/// A read-only in-memory device whose first read touching one range blocks until released: it
+/// holds a request inside the overlay (with its range locks) for as long as a test needs.
+pub struct GateDevice {
+    pub bytes: Vec<u8>,
+    pub gate: (u64, u64),
+    state: std::sync::Mutex<GateState>,
+    cond: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    used: bool,
+    entered: bool,
+    released: bool,
+}
+
+impl GateDevice {
+    pub fn new(bytes: Vec<u8>, gate: (u64, u64)) -> GateDevice {
+        GateDevice {
+            bytes,
+            gate,
+            state: Default::default(),
+            cond: Default::default(),
+        }
+    }
+
+    /// Waits until a read is held at the gate.
+    pub fn wait_entered(&self) {
+        let mut s = self.state.lock().unwrap();
+        while !s.entered {
+            s = self.cond.wait(s).unwrap();
+        }
+    }
+
+    /// Lets the held read go on.
+    pub fn release(&self) {
+        self.state.lock().unwrap().released = true;
+        self.cond.notify_all();
+    }
+}
+
+impl BlockDevice for GateDevice {
+    fn size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        BlockError::check_range(offset, buf.len() as u64, self.size())?;
+        let end = offset + buf.len() as u64;
+        if offset < self.gate.1 && end > self.gate.0 {
+            let mut s = self.state.lock().unwrap();
+            if !s.used {
+                s.used = true;
+                s.entered = true;
+                self.cond.notify_all();
+                while !s.released {
+                    s = self.cond.wait(s).unwrap();
+                }
+            }
+        }
+        buf.copy_from_slice(&self.bytes[offset as usize..end as usize]);
+        Ok(())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
+        Err(BlockError::ReadOnly)
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<()> {
+        Err(BlockError::ReadOnly)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn extents(&self, _: u64, len: u64) -> Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            len,
+            state: BlockState::Data,
+        }])
+    }
+}
