@@ -97,3 +97,41 @@ fn other_regions_and_reads_do_not_wait_for_a_held_write() {
     a.recv_timeout(Duration::from_secs(30)).unwrap();
     assert!(done.is_ok(), "requests elsewhere waited for a held write");
 }
+
+#[test]
+fn freeze_waits_for_writes_in_flight() {
+    let (base, ov, _dir) = setup();
+    let a = {
+        let ov = ov.clone();
+        spawn(move || ov.write_at(&[0xaa; 100], GATED + 10).unwrap())
+    };
+    base.wait_entered();
+    let frozen = {
+        let ov = ov.clone();
+        spawn(move || ov.freeze())
+    };
+    assert!(
+        frozen.recv_timeout(Duration::from_millis(200)).is_err(),
+        "freeze returned while a write was in flight"
+    );
+    // New writes are refused as soon as the flag is set, even before freeze returns.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ov.is_frozen() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "freeze never set its flag"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        ov.write_at(&[1], 1 << 20).unwrap_err().errno(),
+        libc::ESHUTDOWN
+    );
+    base.release();
+    a.recv_timeout(Duration::from_secs(30)).unwrap();
+    frozen.recv_timeout(Duration::from_secs(30)).unwrap();
+    // The write that was in flight completed before the freeze.
+    let mut b = [0u8; 100];
+    ov.read_at(&mut b, GATED + 10).unwrap();
+    assert_eq!(b, [0xaa; 100]);
+}
