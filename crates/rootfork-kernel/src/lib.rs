@@ -20,7 +20,7 @@ pub mod sysfs;
 
 pub use attach::{
     AttachError, AttachOptions, Attacher, Attachment, DeviceNodes, Dispatch, Dispatcher, HostNodes,
-    NbdDispatcher,
+    NbdDispatcher, SwitchableDevice, WarmSlot,
 };
 pub use identity::{device_path, BackendId};
 pub use netlink::{NbdControl, NbdNetlink, NlError};

@@ -49,7 +49,7 @@ set +e
 timeout "${ROOTFORK_VM_TIMEOUT:-420}" "$QEMU" -L /usr/share/seabios -L /usr/share/qemu \
   -accel tcg -M q35 -m 768 -smp 2 -nographic -nodefaults -no-reboot \
   -serial stdio -net none -kernel "$KERNEL" -initrd "$WORK/initrd.gz" \
-  -append "console=ttyS0 panic=-1 quiet LATENCY_N=${LATENCY_N:-100}" </dev/null | tr -d '\r' | tee "$LOG"
+  -append "console=ttyS0 panic=-1 quiet LATENCY_N=${LATENCY_N:-100}" </dev/null | sed -u 's/\r$//' | tee "$LOG"
 qrc=${PIPESTATUS[0]}
 set -e
 echo "---" >&2

@@ -84,6 +84,15 @@ pub enum AttachError {
         #[source]
         source: NlError,
     },
+    /// A device could not be bound to a warm slot.
+    #[error("binding a device to warm slot /dev/nbd{index}: {source}")]
+    Bind {
+        /// The slot.
+        index: u32,
+        /// Why.
+        #[source]
+        source: super::warm::BindError,
+    },
     /// The device did not become quiescent after disconnecting; the slot was released but the
     /// pool will not hand it out until it is.
     #[error("/dev/nbd{index} is not quiescent after disconnect: {why}")]
@@ -113,6 +122,7 @@ impl AttachError {
             | AttachError::Open { source, .. }
             | AttachError::Flush { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             AttachError::NotQuiescent { .. } => libc::EBUSY,
+            AttachError::Bind { .. } => libc::EINVAL,
         }
     }
 }

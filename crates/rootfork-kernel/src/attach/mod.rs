@@ -20,6 +20,7 @@ mod guards;
 mod nbd_dispatch;
 mod seams;
 mod wait;
+mod warm;
 
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant};
 pub use error::AttachError;
 pub use nbd_dispatch::NbdDispatcher;
 pub use seams::{DeviceNodes, Dispatch, Dispatcher, HostNodes};
+pub use warm::{BindError, SwitchableDevice, WarmSlot};
 
 use crate::identity::{device_path, BackendId};
 use crate::netlink::{ConnectRequest, NbdControl};
@@ -303,6 +305,18 @@ impl Attachment {
         self.file
             .as_ref()
             .expect("the file is present until close or drop")
+    }
+
+    /// Records a new sandbox name in the slot's claim (for a warm slot handed to a sandbox).
+    pub(crate) fn rename(&mut self, sandbox: &str) {
+        if let Some(l) = &mut self.lease {
+            if let Err(e) = l.set_sandbox(sandbox) {
+                tracing::warn!(
+                    index = self.index,
+                    "cannot record the sandbox of the claim: {e}"
+                );
+            }
+        }
     }
 
     /// `fsync` of the device fd (writeback errors surface here), then `BLKFLSBUF`.

@@ -449,3 +449,67 @@ fn cancelling_close_at_every_stage_leaves_nothing() {
     }
     assert!(finished_at.is_some_and(|n| n >= 1), "{finished_at:?}");
 }
+
+mod warm {
+    use super::*;
+    use rootfork_block::BlockDevice;
+    use rootfork_nbd::testing::MemDevice;
+
+    #[test]
+    fn an_unbound_switchable_device_reads_zeroes_and_refuses_writes() {
+        let s = SwitchableDevice::new(1 << 20, 4096);
+        let mut b = [7u8; 4096];
+        s.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0u8; 4096]);
+        assert!(s.write_at(&b, 0).is_err());
+        assert!(s.read_at(&mut b, 1 << 20).is_err());
+        assert_eq!(
+            s.bind(Arc::new(MemDevice::new(2 << 20, 4096))),
+            Err(BindError::SizeMismatch {
+                expected: 1 << 20,
+                got: 2 << 20
+            })
+        );
+        let m = Arc::new(MemDevice::new(1 << 20, 4096));
+        m.write_at(&[5u8; 4096], 4096).unwrap();
+        s.bind(m.clone()).unwrap();
+        assert_eq!(s.bind(m), Err(BindError::AlreadyBound));
+        s.read_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [5u8; 4096]);
+        s.write_at(&[6u8; 4096], 0).unwrap();
+    }
+
+    #[test]
+    fn a_warm_slot_binds_without_a_kernel_round_trip() {
+        let env = Env::new(2);
+        rt().block_on(async {
+            let sw = Arc::new(SwitchableDevice::new(1 << 20, 4096));
+            // The fake dispatcher's size is 1 MiB, as the switchable device's.
+            let a = env
+                .attacher
+                .attach(&env.dispatcher, &env.opts(1))
+                .await
+                .unwrap();
+            let warm = WarmSlot::new(a, sw);
+            let disconnects = env.kernel.disconnects.load(Ordering::SeqCst);
+            assert_eq!(
+                warm.fits(&MemDevice::new(4096, 4096)),
+                Err(BindError::SizeMismatch {
+                    expected: 1 << 20,
+                    got: 4096
+                })
+            );
+            let flushes = env.nodes.flushes.load(Ordering::SeqCst);
+            let a = warm
+                .bind(Arc::new(MemDevice::new(1 << 20, 4096)), "late")
+                .unwrap();
+            // The bind dropped the page cache and talked to no one else.
+            assert_eq!(env.nodes.flushes.load(Ordering::SeqCst), flushes + 1);
+            assert_eq!(env.kernel.disconnects.load(Ordering::SeqCst), disconnects);
+            let st = env.attacher.pool().list().unwrap();
+            assert_eq!(st[a.index() as usize].sandbox.as_deref(), Some("late"));
+            a.close().await.unwrap();
+        });
+        env.assert_clean();
+    }
+}

@@ -55,6 +55,19 @@ impl Lease {
     /// crash can remove it.
     pub fn set_cache_path(&mut self, cache: &Path) -> io::Result<()> {
         self.cache = Some(cache.to_owned());
+        self.write_claim()
+    }
+
+    /// Renames the sandbox the claim is for (a warm slot handed to a sandbox).
+    pub fn set_sandbox(&mut self, sandbox: &str) -> io::Result<()> {
+        self.sandbox = sandbox.to_owned();
+        if let Some(s) = self.pool.shared.local.lock().get_mut(&self.index) {
+            s.sandbox = sandbox.to_owned();
+        }
+        self.write_claim()
+    }
+
+    fn write_claim(&mut self) -> io::Result<()> {
         let rec = LockRecord {
             state: RecordState::Claimed,
             pid: std::process::id(),

@@ -1,0 +1,225 @@
+//! Pre-connected ("warm") slots: a device connected to the kernel ahead of time, serving a
+//! [`SwitchableDevice`] that is bound to a sandbox's overlay at attach time, so that attaching
+//! costs no netlink connect, no dispatcher start and no wait for the kernel.
+//!
+//! A warm slot is used once: binding is permanent (a `OnceLock`, so the data path takes no lock),
+//! and the slot is closed like any attachment when the sandbox ends. Before binding, reads return
+//! zeroes (the kernel's partition scan at connect time reads a few sectors) and writes fail with
+//! `ESHUTDOWN`; binding drops the device's page cache (`BLKFLSBUF`) so nothing read before the
+//! bind is ever served from cache. The export size is fixed at connect time, so a warm slot only
+//! fits devices of exactly its size.
+
+use std::sync::{Arc, OnceLock};
+
+use rootfork_block::{BlockDevice, BlockError, BlockState, Extent, Result as BlockResult};
+
+use super::{AttachError, Attachment};
+
+/// A device of fixed size whose contents come from a device bound later, once.
+pub struct SwitchableDevice {
+    size: u64,
+    block_size: u32,
+    inner: OnceLock<Arc<dyn BlockDevice>>,
+}
+
+impl std::fmt::Debug for SwitchableDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwitchableDevice")
+            .field("size", &self.size)
+            .field("bound", &self.inner.get().is_some())
+            .finish()
+    }
+}
+
+/// Why a bind failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// The device has another size than the slot was connected with.
+    #[error("the device has {got} bytes, the warm slot {expected}")]
+    SizeMismatch {
+        /// The slot's size.
+        expected: u64,
+        /// The device's size.
+        got: u64,
+    },
+    /// The slot was bound already.
+    #[error("the warm slot is already bound")]
+    AlreadyBound,
+    /// The device is read-only; warm slots are connected writable.
+    #[error("read-only devices cannot be bound to a writable warm slot")]
+    ReadOnly,
+}
+
+impl SwitchableDevice {
+    /// An unbound device of `size` bytes.
+    pub fn new(size: u64, block_size: u32) -> Self {
+        SwitchableDevice {
+            size,
+            block_size,
+            inner: OnceLock::new(),
+        }
+    }
+
+    /// Binds `device` for good.
+    pub fn bind(&self, device: Arc<dyn BlockDevice>) -> Result<(), BindError> {
+        if device.size() != self.size {
+            return Err(BindError::SizeMismatch {
+                expected: self.size,
+                got: device.size(),
+            });
+        }
+        if device.is_read_only() {
+            return Err(BindError::ReadOnly);
+        }
+        self.inner.set(device).map_err(|_| BindError::AlreadyBound)
+    }
+
+    fn bound(&self) -> Option<&Arc<dyn BlockDevice>> {
+        self.inner.get()
+    }
+
+    fn check(&self, offset: u64, len: u64) -> BlockResult<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(BlockError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for SwitchableDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        match self.bound() {
+            Some(d) => d.read_at(buf, offset),
+            None => {
+                self.check(offset, buf.len() as u64)?;
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
+        match self.bound() {
+            Some(d) => d.write_at(buf, offset),
+            None => Err(BlockError::Shutdown),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> BlockResult<()> {
+        match self.bound() {
+            Some(d) => d.write_zeroes(offset, len, punch),
+            None => Err(BlockError::Shutdown),
+        }
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> BlockResult<()> {
+        match self.bound() {
+            Some(d) => d.trim(offset, len),
+            None => Err(BlockError::Shutdown),
+        }
+    }
+
+    fn flush(&self) -> BlockResult<()> {
+        match self.bound() {
+            Some(d) => d.flush(),
+            None => Ok(()),
+        }
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        match self.bound() {
+            Some(d) => d.extents(offset, len),
+            None => {
+                self.check(offset, len)?;
+                Ok(vec![Extent {
+                    len,
+                    state: BlockState::Zero,
+                }])
+            }
+        }
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.bound().map(|d| &**d as &dyn BlockDevice)
+    }
+}
+
+/// A connected slot waiting for its device.
+pub struct WarmSlot {
+    attachment: Attachment,
+    device: Arc<SwitchableDevice>,
+}
+
+impl std::fmt::Debug for WarmSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarmSlot")
+            .field("index", &self.attachment.index())
+            .field("size", &self.device.size)
+            .finish()
+    }
+}
+
+impl WarmSlot {
+    /// Wraps an attachment whose dispatchers serve `device`.
+    pub fn new(attachment: Attachment, device: Arc<SwitchableDevice>) -> Self {
+        WarmSlot { attachment, device }
+    }
+
+    /// The size of device it fits.
+    pub fn size(&self) -> u64 {
+        self.device.size
+    }
+
+    /// The slot index.
+    pub fn index(&self) -> u32 {
+        self.attachment.index()
+    }
+
+    /// Whether `device` can be bound here.
+    pub fn fits(&self, device: &dyn BlockDevice) -> Result<(), BindError> {
+        if self.device.inner.get().is_some() {
+            return Err(BindError::AlreadyBound);
+        }
+        if device.size() != self.device.size {
+            return Err(BindError::SizeMismatch {
+                expected: self.device.size,
+                got: device.size(),
+            });
+        }
+        if device.is_read_only() {
+            return Err(BindError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Binds `device` (for `sandbox`) and hands out the attachment: no kernel round trip, only a
+    /// page-cache flush. Check [`WarmSlot::fits`] first: a failed bind consumes the slot (it is
+    /// disconnected and released).
+    pub fn bind(
+        self,
+        device: Arc<dyn BlockDevice>,
+        sandbox: &str,
+    ) -> Result<Attachment, AttachError> {
+        let index = self.index();
+        self.device
+            .bind(device)
+            .map_err(|source| AttachError::Bind { index, source })?;
+        let mut attachment = self.attachment;
+        // Nothing read while unbound may be served from the page cache.
+        attachment.flush()?;
+        attachment.rename(sandbox);
+        Ok(attachment)
+    }
+}
