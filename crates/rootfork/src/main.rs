@@ -1,8 +1,9 @@
-//! The `rootfork` command: serves copy-on-write root disks for microVM sandboxes.
+//! The `rootfork` command: the daemon (`serve`), its clients (`template`, `sandbox`, `device`,
+//! `events`), shell completions, and direct NBD tools (`nbd serve|attach|list`).
 
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// rootfork gives every microVM sandbox its own writable root disk, forked in O(1) from a shared
 /// read-only template.
@@ -13,8 +14,29 @@ struct Cli {
     command: Command,
 }
 
+/// A client command group with the options that find the daemon.
+#[derive(Debug, clap::Args)]
+struct Client<C: Subcommand> {
+    #[command(flatten)]
+    client: cmd::client_opts::ClientOpts,
+    #[command(subcommand)]
+    command: C,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon (gRPC API on a Unix socket; builds a demo template on a first start).
+    Serve(cmd::serve::Args),
+    /// Manage templates.
+    Template(Client<cmd::template::Command>),
+    /// Manage sandboxes.
+    Sandbox(Client<cmd::sandbox::Command>),
+    /// Kernel NBD devices.
+    Device(Client<cmd::device::Command>),
+    /// Follow the daemon's events.
+    Events(cmd::events::Args),
+    /// Print a shell completion script.
+    Completions(cmd::completions::Args),
     /// Serve or attach overlays over NBD directly, without the daemon.
     #[command(subcommand)]
     Nbd(NbdCommand),
@@ -32,11 +54,21 @@ enum NbdCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    cmd::init_logging();
     let result = match cli.command {
-        Command::Nbd(NbdCommand::Serve(args)) => cmd::nbd_serve::run(args),
-        Command::Nbd(NbdCommand::Attach(args)) => cmd::nbd_attach::run(args),
-        Command::Nbd(NbdCommand::List(args)) => cmd::nbd_list::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Completions(args) => cmd::completions::run(args, Cli::command()),
+        Command::Template(c) => cmd::template::run(c.client, c.command),
+        Command::Sandbox(c) => cmd::sandbox::run(c.client, c.command),
+        Command::Device(c) => cmd::device::run(c.client, c.command),
+        Command::Events(a) => cmd::events::run(a),
+        Command::Nbd(n) => {
+            cmd::init_logging();
+            match n {
+                NbdCommand::Serve(args) => cmd::nbd_serve::run(args),
+                NbdCommand::Attach(args) => cmd::nbd_attach::run(args),
+                NbdCommand::List(args) => cmd::nbd_list::run(args),
+            }
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,15 +1,31 @@
 //! One module per subcommand; each has an `Args` (clap) and a `run`.
 
+pub mod client_opts;
+pub mod completions;
+pub mod device;
+pub mod events;
 pub mod nbd_attach;
 pub mod nbd_list;
 pub mod nbd_serve;
+pub mod output;
+pub mod sandbox;
+pub mod serve;
+pub mod template;
 
 /// Logs to stderr; `RUST_LOG` picks the level (default `info`).
 pub fn init_logging() {
+    init_logging_as(rootfork::config::LogFormat::Text);
+}
+
+/// Logs to stderr in `format`; `RUST_LOG` picks the level (default `info`).
+pub fn init_logging_as(format: rootfork::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        rootfork::config::LogFormat::Json => b.json().init(),
+        rootfork::config::LogFormat::Text => b.init(),
+    }
 }

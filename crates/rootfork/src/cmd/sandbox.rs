@@ -1,0 +1,240 @@
+//! `rootfork sandbox create | get | list | pause | resume | delete`.
+
+use std::path::PathBuf;
+
+use rootfork::api::v1;
+
+use super::client_opts::{block_on, status, ClientOpts};
+use super::output::{self, print_json, sandbox_json, table};
+
+/// Provider kinds on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Provider {
+    /// NBD on a per-sandbox Unix socket.
+    Socket,
+    /// A kernel /dev/nbdN.
+    Kernel,
+}
+
+/// `rootfork sandbox ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Fork a sandbox from a template; prints it with its NBD URI or device path.
+    Create {
+        /// The template.
+        #[arg(long)]
+        template: String,
+        /// The sandbox id (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        /// The provider.
+        #[arg(long, value_enum, default_value_t = Provider::Socket)]
+        provider: Provider,
+        /// VMM settings to record with the sandbox: qemu or firecracker.
+        #[arg(long)]
+        vmm: Option<String>,
+        /// Guest kernel for the VMM settings.
+        #[arg(long, requires = "vmm")]
+        kernel: Option<PathBuf>,
+        /// Guest memory (MiB) for the VMM settings.
+        #[arg(long, requires = "vmm")]
+        memory_mib: Option<u32>,
+        /// Guest vCPUs for the VMM settings.
+        #[arg(long, requires = "vmm")]
+        vcpus: Option<u32>,
+    },
+    /// Show one sandbox.
+    Get {
+        /// Sandbox id.
+        id: String,
+    },
+    /// List sandboxes.
+    List {
+        /// Include recently deleted ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Pause: flush, freeze and export the disk's changes, release the device.
+    Pause {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Resume a paused sandbox on a fresh overlay.
+    Resume {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Delete a sandbox (succeeds if it does not exist).
+    Delete {
+        /// Sandbox id.
+        id: String,
+    },
+}
+
+fn show(opts: &ClientOpts, s: &v1::Sandbox) {
+    if opts.json {
+        print_json(&sandbox_json(s));
+        return;
+    }
+    println!("id:        {}", s.id);
+    println!("template:  {}", s.template);
+    println!(
+        "provider:  {}",
+        sandbox_json(s)["provider"].as_str().unwrap_or("")
+    );
+    println!("state:     {}", output::state(s.state));
+    println!("health:    {}", output::health(s.health));
+    if !s.nbd_uri.is_empty() {
+        println!("nbd uri:   {}", s.nbd_uri);
+    }
+    if !s.device_path.is_empty() {
+        println!("device:    {}", s.device_path);
+    }
+    if s.create_to_ready_us > 0 {
+        println!("ready in:  {:.2} ms", s.create_to_ready_us as f64 / 1000.0);
+    }
+    if s.overlay_bytes_written > 0 {
+        println!("written:   {}", output::bytes(s.overlay_bytes_written));
+    }
+    if s.pause_count > 0 {
+        println!(
+            "paused:    {} time(s), last diff {}",
+            s.pause_count,
+            output::bytes(s.paused_diff_bytes)
+        );
+    }
+    if !s.message.is_empty() {
+        println!("message:   {}", s.message);
+    }
+    if !s.nbd_uri.is_empty() && s.state == v1::SandboxState::Running as i32 {
+        println!("\ntry:       nbdinfo '{}'", s.nbd_uri);
+    }
+}
+
+/// Runs the command.
+pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
+    block_on(async move {
+        let mut c = opts.connect().await?;
+        let sb = &mut c.sandboxes;
+        match cmd {
+            Command::Create {
+                template,
+                id,
+                provider,
+                vmm,
+                kernel,
+                memory_mib,
+                vcpus,
+            } => {
+                let vmm = match vmm.as_deref() {
+                    None => None,
+                    Some(k) => Some(v1::VmmSettings {
+                        kind: match k {
+                            "qemu" => v1::vmm_settings::Kind::Qemu,
+                            "firecracker" => v1::vmm_settings::Kind::Firecracker,
+                            other => {
+                                anyhow::bail!("--vmm must be qemu or firecracker, not {other:?}")
+                            }
+                        } as i32,
+                        kernel: kernel.map(|p| p.display().to_string()).unwrap_or_default(),
+                        memory_mib: memory_mib.unwrap_or(0),
+                        vcpus: vcpus.unwrap_or(0),
+                        ..Default::default()
+                    }),
+                };
+                let s = sb
+                    .create_sandbox(v1::CreateSandboxRequest {
+                        template,
+                        id: id.unwrap_or_default(),
+                        provider: match provider {
+                            Provider::Socket => v1::ProviderKind::Socket,
+                            Provider::Kernel => v1::ProviderKind::Kernel,
+                        } as i32,
+                        vmm,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                show(&opts, &s);
+            }
+            Command::Get { id } => {
+                let s = sb
+                    .get_sandbox(v1::GetSandboxRequest { id })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                show(&opts, &s);
+            }
+            Command::List { all } => {
+                let r = sb
+                    .list_sandboxes(v1::ListSandboxesRequest {
+                        include_deleted: all,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if opts.json {
+                    print_json(&serde_json::Value::Array(
+                        r.sandboxes.iter().map(sandbox_json).collect(),
+                    ));
+                } else {
+                    let rows: Vec<Vec<String>> = r
+                        .sandboxes
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.id.clone(),
+                                s.template.clone(),
+                                sandbox_json(s)["provider"]
+                                    .as_str()
+                                    .unwrap_or("")
+                                    .to_owned(),
+                                output::state(s.state),
+                                output::health(s.health),
+                                output::age(s.created_unix_ms),
+                                output::disk(s),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &[
+                            "ID", "TEMPLATE", "PROVIDER", "STATE", "HEALTH", "AGE", "DISK",
+                        ],
+                        &rows,
+                    );
+                }
+            }
+            Command::Pause { id } => {
+                let s = sb
+                    .pause_sandbox(v1::PauseSandboxRequest { id })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                show(&opts, &s);
+            }
+            Command::Resume { id } => {
+                let s = sb
+                    .resume_sandbox(v1::ResumeSandboxRequest { id })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                show(&opts, &s);
+            }
+            Command::Delete { id } => {
+                let r = sb
+                    .delete_sandbox(v1::DeleteSandboxRequest { id: id.clone() })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if opts.json {
+                    print_json(&serde_json::json!({"id": id, "deleted": r.deleted}));
+                } else if r.deleted {
+                    println!("deleted sandbox {id}");
+                } else {
+                    println!("sandbox {id} did not exist (or was already deleted)");
+                }
+            }
+        }
+        Ok(())
+    })
+}

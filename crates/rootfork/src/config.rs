@@ -1,0 +1,493 @@
+//! The daemon's configuration: built-in defaults, overlaid by a TOML file, then by environment
+//! variables and flags (flags win over environment, which wins over the file, which wins over the
+//! defaults). [`Config::resolve`] validates the result and says exactly what is wrong.
+//!
+//! Environment and flags arrive together as [`Overrides`] (clap reads each flag's variable when the
+//! flag is absent), so the precedence is one rule: an override that is set replaces the file's
+//! value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The longest Unix socket path the kernel accepts (`sun_path` minus its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A configuration problem, with the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (line, column, key).
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid {key}: {message}")]
+    Invalid {
+        /// The setting (file key; the flag and variable have the same name).
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the Prometheus endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// Not served.
+    Off,
+    /// A loopback TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket (created 0600).
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" || s.is_empty() {
+            return Ok(MetricsListen::Off);
+        }
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(MetricsListen::Unix(PathBuf::from(p)));
+        }
+        s.parse::<SocketAddr>()
+            .map(MetricsListen::Tcp)
+            .map_err(|_| {
+                format!(
+                    "{s:?} is neither \"off\", \"unix:/PATH\" nor an address like 127.0.0.1:9477"
+                )
+            })
+    }
+}
+
+/// The `[api]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFile {
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
+    /// TCP address (off unless set).
+    pub tcp: Option<SocketAddr>,
+    /// File holding the bearer token for TCP.
+    pub token_file: Option<PathBuf>,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// `off`, `127.0.0.1:PORT` or `unix:/PATH`.
+    pub listen: Option<String>,
+}
+
+/// The `[health]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    /// Seconds between checks.
+    pub interval_secs: Option<f64>,
+    /// Seconds a probe may take before it counts as failed.
+    pub probe_timeout_secs: Option<f64>,
+}
+
+/// The `[kernel]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelFile {
+    /// Host-wide slot lock directory (shared by every rootfork process).
+    pub lock_dir: Option<PathBuf>,
+    /// Kernel connections per device.
+    pub connections: Option<usize>,
+    /// The kernel's request timeout, seconds.
+    pub request_timeout_secs: Option<f64>,
+}
+
+/// The TOML file's schema (every key optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
+    /// Build a demo template on a first start with no templates.
+    pub demo_template: Option<bool>,
+    /// `text` or `json`.
+    pub log_format: Option<LogFormat>,
+    /// Seconds a create/resume waits for the device.
+    pub ready_timeout_secs: Option<f64>,
+    /// `[api]`.
+    #[serde(default)]
+    pub api: ApiFile,
+    /// `[metrics]`.
+    #[serde(default)]
+    pub metrics: MetricsFile,
+    /// `[health]`.
+    #[serde(default)]
+    pub health: HealthFile,
+    /// `[kernel]`.
+    #[serde(default)]
+    pub kernel: KernelFile,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses TOML text (`path` only names it in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+}
+
+/// Values from flags or their environment variables (set ones replace the file's).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--state-dir` / `ROOTFORK_STATE_DIR`.
+    pub state_dir: Option<PathBuf>,
+    /// `--api-socket` / `ROOTFORK_API_SOCKET`.
+    pub api_socket: Option<PathBuf>,
+    /// `--api-tcp` / `ROOTFORK_API_TCP`.
+    pub api_tcp: Option<SocketAddr>,
+    /// `--token-file` / `ROOTFORK_TOKEN_FILE`.
+    pub token_file: Option<PathBuf>,
+    /// `--metrics` / `ROOTFORK_METRICS`.
+    pub metrics: Option<String>,
+    /// `--log-format` / `ROOTFORK_LOG_FORMAT`.
+    pub log_format: Option<LogFormat>,
+    /// `--no-demo` / `ROOTFORK_NO_DEMO`.
+    pub no_demo: bool,
+    /// `--health-interval` / `ROOTFORK_HEALTH_INTERVAL` (seconds).
+    pub health_interval_secs: Option<f64>,
+    /// `--nbd-lock-dir` / `ROOTFORK_NBD_LOCK_DIR`.
+    pub nbd_lock_dir: Option<PathBuf>,
+}
+
+/// The resolved, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// State directory (absolute).
+    pub state_dir: PathBuf,
+    /// API Unix socket.
+    pub api_socket: PathBuf,
+    /// API TCP address, if any.
+    pub api_tcp: Option<SocketAddr>,
+    /// Token file for TCP (`STATE/api.token`, generated, unless given).
+    pub token_file: Option<PathBuf>,
+    /// Metrics endpoint.
+    pub metrics: MetricsListen,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Build the demo template on a first start.
+    pub demo_template: bool,
+    /// How long a create/resume waits for the device.
+    pub ready_timeout: Duration,
+    /// Health check period.
+    pub health_interval: Duration,
+    /// Health probe bound.
+    pub probe_timeout: Duration,
+    /// Kernel slot lock directory.
+    pub nbd_lock_dir: PathBuf,
+    /// Kernel connections per device.
+    pub kernel_connections: usize,
+    /// Kernel request timeout.
+    pub kernel_request_timeout: Duration,
+}
+
+/// The default state directory: `$XDG_STATE_HOME/rootfork`, else `./.rootfork`.
+pub fn default_state_dir() -> PathBuf {
+    match std::env::var_os("XDG_STATE_HOME") {
+        Some(x) if !x.is_empty() => PathBuf::from(x).join("rootfork"),
+        _ => PathBuf::from(".rootfork"),
+    }
+}
+
+/// The API socket inside a state directory.
+pub fn api_socket_in(state_dir: &Path) -> PathBuf {
+    state_dir.join("api.sock")
+}
+
+fn secs(key: &'static str, v: f64, min: f64, max: f64) -> Result<Duration, ConfigError> {
+    if !v.is_finite() || v < min || v > max {
+        return Err(invalid(
+            key,
+            format!("{v} seconds is outside {min}..={max}"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    }
+}
+
+fn socket_fits(key: &'static str, p: &Path) -> Result<(), ConfigError> {
+    let n = p.as_os_str().len();
+    if n > MAX_SOCKET_PATH {
+        return Err(invalid(
+            key,
+            format!(
+                "{} is {n} bytes; Unix socket paths are limited to {MAX_SOCKET_PATH}",
+                p.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Defaults ← file ← overrides, validated.
+    pub fn resolve(file: FileConfig, ov: Overrides) -> Result<Config, ConfigError> {
+        let state_dir = absolute(
+            &ov.state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(default_state_dir),
+        );
+        if state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir", "must not be empty"));
+        }
+        // The per-sandbox NBD sockets are STATE/nbd/<counter>.sock.
+        socket_fits(
+            "state_dir",
+            &state_dir.join("nbd").join(format!("{}.sock", u64::MAX)),
+        )?;
+        let api_socket = absolute(
+            &ov.api_socket
+                .or(file.api.socket)
+                .unwrap_or_else(|| api_socket_in(&state_dir)),
+        );
+        socket_fits("api.socket", &api_socket)?;
+        let api_tcp = ov.api_tcp.or(file.api.tcp);
+        let token_file = ov.token_file.or(file.api.token_file).map(|p| absolute(&p));
+        let token_file = match (api_tcp, token_file) {
+            (Some(_), None) => Some(state_dir.join("api.token")),
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "api.token_file",
+                    "a token file is only used with api.tcp; set api.tcp too",
+                ))
+            }
+            (_, t) => t,
+        };
+        let metrics: MetricsListen = ov
+            .metrics
+            .or(file.metrics.listen)
+            .unwrap_or_else(|| "off".into())
+            .parse()
+            .map_err(|m| invalid("metrics.listen", m))?;
+        match &metrics {
+            MetricsListen::Tcp(a) if !a.ip().is_loopback() => {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!("{a} is not a loopback address; the endpoint has no authentication (use 127.0.0.1 or a unix: socket)"),
+                ))
+            }
+            MetricsListen::Unix(p) => socket_fits("metrics.listen", p)?,
+            _ => {}
+        }
+        let health_interval = secs(
+            "health.interval_secs",
+            ov.health_interval_secs
+                .or(file.health.interval_secs)
+                .unwrap_or(5.0),
+            0.05,
+            3600.0,
+        )?;
+        let probe_timeout = secs(
+            "health.probe_timeout_secs",
+            file.health.probe_timeout_secs.unwrap_or(2.0),
+            0.01,
+            600.0,
+        )?;
+        let ready_timeout = secs(
+            "ready_timeout_secs",
+            file.ready_timeout_secs.unwrap_or(30.0),
+            0.1,
+            3600.0,
+        )?;
+        let kernel_connections = file.kernel.connections.unwrap_or(1);
+        if !(1..=rootfork_kernel::attach::MAX_CONNECTIONS).contains(&kernel_connections) {
+            return Err(invalid(
+                "kernel.connections",
+                format!(
+                    "{kernel_connections} is outside 1..={}",
+                    rootfork_kernel::attach::MAX_CONNECTIONS
+                ),
+            ));
+        }
+        let kernel_request_timeout = secs(
+            "kernel.request_timeout_secs",
+            file.kernel.request_timeout_secs.unwrap_or(30.0),
+            1.0,
+            3600.0,
+        )?;
+        Ok(Config {
+            api_socket,
+            api_tcp,
+            token_file,
+            metrics,
+            log_format: ov.log_format.or(file.log_format).unwrap_or_default(),
+            demo_template: !ov.no_demo && file.demo_template.unwrap_or(true),
+            ready_timeout,
+            health_interval,
+            probe_timeout,
+            nbd_lock_dir: ov
+                .nbd_lock_dir
+                .or(file.kernel.lock_dir)
+                .unwrap_or_else(|| PathBuf::from("/run/rootfork/nbd")),
+            kernel_connections,
+            kernel_request_timeout,
+            state_dir,
+        })
+    }
+
+    /// A configuration with every default, state in `state_dir` (for tests and embedding).
+    pub fn with_state_dir(state_dir: impl Into<PathBuf>) -> Result<Config, ConfigError> {
+        Config::resolve(
+            FileConfig::default(),
+            Overrides {
+                state_dir: Some(state_dir.into()),
+                ..Overrides::default()
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn defaults_work() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert!(c.state_dir.is_absolute());
+        assert_eq!(c.api_socket, c.state_dir.join("api.sock"));
+        assert_eq!(c.api_tcp, None);
+        assert_eq!(c.metrics, MetricsListen::Off);
+        assert!(c.demo_template);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn overrides_beat_the_file_which_beats_defaults() {
+        let f = file(
+            "state_dir = \"/tmp/from-file\"\nlog_format = \"json\"\n[metrics]\nlisten = \"127.0.0.1:9000\"\n[health]\ninterval_secs = 7\n",
+        )
+        .unwrap();
+        let c = Config::resolve(
+            f,
+            Overrides {
+                state_dir: Some("/tmp/from-flag".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/from-flag"));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            c.metrics,
+            MetricsListen::Tcp("127.0.0.1:9000".parse().unwrap())
+        );
+        assert_eq!(c.health_interval, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = file("state_dir = 3").unwrap_err().to_string();
+        assert!(e.contains("state_dir"), "{e}");
+        let e = file("bogus = 1").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::resolve(
+            file("[metrics]\nlisten = \"0.0.0.0:9\"").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("metrics.listen") && e.contains("loopback"),
+            "{e}"
+        );
+        let e = Config::resolve(
+            file("[health]\ninterval_secs = -1").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("health.interval_secs"), "{e}");
+        let e = Config::resolve(
+            FileConfig::default(),
+            Overrides {
+                state_dir: Some(PathBuf::from(format!("/{}", "d".repeat(100)))),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("state_dir") && e.contains("107"), "{e}");
+        let e = Config::resolve(
+            file("[kernel]\nconnections = 0").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("kernel.connections"), "{e}");
+    }
+
+    #[test]
+    fn tcp_gets_a_token_file() {
+        let c = Config::resolve(
+            file("state_dir = \"/tmp/s\"\n[api]\ntcp = \"127.0.0.1:7070\"").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.token_file, Some(PathBuf::from("/tmp/s/api.token")));
+    }
+}

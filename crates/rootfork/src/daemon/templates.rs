@@ -1,0 +1,305 @@
+//! The template store: read-only images under `STATE/templates/NAME.img` with a `NAME.json`
+//! record each. Imports copy into a hidden temporary file (holes stay holes), fsync, make it
+//! read-only and rename it into place, so a crash never leaves half a template under a name.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::v1::{Template, TemplateFormat};
+use crate::error::{DaemonError, Result};
+use crate::events::now_unix_ms;
+use crate::names;
+
+/// Template sizes must be a multiple of this.
+pub const TEMPLATE_ALIGN: u64 = rootfork_block::TEMPLATE_BLOCK_SIZE as u64;
+
+const CHUNK: usize = 1 << 20;
+
+/// A template's record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateMeta {
+    /// Its name.
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// `raw` or `ext4`.
+    pub format: String,
+    /// When it was imported.
+    pub created_unix_ms: i64,
+    /// Where it came from.
+    pub source: String,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct TemplateStore {
+    dir: PathBuf,
+    /// Name → record. Also the lock that orders template deletion against sandbox creation.
+    pub(crate) map: parking_lot::Mutex<BTreeMap<String, TemplateMeta>>,
+    importing: parking_lot::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// Detects an ext2/3/4 superblock (magic 0xEF53 at byte 1080).
+pub fn detect_format(file: &mut File) -> std::io::Result<TemplateFormat> {
+    let mut magic = [0u8; 2];
+    file.seek(SeekFrom::Start(1080))?;
+    let n = file.read(&mut magic)?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(if n == 2 && u16::from_le_bytes(magic) == 0xEF53 {
+        TemplateFormat::Ext4
+    } else {
+        TemplateFormat::Raw
+    })
+}
+
+fn format_name(f: TemplateFormat) -> &'static str {
+    match f {
+        TemplateFormat::Ext4 => "ext4",
+        _ => "raw",
+    }
+}
+
+impl TemplateStore {
+    /// Opens (creating) the store in `dir`, loading every complete template and removing
+    /// leftovers of interrupted imports.
+    pub fn open(dir: &Path) -> Result<TemplateStore> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
+        let mut map = BTreeMap::new();
+        let rd = std::fs::read_dir(dir)
+            .map_err(|e| DaemonError::io(format!("reading {}", dir.display()), e))?;
+        for ent in rd.flatten() {
+            let p = ent.path();
+            let fname = ent.file_name().to_string_lossy().into_owned();
+            if fname.starts_with(".import-") {
+                tracing::info!(file = %p.display(), "removing an interrupted template import");
+                let _ = std::fs::remove_file(&p);
+                continue;
+            }
+            let Some(name) = fname.strip_suffix(".json") else {
+                continue;
+            };
+            let meta: Option<TemplateMeta> = std::fs::read(&p)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let img = dir.join(format!("{name}.img"));
+            match meta {
+                Some(m)
+                    if m.name == name
+                        && names::template_name(name).is_ok()
+                        && std::fs::metadata(&img)
+                            .map(|md| md.len() == m.size_bytes)
+                            .unwrap_or(false) =>
+                {
+                    map.insert(m.name.clone(), m);
+                }
+                _ => {
+                    tracing::warn!(record = %p.display(), "ignoring a template record whose image is missing or does not match")
+                }
+            }
+        }
+        Ok(TemplateStore {
+            dir: dir.to_owned(),
+            map: parking_lot::Mutex::new(map),
+            importing: Default::default(),
+        })
+    }
+
+    /// The image path of a template (whether or not it exists).
+    pub fn image_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.img"))
+    }
+
+    /// Whether there are no templates.
+    pub fn is_empty(&self) -> bool {
+        self.map.lock().is_empty()
+    }
+
+    /// A template's record.
+    pub fn get(&self, name: &str) -> Option<TemplateMeta> {
+        self.map.lock().get(name).cloned()
+    }
+
+    /// Every record.
+    pub fn list(&self) -> Vec<TemplateMeta> {
+        self.map.lock().values().cloned().collect()
+    }
+
+    /// The API view of a record.
+    pub fn to_proto(&self, m: &TemplateMeta, sandboxes: u32) -> Template {
+        let path = self.image_path(&m.name);
+        let allocated = std::fs::metadata(&path)
+            .map(|md| md.blocks() * 512)
+            .unwrap_or(0);
+        Template {
+            name: m.name.clone(),
+            size_bytes: m.size_bytes,
+            format: if m.format == "ext4" {
+                TemplateFormat::Ext4
+            } else {
+                TemplateFormat::Raw
+            } as i32,
+            allocated_bytes: allocated,
+            created_unix_ms: m.created_unix_ms,
+            sandboxes,
+            path: path.display().to_string(),
+        }
+    }
+
+    /// Checks an import request before any work: a valid, unused name and a readable source of
+    /// a usable size. Reserves the name until [`Self::finish_import`] or [`Self::abort_import`].
+    pub fn begin_import(&self, name: &str, source: &Path) -> Result<(File, u64)> {
+        names::template_name(name)?;
+        if !source.is_absolute() {
+            return Err(DaemonError::InvalidArgument(format!(
+                "source path {} must be absolute (it is opened by the daemon)",
+                source.display()
+            )));
+        }
+        let file = File::open(source).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                DaemonError::InvalidArgument(format!("source {} does not exist", source.display()))
+            }
+            _ => DaemonError::InvalidArgument(format!(
+                "cannot open source {}: {e}",
+                source.display()
+            )),
+        })?;
+        let md = file
+            .metadata()
+            .map_err(|e| DaemonError::io("stat source", e))?;
+        let size = if md.file_type().is_block_device() {
+            let mut f = &file;
+            f.seek(SeekFrom::End(0))
+                .map_err(|e| DaemonError::io("sizing source device", e))?
+        } else if md.is_file() {
+            md.len()
+        } else {
+            return Err(DaemonError::InvalidArgument(format!(
+                "source {} is neither a regular file nor a block device",
+                source.display()
+            )));
+        };
+        if size == 0 || size % TEMPLATE_ALIGN != 0 {
+            return Err(DaemonError::InvalidArgument(format!(
+                "source {} is {size} bytes; a template must be a non-empty multiple of {TEMPLATE_ALIGN} bytes",
+                source.display()
+            )));
+        }
+        let map = self.map.lock();
+        let mut importing = self.importing.lock();
+        if map.contains_key(name) || importing.contains(name) {
+            return Err(DaemonError::TemplateExists(name.to_owned()));
+        }
+        importing.insert(name.to_owned());
+        Ok((file, size))
+    }
+
+    fn tmp_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".import-{name}"))
+    }
+
+    /// Copies `src` (blocking) into the store's temporary file, calling `progress(done)` after
+    /// every chunk; all-zero chunks become holes.
+    pub fn copy_in(
+        &self,
+        name: &str,
+        mut src: File,
+        size: u64,
+        mut progress: impl FnMut(u64),
+    ) -> Result<PathBuf> {
+        let tmp = self.tmp_path(name);
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| DaemonError::io(format!("creating {}", tmp.display()), e))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut done = 0u64;
+        let r = (|| -> std::io::Result<()> {
+            while done < size {
+                let want = ((size - done) as usize).min(CHUNK);
+                src.read_exact(&mut buf[..want])?;
+                if buf[..want].iter().all(|&b| b == 0) {
+                    out.seek(SeekFrom::Current(want as i64))?;
+                } else {
+                    out.write_all(&buf[..want])?;
+                }
+                done += want as u64;
+                progress(done);
+            }
+            out.set_len(size)?;
+            out.sync_all()
+        })();
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(DaemonError::io(format!("copying into template {name}"), e));
+        }
+        Ok(tmp)
+    }
+
+    /// Moves a finished temporary image into place and records it.
+    pub fn finish_import(
+        &self,
+        name: &str,
+        tmp: &Path,
+        format: TemplateFormat,
+        source: &str,
+    ) -> Result<TemplateMeta> {
+        let r = (|| {
+            let size = std::fs::metadata(tmp)
+                .map_err(|e| DaemonError::io("stat import", e))?
+                .len();
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o444))
+                .map_err(|e| DaemonError::io("making the template read-only", e))?;
+            let meta = TemplateMeta {
+                name: name.to_owned(),
+                size_bytes: size,
+                format: format_name(format).to_owned(),
+                created_unix_ms: now_unix_ms(),
+                source: source.to_owned(),
+            };
+            let img = self.image_path(name);
+            std::fs::rename(tmp, &img)
+                .map_err(|e| DaemonError::io("moving the template into place", e))?;
+            let rec = self.dir.join(format!("{name}.json"));
+            let rec_tmp = self.dir.join(format!(".import-{name}.json"));
+            std::fs::write(
+                &rec_tmp,
+                serde_json::to_vec_pretty(&meta).unwrap_or_default(),
+            )
+            .and_then(|()| std::fs::rename(&rec_tmp, &rec))
+            .map_err(|e| DaemonError::io("writing the template record", e))?;
+            self.map.lock().insert(name.to_owned(), meta.clone());
+            Ok(meta)
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        self.importing.lock().remove(name);
+        r
+    }
+
+    /// Gives up a reserved import.
+    pub fn abort_import(&self, name: &str) {
+        let _ = std::fs::remove_file(self.tmp_path(name));
+        self.importing.lock().remove(name);
+    }
+
+    /// Removes a template's files; the caller has removed it from the map under the lock.
+    pub fn remove_files(&self, name: &str) {
+        for p in [self.dir.join(format!("{name}.json")), self.image_path(name)] {
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(file = %p.display(), "removing template file: {e}");
+                }
+            }
+        }
+    }
+}

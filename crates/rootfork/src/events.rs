@@ -1,0 +1,122 @@
+//! The event feed: one broadcast channel every `WatchEvents` stream subscribes to. Events carry a
+//! sequence number and a timestamp; the kernel pool's events are forwarded into the same feed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::broadcast;
+
+use crate::api::v1::{Event, EventKind, HealthState, SandboxState};
+
+/// How many events a slow subscriber may fall behind before it misses some.
+const CAPACITY: usize = 4096;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The daemon's event feed.
+#[derive(Debug)]
+pub struct EventBus {
+    tx: broadcast::Sender<Event>,
+    seq: AtomicU64,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus {
+            tx: broadcast::channel(CAPACITY).0,
+            seq: AtomicU64::new(0),
+        }
+    }
+}
+
+/// An event being built.
+#[derive(Debug, Default)]
+pub struct EventBuilder {
+    ev: Event,
+}
+
+impl EventBuilder {
+    /// A sandbox's event.
+    pub fn sandbox(mut self, id: &str) -> Self {
+        self.ev.sandbox = id.to_owned();
+        self
+    }
+    /// A template's event.
+    pub fn template(mut self, name: &str) -> Self {
+        self.ev.template = name.to_owned();
+        self
+    }
+    /// About a kernel slot.
+    pub fn device(mut self, index: u32) -> Self {
+        self.ev.device_index = Some(index);
+        self
+    }
+    /// The sandbox's new state.
+    pub fn state(mut self, s: SandboxState) -> Self {
+        self.ev.sandbox_state = s as i32;
+        self
+    }
+    /// The sandbox's health.
+    pub fn health(mut self, h: HealthState) -> Self {
+        self.ev.health = h as i32;
+        self
+    }
+    /// The event as is (no sequence number; stamped now), for messages outside the feed.
+    pub fn build(mut self) -> Event {
+        self.ev.unix_ms = now_unix_ms();
+        self.ev
+    }
+    /// A human-readable message.
+    pub fn message(mut self, m: impl Into<String>) -> Self {
+        self.ev.message = m.into();
+        self
+    }
+}
+
+impl EventBus {
+    /// Starts an event of `kind`.
+    pub fn event(kind: EventKind) -> EventBuilder {
+        EventBuilder {
+            ev: Event {
+                kind: kind as i32,
+                ..Event::default()
+            },
+        }
+    }
+
+    /// Publishes an event (never blocks; without subscribers it is dropped).
+    pub fn emit(&self, b: EventBuilder) {
+        let mut ev = b.ev;
+        ev.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        ev.unix_ms = now_unix_ms();
+        tracing::debug!(kind = ?ev.kind(), sandbox = %ev.sandbox, message = %ev.message, "event");
+        let _ = self.tx.send(ev);
+    }
+
+    /// A new subscription to every future event.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    /// Forwards a kernel pool event.
+    pub fn emit_pool(&self, e: &rootfork_kernel::PoolEvent) {
+        use rootfork_kernel::PoolEvent as P;
+        let b = match e {
+            P::Claimed { index, sandbox } => Self::event(EventKind::Claimed)
+                .device(*index)
+                .sandbox(sandbox),
+            P::Connected { index } => Self::event(EventKind::Connected).device(*index),
+            P::Disconnected { index } => Self::event(EventKind::Disconnected).device(*index),
+            P::Released { index } => Self::event(EventKind::Released).device(*index),
+            P::Reclaimed { index, backend } => Self::event(EventKind::Reclaimed)
+                .device(*index)
+                .message(backend.clone().unwrap_or_default()),
+        };
+        self.emit(b);
+    }
+}
