@@ -14,13 +14,19 @@ pub mod template;
 
 /// Logs to stderr; `RUST_LOG` picks the level (default `info`).
 pub fn init_logging() {
-    init_logging_as(rootfork::config::LogFormat::Text);
-}
-
-/// Logs to stderr in `format`; `RUST_LOG` picks the level (default `info`).
-pub fn init_logging_as(format: rootfork::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Logs to stderr in `format` for the daemon; `RUST_LOG` picks the level (default `info`, with the
+/// NBD server's per-connection lines — one per health probe — at `warn`).
+pub fn init_logging_as(format: rootfork::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rootfork_nbd::server=warn"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,0 +1,640 @@
+//! The daemon's API end to end over its Unix socket: an in-process daemon in a temporary state
+//! directory, the socket provider, real NBD clients on the sandboxes' exports.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+use rootfork::api::v1;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_end_to_end() {
+    let d = TestDaemon::start(true).await;
+    let mode = std::fs::metadata(d.daemon.api_socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "API socket mode");
+    let mut c = d.client().await;
+
+    // The first start built the demo template.
+    let ts = c
+        .templates
+        .list_templates(v1::ListTemplatesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ts.templates.len(), 1);
+    assert_eq!(ts.templates[0].name, "demo");
+
+    // Events from here on.
+    let mut events = c
+        .events
+        .watch_events(v1::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Import a template with progress.
+    let src = make_template(d.dir.path(), "src.img", 64);
+    let t = import(&mut c, "tpl", &src).await.unwrap();
+    assert_eq!(t.size_bytes, 64 * 4096);
+    assert_eq!(t.format, v1::TemplateFormat::Raw as i32);
+
+    // Create: served at once, reads the template.
+    let sb = create(&mut c, "tpl", "alpha").await.unwrap();
+    assert_eq!(sb.state, v1::SandboxState::Running as i32);
+    assert!(
+        sb.nbd_uri.starts_with("nbd+unix:///alpha?socket="),
+        "{}",
+        sb.nbd_uri
+    );
+    assert_eq!(&nbd_read(&sb.nbd_uri, 4096 * 3, 12), b"tpl block 3\n");
+
+    // A write lands in the overlay only; pause keeps it, resume serves it again.
+    nbd_write(&sb.nbd_uri, 4096 * 5, 4096, 0xAB);
+    let paused = c
+        .sandboxes
+        .pause_sandbox(v1::PauseSandboxRequest { id: "alpha".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.state, v1::SandboxState::Paused as i32);
+    assert!(paused.nbd_uri.is_empty());
+    assert_eq!(paused.paused_diff_bytes, 4096);
+    let resumed = c
+        .sandboxes
+        .resume_sandbox(v1::ResumeSandboxRequest { id: "alpha".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.state, v1::SandboxState::Running as i32);
+    assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 5, 4), vec![0xAB; 4]);
+    assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 6, 12), b"tpl block 6\n");
+    // The template file is untouched.
+    let tpl_img = std::fs::read(&t.path).unwrap();
+    assert_eq!(tpl_img, std::fs::read(&src).unwrap());
+
+    // A second sandbox does not see the first one's write.
+    let beta = create(&mut c, "tpl", "").await.unwrap();
+    assert!(beta.id.starts_with("sb-"), "{}", beta.id);
+    assert_eq!(&nbd_read(&beta.nbd_uri, 4096 * 5, 12), b"tpl block 5\n");
+
+    let list = c
+        .sandboxes
+        .list_sandboxes(v1::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.sandboxes.len(), 2);
+    let got = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "alpha".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.pause_count, 1);
+    assert_eq!(got.health, v1::HealthState::Healthy as i32);
+    let ts = c
+        .templates
+        .list_templates(v1::ListTemplatesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ts.templates
+            .iter()
+            .find(|t| t.name == "tpl")
+            .unwrap()
+            .sandboxes,
+        2
+    );
+
+    // Devices: without the nbd module the pool is reported unavailable with its reason.
+    let dev = c
+        .devices
+        .list_devices(v1::ListDevicesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    if !std::path::Path::new("/sys/module/nbd").exists() {
+        assert!(!dev.available);
+        assert!(dev.reason.contains("nbd kernel module"), "{}", dev.reason);
+    }
+
+    // Deletes are idempotent and release everything.
+    assert!(delete(&mut c, "alpha").await.unwrap());
+    assert!(!delete(&mut c, "alpha").await.unwrap());
+    assert!(delete(&mut c, &beta.id).await.unwrap());
+    let gone = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "alpha".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gone.state, v1::SandboxState::Deleted as i32);
+    assert!(
+        d.files("nbd").is_empty(),
+        "sockets left: {:?}",
+        d.files("nbd")
+    );
+    assert!(
+        d.files("cache").is_empty(),
+        "caches left: {:?}",
+        d.files("cache")
+    );
+    assert!(
+        d.files("paused").is_empty(),
+        "diffs left: {:?}",
+        d.files("paused")
+    );
+    assert!(
+        c.templates
+            .delete_template(v1::DeleteTemplateRequest { name: "tpl".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .deleted
+    );
+    assert!(
+        !c.templates
+            .delete_template(v1::DeleteTemplateRequest { name: "tpl".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .deleted
+    );
+
+    // The feed saw the life cycle in order.
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Ok(Some(e))) = tokio::time::timeout_at(deadline, events.message()).await {
+        if e.sandbox == "alpha" {
+            seen.push((e.kind, e.sandbox_state));
+        }
+        if e.sandbox == "alpha" && e.sandbox_state == v1::SandboxState::Deleted as i32 {
+            break;
+        }
+    }
+    use v1::{EventKind as K, SandboxState as S};
+    let want = [
+        (K::Sandbox, S::Creating),
+        (K::Connected, S::Unspecified),
+        (K::Sandbox, S::Running),
+        (K::Sandbox, S::Pausing),
+        (K::Released, S::Unspecified),
+        (K::Sandbox, S::Paused),
+        (K::Sandbox, S::Resuming),
+        (K::Connected, S::Unspecified),
+        (K::Sandbox, S::Running),
+        (K::Sandbox, S::Deleting),
+        (K::Released, S::Unspecified),
+        (K::Sandbox, S::Deleted),
+    ]
+    .map(|(k, s)| (k as i32, s as i32));
+    assert_eq!(seen, want);
+
+    let sock = d.daemon.api_socket().to_owned();
+    d.daemon.shutdown().await;
+    assert!(!sock.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_exact_codes_and_changes_nothing() {
+    let d = TestDaemon::start(false).await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    create(&mut c, "tpl", "live").await.unwrap();
+    create(&mut c, "tpl", "paused").await.unwrap();
+    c.sandboxes
+        .pause_sandbox(v1::PauseSandboxRequest {
+            id: "paused".into(),
+        })
+        .await
+        .unwrap();
+    create(&mut c, "tpl", "dead").await.unwrap();
+    assert!(delete(&mut c, "dead").await.unwrap());
+
+    let snapshot = |c: &mut rootfork::client::Clients| {
+        let mut c = c.clone();
+        async move {
+            let mut s = c
+                .sandboxes
+                .list_sandboxes(v1::ListSandboxesRequest {
+                    include_deleted: true,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .sandboxes;
+            s.sort_by(|a, b| a.id.cmp(&b.id));
+            let s: Vec<_> = s
+                .into_iter()
+                .map(|s| (s.id, s.state, s.nbd_uri, s.state_since_unix_ms))
+                .collect();
+            let t: Vec<_> = c
+                .templates
+                .list_templates(v1::ListTemplatesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .templates
+                .into_iter()
+                .map(|t| (t.name, t.sandboxes))
+                .collect();
+            (s, t)
+        }
+    };
+    let before = snapshot(&mut c).await;
+    let files_before = (
+        d.files("nbd"),
+        d.files("cache"),
+        d.files("paused"),
+        d.files("templates"),
+    );
+
+    let code = |r: Result<v1::Sandbox, tonic::Status>| r.map(|_| ()).unwrap_err().code();
+    assert_eq!(
+        code(create(&mut c, "nope", "x1").await),
+        Code::NotFound,
+        "unknown template"
+    );
+    assert_eq!(
+        code(create(&mut c, "../x", "x1").await),
+        Code::InvalidArgument,
+        "template ../x"
+    );
+    assert_eq!(
+        code(create(&mut c, "tpl", "../x").await),
+        Code::InvalidArgument,
+        "id ../x"
+    );
+    assert_eq!(
+        code(create(&mut c, "tpl", ".hidden").await),
+        Code::InvalidArgument,
+        "leading dot"
+    );
+    assert_eq!(
+        code(create(&mut c, "tpl", &"a".repeat(65)).await),
+        Code::InvalidArgument,
+        "oversized id"
+    );
+    assert_eq!(
+        code(create(&mut c, &"t".repeat(65), "x1").await),
+        Code::InvalidArgument,
+        "oversized template"
+    );
+    assert_eq!(
+        code(create(&mut c, "tpl", "live").await),
+        Code::AlreadyExists,
+        "duplicate id"
+    );
+    assert_eq!(
+        code(create(&mut c, "tpl", "paused").await),
+        Code::AlreadyExists,
+        "duplicate of a paused one"
+    );
+    let bad_vmm = c
+        .sandboxes
+        .create_sandbox(v1::CreateSandboxRequest {
+            template: "tpl".into(),
+            id: "x2".into(),
+            provider: 0,
+            vmm: Some(v1::VmmSettings {
+                kind: 1,
+                kernel: "relative/vmlinuz".into(),
+                ..Default::default()
+            }),
+        })
+        .await;
+    assert_eq!(
+        code(bad_vmm.map(|r| r.into_inner())),
+        Code::InvalidArgument,
+        "relative kernel path"
+    );
+    let bad_kind = c
+        .sandboxes
+        .create_sandbox(v1::CreateSandboxRequest {
+            template: "tpl".into(),
+            id: "x3".into(),
+            provider: 99,
+            vmm: None,
+        })
+        .await;
+    assert_eq!(
+        code(bad_kind.map(|r| r.into_inner())),
+        Code::InvalidArgument,
+        "unknown provider kind"
+    );
+    if !std::path::Path::new("/sys/module/nbd").exists() {
+        let kernel = c
+            .sandboxes
+            .create_sandbox(v1::CreateSandboxRequest {
+                template: "tpl".into(),
+                id: "x4".into(),
+                provider: v1::ProviderKind::Kernel as i32,
+                vmm: None,
+            })
+            .await;
+        assert_eq!(
+            code(kernel.map(|r| r.into_inner())),
+            Code::Unavailable,
+            "kernel pool absent"
+        );
+    }
+
+    let pause = |id: &str| {
+        let mut c = c.clone();
+        let id = id.to_owned();
+        async move {
+            c.sandboxes
+                .pause_sandbox(v1::PauseSandboxRequest { id })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    assert_eq!(
+        code(pause("dead").await),
+        Code::FailedPrecondition,
+        "pausing a deleted sandbox"
+    );
+    assert_eq!(
+        code(pause("paused").await),
+        Code::FailedPrecondition,
+        "pausing a paused sandbox"
+    );
+    assert_eq!(
+        code(pause("never").await),
+        Code::NotFound,
+        "pausing an unknown sandbox"
+    );
+    assert_eq!(
+        code(pause("../x").await),
+        Code::InvalidArgument,
+        "pausing ../x"
+    );
+    let resume = c
+        .sandboxes
+        .resume_sandbox(v1::ResumeSandboxRequest { id: "live".into() })
+        .await;
+    assert_eq!(
+        code(resume.map(|r| r.into_inner())),
+        Code::FailedPrecondition,
+        "resuming a running sandbox"
+    );
+    let get = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "never".into() })
+        .await;
+    assert_eq!(code(get.map(|r| r.into_inner())), Code::NotFound);
+    assert_eq!(
+        delete(&mut c, "never").await.unwrap(),
+        false,
+        "deleting an unknown sandbox is a no-op"
+    );
+    assert_eq!(
+        delete(&mut c, "dead").await.unwrap(),
+        false,
+        "deleting twice is a no-op"
+    );
+    assert_eq!(
+        delete(&mut c, "../x").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    let tcode = |r: Result<v1::Template, tonic::Status>| r.map(|_| ()).unwrap_err().code();
+    assert_eq!(
+        tcode(import(&mut c, "tpl", &src).await),
+        Code::AlreadyExists,
+        "duplicate template"
+    );
+    assert_eq!(
+        tcode(import(&mut c, "../t", &src).await),
+        Code::InvalidArgument,
+        "template ../t"
+    );
+    assert_eq!(
+        tcode(import(&mut c, "t2", std::path::Path::new("rel.img")).await),
+        Code::InvalidArgument,
+        "relative source"
+    );
+    assert_eq!(
+        tcode(import(&mut c, "t2", &d.dir.path().join("missing.img")).await),
+        Code::InvalidArgument,
+        "missing source"
+    );
+    let odd = d.dir.path().join("odd.img");
+    std::fs::write(&odd, vec![1u8; 5000]).unwrap();
+    assert_eq!(
+        tcode(import(&mut c, "t2", &odd).await),
+        Code::InvalidArgument,
+        "misaligned size"
+    );
+    let del = c
+        .templates
+        .delete_template(v1::DeleteTemplateRequest { name: "tpl".into() })
+        .await;
+    assert_eq!(
+        del.unwrap_err().code(),
+        Code::FailedPrecondition,
+        "deleting a template in use"
+    );
+    let del = c
+        .templates
+        .delete_template(v1::DeleteTemplateRequest {
+            name: "../tpl".into(),
+        })
+        .await;
+    assert_eq!(del.unwrap_err().code(), Code::InvalidArgument);
+    let w = c
+        .events
+        .watch_events(v1::WatchEventsRequest {
+            sandbox: "../x".into(),
+        })
+        .await;
+    assert_eq!(w.map(|_| ()).unwrap_err().code(), Code::InvalidArgument);
+
+    assert_eq!(
+        snapshot(&mut c).await,
+        before,
+        "bad calls changed the sandboxes or templates"
+    );
+    assert_eq!(
+        (
+            d.files("nbd"),
+            d.files("cache"),
+            d.files("paused"),
+            d.files("templates")
+        ),
+        files_before,
+        "bad calls changed the state directory"
+    );
+    d.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_needs_the_bearer_token() {
+    let d = TestDaemon::start_with(false, |c| {
+        c.api_tcp = Some("127.0.0.1:0".parse().unwrap());
+        c.token_file = Some(c.state_dir.join("api.token"));
+    })
+    .await;
+    let addr = d.daemon.tcp_addr().unwrap();
+    let token_file = d.state().join("api.token");
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let url = format!("tcp://{addr}");
+    for (tok, ok) in [
+        (None, false),
+        (Some("wrong".to_owned()), false),
+        (Some(token), true),
+    ] {
+        let mut c = rootfork::client::connect(&rootfork::client::ApiTarget::parse(&url, tok))
+            .await
+            .unwrap();
+        let r = c
+            .templates
+            .list_templates(v1::ListTemplatesRequest {})
+            .await;
+        match ok {
+            true => assert!(r.is_ok(), "{r:?}"),
+            false => assert_eq!(r.unwrap_err().code(), Code::Unauthenticated),
+        }
+    }
+    d.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_reports_sandboxes_and_latency() {
+    let d = TestDaemon::start_with(false, |c| {
+        c.metrics = rootfork::config::MetricsListen::Tcp("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let Some(rootfork::metrics_http::Bound::Tcp(addr)) = d.daemon.metrics_endpoint().cloned()
+    else {
+        panic!("metrics endpoint not bound")
+    };
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "m1").await.unwrap();
+    nbd_read(&sb.nbd_uri, 0, 4096);
+    let _ = create(&mut c, "nope", "m2").await;
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    for want in [
+        "rootfork_sandboxes{state=\"running\"} 1",
+        "rootfork_attach_latency_seconds_count{provider=\"socket\"} 1",
+        "rootfork_errors_total{op=\"create_sandbox\",errno=\"ENOENT\"} 1",
+        "rootfork_template_read_bytes_total 4096",
+        "rootfork_overlay_bytes{state=\"absent\"} 65536",
+        "rootfork_pool_available",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in\n{body}");
+    }
+    d.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_marks_a_dead_export_failed() {
+    let d = TestDaemon::start_with(false, |c| {
+        c.health_interval = Duration::from_millis(100);
+        c.probe_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "h1").await.unwrap();
+    let mut events = c
+        .events
+        .watch_events(v1::WatchEventsRequest {
+            sandbox: "h1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Take the export away behind the daemon's back: the socket file disappears, so the
+    // probe's connect fails (as it would if the server's listener died).
+    let sock = sb.nbd_uri.split_once("socket=").unwrap().1.to_owned();
+    std::fs::remove_file(&sock).unwrap();
+    let mut healths = Vec::new();
+    let mut failed_state = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(Ok(Some(e))) = tokio::time::timeout_at(deadline, events.message()).await {
+        if e.kind == v1::EventKind::Health as i32 {
+            healths.push(e.health);
+        }
+        if e.kind == v1::EventKind::Sandbox as i32
+            && e.sandbox_state == v1::SandboxState::Failed as i32
+        {
+            failed_state = true;
+            break;
+        }
+    }
+    assert_eq!(
+        healths,
+        vec![
+            v1::HealthState::Degraded as i32,
+            v1::HealthState::Failed as i32
+        ]
+    );
+    assert!(failed_state);
+    let got = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "h1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, v1::SandboxState::Failed as i32);
+    assert_eq!(got.health, v1::HealthState::Failed as i32);
+    assert!(got.message.contains("connecting"), "{}", got.message);
+    // A failed sandbox can still be deleted, releasing everything.
+    assert!(delete(&mut c, "h1").await.unwrap());
+    assert!(d.files("cache").is_empty());
+    d.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    let d = TestDaemon::start(false).await;
+    let config = rootfork::config::Config::with_state_dir(d.state()).unwrap();
+    let e = rootfork::daemon::Daemon::start(config).await.unwrap_err();
+    assert!(e.to_string().contains("another rootfork daemon"), "{e}");
+    d.daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_says_when_the_daemon_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let e = rootfork::client::connect(&rootfork::client::ApiTarget::Unix(sock.clone()))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not running"), "{e}");
+    // A stale socket file with nobody behind it.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let e = rootfork::client::connect(&rootfork::client::ApiTarget::Unix(sock))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not answering"), "{e}");
+}

@@ -1,0 +1,158 @@
+//! Helpers shared by the daemon's integration tests: an in-process daemon in a temporary state
+//! directory, a client over its Unix socket, small templates and an NBD reader/writer
+//! (`/usr/bin/python3` with libnbd's bindings, installed by scripts/install-deps).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rootfork::api::v1;
+use rootfork::client::{self, ApiTarget, Clients};
+use rootfork::config::Config;
+use rootfork::daemon::Daemon;
+
+/// A running daemon and its state directory.
+pub struct TestDaemon {
+    pub daemon: Daemon,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDaemon {
+    /// Starts a daemon with defaults (demo off unless `demo`), state in a new tempdir.
+    pub async fn start(demo: bool) -> TestDaemon {
+        Self::start_with(demo, |_| {}).await
+    }
+
+    /// Same, letting the test adjust the configuration.
+    pub async fn start_with(demo: bool, f: impl FnOnce(&mut Config)) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("rfd")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut config = Config::with_state_dir(dir.path().join("s")).unwrap();
+        config.demo_template = demo;
+        config.nbd_lock_dir = dir.path().join("locks");
+        f(&mut config);
+        let daemon = Daemon::start(config).await.expect("daemon starts");
+        TestDaemon { daemon, dir }
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("s")
+    }
+
+    pub async fn client(&self) -> Clients {
+        client::connect(&ApiTarget::Unix(self.daemon.api_socket().to_owned()))
+            .await
+            .expect("client connects")
+    }
+
+    /// Names in a state subdirectory.
+    pub fn files(&self, sub: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state().join(sub))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// A raw template whose block `n` starts with `tpl block n`.
+pub fn make_template(dir: &Path, name: &str, blocks: u64) -> PathBuf {
+    let p = dir.join(name);
+    let mut data = vec![0u8; (blocks * 4096) as usize];
+    for n in 0..blocks {
+        let tag = format!("tpl block {n}\n");
+        let o = (n * 4096) as usize;
+        data[o..o + tag.len()].copy_from_slice(tag.as_bytes());
+    }
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// Imports a template, returning the final progress message.
+pub async fn import(
+    c: &mut Clients,
+    name: &str,
+    path: &Path,
+) -> Result<v1::Template, tonic::Status> {
+    let mut s = c
+        .templates
+        .import_template(v1::ImportTemplateRequest {
+            name: name.into(),
+            source_path: path.display().to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(p) = s.message().await? {
+        assert!(p.bytes_done <= p.bytes_total);
+        if let Some(t) = p.template {
+            last = Some(t);
+        }
+    }
+    Ok(last.expect("the last message carries the template"))
+}
+
+pub async fn create(
+    c: &mut Clients,
+    template: &str,
+    id: &str,
+) -> Result<v1::Sandbox, tonic::Status> {
+    c.sandboxes
+        .create_sandbox(v1::CreateSandboxRequest {
+            template: template.into(),
+            id: id.into(),
+            provider: v1::ProviderKind::Socket as i32,
+            vmm: None,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn delete(c: &mut Clients, id: &str) -> Result<bool, tonic::Status> {
+    c.sandboxes
+        .delete_sandbox(v1::DeleteSandboxRequest { id: id.into() })
+        .await
+        .map(|r| r.into_inner().deleted)
+}
+
+fn python(script: &str, args: &[&str]) -> String {
+    let o = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("running /usr/bin/python3 (python3-libnbd)");
+    assert!(
+        o.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Reads `len` bytes at `offset` of an NBD URI (hex).
+pub fn nbd_read(uri: &str, offset: u64, len: u32) -> Vec<u8> {
+    let hex = python(
+        "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nsys.stdout.write(h.pread(int(sys.argv[3]),int(sys.argv[2])).hex())\nh.shutdown()",
+        &[uri, &offset.to_string(), &len.to_string()],
+    );
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Writes `byte` repeated `len` times at `offset` and flushes.
+pub fn nbd_write(uri: &str, offset: u64, len: u32, byte: u8) {
+    python(
+        "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.pwrite(bytes([int(sys.argv[4])])*int(sys.argv[3]),int(sys.argv[2]))\nh.flush()\nh.shutdown()",
+        &[uri, &offset.to_string(), &len.to_string(), &byte.to_string()],
+    );
+}
