@@ -6,8 +6,12 @@
 //! runtime, and the runtime's workers never wait on themselves. (A caller that *is* an async
 //! task should still go through `spawn_blocking`: waiting here parks its thread.)
 //!
+//! A call from one of the store's own runtime threads would park a worker that the fetch itself
+//! may need, so it is refused with [`FetchError::StoreThread`] instead of risking a deadlock.
+//!
 //! On drop the runtime is shut down in the background, which is safe in any context.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::sync::mpsc;
@@ -15,6 +19,11 @@ use std::sync::mpsc;
 use tokio::runtime::{Builder, Handle, Runtime};
 
 use crate::error::FetchError;
+
+thread_local! {
+    /// Set on the store runtime's own worker and blocking threads.
+    static ON_STORE_RUNTIME: Cell<bool> = const { Cell::new(false) };
+}
 
 /// A dedicated runtime for object store I/O.
 #[derive(Debug)]
@@ -28,6 +37,7 @@ impl Bridge {
         let runtime = Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("rootfork-store")
+            .on_thread_start(|| ON_STORE_RUNTIME.with(|f| f.set(true)))
             .enable_all()
             .build()?;
         Ok(Bridge {
@@ -49,6 +59,9 @@ impl Bridge {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        if ON_STORE_RUNTIME.with(Cell::get) {
+            return Err(FetchError::StoreThread);
+        }
         let (tx, rx) = mpsc::sync_channel(1);
         self.handle().spawn(async move {
             // The receiver may be gone if the caller's thread died; nothing to do then.
@@ -83,6 +96,16 @@ mod tests {
                 .unwrap()
         });
         assert_eq!(got, 7);
+        // From the store's own runtime: refused, not deadlocked.
+        let b3 = b.clone();
+        let inner = b
+            .run(async move {
+                tokio::task::spawn_blocking(move || b3.run(async { 1 }))
+                    .await
+                    .unwrap()
+            })
+            .unwrap();
+        assert_eq!(inner, Err(FetchError::StoreThread));
         // Dropping the bridge inside an async context does not panic.
         other.block_on(async move { drop(b) });
     }

@@ -51,6 +51,9 @@ pub enum FetchError {
     /// The store's runtime is gone (the store is shutting down).
     #[error("the store's runtime has shut down")]
     Shutdown,
+    /// A blocking store call was made from one of the store's own runtime threads.
+    #[error("blocking store call from the store's own runtime thread (would deadlock)")]
+    StoreThread,
 }
 
 impl FetchError {
