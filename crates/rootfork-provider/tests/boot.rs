@@ -19,8 +19,9 @@ use rootfork_block::{OverlayOptions, TemplatePath};
 use rootfork_provider::{
     BaseImage, DirectProvider, PausedDisk, Provider, SocketConfig, SocketProvider,
 };
+use rootfork_vmm::firecracker::{TemplateIdentity, VerifyError};
 use rootfork_vmm::qemu::{
-    Accel, AccelPolicy, NbdEndpoint, QemuBinary, QemuConfig, QemuProcess, RootDisk,
+    Accel, AccelPolicy, NbdEndpoint, QemuBinary, QemuConfig, QemuError, QemuProcess, RootDisk,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
@@ -32,6 +33,8 @@ struct Env {
     template: PathBuf,
     accel: Accel,
     vms: usize,
+    /// What QEMU must never hold open.
+    templates: Vec<TemplateIdentity>,
 }
 
 fn env() -> Env {
@@ -56,6 +59,10 @@ fn env() -> Env {
         template: assets.join("template.ext4"),
         accel,
         vms,
+        templates: vec![
+            TemplateIdentity::of(&TemplatePath::new(assets.join("template.ext4")))
+                .expect("template.ext4"),
+        ],
     }
 }
 
@@ -72,13 +79,36 @@ async fn boot(env: &Env, dir: &Path, vmid: &str, ep: NbdEndpoint) -> Boot {
     boot_disk(env, dir, vmid, RootDisk::Nbd(ep)).await
 }
 
-/// Boots a VM on `root` and waits for it to power off.
-async fn boot_disk(env: &Env, dir: &Path, vmid: &str, root: RootDisk) -> Boot {
+/// The QEMU config of VM `vmid` with root disk `root`.
+fn vm_config(env: &Env, dir: &Path, vmid: &str, root: RootDisk) -> QemuConfig {
     let mut cfg = QemuConfig::new(&env.kernel, root, dir.join(format!("{vmid}.console")));
     cfg.accel = env.accel;
     cfg.initrd = Some(env.initrd.clone());
     cfg.append = format!("console=ttyS0 root=/dev/vda rw panic=-1 quiet rootfork.vmid={vmid}");
-    let mut vm = QemuProcess::spawn(&env.qemu, &cfg, &dir.join(format!("{vmid}.qemu.log")))
+    cfg
+}
+
+/// Starts QEMU paused, verifies what it opened against `templates`, then lets the guest run.
+fn start_vm(
+    env: &Env,
+    dir: &Path,
+    vmid: &str,
+    cfg: &QemuConfig,
+    templates: &[TemplateIdentity],
+) -> Result<QemuProcess, QemuError> {
+    QemuProcess::spawn_verified(
+        &env.qemu,
+        cfg,
+        &dir.join(format!("{vmid}.qemu.log")),
+        &dir.join(format!("{vmid}.qmp")),
+        templates,
+    )
+}
+
+/// Boots a VM on `root` and waits for it to power off.
+async fn boot_disk(env: &Env, dir: &Path, vmid: &str, root: RootDisk) -> Boot {
+    let cfg = vm_config(env, dir, vmid, root);
+    let mut vm = tokio::task::block_in_place(|| start_vm(env, dir, vmid, &cfg, &env.templates))
         .expect("starting qemu");
     let exit = vm.wait_timeout_async(BOOT_TIMEOUT).await;
     let console = vm.console();
@@ -308,6 +338,24 @@ async fn vms_boot_from_one_template_in_isolation_and_resume_after_pause() {
     let mut direct = DirectProvider::new(template.clone(), &copy);
     direct.start().unwrap();
     let dev = direct.path(Duration::from_secs(60), never()).await.unwrap();
+    // The run-time guard with a real QEMU: declare the copy a template, and QEMU (which must
+    // open it as its root disk) is refused and killed before the guest runs a single instruction.
+    {
+        let as_template = [TemplateIdentity::of(&TemplatePath::new(&copy)).unwrap()];
+        let cfg = vm_config(&env, dir.path(), "refused", RootDisk::Device(dev.clone()));
+        let r = tokio::task::block_in_place(|| {
+            start_vm(&env, dir.path(), "refused", &cfg, &as_template)
+        });
+        assert!(
+            matches!(
+                r,
+                Err(QemuError::Verify(VerifyError::TemplateOpened { .. }))
+            ),
+            "QEMU holding a template was not refused: {r:?}"
+        );
+        let console = std::fs::read(dir.path().join("refused.console")).unwrap();
+        assert!(console.is_empty(), "the refused guest ran");
+    }
     let direct_boot = boot_disk(&env, dir.path(), "direct", RootDisk::Device(dev)).await;
     assert_eq!(marker_files(&direct_boot), vec!["hello-direct".to_string()]);
     direct.close().await.unwrap();

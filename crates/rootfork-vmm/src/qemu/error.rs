@@ -39,6 +39,12 @@ pub enum QemuError {
         #[source]
         source: io::Error,
     },
+    /// The QMP monitor answered something unexpected or an error.
+    #[error("QMP: {0}")]
+    Qmp(String),
+    /// QEMU opened a template or not the provider's device; the VM was killed before it ran.
+    #[error(transparent)]
+    Verify(#[from] crate::firecracker::VerifyError),
     /// The VM did not exit within the allowed time (it has been killed).
     #[error("QEMU did not exit within {0:?}")]
     Timeout(Duration),

@@ -5,7 +5,9 @@
 //!   device — and how each becomes a `-blockdev`/`-device` pair;
 //! - [`accel`]: choosing KVM or TCG (KVM only when asked for or proven to work by a real probe);
 //! - [`config`]: the typed VM description and its command line;
-//! - [`process`]: the running QEMU as an RAII guard (killed and reaped on drop) with timed waits.
+//! - [`process`]: the running QEMU as an RAII guard (killed and reaped on drop) with timed waits;
+//!   [`QemuProcess::spawn_verified`] starts it paused and lets the guest run only after
+//!   [`verify`] has checked what the process opened (over [`qmp`]).
 //!
 //! The root disk is never a bare path: it is built from an [`NbdEndpoint`] (a socket, not a file)
 //! or from the `drive` module's ready device, so a template image cannot be handed to QEMU by
@@ -16,9 +18,13 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod process;
+pub mod qmp;
+pub mod verify;
 
 pub use accel::{probe_kvm, Accel, AccelPolicy};
 pub use config::{QemuBinary, QemuConfig};
 pub use disk::{NbdEndpoint, RootDisk};
 pub use error::QemuError;
 pub use process::{QemuExit, QemuProcess};
+pub use qmp::Qmp;
+pub use verify::verify_root;

@@ -7,6 +7,12 @@ use std::time::{Duration, Instant};
 
 use super::config::{QemuBinary, QemuConfig};
 use super::error::QemuError;
+use super::qmp::Qmp;
+use super::verify::verify_root;
+use crate::firecracker::TemplateIdentity;
+
+/// How long QEMU may take to initialise and greet on QMP.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often waits poll the child.
 const POLL: Duration = Duration::from_millis(10);
@@ -48,6 +54,53 @@ impl QemuProcess {
         cmd.args(args);
         tracing::debug!(?cmd, "starting qemu");
         Self::spawn_command(cmd, log, Some(config.serial.clone()))
+    }
+
+    /// Boots `config` paused (`-S`, QMP on `qmp_socket`), waits until QEMU has initialised (its
+    /// disks are open when it greets on QMP), checks with [`verify_root`] that it holds the
+    /// provider's device and none of `templates` open, and only then lets the guest run. On any
+    /// failure the process is killed before a single guest instruction ran.
+    pub fn spawn_verified(
+        qemu: &QemuBinary,
+        config: &QemuConfig,
+        log: &Path,
+        qmp_socket: &Path,
+        templates: &[TemplateIdentity],
+    ) -> Result<Self, QemuError> {
+        config.check_files()?;
+        let qmp_arg = qmp_socket
+            .to_str()
+            .filter(|s| !s.contains(','))
+            .ok_or_else(|| QemuError::InvalidConfig(format!("QMP socket {qmp_socket:?}")))?;
+        let mut args = config.args()?;
+        args.extend([
+            "-S".into(),
+            "-qmp".into(),
+            format!("unix:{qmp_arg},server=on,wait=off").into(),
+        ]);
+        let _ = std::fs::remove_file(qmp_socket);
+        File::create(&config.serial).map_err(|e| {
+            QemuError::io(
+                format!("creating console file {}", config.serial.display()),
+                e,
+            )
+        })?;
+        let mut cmd = qemu.command();
+        cmd.args(args);
+        let mut vm = Self::spawn_command(cmd, log, Some(config.serial.clone()))?;
+        let mut qmp = match Qmp::connect(qmp_socket, QMP_TIMEOUT) {
+            Ok(q) => q,
+            Err(e) => {
+                vm.kill();
+                return Err(QemuError::Qmp(format!(
+                    "{e}; qemu log: {}",
+                    vm.log().trim()
+                )));
+            }
+        };
+        verify_root(vm.pid, &config.root, templates)?; // `vm` is killed by its drop on error
+        qmp.execute("cont", None)?;
+        Ok(vm)
     }
 
     /// Spawns an already prepared QEMU command (stdin closed, output to `log`).
