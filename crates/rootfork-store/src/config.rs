@@ -47,8 +47,9 @@ pub enum Backend {
 pub struct FetchPolicy {
     /// Fetch unit in bytes (rounded up to a multiple of each build's checksum chunk).
     pub chunk_size: u64,
-    /// Deadline of one fetch including all retries. Keep it below the kernel's NBD I/O timeout
-    /// so the kernel gets `EIO` for the request rather than tearing the device down.
+    /// Deadline of one request, measured from the start of its `RequestScope` (every chunk it
+    /// needs, retries included). Keep it below the kernel's NBD I/O timeout so the kernel gets
+    /// `EIO` for the request rather than tearing the device down.
     pub timeout: Duration,
     /// Retries after the first attempt.
     pub retries: u32,

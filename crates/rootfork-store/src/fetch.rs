@@ -88,13 +88,16 @@ impl Flight {
         self.done.notify_all();
     }
 
-    fn wait(&self) -> Result<Bytes, FetchError> {
+    /// The leader's outcome, or `None` if `deadline` passes first.
+    fn wait_until(&self, deadline: std::time::Instant) -> Option<Result<Bytes, FetchError>> {
         let mut g = self.outcome.lock();
         loop {
             if let Some(r) = g.as_ref() {
-                return r.clone();
+                return Some(r.clone());
             }
-            self.done.wait(&mut g);
+            if self.done.wait_until(&mut g, deadline).timed_out() {
+                return g.clone();
+            }
         }
     }
 }
@@ -176,6 +179,7 @@ impl Fetcher {
             None,
             None,
             self.policy,
+            std::time::Instant::now() + self.policy.timeout,
             self.stats.clone(),
         );
         let r = self.bridge.run(fut)?;
@@ -185,13 +189,15 @@ impl Fetcher {
         r
     }
 
-    /// The chunk `key`, stored at `range` of object `object`, verified with `verify`.
+    /// The chunk `key`, stored at `range` of object `object`, verified with `verify`, or an
+    /// error no later than (about) `deadline`.
     pub fn chunk(
         &self,
         key: ChunkKey,
         object: &str,
         range: Range<u64>,
         verify: &Verify,
+        deadline: std::time::Instant,
     ) -> Result<ChunkData, FetchError> {
         if let Some(c) = self.cache.get(&key) {
             if c.verified {
@@ -220,7 +226,19 @@ impl Fetcher {
         };
         if !leader {
             FetchStats::add(&self.stats.shared_waits, 1);
-            return flight.wait().map(ChunkData::Memory);
+            return match flight.wait_until(deadline) {
+                Some(r) => r.map(ChunkData::Memory),
+                None => {
+                    FetchStats::add(&self.stats.timeouts, 1);
+                    FetchStats::add(&self.stats.failures, 1);
+                    Err(FetchError::Timeout {
+                        key: object.to_owned(),
+                        after: self.policy.timeout,
+                        attempts: 0,
+                        last: "another reader's fetch of this chunk is still running".into(),
+                    })
+                }
+            };
         }
         let mut guard = LeaderGuard {
             fetcher: self,
@@ -234,6 +252,7 @@ impl Fetcher {
             Some(range),
             Some(verify.clone()),
             self.policy,
+            deadline,
             self.stats.clone(),
         );
         let result = self.bridge.run(fut).and_then(|r| r);
@@ -262,16 +281,17 @@ impl Fetcher {
     }
 }
 
-/// Fetches `key` (or `range` of it) with retries and backoff until `policy.timeout` has passed.
+/// Fetches `key` (or `range` of it) with retries and backoff until `deadline`.
 pub async fn fetch_with_retries(
     source: Arc<dyn ObjectSource>,
     key: String,
     range: Option<Range<u64>>,
     verify: Option<Verify>,
     policy: FetchPolicy,
+    deadline: std::time::Instant,
     stats: Arc<FetchStats>,
 ) -> Result<Bytes, FetchError> {
-    let deadline = Instant::now() + policy.timeout;
+    let deadline = Instant::from_std(deadline);
     let mut delay = policy.backoff_initial;
     let mut attempts = 0u32;
     loop {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use object_store::ObjectStore;
 use rootfork_block::layered::{
     BuildData, BuildId, BuildMap, BuildResolver, LayerError, LayerResult, LayeredTemplate,
+    RequestScope,
 };
 
 use crate::bridge::Bridge;
@@ -157,6 +158,10 @@ impl BuildData for RemoteData {
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= self.len)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
+        // One deadline for the whole request this read belongs to (see `RequestScope`), however
+        // many chunks and mapping runs it needs, so it answers within the fetch timeout.
+        let started = RequestScope::started().unwrap_or_else(std::time::Instant::now);
+        let deadline = started + self.inner.fetcher.policy().timeout;
         let mut pos = offset;
         while pos < end {
             let index = pos / self.chunk;
@@ -170,7 +175,7 @@ impl BuildData for RemoteData {
             let data = self
                 .inner
                 .fetcher
-                .chunk(key, &self.key, start..stop, &self.verify)
+                .chunk(key, &self.key, start..stop, &self.verify, deadline)
                 .map_err(|e| e.to_io())?;
             let n = (stop.min(end) - pos) as usize;
             let at = (pos - offset) as usize;

@@ -145,6 +145,39 @@ fn failed_and_timed_out_fetches_are_eio_never_cached_and_recover() {
 }
 
 #[test]
+fn a_read_spanning_many_missing_chunks_has_one_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_bytes(24 * MIB, 8);
+    let (local, base) = local_base(dir.path(), &img);
+    let (remote, faulty, _) = memory_store(dir.path());
+    remote.upload(&local, &base).unwrap();
+    let t = remote.open(&base).unwrap();
+    // Each request answers after 1 s, inside the 1.5 s deadline on its own.
+    faulty.delay_ms.store(1000, Ordering::SeqCst);
+    // 16 MiB of device bytes need four 4 MiB data chunks: four slow fetches in a row would take
+    // 4 s and succeed; with one deadline for the read the second fetch runs out of time.
+    let mut buf = vec![0u8; (16 * MIB) as usize];
+    let started = std::time::Instant::now();
+    assert_eq!(t.read_at(&mut buf, 0).unwrap_err().errno(), libc::EIO);
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(3000),
+        "took {took:?}"
+    );
+    assert_eq!(
+        faulty.ranges.load(Ordering::SeqCst),
+        2,
+        "the second fetch was cut short"
+    );
+    assert_eq!(remote.stats().timeouts, 1);
+    // The chunk that did arrive in time is cached; the rest is fetched by later reads.
+    assert_eq!(remote.cache().len(), 1);
+    faulty.delay_ms.store(0, Ordering::SeqCst);
+    t.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, img[..buf.len()]);
+}
+
+#[test]
 fn corrupt_chunks_are_detected_and_not_cached() {
     let dir = tempfile::tempdir().unwrap();
     let img = image_bytes(8 * MIB, 4);

@@ -22,6 +22,7 @@ use super::error::{LayerError, LayerResult};
 use super::format::{BuildHeader, BuildMap};
 use super::id::BuildId;
 use super::mapping::{Mapping, RunKind};
+use super::scope::RequestScope;
 use super::source::BuildData;
 use crate::device::{BlockDevice, BlockState, Extent};
 use crate::error::{BlockError, Result};
@@ -290,6 +291,7 @@ impl BlockDevice for LayeredTemplate {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        let _request = RequestScope::enter();
         for run in self.top.mapping.lookup(offset, buf.len() as u64) {
             let at = (run.offset - offset) as usize;
             let piece = &mut buf[at..at + run.len as usize];
