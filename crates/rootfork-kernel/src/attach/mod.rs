@@ -356,6 +356,14 @@ impl Attachment {
         dispatches.stop();
 
         let sysfs = lease.pool().sysfs().clone();
+        if let Some(why) = sysfs
+            .slot(index)
+            .ok()
+            .and_then(|s| s.check_quiescent().err())
+        {
+            tracing::debug!(index, %why, "teardown still running after DISCONNECT");
+            lease.pool().record_teardown_pending(why);
+        }
         let last = until(self.quiesce_wait, || match sysfs.slot(index) {
             Ok(s) => s.check_quiescent().is_ok().then_some(Ok(())),
             Err(e) => Some(Err(e)),

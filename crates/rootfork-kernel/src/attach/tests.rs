@@ -39,6 +39,8 @@ struct FakeKernel {
     /// Connected devices with the kernel's references to their sockets.
     connected: Mutex<BTreeMap<u32, Vec<OwnedFd>>>,
     disconnects: AtomicUsize,
+    /// The kernel's teardown finishes this long after DISCONNECT returns.
+    teardown_delay: Mutex<Option<Duration>>,
 }
 
 impl NbdControl for FakeKernel {
@@ -82,7 +84,16 @@ impl NbdControl for FakeKernel {
                 errno: libc::EINVAL,
             });
         }
-        fake::disconnect(&self.sys, index);
+        match *self.teardown_delay.lock() {
+            None => fake::disconnect(&self.sys, index),
+            Some(d) => {
+                let sys = self.sys.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(d);
+                    fake::disconnect(&sys, index);
+                });
+            }
+        }
         Ok(())
     }
 
@@ -203,6 +214,7 @@ impl Env {
             on_connect: Mutex::new(OnConnect::Work),
             connected: Mutex::new(BTreeMap::new()),
             disconnects: AtomicUsize::new(0),
+            teardown_delay: Mutex::new(None),
         });
         let nodes = Arc::new(FakeNodes {
             dir: dir.path().join("dev"),
@@ -298,6 +310,48 @@ fn attach_flush_close_and_reuse() {
     assert!(matches!(evs[2], PoolEvent::Disconnected { .. }));
     assert!(matches!(evs[3], PoolEvent::Released { .. }));
     assert_eq!(env.attacher.pool().metrics().connect_latency.count, 3);
+}
+
+#[test]
+fn close_waits_for_the_kernels_teardown() {
+    let env = Env::new(1);
+    *env.kernel.teardown_delay.lock() = Some(Duration::from_millis(60));
+    rt().block_on(async {
+        let a = env
+            .attacher
+            .attach(&env.dispatcher, &env.opts(1))
+            .await
+            .unwrap();
+        a.close().await.unwrap();
+    });
+    // close returned only once the slot was quiescent again, and counted the wait.
+    let m = env.attacher.pool().metrics();
+    assert_eq!(m.teardown_pending.pid, 1);
+    env.assert_clean();
+}
+
+#[test]
+fn a_slot_still_tearing_down_is_not_reused() {
+    let env = Env::new(1);
+    *env.kernel.teardown_delay.lock() = Some(Duration::from_millis(300));
+    rt().block_on(async {
+        let a = env
+            .attacher
+            .attach(&env.dispatcher, &env.opts(1))
+            .await
+            .unwrap();
+        // Dropping does not wait for the teardown: the slot's claim is released at once...
+        drop(a);
+        // ...but the pool will not hand the slot out while sysfs still shows it in use.
+        match env.attacher.pool().claim("next") {
+            Err(crate::pool::PoolError::Exhausted {
+                not_quiescent: 1, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    });
+    env.assert_clean();
 }
 
 #[test]

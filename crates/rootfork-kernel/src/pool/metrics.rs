@@ -81,19 +81,18 @@ pub(crate) struct Metrics {
     pub(crate) cooling_skips: AtomicU64,
     pub(crate) reclaimed_total: AtomicU64,
     nq: [AtomicU64; 4],
+    teardown: [AtomicU64; 4],
     pub(crate) connect_latency: Histogram,
     failures: Mutex<BTreeMap<i32, u64>>,
 }
 
 impl Metrics {
     pub(crate) fn not_quiescent(&self, why: NotQuiescent) {
-        let i = match why {
-            NotQuiescent::Pid(_) => 0,
-            NotQuiescent::Size(_) => 1,
-            NotQuiescent::Inflight(..) => 2,
-            NotQuiescent::Holders(_) => 3,
-        };
-        self.nq[i].fetch_add(1, Relaxed);
+        self.nq[rule(why)].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn teardown_pending(&self, why: NotQuiescent) {
+        self.teardown[rule(why)].fetch_add(1, Relaxed);
     }
 
     pub(crate) fn failure(&self, errno: i32) {
@@ -111,15 +110,29 @@ impl Metrics {
             busy_skips: self.busy_skips.load(Relaxed),
             cooling_skips: self.cooling_skips.load(Relaxed),
             reclaimed_total: self.reclaimed_total.load(Relaxed),
-            not_quiescent_skips: QuiescenceSkips {
-                pid: self.nq[0].load(Relaxed),
-                size: self.nq[1].load(Relaxed),
-                inflight: self.nq[2].load(Relaxed),
-                holders: self.nq[3].load(Relaxed),
-            },
+            not_quiescent_skips: skips(&self.nq),
+            teardown_pending: skips(&self.teardown),
             connect_latency: self.connect_latency.snapshot(),
             failures_by_errno: self.failures.lock().clone(),
         }
+    }
+}
+
+fn rule(why: NotQuiescent) -> usize {
+    match why {
+        NotQuiescent::Pid(_) => 0,
+        NotQuiescent::Size(_) => 1,
+        NotQuiescent::Inflight(..) => 2,
+        NotQuiescent::Holders(_) => 3,
+    }
+}
+
+fn skips(c: &[AtomicU64; 4]) -> QuiescenceSkips {
+    QuiescenceSkips {
+        pid: c[0].load(Relaxed),
+        size: c[1].load(Relaxed),
+        inflight: c[2].load(Relaxed),
+        holders: c[3].load(Relaxed),
     }
 }
 
@@ -144,6 +157,9 @@ pub struct MetricsSnapshot {
     pub cooling_skips: u64,
     /// Slots skipped by the quiescence check, per rule.
     pub not_quiescent_skips: QuiescenceSkips,
+    /// Orderly closes whose slot was not yet quiescent right after `DISCONNECT` returned (the
+    /// kernel's teardown was still running), per rule: what an immediate reuse would have hit.
+    pub teardown_pending: QuiescenceSkips,
     /// Devices and claims reclaimed from dead processes.
     pub reclaimed_total: u64,
     /// Claim-to-connected latency of successful attaches.

@@ -180,6 +180,11 @@ impl DevicePool {
         self.shared.metrics.failure(errno);
     }
 
+    /// Records that a slot was not quiescent right after its `DISCONNECT` returned.
+    pub(crate) fn record_teardown_pending(&self, why: crate::sysfs::NotQuiescent) {
+        self.shared.metrics.teardown_pending(why);
+    }
+
     pub(crate) fn record_reclaimed(&self) {
         self.shared
             .metrics
