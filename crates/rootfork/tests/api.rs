@@ -391,14 +391,12 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
         .get_sandbox(v1::GetSandboxRequest { id: "never".into() })
         .await;
     assert_eq!(code(get.map(|r| r.into_inner())), Code::NotFound);
-    assert_eq!(
-        delete(&mut c, "never").await.unwrap(),
-        false,
+    assert!(
+        !delete(&mut c, "never").await.unwrap(),
         "deleting an unknown sandbox is a no-op"
     );
-    assert_eq!(
-        delete(&mut c, "dead").await.unwrap(),
-        false,
+    assert!(
+        !delete(&mut c, "dead").await.unwrap(),
         "deleting twice is a no-op"
     );
     assert_eq!(
@@ -637,4 +635,56 @@ async fn client_says_when_the_daemon_is_not_running() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("not answering"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_three_times_keeps_every_write() {
+    let d = TestDaemon::start(false).await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 32);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let mut sb = create(&mut c, "tpl", "p").await.unwrap();
+    for round in 0..3u8 {
+        // Each round overwrites block 2 and writes a block of its own.
+        nbd_write(&sb.nbd_uri, 2 * 4096, 4096, 0x10 + round);
+        nbd_write(
+            &sb.nbd_uri,
+            (10 + u64::from(round)) * 4096,
+            4096,
+            0x20 + round,
+        );
+        c.sandboxes
+            .pause_sandbox(v1::PauseSandboxRequest { id: "p".into() })
+            .await
+            .unwrap();
+        assert_eq!(
+            d.files("paused").len(),
+            1,
+            "one diff per paused sandbox: {:?}",
+            d.files("paused")
+        );
+        sb = c
+            .sandboxes
+            .resume_sandbox(v1::ResumeSandboxRequest { id: "p".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(nbd_read(&sb.nbd_uri, 2 * 4096, 2), vec![0x10 + round; 2]);
+        for r in 0..=round {
+            assert_eq!(
+                nbd_read(&sb.nbd_uri, (10 + u64::from(r)) * 4096, 2),
+                vec![0x20 + r; 2],
+                "round {round} block of round {r}"
+            );
+        }
+        assert_eq!(&nbd_read(&sb.nbd_uri, 3 * 4096, 12), b"tpl block 3\n");
+    }
+    assert_eq!(sb.pause_count, 3);
+    assert!(delete(&mut c, "p").await.unwrap());
+    assert!(d.files("paused").is_empty());
+    assert_eq!(
+        std::fs::read(d.state().join("templates/tpl.img")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    d.daemon.shutdown().await;
 }

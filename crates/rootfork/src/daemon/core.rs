@@ -17,8 +17,8 @@ use rootfork_block::{OverlayOptions, TemplatePath};
 use rootfork_kernel::AttachOptions;
 use rootfork_nbd::ServeOptions;
 use rootfork_provider::{
-    AnyProvider, BaseImage, KernelConfig, KernelProvider, Provider, ProviderDevice, ProviderKind,
-    SocketConfig, SocketProvider,
+    AnyProvider, BaseImage, KernelConfig, KernelProvider, PausedDisk, Provider, ProviderDevice,
+    ProviderKind, SocketConfig, SocketProvider,
 };
 
 use crate::api::v1::{self, EventKind, HealthState, SandboxState, VmmSettings};
@@ -498,11 +498,6 @@ impl Core {
             .ok_or_else(|| DaemonError::SandboxNotFound(id.into()))?;
         let mut live = sb.live.lock().await;
         self.running_or_precondition(&sb, "pause", SandboxState::Running)?;
-        if live.paused.is_some() {
-            return Err(DaemonError::FailedPrecondition(format!(
-                "sandbox {id:?} was resumed from a pause; pausing it again would need stacked diffs, which the daemon does not support yet"
-            )));
-        }
         let Some(mut provider) = live.provider.take() else {
             return Err(DaemonError::FailedPrecondition(format!(
                 "sandbox {id:?} has no device"
@@ -520,6 +515,49 @@ impl Core {
         self.closed_template_bytes
             .fetch_add(template_read, Ordering::Relaxed);
         self.released(&sb);
+        // A sandbox resumed from a pause exported its changes relative to template + the old
+        // diff: fold the two into one diff relative to the template.
+        let exported = match (exported, live.paused.take()) {
+            (Ok(new), Some(old)) => {
+                live.files.push(new.data.clone());
+                let out = self
+                    .dirs
+                    .paused
+                    .join(format!("{id}.{}.diff", live.generation));
+                live.generation += 1;
+                let (o, n) = (old.clone(), new.clone());
+                let out2 = out.clone();
+                match tokio::task::spawn_blocking(move || {
+                    crate::daemon::diffmerge::merge(&o.map, &o.data, &n.map, &n.data, &out2)
+                })
+                .await
+                {
+                    Ok(Ok(map)) => {
+                        // The merged diff replaces both.
+                        for f in [&old.data, &new.data] {
+                            let _ = std::fs::remove_file(f);
+                        }
+                        live.files.retain(|f| f != &old.data && f != &new.data);
+                        Ok(PausedDisk { map, data: out })
+                    }
+                    Ok(Err(e)) => {
+                        live.paused = Some(old);
+                        Err(DaemonError::io("merging the paused diffs", e))
+                    }
+                    Err(e) => {
+                        live.paused = Some(old);
+                        Err(DaemonError::io(
+                            "merging the paused diffs",
+                            std::io::Error::other(e.to_string()),
+                        ))
+                    }
+                }
+            }
+            (r, old) => {
+                live.paused = old;
+                r.map_err(DaemonError::from)
+            }
+        };
         match exported {
             Ok(paused) => {
                 if let Err(e) = closed {

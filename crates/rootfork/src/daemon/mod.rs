@@ -20,6 +20,7 @@
 
 pub mod core;
 pub mod demo;
+pub mod diffmerge;
 pub mod health;
 pub mod kernel;
 pub mod sandbox;
