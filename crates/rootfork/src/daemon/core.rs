@@ -581,7 +581,6 @@ impl Core {
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&data);
-                let e = DaemonError::from(e);
                 self.set_state(
                     &sb,
                     SandboxState::Failed,
