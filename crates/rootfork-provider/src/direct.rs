@@ -150,12 +150,14 @@ impl Provider for DirectProvider {
             return Ok(());
         }
         let finished = matches!(was, State::Ready(_));
-        if !finished {
-            // Stop a copy in progress; the copy thread removes its partial file.
-            self.cancel.store(true, Ordering::SeqCst);
-        }
         if let Some(task) = self.task.take() {
-            task.await.map_err(|e| ProviderError::Task(e.to_string()))?;
+            if !finished {
+                // Stop a copy in progress without waiting for it (it may be stuck opening the
+                // template); the copy thread sees the flag and removes its partial file.
+                self.cancel.store(true, Ordering::SeqCst);
+                task.abort();
+            }
+            let _ = task.await;
         }
         self.readiness.set(State::Closed);
         // The copy may have completed while we were cancelling it; keep it only if it was

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::time::Duration;
 
 use common::{make_template, never, sha256, WriteWatch};
@@ -124,4 +124,36 @@ fn the_write_watch_notices_a_writable_open() {
     assert_eq!(watch.events(), (0, 1));
     drop(std::fs::OpenOptions::new().write(true).open(&f).unwrap());
     assert_eq!(watch.events().0, 1);
+}
+
+#[tokio::test]
+async fn close_does_not_wait_for_a_stuck_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    // Opening a FIFO for reading blocks until a writer appears: an attach that never finishes.
+    let fifo = dir.path().join("slow.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let dest = dir.path().join("copy");
+    let mut p = DirectProvider::new(TemplatePath::new(&fifo), &dest);
+    p.start().unwrap();
+    assert!(matches!(
+        p.path(Duration::from_millis(50), never()).await,
+        Err(ProviderError::Timeout(_))
+    ));
+    let t = std::time::Instant::now();
+    p.close().await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "close() waited for the stuck copy"
+    );
+    assert!(matches!(
+        p.path(Duration::from_secs(1), never()).await,
+        Err(ProviderError::Closed)
+    ));
+    // Unblock the abandoned open; it fails (a FIFO is not a template) and leaves nothing.
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!dest.exists());
 }
