@@ -68,10 +68,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("rootfork-daemon")
         .build()?;
     rt.block_on(async move {
+        // Handlers first, so a signal during the start is acted on once it has finished.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
         let daemon = Daemon::start(config).await?;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         }
         daemon.shutdown().await;

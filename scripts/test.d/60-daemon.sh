@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The daemon through its CLI, as a new user meets it: `rootfork serve` in an empty directory
+# builds the demo template, `rootfork sandbox create --template demo` serves its root disk, real
+# NBD clients read it (nbdinfo, nbdcopy + debugfs), pause/resume/delete, import with --json,
+# device list without the nbd module, completions, config validation, JSON logs, a clear message
+# when the daemon is not running, and a clean SIGTERM (API socket, NBD sockets and caches gone).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+
+# ROOTFORK_BIN: test an already built binary instead of building the release one.
+if [ -n "${ROOTFORK_BIN:-}" ]; then
+  BIN=$ROOTFORK_BIN
+else
+  cargo build --release -q -p rootfork
+  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/rootfork"
+fi
+
+WORK=$(mktemp -d /tmp/rootfork-daemon.XXXXXX)
+DPID=
+cleanup() {
+  if [ -n "$DPID" ]; then kill -TERM "$DPID" 2>/dev/null || true; wait "$DPID" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PASS=0
+FAIL=0
+ok() { echo "  ok   $*"; PASS=$((PASS+1)); }
+bad() { echo "  FAIL $*"; FAIL=$((FAIL+1)); }
+check() { local what=$1; shift; if "$@" >"$WORK/check.out" 2>&1; then ok "$what"; else bad "$what"; sed 's/^/       /' "$WORK/check.out" | tail -20; fi; }
+
+cd "$WORK"
+unset XDG_STATE_HOME ROOTFORK_API ROOTFORK_STATE_DIR || true
+
+# No daemon yet: a clear message and a failure exit.
+check "client without a daemon says so" bash -c "! '$BIN' sandbox list 2>err.txt && grep -q 'daemon is not running' err.txt"
+# Config validation names the key.
+printf 'bogus_key = 1\n' >bad.toml
+check "unknown config key is refused by name" bash -c "! '$BIN' serve --config bad.toml 2>err.txt && grep -q bogus_key err.txt"
+check "non-loopback metrics refused" bash -c "! ROOTFORK_METRICS=0.0.0.0:9 '$BIN' serve 2>err.txt && grep -q loopback err.txt"
+
+# The README's first command, in an empty directory.
+"$BIN" serve --log-format json --health-interval 1 >daemon.log 2>&1 &
+DPID=$!
+for _ in $(seq 200); do [ -S .rootfork/api.sock ] && break; sleep 0.05; done
+check "daemon started with defaults (./.rootfork/api.sock, 0600)" bash -c "[ \"\$(stat -c %a .rootfork/api.sock)\" = 600 ]"
+check "logs are JSON and say how to create a sandbox" bash -c "head -1 daemon.log | python3 -c 'import json,sys; json.loads(sys.stdin.readline())' && grep -q 'sandbox create --template demo' daemon.log"
+check "demo template built" bash -c "'$BIN' template list | grep -q '^demo '"
+
+"$BIN" sandbox create --template demo --id first >create.txt
+URI=$(sed -n 's/^nbd uri: *//p' create.txt)
+check "create prints the NBD URI" test -n "$URI"
+check "nbdinfo sees the demo ext4" bash -c "nbdinfo '$URI' | grep -q 'ext4 filesystem'"
+check "the root disk holds hello.txt" bash -c "nbdcopy '$URI' disk.img && debugfs -R 'cat /hello.txt' disk.img 2>/dev/null | grep -q 'rootfork sandbox'"
+
+check "get --json" bash -c "'$BIN' sandbox get first --json | python3 -c 'import json,sys; s=json.load(sys.stdin); assert s[\"state\"]==\"running\" and s[\"health\"]==\"healthy\", s'"
+check "duplicate id refused" bash -c "! '$BIN' sandbox create --template demo --id first 2>err.txt && grep -q ALREADY_EXISTS err.txt"
+check "bad id refused" bash -c "! '$BIN' sandbox create --template demo --id ../x 2>err.txt && grep -q INVALID_ARGUMENT err.txt"
+check "kernel provider unavailable without the module" bash -c "[ -e /sys/module/nbd ] || { ! '$BIN' sandbox create --template demo --provider kernel 2>err.txt && grep -q UNAVAILABLE err.txt; }"
+check "device list explains an absent pool" bash -c "[ -e /sys/module/nbd ] || '$BIN' device list | grep -q 'pool unavailable'"
+
+head -c 8M /dev/urandom >img.raw
+check "template import --json" bash -c "'$BIN' template import rnd img.raw --json | python3 -c 'import json,sys; t=json.load(sys.stdin); assert t[\"size_bytes\"]==8<<20, t'"
+check "sandbox on the imported template reads it back" bash -c "'$BIN' sandbox create --template rnd --id second --json >s2.json && U=\$(python3 -c 'import json; print(json.load(open(\"s2.json\"))[\"nbd_uri\"])') && nbdcopy \"\$U\" back.raw && cmp img.raw back.raw"
+check "pause" bash -c "'$BIN' sandbox pause second | grep -q 'state: *paused'"
+check "pause twice is FAILED_PRECONDITION" bash -c "! '$BIN' sandbox pause second 2>err.txt && grep -q FAILED_PRECONDITION err.txt"
+check "resume" bash -c "'$BIN' sandbox resume second | grep -q 'state: *running'"
+check "template in use cannot be deleted" bash -c "! '$BIN' template delete rnd 2>err.txt && grep -q FAILED_PRECONDITION err.txt"
+check "list shows both" bash -c "[ \"\$('$BIN' sandbox list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')\" = 2 ]"
+check "delete is idempotent" bash -c "'$BIN' sandbox delete second && '$BIN' sandbox delete second | grep -q 'did not exist'"
+check "template delete" bash -c "'$BIN' template delete rnd | grep -q deleted"
+check "completions" bash -c "'$BIN' completions bash | grep -q _rootfork"
+
+kill -TERM "$DPID"; wait "$DPID" || true; DPID=
+check "SIGTERM removes the API socket, NBD sockets and caches" bash -c "[ ! -e .rootfork/api.sock ] && [ -z \"\$(find .rootfork/nbd .rootfork/cache -mindepth 1)\" ]"
+check "templates survive a restart" test -f .rootfork/templates/demo.img
+
+echo "daemon suite: $PASS passed, $FAIL failed"
+[ "$FAIL" = 0 ]
