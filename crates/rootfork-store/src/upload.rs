@@ -2,7 +2,9 @@
 //!
 //! A build is uploaded data first, map last: a map in the store means its data is complete, and
 //! a build whose map is already there is skipped. Large data goes up as a multipart upload in
-//! 8 MiB parts with a bounded number in flight.
+//! 8 MiB parts with a bounded number in flight. The data is checked against the build's chunk
+//! checksums as it streams; a mismatch aborts the upload before the map is written, so a build
+//! damaged on local disk never becomes visible in the store.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
-use rootfork_block::layered::{BuildId, BuildResolver, LocalStore, DATA_FILE, MAP_FILE};
+use rootfork_block::layered::{BuildId, BuildResolver, LocalStore, RunKind, DATA_FILE, MAP_FILE};
 use tokio::io::AsyncReadExt;
 
 use crate::error::StoreError;
@@ -41,11 +43,60 @@ async fn exists(store: &Arc<dyn ObjectStore>, key: &str) -> Result<bool, StoreEr
     }
 }
 
+/// Checks a stream of data against a build's chunk checksums.
+struct CrcStream {
+    chunk: u64,
+    crcs: Vec<u32>,
+    pos: u64,
+    current: u32,
+}
+
+impl CrcStream {
+    fn feed(&mut self, mut buf: &[u8]) -> Result<(), u64> {
+        while !buf.is_empty() {
+            let take = ((self.chunk - self.pos % self.chunk) as usize).min(buf.len());
+            self.current = crc32c::crc32c_append(self.current, &buf[..take]);
+            self.pos += take as u64;
+            buf = &buf[take..];
+            if self.pos.is_multiple_of(self.chunk) {
+                self.check()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&mut self) -> Result<(), u64> {
+        let index = (self.pos - 1) / self.chunk;
+        if self.crcs.get(index as usize) != Some(&self.current) {
+            return Err(index * self.chunk);
+        }
+        self.current = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), u64> {
+        if !self.pos.is_multiple_of(self.chunk) {
+            self.check()?;
+        }
+        Ok(())
+    }
+}
+
 async fn put_file(
     store: &Arc<dyn ObjectStore>,
     key: &str,
     path: PathBuf,
+    mut crcs: Option<CrcStream>,
 ) -> Result<u64, StoreError> {
+    let bad = |offset: u64| {
+        StoreError::io(
+            format!("uploading {key}"),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} fails its checksum at {offset}", path.display()),
+            ),
+        )
+    };
     let io = |e| StoreError::io(format!("reading {}", path.display()), e);
     let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
     let len = file.metadata().await.map_err(io)?.len();
@@ -53,6 +104,9 @@ async fn put_file(
     if len <= PART as u64 {
         let mut buf = Vec::with_capacity(len as usize);
         file.read_to_end(&mut buf).await.map_err(io)?;
+        if let Some(mut c) = crcs {
+            c.feed(&buf).and_then(|()| c.finish()).map_err(bad)?;
+        }
         store
             .put(&location, PutPayload::from(Bytes::from(buf)))
             .await
@@ -69,12 +123,22 @@ async fn put_file(
     while sent < len {
         let n = ((len - sent) as usize).min(PART);
         file.read_exact(&mut buf[..n]).await.map_err(io)?;
+        if let Some(c) = crcs.as_mut() {
+            if let Err(offset) = c.feed(&buf[..n]) {
+                let _ = writer.abort().await;
+                return Err(bad(offset));
+            }
+        }
         writer
             .wait_for_capacity(4)
             .await
             .map_err(req(format!("uploading {key}")))?;
         writer.write(&buf[..n]);
         sent += n as u64;
+    }
+    if let Some(Err(offset)) = crcs.map(CrcStream::finish) {
+        let _ = writer.abort().await;
+        return Err(bad(offset));
     }
     writer
         .finish()
@@ -84,24 +148,50 @@ async fn put_file(
 }
 
 impl RemoteStore {
-    /// Uploads the template whose top build is `top` — every build of its lineage that is not
-    /// in the store yet, base first. The local chain must open cleanly first.
+    /// Uploads the template whose top build is `top` — the top build and every ancestor its
+    /// mapping references that is not in the store yet, base first (ancestors whose bytes were
+    /// all overwritten are never read, so they are not needed). The local chain must open
+    /// cleanly first.
     pub fn upload(&self, local: &LocalStore, top: &BuildId) -> Result<UploadReport, StoreError> {
         local.open(top)?;
-        let lineage = local.map(top)?.lineage;
+        let top_map = local.map(top)?;
+        let mut needed = vec![false; top_map.lineage.len()];
+        needed[0] = true;
+        for r in top_map.mapping.runs() {
+            if let RunKind::Data { build, .. } = r.kind {
+                needed[build as usize] = true;
+            }
+        }
+        let lineage: Vec<BuildId> = top_map
+            .lineage
+            .iter()
+            .zip(&needed)
+            .filter_map(|(id, &n)| n.then_some(*id))
+            .collect();
+        // Every map, read before anything is sent.
+        let maps = lineage
+            .iter()
+            .map(|id| local.map(id))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut report = UploadReport::default();
-        for id in lineage.iter().rev() {
+        for (id, map) in lineage.iter().zip(maps).rev() {
             let store = self.inner.store.clone();
             let map_key = self.key(id, MAP_FILE);
             let data_key = self.key(id, DATA_FILE);
             let map_path = local.map_path(id);
             let data_path = local.data_path(id);
+            let check = CrcStream {
+                chunk: u64::from(map.header.chunk_size),
+                crcs: map.chunk_crcs,
+                pos: 0,
+                current: 0,
+            };
             let sent = self.bridge().run(async move {
                 if exists(&store, &map_key).await? {
                     return Ok::<_, StoreError>(None);
                 }
-                let data = put_file(&store, &data_key, data_path).await?;
-                let map = put_file(&store, &map_key, map_path).await?;
+                let data = put_file(&store, &data_key, data_path, Some(check)).await?;
+                let map = put_file(&store, &map_key, map_path, None).await?;
                 Ok(Some(data + map))
             })??;
             match sent {

@@ -81,6 +81,24 @@ fn uploads_once_and_fetches_only_touched_chunks() {
 }
 
 #[test]
+fn a_build_damaged_locally_is_never_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_bytes(20 * MIB, 9);
+    let (local, base) = local_base(dir.path(), &img);
+    let path = local.data_path(&base);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(13 * MIB) as usize] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let (remote, _faulty, _) = memory_store(dir.path());
+    let err = remote.upload(&local, &base).unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert!(matches!(
+        remote.open(&base),
+        Err(rootfork_block::layered::LayerError::MissingBuild(_))
+    ));
+}
+
+#[test]
 fn concurrent_reads_of_one_chunk_share_one_fetch() {
     let dir = tempfile::tempdir().unwrap();
     let img = image_bytes(8 * MIB, 2);
@@ -269,6 +287,21 @@ fn layered_templates_read_through_the_remote_store() {
     assert_eq!(r.uploaded, vec![base, layer], "base first, then the layer");
     let t = remote.open(&layer).unwrap();
     assert_eq!(read(&t, 0, img.len()), img);
+    // A layer that overwrites everything needs none of its ancestors' data: only it is sent.
+    let empty = MemData(Vec::new());
+    let all_zero = LayerDiff {
+        size: img.len() as u64,
+        runs: vec![(0, img.len() as u64, DiffSource::Zero)],
+        data: &empty,
+    };
+    let wiped = local.create_layer(&layer, &all_zero).unwrap().header.id;
+    let (remote3, _f3, _) = memory_store(&dir.path().join("third"));
+    assert_eq!(
+        remote3.upload(&local, &wiped).unwrap().uploaded,
+        vec![wiped]
+    );
+    let t3 = remote3.open(&wiped).unwrap();
+    assert!(read(&t3, 0, 8192).iter().all(|&b| b == 0));
     // A layer whose base is missing remotely is refused at open.
     let (remote2, _f, store2) = memory_store(&dir.path().join("other"));
     remote2.upload(&local, &layer).unwrap();
