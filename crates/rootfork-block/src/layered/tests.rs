@@ -393,3 +393,37 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn concurrent_reads_verify_once_and_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = sample_image(512 * 1024);
+    let path = dir.path().join("img");
+    write_sparse(&path, &img);
+    let store = LocalStore::new(dir.path().join("store"));
+    let base = store.import_image(&path, opts()).unwrap();
+    let t = std::sync::Arc::new(store.open(&base.header.id).unwrap());
+    let img = std::sync::Arc::new(img);
+    let threads: Vec<_> = (0..4u64)
+        .map(|seed| {
+            let (t, img) = (t.clone(), img.clone());
+            std::thread::spawn(move || {
+                let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                for _ in 0..500 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let off = x % (img.len() as u64 - 1);
+                    let len = (x >> 40) % 20_000 + 1;
+                    let len = len.min(img.len() as u64 - off) as usize;
+                    let mut buf = vec![0u8; len];
+                    t.read_at(&mut buf, off).unwrap();
+                    assert_eq!(buf, img[off as usize..off as usize + len]);
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+}
