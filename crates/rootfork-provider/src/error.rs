@@ -82,10 +82,56 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The errno that best describes this error (for metrics and for callers that answer over
+    /// a wire): the underlying layer's errno where there is one.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ProviderError::NotStarted | ProviderError::NotReady => libc::EAGAIN,
+            ProviderError::AlreadyStarted => libc::EALREADY,
+            ProviderError::Closed => libc::ESHUTDOWN,
+            ProviderError::Timeout(_) => libc::ETIMEDOUT,
+            ProviderError::Cancelled => libc::ECANCELED,
+            ProviderError::AttachFailed(inner) => inner.errno(),
+            ProviderError::Unsupported { .. } => libc::ENOTSUP,
+            ProviderError::Exists(_) => libc::EEXIST,
+            ProviderError::InvalidArgument(_) | ProviderError::Endpoint(_) => libc::EINVAL,
+            ProviderError::Block(e) => e.errno(),
+            ProviderError::Drive(_) => libc::ENODEV,
+            ProviderError::Kernel(e) => e.errno(),
+            ProviderError::Nbd(rootfork_nbd::ServerError::AddressInUse(_)) => libc::EADDRINUSE,
+            ProviderError::Nbd(rootfork_nbd::ServerError::Io { source, .. })
+            | ProviderError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            ProviderError::Nbd(_) | ProviderError::Task(_) => libc::EIO,
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         ProviderError::Io {
             context: context.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_follows_the_cause() {
+        assert_eq!(
+            ProviderError::Timeout(Duration::ZERO).errno(),
+            libc::ETIMEDOUT
+        );
+        assert_eq!(ProviderError::Cancelled.errno(), libc::ECANCELED);
+        assert_eq!(ProviderError::Closed.errno(), libc::ESHUTDOWN);
+        let nested = ProviderError::AttachFailed(Arc::new(ProviderError::Exists("/x".into())));
+        assert_eq!(nested.errno(), libc::EEXIST);
+        let io = ProviderError::io("x", io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(io.errno(), libc::ENOSPC);
+        assert_eq!(
+            ProviderError::Block(BlockError::ReadOnly).errno(),
+            libc::EPERM
+        );
     }
 }
