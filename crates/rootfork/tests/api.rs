@@ -182,12 +182,14 @@ async fn lifecycle_end_to_end() {
     use v1::{EventKind as K, SandboxState as S};
     let want = [
         (K::Sandbox, S::Creating),
+        (K::Claimed, S::Unspecified),
         (K::Connected, S::Unspecified),
         (K::Sandbox, S::Running),
         (K::Sandbox, S::Pausing),
         (K::Released, S::Unspecified),
         (K::Sandbox, S::Paused),
         (K::Sandbox, S::Resuming),
+        (K::Claimed, S::Unspecified),
         (K::Connected, S::Unspecified),
         (K::Sandbox, S::Running),
         (K::Sandbox, S::Deleting),
@@ -686,5 +688,43 @@ async fn pause_resume_three_times_keeps_every_write() {
         std::fs::read(d.state().join("templates/tpl.img")).unwrap(),
         std::fs::read(&src).unwrap()
     );
+    d.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_racing_create_never_leaves_a_running_ghost() {
+    let d = TestDaemon::start(false).await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    for i in 0..20 {
+        let id = format!("race-{i}");
+        let (mut c1, mut c2) = (c.clone(), c.clone());
+        let id2 = id.clone();
+        let create = tokio::spawn(async move { create(&mut c1, "tpl", &id2).await });
+        // Delete as soon as the create has registered the id.
+        loop {
+            let got = c2
+                .sandboxes
+                .get_sandbox(v1::GetSandboxRequest { id: id.clone() })
+                .await;
+            if got.is_ok() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let deleted = delete(&mut c2, &id).await.unwrap();
+        let created = create.await.unwrap();
+        assert!(created.is_ok() && deleted, "{created:?} {deleted}");
+        let now = c
+            .sandboxes
+            .get_sandbox(v1::GetSandboxRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(now.state, v1::SandboxState::Deleted as i32, "{i}");
+    }
+    assert!(d.files("nbd").is_empty());
+    assert!(d.files("cache").is_empty());
     d.daemon.shutdown().await;
 }

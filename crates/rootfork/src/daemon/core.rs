@@ -350,6 +350,14 @@ impl Core {
     /// Starts `provider` and waits for its device; on failure closes it again.
     async fn bring_up(&self, sb: &Sandbox, mut provider: AnyProvider) -> Result<AnyProvider> {
         let started = Instant::now();
+        if let AnyProvider::Socket(p) = &provider {
+            // The kernel pool reports its own claims.
+            self.events.emit(
+                EventBus::event(EventKind::Claimed)
+                    .sandbox(&sb.id)
+                    .message(p.config().socket.display().to_string()),
+            );
+        }
         let r = async {
             provider.start()?;
             provider
@@ -418,7 +426,14 @@ impl Core {
                 return Err(DaemonError::Unavailable(why));
             }
         }
-        let sb = {
+        // The new sandbox's lifecycle lock is taken before it is published, so a concurrent
+        // delete (or pause) of the same id waits for this create to finish or fail.
+        let sb = Sandbox::new(id.clone(), req.template.clone(), kind, req.vmm.clone());
+        let mut live = sb
+            .live
+            .try_lock()
+            .map_err(|_| DaemonError::InvalidArgument("internal: new sandbox locked".into()))?;
+        {
             let templates = self.templates.map.lock();
             if !templates.contains_key(&req.template) {
                 return Err(DaemonError::TemplateNotFound(req.template));
@@ -427,17 +442,14 @@ impl Core {
             if map.get(&id).is_some_and(|s| s.is_live()) {
                 return Err(DaemonError::SandboxExists(id));
             }
-            let sb = Sandbox::new(id.clone(), req.template.clone(), kind, req.vmm.clone());
             map.insert(id.clone(), sb.clone());
-            sb
-        };
+        }
         self.events.emit(
             EventBus::event(EventKind::Sandbox)
                 .sandbox(&id)
                 .template(&sb.template)
                 .state(SandboxState::Creating),
         );
-        let mut live = sb.live.lock().await;
         let base = BaseImage::Template(TemplatePath::new(self.templates.image_path(&sb.template)));
         let r = match self.provider_for(&sb, base, 0) {
             Ok(p) => self.bring_up(&sb, p).await,
