@@ -119,6 +119,25 @@ else
   fail "$t" "attach did not print a device"
 fi
 
+# --- 1b. a detach while another opener holds the device: the slot stays out until it closes ---
+t=holder
+if start_attach held; then
+  N=${DEV#/dev/nbd}
+  exec 3<$DEV
+  kill -TERM $APID
+  sleep 2
+  # DISCONNECT is done, but the kernel keeps the device configured while fd 3 is open.
+  [ -s /sys/block/nbd$N/pid ] && pass "$t-teardown-waits-for-opener" || fail "$t-teardown-waits-for-opener" "already torn down"
+  vmtest claim-all > /tmp/claimheld
+  grep -q '"pid":[1-9]' /tmp/claimheld && pass "$t-quiescence-check-caught-it" || { cat /tmp/claimheld; fail "$t-quiescence-check-caught-it" "no pid skip"; }
+  exec 3<&-
+  if wait $APID; then pass "$t-detach-after-close"; else cat /tmp/held.err; fail "$t-detach-after-close" "exit status"; fi
+  grep -q "teardown still running" /tmp/held.err && pass "$t-wait-logged" || { cat /tmp/held.err; fail "$t-wait-logged" "no log"; }
+  quiescent $N && pass "$t-quiescent" || fail "$t-quiescent" "nbd$N"
+else
+  fail "$t" "attach did not print a device"
+fi
+
 # --- 2. eight devices on one template at once, isolated ----------------------------------------
 t=eight
 PIDS=""; DEVS=""

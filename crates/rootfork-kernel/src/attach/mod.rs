@@ -361,7 +361,7 @@ impl Attachment {
             .ok()
             .and_then(|s| s.check_quiescent().err())
         {
-            tracing::debug!(index, %why, "teardown still running after DISCONNECT");
+            tracing::info!(index, %why, "teardown still running after DISCONNECT; waiting for quiescence");
             lease.pool().record_teardown_pending(why);
         }
         let last = until(self.quiesce_wait, || match sysfs.slot(index) {
