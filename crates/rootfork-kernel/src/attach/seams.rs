@@ -22,7 +22,7 @@ pub trait Dispatcher: Send + Sync {
 }
 
 /// One running kernel-mode connection.
-pub trait Dispatch: Send {
+pub trait Dispatch: Send + Sync {
     /// Stops taking new requests (they are answered `ESHUTDOWN`); in-flight ones finish.
     fn drain(&self);
     /// Shuts the socket down; returns at once.

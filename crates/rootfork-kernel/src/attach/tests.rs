@@ -39,8 +39,8 @@ struct FakeKernel {
     /// Connected devices with the kernel's references to their sockets.
     connected: Mutex<BTreeMap<u32, Vec<OwnedFd>>>,
     disconnects: AtomicUsize,
-    /// The kernel's teardown finishes this long after DISCONNECT returns.
-    teardown_delay: Mutex<Option<Duration>>,
+    /// When set, the kernel's teardown finishes only once the gate opens.
+    teardown_gate: Mutex<Option<Arc<Gate>>>,
 }
 
 impl NbdControl for FakeKernel {
@@ -84,12 +84,12 @@ impl NbdControl for FakeKernel {
                 errno: libc::EINVAL,
             });
         }
-        match *self.teardown_delay.lock() {
+        match self.teardown_gate.lock().clone() {
             None => fake::disconnect(&self.sys, index),
-            Some(d) => {
+            Some(gate) => {
                 let sys = self.sys.clone();
                 std::thread::spawn(move || {
-                    std::thread::sleep(d);
+                    gate.wait();
                     fake::disconnect(&sys, index);
                 });
             }
@@ -105,6 +105,27 @@ impl NbdControl for FakeKernel {
 
     fn status(&self, _: Option<u32>) -> Result<Vec<DeviceStatus>, NlError> {
         Ok(vec![])
+    }
+}
+
+/// A gate the fake kernel's teardown waits for.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    cv: parking_lot::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut o = self.open.lock();
+        while !*o {
+            self.cv.wait(&mut o);
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock() = true;
+        self.cv.notify_all();
     }
 }
 
@@ -214,7 +235,7 @@ impl Env {
             on_connect: Mutex::new(OnConnect::Work),
             connected: Mutex::new(BTreeMap::new()),
             disconnects: AtomicUsize::new(0),
-            teardown_delay: Mutex::new(None),
+            teardown_gate: Mutex::new(None),
         });
         let nodes = Arc::new(FakeNodes {
             dir: dir.path().join("dev"),
@@ -315,16 +336,24 @@ fn attach_flush_close_and_reuse() {
 #[test]
 fn close_waits_for_the_kernels_teardown() {
     let env = Env::new(1);
-    *env.kernel.teardown_delay.lock() = Some(Duration::from_millis(60));
-    rt().block_on(async {
-        let a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(1))
-            .await
-            .unwrap();
-        a.close().await.unwrap();
-    });
-    // close returned only once the slot was quiescent again, and counted the wait.
+    let gate = Arc::new(Gate::default());
+    *env.kernel.teardown_gate.lock() = Some(gate.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .unwrap();
+    let a = rt
+        .block_on(env.attacher.attach(&env.dispatcher, &env.opts(1)))
+        .unwrap();
+    let opts_wait = env.opts(1).quiesce_wait;
+    assert!(opts_wait >= Duration::from_millis(200));
+    let close = rt.spawn(a.close());
+    std::thread::sleep(Duration::from_millis(50));
+    // DISCONNECT returned but the teardown has not finished: close is still waiting.
+    assert!(!close.is_finished());
+    gate.open();
+    rt.block_on(close).unwrap().unwrap();
     let m = env.attacher.pool().metrics();
     assert_eq!(m.teardown_pending.pid, 1);
     env.assert_clean();
@@ -333,7 +362,8 @@ fn close_waits_for_the_kernels_teardown() {
 #[test]
 fn a_slot_still_tearing_down_is_not_reused() {
     let env = Env::new(1);
-    *env.kernel.teardown_delay.lock() = Some(Duration::from_millis(300));
+    let gate = Arc::new(Gate::default());
+    *env.kernel.teardown_gate.lock() = Some(gate.clone());
     rt().block_on(async {
         let a = env
             .attacher
@@ -349,7 +379,15 @@ fn a_slot_still_tearing_down_is_not_reused() {
             }) => {}
             other => panic!("{other:?}"),
         }
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        gate.open();
+        let s = env.attacher.pool().sysfs().clone();
+        assert!(wait::until(Duration::from_secs(10), || s
+            .slot(0)
+            .unwrap()
+            .check_quiescent()
+            .ok())
+        .await
+        .is_some());
     });
     env.assert_clean();
 }
@@ -566,4 +604,18 @@ mod warm {
         });
         env.assert_clean();
     }
+}
+
+/// A daemon spawns attaches and closes on a multi-threaded runtime: both futures must be `Send`.
+#[test]
+fn attach_and_close_futures_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let env = Env::new(1);
+    let opts = env.opts(1);
+    let f = env.attacher.attach(&env.dispatcher, &opts);
+    assert_send(&f);
+    let a = rt().block_on(f).unwrap();
+    let c = a.close();
+    assert_send(&c);
+    rt().block_on(c).unwrap();
 }
