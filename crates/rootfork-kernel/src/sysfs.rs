@@ -186,6 +186,14 @@ impl Sysfs {
 pub mod fake {
     use super::*;
 
+    /// Replaces a file atomically (sysfs reads never see a half-written value; neither may the
+    /// fake's readers).
+    fn put(path: &Path, contents: &str) {
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, contents).unwrap();
+        fs::rename(&tmp, path).unwrap();
+    }
+
     /// Creates `root/module/nbd/parameters/nbds_max` and `n` quiescent slots.
     pub fn tree(root: &Path, n: u32) {
         fs::create_dir_all(root.join("module/nbd/parameters")).unwrap();
@@ -205,10 +213,10 @@ pub mod fake {
     /// Writes what the kernel shows for a connected device.
     pub fn connect(root: &Path, i: u32, pid: u32, size_bytes: u64, backend: Option<&str>) {
         let d = root.join("block").join(device_name(i));
-        fs::write(d.join("pid"), format!("{pid}\n")).unwrap();
-        fs::write(d.join("size"), format!("{}\n", size_bytes / 512)).unwrap();
+        put(&d.join("pid"), &format!("{pid}\n"));
+        put(&d.join("size"), &format!("{}\n", size_bytes / 512));
         if let Some(b) = backend {
-            fs::write(d.join("backend"), format!("{b}\n")).unwrap();
+            put(&d.join("backend"), &format!("{b}\n"));
         }
     }
 
@@ -217,7 +225,7 @@ pub mod fake {
         let d = root.join("block").join(device_name(i));
         let _ = fs::remove_file(d.join("pid"));
         let _ = fs::remove_file(d.join("backend"));
-        fs::write(d.join("size"), "0\n").unwrap();
+        put(&d.join("size"), "0\n");
     }
 }
 
