@@ -4,7 +4,9 @@
 //! A device is reclaimed only when both hold: its backend identifier names *this host's*
 //! rootfork (`rootfork:<this host id>:…`), and nobody holds its slot's lock file. The lock is the
 //! authority on whether the owner lives — the kernel drops a `flock` when its holder dies, and
-//! unlike a pid it cannot be reused by an unrelated process. Devices of other software (any other
+//! unlike a pid it cannot be reused by an unrelated process. As a second guard, a device whose
+//! identifier names a live process running this same program is left alone even if its lock is
+//! free (that owner must be using another lock directory). Devices of other software (any other
 //! backend identifier, or none) are never touched. Leaked cache files named in a dead claim's
 //! lock record are removed.
 
@@ -57,6 +59,16 @@ pub fn reclaim(
             .and_then(BackendId::parse)
             .filter(|b| b.host == host);
         let dead_claim = rec.as_ref().filter(|r| r.state == RecordState::Claimed);
+        if let Some(b) = ours.as_ref().filter(|b| same_program_alive(b.pid)) {
+            // The owner lives but does not hold the lock: it uses another lock directory. Its
+            // device is not ours to take.
+            tracing::warn!(
+                index,
+                pid = b.pid,
+                "nbd slot owned by a live rootfork that does not hold its lock (another lock directory?); left alone"
+            );
+            continue;
+        }
         let leaked_device = ours.is_some() && st.check_quiescent().is_err();
         if !leaked_device && dead_claim.is_none() {
             continue;
@@ -112,6 +124,18 @@ pub fn reclaim(
         out.push(row);
     }
     Ok(out)
+}
+
+/// Whether `pid` is a live process running the same program as this one.
+fn same_program_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    match (comm(&pid.to_string()), comm("self")) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => false,
+    }
 }
 
 fn wait_quiescent(pool: &DevicePool, index: u32, limit: Duration) -> Result<(), String> {
@@ -199,6 +223,9 @@ mod tests {
         // 1: ours, owner alive (another process holds the lock: a separate file description).
         let _live = pool.locks().try_lock(1).unwrap().unwrap();
         fake::connect(&sys, 1, 1, 4096, Some("rootfork:me:1:live"));
+        // 5: ours, lock free, but the owner (this very program) is alive: another lock dir.
+        let me = format!("rootfork:me:{}:other-lock-dir", std::process::id());
+        fake::connect(&sys, 5, std::process::id(), 4096, Some(&me));
         // 2: another host's rootfork. 3: another program. 4: no backend identifier.
         fake::connect(&sys, 2, 5, 4096, Some("rootfork:other:5:x"));
         fake::connect(&sys, 3, 6, 4096, Some("qemu-nbd"));
