@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions, TemplateFile, TemplatePath};
+use rootfork_kernel::netlink::chain;
 use rootfork_kernel::{
     AttachError, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher, NbdNetlink,
     NlError, PoolConfig, SwitchableDevice, WarmSlot,
@@ -60,11 +61,11 @@ fn latency(n: usize, template: &Path) -> Result<(), String> {
         let t0 = Instant::now();
         let a = rt
             .block_on(at.attach(&d, &opts))
-            .map_err(|e| format!("attach {i}: {e}"))?;
+            .map_err(|e| format!("attach {i}: {}", chain(&e)))?;
         attach.push(t0.elapsed().as_secs_f64() * 1e3);
         let t1 = Instant::now();
         rt.block_on(a.close())
-            .map_err(|e| format!("close {i}: {e}"))?;
+            .map_err(|e| format!("close {i}: {}", chain(&e)))?;
         close.push(t1.elapsed().as_secs_f64() * 1e3);
     }
     println!(
@@ -91,24 +92,24 @@ fn latency(n: usize, template: &Path) -> Result<(), String> {
         };
         let a = rt
             .block_on(at.attach(&d, &opts))
-            .map_err(|e| format!("pre-connect {i}: {e}"))?;
+            .map_err(|e| format!("pre-connect {i}: {}", chain(&e)))?;
         let slot = WarmSlot::new(a, sw);
         let dev = overlay(template, Path::new("/tmp/warm.cache"));
         slot.fits(&*dev).map_err(|e| e.to_string())?;
         let t0 = Instant::now();
         let a = slot
             .bind(dev, &format!("warm-{i}"))
-            .map_err(|e| format!("bind {i}: {e}"))?;
+            .map_err(|e| format!("bind {i}: {}", chain(&e)))?;
         warm.push(t0.elapsed().as_secs_f64() * 1e3);
         let mut b = vec![0u8; 65536];
         a.file()
             .read_exact_at(&mut b, 0)
-            .map_err(|e| format!("read {i}: {e}"))?;
+            .map_err(|e| format!("read {i}: {}", chain(&e)))?;
         if b[..] != head[..65536] {
             return Err(format!("warm slot {i} served stale (pre-bind) data"));
         }
         rt.block_on(a.close())
-            .map_err(|e| format!("close warm {i}: {e}"))?;
+            .map_err(|e| format!("close warm {i}: {}", chain(&e)))?;
     }
     println!(
         "LATENCY warm_attach n={n} p50_ms={:.3} p95_ms={:.3} max_ms={:.3}",

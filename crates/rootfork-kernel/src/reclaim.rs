@@ -88,7 +88,7 @@ pub fn reclaim(
                 | Err(NlError::Refused {
                     errno: libc::EINVAL,
                 }) => {}
-                Err(e) => row.error = Some(format!("disconnect: {e}")),
+                Err(e) => row.error = Some(format!("disconnect: {}", crate::netlink::chain(&e))),
             }
             match wait_quiescent(pool, index, quiesce_wait) {
                 Ok(()) => row.disconnected = backend,

@@ -10,19 +10,19 @@ use crate::sysfs::NotQuiescent;
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     /// No slot could be claimed.
-    #[error("claiming an nbd slot: {0}")]
+    #[error("claiming an nbd slot")]
     Pool(#[from] PoolError),
     /// Creating a socketpair failed.
-    #[error("creating a socketpair: {0}")]
+    #[error("creating a socketpair")]
     Socket(#[source] io::Error),
     /// Starting the dispatcher failed.
-    #[error("starting the NBD dispatcher: {0}")]
+    #[error("starting the NBD dispatcher")]
     Dispatch(#[source] io::Error),
     /// The options are unusable.
     #[error("invalid attach options: {0}")]
     Invalid(&'static str),
     /// `NBD_CMD_CONNECT` failed (classified).
-    #[error("connecting /dev/nbd{index}: {source}")]
+    #[error("connecting /dev/nbd{index}")]
     Connect {
         /// The slot.
         index: u32,
@@ -49,7 +49,7 @@ pub enum AttachError {
         got: u64,
     },
     /// Reading sysfs failed.
-    #[error("reading sysfs of /dev/nbd{index}: {source}")]
+    #[error("reading sysfs of /dev/nbd{index}")]
     Sysfs {
         /// The slot.
         index: u32,
@@ -58,7 +58,7 @@ pub enum AttachError {
         source: io::Error,
     },
     /// Opening the device node failed.
-    #[error("opening /dev/nbd{index}: {source}")]
+    #[error("opening /dev/nbd{index}")]
     Open {
         /// The slot.
         index: u32,
@@ -67,7 +67,7 @@ pub enum AttachError {
         source: io::Error,
     },
     /// `fsync`/`BLKFLSBUF` failed: writes may be lost.
-    #[error("flushing /dev/nbd{index}: {source}")]
+    #[error("flushing /dev/nbd{index}")]
     Flush {
         /// The slot.
         index: u32,
@@ -76,7 +76,7 @@ pub enum AttachError {
         source: io::Error,
     },
     /// `NBD_CMD_DISCONNECT` failed (classified).
-    #[error("disconnecting /dev/nbd{index}: {source}")]
+    #[error("disconnecting /dev/nbd{index}")]
     Disconnect {
         /// The slot.
         index: u32,
@@ -85,7 +85,7 @@ pub enum AttachError {
         source: NlError,
     },
     /// A device could not be bound to a warm slot.
-    #[error("binding a device to warm slot /dev/nbd{index}: {source}")]
+    #[error("binding a device to warm slot /dev/nbd{index}")]
     Bind {
         /// The slot.
         index: u32,

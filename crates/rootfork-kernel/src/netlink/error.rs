@@ -9,10 +9,10 @@ use super::codec::DecodeError;
 #[derive(Debug, thiserror::Error)]
 pub enum AmbiguousCause {
     /// Receiving the answer failed (including the receive timeout).
-    #[error("receiving the answer failed: {0}")]
+    #[error("receiving the answer failed")]
     Io(#[source] io::Error),
     /// The answer could not be decoded.
-    #[error("the answer is malformed: {0}")]
+    #[error("the answer is malformed")]
     Decode(#[from] DecodeError),
     /// The answer was well-formed but not what the command returns.
     #[error("unexpected answer: {0}")]
@@ -23,7 +23,7 @@ pub enum AmbiguousCause {
 #[derive(Debug, thiserror::Error)]
 pub enum NlError {
     /// The request never reached the kernel: nothing changed.
-    #[error("netlink request not sent: {0}")]
+    #[error("netlink request not sent")]
     NotSent(#[source] io::Error),
     /// The kernel received the request and refused it with this errno: nothing changed.
     #[error("the kernel refused the request: {} (errno {errno})", io::Error::from_raw_os_error(*errno))]
@@ -32,7 +32,7 @@ pub enum NlError {
         errno: i32,
     },
     /// The request was sent but its outcome is unknown: it may have taken effect.
-    #[error("netlink request sent but its outcome is unknown: {0}")]
+    #[error("netlink request sent but its outcome is unknown")]
     Ambiguous(#[source] AmbiguousCause),
 }
 
@@ -54,4 +54,17 @@ impl NlError {
     pub fn may_have_taken_effect(&self) -> bool {
         matches!(self, NlError::Ambiguous(_))
     }
+}
+
+/// An error and its sources, joined with `: ` (for logs and reports; the `Display` of rootfork's
+/// errors never repeats its source).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }

@@ -7,6 +7,6 @@ pub mod error;
 pub mod nbd;
 pub mod transport;
 
-pub use error::{AmbiguousCause, NlError};
+pub use error::{chain, AmbiguousCause, NlError};
 pub use nbd::{ConnectRequest, DeviceStatus, NbdControl, NbdNetlink, ReconfigureRequest};
 pub use transport::{NetlinkSocket, Transport};

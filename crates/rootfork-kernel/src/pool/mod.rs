@@ -78,7 +78,7 @@ pub enum PoolError {
         not_quiescent: usize,
     },
     /// Reading sysfs or a lock file failed.
-    #[error("nbd pool i/o: {0}")]
+    #[error("nbd pool i/o")]
     Io(#[from] io::Error),
 }
 
@@ -91,6 +91,14 @@ impl PoolError {
             PoolError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
+}
+
+/// Why slots were passed over in one claim pass.
+#[derive(Debug, Default)]
+struct Tally {
+    busy: usize,
+    cooling: usize,
+    not_quiescent: usize,
 }
 
 /// What this process knows about a slot it holds.
@@ -209,27 +217,58 @@ impl DevicePool {
     }
 
     /// Claims a free, quiescent slot for `sandbox`, starting after the previously claimed one.
+    ///
+    /// The cooldown is a preference: slots released within it are taken only when no other slot
+    /// is free (they still have to pass the quiescence check).
     pub fn claim(&self, sandbox: &str) -> Result<Lease, PoolError> {
         let slots = self.slots()?;
+        let m = &self.shared.metrics;
+        let start = self.shared.next.fetch_add(1, Ordering::Relaxed) as usize;
+        let mut tally = Tally::default();
+        if let Some(l) = self.claim_pass(&slots, start, sandbox, false, &mut tally)? {
+            return Ok(l);
+        }
+        if tally.cooling > 0 {
+            let mut again = Tally::default();
+            if let Some(l) = self.claim_pass(&slots, start, sandbox, true, &mut again)? {
+                return Ok(l);
+            }
+            tally = again;
+        }
+        m.exhausted_total.fetch_add(1, Ordering::Relaxed);
+        Err(PoolError::Exhausted {
+            total: slots.len(),
+            busy: tally.busy,
+            cooling: tally.cooling,
+            not_quiescent: tally.not_quiescent,
+        })
+    }
+
+    fn claim_pass(
+        &self,
+        slots: &[u32],
+        start: usize,
+        sandbox: &str,
+        allow_cooling: bool,
+        tally: &mut Tally,
+    ) -> Result<Option<Lease>, PoolError> {
         let n = slots.len();
         let m = &self.shared.metrics;
-        let (mut busy, mut cooling, mut not_quiescent) = (0, 0, 0);
-        let start = self.shared.next.fetch_add(1, Ordering::Relaxed) as usize;
         for k in 0..n {
             let pos = (start + k) % n;
             let index = slots[pos];
             if self.shared.local.lock().contains_key(&index) {
-                busy += 1;
+                tally.busy += 1;
                 continue;
             }
             let Some(mut lock) = self.shared.locks.try_lock(index)? else {
-                busy += 1;
+                tally.busy += 1;
                 m.busy_skips.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
             let rec = lock.read();
-            if self.cooling(rec.as_ref()) {
-                cooling += 1;
+            if !allow_cooling && self.cooling(rec.as_ref()) {
+                tally.cooling += 1;
                 m.cooling_skips.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -240,7 +279,7 @@ impl DevicePool {
             };
             if let Err(why) = st.check_quiescent() {
                 tracing::debug!(index, %why, "nbd slot not quiescent, skipped");
-                not_quiescent += 1;
+                tally.not_quiescent += 1;
                 m.not_quiescent(why);
                 continue;
             }
@@ -287,15 +326,14 @@ impl DevicePool {
                 index,
                 sandbox: sandbox.to_owned(),
             });
-            return Ok(Lease::new(self.clone(), index, sandbox.to_owned(), lock));
+            return Ok(Some(Lease::new(
+                self.clone(),
+                index,
+                sandbox.to_owned(),
+                lock,
+            )));
         }
-        m.exhausted_total.fetch_add(1, Ordering::Relaxed);
-        Err(PoolError::Exhausted {
-            total: n,
-            busy,
-            cooling,
-            not_quiescent,
-        })
+        Ok(None)
     }
 
     /// The pool's metrics, with `ready` counted from a fresh scan.
