@@ -8,7 +8,7 @@
 //! sender: a finished reply is queued, and whichever worker holds the send lock writes every
 //! queued reply with vectored `sendmsg` calls, so under load one system call carries many replies.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use crate::opts::ServeOptions;
 use crate::queue::{JobQueue, Window};
 use crate::reply::{encode, Encoded, Framing, Outcome};
 use crate::request::{classify, parse_header, payload_len, Command, Limits};
-use crate::sock::Sock;
+use crate::sock::{advance, Sock};
 use crate::stats::{ConnectionStats, Op, Stats};
 
 /// Receive buffer size of the reader.
@@ -75,6 +75,8 @@ impl std::fmt::Display for EndReason {
 enum Work {
     Exec(Command, Option<Buf>),
     Reject(u32),
+    /// Finish writing replies the reader could not write without blocking.
+    ContinueSending,
 }
 
 struct Job {
@@ -85,11 +87,37 @@ struct Job {
     received: Instant,
 }
 
-/// Replies waiting for the send lock, and the lock.
-struct Output {
-    pending: Mutex<Vec<Encoded>>,
-    send: Mutex<()>,
-    broken: AtomicBool,
+impl Job {
+    fn continue_sending() -> Job {
+        Job {
+            cookie: 0,
+            offset: 0,
+            work: Work::ContinueSending,
+            bytes: 0,
+            received: Instant::now(),
+        }
+    }
+}
+
+/// A framed reply and the window bytes it releases once written.
+struct Outgoing {
+    reply: Encoded,
+    window_bytes: usize,
+}
+
+/// The reply path: replies waiting to be written, and who is writing.
+///
+/// At most one thread writes at a time (`sending`); others only queue. The writer takes every
+/// queued reply and writes them with vectored `sendmsg` calls. The reader writes without blocking
+/// (`MSG_DONTWAIT`): if the socket is full it parks the unsent rest in `partial` and hands the
+/// writing over to a worker, so the reader never waits on replies. A reply's window slot is
+/// released only once it is on the wire, so a client that stops reading replies stops the reader
+/// by the window, not by an unbounded queue.
+#[derive(Default)]
+struct OutState {
+    pending: Vec<Outgoing>,
+    sending: bool,
+    partial: Option<(Vec<Outgoing>, usize)>,
 }
 
 /// State shared by a connection's reader, workers and control handle.
@@ -99,7 +127,8 @@ pub(crate) struct Shared {
     opts: ServeOptions,
     queue: JobQueue<Job>,
     window: Window,
-    out: Output,
+    out: Mutex<OutState>,
+    broken: AtomicBool,
     pool: Arc<BufPool>,
     draining: AtomicBool,
     closing: AtomicBool,
@@ -117,15 +146,12 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             window: Window::new(opts.max_in_flight, opts.max_in_flight_bytes),
+            queue: JobQueue::new(opts.workers.max(1)),
             sock,
             tx,
             opts,
-            queue: JobQueue::new(),
-            out: Output {
-                pending: Mutex::new(Vec::new()),
-                send: Mutex::new(()),
-                broken: AtomicBool::new(false),
-            },
+            out: Mutex::new(OutState::default()),
+            broken: AtomicBool::new(false),
             pool,
             draining: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -162,63 +188,139 @@ impl Shared {
         }
     }
 
-    /// Queues a reply and, if nobody else is sending, sends everything queued.
-    fn send(&self, reply: Encoded) {
-        if self.out.broken.load(Ordering::Relaxed) {
+    /// Queues a reply; if nobody is writing, writes everything queued (without blocking when
+    /// `nonblocking`, handing the rest to a worker).
+    fn send(&self, reply: Encoded, window_bytes: usize, nonblocking: bool) {
+        let mut st = self.out.lock();
+        if self.broken.load(Ordering::Relaxed) {
+            drop(st);
+            self.window.release(window_bytes);
             return;
         }
-        self.out.pending.lock().push(reply);
-        let mut local: Vec<Encoded> = Vec::new();
+        st.pending.push(Outgoing {
+            reply,
+            window_bytes,
+        });
+        if st.sending {
+            return;
+        }
+        st.sending = true;
+        self.write_queued(st, nonblocking);
+    }
+
+    /// Writes queued replies until none is left; the caller owns `sending`.
+    fn write_queued<'a>(
+        &'a self,
+        mut st: parking_lot::MutexGuard<'a, OutState>,
+        nonblocking: bool,
+    ) {
         loop {
-            let Some(guard) = self.out.send.try_lock() else {
-                return;
+            let (batch, skip) = match st.partial.take() {
+                Some(p) => p,
+                None if st.pending.is_empty() => {
+                    st.sending = false;
+                    return;
+                }
+                None => (std::mem::take(&mut st.pending), 0),
             };
-            loop {
-                std::mem::swap(&mut local, &mut *self.out.pending.lock());
-                if local.is_empty() {
-                    break;
-                }
-                if !self.out.broken.load(Ordering::Relaxed) {
-                    let mut slices =
-                        Vec::with_capacity(local.iter().map(|r| r.slice_count()).sum());
-                    for r in &local {
-                        r.slices(&mut slices);
+            drop(st);
+            let result = self.write_batch(&batch, skip, nonblocking);
+            match result {
+                Ok(None) => {
+                    let mut bytes = 0;
+                    let n = batch.len();
+                    for o in &batch {
+                        bytes += o.window_bytes;
                     }
-                    if let Err(e) = self.sock.send_all(&mut slices) {
-                        tracing::debug!("nbd reply send failed: {e}");
-                        self.out.broken.store(true, Ordering::SeqCst);
-                        self.sock.shutdown(Shutdown::Both);
-                    }
+                    drop(batch);
+                    self.window.release_many(n, bytes);
+                    st = self.out.lock();
                 }
-                local.clear();
-            }
-            drop(guard);
-            if self.out.pending.lock().is_empty() {
-                return;
+                Ok(Some(sent)) => {
+                    // The socket is full: a worker finishes the job in blocking mode.
+                    self.out.lock().partial = Some((batch, sent));
+                    self.queue
+                        .push_all(std::iter::once(Job::continue_sending()));
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!("nbd reply send failed: {e}");
+                    self.broken.store(true, Ordering::SeqCst);
+                    self.sock.shutdown(Shutdown::Both);
+                    let mut st = self.out.lock();
+                    let mut dropped = batch;
+                    dropped.append(&mut st.pending);
+                    st.sending = false;
+                    drop(st);
+                    let bytes = dropped.iter().map(|o| o.window_bytes).sum();
+                    self.window.release_many(dropped.len(), bytes);
+                    return;
+                }
             }
         }
     }
 
+    /// Writes `batch` from byte `skip`; `Ok(Some(n))`: only `n` bytes in total are written
+    /// because the socket is full (non-blocking mode).
+    fn write_batch(
+        &self,
+        batch: &[Outgoing],
+        skip: usize,
+        nonblocking: bool,
+    ) -> io::Result<Option<usize>> {
+        let mut slices = Vec::with_capacity(batch.iter().map(|o| o.reply.slice_count()).sum());
+        for o in batch {
+            o.reply.slices(&mut slices);
+        }
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        advance(&mut rest, skip);
+        let mut sent = skip;
+        while !rest.is_empty() {
+            let n = self.sock.send_some(rest, nonblocking)?;
+            if n == 0 {
+                return Ok(Some(sent));
+            }
+            sent += n;
+            advance(&mut rest, n);
+        }
+        Ok(None)
+    }
+
     fn worker(&self) {
-        let cx = ExecContext {
+        let cx = self.exec_context();
+        let mut last = None;
+        while let Some(job) = self.queue.pop(last) {
+            let started = Instant::now();
+            if matches!(job.work, Work::ContinueSending) {
+                let st = self.out.lock();
+                self.write_queued(st, false);
+                continue;
+            }
+            self.run(&cx, job, false);
+            last = Some(started.elapsed());
+        }
+    }
+
+    /// Runs one job and sends its reply.
+    fn run(&self, cx: &ExecContext<'_>, job: Job, nonblocking: bool) {
+        let (op, bytes, outcome) = match job.work {
+            Work::Exec(cmd, payload) => (op_of(&cmd), bytes_of(&cmd), execute(cx, cmd, payload)),
+            Work::Reject(errno) => (Op::Rejected, 0, Outcome::Err(errno)),
+            Work::ContinueSending => return,
+        };
+        let ok = !matches!(outcome, Outcome::Err(_)) && op != Op::Rejected;
+        let reply = encode(self.tx.framing, job.cookie, job.offset, outcome);
+        self.record(op, ok, bytes, job.received);
+        self.send(reply, job.bytes, nonblocking);
+    }
+
+    fn exec_context(&self) -> ExecContext<'_> {
+        ExecContext {
             device: &*self.tx.device,
             pool: &self.pool,
             structured: self.tx.framing.structured || self.tx.framing.extended,
             hole_detect_min_len: self.opts.hole_detect_min_len,
             contexts: &self.tx.contexts,
-        };
-        while let Some(job) = self.queue.pop() {
-            let (op, bytes, outcome) = match job.work {
-                Work::Exec(cmd, payload) => {
-                    (op_of(&cmd), bytes_of(&cmd), execute(&cx, cmd, payload))
-                }
-                Work::Reject(errno) => (Op::Rejected, 0, Outcome::Err(errno)),
-            };
-            let ok = !matches!(outcome, Outcome::Err(_)) && op != Op::Rejected;
-            let reply = encode(self.tx.framing, job.cookie, job.offset, outcome);
-            self.record(op, ok, bytes, job.received);
-            self.send(reply);
-            self.window.release(job.bytes);
         }
     }
 }
@@ -325,6 +427,7 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
     let limits = shared.tx.limits;
     let extended = limits.extended;
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH);
+    let cx = shared.exec_context();
     let flush = |batch: &mut Vec<Job>| {
         if !batch.is_empty() {
             shared.queue.push_all(batch.drain(..));
@@ -391,19 +494,50 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
                 w
             }
         };
-        batch.push(Job {
+        let job = Job {
             cookie: header.cookie,
             offset: header.offset,
             work,
             bytes,
             received,
-        });
+        };
+        if inline_ok(&job.work) && !shared.queue.is_slow() {
+            // Fast device: run it here, saving two thread hand-offs; the reply is written
+            // without blocking, so the reader still never waits on the reply path.
+            flush(&mut batch);
+            let started = Instant::now();
+            shared.run(&cx, job, true);
+            shared.queue.note(started.elapsed());
+            continue;
+        }
+        batch.push(job);
         if batch.len() >= BATCH {
             flush(&mut batch);
         }
     };
     flush(&mut batch);
     reason
+}
+
+/// Largest read the reader runs itself: a bigger reply cannot go out without blocking anyway
+/// (socket buffers are a few hundred KiB), so a worker sends it.
+const INLINE_READ_MAX: u32 = 128 << 10;
+
+/// Requests the reader may run itself while the device is fast: short data operations without
+/// a flush (FLUSH, FUA and CACHE can take long on any device) and rejections.
+fn inline_ok(work: &Work) -> bool {
+    match work {
+        Work::Reject(_) => true,
+        Work::Exec(cmd, _) => match *cmd {
+            Command::Read { len, .. } => len <= INLINE_READ_MAX,
+            Command::BlockStatus { .. } => true,
+            Command::Write { fua, .. }
+            | Command::Trim { fua, .. }
+            | Command::WriteZeroes { fua, .. } => !fua,
+            Command::Flush | Command::Disc | Command::Cache { .. } => false,
+        },
+        Work::ContinueSending => false,
+    }
 }
 
 fn truncated(e: io::Error) -> EndReason {

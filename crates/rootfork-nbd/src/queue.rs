@@ -5,55 +5,99 @@
 //! busy connection pays no futex calls for hand-offs.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 #[derive(Debug)]
 struct QueueState<T> {
-    jobs: VecDeque<T>,
+    jobs: VecDeque<(Instant, T)>,
     sleeping: usize,
     closed: bool,
 }
 
-/// A multi-consumer FIFO of jobs.
+/// A multi-consumer FIFO of jobs with an adaptive wake-up policy.
+///
+/// Waking a worker costs a futex call and two context switches, more than a fast device
+/// operation, so workers are woken only when needed: one when none is running, and another
+/// whenever the oldest queued job has waited longer than [`JobQueue::STALL`] (checked when jobs
+/// are queued and whenever a worker takes one). A fast device is therefore served by one busy
+/// worker, while slow operations (a lazily fetched template) bring every worker in within about
+/// one operation's latency.
+///
+/// Waiting alone is not proof of a slow device: on an overloaded host jobs also wait because the
+/// running worker is preempted, and waking more threads then only adds context switches. So an
+/// extra worker is woken only while the device is slow (the last finished job took longer than
+/// [`JobQueue::STALL`]) and the queue is stalled, or when a worker that just finished a slow job
+/// finds more work queued.
 #[derive(Debug)]
 pub struct JobQueue<T> {
     state: Mutex<QueueState<T>>,
     cond: Condvar,
+    workers: usize,
+    /// The last job finished took longer than [`JobQueue::STALL`].
+    slow: AtomicBool,
 }
 
 impl<T> JobQueue<T> {
-    /// An empty, open queue.
-    pub fn new() -> Self {
+    /// How long the oldest job may wait before another worker is woken.
+    pub const STALL: Duration = Duration::from_micros(200);
+
+    /// An empty, open queue served by `workers` threads.
+    pub fn new(workers: usize) -> Self {
         JobQueue {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::new(),
                 sleeping: 0,
                 closed: false,
             }),
+            slow: AtomicBool::new(false),
             cond: Condvar::new(),
+            workers: workers.max(1),
         }
     }
 
-    /// Adds jobs, waking at most one sleeping worker per job.
+    fn stalled(st: &QueueState<T>, now: Instant) -> bool {
+        st.jobs
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > Self::STALL)
+    }
+
+    /// Adds jobs, waking a worker if none is running or the queue is stalled.
     pub fn push_all(&self, jobs: impl IntoIterator<Item = T>) {
+        let now = Instant::now();
         let mut st = self.state.lock();
-        let before = st.jobs.len();
-        st.jobs.extend(jobs);
-        let added = st.jobs.len() - before;
-        let wake = added.min(st.sleeping);
-        st.sleeping -= wake;
+        st.jobs.extend(jobs.into_iter().map(|j| (now, j)));
+        let wake = st.sleeping > 0
+            && !st.jobs.is_empty()
+            && (st.sleeping >= self.workers || (self.is_slow() && Self::stalled(&st, now)));
+        if wake {
+            st.sleeping -= 1;
+        }
         drop(st);
-        for _ in 0..wake {
+        if wake {
             self.cond.notify_one();
         }
     }
 
     /// Takes the next job, sleeping while the queue is empty; `None` once closed and empty.
-    pub fn pop(&self) -> Option<T> {
+    /// `last` is how long the caller's previous job took (`None` for its first call).
+    pub fn pop(&self, last: Option<Duration>) -> Option<T> {
+        if let Some(d) = last {
+            self.note(d);
+        }
         let mut st = self.state.lock();
         loop {
-            if let Some(j) = st.jobs.pop_front() {
+            if let Some((_, j)) = st.jobs.pop_front() {
+                let wake = st.sleeping > 0 && !st.jobs.is_empty() && self.is_slow();
+                if wake {
+                    st.sleeping -= 1;
+                }
+                drop(st);
+                if wake {
+                    self.cond.notify_one();
+                }
                 return Some(j);
             }
             if st.closed {
@@ -65,6 +109,16 @@ impl<T> JobQueue<T> {
         }
     }
 
+    /// Records how long a job took (the device counts as slow after a slow job).
+    pub fn note(&self, took: Duration) {
+        self.slow.store(took > Self::STALL, Ordering::Relaxed);
+    }
+
+    /// Whether the last job finished was slow.
+    pub fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
+    }
+
     /// Lets workers finish the queued jobs, then exit.
     pub fn close(&self) {
         let mut st = self.state.lock();
@@ -72,12 +126,6 @@ impl<T> JobQueue<T> {
         st.sleeping = 0;
         drop(st);
         self.cond.notify_all();
-    }
-}
-
-impl<T> Default for JobQueue<T> {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -145,6 +193,21 @@ impl Window {
     pub fn release(&self, bytes: usize) {
         let mut st = self.state.lock();
         st.count -= 1;
+        st.bytes -= bytes;
+        let wake = st.waiters > 0;
+        drop(st);
+        if wake {
+            self.cond.notify_all();
+        }
+    }
+
+    /// Releases `n` requests of `bytes` in total.
+    pub fn release_many(&self, n: usize, bytes: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut st = self.state.lock();
+        st.count -= n;
         st.bytes -= bytes;
         let wake = st.waiters > 0;
         drop(st);

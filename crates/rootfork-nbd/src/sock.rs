@@ -56,6 +56,27 @@ impl Sock {
         Ok(())
     }
 
+    /// One `sendmsg` of at most [`IOV_MAX`] slices; with `nonblocking`, `Ok(0)` means the socket
+    /// buffer is full (`EAGAIN`).
+    pub fn send_some(&self, slices: &[IoSlice<'_>], nonblocking: bool) -> io::Result<usize> {
+        let mut flags = MsgFlags::MSG_NOSIGNAL;
+        if nonblocking {
+            flags |= MsgFlags::MSG_DONTWAIT;
+        }
+        let n = slices.len().min(IOV_MAX);
+        loop {
+            return match sendmsg::<()>(self.as_fd().as_raw_fd(), &slices[..n], &[], flags, None) {
+                Ok(0) if !slices.is_empty() && slices.iter().any(|s| !s.is_empty()) => {
+                    Err(io::ErrorKind::WriteZero.into())
+                }
+                Ok(k) => Ok(k),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) if nonblocking => Ok(0),
+                Err(e) => Err(e.into()),
+            };
+        }
+    }
+
     /// Shuts down one or both directions (errors are ignored: the peer may be gone).
     pub fn shutdown(&self, how: Shutdown) {
         let _ = match self {
@@ -107,7 +128,7 @@ impl io::Write for &Sock {
 }
 
 /// Drops `n` sent bytes from the front of `slices`.
-fn advance<'a>(slices: &mut &mut [IoSlice<'a>], mut n: usize) {
+pub(crate) fn advance<'a>(slices: &mut &mut [IoSlice<'a>], mut n: usize) {
     let mut skip = 0;
     for s in slices.iter() {
         if n < s.len() {

@@ -209,3 +209,44 @@ fn kernel_closing_its_end_mid_payload_ends_the_connection() {
     assert_eq!(reason, rootfork_nbd::EndReason::Truncated);
     assert_eq!(stats.op(Op::Write).count, 0);
 }
+
+#[test]
+fn reader_keeps_reading_while_the_client_is_not_reading_replies() {
+    let dev = Arc::new(MemDevice::new(SIZE, 4096));
+    let (mut k, conn) = setup(Arc::clone(&dev));
+    // 3 MiB of read replies the client does not read yet: far more than the socket buffers.
+    let mut out = Vec::new();
+    for i in 0..12u64 {
+        out.extend(req(CMD_READ, 0, i, 0, 256 << 10));
+    }
+    out.extend(req(CMD_WRITE, 0, 99, 8192, 4096));
+    out.extend([0x77u8; 4096]);
+    k.write_all(&out).unwrap();
+    // The write behind the reads lands although no reply has been read.
+    let mut landed = false;
+    for _ in 0..400 {
+        let mut b = [0u8; 4096];
+        dev.read_at(&mut b, 8192).unwrap();
+        if b.iter().all(|&x| x == 0x77) {
+            landed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(landed, "the reader was stuck behind unread replies");
+    let mut got = Vec::new();
+    for _ in 0..13 {
+        let (err, cookie) = reply(&mut k);
+        assert_eq!(err, 0);
+        if cookie != 99 {
+            let mut d = vec![0u8; 256 << 10];
+            k.read_exact(&mut d).unwrap();
+        }
+        got.push(cookie);
+    }
+    got.sort();
+    assert_eq!(got, (0..12).chain([99]).collect::<Vec<_>>());
+    assert_eq!(conn.in_flight(), 0);
+    drop(k);
+    conn.wait();
+}
