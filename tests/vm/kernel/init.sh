@@ -139,12 +139,13 @@ else
   fail "$t" "attach did not print a device"
 fi
 
-# --- 2. eight devices on one template at once, isolated ----------------------------------------
+# --- 2. eight devices on one template at once (1-4 connections each), isolated ----------------------------------------
 t=eight
 PIDS=""; DEVS=""
 ok=1
 for i in 1 2 3 4 5 6 7 8; do
-  if start_attach m$i; then PIDS="$PIDS $APID"; DEVS="$DEVS $DEV"; else ok=0; fi
+  # 1 to 4 sockets per device (NBD multi-connection).
+  if start_attach m$i --connections $(( (i % 4) + 1 )); then PIDS="$PIDS $APID"; DEVS="$DEVS $DEV"; else ok=0; fi
 done
 [ $ok = 1 ] && [ "$(echo $DEVS | tr ' ' '\n' | sort -u | wc -l)" = 8 ] && pass "$t-attached" || fail "$t-attached" "devices: $DEVS"
 # Each device writes its own 256 KiB at 4 MiB; the 256 KiB around it must stay the template's.
