@@ -6,6 +6,8 @@
 //!   bind); prints p50/p95 of each.
 //! - `vmtest invalid TEMPLATE`: a connect the kernel must refuse (block size 8192 > PAGE_SIZE);
 //!   checks the error is `Refused { EINVAL }` and the slot was released and is quiescent.
+//! - `vmtest netlink TEMPLATE`: `NBD_CMD_STATUS` of all devices and of one, and
+//!   `NBD_CMD_RECONFIGURE` of a connected device, against the real kernel.
 //! - `vmtest claim-all`: claims every free slot, prints how many and what the quiescence check
 //!   refused, releases them.
 //!
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions, TemplateFile, TemplatePath};
-use rootfork_kernel::netlink::chain;
+use rootfork_kernel::netlink::{chain, NbdControl, ReconfigureRequest};
 use rootfork_kernel::{
     AttachError, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher, NbdNetlink,
     NlError, PoolConfig, SwitchableDevice, WarmSlot,
@@ -172,6 +174,67 @@ fn invalid(template: &Path) -> Result<(), String> {
     }
 }
 
+fn netlink(template: &Path) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let nl = NbdNetlink::open(Duration::from_secs(10)).map_err(|e| chain(&e))?;
+    let before = nl.status(None).map_err(|e| chain(&e))?;
+    if before.len() < 16 || before.iter().any(|d| d.connected) {
+        return Err(format!("STATUS before: {before:?}"));
+    }
+    let at = attacher();
+    let d = NbdDispatcher::new(
+        overlay(template, Path::new("/tmp/netlink.cache")),
+        ServeOptions::default(),
+    );
+    let opts = AttachOptions {
+        sandbox: "netlink".into(),
+        ..Default::default()
+    };
+    let a = rt.block_on(at.attach(&d, &opts)).map_err(|e| chain(&e))?;
+    let one = nl.status(Some(a.index())).map_err(|e| chain(&e))?;
+    let all = nl.status(None).map_err(|e| chain(&e))?;
+    let connected: Vec<u32> = all
+        .iter()
+        .filter(|d| d.connected)
+        .map(|d| d.index)
+        .collect();
+    println!("STATUS nbd{}: {one:?}; connected: {connected:?}", a.index());
+    if one.len() != 1 || !one[0].connected || connected != vec![a.index()] {
+        return Err("STATUS does not show exactly the attached device connected".into());
+    }
+    let backend = at
+        .pool()
+        .sysfs()
+        .slot(a.index())
+        .map_err(|e| e.to_string())?
+        .backend;
+    nl.reconfigure(&ReconfigureRequest {
+        index: a.index(),
+        timeout_secs: Some(60),
+        backend_identifier: backend,
+        ..Default::default()
+    })
+    .map_err(|e| format!("RECONFIGURE: {}", chain(&e)))?;
+    let idx = a.index();
+    rt.block_on(a.close()).map_err(|e| chain(&e))?;
+    let after = nl.status(Some(idx)).map_err(|e| chain(&e))?;
+    if after.iter().any(|d| d.connected) {
+        return Err(format!("STATUS after close: {after:?}"));
+    }
+    // Disconnecting a device that is not connected is refused with a classified errno.
+    match nl.disconnect(idx) {
+        Err(NlError::Refused { errno }) => {
+            println!("DISCONNECT of an idle device refused: errno {errno}")
+        }
+        Ok(()) => println!("DISCONNECT of an idle device accepted"),
+        Err(e) => return Err(format!("DISCONNECT idle: {}", chain(&e))),
+    }
+    Ok(())
+}
+
 fn claim_all() -> Result<(), String> {
     let pool = DevicePool::new(PoolConfig::default());
     let mut held = Vec::new();
@@ -196,8 +259,11 @@ fn main() {
         ),
         Some("invalid") if args.len() == 3 => ("invalid", invalid(Path::new(&args[2]))),
         Some("claim-all") => ("claim-all", claim_all()),
+        Some("netlink") if args.len() == 3 => ("netlink", netlink(Path::new(&args[2]))),
         _ => {
-            eprintln!("usage: vmtest latency N TEMPLATE | invalid TEMPLATE | claim-all");
+            eprintln!(
+                "usage: vmtest latency N TEMPLATE | invalid TEMPLATE | netlink TEMPLATE | claim-all"
+            );
             std::process::exit(2);
         }
     };

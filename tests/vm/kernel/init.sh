@@ -209,8 +209,9 @@ else
   fail "$t" "attach did not print a device"
 fi
 
-# --- 4. an invalid connect is classified and releases the slot ---------------------------------
+# --- 4. an invalid connect is classified and releases the slot; STATUS and RECONFIGURE ---------
 vmtest invalid /tmp/t.img && PASS=$((PASS+1)) || FAIL=$((FAIL+1))
+vmtest netlink /tmp/t.img && PASS=$((PASS+1)) || FAIL=$((FAIL+1))
 
 # --- 5. every slot quiescent, nothing claimed -------------------------------------------------
 ok=1

@@ -142,6 +142,9 @@ pub struct ReconfigureRequest {
     pub client_flags: Option<u64>,
     /// Replacement sockets for dead connections.
     pub sockets: Vec<RawFd>,
+    /// The device's backend identifier: the kernel refuses (`EINVAL`, "must specify backend")
+    /// to reconfigure a device connected with one unless the request names the same one.
+    pub backend_identifier: Option<String>,
 }
 
 /// One device from a STATUS answer.
@@ -285,6 +288,9 @@ impl<T: Transport> NbdControl for NbdNetlink<T> {
             }
             if let Some(f) = req.client_flags {
                 m.u64(attr::CLIENT_FLAGS, f);
+            }
+            if let Some(id) = &req.backend_identifier {
+                m.string(attr::BACKEND_IDENTIFIER, id);
             }
             if !req.sockets.is_empty() {
                 let socks = m.begin_nested(attr::SOCKETS);
