@@ -1,12 +1,22 @@
 //! The transmission-phase engine shared by kernel mode and socket mode.
 //!
-//! Per connection: the calling thread is the **reader**. It parses every request from a large
-//! receive buffer, validates it, always consumes its payload (so the stream stays in sync even
-//! for rejected requests), and queues jobs in batches; it never waits on replies, only on the
-//! bounded in-flight [`Window`]. A small pool of **workers** runs the device operations in
-//! parallel and frames the replies. Replies go out in completion order through a combining
-//! sender: a finished reply is queued, and whichever worker holds the send lock writes every
-//! queued reply with vectored `sendmsg` calls, so under load one system call carries many replies.
+//! Per connection the calling thread is the **reader**. It parses every request from a large
+//! receive buffer, validates it and always consumes its payload (so the stream stays in sync even
+//! for rejected requests). It admits requests through a bounded in-flight [`Window`] (count and
+//! payload bytes); a request's slot is released only once its reply is on the wire.
+//!
+//! While the device is fast (the last operation took less than [`JobQueue::STALL`]), the reader
+//! runs short requests itself — reads up to 128 KiB, writes/trims/zeroes without FUA, block
+//! status, rejections — and writes their replies with `MSG_DONTWAIT`. A thread hand-off costs a
+//! futex wake and two context switches, more than a page-cache read, so this halves the CPU per
+//! request. The reader still never waits on the reply path: when the socket is full it parks the
+//! unsent bytes and hands the writing to a worker. Long or possibly slow requests (FLUSH, FUA,
+//! CACHE, big reads) and everything after a slow operation go to a small pool of **workers** in
+//! batches; workers are woken adaptively (see [`JobQueue`]).
+//!
+//! Replies go out in completion order. One thread at a time writes (`OutState::sending`); others
+//! queue their reply and return, and the writer sends everything queued with vectored `sendmsg`
+//! calls, so under load one system call carries many replies.
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
@@ -62,7 +72,7 @@ pub enum EndReason {
 impl std::fmt::Display for EndReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            EndReason::Disconnect => write!(f, "client disconnected"),
+            EndReason::Disconnect => write!(f, "client sent NBD_CMD_DISC"),
             EndReason::Closed => write!(f, "client closed the connection"),
             EndReason::Truncated => write!(f, "connection lost mid-request"),
             EndReason::OutOfSync => write!(f, "protocol error (bad request magic)"),

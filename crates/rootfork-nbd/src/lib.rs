@@ -1,6 +1,6 @@
 //! The NBD protocol for rootfork: wire format, request dispatcher and socket server.
 //!
-//! One dispatcher ([`conn`](crate::kernel) engine) serves any
+//! One dispatcher (the transmission engine in `conn.rs`) serves any
 //! [`BlockDevice`](rootfork_block::BlockDevice) in two modes:
 //!
 //! * **Kernel mode** ([`kernel::KernelConnection`]): the transmission phase only, on an
@@ -13,10 +13,26 @@
 //!   when asked, TCP.
 //!
 //! Per connection a reader thread parses and validates requests and never waits on replies; a
-//! bounded window caps requests and bytes in flight; a few worker threads run device operations
-//! in parallel; replies go out in completion order with vectored writes (see the engine's docs
-//! in `conn.rs`). Every request gets an answer: invalid ones get the errno the protocol names,
-//! their payload is consumed so the stream stays in sync.
+//! bounded window caps requests and bytes in flight; short requests on a fast device run on the
+//! reader itself with non-blocking replies, everything else on a few worker threads in parallel;
+//! replies go out in completion order with vectored writes (see the engine's docs in `conn.rs`
+//! and `docs/nbd.md`). Every request gets an answer: invalid ones get the errno the protocol
+//! names, their payload is consumed so the stream stays in sync.
+//!
+//! Socket mode in a few lines:
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # fn demo(dev: Arc<dyn rootfork_block::BlockDevice>) -> Result<(), rootfork_nbd::ServerError> {
+//! use rootfork_nbd::{Export, ServeOptions, Server};
+//! let server = Server::new(ServeOptions::default());
+//! server.add_export(Export { name: "sbx-1".into(), description: String::new(), device: dev })?;
+//! server.listen_unix(std::path::Path::new("/run/rootfork/sbx-1.sock"))?; // created 0600
+//! // ... later:
+//! let stats = server.stats(); // per-command counts, bytes, latency histograms
+//! server.shutdown(std::time::Duration::from_secs(10)); // drain, close, remove the socket
+//! # let _ = stats; Ok(()) }
+//! ```
 //!
 //! [`request::parse_header`], [`request::classify`] and [`handshake::negotiate`] are pure
 //! functions over bytes; the `fuzz/` crate at the repository root fuzzes them.
