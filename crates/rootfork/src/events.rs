@@ -23,6 +23,9 @@ pub fn now_unix_ms() -> i64 {
 pub struct EventBus {
     tx: broadcast::Sender<Event>,
     seq: AtomicU64,
+    /// Kernel slot → the sandbox that claimed it, so that the pool's later events about the slot
+    /// (which carry only its index) name the sandbox too.
+    slots: parking_lot::Mutex<std::collections::HashMap<u32, String>>,
 }
 
 impl Default for EventBus {
@@ -30,6 +33,7 @@ impl Default for EventBus {
         EventBus {
             tx: broadcast::channel(CAPACITY).0,
             seq: AtomicU64::new(0),
+            slots: Default::default(),
         }
     }
 }
@@ -106,17 +110,71 @@ impl EventBus {
     /// Forwards a kernel pool event.
     pub fn emit_pool(&self, e: &rootfork_kernel::PoolEvent) {
         use rootfork_kernel::PoolEvent as P;
+        let owner = |index: &u32, forget: bool| {
+            let mut slots = self.slots.lock();
+            let s = if forget {
+                slots.remove(index)
+            } else {
+                slots.get(index).cloned()
+            };
+            s.unwrap_or_default()
+        };
         let b = match e {
-            P::Claimed { index, sandbox } => Self::event(EventKind::Claimed)
+            P::Claimed { index, sandbox } => {
+                self.slots.lock().insert(*index, sandbox.clone());
+                Self::event(EventKind::Claimed)
+                    .device(*index)
+                    .sandbox(sandbox)
+            }
+            P::Connected { index } => Self::event(EventKind::Connected)
                 .device(*index)
-                .sandbox(sandbox),
-            P::Connected { index } => Self::event(EventKind::Connected).device(*index),
-            P::Disconnected { index } => Self::event(EventKind::Disconnected).device(*index),
-            P::Released { index } => Self::event(EventKind::Released).device(*index),
+                .sandbox(&owner(index, false)),
+            P::Disconnected { index } => Self::event(EventKind::Disconnected)
+                .device(*index)
+                .sandbox(&owner(index, false)),
+            P::Released { index } => Self::event(EventKind::Released)
+                .device(*index)
+                .sandbox(&owner(index, true)),
             P::Reclaimed { index, backend } => Self::event(EventKind::Reclaimed)
                 .device(*index)
                 .message(backend.clone().unwrap_or_default()),
         };
         self.emit(b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rootfork_kernel::PoolEvent as P;
+
+    #[test]
+    fn pool_events_name_the_sandbox_of_their_slot() {
+        let bus = EventBus::default();
+        let mut rx = bus.subscribe();
+        bus.emit_pool(&P::Claimed {
+            index: 3,
+            sandbox: "a".into(),
+        });
+        bus.emit_pool(&P::Connected { index: 3 });
+        bus.emit_pool(&P::Disconnected { index: 3 });
+        bus.emit_pool(&P::Released { index: 3 });
+        bus.emit_pool(&P::Connected { index: 3 });
+        let got: Vec<(i32, String, Option<u32>, u64)> = (0..5)
+            .map(|_| rx.try_recv().unwrap())
+            .map(|e| (e.kind, e.sandbox, e.device_index, e.seq))
+            .collect();
+        let k = |k: EventKind| k as i32;
+        assert_eq!(
+            got,
+            vec![
+                (k(EventKind::Claimed), "a".into(), Some(3), 1),
+                (k(EventKind::Connected), "a".into(), Some(3), 2),
+                (k(EventKind::Disconnected), "a".into(), Some(3), 3),
+                (k(EventKind::Released), "a".into(), Some(3), 4),
+                // After the release the slot belongs to nobody.
+                (k(EventKind::Connected), String::new(), Some(3), 5),
+            ]
+        );
     }
 }
