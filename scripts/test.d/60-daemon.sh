@@ -76,5 +76,15 @@ kill -TERM "$DPID"; wait "$DPID" || true; DPID=
 check "SIGTERM removes the API socket, NBD sockets and caches" bash -c "[ ! -e .rootfork/api.sock ] && [ -z \"\$(find .rootfork/nbd .rootfork/cache -mindepth 1)\" ]"
 check "templates survive a restart" test -f .rootfork/templates/demo.img
 
+# A sandbox with QEMU VMM settings: the daemon boots a TCG guest on the sandbox's disk.
+cd "$ROOT"
+if eval "$(tests/vm/assets.sh)" && export MODDIR QEMU QEMU_MODULE_DIR KERNEL && tests/boot/build-assets.sh "${ROOTFORK_BOOT_ASSETS:-$ROOT/build/boot}" >"$WORK/assets.log" 2>&1; then
+  export QEMU QEMU_MODULE_DIR KERNEL ROOTFORK_BOOT_ASSETS=${ROOTFORK_BOOT_ASSETS:-$ROOT/build/boot}
+  check "daemon boots QEMU on a sandbox's disk (cargo test --test vm_boot)" \
+    cargo test -q -p rootfork --test vm_boot -- --ignored
+else
+  bad "boot assets (tests/vm/assets.sh, tests/boot/build-assets.sh)"; tail -20 "$WORK/assets.log" || true
+fi
+
 echo "daemon suite: $PASS passed, $FAIL failed"
 [ "$FAIL" = 0 ]

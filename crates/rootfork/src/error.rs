@@ -35,6 +35,9 @@ pub enum DaemonError {
     /// A provider failed.
     #[error("provider: {0}")]
     Provider(#[from] rootfork_provider::ProviderError),
+    /// Booting the sandbox's VM failed.
+    #[error("vm: {0}")]
+    Vm(#[from] rootfork_vmm::qemu::QemuError),
     /// Host I/O failed.
     #[error("{context}: {source}")]
     Io {
@@ -74,6 +77,11 @@ impl DaemonError {
                 P::Kernel(_) => Code::Unavailable,
                 _ => Code::Internal,
             },
+            DaemonError::Vm(v) => match v {
+                rootfork_vmm::qemu::QemuError::Missing { .. }
+                | rootfork_vmm::qemu::QemuError::InvalidConfig(_) => Code::InvalidArgument,
+                _ => Code::Internal,
+            },
             DaemonError::Io { .. } => Code::Internal,
         }
     }
@@ -89,7 +97,7 @@ impl DaemonError {
             DaemonError::DeadlineExceeded(_) => libc::ETIMEDOUT,
             DaemonError::Provider(rootfork_provider::ProviderError::Timeout(_)) => libc::ETIMEDOUT,
             DaemonError::Provider(rootfork_provider::ProviderError::Kernel(k)) => k.errno(),
-            DaemonError::Provider(_) => libc::EIO,
+            DaemonError::Provider(_) | DaemonError::Vm(_) => libc::EIO,
             DaemonError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

@@ -47,6 +47,8 @@ pub struct Dirs {
     pub paused: PathBuf,
     /// Scratch space.
     pub tmp: PathBuf,
+    /// VM consoles, QEMU logs and QMP sockets.
+    pub vm: PathBuf,
 }
 
 impl Dirs {
@@ -58,6 +60,7 @@ impl Dirs {
             cache: state.join("cache"),
             paused: state.join("paused"),
             tmp: state.join("tmp"),
+            vm: state.join("vm"),
         }
     }
 }
@@ -116,6 +119,9 @@ fn check_vmm(v: &VmmSettings) -> Result<()> {
     }
     if v.kernel_args.len() > 4096 {
         return bad("kernel_args is longer than 4096 bytes".into());
+    }
+    if v.kind == v1::vmm_settings::Kind::Qemu as i32 && v.kernel.is_empty() {
+        return bad("a QEMU VM needs a kernel".into());
     }
     Ok(())
 }
@@ -401,6 +407,65 @@ impl Core {
         Ok(provider)
     }
 
+    /// Boots QEMU on the sandbox's served disk when its VMM settings ask for it.
+    async fn boot_vm(
+        &self,
+        sb: &Sandbox,
+        provider: &AnyProvider,
+    ) -> Result<Option<rootfork_vmm::qemu::QemuProcess>> {
+        use rootfork_vmm::qemu::{QemuBinary, QemuConfig, QemuProcess};
+        let Some(v) = sb
+            .vmm
+            .as_ref()
+            .filter(|v| v.kind == v1::vmm_settings::Kind::Qemu as i32)
+        else {
+            return Ok(None);
+        };
+        let device = provider
+            .path(Duration::ZERO, std::future::ready(()))
+            .await?;
+        let n = self.socket_seq.fetch_add(1, Ordering::Relaxed);
+        std::fs::create_dir_all(&self.dirs.vm)
+            .map_err(|e| DaemonError::io("creating the vm directory", e))?;
+        let console = self.dirs.vm.join(format!("{}.console", sb.id));
+        let log = self.dirs.vm.join(format!("{}.qemu.log", sb.id));
+        let qmp = self.dirs.vm.join(format!("{n}.qmp"));
+        let mut cfg = QemuConfig::new(&v.kernel, device.into_root_disk(), &console);
+        if !v.initrd.is_empty() {
+            cfg.initrd = Some(PathBuf::from(&v.initrd));
+        }
+        if !v.kernel_args.is_empty() {
+            cfg.append.clone_from(&v.kernel_args);
+        } else {
+            cfg.append = "console=ttyS0 root=/dev/vda rw panic=-1".into();
+        }
+        if v.memory_mib != 0 {
+            cfg.memory_mib = v.memory_mib;
+        }
+        if v.vcpus != 0 {
+            cfg.cpus = v.vcpus;
+        }
+        let template = rootfork_vmm::firecracker::TemplateIdentity::of(&TemplatePath::new(
+            self.templates.image_path(&sb.template),
+        ))
+        .map_err(|e| DaemonError::io("stat template", e))?;
+        let qemu = QemuBinary::from_env();
+        let vm = tokio::task::spawn_blocking(move || {
+            let r = QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &[template]);
+            let _ = std::fs::remove_file(&qmp);
+            r
+        })
+        .await
+        .map_err(|e| DaemonError::io("booting the VM", std::io::Error::other(e.to_string())))??;
+        let pid = vm.pid();
+        sb.update(|s| {
+            s.vm_pid = pid;
+            s.vm_console = console.display().to_string();
+        });
+        tracing::info!(sandbox = %sb.id, pid, "booted QEMU on the sandbox's disk");
+        Ok(Some(vm))
+    }
+
     /// Creates a sandbox and waits until its disk is served.
     pub async fn create_sandbox(&self, req: v1::CreateSandboxRequest) -> Result<v1::Sandbox> {
         match self.create_inner(req).await {
@@ -455,9 +520,22 @@ impl Core {
             Ok(p) => self.bring_up(&sb, p).await,
             Err(e) => Err(e),
         };
+        let r = match r {
+            Ok(mut p) => match self.boot_vm(&sb, &p).await {
+                Ok(vm) => Ok((p, vm)),
+                Err(e) => {
+                    if let Err(ce) = p.close().await {
+                        tracing::warn!(sandbox = %sb.id, "closing after a failed VM boot: {ce}");
+                    }
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
         match r {
-            Ok(p) => {
+            Ok((p, vm)) => {
                 live.provider = Some(p);
+                live.vm = vm;
                 live.generation = 1;
                 self.set_state(&sb, SandboxState::Running, None);
                 drop(live);
@@ -510,6 +588,11 @@ impl Core {
             .ok_or_else(|| DaemonError::SandboxNotFound(id.into()))?;
         let mut live = sb.live.lock().await;
         self.running_or_precondition(&sb, "pause", SandboxState::Running)?;
+        if live.vm.is_some() {
+            return Err(DaemonError::FailedPrecondition(format!(
+                "sandbox {id:?} has a running VM; pausing the disk under it is not supported (delete the sandbox instead)"
+            )));
+        }
         let Some(mut provider) = live.provider.take() else {
             return Err(DaemonError::FailedPrecondition(format!(
                 "sandbox {id:?} has no device"
@@ -673,6 +756,14 @@ impl Core {
             return Ok(false);
         }
         self.set_state(&sb, SandboxState::Deleting, None);
+        if let Some(mut vm) = live.vm.take() {
+            // The VM goes first: the disk is closed under nobody.
+            tokio::task::spawn_blocking(move || vm.kill()).await.ok();
+            sb.update(|s| s.vm_pid = 0);
+            for ext in ["console", "qemu.log"] {
+                let _ = std::fs::remove_file(self.dirs.vm.join(format!("{id}.{ext}")));
+            }
+        }
         if let Some(mut p) = live.provider.take() {
             let read = provider_template_bytes(&p);
             if let Err(e) = p.close().await {

@@ -176,7 +176,7 @@ impl Daemon {
         let lock = lock_state(&state)?;
         let dirs = Dirs::new(&state);
         let mut leftovers = 0;
-        for d in [&dirs.nbd, &dirs.cache, &dirs.paused, &dirs.tmp] {
+        for d in [&dirs.nbd, &dirs.cache, &dirs.paused, &dirs.tmp, &dirs.vm] {
             leftovers += clean_dir(d)?;
         }
         if leftovers > 0 {

@@ -36,6 +36,10 @@ pub struct Status {
     pub paused_diff_bytes: u64,
     /// Consecutive failed health checks.
     pub failed_checks: u32,
+    /// The VM's pid, while one runs.
+    pub vm_pid: u32,
+    /// The VM's console file.
+    pub vm_console: String,
 }
 
 /// The live resources.
@@ -49,6 +53,8 @@ pub struct Live {
     pub files: Vec<std::path::PathBuf>,
     /// Generation counter for file names.
     pub generation: u64,
+    /// The VM booted on the disk (killed on drop).
+    pub vm: Option<rootfork_vmm::qemu::QemuProcess>,
 }
 
 /// A sandbox.
@@ -104,6 +110,8 @@ impl Sandbox {
                 pause_count: 0,
                 paused_diff_bytes: 0,
                 failed_checks: 0,
+                vm_pid: 0,
+                vm_console: String::new(),
             }),
             live: tokio::sync::Mutex::new(Live::default()),
         })
@@ -161,6 +169,8 @@ impl Sandbox {
             overlay_data_blocks: data_blocks,
             paused_diff_bytes: s.paused_diff_bytes,
             pause_count: s.pause_count,
+            vm_pid: s.vm_pid,
+            vm_console: s.vm_console,
         }
     }
 }
