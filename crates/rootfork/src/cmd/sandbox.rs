@@ -30,12 +30,18 @@ pub enum Command {
         /// The provider.
         #[arg(long, value_enum, default_value_t = Provider::Socket)]
         provider: Provider,
-        /// VMM settings to record with the sandbox: qemu or firecracker.
+        /// VMM: qemu (the daemon boots QEMU on the disk) or firecracker (recorded only).
         #[arg(long)]
         vmm: Option<String>,
-        /// Guest kernel for the VMM settings.
+        /// Guest kernel (absolute path on the daemon's host).
         #[arg(long, requires = "vmm")]
         kernel: Option<PathBuf>,
+        /// Guest initramfs.
+        #[arg(long, requires = "vmm")]
+        initrd: Option<PathBuf>,
+        /// Guest kernel command line [default: console=ttyS0 root=/dev/vda rw panic=-1].
+        #[arg(long, requires = "vmm")]
+        kernel_args: Option<String>,
         /// Guest memory (MiB) for the VMM settings.
         #[arg(long, requires = "vmm")]
         memory_mib: Option<u32>,
@@ -103,6 +109,9 @@ fn show(opts: &ClientOpts, s: &v1::Sandbox) {
             output::bytes(s.paused_diff_bytes)
         );
     }
+    if s.vm_pid != 0 {
+        println!("vm:        qemu pid {}, console {}", s.vm_pid, s.vm_console);
+    }
     if !s.message.is_empty() {
         println!("message:   {}", s.message);
     }
@@ -123,6 +132,8 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
                 provider,
                 vmm,
                 kernel,
+                initrd,
+                kernel_args,
                 memory_mib,
                 vcpus,
             } => {
@@ -136,10 +147,11 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
                                 anyhow::bail!("--vmm must be qemu or firecracker, not {other:?}")
                             }
                         } as i32,
-                        kernel: kernel.map(|p| p.display().to_string()).unwrap_or_default(),
+                        kernel: kernel.map(|p| abs(&p)).unwrap_or_default(),
+                        initrd: initrd.map(|p| abs(&p)).unwrap_or_default(),
+                        kernel_args: kernel_args.unwrap_or_default(),
                         memory_mib: memory_mib.unwrap_or(0),
                         vcpus: vcpus.unwrap_or(0),
-                        ..Default::default()
                     }),
                 };
                 let s = sb
@@ -237,4 +249,11 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn abs(p: &std::path::Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_owned())
+        .display()
+        .to_string()
 }
