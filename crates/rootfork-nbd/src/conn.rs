@@ -98,6 +98,12 @@ struct Job {
 }
 
 impl Job {
+    /// A large transfer (another worker may overlap its copies with this one's).
+    fn heavy(&self) -> bool {
+        matches!(self.work, Work::Exec(Command::Read { len, .. } | Command::Write { len, .. }, _)
+            if len > INLINE_READ_MAX)
+    }
+
     fn continue_sending() -> Job {
         Job {
             cookie: 0,
@@ -250,7 +256,7 @@ impl Shared {
                     // The socket is full: a worker finishes the job in blocking mode.
                     self.out.lock().partial = Some((batch, sent));
                     self.queue
-                        .push_all(std::iter::once(Job::continue_sending()));
+                        .push_all(std::iter::once(Job::continue_sending()), false);
                     return;
                 }
                 Err(e) => {
@@ -440,7 +446,8 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
     let cx = shared.exec_context();
     let flush = |batch: &mut Vec<Job>| {
         if !batch.is_empty() {
-            shared.queue.push_all(batch.drain(..));
+            let heavy = batch.iter().any(|j| j.heavy());
+            shared.queue.push_all(batch.drain(..), heavy);
         }
     };
     let reason = loop {

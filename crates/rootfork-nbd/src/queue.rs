@@ -64,14 +64,18 @@ impl<T> JobQueue<T> {
             .is_some_and(|(t, _)| now.saturating_duration_since(*t) > Self::STALL)
     }
 
-    /// Adds jobs, waking a worker if none is running or the queue is stalled.
-    pub fn push_all(&self, jobs: impl IntoIterator<Item = T>) {
+    /// Adds jobs, waking a worker if none is running or the queue is stalled. `heavy` jobs
+    /// (large transfers, whose copy and send can overlap on another core) always wake a
+    /// sleeping worker.
+    pub fn push_all(&self, jobs: impl IntoIterator<Item = T>, heavy: bool) {
         let now = Instant::now();
         let mut st = self.state.lock();
         st.jobs.extend(jobs.into_iter().map(|j| (now, j)));
         let wake = st.sleeping > 0
             && !st.jobs.is_empty()
-            && (st.sleeping >= self.workers || (self.is_slow() && Self::stalled(&st, now)));
+            && (heavy
+                || st.sleeping >= self.workers
+                || (self.is_slow() && Self::stalled(&st, now)));
         if wake {
             st.sleeping -= 1;
         }
