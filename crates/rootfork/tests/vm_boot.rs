@@ -20,7 +20,7 @@ async fn daemon_boots_qemu_on_the_sandbox_disk() {
         |k: &str| PathBuf::from(std::env::var_os(k).unwrap_or_else(|| panic!("{k} is not set")));
     let assets = need("ROOTFORK_BOOT_ASSETS");
     let kernel = need("KERNEL");
-    let d = TestDaemon::start(false).await;
+    let d = TestDaemon::start_with(false, |c| c.health_interval = Duration::from_millis(200)).await;
     let mut c = d.client().await;
     let tpl = assets.join("template.ext4");
     let before = std::fs::read(&tpl).unwrap();
@@ -45,6 +45,12 @@ async fn daemon_boots_qemu_on_the_sandbox_disk() {
         .unwrap()
         .into_inner();
     assert!(sb.vm_pid > 0);
+    // A sandbox with a running VM is not paused under it (the guest needs seconds to boot).
+    let p = c
+        .sandboxes
+        .pause_sandbox(v1::PauseSandboxRequest { id: "vm-d".into() })
+        .await;
+    assert_eq!(p.unwrap_err().code(), tonic::Code::FailedPrecondition);
     let console = PathBuf::from(&sb.vm_console);
     let deadline = Instant::now() + Duration::from_secs(180);
     let text = loop {
@@ -58,14 +64,24 @@ async fn daemon_boots_qemu_on_the_sandbox_disk() {
         text.contains("ROOTFORK-BOOT-OK vmid=vm-d"),
         "console:\n{text}"
     );
-    // A sandbox with a VM is not paused under it.
-    let p = c
-        .sandboxes
-        .pause_sandbox(v1::PauseSandboxRequest { id: "vm-d".into() })
-        .await;
-    assert_eq!(p.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    // The guest powers off; the health round reaps QEMU and says so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let got = c
+            .sandboxes
+            .get_sandbox(v1::GetSandboxRequest { id: "vm-d".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.vm_pid == 0 || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(got.vm_pid, 0, "QEMU not reaped after the guest powered off");
+    assert!(got.message.contains("VM exited"), "{}", got.message);
+    assert_eq!(got.state, v1::SandboxState::Running as i32);
     // The guest's file is in the sandbox's overlay.
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let img = d.dir.path().join("disk.img");
     let st = std::process::Command::new("nbdcopy")
         .arg(&sb.nbd_uri)

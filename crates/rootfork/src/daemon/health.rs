@@ -14,6 +14,8 @@
 //! is reported, not repaired; see docs/daemon.md.
 //!
 //! A sandbox whose lifecycle lock is held (an operation in progress) is skipped for that round.
+//! The same round reaps a sandbox's QEMU when it has exited (pid cleared, reason in the message,
+//! a `SANDBOX` event); the disk stays served.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -72,7 +74,25 @@ async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), String>> {
     if sb.state() != SandboxState::Running {
         return None;
     }
-    let live = sb.live.try_lock().ok()?;
+    let mut live = sb.live.try_lock().ok()?;
+    // A VM that has exited (the guest powered off, or QEMU died) is reaped and reported; the
+    // disk stays served.
+    if let Some(vm) = live.vm.as_mut() {
+        if let Ok(Some(exit)) = vm.try_exit() {
+            let msg = format!("the VM exited ({}) after {:?}", exit.status, exit.elapsed);
+            live.vm = None;
+            sb.update(|s| {
+                s.vm_pid = 0;
+                s.message.clone_from(&msg);
+            });
+            core.events.emit(
+                EventBus::event(EventKind::Sandbox)
+                    .sandbox(&sb.id)
+                    .state(SandboxState::Running)
+                    .message(msg),
+            );
+        }
+    }
     let provider = live.provider.as_ref()?;
     if let Err(e) = provider.path(Duration::ZERO, std::future::ready(())).await {
         return Some(Err(format!("provider no longer ready: {e}")));
