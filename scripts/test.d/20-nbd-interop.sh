@@ -166,7 +166,7 @@ check "nbdsh strict mode: all commands, holes, DF, block status, errors" \
 # --- fio with crc32c verification, two jobs (two connections) on disjoint halves.
 fio_json() { sed -n '/^{/,$p'; }
 FIO_OUT="$WORK/fio.json"
-if fio --name=verify --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=16 \
+if fio --name=verify --verify_state_save=0 --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=16 \
       --numjobs=2 --size=16M --offset_increment=16M --verify=crc32c --verify_fatal=1 \
       --do_verify=1 --group_reporting=0 --output-format=json 2>"$WORK/fio.err" | fio_json >"$FIO_OUT"; then
   errs=$(/usr/bin/python3 -c "import json,sys; d=json.load(open('$FIO_OUT')); print(sum(j['error'] for j in d['jobs']), len(d['jobs']), min(j['read']['io_bytes'] for j in d['jobs']))")
