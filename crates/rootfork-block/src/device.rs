@@ -68,3 +68,31 @@ pub trait BlockDevice: Send + Sync {
         None
     }
 }
+
+/// Expands, inside an `impl BlockDevice for …` block, the write side of a read-only device:
+/// every write entry point refuses with [`BlockError::ReadOnly`](crate::BlockError::ReadOnly)
+/// (`EPERM` on the wire) and flush has nothing to do.
+macro_rules! read_only_write_side {
+    () => {
+        fn is_read_only(&self) -> bool {
+            true
+        }
+
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> $crate::Result<()> {
+            Err($crate::BlockError::ReadOnly)
+        }
+
+        fn write_zeroes(&self, _offset: u64, _len: u64, _punch: bool) -> $crate::Result<()> {
+            Err($crate::BlockError::ReadOnly)
+        }
+
+        fn trim(&self, _offset: u64, _len: u64) -> $crate::Result<()> {
+            Err($crate::BlockError::ReadOnly)
+        }
+
+        fn flush(&self) -> $crate::Result<()> {
+            Ok(())
+        }
+    };
+}
+pub(crate) use read_only_write_side;

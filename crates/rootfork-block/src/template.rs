@@ -120,30 +120,12 @@ impl BlockDevice for TemplateFile {
         TEMPLATE_BLOCK_SIZE
     }
 
-    fn is_read_only(&self) -> bool {
-        true
-    }
+    crate::device::read_only_write_side!();
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         BlockError::check_range(offset, buf.len() as u64, self.size)?;
         sys::pread_exact(&self.file, buf, offset)
             .map_err(|e| BlockError::io("reading the template", e))
-    }
-
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn write_zeroes(&self, _offset: u64, _len: u64, _punch: bool) -> Result<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn trim(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn flush(&self) -> Result<()> {
-        Ok(())
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

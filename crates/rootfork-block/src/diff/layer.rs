@@ -107,9 +107,7 @@ impl BlockDevice for DiffLayer {
         self.map.block_size
     }
 
-    fn is_read_only(&self) -> bool {
-        true
-    }
+    crate::device::read_only_write_side!();
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         BlockError::check_range(offset, buf.len() as u64, self.map.size)?;
@@ -126,22 +124,6 @@ impl BlockDevice for DiffLayer {
                 }
             }
         })
-    }
-
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn write_zeroes(&self, _offset: u64, _len: u64, _punch: bool) -> Result<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn trim(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn flush(&self) -> Result<()> {
-        Ok(())
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
