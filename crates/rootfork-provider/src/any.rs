@@ -45,6 +45,19 @@ pub enum AnyProvider {
     Direct(DirectProvider),
 }
 
+impl AnyProvider {
+    /// The NBD server's per-command request counters and latency histograms, for the kinds that
+    /// expose them: the socket provider (live, then final after close). The kernel provider's
+    /// dispatchers live inside its attachment and do not expose theirs yet; the direct provider
+    /// serves no NBD. `None` for those.
+    pub fn nbd_stats(&self) -> Option<rootfork_nbd::StatsSnapshot> {
+        match self {
+            AnyProvider::Socket(p) => p.nbd_stats(),
+            AnyProvider::Kernel(_) | AnyProvider::Direct(_) => None,
+        }
+    }
+}
+
 impl Provider for AnyProvider {
     type Device = ProviderDevice;
 

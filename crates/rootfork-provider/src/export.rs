@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rootfork_block::BlockDevice;
-use rootfork_nbd::{Export, ServeOptions, Server};
+use rootfork_nbd::{Export, ServeOptions, Server, StatsSnapshot};
 
 use crate::error::{ProviderError, Result};
 
@@ -53,12 +53,20 @@ impl ExportServer {
         self.server.as_ref().map_or(0, Server::connections)
     }
 
+    /// The server's per-command counters and latency histograms so far.
+    pub(crate) fn stats(&self) -> StatsSnapshot {
+        self.server.as_ref().map(Server::stats).unwrap_or_default()
+    }
+
     /// Graceful shutdown (blocking): stop listening, drain, wait for in-flight requests, close.
-    pub(crate) fn shutdown(mut self) -> Result<()> {
+    /// Returns the final counters (requests answered while draining included).
+    pub(crate) fn shutdown(mut self) -> Result<StatsSnapshot> {
+        let mut stats = StatsSnapshot::default();
         if let Some(s) = self.server.take() {
             s.shutdown(GRACE);
+            stats = s.stats();
         }
-        Ok(())
+        Ok(stats)
     }
 }
 

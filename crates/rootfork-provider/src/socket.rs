@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions};
+use rootfork_nbd::StatsSnapshot;
 use rootfork_vmm::qemu::NbdEndpoint;
 use tokio::task::JoinHandle;
 
@@ -50,6 +51,8 @@ pub struct SocketProvider {
     config: SocketConfig,
     readiness: Arc<Readiness<NbdEndpoint>>,
     running: Arc<Mutex<Option<Running>>>,
+    /// The NBD server's final counters, kept after a graceful close.
+    closed_stats: Mutex<Option<StatsSnapshot>>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -69,6 +72,7 @@ impl SocketProvider {
             config,
             readiness: Arc::new(Readiness::new()),
             running: Arc::new(Mutex::new(None)),
+            closed_stats: Mutex::new(None),
             task: None,
         }
     }
@@ -83,6 +87,15 @@ impl SocketProvider {
         lock(&self.running).as_ref().map(|r| r.overlay.clone())
     }
 
+    /// The NBD server's per-command request counters and latency histograms: live while
+    /// attached, final after a graceful [`Provider::close`]; `None` before the attach finished.
+    pub fn nbd_stats(&self) -> Option<StatsSnapshot> {
+        if let Some(r) = lock(&self.running).as_ref() {
+            return Some(r.server.stats());
+        }
+        lock(&self.closed_stats).clone()
+    }
+
     fn attach_blocking(config: &SocketConfig) -> Result<Arc<Overlay>> {
         let base = config.base.open()?;
         Ok(Arc::new(Overlay::create(
@@ -92,21 +105,26 @@ impl SocketProvider {
         )?))
     }
 
-    fn release(running: Option<Running>, socket: &Path, graceful: bool) -> Result<()> {
+    /// Releases the live parts; returns the NBD server's final counters when graceful.
+    fn release(
+        running: Option<Running>,
+        socket: &Path,
+        graceful: bool,
+    ) -> Result<Option<StatsSnapshot>> {
         let Some(Running { overlay, server }) = running else {
-            return Ok(());
+            return Ok(None);
         };
         // Drain first, so nothing writes while we flush.
         let drained = if graceful {
-            server.shutdown()
+            server.shutdown().map(Some)
         } else {
             drop(server);
-            Ok(())
+            Ok(None)
         };
         let flushed = overlay.flush().map_err(ProviderError::from);
         drop(overlay);
         let _ = std::fs::remove_file(socket);
-        drained.and(flushed)
+        flushed.and(drained)
     }
 }
 
@@ -178,9 +196,13 @@ impl Provider for SocketProvider {
         self.readiness.set(State::Closed);
         let running = lock(&self.running).take();
         let socket = self.config.socket.clone();
-        tokio::task::spawn_blocking(move || Self::release(running, &socket, true))
+        let stats = tokio::task::spawn_blocking(move || Self::release(running, &socket, true))
             .await
-            .map_err(|e| ProviderError::Task(e.to_string()))?
+            .map_err(|e| ProviderError::Task(e.to_string()))??;
+        if stats.is_some() {
+            *lock(&self.closed_stats) = stats;
+        }
+        Ok(())
     }
 
     async fn export_diff(&mut self, data_out: &Path) -> Result<PausedDisk> {

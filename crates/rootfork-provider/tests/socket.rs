@@ -53,6 +53,7 @@ async fn lifecycle_serves_a_private_overlay_and_releases_everything() {
 
     let mut p = SocketProvider::new(cfg);
     assert_eq!(p.kind(), ProviderKind::Socket);
+    assert!(p.nbd_stats().is_none(), "NBD stats before the attach");
     assert!(matches!(
         p.path(Duration::from_secs(1), never()).await,
         Err(ProviderError::NotStarted)
@@ -87,8 +88,17 @@ async fn lifecycle_serves_a_private_overlay_and_releases_everything() {
     );
     drop(overlay);
 
+    // The export's NBD server counted nbdcopy's reads (the whole 4 MiB disk).
+    let live = p.nbd_stats().expect("NBD stats while attached");
+    let reads = live.op(rootfork_nbd::Op::Read);
+    assert!(reads.count > 0, "{live:?}");
+    assert_eq!(reads.bytes, 4 << 20);
+    assert_eq!(live.op(rootfork_nbd::Op::Write).count, 0);
+
     p.close().await.unwrap();
     p.close().await.unwrap();
+    let last = p.nbd_stats().expect("final NBD stats after close");
+    assert_eq!(last.op(rootfork_nbd::Op::Read), reads);
     assert!(!sock.exists(), "socket left behind");
     assert!(!cache.exists(), "overlay cache left behind");
     assert!(matches!(

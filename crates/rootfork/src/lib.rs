@@ -11,4 +11,5 @@ pub mod events;
 pub mod metrics;
 pub mod metrics_http;
 pub mod names;
+pub mod nbd_metrics;
 pub mod service;

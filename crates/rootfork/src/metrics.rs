@@ -2,7 +2,8 @@
 //! things happen live here; gauges that describe current state (sandboxes and pool slots by state,
 //! overlay bytes) are recomputed from a [`Snapshot`] at every scrape, and monotonic totals read
 //! from elsewhere (template bytes read, kernel attach failures) advance by the delta since the
-//! previous scrape.
+//! previous scrape. NBD request counts and latency by command come from the NBD servers' own
+//! counters at scrape time (see [`crate::nbd_metrics`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,6 +15,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use rootfork_nbd::StatsSnapshot;
+
+use crate::nbd_metrics::NbdCollector;
 
 /// A `state` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,6 +71,9 @@ pub struct Snapshot {
     pub template_bytes_read: u64,
     /// Kernel attach failures per errno, ever.
     pub kernel_failures: BTreeMap<i32, u64>,
+    /// NBD request counters of every export, ever (closed sandboxes included; kernel-provider
+    /// devices do not expose theirs).
+    pub nbd: StatsSnapshot,
 }
 
 /// The daemon's metrics.
@@ -81,6 +88,7 @@ pub struct Metrics {
     errors: Family<ErrorLabel, Counter>,
     health_checks: Family<CheckLabel, Counter>,
     recoveries: Counter,
+    nbd: NbdCollector,
     seen: Mutex<Seen>,
 }
 
@@ -116,6 +124,7 @@ impl Metrics {
             errors: Family::default(),
             health_checks: Family::default(),
             recoveries: Counter::default(),
+            nbd: NbdCollector::default(),
             seen: Mutex::new(Seen::default()),
             registry: Registry::default(),
         };
@@ -156,6 +165,7 @@ impl Metrics {
             "Sandboxes whose device a health check had to give up on (marked failed)",
             m.recoveries.clone(),
         );
+        r.register_collector(Box::new(m.nbd.clone()));
         Metrics { registry: r, ..m }
     }
 
@@ -197,6 +207,7 @@ impl Metrics {
         set_family(&self.sandboxes, &snap.sandboxes);
         set_family(&self.slots, &snap.slots);
         self.pool_available.set(i64::from(snap.pool_available));
+        self.nbd.update(&snap.nbd);
         self.overlay_bytes.clear();
         for (k, v) in &snap.overlay_bytes {
             self.overlay_bytes

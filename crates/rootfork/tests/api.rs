@@ -530,17 +530,18 @@ async fn metrics_endpoint_reports_sandboxes_and_latency() {
     let sb = create(&mut c, "tpl", "m1").await.unwrap();
     nbd_read(&sb.nbd_uri, 0, 4096);
     let _ = create(&mut c, "nope", "m2").await;
-    let body = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .await
-    .unwrap();
+    let scrape = || {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+    };
+    let body = scrape().await.unwrap();
     for want in [
         "rootfork_sandboxes{state=\"running\"} 1",
         "rootfork_attach_latency_seconds_count{provider=\"socket\"} 1",
@@ -548,10 +549,56 @@ async fn metrics_endpoint_reports_sandboxes_and_latency() {
         "rootfork_template_read_bytes_total 4096",
         "rootfork_overlay_bytes{state=\"absent\"} 65536",
         "rootfork_pool_available",
+        "rootfork_nbd_requests_total{command=\"write\"} 0",
+        "rootfork_nbd_request_bytes_total{command=\"read\"} 4096",
     ] {
         assert!(body.contains(want), "missing {want:?} in\n{body}");
     }
+    let reads = sample(&body, "rootfork_nbd_requests_total{command=\"read\"}");
+    assert!(reads >= 1.0, "{body}");
+    assert_eq!(
+        sample(
+            &body,
+            "rootfork_nbd_request_latency_seconds_count{command=\"read\"}"
+        ),
+        reads
+    );
+
+    // A write through a second sandbox that is then deleted: its counts outlive it.
+    let sb3 = create(&mut c, "tpl", "m3").await.unwrap();
+    let uri = sb3.nbd_uri.clone();
+    tokio::task::spawn_blocking(move || nbd_write(&uri, 4096, 8192, 0xCD))
+        .await
+        .unwrap();
+    assert!(delete(&mut c, "m3").await.unwrap());
+    let body = scrape().await.unwrap();
+    assert!(sample(&body, "rootfork_nbd_requests_total{command=\"write\"}") >= 1.0);
+    assert!(sample(&body, "rootfork_nbd_requests_total{command=\"flush\"}") >= 1.0);
+    assert_eq!(
+        sample(&body, "rootfork_nbd_request_bytes_total{command=\"write\"}"),
+        8192.0
+    );
+    assert!(sample(&body, "rootfork_nbd_requests_total{command=\"read\"}") >= reads);
+    assert!(
+        sample(
+            &body,
+            "rootfork_nbd_request_latency_seconds_bucket{le=\"+Inf\",command=\"write\"}"
+        ) >= 1.0,
+        "{body}"
+    );
     d.daemon.shutdown().await;
+}
+
+/// The value of one series in a metrics text (panics when absent).
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("missing {series} in\n{body}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

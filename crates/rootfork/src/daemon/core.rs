@@ -86,6 +86,8 @@ pub struct Core {
     socket_seq: AtomicU64,
     /// Template bytes read by overlays that have been closed.
     closed_template_bytes: AtomicU64,
+    /// NBD request counters of exports that have been closed.
+    closed_nbd: parking_lot::Mutex<rootfork_nbd::StatsSnapshot>,
 }
 
 fn kind_from_proto(k: i32) -> Result<ProviderKind> {
@@ -165,6 +167,7 @@ impl Core {
             kernel,
             socket_seq: AtomicU64::new(0),
             closed_template_bytes: AtomicU64::new(0),
+            closed_nbd: Default::default(),
         }
     }
 
@@ -609,6 +612,7 @@ impl Core {
         let closed = provider.close().await;
         self.closed_template_bytes
             .fetch_add(template_read, Ordering::Relaxed);
+        self.add_closed_nbd(&provider);
         self.released(&sb);
         // A sandbox resumed from a pause exported its changes relative to template + the old
         // diff: fold the two into one diff relative to the template.
@@ -773,6 +777,7 @@ impl Core {
             }
             self.closed_template_bytes
                 .fetch_add(read, Ordering::Relaxed);
+            self.add_closed_nbd(&p);
             self.released(&sb);
         }
         live.paused = None;
@@ -822,9 +827,19 @@ impl Core {
 
     // ------------------------------------------------------------------ metrics
 
+    /// Keeps a closed provider's final NBD counters for the metrics.
+    fn add_closed_nbd(&self, p: &AnyProvider) {
+        if let Some(st) = p.nbd_stats() {
+            crate::nbd_metrics::add(&mut self.closed_nbd.lock(), &st);
+        }
+    }
+
     /// The metrics text.
     pub fn render_metrics(&self) -> String {
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot {
+            nbd: self.closed_nbd.lock().clone(),
+            ..Snapshot::default()
+        };
         let mut live_template_bytes = 0;
         let (mut data, mut zero, mut absent) = (0i64, 0i64, 0i64);
         let all: Vec<_> = self.sandboxes.read().values().cloned().collect();
@@ -837,6 +852,9 @@ impl Core {
                     data += st.blocks_data as i64 * bs;
                     zero += st.blocks_zero as i64 * bs;
                     absent += st.blocks_absent as i64 * bs;
+                }
+                if let Some(st) = live.provider.as_ref().and_then(AnyProvider::nbd_stats) {
+                    crate::nbd_metrics::add(&mut snap.nbd, &st);
                 }
             }
         }
