@@ -252,7 +252,11 @@ fn reader_keeps_reading_while_the_client_is_not_reading_replies() {
     while conn.in_flight() != 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(conn.in_flight(), 0, "window slots leaked after every reply was read");
+    assert_eq!(
+        conn.in_flight(),
+        0,
+        "window slots leaked after every reply was read"
+    );
     drop(k);
     conn.wait();
 }
