@@ -19,6 +19,7 @@ pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(stderr_is_terminal())
         .init();
 }
 
@@ -29,9 +30,16 @@ pub fn init_logging_as(format: rootfork::config::LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rootfork_nbd::server=warn"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(stderr_is_terminal());
     match format {
         rootfork::config::LogFormat::Json => b.json().init(),
         rootfork::config::LogFormat::Text => b.init(),
     }
+}
+
+/// Colours only for a person at a terminal, never in log files or pipes.
+fn stderr_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
 }
