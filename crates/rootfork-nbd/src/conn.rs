@@ -17,13 +17,25 @@
 //! Replies go out in completion order. One thread at a time writes (`OutState::sending`); others
 //! queue their reply and return, and the writer sends everything queued with vectored `sendmsg`
 //! calls, so under load one system call carries many replies.
+//!
+//! **Request ages.** For health checks, [`Shared::oldest_request_age`] says how long the oldest
+//! request that is *waiting for the server* has been waiting: one received and admitted, queued
+//! for a worker or being executed (device operation included), whose reply is not yet queued for
+//! sending. Each executor (slot 0 the reader, slot `i + 1` worker `i`) keeps a "busy since"
+//! [`AtomicU64`] (nanoseconds since the connection's start, 0 when idle) that it sets before a
+//! request executes and clears when the reply is handed to the reply path: two atomic stores per
+//! request, no lock, no allocation. Queued jobs are found by walking the job queue under its lock,
+//! which only the observer pays. A request whose reply waits on a client that stops reading is
+//! not counted (that is the client's stall, bounded by the window, not the server's). A request
+//! is invisible for the few instructions between leaving the queue and its executor's mark; a
+//! stuck request stays stuck, so the next observation sees it.
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rootfork_block::BlockDevice;
@@ -150,6 +162,11 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     stats: Stats,
     server_stats: Option<Arc<Stats>>,
+    /// Origin of the `busy` timestamps.
+    epoch: Instant,
+    /// Per executor (slot 0 the reader, `i + 1` worker `i`): when the request it is executing
+    /// was received, in nanoseconds since `epoch` plus one; 0 when idle.
+    busy: Box<[AtomicU64]>,
 }
 
 impl Shared {
@@ -160,6 +177,9 @@ impl Shared {
         pool: Arc<BufPool>,
         server_stats: Option<Arc<Stats>>,
     ) -> Arc<Shared> {
+        let busy = (0..=opts.workers.max(1))
+            .map(|_| AtomicU64::new(0))
+            .collect();
         Arc::new(Shared {
             window: Window::new(opts.max_in_flight, opts.max_in_flight_bytes),
             queue: JobQueue::new(opts.workers.max(1)),
@@ -173,7 +193,31 @@ impl Shared {
             closing: AtomicBool::new(false),
             stats: Stats::default(),
             server_stats,
+            epoch: Instant::now(),
+            busy,
         })
+    }
+
+    /// How long the oldest request waiting for the server (queued or executing, reply not yet
+    /// queued) has been waiting since it was received; `None` when there is none. See the
+    /// module docs for exactly what counts.
+    pub(crate) fn oldest_request_age(&self) -> Option<Duration> {
+        let queued = self.queue.min_key(|j| match j.work {
+            Work::ContinueSending => None,
+            _ => Some(j.received),
+        });
+        let executing = self
+            .busy
+            .iter()
+            .map(|b| b.load(Ordering::Acquire))
+            .filter(|&ns| ns != 0)
+            .min()
+            .map(|ns| self.epoch + Duration::from_nanos(ns - 1));
+        let oldest = match (queued, executing) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(Instant::now().saturating_duration_since(oldest))
     }
 
     /// Stops taking new work: later requests get `ESHUTDOWN`, in-flight ones finish.
@@ -302,7 +346,7 @@ impl Shared {
         Ok(None)
     }
 
-    fn worker(&self) {
+    fn worker(&self, slot: usize) {
         let cx = self.exec_context();
         let mut last = None;
         while let Some(job) = self.queue.pop(last) {
@@ -312,13 +356,15 @@ impl Shared {
                 self.write_queued(st, false);
                 continue;
             }
-            self.run(&cx, job, false);
+            self.run(&cx, job, false, slot);
             last = Some(started.elapsed());
         }
     }
 
-    /// Runs one job and sends its reply.
-    fn run(&self, cx: &ExecContext<'_>, job: Job, nonblocking: bool) {
+    /// Runs one job on executor `slot` (see `busy`) and sends its reply.
+    fn run(&self, cx: &ExecContext<'_>, job: Job, nonblocking: bool, slot: usize) {
+        let since = job.received.saturating_duration_since(self.epoch);
+        self.busy[slot].store(since.as_nanos() as u64 + 1, Ordering::Release);
         let (op, bytes, outcome) = match job.work {
             Work::Exec(cmd, payload) => (op_of(&cmd), bytes_of(&cmd), execute(cx, cmd, payload)),
             Work::Reject(errno) => (Op::Rejected, 0, Outcome::Err(errno)),
@@ -327,6 +373,7 @@ impl Shared {
         let ok = !matches!(outcome, Outcome::Err(_)) && op != Op::Rejected;
         let reply = encode(self.tx.framing, job.cookie, job.offset, outcome);
         self.record(op, ok, bytes, job.received);
+        self.busy[slot].store(0, Ordering::Release);
         self.send(reply, job.bytes, nonblocking);
     }
 
@@ -408,7 +455,7 @@ pub(crate) fn serve(shared: &Arc<Shared>) -> (EndReason, ConnectionStats) {
             let s = Arc::clone(shared);
             thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
-                .spawn(move || s.worker())
+                .spawn(move || s.worker(i + 1))
         })
         .collect();
     let mut end = None;
@@ -523,7 +570,7 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
             // without blocking, so the reader still never waits on the reply path.
             flush(&mut batch);
             let started = Instant::now();
-            shared.run(&cx, job, true);
+            shared.run(&cx, job, true, 0);
             shared.queue.note(started.elapsed());
             continue;
         }

@@ -25,6 +25,7 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rootfork_block::BlockDevice;
 
@@ -110,6 +111,12 @@ impl KernelConnection {
     /// Requests received and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight()
+    }
+
+    /// How long the oldest request waiting for this server (queued or executing, reply not yet
+    /// queued) has been waiting; `None` when there is none. For "request stuck" health checks.
+    pub fn oldest_request_age(&self) -> Option<Duration> {
+        self.shared.oldest_request_age()
     }
 
     /// Counters so far.

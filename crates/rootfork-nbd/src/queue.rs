@@ -123,6 +123,18 @@ impl<T> JobQueue<T> {
         self.slow.load(Ordering::Relaxed)
     }
 
+    /// The smallest `key` over the queued jobs (jobs whose key is `None` are skipped). Takes the
+    /// queue lock and walks the queue (at most the window's size): for rare observers such as a
+    /// health check, not for the request path.
+    pub fn min_key<K: Ord>(&self, key: impl Fn(&T) -> Option<K>) -> Option<K> {
+        self.state
+            .lock()
+            .jobs
+            .iter()
+            .filter_map(|(_, j)| key(j))
+            .min()
+    }
+
     /// Lets workers finish the queued jobs, then exit.
     pub fn close(&self) {
         let mut st = self.state.lock();

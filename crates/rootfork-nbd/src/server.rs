@@ -220,6 +220,18 @@ impl Server {
             .sum()
     }
 
+    /// The oldest request waiting for the server over all connections (queued or executing,
+    /// reply not yet queued): how long it has waited, `None` when none is. For health checks.
+    pub fn oldest_request_age(&self) -> Option<Duration> {
+        self.inner
+            .conns
+            .lock()
+            .values()
+            .filter_map(|c| c.shared.as_ref())
+            .filter_map(|s| s.oldest_request_age())
+            .max()
+    }
+
     /// Stops taking new work on every connection (new requests get `ESHUTDOWN`).
     pub fn drain(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);

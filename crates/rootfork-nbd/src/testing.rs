@@ -3,12 +3,15 @@
 //! It models an overlay: blocks start [`BlockState::Absent`] (reading from an optional backing
 //! device, else zeroes), become `Data` when written and `Zero` when zeroed with `punch` or
 //! trimmed. It can also be told to fail or to go slow, to exercise error and concurrency paths.
+//!
+//! [`GatedDevice`] wraps any device and holds its reads at a gate until released, to make a
+//! request hang on purpose (request-age and health-check tests).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use rootfork_block::{BlockDevice, BlockError, BlockState, Extent, Result};
 
 /// An in-memory device.
@@ -209,5 +212,83 @@ impl BlockDevice for MemDevice {
     }
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_deref()
+    }
+}
+
+/// Wraps a device; while the gate is closed, reads wait until it opens again.
+pub struct GatedDevice {
+    inner: Arc<dyn BlockDevice>,
+    closed: Mutex<bool>,
+    cond: Condvar,
+    waiting: AtomicU64,
+}
+
+impl GatedDevice {
+    /// `inner` behind an open gate.
+    pub fn new(inner: Arc<dyn BlockDevice>) -> GatedDevice {
+        GatedDevice {
+            inner,
+            closed: Mutex::new(false),
+            cond: Condvar::new(),
+            waiting: AtomicU64::new(0),
+        }
+    }
+
+    /// Closes the gate: later reads wait.
+    pub fn close(&self) {
+        *self.closed.lock() = true;
+    }
+
+    /// Opens the gate, letting waiting reads through.
+    pub fn open(&self) {
+        *self.closed.lock() = false;
+        self.cond.notify_all();
+    }
+
+    /// Reads waiting at the gate now.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+impl BlockDevice for GatedDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut closed = self.closed.lock();
+        if *closed {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            while *closed {
+                self.cond.wait(&mut closed);
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(closed);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> Result<()> {
+        self.inner.write_zeroes(offset, len, punch)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.trim(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.extents(offset, len)
+    }
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.inner.backing()
     }
 }

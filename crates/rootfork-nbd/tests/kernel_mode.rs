@@ -260,3 +260,58 @@ fn reader_keeps_reading_while_the_client_is_not_reading_replies() {
     drop(k);
     conn.wait();
 }
+
+#[test]
+fn oldest_request_age_tracks_a_blocked_read() {
+    use rootfork_nbd::testing::GatedDevice;
+    let gate = Arc::new(GatedDevice::new(Arc::new(MemDevice::new(SIZE, 4096))));
+    let (mut k, kernel_conn) = {
+        let (ours, kernel) = UnixStream::pair().unwrap();
+        kernel
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let dev: Arc<dyn BlockDevice> = gate.clone();
+        let conn = KernelConnection::spawn(ours, dev, ServeOptions::default()).unwrap();
+        (kernel, conn)
+    };
+    assert_eq!(kernel_conn.oldest_request_age(), None, "idle");
+    gate.close();
+    k.write_all(&req(CMD_READ, 0, 7, 0, 4096)).unwrap();
+    let t0 = std::time::Instant::now();
+    while gate.waiting() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "read never reached the device"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let first = kernel_conn
+        .oldest_request_age()
+        .expect("a request is blocked");
+    std::thread::sleep(Duration::from_millis(50));
+    let later = kernel_conn.oldest_request_age().expect("still blocked");
+    assert!(
+        later >= first + Duration::from_millis(50),
+        "{first:?} -> {later:?}"
+    );
+    // A second request queued behind it does not hide the older one.
+    k.write_all(&req(CMD_READ, 0, 8, 4096, 4096)).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(kernel_conn.oldest_request_age().unwrap() >= later);
+    gate.open();
+    let mut cookies = Vec::new();
+    for _ in 0..2 {
+        let (err, cookie) = reply(&mut k);
+        assert_eq!(err, 0);
+        let mut data = vec![0u8; 4096];
+        k.read_exact(&mut data).unwrap();
+        cookies.push(cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, [7, 8]);
+    // A request's age is cleared before its reply is queued, so once both replies arrived
+    // nothing is waiting for the server.
+    assert_eq!(kernel_conn.oldest_request_age(), None, "idle again");
+    k.write_all(&req(CMD_DISC, 0, 9, 0, 0)).unwrap();
+    kernel_conn.wait();
+}

@@ -58,6 +58,20 @@ impl AnyProvider {
     }
 }
 
+impl AnyProvider {
+    /// How long the oldest NBD request waiting for this provider's dispatcher has waited, for
+    /// "request stuck" health checks: the socket provider's server (see
+    /// [`SocketProvider::oldest_request_age`]). The kernel provider's dispatchers live inside
+    /// its `rootfork_kernel` attachment, which does not expose them, and the direct provider
+    /// serves no NBD: `None` for those.
+    pub fn oldest_request_age(&self) -> Option<std::time::Duration> {
+        match self {
+            AnyProvider::Socket(p) => p.oldest_request_age(),
+            AnyProvider::Kernel(_) | AnyProvider::Direct(_) => None,
+        }
+    }
+}
+
 impl Provider for AnyProvider {
     type Device = ProviderDevice;
 

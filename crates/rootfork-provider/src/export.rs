@@ -58,6 +58,12 @@ impl ExportServer {
         self.server.as_ref().map(Server::stats).unwrap_or_default()
     }
 
+    /// How long the oldest request waiting for the server has waited (see
+    /// `rootfork_nbd::Server::oldest_request_age`); `None` when none is.
+    pub(crate) fn oldest_request_age(&self) -> Option<Duration> {
+        self.server.as_ref().and_then(Server::oldest_request_age)
+    }
+
     /// Graceful shutdown (blocking): stop listening, drain, wait for in-flight requests, close.
     /// Returns the final counters (requests answered while draining included).
     pub(crate) fn shutdown(mut self) -> Result<StatsSnapshot> {

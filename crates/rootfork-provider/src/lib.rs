@@ -30,4 +30,4 @@ pub use kernel::{KernelConfig, KernelProvider, NodePath};
 pub use pause::{BaseImage, PausedDisk};
 pub use provider::{Provider, ProviderKind};
 pub use readiness::{Readiness, State};
-pub use socket::{SocketConfig, SocketProvider};
+pub use socket::{DeviceWrapper, SocketConfig, SocketProvider};

@@ -40,6 +40,19 @@ pub struct SocketConfig {
     pub overlay: OverlayOptions,
 }
 
+/// The function a [`DeviceWrapper`] applies.
+pub type WrapFn = dyn Fn(Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> + Send + Sync;
+
+/// Wraps the overlay before it is served (a test seam: e.g. a device whose reads can be held).
+#[derive(Clone)]
+pub struct DeviceWrapper(pub Arc<WrapFn>);
+
+impl std::fmt::Debug for DeviceWrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceWrapper")
+    }
+}
+
 /// The live parts of an attached socket provider.
 struct Running {
     overlay: Arc<Overlay>,
@@ -54,6 +67,7 @@ pub struct SocketProvider {
     /// The NBD server's final counters, kept after a graceful close.
     closed_stats: Mutex<Option<StatsSnapshot>>,
     task: Option<JoinHandle<()>>,
+    wrap: Option<DeviceWrapper>,
 }
 
 impl std::fmt::Debug for SocketProvider {
@@ -74,7 +88,25 @@ impl SocketProvider {
             running: Arc::new(Mutex::new(None)),
             closed_stats: Mutex::new(None),
             task: None,
+            wrap: None,
         }
+    }
+
+    /// Serves `wrap(overlay)` instead of the overlay itself. A test seam (for making requests
+    /// hang on purpose); production code never sets it.
+    #[doc(hidden)]
+    pub fn with_device_wrapper(mut self, wrap: DeviceWrapper) -> Self {
+        self.wrap = Some(wrap);
+        self
+    }
+
+    /// How long the oldest NBD request waiting for this export's server (queued or executing,
+    /// reply not yet queued) has waited, over all its connections; `None` when none is or the
+    /// provider is not attached.
+    pub fn oldest_request_age(&self) -> Option<Duration> {
+        lock(&self.running)
+            .as_ref()
+            .and_then(|r| r.server.oldest_request_age())
     }
 
     /// The configuration.
@@ -148,13 +180,17 @@ impl Provider for SocketProvider {
         self.readiness.begin()?;
         let config = self.config.clone();
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
+        let wrap = self.wrap.clone();
         self.task = Some(tokio::spawn(async move {
             let attach = async {
                 let cfg = config.clone();
                 let overlay = tokio::task::spawn_blocking(move || Self::attach_blocking(&cfg))
                     .await
                     .map_err(|e| ProviderError::Task(e.to_string()))??;
-                let device: Arc<dyn BlockDevice> = overlay.clone();
+                let mut device: Arc<dyn BlockDevice> = overlay.clone();
+                if let Some(w) = &wrap {
+                    device = (w.0)(device);
+                }
                 let server = ExportServer::start(&config.socket, &config.export, device).await?;
                 Ok::<_, ProviderError>(Running { overlay, server })
             };

@@ -121,6 +121,8 @@ pub struct HealthFile {
     pub interval_secs: Option<f64>,
     /// Seconds a probe may take before it counts as failed.
     pub probe_timeout_secs: Option<f64>,
+    /// Seconds an NBD request may wait for the server before the check fails (1..=3600).
+    pub stuck_request_secs: Option<u64>,
 }
 
 /// The `[kernel]` table.
@@ -226,6 +228,8 @@ pub struct Config {
     pub health_interval: Duration,
     /// Health probe bound.
     pub probe_timeout: Duration,
+    /// A request waiting for the server longer than this fails the health check.
+    pub stuck_request: Duration,
     /// Kernel slot lock directory.
     pub nbd_lock_dir: PathBuf,
     /// Kernel connections per device.
@@ -343,6 +347,13 @@ impl Config {
             0.01,
             600.0,
         )?;
+        let stuck_secs = file.health.stuck_request_secs.unwrap_or(30);
+        if !(1..=3600).contains(&stuck_secs) {
+            return Err(invalid(
+                "health.stuck_request_secs",
+                format!("{stuck_secs} is outside 1..=3600"),
+            ));
+        }
         let ready_timeout = secs(
             "ready_timeout_secs",
             file.ready_timeout_secs.unwrap_or(30.0),
@@ -375,6 +386,7 @@ impl Config {
             ready_timeout,
             health_interval,
             probe_timeout,
+            stuck_request: Duration::from_secs(stuck_secs),
             nbd_lock_dir: ov
                 .nbd_lock_dir
                 .or(file.kernel.lock_dir)
@@ -462,6 +474,21 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("health.interval_secs"), "{e}");
+        for bad in ["0", "3601"] {
+            let e = Config::resolve(
+                file(&format!("[health]\nstuck_request_secs = {bad}")).unwrap(),
+                Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("health.stuck_request_secs"), "{e}");
+        }
+        let c = Config::resolve(
+            file("state_dir = \"/tmp/x\"\n[health]\nstuck_request_secs = 3600").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.stuck_request, Duration::from_secs(3600));
         let e = Config::resolve(
             FileConfig::default(),
             Overrides {

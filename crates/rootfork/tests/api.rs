@@ -775,3 +775,99 @@ async fn delete_racing_create_never_leaves_a_running_ghost() {
     assert!(d.files("cache").is_empty());
     d.daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_marks_a_stuck_request_failed() {
+    use rootfork_nbd::testing::GatedDevice;
+    use std::sync::{Arc, Mutex};
+
+    let d = TestDaemon::start_with(false, |c| {
+        c.health_interval = Duration::from_millis(200);
+        c.stuck_request = Duration::from_secs(1);
+    })
+    .await;
+    // Every socket export of this daemon is served through a gate the test holds.
+    let gate: Arc<Mutex<Option<Arc<GatedDevice>>>> = Arc::default();
+    let g = gate.clone();
+    *d.daemon.core().socket_device_wrapper.lock() =
+        Some(rootfork_provider::DeviceWrapper(Arc::new(move |dev| {
+            let gd = Arc::new(GatedDevice::new(dev));
+            *g.lock().unwrap() = Some(gd.clone());
+            gd
+        })));
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "stuck").await.unwrap();
+    /// Opens the gate however the test ends, so a failing assertion fails instead of hanging.
+    struct OpenOnDrop(Arc<GatedDevice>);
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+    let gd = OpenOnDrop(gate.lock().unwrap().clone().expect("the export is gated"));
+    // Healthy while requests flow.
+    assert_eq!(&nbd_read(&sb.nbd_uri, 4096 * 2, 12), b"tpl block 2\n");
+    let mut events = c
+        .events
+        .watch_events(v1::WatchEventsRequest {
+            sandbox: "stuck".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Hold reads: a client's read now hangs in the device.
+    gd.0.close();
+    let uri = sb.nbd_uri.clone();
+    let reader = std::thread::spawn(move || nbd_read(&uri, 4096 * 3, 12));
+    let mut healths = Vec::new();
+    let mut messages = Vec::new();
+    let mut failed_state = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(Ok(Some(e))) = tokio::time::timeout_at(deadline, events.message()).await {
+        if e.kind == v1::EventKind::Health as i32 {
+            healths.push(e.health);
+            messages.push(e.message.clone());
+        }
+        if e.kind == v1::EventKind::Sandbox as i32
+            && e.sandbox_state == v1::SandboxState::Failed as i32
+        {
+            failed_state = true;
+            break;
+        }
+    }
+    assert_eq!(gd.0.waiting(), 1, "the read is still held");
+    assert_eq!(
+        healths,
+        vec![
+            v1::HealthState::Degraded as i32,
+            v1::HealthState::Failed as i32
+        ]
+    );
+    assert!(failed_state);
+    assert!(
+        messages.iter().all(|m| m.contains("stuck for")),
+        "{messages:?}"
+    );
+    let got = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "stuck".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.health, v1::HealthState::Failed as i32);
+    assert!(
+        got.message.contains("NBD request has been stuck for"),
+        "{}",
+        got.message
+    );
+    // Releasing the gate answers the read; the sandbox can still be deleted cleanly.
+    // (The test's handles on the gate keep the overlay and its cache file alive: drop them.)
+    drop(gd);
+    gate.lock().unwrap().take();
+    assert_eq!(&reader.join().unwrap(), b"tpl block 3\n");
+    assert!(delete(&mut c, "stuck").await.unwrap());
+    assert!(d.files("cache").is_empty());
+    d.daemon.shutdown().await;
+}

@@ -17,8 +17,8 @@ use rootfork_block::{OverlayOptions, TemplatePath};
 use rootfork_kernel::AttachOptions;
 use rootfork_nbd::ServeOptions;
 use rootfork_provider::{
-    AnyProvider, BaseImage, KernelConfig, KernelProvider, PausedDisk, Provider, ProviderDevice,
-    ProviderKind, SocketConfig, SocketProvider,
+    AnyProvider, BaseImage, DeviceWrapper, KernelConfig, KernelProvider, PausedDisk, Provider,
+    ProviderDevice, ProviderKind, SocketConfig, SocketProvider,
 };
 
 use crate::api::v1::{self, EventKind, HealthState, SandboxState, VmmSettings};
@@ -88,6 +88,10 @@ pub struct Core {
     closed_template_bytes: AtomicU64,
     /// NBD request counters of exports that have been closed.
     closed_nbd: parking_lot::Mutex<rootfork_nbd::StatsSnapshot>,
+    /// Test seam: when set, socket providers created from now on serve `wrap(overlay)` (tests
+    /// use it to make a sandbox's requests hang). Never set outside tests.
+    #[doc(hidden)]
+    pub socket_device_wrapper: parking_lot::Mutex<Option<DeviceWrapper>>,
 }
 
 fn kind_from_proto(k: i32) -> Result<ProviderKind> {
@@ -168,6 +172,7 @@ impl Core {
             socket_seq: AtomicU64::new(0),
             closed_template_bytes: AtomicU64::new(0),
             closed_nbd: Default::default(),
+            socket_device_wrapper: Default::default(),
         }
     }
 
@@ -325,13 +330,19 @@ impl Core {
             .cache
             .join(format!("{}.{generation}.cache", sb.id));
         match sb.kind {
-            ProviderKind::Socket => Ok(AnyProvider::Socket(SocketProvider::new(SocketConfig {
-                base,
-                socket: self.next_socket(),
-                export: sb.id.clone(),
-                cache,
-                overlay: OverlayOptions::default(),
-            }))),
+            ProviderKind::Socket => {
+                let mut p = SocketProvider::new(SocketConfig {
+                    base,
+                    socket: self.next_socket(),
+                    export: sb.id.clone(),
+                    cache,
+                    overlay: OverlayOptions::default(),
+                });
+                if let Some(w) = self.socket_device_wrapper.lock().clone() {
+                    p = p.with_device_wrapper(w);
+                }
+                Ok(AnyProvider::Socket(p))
+            }
             ProviderKind::Kernel => {
                 let attacher = self.kernel.attacher()?;
                 Ok(AnyProvider::Kernel(Box::new(KernelProvider::new(
@@ -884,6 +895,11 @@ impl Core {
     /// Time left of the health probe bound.
     pub fn probe_timeout(&self) -> Duration {
         self.config.probe_timeout
+    }
+
+    /// How long a request may wait for the server before the health check fails.
+    pub fn stuck_request(&self) -> Duration {
+        self.config.stuck_request
     }
 }
 

@@ -5,7 +5,12 @@
 //!   (`NBDMAGIC` `IHAVEOPT`), sends `NBD_OPT_ABORT` and hangs up, all within the probe timeout —
 //!   so a dead or wedged accept/handshake thread is caught;
 //! * kernel provider: the provider must still report its device ready and sysfs must show the
-//!   slot connected (`pid` present).
+//!   slot connected (`pid` present);
+//! * no request stuck: the oldest NBD request waiting for the server (received, queued or
+//!   executing on the device, reply not yet queued; see rootfork-nbd's `oldest_request_age`)
+//!   must not have waited longer than `health.stuck_request_secs`. Only the socket provider
+//!   exposes its dispatcher's request ages; the kernel provider's dispatchers sit inside the
+//!   rootfork-kernel attachment, so for it this part is not checked yet.
 //!
 //! One failed check marks the sandbox DEGRADED; a second consecutive one marks it FAILED (its
 //! state too) with the reason, and both are events. A passing check after DEGRADED makes it
@@ -96,6 +101,16 @@ async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), String>> {
     let provider = live.provider.as_ref()?;
     if let Err(e) = provider.path(Duration::ZERO, std::future::ready(())).await {
         return Some(Err(format!("provider no longer ready: {e}")));
+    }
+    if let Some(age) = provider.oldest_request_age() {
+        let limit = core.stuck_request();
+        if age > limit {
+            return Some(Err(format!(
+                "an NBD request has been stuck for {:.1}s (limit {}s)",
+                age.as_secs_f64(),
+                limit.as_secs_f64()
+            )));
+        }
     }
     let status = sb.status();
     let r = match provider {
