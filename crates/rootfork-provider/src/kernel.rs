@@ -181,15 +181,9 @@ impl Provider for KernelProvider {
     }
 
     async fn close(&mut self) -> Result<()> {
-        if matches!(self.readiness.current(), State::Closed) {
+        if !self.readiness.close_attach(&mut self.task).await {
             return Ok(());
         }
-        if let Some(task) = self.task.take() {
-            // The attach is cancellation-safe: aborting it unwinds whatever it had set up.
-            task.abort();
-            let _ = task.await;
-        }
-        self.readiness.set(State::Closed);
         let Some(Running {
             overlay,
             attachment,

@@ -49,6 +49,21 @@ impl<D: Clone + Send + Sync + 'static> Readiness<D> {
         }
     }
 
+    /// Begins a close: cancels an attach still in flight (the attach is cancellation-safe, so
+    /// aborting it unwinds whatever it had set up), waits for it to stop and publishes `Closed`.
+    /// Returns `false` when the provider was already closed and there is nothing left to do.
+    pub async fn close_attach(&self, task: &mut Option<tokio::task::JoinHandle<()>>) -> bool {
+        if matches!(self.current(), State::Closed) {
+            return false;
+        }
+        if let Some(task) = task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.set(State::Closed);
+        true
+    }
+
     /// Publishes a new state.
     pub fn set(&self, state: State<D>) {
         self.tx.send_replace(state);

@@ -221,15 +221,9 @@ impl Provider for SocketProvider {
     }
 
     async fn close(&mut self) -> Result<()> {
-        if matches!(self.readiness.current(), State::Closed) {
+        if !self.readiness.close_attach(&mut self.task).await {
             return Ok(());
         }
-        if let Some(task) = self.task.take() {
-            // Abandon an attach in progress; whatever it built is dropped (and released) with it.
-            task.abort();
-            let _ = task.await;
-        }
-        self.readiness.set(State::Closed);
         let running = lock(&self.running).take();
         let socket = self.config.socket.clone();
         let stats = tokio::task::spawn_blocking(move || Self::release(running, &socket, true))
