@@ -19,8 +19,8 @@ pub mod reclaim;
 pub mod sysfs;
 
 pub use attach::{
-    AttachError, AttachOptions, Attacher, Attachment, DeviceNodes, Dispatch, Dispatcher, HostNodes,
-    NbdDispatcher, SwitchableDevice, WarmSlot,
+    AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth, DeviceNodes, Dispatch,
+    Dispatcher, HostNodes, NbdDispatcher, SwitchableDevice, WarmSlot,
 };
 pub use identity::{device_path, BackendId};
 pub use netlink::{NbdControl, NbdNetlink, NlError};

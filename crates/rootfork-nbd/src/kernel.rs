@@ -36,7 +36,7 @@ use crate::opts::ServeOptions;
 use crate::reply::Framing;
 use crate::request::Limits;
 use crate::sock::Sock;
-use crate::stats::ConnectionStats;
+use crate::stats::{ConnectionStats, Stats};
 
 /// The transmission flags to tell the kernel (`NBD_ATTR_SERVER_FLAGS`) for `device`: flush, FUA,
 /// trim and write-zeroes on writable devices, `READ_ONLY` otherwise, and `CAN_MULTI_CONN`
@@ -73,6 +73,28 @@ impl KernelConnection {
         device: Arc<dyn BlockDevice>,
         opts: ServeOptions,
     ) -> io::Result<KernelConnection> {
+        Self::start(stream, device, opts, None)
+    }
+
+    /// Like [`KernelConnection::spawn`], also counting every answered request in `shared`
+    /// (besides this connection's own counters, [`KernelConnection::stats`]). One `Stats` shared
+    /// by all connections of a device keeps its totals across connections that end and are
+    /// replaced.
+    pub fn spawn_with_stats(
+        stream: UnixStream,
+        device: Arc<dyn BlockDevice>,
+        opts: ServeOptions,
+        shared: Arc<Stats>,
+    ) -> io::Result<KernelConnection> {
+        Self::start(stream, device, opts, Some(shared))
+    }
+
+    fn start(
+        stream: UnixStream,
+        device: Arc<dyn BlockDevice>,
+        opts: ServeOptions,
+        device_stats: Option<Arc<Stats>>,
+    ) -> io::Result<KernelConnection> {
         let limits = Limits {
             size: device.size(),
             min_block: opts.min_block_size,
@@ -88,7 +110,13 @@ impl KernelConnection {
             framing: Framing::default(),
             contexts: Vec::new(),
         };
-        let shared = Shared::new(Sock::Unix(stream), tx, opts, Arc::new(BufPool::new()), None);
+        let shared = Shared::new(
+            Sock::Unix(stream),
+            tx,
+            opts,
+            Arc::new(BufPool::new()),
+            device_stats,
+        );
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("nbd-kernel-reader".into())
@@ -145,5 +173,66 @@ impl KernelConnection {
                 self.shared.stats(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+    use crate::request::{encode_header, RequestHeader};
+    use crate::stats::Op;
+    use crate::testing::MemDevice;
+
+    /// Sends one FLUSH on `kernel` and reads its simple reply.
+    fn flush(kernel: &mut UnixStream, cookie: u64) {
+        let h = RequestHeader {
+            flags: 0,
+            kind: CMD_FLUSH,
+            cookie,
+            offset: 0,
+            length: 0,
+        };
+        kernel.write_all(&encode_header(&h, false)).unwrap();
+        let mut b = [0u8; 16];
+        kernel.read_exact(&mut b).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(b[0..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
+        assert_eq!(u32::from_be_bytes(b[4..8].try_into().unwrap()), 0);
+        assert_eq!(u64::from_be_bytes(b[8..16].try_into().unwrap()), cookie);
+    }
+
+    #[test]
+    fn shared_stats_count_every_connection_and_outlive_them() {
+        let dev = Arc::new(MemDevice::new(1 << 20, 4096));
+        let stats = Arc::new(Stats::default());
+        let mut conns = Vec::new();
+        for n in 1..=2u64 {
+            let (ours, mut kernel) = UnixStream::pair().unwrap();
+            let c = KernelConnection::spawn_with_stats(
+                ours,
+                dev.clone(),
+                ServeOptions::default(),
+                stats.clone(),
+            )
+            .unwrap();
+            for cookie in 0..n {
+                flush(&mut kernel, cookie);
+            }
+            assert_eq!(c.stats().op(Op::Flush).count, n);
+            conns.push((kernel, c));
+        }
+        // The first connection ends (its kernel end closes); its requests stay counted.
+        let (kernel, first) = conns.remove(0);
+        drop(kernel);
+        assert_eq!(first.wait().op(Op::Flush).count, 1);
+        assert_eq!(stats.snapshot().op(Op::Flush).count, 3);
+        let (kernel, second) = conns.remove(0);
+        drop(kernel);
+        second.wait();
+        assert_eq!(stats.snapshot().total_requests(), 3);
     }
 }

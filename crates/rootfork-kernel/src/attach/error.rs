@@ -84,6 +84,41 @@ pub enum AttachError {
         #[source]
         source: NlError,
     },
+    /// `NBD_CMD_RECONFIGURE` with replacement sockets failed (classified). After a refusal the
+    /// new connections were stopped; after an ambiguous answer the ones the kernel took are kept.
+    #[error("reconnecting /dev/nbd{index}")]
+    Reconfigure {
+        /// The slot.
+        index: u32,
+        /// Not sent, refused, or ambiguous.
+        #[source]
+        source: NlError,
+    },
+    /// The kernel kept dropping replacement sockets (it had no dead socket to replace) until
+    /// the reconnect's time was up.
+    #[error(
+        "/dev/nbd{index}: the kernel did not take {missing} replacement socket(s) \
+         in {attempts} attempts over {waited_ms} ms"
+    )]
+    NotReconnected {
+        /// The slot.
+        index: u32,
+        /// Connections still dead.
+        missing: usize,
+        /// RECONFIGURE requests sent.
+        attempts: u32,
+        /// How long we tried.
+        waited_ms: u64,
+    },
+    /// Every connection was dead at close: nothing could serve the flush, so writes not yet
+    /// flushed are lost; the device was still disconnected and the slot released.
+    #[error("/dev/nbd{index}: all {dead} connection(s) dead at close; unflushed writes are lost")]
+    ConnectionsDead {
+        /// The slot.
+        index: u32,
+        /// Dead connections.
+        dead: usize,
+    },
     /// A device could not be bound to a warm slot.
     #[error("binding a device to warm slot /dev/nbd{index}")]
     Bind {
@@ -113,8 +148,11 @@ impl AttachError {
                 e.raw_os_error().unwrap_or(libc::EIO)
             }
             AttachError::Invalid(_) => libc::EINVAL,
-            AttachError::Connect { source, .. } | AttachError::Disconnect { source, .. } => {
-                source.errno()
+            AttachError::Connect { source, .. }
+            | AttachError::Disconnect { source, .. }
+            | AttachError::Reconfigure { source, .. } => source.errno(),
+            AttachError::NotReconnected { .. } | AttachError::ConnectionsDead { .. } => {
+                libc::ENOTCONN
             }
             AttachError::ConnectTimeout { .. } => libc::ETIMEDOUT,
             AttachError::SizeMismatch { .. } => libc::EIO,

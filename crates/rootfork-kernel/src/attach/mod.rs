@@ -11,6 +11,10 @@
 //! quiescent → release. Dropping an [`Attachment`] without `close` still disconnects, stops and
 //! releases, but does not wait for quiescence (the pool re-checks it before reuse).
 //!
+//! [`Attachment::connection_health`] and [`Attachment::reconnect`] (`reconnect.rs`) watch and
+//! repair the connections while attached: a dead dispatch is replaced with
+//! `NBD_CMD_RECONFIGURE`.
+//!
 //! The netlink requests are short blocking syscalls with a receive timeout; they run inline on
 //! the calling task, which is what keeps cancellation exact: a request is either not started or
 //! finished (and its guard armed) when the future can be dropped.
@@ -18,6 +22,7 @@
 mod error;
 mod guards;
 mod nbd_dispatch;
+mod reconnect;
 mod seams;
 mod wait;
 mod warm;
@@ -34,6 +39,7 @@ use std::time::{Duration, Instant};
 
 pub use error::AttachError;
 pub use nbd_dispatch::NbdDispatcher;
+pub use reconnect::ConnectionHealth;
 pub use seams::{DeviceNodes, Dispatch, Dispatcher, HostNodes};
 pub use warm::{BindError, SwitchableDevice, WarmSlot};
 
@@ -65,7 +71,8 @@ pub struct AttachOptions {
     pub dead_conn_timeout: Option<Duration>,
     /// `NBD_CFLAG_*`.
     pub client_flags: u64,
-    /// Bound on waiting for sysfs to show the device connected.
+    /// Bound on waiting for sysfs to show the device connected, and on
+    /// [`Attachment::reconnect`]'s retries.
     pub connect_wait: Duration,
     /// Bound on waiting for in-flight requests before disconnecting.
     pub drain_wait: Duration,
@@ -242,6 +249,10 @@ impl Attacher {
         Ok(Attachment {
             index,
             size,
+            connections: opts.connections,
+            backend: backend.to_string(),
+            control: self.control.clone(),
+            reconnect_wait: opts.connect_wait,
             connect_latency: started.elapsed(),
             file: Some(file),
             connected: Some(connected),
@@ -259,6 +270,12 @@ impl Attacher {
 pub struct Attachment {
     index: u32,
     size: u64,
+    /// Connections attached with; fewer dispatches than this means vacancies (dead).
+    connections: usize,
+    /// The backend identifier the device was connected with (RECONFIGURE repeats it).
+    backend: String,
+    control: Arc<dyn NbdControl>,
+    reconnect_wait: Duration,
     connect_latency: Duration,
     // Dropped in this order (see `Drop`): fd, device, dispatchers, claim.
     file: Option<File>,
@@ -334,10 +351,24 @@ impl Attachment {
     pub async fn close(mut self) -> Result<(), AttachError> {
         let index = self.index;
         let mut first: Option<AttachError> = None;
-        if let Err(e) = self.flush() {
-            first.get_or_insert(e);
+        // With every connection dead nothing can serve a flush (it would fail with EIO, or wait
+        // `dead_conn_timeout` for a reconnect): skip it, say so, and close the fd only after
+        // DISCONNECT, which fails whatever still waits.
+        let health = self.connection_health();
+        let mut file = self.file.take();
+        if health.dead == health.connections {
+            first = Some(AttachError::ConnectionsDead {
+                index,
+                dead: health.dead,
+            });
+        } else {
+            if let Some(f) = &file {
+                if let Err(source) = self.nodes.flush(f) {
+                    first = Some(AttachError::Flush { index, source });
+                }
+            }
+            drop(file.take());
         }
-        drop(self.file.take());
         let mut dispatches = self.dispatches.take().expect("present until close");
         let connected = self.connected.take().expect("present until close");
         let lease = self.lease.take().expect("present until close");
@@ -351,6 +382,7 @@ impl Attachment {
         if let Err(source) = connected.disconnect() {
             first.get_or_insert(AttachError::Disconnect { index, source });
         }
+        drop(file);
         // The kernel sends NBD_CMD_DISC and closes its ends: the dispatchers finish.
         until(self.drain_wait, || dispatches.all_finished().then_some(())).await;
         dispatches.stop();

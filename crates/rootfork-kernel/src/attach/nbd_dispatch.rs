@@ -3,24 +3,38 @@
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rootfork_block::BlockDevice;
 use rootfork_nbd::kernel::{transmission_flags, KernelConnection};
-use rootfork_nbd::ServeOptions;
+use rootfork_nbd::stats::Stats;
+use rootfork_nbd::{ServeOptions, StatsSnapshot};
 
 use super::seams::{Dispatch, Dispatcher};
 
 /// Serves one device in kernel mode (simple replies, no handshake) on every socket of an
-/// attachment; all connections share the device (`CAN_MULTI_CONN`).
+/// attachment; all connections share the device (`CAN_MULTI_CONN`) and one set of counters, so
+/// [`NbdDispatcher::stats`] covers every connection it ever spawned, replaced ones included.
 pub struct NbdDispatcher {
     device: Arc<dyn BlockDevice>,
     opts: ServeOptions,
+    stats: Arc<Stats>,
 }
 
 impl NbdDispatcher {
     /// Serves `device` with `opts`.
     pub fn new(device: Arc<dyn BlockDevice>, opts: ServeOptions) -> Self {
-        NbdDispatcher { device, opts }
+        NbdDispatcher {
+            device,
+            opts,
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    /// Requests answered by every connection spawned so far (per command: counts, errors,
+    /// bytes, latency histogram).
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
     }
 
     /// The device served.
@@ -39,10 +53,11 @@ impl Dispatcher for NbdDispatcher {
     }
 
     fn spawn(&self, stream: UnixStream) -> io::Result<Box<dyn Dispatch>> {
-        Ok(Box::new(KernelConnection::spawn(
+        Ok(Box::new(KernelConnection::spawn_with_stats(
             stream,
             self.device.clone(),
             self.opts.clone(),
+            self.stats.clone(),
         )?))
     }
 }
@@ -58,6 +73,10 @@ impl Dispatch for KernelConnection {
 
     fn in_flight(&self) -> usize {
         KernelConnection::in_flight(self)
+    }
+
+    fn oldest_request_age(&self) -> Option<Duration> {
+        KernelConnection::oldest_request_age(self)
     }
 
     fn is_finished(&self) -> bool {

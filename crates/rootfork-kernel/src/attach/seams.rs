@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use crate::identity::device_path;
 
@@ -29,6 +30,9 @@ pub trait Dispatch: Send + Sync {
     fn shutdown(&self);
     /// Requests received and not yet answered.
     fn in_flight(&self) -> usize;
+    /// How long the oldest request received and not yet answered has waited; `None` when
+    /// there is none. For "request stuck" health checks.
+    fn oldest_request_age(&self) -> Option<Duration>;
     /// Whether the connection has ended.
     fn is_finished(&self) -> bool;
     /// Joins the connection (after it ended or was shut down).

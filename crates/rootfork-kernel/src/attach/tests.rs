@@ -201,6 +201,9 @@ impl Dispatch for FakeDispatch {
     fn in_flight(&self) -> usize {
         0
     }
+    fn oldest_request_age(&self) -> Option<Duration> {
+        None
+    }
     fn is_finished(&self) -> bool {
         self.thread.is_finished()
     }
