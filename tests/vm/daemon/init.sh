@@ -1,0 +1,268 @@
+#!/bin/busybox sh
+# /init of the daemon kernel-path VM: loads nbd.ko, runs `rootfork serve` and drives it with the
+# CLI through the kernel provider on real /dev/nbdN devices: device list, create, data through
+# the device, health, metrics, pause/resume, delete, SIGKILL + restart reclaim, SIGTERM cleanup.
+# Prints `PASS <name>` / `FAIL <name>: <why>` lines and a final `RESULT pass=N fail=M`, then
+# powers off. The host side is run.sh.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /run /tmp /var/lib /mnt
+mount -t tmpfs tmpfs /run
+echo vmdaemon > /proc/sys/kernel/hostname
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+export ROOTFORK_HOST_ID=vmdaemon RUST_LOG=${RUST_LOG:-info}
+echo 4 > /proc/sys/kernel/printk
+
+STATE=/var/lib/rootfork
+export ROOTFORK_API=$STATE/api.sock
+METRICS=127.0.0.1:9477
+LOG=/tmp/serve.log
+
+PASS=0; FAIL=0
+now() { cut -d' ' -f1 /proc/uptime; }
+pass() { echo "PASS $1 (t=$(now)s)"; PASS=$((PASS+1)); }
+fail() { echo "FAIL $1: $2 (t=$(now)s)"; FAIL=$((FAIL+1)); }
+check() { # check NAME WHY COMMAND...: PASS if the command succeeds
+  n=$1; why=$2; shift 2
+  if "$@"; then pass "$n"; else fail "$n" "$why"; fi
+}
+finish() {
+  [ -n "$DPID" ] && kill -0 "$DPID" 2>/dev/null && { kill -TERM "$DPID"; wait "$DPID"; }
+  echo "--- daemon log (last 40 lines)"; tail -n 40 $LOG
+  echo "RESULT pass=$PASS fail=$FAIL"
+  sync
+  poweroff -f
+}
+
+insmod /lib/modules/nbd.ko nbds_max=8 || { fail insmod "nbd.ko did not load"; finish; }
+pass insmod
+
+# start_daemon: `rootfork serve` in the background; sets $DPID once the API answers.
+start_daemon() {
+  rootfork serve --state-dir $STATE --metrics $METRICS --health-interval 1 >>$LOG 2>&1 &
+  DPID=$!
+  i=0
+  while [ $i -lt 600 ]; do
+    [ -S $ROOTFORK_API ] && rootfork template list >/dev/null 2>&1 && return 0
+    kill -0 $DPID 2>/dev/null || break
+    sleep 0.1; i=$((i+1))
+  done
+  tail -n 20 $LOG
+  return 1
+}
+
+# create ID [TEMPLATE]: a kernel sandbox (of the demo template by default); sets $DEV and $N
+# from its output.
+create() {
+  DEV=; N=
+  rootfork sandbox create --template "${2:-demo}" --id "$1" --provider kernel >/tmp/$1.create 2>&1 || { cat /tmp/$1.create; return 1; }
+  DEV=$(awk '/^device:/ {print $2}' /tmp/$1.create)
+  N=${DEV#/dev/nbd}
+  case "$DEV" in /dev/nbd[0-9]*) return 0;; esac
+  cat /tmp/$1.create
+  return 1
+}
+
+field() { # field ID NAME: a line of `sandbox get`
+  rootfork sandbox get "$1" 2>&1 | awk -v k="$2:" '$1 == k {print $2}'
+}
+
+quiescent() { # quiescent N
+  d=/sys/block/nbd$1
+  [ ! -s $d/pid ] && [ "$(cat $d/size)" = 0 ]
+}
+
+wait_quiescent() { # wait_quiescent N [tenths]
+  i=0
+  while [ $i -lt ${2:-100} ]; do quiescent $1 && return 0; sleep 0.1; i=$((i+1)); done
+  return 1
+}
+
+connected_to() { # connected_to N PID: sysfs pid is the connecting thread, of process PID
+  p=$(cat /sys/block/nbd$1/pid 2>/dev/null)
+  [ -n "$p" ] && [ "$(awk '$1 == "Tgid:" {print $2}' /proc/$p/status 2>/dev/null)" = "$2" ] \
+    && [ "$(cat /sys/block/nbd$1/size)" != 0 ]
+}
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+metric() { # metric NAME{LABELS}: its value in the last scrape (0 when absent)
+  v=$(grep -F "$1 " /tmp/metrics | head -n1 | awk '{print $2}')
+  echo "${v:-0}"
+}
+
+scrape() { wget -q -O /tmp/metrics "http://$METRICS/metrics"; }
+
+# --- 1. the daemon starts, builds its demo template, sees the pool ----------------------------
+t=serve
+if ! start_daemon; then fail "$t-start" "the API never answered"; finish; fi
+pass "$t-start"
+rootfork template list | grep -q '^demo ' && pass "$t-demo-template" || { rootfork template list; fail "$t-demo-template" "no demo template"; }
+TPL=$STATE/templates/demo.img
+TSUM=$(sha256sum $TPL | cut -d' ' -f1)
+rootfork device list --json | grep -q '"available": true' && pass "$t-device-list-available" \
+  || { rootfork device list; fail "$t-device-list-available" "pool unavailable"; }
+[ "$(rootfork device list | grep -c '^/dev/nbd[0-9]* *free')" = 8 ] && pass "$t-device-list-free" \
+  || { rootfork device list; fail "$t-device-list-free" "not 8 free slots"; }
+
+# --- 2. a kernel sandbox: device, sysfs, data through it, health, metrics ---------------------
+t=create
+if create k1; then
+  pass "$t-prints-device"
+  N1=$N; DEV1=$DEV
+  connected_to $N1 $DPID && pass "$t-sysfs-connected" || fail "$t-sysfs-connected" "nbd$N1 pid=$(cat /sys/block/nbd$N1/pid 2>/dev/null)"
+  case "$(cat /sys/block/nbd$N1/backend 2>/dev/null)" in
+    rootfork:vmdaemon:$DPID:k1) pass "$t-backend-id";;
+    *) fail "$t-backend-id" "backend=$(cat /sys/block/nbd$N1/backend 2>/dev/null)";;
+  esac
+  rootfork device list | grep "^$DEV1 " | grep -q "connected *k1" && pass "$t-device-list-connected" \
+    || { rootfork device list; fail "$t-device-list-connected" "nbd$N1 not connected to k1"; }
+  # The template's first MiB comes through; a pattern written at 32 MiB reads back after the
+  # page cache is dropped.
+  head -c 1048576 $TPL > /tmp/thead
+  dd if=$DEV1 bs=4096 count=256 2>/dev/null | cmp -s - /tmp/thead && pass "$t-reads-template" || fail "$t-reads-template" "differs"
+  # Informational: whether the demo template's ext4 mounts through the kernel device.
+  if mount -t ext4 -o ro $DEV1 /mnt 2>/dev/null; then echo "NOTE the demo template mounts on $DEV1"; umount /mnt
+  else echo "NOTE the demo template does not mount on $DEV1 (ext4 block size below the device's 4 KiB logical block size)"; fi
+  dd if=/dev/urandom of=/tmp/pat bs=4096 count=256 2>/dev/null
+  dd if=/tmp/pat of=$DEV1 bs=4096 seek=8192 conv=fsync,notrunc 2>/dev/null
+  drop_caches
+  dd if=$DEV1 bs=4096 skip=8192 count=256 2>/dev/null | cmp -s - /tmp/pat && pass "$t-pattern" || fail "$t-pattern" "read back differs"
+  # Health rounds run every second: the sandbox is healthy.
+  sleep 2
+  h=$(field k1 health); s=$(field k1 state)
+  [ "$h" = healthy ] && [ "$s" = running ] && pass "$t-healthy" || { rootfork sandbox get k1; fail "$t-healthy" "state=$s health=$h"; }
+  # Metrics: the kernel sandbox's NBD requests are counted.
+  if scrape; then
+    w=$(metric 'rootfork_nbd_requests_total{command="write"}')
+    r=$(metric 'rootfork_nbd_requests_total{command="read"}')
+    b=$(metric 'rootfork_nbd_request_bytes_total{command="write"}')
+    [ "${w%.*}" -gt 0 ] && [ "${r%.*}" -gt 0 ] && [ "${b%.*}" -ge 1048576 ] && pass "metrics-kernel-nbd-requests" \
+      || { grep nbd_request /tmp/metrics; fail "metrics-kernel-nbd-requests" "write=$w read=$r write_bytes=$b"; }
+    [ "$(metric 'rootfork_pool_slots{state="connected"}')" = 1 ] && pass "metrics-pool-connected" \
+      || { grep pool_slots /tmp/metrics; fail "metrics-pool-connected" "not 1 connected slot"; }
+    [ "$(metric 'rootfork_sandboxes{state="running"}')" = 1 ] && pass "metrics-sandboxes" || fail "metrics-sandboxes" "not 1 running"
+    [ "$(metric 'rootfork_health_checks_total{result="failed"}')" = 0 ] && pass "metrics-no-failed-checks" \
+      || fail "metrics-no-failed-checks" "$(grep health_checks /tmp/metrics)"
+  else
+    fail metrics "scrape failed"
+  fi
+else
+  fail "$t-prints-device" "create failed"
+fi
+
+# --- 3. ext4 in the guest's view; pause releases the device, resume brings the data back ------
+t=pause
+# The demo template is ext4 with 1 KiB blocks (mke2fs's default for 64 MiB), which the kernel
+# cannot mount on a device with 4 KiB logical blocks; import one with 4 KiB blocks.
+mkdir -p /tmp/troot
+echo "Hello from a rootfork sandbox (VM template)" > /tmp/troot/hello.txt
+if /sbin/mke2fs -q -F -t ext4 -b 4096 -d /tmp/troot /tmp/ext4.img 8192 && rootfork template import ext4 /tmp/ext4.img >/tmp/import.out 2>&1; then
+  pass "$t-template-import"
+else
+  cat /tmp/import.out; fail "$t-template-import" "import failed"
+fi
+if create k2 ext4; then
+  N2=$N; DEV2=$DEV
+  if mount -t ext4 $DEV2 /mnt; then
+    grep -q "Hello from a rootfork sandbox" /mnt/hello.txt && pass "$t-template-file" || fail "$t-template-file" "hello.txt"
+    dd if=/dev/urandom of=/mnt/guest.bin bs=64k count=16 2>/dev/null
+    echo "written in k2" > /mnt/note.txt
+    (cd /mnt && sha256sum guest.bin note.txt hello.txt > /tmp/k2sums)
+    umount /mnt
+  else
+    fail "$t-mount" "mount -t ext4 $DEV2"
+  fi
+  if rootfork sandbox pause k2 >/tmp/k2.pause 2>&1; then
+    [ "$(field k2 state)" = paused ] && pass "$t-paused" || fail "$t-paused" "state $(field k2 state)"
+    wait_quiescent $N2 && pass "$t-releases-device" || fail "$t-releases-device" "nbd$N2 pid=$(cat /sys/block/nbd$N2/pid 2>/dev/null)"
+  else
+    cat /tmp/k2.pause; fail "$t-paused" "pause failed"
+  fi
+  if rootfork sandbox resume k2 >/tmp/k2.resume 2>&1; then
+    DEV2=$(awk '/^device:/ {print $2}' /tmp/k2.resume); N2=${DEV2#/dev/nbd}
+    case "$DEV2" in /dev/nbd[0-9]*) pass "$t-resume-device";; *) cat /tmp/k2.resume; fail "$t-resume-device" "no device";; esac
+    connected_to $N2 $DPID && pass "$t-resume-connected" || fail "$t-resume-connected" "nbd$N2"
+    drop_caches
+    if mount -t ext4 $DEV2 /mnt; then
+      (cd /mnt && sha256sum -c /tmp/k2sums >/dev/null 2>&1) && pass "$t-data-survives" || fail "$t-data-survives" "checksums differ"
+      umount /mnt
+    else
+      fail "$t-data-survives" "mount after resume"
+    fi
+  else
+    cat /tmp/k2.resume; fail "$t-resume-device" "resume failed"
+  fi
+else
+  fail "$t-create" "create failed"
+fi
+
+# --- 4. delete releases every device, nothing left behind --------------------------------------
+t=delete
+ok=1
+for id in k1 k2; do rootfork sandbox delete $id >/dev/null 2>&1 || ok=0; done
+[ $ok = 1 ] && pass "$t-ok" || fail "$t-ok" "delete failed"
+ok=1
+for n in $N1 $N2; do wait_quiescent $n 50 || { ok=0; echo "nbd$n: pid=$(cat /sys/block/nbd$n/pid 2>/dev/null) size=$(cat /sys/block/nbd$n/size)"; }; done
+[ $ok = 1 ] && pass "$t-quiescent" || fail "$t-quiescent" "see above"
+[ -z "$(ls $STATE/cache)$(ls $STATE/paused)" ] && pass "$t-no-files" || fail "$t-no-files" "$(ls $STATE/cache $STATE/paused)"
+[ "$(rootfork device list | grep -c '^/dev/nbd[0-9]* *\(free\|cooling\)')" = 8 ] && pass "$t-slots-free" \
+  || { rootfork device list; fail "$t-slots-free" "not every slot free"; }
+[ "$(field k1 state)" = deleted ] && pass "$t-tombstone" || fail "$t-tombstone" "k1 is $(field k1 state)"
+[ "$(sha256sum $TPL | cut -d' ' -f1)" = "$TSUM" ] && pass "$t-template-unchanged" || fail "$t-template-unchanged" "checksum"
+
+# --- 5. SIGKILL with a sandbox attached; the restarted daemon reclaims the dead device --------
+t=sigkill
+if create k3; then
+  N3=$N
+  dd if=/tmp/pat of=$DEV bs=4096 seek=8192 conv=fsync,notrunc 2>/dev/null
+  OLD=$DPID
+  kill -KILL $DPID; wait $DPID 2>/dev/null; DPID=
+  [ -s /sys/block/nbd$N3/pid ] && pass "$t-left-connected" || fail "$t-left-connected" "the kernel already dropped nbd$N3"
+  [ -n "$(ls $STATE/cache)" ] && pass "$t-cache-leaked" || fail "$t-cache-leaked" "no leaked cache"
+  if start_daemon; then
+    pass "$t-restart"
+    wait_quiescent $N3 100 && pass "$t-reclaimed" || fail "$t-reclaimed" "nbd$N3 pid=$(cat /sys/block/nbd$N3/pid 2>/dev/null)"
+    grep -q "reclaimed an nbd slot of a dead rootfork process" $LOG && pass "$t-reclaim-logged" || fail "$t-reclaim-logged" "no log line"
+    [ -z "$(ls $STATE/cache)" ] && pass "$t-cache-removed" || fail "$t-cache-removed" "$(ls $STATE/cache)"
+    rootfork device list | grep -q orphaned && { rootfork device list; fail "$t-no-orphans" "orphaned slot listed"; } || pass "$t-no-orphans"
+    # A new kernel sandbox works and starts fresh (the dead sandbox's write is not there).
+    if create k4; then
+      dd if=$DEV bs=4096 skip=8192 count=256 2>/dev/null | cmp -s - /tmp/pat && fail "$t-fresh-overlay" "old write visible" || pass "$t-fresh-overlay"
+      dd if=$TPL bs=4096 skip=8192 count=256 2>/dev/null > /tmp/tmid
+      dd if=$DEV bs=4096 skip=8192 count=256 2>/dev/null | cmp -s - /tmp/tmid && pass "$t-new-sandbox-reads-template" || fail "$t-new-sandbox-reads-template" "differs"
+    else
+      fail "$t-new-sandbox" "create after restart failed"
+    fi
+  else
+    fail "$t-restart" "the daemon did not come back"
+  fi
+else
+  fail "$t" "create failed"
+fi
+
+# --- 6. SIGTERM with a sandbox attached: clean shutdown releases it ---------------------------
+t=sigterm
+if [ -n "$DPID" ]; then
+  N4=$N
+  kill -TERM $DPID
+  i=0; while kill -0 $DPID 2>/dev/null && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+  if kill -0 $DPID 2>/dev/null; then
+    fail "$t-exits" "still running after 20 s"; kill -KILL $DPID
+  else
+    wait $DPID && pass "$t-exits" || fail "$t-exits" "exit status $?"
+  fi
+  DPID=
+  wait_quiescent $N4 50 && pass "$t-released" || fail "$t-released" "nbd$N4"
+  [ ! -e $ROOTFORK_API ] && pass "$t-socket-removed" || fail "$t-socket-removed" "$ROOTFORK_API"
+fi
+
+# --- 7. every slot quiescent ------------------------------------------------------------------
+ok=1
+for d in /sys/block/nbd*; do n=${d#/sys/block/nbd}; quiescent $n || { ok=0; echo "nbd$n not quiescent"; }; done
+[ $ok = 1 ] && pass all-quiescent || fail all-quiescent "see above"
+
+finish
