@@ -5,11 +5,12 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+use rootfork_kernel::ConnectionHealth;
 use rootfork_vmm::qemu::{NbdEndpoint, RootDisk};
 use rootfork_vmm::ReadyDevice;
 
 use crate::direct::DirectProvider;
-use crate::error::Result;
+use crate::error::{ProviderError, Result};
 use crate::kernel::KernelProvider;
 use crate::pause::PausedDisk;
 use crate::provider::{Provider, ProviderKind};
@@ -46,28 +47,53 @@ pub enum AnyProvider {
 }
 
 impl AnyProvider {
-    /// The NBD server's per-command request counters and latency histograms, for the kinds that
-    /// expose them: the socket provider (live, then final after close). The kernel provider's
-    /// dispatchers live inside its attachment and do not expose theirs yet; the direct provider
-    /// serves no NBD. `None` for those.
+    /// The NBD per-command request counters and latency histograms, for the kinds that serve
+    /// NBD: the socket provider's server and the kernel provider's dispatcher (every connection
+    /// of the attach, replaced ones included) — live, then final after close. The direct
+    /// provider serves no NBD: `None`.
     pub fn nbd_stats(&self) -> Option<rootfork_nbd::StatsSnapshot> {
         match self {
             AnyProvider::Socket(p) => p.nbd_stats(),
-            AnyProvider::Kernel(_) | AnyProvider::Direct(_) => None,
+            AnyProvider::Kernel(p) => p.nbd_stats(),
+            AnyProvider::Direct(_) => None,
         }
     }
-}
 
-impl AnyProvider {
     /// How long the oldest NBD request waiting for this provider's dispatcher has waited, for
     /// "request stuck" health checks: the socket provider's server (see
-    /// [`SocketProvider::oldest_request_age`]). The kernel provider's dispatchers live inside
-    /// its `rootfork_kernel` attachment, which does not expose them, and the direct provider
-    /// serves no NBD: `None` for those.
-    pub fn oldest_request_age(&self) -> Option<std::time::Duration> {
+    /// [`SocketProvider::oldest_request_age`]) or the kernel provider's connections (see
+    /// [`KernelProvider::oldest_request_age`]). The direct provider serves no NBD: `None`.
+    pub fn oldest_request_age(&self) -> Option<Duration> {
         match self {
             AnyProvider::Socket(p) => p.oldest_request_age(),
-            AnyProvider::Kernel(_) | AnyProvider::Direct(_) => None,
+            AnyProvider::Kernel(p) => p.oldest_request_age(),
+            AnyProvider::Direct(_) => None,
+        }
+    }
+
+    /// The kernel provider's connection state (see [`KernelProvider::connection_health`]);
+    /// `None` for the other kinds, which have no kernel connections.
+    pub fn connection_health(&self) -> Option<ConnectionHealth> {
+        match self {
+            AnyProvider::Kernel(p) => p.connection_health(),
+            AnyProvider::Socket(_) | AnyProvider::Direct(_) => None,
+        }
+    }
+
+    /// Replaces the kernel provider's dead connections with `NBD_CMD_RECONFIGURE` (see
+    /// [`KernelProvider::reconnect`]); returns how many. The other kinds have no connections a
+    /// provider could re-establish: [`ProviderError::Unsupported`].
+    pub async fn reconnect(&mut self) -> Result<usize> {
+        match self {
+            AnyProvider::Kernel(p) => p.reconnect().await,
+            AnyProvider::Socket(p) => Err(ProviderError::Unsupported {
+                op: "reconnect",
+                kind: p.kind().as_str(),
+            }),
+            AnyProvider::Direct(p) => Err(ProviderError::Unsupported {
+                op: "reconnect",
+                kind: p.kind().as_str(),
+            }),
         }
     }
 }

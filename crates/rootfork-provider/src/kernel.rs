@@ -11,6 +11,18 @@
 //! * `close`: abandon an attach in progress (its guards unwind it) → [`Attachment::close`] (flush,
 //!   drain, disconnect, wait for quiescence, release the slot) → flush and drop the overlay;
 //! * drop: the attachment's own drop disconnects and releases without waiting.
+//!
+//! While attached it reports its dispatcher's NBD counters ([`KernelProvider::nbd_stats`], one
+//! [`NbdDispatcher`] per attach, shared by every connection, kept as final counts after close),
+//! the connections' state ([`KernelProvider::connection_health`]: dead connections, in-flight
+//! requests, the oldest request's age) and repairs dead connections with
+//! [`KernelProvider::reconnect`] (`NBD_CMD_RECONFIGURE` with fresh sockets, see rootfork-kernel's
+//! [`Attachment::reconnect`]).
+//!
+//! Locking: the running attachment sits behind a std mutex that is never held across an
+//! `.await`. A reconnect takes the attachment out, runs in its own task and puts it back, so
+//! readers (stats, health, index) never wait for it; a reconnect whose caller went away still
+//! finishes, and `close`/`export_diff` wait for it first.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -18,8 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions};
-use rootfork_kernel::{device_path, AttachOptions, Attacher, Attachment, NbdDispatcher};
-use rootfork_nbd::ServeOptions;
+use rootfork_kernel::{
+    device_path, AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth, NbdDispatcher,
+};
+use rootfork_nbd::{ServeOptions, StatsSnapshot};
 use rootfork_vmm::{DevicePath, ReadyDevice};
 use tokio::task::JoinHandle;
 
@@ -49,8 +63,14 @@ pub struct KernelConfig {
 
 struct Running {
     overlay: Arc<Overlay>,
-    attachment: Attachment,
+    /// Serves the overlay on every connection (and replacements); holds the counters.
+    dispatcher: Arc<NbdDispatcher>,
+    index: u32,
+    /// `None` only while a reconnect task holds it.
+    attachment: Option<Attachment>,
 }
+
+type ReconnectTask = JoinHandle<std::result::Result<usize, AttachError>>;
 
 /// A sandbox's `/dev/nbdN`.
 pub struct KernelProvider {
@@ -59,7 +79,11 @@ pub struct KernelProvider {
     node_path: NodePath,
     readiness: Arc<Readiness<ReadyDevice>>,
     running: Arc<Mutex<Option<Running>>>,
+    /// The last attach's NBD counters, once closed.
+    closed_stats: Mutex<Option<StatsSnapshot>>,
     task: Option<JoinHandle<()>>,
+    /// A reconnect in progress (or finished, not yet collected).
+    reconnecting: Option<ReconnectTask>,
 }
 
 impl std::fmt::Debug for KernelProvider {
@@ -84,7 +108,9 @@ impl KernelProvider {
             node_path: Arc::new(device_path),
             readiness: Arc::new(Readiness::new()),
             running: Arc::new(Mutex::new(None)),
+            closed_stats: Mutex::new(None),
             task: None,
+            reconnecting: None,
         }
     }
 
@@ -106,7 +132,85 @@ impl KernelProvider {
 
     /// The attached slot's index, while attached.
     pub fn index(&self) -> Option<u32> {
-        lock(&self.running).as_ref().map(|r| r.attachment.index())
+        lock(&self.running).as_ref().map(|r| r.index)
+    }
+
+    /// The NBD counters of every connection of this attach (per command: requests, errors,
+    /// bytes, latency), replaced connections included; after close, the final counts. `None`
+    /// before the device was ready.
+    pub fn nbd_stats(&self) -> Option<StatsSnapshot> {
+        if let Some(r) = lock(&self.running).as_ref() {
+            return Some(r.dispatcher.stats());
+        }
+        lock(&self.closed_stats).clone()
+    }
+
+    /// The connections' state while attached: how many there are, how many are dead (their
+    /// dispatcher finished), requests in flight and the oldest one's age. `None` when not
+    /// attached or while a reconnect runs.
+    pub fn connection_health(&self) -> Option<ConnectionHealth> {
+        lock(&self.running)
+            .as_ref()
+            .and_then(|r| r.attachment.as_ref())
+            .map(Attachment::connection_health)
+    }
+
+    /// How long the oldest NBD request received from the kernel and not yet answered has
+    /// waited (for "request stuck" health checks); `None` when none is waiting.
+    pub fn oldest_request_age(&self) -> Option<Duration> {
+        self.connection_health().and_then(|h| h.oldest_request_age)
+    }
+
+    /// Replaces every dead connection of the attached device with a fresh socketpair and
+    /// dispatcher, handed to the kernel with `NBD_CMD_RECONFIGURE`; returns how many were
+    /// replaced (0 when none was dead). The attachment stays attached whether or not it
+    /// succeeds. Runs in its own task: if this future is dropped the reconnect still finishes,
+    /// and the next `reconnect`, `export_diff` or `close` waits for it.
+    pub async fn reconnect(&mut self) -> Result<usize> {
+        if self.reconnecting.is_none() {
+            let (mut attachment, dispatcher) = {
+                let mut guard = lock(&self.running);
+                let r = guard.as_mut().ok_or_else(|| self.not_running())?;
+                let a = r.attachment.take().ok_or(ProviderError::NotReady)?;
+                (a, r.dispatcher.clone())
+            };
+            let running = self.running.clone();
+            self.reconnecting = Some(tokio::spawn(async move {
+                let replaced = attachment.reconnect(&*dispatcher).await;
+                // Back in place; if the provider was dropped meanwhile, the attachment's own
+                // drop disconnects and releases the slot.
+                if let Some(r) = lock(&running).as_mut() {
+                    r.attachment = Some(attachment);
+                }
+                replaced
+            }));
+        }
+        let task = self.reconnecting.as_mut().expect("set above");
+        let r = task.await;
+        self.reconnecting = None;
+        r.map_err(|e| ProviderError::Task(e.to_string()))?
+            .map_err(ProviderError::Kernel)
+    }
+
+    /// Waits for a reconnect whose caller went away (its outcome was logged by the kernel
+    /// layer; only the attachment's return matters here).
+    async fn settle_reconnect(&mut self) {
+        if let Some(task) = self.reconnecting.take() {
+            match task.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("an abandoned reconnect failed: {e}"),
+                Err(e) => tracing::warn!("an abandoned reconnect task failed: {e}"),
+            }
+        }
+    }
+
+    fn not_running(&self) -> ProviderError {
+        match self.readiness.current() {
+            State::Idle => ProviderError::NotStarted,
+            State::Attaching => ProviderError::NotReady,
+            State::Failed(e) => ProviderError::AttachFailed(e),
+            State::Ready(_) | State::Closed => ProviderError::Closed,
+        }
     }
 
     async fn attach(
@@ -122,15 +226,18 @@ impl KernelProvider {
         .await
         .map_err(|e| ProviderError::Task(e.to_string()))??;
         let device: Arc<dyn BlockDevice> = overlay.clone();
-        let dispatcher = NbdDispatcher::new(device, config.serve.clone());
+        let dispatcher = Arc::new(NbdDispatcher::new(device, config.serve.clone()));
         let mut opts = config.attach.clone();
         opts.cache_path = Some(config.cache.clone());
-        let attachment = attacher.attach(&dispatcher, &opts).await?;
-        let ready = ReadyDevice::verify(DevicePath::new(node_path(attachment.index())))?;
+        let attachment = attacher.attach(&*dispatcher, &opts).await?;
+        let index = attachment.index();
+        let ready = ReadyDevice::verify(DevicePath::new(node_path(index)))?;
         Ok((
             Running {
                 overlay,
-                attachment,
+                dispatcher,
+                index,
+                attachment: Some(attachment),
             },
             ready,
         ))
@@ -184,26 +291,34 @@ impl Provider for KernelProvider {
         if !self.readiness.close_attach(&mut self.task).await {
             return Ok(());
         }
+        self.settle_reconnect().await;
         let Some(Running {
             overlay,
+            dispatcher,
             attachment,
+            ..
         }) = lock(&self.running).take()
         else {
             return Ok(());
         };
-        // `Attachment::close` is not `Send` (its dispatch handles are not `Sync`), so it runs to
-        // completion on a blocking thread, driven by this runtime's timers.
+        // The close runs to completion on a blocking thread (its waits are short sleeps),
+        // driven by this runtime's timers, so a dropped `close` future cannot cut it short.
         let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let detached = handle
-                .block_on(attachment.close())
-                .map_err(ProviderError::Kernel);
+        let r = tokio::task::spawn_blocking(move || {
+            let detached = match attachment {
+                Some(a) => handle.block_on(a.close()).map_err(ProviderError::Kernel),
+                None => Ok(()),
+            };
             let flushed = overlay.flush().map_err(ProviderError::from);
             drop(overlay);
             detached.and(flushed)
         })
         .await
-        .map_err(|e| ProviderError::Task(e.to_string()))?
+        .map_err(|e| ProviderError::Task(e.to_string()))?;
+        // Final counts (every connection has ended); the dispatcher's device reference goes.
+        *lock(&self.closed_stats) = Some(dispatcher.stats());
+        drop(dispatcher);
+        r
     }
 
     async fn export_diff(&mut self, data_out: &Path) -> Result<PausedDisk> {
@@ -214,6 +329,7 @@ impl Provider for KernelProvider {
             State::Failed(e) => return Err(ProviderError::AttachFailed(e)),
             State::Closed => return Err(ProviderError::Closed),
         }
+        self.settle_reconnect().await;
         let running = self.running.clone();
         let data_out = data_out.to_path_buf();
         tokio::task::spawn_blocking(move || {
@@ -221,7 +337,11 @@ impl Provider for KernelProvider {
             let r = guard.as_ref().ok_or(ProviderError::Closed)?;
             // Flush before export: the device fd first (the kernel's dirty pages reach the
             // overlay, writeback errors surface), then the overlay itself.
-            r.attachment.flush().map_err(ProviderError::Kernel)?;
+            r.attachment
+                .as_ref()
+                .ok_or(ProviderError::NotReady)?
+                .flush()
+                .map_err(ProviderError::Kernel)?;
             r.overlay.flush()?;
             r.overlay.freeze();
             let map = r.overlay.export_diff(&data_out)?;
@@ -240,6 +360,9 @@ impl Drop for KernelProvider {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+        // A reconnect task still holding the attachment finds no `Running` to return it to and
+        // drops it.
+        drop(self.reconnecting.take());
         // Attachment's drop disconnects, stops the dispatchers and releases the slot; the
         // overlay's drop removes its cache file.
         drop(lock(&self.running).take());

@@ -31,6 +31,10 @@ struct FakeKernel {
     invisible: AtomicBool,
     sockets: Mutex<BTreeMap<u32, Vec<OwnedFd>>>,
     disconnects: AtomicUsize,
+    /// RECONFIGURE is refused (`EOPNOTSUPP`) instead of taking the new sockets.
+    refuse_reconfigure: AtomicBool,
+    /// Sockets taken by RECONFIGURE requests.
+    reconfigured: AtomicUsize,
 }
 
 impl FakeKernel {
@@ -42,6 +46,17 @@ impl FakeKernel {
     fn socket(&self, i: u32) -> UnixStream {
         let fd = self.sockets.lock().unwrap()[&i][0].try_clone().unwrap();
         UnixStream::from(fd)
+    }
+
+    /// Kills the first connection of device `i` the way a dead peer would: the kernel's end is
+    /// shut down and dropped, so rootfork's dispatcher for it sees end-of-file and finishes.
+    fn kill_connection(&self, i: u32) {
+        let fd = self.sockets.lock().unwrap().get_mut(&i).unwrap().remove(0);
+        nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            nix::sys::socket::Shutdown::Both,
+        )
+        .unwrap();
     }
 }
 
@@ -91,10 +106,25 @@ impl NbdControl for FakeKernel {
         Ok(())
     }
 
-    fn reconfigure(&self, _: &ReconfigureRequest) -> Result<(), NlError> {
-        Err(NlError::Refused {
-            errno: libc::EOPNOTSUPP,
-        })
+    fn reconfigure(&self, req: &ReconfigureRequest) -> Result<(), NlError> {
+        if self.refuse_reconfigure.load(Ordering::SeqCst) {
+            return Err(NlError::Refused {
+                errno: libc::EOPNOTSUPP,
+            });
+        }
+        let mut all = self.sockets.lock().unwrap();
+        let Some(refs) = all.get_mut(&req.index) else {
+            return Err(NlError::Refused {
+                errno: libc::EINVAL,
+            });
+        };
+        for &fd in &req.sockets {
+            // SAFETY: as in `connect`: the caller keeps the socket open during this call.
+            let b = unsafe { BorrowedFd::borrow_raw(fd) };
+            refs.push(b.try_clone_to_owned().unwrap());
+            self.reconfigured.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     fn status(&self, _: Option<u32>) -> Result<Vec<DeviceStatus>, NlError> {
@@ -155,6 +185,8 @@ fn rig() -> Rig {
         invisible: AtomicBool::new(false),
         sockets: Mutex::new(BTreeMap::new()),
         disconnects: AtomicUsize::new(0),
+        refuse_reconfigure: AtomicBool::new(false),
+        reconfigured: AtomicUsize::new(0),
     });
     let nodes = Arc::new(FakeNodes {
         dir: root.join("nodes"),
@@ -371,4 +403,105 @@ async fn a_device_that_never_appears_times_out_and_close_unwinds_the_attach() {
     assert_eq!(r.kernel.disconnects.load(Ordering::SeqCst), 1);
     assert!(r.kernel.sockets.lock().unwrap().is_empty());
     assert!(!r.root.join("slow.cache").exists());
+}
+
+/// Waits (bounded) until the provider reports `dead` dead connections.
+async fn wait_dead(p: &KernelProvider, dead: usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = p.connection_health().expect("attached");
+        if h.dead == dead {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "dead connections: {h:?}, want {dead}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_connection_is_reconnected_and_counters_survive() {
+    let r = rig();
+    let mut p = r.provider(r.base(), "rc", Duration::from_secs(2));
+    assert!(p.nbd_stats().is_none(), "counters before attach");
+    p.start().unwrap();
+    p.path(Duration::from_secs(30), never()).await.unwrap();
+    let index = p.index().unwrap();
+    let h = p.connection_health().unwrap();
+    assert_eq!((h.connections, h.dead, h.in_flight), (1, 0, 0));
+    assert_eq!(p.oldest_request_age(), None);
+    // Nothing dead: nothing to do.
+    assert_eq!(p.reconnect().await.unwrap(), 0);
+    assert_eq!(r.kernel.reconfigured.load(Ordering::SeqCst), 0);
+
+    let block = [0xA5u8; 4096];
+    let mut k = r.kernel.socket(index);
+    let (err, _) = tokio::task::spawn_blocking(move || nbd_request(&mut k, 1, 1, 8192, &block, 0))
+        .await
+        .unwrap();
+    assert_eq!(err, 0);
+    let st = p.nbd_stats().unwrap();
+    assert_eq!(st.op(rootfork_nbd::Op::Write).count, 1);
+
+    r.kernel.kill_connection(index);
+    wait_dead(&p, 1).await;
+    assert_eq!(p.reconnect().await.unwrap(), 1);
+    assert_eq!(r.kernel.reconfigured.load(Ordering::SeqCst), 1);
+    assert_eq!(p.connection_health().unwrap().dead, 0);
+    // The replacement connection serves the same overlay: the earlier write reads back.
+    let mut k = r.kernel.socket(index);
+    let (err, got) =
+        tokio::task::spawn_blocking(move || nbd_request(&mut k, 0, 2, 8192, &[], 4096))
+            .await
+            .unwrap();
+    assert_eq!(err, 0);
+    assert_eq!(got, block);
+    // One set of counters across the old and the new connection.
+    let st = p.nbd_stats().unwrap();
+    assert_eq!(st.op(rootfork_nbd::Op::Write).count, 1);
+    assert_eq!(st.op(rootfork_nbd::Op::Read).count, 1);
+
+    p.close().await.unwrap();
+    assert!(slot_is_quiescent(&r.kernel.sys, index));
+    assert!(p.connection_health().is_none());
+    // Final counts after close.
+    let st = p.nbd_stats().expect("final counters after close");
+    assert_eq!(st.op(rootfork_nbd::Op::Read).count, 1);
+    assert!(matches!(p.reconnect().await, Err(ProviderError::Closed)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reconnect_is_an_error_and_the_device_still_closes() {
+    let r = rig();
+    r.kernel.refuse_reconfigure.store(true, Ordering::SeqCst);
+    let mut p = r.provider(r.base(), "rf", Duration::from_secs(2));
+    p.start().unwrap();
+    p.path(Duration::from_secs(30), never()).await.unwrap();
+    let index = p.index().unwrap();
+    r.kernel.kill_connection(index);
+    wait_dead(&p, 1).await;
+    let e = p.reconnect().await.unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ProviderError::Kernel(rootfork_kernel::AttachError::Reconfigure { .. })
+        ),
+        "{e:?}"
+    );
+    // Still attached, still dead; the attachment went back in place.
+    assert_eq!(p.index(), Some(index));
+    assert_eq!(p.connection_health().unwrap().dead, 1);
+    // Every connection dead: close skips the flush and says so, but releases the device.
+    let e = p.close().await.unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ProviderError::Kernel(rootfork_kernel::AttachError::ConnectionsDead { .. })
+        ),
+        "{e:?}"
+    );
+    assert!(slot_is_quiescent(&r.kernel.sys, index));
+    assert!(!r.root.join("rf.cache").exists(), "cache left behind");
 }
