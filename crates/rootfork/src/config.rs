@@ -135,6 +135,10 @@ pub struct KernelFile {
     pub connections: Option<usize>,
     /// The kernel's request timeout, seconds.
     pub request_timeout_secs: Option<f64>,
+    /// How long the kernel holds I/O for a dead connection to be replaced (the health check's
+    /// reconnect) before failing it, seconds; 0 turns it off (I/O on a dead connection fails at
+    /// once).
+    pub dead_conn_timeout_secs: Option<u64>,
 }
 
 /// The TOML file's schema (every key optional).
@@ -236,7 +240,16 @@ pub struct Config {
     pub kernel_connections: usize,
     /// Kernel request timeout.
     pub kernel_request_timeout: Duration,
+    /// How long the kernel waits for a dead connection to be replaced (`None`: not at all).
+    pub kernel_dead_conn_timeout: Option<Duration>,
+    /// Test seam: a fake kernel instead of the host's. Never set outside tests.
+    #[doc(hidden)]
+    pub kernel_backend: Option<crate::daemon::kernel::KernelBackend>,
 }
+
+/// The default of `kernel.dead_conn_timeout_secs`: several default health rounds, so a dead
+/// connection is replaced before the guest's I/O on it fails.
+pub const DEFAULT_DEAD_CONN_TIMEOUT_SECS: u64 = 30;
 
 /// The default state directory: `$XDG_STATE_HOME/rootfork`, else `./.rootfork`.
 pub fn default_state_dir() -> PathBuf {
@@ -376,6 +389,25 @@ impl Config {
             1.0,
             3600.0,
         )?;
+        let dead_conn_secs = file
+            .kernel
+            .dead_conn_timeout_secs
+            .unwrap_or(DEFAULT_DEAD_CONN_TIMEOUT_SECS);
+        if dead_conn_secs > 3600 {
+            return Err(invalid(
+                "kernel.dead_conn_timeout_secs",
+                format!("{dead_conn_secs} is outside 0..=3600 (0 turns it off)"),
+            ));
+        }
+        if dead_conn_secs != 0 && Duration::from_secs(dead_conn_secs) <= health_interval {
+            return Err(invalid(
+                "kernel.dead_conn_timeout_secs",
+                format!(
+                    "{dead_conn_secs} s is not longer than health.interval_secs ({} s): I/O would fail before a health round could reconnect; raise it or set 0 (off)",
+                    health_interval.as_secs_f64()
+                ),
+            ));
+        }
         Ok(Config {
             api_socket,
             api_tcp,
@@ -393,6 +425,9 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/run/rootfork/nbd")),
             kernel_connections,
             kernel_request_timeout,
+            kernel_dead_conn_timeout: (dead_conn_secs != 0)
+                .then(|| Duration::from_secs(dead_conn_secs)),
+            kernel_backend: None,
             state_dir,
         })
     }
@@ -506,6 +541,36 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("kernel.connections"), "{e}");
+        for bad in ["3601", "5", "2"] {
+            let e = Config::resolve(
+                file(&format!("[kernel]\ndead_conn_timeout_secs = {bad}")).unwrap(),
+                Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("kernel.dead_conn_timeout_secs"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn dead_conn_timeout_defaults_on_and_zero_turns_it_off() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(
+            c.kernel_dead_conn_timeout,
+            Some(Duration::from_secs(DEFAULT_DEAD_CONN_TIMEOUT_SECS))
+        );
+        let c = Config::resolve(
+            file("[kernel]\ndead_conn_timeout_secs = 0").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.kernel_dead_conn_timeout, None);
+        let c = Config::resolve(
+            file("[health]\ninterval_secs = 1\n[kernel]\ndead_conn_timeout_secs = 2").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.kernel_dead_conn_timeout, Some(Duration::from_secs(2)));
     }
 
     #[test]

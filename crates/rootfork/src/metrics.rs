@@ -76,6 +76,29 @@ pub struct Snapshot {
     pub nbd: StatsSnapshot,
 }
 
+/// What a health-check recovery came to (the `result` label of
+/// `rootfork_health_recoveries_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// A kernel device's dead connections were replaced with `NBD_CMD_RECONFIGURE`.
+    Reconnected,
+    /// A reconnect attempt failed (the check fails; a second failure marks the sandbox failed).
+    ReconnectFailed,
+    /// The sandbox was marked failed.
+    MarkedFailed,
+}
+
+impl Recovery {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Recovery::Reconnected => "reconnected",
+            Recovery::ReconnectFailed => "reconnect_failed",
+            Recovery::MarkedFailed => "marked_failed",
+        }
+    }
+}
+
 /// The daemon's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -87,7 +110,7 @@ pub struct Metrics {
     attach_latency: HistFamily<ProviderLabel>,
     errors: Family<ErrorLabel, Counter>,
     health_checks: Family<CheckLabel, Counter>,
-    recoveries: Counter,
+    recoveries: Family<CheckLabel, Counter>,
     nbd: NbdCollector,
     seen: Mutex<Seen>,
 }
@@ -123,7 +146,7 @@ impl Metrics {
             attach_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             errors: Family::default(),
             health_checks: Family::default(),
-            recoveries: Counter::default(),
+            recoveries: Family::default(),
             nbd: NbdCollector::default(),
             seen: Mutex::new(Seen::default()),
             registry: Registry::default(),
@@ -162,9 +185,19 @@ impl Metrics {
         );
         r.register(
             "health_recoveries",
-            "Sandboxes whose device a health check had to give up on (marked failed)",
+            "Health-check recovery outcomes: reconnected (a kernel device's dead connections replaced with RECONFIGURE), reconnect_failed (an attempt failed), marked_failed (the sandbox was given up on)",
             m.recoveries.clone(),
         );
+        for outcome in [
+            Recovery::Reconnected,
+            Recovery::ReconnectFailed,
+            Recovery::MarkedFailed,
+        ] {
+            // Every outcome is published from the start (at 0).
+            drop(m.recoveries.get_or_create(&CheckLabel {
+                result: outcome.as_str().into(),
+            }));
+        }
         r.register_collector(Box::new(m.nbd.clone()));
         Metrics { registry: r, ..m }
     }
@@ -199,7 +232,16 @@ impl Metrics {
 
     /// Records a sandbox marked failed by the health check.
     pub fn health_failed(&self) {
-        self.recoveries.inc();
+        self.recovery(Recovery::MarkedFailed);
+    }
+
+    /// Records a recovery outcome.
+    pub fn recovery(&self, outcome: Recovery) {
+        self.recoveries
+            .get_or_create(&CheckLabel {
+                result: outcome.as_str().into(),
+            })
+            .inc();
     }
 
     /// Renders the OpenMetrics text after applying `snap`.

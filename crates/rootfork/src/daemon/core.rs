@@ -159,7 +159,11 @@ impl Core {
     /// Shared state over an opened template store.
     pub fn new(config: Config, dirs: Dirs, templates: TemplateStore) -> Core {
         let events = Arc::new(EventBus::default());
-        let kernel = KernelSide::new(config.nbd_lock_dir.clone(), events.clone());
+        let kernel = KernelSide::new(
+            config.nbd_lock_dir.clone(),
+            events.clone(),
+            config.kernel_backend.clone(),
+        );
         Core {
             config,
             dirs,
@@ -345,7 +349,7 @@ impl Core {
             }
             ProviderKind::Kernel => {
                 let attacher = self.kernel.attacher()?;
-                Ok(AnyProvider::Kernel(Box::new(KernelProvider::new(
+                let mut p = KernelProvider::new(
                     KernelConfig {
                         base,
                         cache,
@@ -354,12 +358,17 @@ impl Core {
                             sandbox: sb.id.clone(),
                             connections: self.config.kernel_connections,
                             timeout: self.config.kernel_request_timeout,
+                            dead_conn_timeout: self.config.kernel_dead_conn_timeout,
                             ..AttachOptions::default()
                         },
                         serve: ServeOptions::default(),
                     },
                     attacher,
-                ))))
+                );
+                if let Some(node_path) = self.kernel.node_path() {
+                    p = p.with_node_path(node_path);
+                }
+                Ok(AnyProvider::Kernel(Box::new(p)))
             }
             ProviderKind::Direct => Err(DaemonError::InvalidArgument(
                 "the direct provider is not offered by the daemon".into(),

@@ -4,19 +4,27 @@
 //!   answer: the probe connects to the sandbox's NBD socket, reads the server's newstyle greeting
 //!   (`NBDMAGIC` `IHAVEOPT`), sends `NBD_OPT_ABORT` and hangs up, all within the probe timeout —
 //!   so a dead or wedged accept/handshake thread is caught;
-//! * kernel provider: the provider must still report its device ready and sysfs must show the
+//! * kernel provider: the provider must still report its device ready, every connection's
+//!   dispatcher must be alive — a dead one is *recovered* first (below) — and sysfs must show the
 //!   slot connected (`pid` present);
-//! * no request stuck: the oldest NBD request waiting for the server (received, queued or
-//!   executing on the device, reply not yet queued; see rootfork-nbd's `oldest_request_age`)
-//!   must not have waited longer than `health.stuck_request_secs`. Only the socket provider
-//!   exposes its dispatcher's request ages; the kernel provider's dispatchers sit inside the
-//!   rootfork-kernel attachment, so for it this part is not checked yet.
+//! * no request stuck (both providers): the oldest NBD request waiting for the server or
+//!   dispatcher (received, queued or executing on the device, reply not yet queued; see
+//!   rootfork-nbd's `oldest_request_age`) must not have waited longer than
+//!   `health.stuck_request_secs`.
+//!
+//! Recovery: when a kernel sandbox has dead connections (a dispatcher finished: its socket hit
+//! an I/O error or its thread ended), the round replaces them with fresh sockets and dispatchers
+//! handed to the kernel with `NBD_CMD_RECONFIGURE` (`KernelProvider::reconnect`). Success is a
+//! HEALTH event and the sandbox's `message` ("reconnected N connection(s) of /dev/nbdX with
+//! RECONFIGURE"), its `recoveries` count and `rootfork_health_recoveries_total{result=
+//! "reconnected"}`; the rest of the check then runs as usual. A failed reconnect fails the check
+//! with the error (`result="reconnect_failed"`), and the next round tries again. The kernel holds
+//! I/O on a dead connection for `kernel.dead_conn_timeout_secs` (default 30 s, longer than the
+//! health interval), so the guest sees a pause, not an error, when a round repairs it in time.
 //!
 //! One failed check marks the sandbox DEGRADED; a second consecutive one marks it FAILED (its
-//! state too) with the reason, and both are events. A passing check after DEGRADED makes it
-//! HEALTHY again. Recovery by `NBD_CMD_RECONFIGURE` (new sockets for a dead dispatcher) needs an
-//! attachment-level reconnect that rootfork-kernel does not offer yet, so a failed kernel device
-//! is reported, not repaired; see docs/daemon.md.
+//! state too; `result="marked_failed"`) with the reason, and both are events. A passing check
+//! after DEGRADED makes it HEALTHY again.
 //!
 //! A sandbox whose lifecycle lock is held (an operation in progress) is skipped for that round.
 //! The same round reaps a sandbox's QEMU when it has exited (pid cleared, reason in the message,
@@ -34,6 +42,7 @@ use crate::api::v1::{EventKind, HealthState, SandboxState};
 use crate::daemon::core::Core;
 use crate::daemon::sandbox::Sandbox;
 use crate::events::EventBus;
+use crate::metrics::Recovery;
 
 /// Failed checks in a row that mark a sandbox failed.
 pub const FAILS_TO_MARK_FAILED: u32 = 2;
@@ -74,6 +83,56 @@ fn socket_of(uri: &str) -> Option<PathBuf> {
     uri.split_once("socket=").map(|(_, p)| PathBuf::from(p))
 }
 
+/// An error with its sources, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
+}
+
+/// Replaces a kernel sandbox's dead connections with `NBD_CMD_RECONFIGURE`; records a success
+/// (event, status, metric) and describes a failure.
+async fn reconnect(
+    core: &Core,
+    sb: &Sandbox,
+    provider: &mut AnyProvider,
+    dead: usize,
+    connections: usize,
+) -> Result<(), String> {
+    let device = sb.status().device_path;
+    match provider.reconnect().await {
+        Ok(0) => Ok(()),
+        Ok(n) => {
+            let msg = format!("reconnected {n} connection(s) of {device} with RECONFIGURE");
+            tracing::info!(sandbox = %sb.id, "{msg}");
+            sb.update(|s| {
+                s.recoveries += 1;
+                s.message.clone_from(&msg);
+            });
+            core.metrics.recovery(Recovery::Reconnected);
+            core.events.emit(
+                EventBus::event(EventKind::Health)
+                    .sandbox(&sb.id)
+                    .health(HealthState::Healthy)
+                    .message(msg),
+            );
+            Ok(())
+        }
+        Err(e) => {
+            core.metrics.recovery(Recovery::ReconnectFailed);
+            Err(format!(
+                "{dead} of {connections} connection(s) of {device} dead; reconnecting with RECONFIGURE failed: {}",
+                chain(&e)
+            ))
+        }
+    }
+}
+
 /// Checks one sandbox; `None` when it was busy or not running.
 async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), String>> {
     if sb.state() != SandboxState::Running {
@@ -98,10 +157,18 @@ async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), String>> {
             );
         }
     }
-    let provider = live.provider.as_ref()?;
+    let provider = live.provider.as_mut()?;
     if let Err(e) = provider.path(Duration::ZERO, std::future::ready(())).await {
         return Some(Err(format!("provider no longer ready: {e}")));
     }
+    if let Some(h) = provider.connection_health() {
+        if h.dead > 0 {
+            if let Err(why) = reconnect(core, sb, provider, h.dead, h.connections).await {
+                return Some(Err(why));
+            }
+        }
+    }
+    let provider = &*provider;
     if let Some(age) = provider.oldest_request_age() {
         let limit = core.stuck_request();
         if age > limit {

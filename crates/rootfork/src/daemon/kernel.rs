@@ -1,36 +1,89 @@
 //! The daemon's view of the kernel `/dev/nbdN` pool: availability (the `nbd` module may be
 //! absent, and then only the socket provider works), a lazily opened netlink attacher, the reclaim
 //! of this host's dead devices at start, and the device listing.
+//!
+//! [`KernelBackend`] is a test seam: a kernel (sysfs tree, netlink control, device nodes) to use
+//! instead of the host's, so the daemon's kernel path runs against rootfork-kernel's fakes.
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rootfork_kernel::pool::now_ms;
-use rootfork_kernel::{reclaim, Attacher, DevicePool, HostNodes, NbdNetlink, PoolConfig};
+use rootfork_kernel::{
+    reclaim, Attacher, DeviceNodes, DevicePool, HostNodes, NbdControl, NbdNetlink, PoolConfig,
+};
+use rootfork_provider::NodePath;
 
 use crate::api::v1::{Device, ListDevicesResponse};
 use crate::error::{DaemonError, Result};
 use crate::events::EventBus;
+
+/// A kernel to talk to instead of the host's: a sysfs tree, the `nbd` netlink control and the
+/// device nodes. A test seam (`Config::kernel_backend`); production never sets it.
+#[derive(Clone)]
+pub struct KernelBackend {
+    /// Root of the sysfs tree (`block/nbdN`, `module/nbd`).
+    pub sysfs_root: PathBuf,
+    /// Connect, disconnect, reconfigure.
+    pub control: Arc<dyn NbdControl>,
+    /// Opening and flushing device nodes.
+    pub nodes: Arc<dyn DeviceNodes>,
+    /// Slot index → device node path.
+    pub node_path: NodePath,
+}
+
+impl std::fmt::Debug for KernelBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelBackend")
+            .field("sysfs_root", &self.sysfs_root)
+            .finish_non_exhaustive()
+    }
+}
 
 /// The kernel side.
 #[derive(Debug)]
 pub struct KernelSide {
     pool: DevicePool,
     attacher: OnceLock<std::result::Result<Attacher, String>>,
+    backend: Option<KernelBackend>,
 }
 
 impl KernelSide {
-    /// A pool using `lock_dir` for host-wide claims; its events go to `events`.
-    pub fn new(lock_dir: std::path::PathBuf, events: Arc<EventBus>) -> KernelSide {
-        let pool = DevicePool::new(PoolConfig {
+    /// A pool using `lock_dir` for host-wide claims, on the host's kernel unless `backend`
+    /// says otherwise; its events go to `events`.
+    pub fn new(
+        lock_dir: PathBuf,
+        events: Arc<EventBus>,
+        backend: Option<KernelBackend>,
+    ) -> KernelSide {
+        let mut config = PoolConfig {
             lock_dir,
             ..PoolConfig::default()
-        });
+        };
+        if let Some(b) = &backend {
+            config.sysfs_root = b.sysfs_root.clone();
+        }
+        let pool = DevicePool::new(config);
         pool.subscribe(Arc::new(move |e| events.emit_pool(e)));
+        let attacher = OnceLock::new();
+        if let Some(b) = &backend {
+            let _ = attacher.set(Ok(Attacher::new(
+                pool.clone(),
+                b.control.clone(),
+                b.nodes.clone(),
+            )));
+        }
         KernelSide {
             pool,
-            attacher: OnceLock::new(),
+            attacher,
+            backend,
         }
+    }
+
+    /// The slot → device node mapping of a test backend (`None`: `/dev/nbdN`).
+    pub fn node_path(&self) -> Option<NodePath> {
+        self.backend.as_ref().map(|b| b.node_path.clone())
     }
 
     /// The pool.
@@ -74,14 +127,17 @@ impl KernelSide {
         if self.unavailable_reason().is_some() {
             return;
         }
-        let control = match NbdNetlink::open(Duration::from_secs(10)) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("not reclaiming nbd devices: {e}");
-                return;
-            }
+        let control: Arc<dyn NbdControl> = match &self.backend {
+            Some(b) => b.control.clone(),
+            None => match NbdNetlink::open(Duration::from_secs(10)) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    tracing::warn!("not reclaiming nbd devices: {e}");
+                    return;
+                }
+            },
         };
-        match reclaim(&self.pool, &control, Duration::from_secs(10)) {
+        match reclaim(&self.pool, &*control, Duration::from_secs(10)) {
             Ok(list) => {
                 for r in list {
                     tracing::info!(index = r.index, disconnected = ?r.disconnected, cache_removed = ?r.cache_removed, error = ?r.error, "reclaimed an nbd slot of a dead rootfork process");

@@ -40,6 +40,8 @@ pub struct Status {
     pub vm_pid: u32,
     /// The VM's console file.
     pub vm_console: String,
+    /// Kernel provider: devices repaired by a health-check reconnect.
+    pub recoveries: u32,
 }
 
 /// The live resources.
@@ -112,6 +114,7 @@ impl Sandbox {
                 failed_checks: 0,
                 vm_pid: 0,
                 vm_console: String::new(),
+                recoveries: 0,
             }),
             live: tokio::sync::Mutex::new(Live::default()),
         })
@@ -171,6 +174,7 @@ impl Sandbox {
             pause_count: s.pause_count,
             vm_pid: s.vm_pid,
             vm_console: s.vm_console,
+            recoveries: s.recoveries,
         }
     }
 }

@@ -1,0 +1,484 @@
+//! The daemon's kernel-provider path through a fake kernel (a sysfs tree, netlink control and
+//! device nodes in a tempdir, injected with the `Config::kernel_backend` test seam). The fake
+//! keeps its ends of each device's socketpairs and speaks the kernel's NBD dialect on them, so
+//! requests really flow through the daemon's kernel-mode dispatchers. Covers the health round's
+//! recovery (a dead connection reconnected with RECONFIGURE: event, status, metric; a refused
+//! reconnect ends FAILED) and the kernel sandboxes' NBD metrics. The real `/dev/nbdN` path is the
+//! VM suite (tests/vm/daemon).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{delete, import, make_template, TestDaemon};
+use rootfork::api::v1;
+use rootfork::daemon::kernel::KernelBackend;
+use rootfork_kernel::netlink::{ConnectRequest, DeviceStatus, NlError, ReconfigureRequest};
+use rootfork_kernel::{DeviceNodes, NbdControl};
+
+const SLOTS: u32 = 4;
+
+struct FakeKernel {
+    sys: PathBuf,
+    sockets: Mutex<BTreeMap<u32, Vec<OwnedFd>>>,
+    /// `dead_conn_timeout_secs` of the last connect.
+    dead_conn_timeout: Mutex<Option<Option<u64>>>,
+    refuse_reconfigure: AtomicBool,
+    reconfigured: AtomicUsize,
+}
+
+impl FakeKernel {
+    fn slot(&self, i: u32) -> PathBuf {
+        self.sys.join(format!("block/nbd{i}"))
+    }
+
+    /// A clone of the kernel's end of the first socket of device `i`.
+    fn socket(&self, i: u32) -> UnixStream {
+        let fd = self.sockets.lock().unwrap()[&i][0].try_clone().unwrap();
+        UnixStream::from(fd)
+    }
+
+    /// Kills the first connection of device `i` as a dead peer would: the kernel's end is shut
+    /// down and dropped, so the daemon's dispatcher for it finishes.
+    fn kill_connection(&self, i: u32) {
+        let fd = self.sockets.lock().unwrap().get_mut(&i).unwrap().remove(0);
+        nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both).unwrap();
+    }
+
+    fn quiescent(&self, i: u32) -> bool {
+        let d = self.slot(i);
+        !d.join("pid").exists() && std::fs::read_to_string(d.join("size")).unwrap().trim() == "0"
+    }
+}
+
+fn take_refs(fds: &[i32]) -> Vec<OwnedFd> {
+    fds.iter()
+        .map(|&fd| {
+            // SAFETY: the caller keeps the socket open for the duration of the request; we take
+            // our own reference like the kernel does.
+            let b = unsafe { BorrowedFd::borrow_raw(fd) };
+            b.try_clone_to_owned().unwrap()
+        })
+        .collect()
+}
+
+impl NbdControl for FakeKernel {
+    fn connect(&self, req: &ConnectRequest) -> Result<u32, NlError> {
+        let i = req.index.expect("rootfork names the slot");
+        let refs = take_refs(&req.sockets);
+        let d = self.slot(i);
+        std::fs::write(d.join("pid"), format!("{}\n", std::process::id())).unwrap();
+        std::fs::write(d.join("size"), format!("{}\n", req.size_bytes / 512)).unwrap();
+        if let Some(b) = &req.backend_identifier {
+            std::fs::write(d.join("backend"), format!("{b}\n")).unwrap();
+        }
+        *self.dead_conn_timeout.lock().unwrap() = Some(req.dead_conn_timeout_secs);
+        self.sockets.lock().unwrap().insert(i, refs);
+        Ok(i)
+    }
+
+    fn disconnect(&self, i: u32) -> Result<(), NlError> {
+        let Some(refs) = self.sockets.lock().unwrap().remove(&i) else {
+            return Err(NlError::Refused {
+                errno: libc::EINVAL,
+            });
+        };
+        for r in &refs {
+            let _ = nix::sys::socket::shutdown(r.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+        let d = self.slot(i);
+        let _ = std::fs::remove_file(d.join("pid"));
+        let _ = std::fs::remove_file(d.join("backend"));
+        std::fs::write(d.join("size"), "0\n").unwrap();
+        Ok(())
+    }
+
+    fn reconfigure(&self, req: &ReconfigureRequest) -> Result<(), NlError> {
+        if self.refuse_reconfigure.load(Ordering::SeqCst) {
+            return Err(NlError::Refused {
+                errno: libc::EOPNOTSUPP,
+            });
+        }
+        let mut all = self.sockets.lock().unwrap();
+        let Some(refs) = all.get_mut(&req.index) else {
+            return Err(NlError::Refused {
+                errno: libc::EINVAL,
+            });
+        };
+        refs.extend(take_refs(&req.sockets));
+        self.reconfigured
+            .fetch_add(req.sockets.len(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn status(&self, _: Option<u32>) -> Result<Vec<DeviceStatus>, NlError> {
+        Ok(vec![])
+    }
+}
+
+struct FakeNodes {
+    dir: PathBuf,
+}
+
+impl DeviceNodes for FakeNodes {
+    fn open(&self, i: u32) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.dir.join(format!("nbd{i}")))
+    }
+
+    fn flush(&self, f: &std::fs::File) -> std::io::Result<()> {
+        f.sync_all()
+    }
+}
+
+/// A fake kernel under `root`, and the backend that points the daemon at it.
+fn fake_kernel(root: &Path) -> (Arc<FakeKernel>, KernelBackend) {
+    let sys = root.join("sys");
+    std::fs::create_dir_all(sys.join("module/nbd/parameters")).unwrap();
+    std::fs::write(
+        sys.join("module/nbd/parameters/nbds_max"),
+        format!("{SLOTS}\n"),
+    )
+    .unwrap();
+    for i in 0..SLOTS {
+        let d = sys.join(format!("block/nbd{i}"));
+        std::fs::create_dir_all(d.join("holders")).unwrap();
+        std::fs::write(d.join("size"), "0\n").unwrap();
+        std::fs::write(d.join("inflight"), "       0        0\n").unwrap();
+    }
+    let nodes = root.join("nodes");
+    std::fs::create_dir_all(&nodes).unwrap();
+    let kernel = Arc::new(FakeKernel {
+        sys: sys.clone(),
+        sockets: Mutex::new(BTreeMap::new()),
+        dead_conn_timeout: Mutex::new(None),
+        refuse_reconfigure: AtomicBool::new(false),
+        reconfigured: AtomicUsize::new(0),
+    });
+    let node_dir = nodes.clone();
+    let backend = KernelBackend {
+        sysfs_root: sys,
+        control: kernel.clone(),
+        nodes: Arc::new(FakeNodes { dir: nodes }),
+        node_path: Arc::new(move |i| node_dir.join(format!("nbd{i}"))),
+    };
+    (kernel, backend)
+}
+
+/// One request in the kernel's NBD dialect (simple replies); returns (error, read payload).
+fn nbd_request(
+    s: &mut UnixStream,
+    cmd: u16,
+    cookie: u64,
+    offset: u64,
+    data: &[u8],
+    read_len: u32,
+) -> (u32, Vec<u8>) {
+    let len = if cmd == 1 {
+        data.len() as u32
+    } else {
+        read_len
+    };
+    let mut req = Vec::with_capacity(28 + data.len());
+    req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&cmd.to_be_bytes());
+    req.extend_from_slice(&cookie.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&len.to_be_bytes());
+    req.extend_from_slice(data);
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(reply[0..4].try_into().unwrap()),
+        0x6744_6698
+    );
+    assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), cookie);
+    let err = u32::from_be_bytes(reply[4..8].try_into().unwrap());
+    let n = if cmd == 0 && err == 0 {
+        read_len as usize
+    } else {
+        0
+    };
+    let mut payload = vec![0u8; n];
+    s.read_exact(&mut payload).unwrap();
+    (err, payload)
+}
+
+async fn request(
+    k: &FakeKernel,
+    i: u32,
+    cmd: u16,
+    cookie: u64,
+    offset: u64,
+    data: Vec<u8>,
+    read_len: u32,
+) -> (u32, Vec<u8>) {
+    let mut s = k.socket(i);
+    tokio::task::spawn_blocking(move || nbd_request(&mut s, cmd, cookie, offset, &data, read_len))
+        .await
+        .unwrap()
+}
+
+/// The value of one series in the daemon's metrics text (0 when absent).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+async fn create_kernel(c: &mut rootfork::client::Clients, id: &str) -> v1::Sandbox {
+    c.sandboxes
+        .create_sandbox(v1::CreateSandboxRequest {
+            template: "tpl".into(),
+            id: id.into(),
+            provider: v1::ProviderKind::Kernel as i32,
+            vmm: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn index_of(sb: &v1::Sandbox) -> u32 {
+    sb.device_path
+        .rsplit_once("nbd")
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no device in {sb:?}"))
+}
+
+/// Health events and the final SANDBOX state event (if FAILED) of `id` until `stop` is true.
+async fn watch_until(
+    events: &mut tonic::Streaming<v1::Event>,
+    stop: impl Fn(&v1::Event) -> bool,
+) -> Vec<v1::Event> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while let Ok(Ok(Some(e))) = tokio::time::timeout_at(deadline, events.message()).await {
+        let done = stop(&e);
+        seen.push(e);
+        if done {
+            return seen;
+        }
+    }
+    panic!("the awaited event never came; saw {seen:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_kernel_connection_is_reconnected_by_the_health_round() {
+    let root = tempfile::tempdir().unwrap();
+    let (kernel, backend) = fake_kernel(root.path());
+    let d = TestDaemon::start_with(false, |c| {
+        c.health_interval = Duration::from_millis(100);
+        c.kernel_backend = Some(backend);
+    })
+    .await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create_kernel(&mut c, "k1").await;
+    let i = index_of(&sb);
+    assert_eq!(sb.health, v1::HealthState::Healthy as i32);
+    // The daemon asks the kernel to hold I/O for a dead connection (the default 30 s).
+    assert_eq!(*kernel.dead_conn_timeout.lock().unwrap(), Some(Some(30)));
+
+    // Requests through the kernel sandbox's dispatcher are in the NBD metrics.
+    let block = vec![0x3Cu8; 4096];
+    assert_eq!(request(&kernel, i, 1, 1, 4096, block.clone(), 0).await.0, 0);
+    let m = d.daemon.core().render_metrics();
+    assert_eq!(
+        metric(&m, "rootfork_nbd_requests_total{command=\"write\"}"),
+        1,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "rootfork_nbd_request_bytes_total{command=\"write\"}"),
+        4096
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "rootfork_health_recoveries_total{result=\"reconnected\"}"
+        ),
+        0
+    );
+
+    let mut events = c
+        .events
+        .watch_events(v1::WatchEventsRequest {
+            sandbox: "k1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    kernel.kill_connection(i);
+    let seen = watch_until(&mut events, |e| e.kind == v1::EventKind::Health as i32).await;
+    let e = seen.last().unwrap();
+    let want = format!(
+        "reconnected 1 connection(s) of {} with RECONFIGURE",
+        sb.device_path
+    );
+    assert_eq!(e.message, want);
+    assert_eq!(e.health, v1::HealthState::Healthy as i32);
+    assert_eq!(kernel.reconfigured.load(Ordering::SeqCst), 1);
+
+    let got = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "k1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, v1::SandboxState::Running as i32);
+    assert_eq!(got.health, v1::HealthState::Healthy as i32);
+    assert_eq!(got.recoveries, 1);
+    assert_eq!(got.message, want);
+    assert_eq!(
+        got.device_path, sb.device_path,
+        "same device after the reconnect"
+    );
+    // The replacement connection serves the same overlay; the counters carry on.
+    let (err, data) = request(&kernel, i, 0, 2, 4096, vec![], 4096).await;
+    assert_eq!((err, data), (0, block));
+    let m = d.daemon.core().render_metrics();
+    assert_eq!(
+        metric(&m, "rootfork_nbd_requests_total{command=\"read\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&m, "rootfork_nbd_requests_total{command=\"write\"}"),
+        1
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "rootfork_health_recoveries_total{result=\"reconnected\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "rootfork_health_recoveries_total{result=\"marked_failed\"}"
+        ),
+        0
+    );
+
+    // Later rounds stay healthy (no second reconnect), and delete releases the device.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(kernel.reconfigured.load(Ordering::SeqCst), 1);
+    assert!(delete(&mut c, "k1").await.unwrap());
+    assert!(kernel.quiescent(i));
+    assert!(d.files("cache").is_empty());
+    // A deleted sandbox's counters stay in the totals.
+    let m = d.daemon.core().render_metrics();
+    assert_eq!(
+        metric(&m, "rootfork_nbd_requests_total{command=\"read\"}"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reconnect_marks_the_kernel_sandbox_failed() {
+    let root = tempfile::tempdir().unwrap();
+    let (kernel, backend) = fake_kernel(root.path());
+    kernel.refuse_reconfigure.store(true, Ordering::SeqCst);
+    let d = TestDaemon::start_with(false, |c| {
+        c.health_interval = Duration::from_millis(100);
+        c.kernel_backend = Some(backend);
+    })
+    .await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create_kernel(&mut c, "k2").await;
+    let i = index_of(&sb);
+    let mut events = c
+        .events
+        .watch_events(v1::WatchEventsRequest {
+            sandbox: "k2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    kernel.kill_connection(i);
+    let seen = watch_until(&mut events, |e| {
+        e.kind == v1::EventKind::Sandbox as i32
+            && e.sandbox_state == v1::SandboxState::Failed as i32
+    })
+    .await;
+    let healths: Vec<_> = seen
+        .iter()
+        .filter(|e| e.kind == v1::EventKind::Health as i32)
+        .collect();
+    assert_eq!(
+        healths.iter().map(|e| e.health).collect::<Vec<_>>(),
+        vec![
+            v1::HealthState::Degraded as i32,
+            v1::HealthState::Failed as i32
+        ],
+        "{seen:#?}"
+    );
+    for e in &healths {
+        assert!(
+            e.message.starts_with(&format!(
+                "1 of 1 connection(s) of {} dead; reconnecting with RECONFIGURE failed",
+                sb.device_path
+            )),
+            "{}",
+            e.message
+        );
+    }
+    let got = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "k2".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, v1::SandboxState::Failed as i32);
+    assert_eq!(got.health, v1::HealthState::Failed as i32);
+    assert_eq!(got.recoveries, 0);
+    assert!(
+        got.message.contains("RECONFIGURE failed"),
+        "{}",
+        got.message
+    );
+    let m = d.daemon.core().render_metrics();
+    assert!(
+        metric(
+            &m,
+            "rootfork_health_recoveries_total{result=\"reconnect_failed\"}"
+        ) >= 2,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "rootfork_health_recoveries_total{result=\"marked_failed\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "rootfork_health_recoveries_total{result=\"reconnected\"}"
+        ),
+        0
+    );
+    assert_eq!(kernel.reconfigured.load(Ordering::SeqCst), 0);
+    // A failed sandbox can still be deleted, releasing the device.
+    assert!(delete(&mut c, "k2").await.unwrap());
+    assert!(kernel.quiescent(i));
+    assert!(d.files("cache").is_empty());
+}
