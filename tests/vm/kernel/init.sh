@@ -213,6 +213,14 @@ fi
 vmtest invalid /tmp/t.img && PASS=$((PASS+1)) || FAIL=$((FAIL+1))
 vmtest netlink /tmp/t.img && PASS=$((PASS+1)) || FAIL=$((FAIL+1))
 
+# --- 4b. a dead kernel connection: detected, I/O while dead, RECONFIGURE reconnect, data, stats --
+# One PASS/FAIL line per case (1 connection with and without dead_conn_timeout, 2 connections,
+# close with every connection dead) and a final `PASS reconnect`.
+vmtest reconnect /tmp/t.img > /tmp/reconnect.out 2>/tmp/reconnect.err
+cat /tmp/reconnect.out
+PASS=$((PASS + $(grep -c '^PASS' /tmp/reconnect.out))); FAIL=$((FAIL + $(grep -c '^FAIL' /tmp/reconnect.out)))
+grep -q '^PASS reconnect$' /tmp/reconnect.out || { grep -q '^FAIL reconnect:' /tmp/reconnect.out || fail reconnect "vmtest ended without a result"; tail -20 /tmp/reconnect.err; }
+
 # --- 5. every slot quiescent, nothing claimed -------------------------------------------------
 ok=1
 for d in /sys/block/nbd*; do n=${d#/sys/block/nbd}; quiescent $n || { ok=0; echo "nbd$n not quiescent"; }; done

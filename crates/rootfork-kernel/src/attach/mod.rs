@@ -398,6 +398,9 @@ impl Attachment {
         }
         let last = until(self.quiesce_wait, || match sysfs.slot(index) {
             Ok(s) => s.check_quiescent().is_ok().then_some(Ok(())),
+            // An attribute (`pid`, `backend`) removed by the teardown while we read it: the
+            // teardown is running, look again.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => None,
             Err(e) => Some(Err(e)),
         })
         .await;

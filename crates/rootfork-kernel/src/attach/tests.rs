@@ -33,9 +33,24 @@ enum OnConnect {
     WrongSize,
 }
 
+/// What the fake kernel does on RECONFIGURE with sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnReconfigure {
+    /// Puts each socket in place of a dead one, drops the rest (like `nbd_reconnect_socket`).
+    Work,
+    Refuse(i32),
+    /// Has not noticed the dead sockets yet for this many requests: drops every socket and
+    /// answers success (the kernel's `-ENOSPC` turned into 0).
+    Lag(usize),
+}
+
 struct FakeKernel {
     sys: PathBuf,
     on_connect: Mutex<OnConnect>,
+    on_reconfigure: Mutex<OnReconfigure>,
+    reconfigures: Mutex<Vec<ReconfigureRequest>>,
+    /// Sockets per connected device, as given at connect.
+    capacity: Mutex<BTreeMap<u32, usize>>,
     /// Connected devices with the kernel's references to their sockets.
     connected: Mutex<BTreeMap<u32, Vec<OwnedFd>>>,
     disconnects: AtomicUsize,
@@ -68,6 +83,7 @@ impl NbdControl for FakeKernel {
                 fake::connect(&self.sys, i, std::process::id(), req.size_bytes, b)
             }
         }
+        self.capacity.lock().insert(i, refs.len());
         self.connected.lock().insert(i, refs);
         if *self.on_connect.lock() == OnConnect::AmbiguousConnected {
             return Err(NlError::Ambiguous(AmbiguousCause::Io(
@@ -79,6 +95,7 @@ impl NbdControl for FakeKernel {
 
     fn disconnect(&self, index: u32) -> Result<(), NlError> {
         self.disconnects.fetch_add(1, Ordering::SeqCst);
+        self.capacity.lock().remove(&index);
         if self.connected.lock().remove(&index).is_none() {
             return Err(NlError::Refused {
                 errno: libc::EINVAL,
@@ -97,10 +114,34 @@ impl NbdControl for FakeKernel {
         Ok(())
     }
 
-    fn reconfigure(&self, _: &ReconfigureRequest) -> Result<(), NlError> {
-        Err(NlError::Refused {
-            errno: libc::EOPNOTSUPP,
-        })
+    fn reconfigure(&self, req: &ReconfigureRequest) -> Result<(), NlError> {
+        self.reconfigures.lock().push(req.clone());
+        let mut mode = self.on_reconfigure.lock();
+        match *mode {
+            OnReconfigure::Refuse(errno) => return Err(NlError::Refused { errno }),
+            OnReconfigure::Lag(n) if n > 0 => {
+                *mode = OnReconfigure::Lag(n - 1);
+                return Ok(());
+            }
+            OnReconfigure::Lag(_) | OnReconfigure::Work => {}
+        }
+        let mut connected = self.connected.lock();
+        let Some(refs) = connected.get_mut(&req.index) else {
+            return Err(NlError::Refused {
+                errno: libc::EINVAL,
+            });
+        };
+        let capacity = self.capacity.lock()[&req.index];
+        for &fd in &req.sockets {
+            if refs.len() == capacity {
+                // No dead socket left: the rest are dropped, and the answer is still success.
+                break;
+            }
+            // SAFETY: borrowed for this call only, during which the caller keeps it open.
+            let b = unsafe { BorrowedFd::borrow_raw(fd) };
+            refs.push(b.try_clone_to_owned().expect("open fd"));
+        }
+        Ok(())
     }
 
     fn status(&self, _: Option<u32>) -> Result<Vec<DeviceStatus>, NlError> {
@@ -236,6 +277,9 @@ impl Env {
         let kernel = Arc::new(FakeKernel {
             sys: sys.clone(),
             on_connect: Mutex::new(OnConnect::Work),
+            on_reconfigure: Mutex::new(OnReconfigure::Work),
+            reconfigures: Mutex::new(Vec::new()),
+            capacity: Mutex::new(BTreeMap::new()),
             connected: Mutex::new(BTreeMap::new()),
             disconnects: AtomicUsize::new(0),
             teardown_gate: Mutex::new(None),
@@ -622,3 +666,6 @@ fn attach_and_close_futures_are_send() {
     assert_send(&c);
     rt().block_on(c).unwrap();
 }
+
+#[path = "tests_reconnect.rs"]
+mod reconnect;
