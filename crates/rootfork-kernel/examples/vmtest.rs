@@ -32,6 +32,7 @@ use rootfork_kernel::{
     AttachError, AttachOptions, Attacher, Attachment, DevicePool, Dispatch, Dispatcher, HostNodes,
     NbdDispatcher, NbdNetlink, NlError, PoolConfig, SwitchableDevice, WarmSlot,
 };
+use rootfork_nbd::testing::GatedDevice;
 use rootfork_nbd::ServeOptions;
 
 fn overlay(template: &Path, cache: &Path) -> Arc<dyn BlockDevice> {
@@ -518,6 +519,90 @@ fn reconnect_case(
     Ok(())
 }
 
+/// A request in flight on the connection that dies: the kernel keeps it until its request
+/// timeout, then (one connection, `dead_conn_timeout` set) requeues it, and it completes on the
+/// replacement. Also checks the health's in-flight count and oldest request age.
+fn inflight_case(
+    rt: &tokio::runtime::Runtime,
+    at: &Attacher,
+    template: &Path,
+) -> Result<(), String> {
+    const LEN: usize = 64 << 10;
+    const AT1: u64 = 3 << 20;
+    let gated = Arc::new(GatedDevice::new(overlay(
+        template,
+        Path::new("/tmp/inflight.cache"),
+    )));
+    let d = Killable {
+        inner: NbdDispatcher::new(gated.clone(), ServeOptions::default()),
+        ends: Mutex::new(Vec::new()),
+    };
+    let timeout = Duration::from_secs(3);
+    let opts = AttachOptions {
+        sandbox: "inflight".into(),
+        timeout,
+        dead_conn_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let mut a = rt
+        .block_on(at.attach(&d, &opts))
+        .map_err(|e| format!("attach: {}", chain(&e)))?;
+    let f = direct(&a).map_err(|e| format!("open O_DIRECT: {e}"))?;
+    let p1 = Aligned::filled(LEN, 0x3c);
+    f.write_all_at(p1.as_ref(), AT1)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("write pattern: {e}"))?;
+    gated.close();
+    let f2 = f.try_clone().map_err(|e| e.to_string())?;
+    let issued = Instant::now();
+    let reader = std::thread::spawn(move || read_direct(&f2, LEN, AT1));
+    let t = Instant::now();
+    while gated.waiting() == 0 {
+        if t.elapsed() > Duration::from_secs(5) {
+            gated.open();
+            return Err("the read never reached the device".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let h = a.connection_health();
+    println!("RECONNECT inflight: health with a read held at the device: {h:?}");
+    if h.in_flight == 0
+        || h.oldest_request_age
+            .is_none_or(|age| age < Duration::from_millis(300))
+    {
+        gated.open();
+        return Err(format!("health does not show the held read: {h:?}"));
+    }
+    d.kill(0).map_err(|e| format!("kill: {e}"))?;
+    // The held read finishes on our side; its reply has no socket to go to.
+    gated.open();
+    until_dead(&a, 1, Duration::from_secs(5))?;
+    let t0 = Instant::now();
+    let n = rt
+        .block_on(a.reconnect(&d))
+        .map_err(|e| format!("reconnect: {}", chain(&e)))?;
+    if n != 1 {
+        return Err(format!("reconnect replaced {n}"));
+    }
+    let reconnect_took = ms(t0.elapsed());
+    let reconnected_after = ms(issued.elapsed());
+    let r = reader.join().unwrap();
+    let done = issued.elapsed();
+    let b = r.map_err(|e| format!("the read in flight at the kill failed: {e}"))?;
+    if b.as_ref() != p1.as_ref() {
+        return Err("the read in flight at the kill returned wrong data".into());
+    }
+    println!(
+        "RECONNECT inflight: read issued at 0 ms, connection killed, reconnect done at {reconnected_after:.0} ms (took {reconnect_took:.2} ms), read completed at {:.0} ms (request timeout {} s: the kernel requeued it)",
+        ms(done),
+        timeout.as_secs()
+    );
+    drop(f);
+    rt.block_on(a.close())
+        .map_err(|e| format!("close: {}", chain(&e)))
+}
+
 /// The kernel fact `reconnect` relies on: a socket offered with RECONFIGURE to a device that has
 /// no dead connection is accepted ("success") and dropped, so our end reads EOF at once.
 fn spare_dropped(
@@ -636,6 +721,13 @@ fn reconnect(template: &Path) -> Result<(), String> {
                 println!("FAIL reconnect-{name}: {e}");
                 failed.push(name);
             }
+        }
+    }
+    match inflight_case(&rt, &at, template) {
+        Ok(()) => println!("PASS reconnect-inflight"),
+        Err(e) => {
+            println!("FAIL reconnect-inflight: {e}");
+            failed.push("inflight");
         }
     }
     match spare_dropped(&rt, &at, template) {
