@@ -248,19 +248,21 @@ impl Shared {
         }
     }
 
-    /// Queues a reply; if nobody is writing, writes everything queued (without blocking when
-    /// `nonblocking`, handing the rest to a worker).
-    fn send(&self, reply: Encoded, window_bytes: usize, nonblocking: bool) {
+    /// Queues replies (taking them out of `replies`); if nobody is writing, writes everything
+    /// queued (without blocking when `nonblocking`, handing the rest to a worker).
+    fn send(&self, replies: &mut Vec<Outgoing>, nonblocking: bool) {
+        if replies.is_empty() {
+            return;
+        }
         let mut st = self.out.lock();
         if self.broken.load(Ordering::Relaxed) {
             drop(st);
-            self.window.release(window_bytes);
+            let bytes = replies.iter().map(|o| o.window_bytes).sum();
+            self.window.release_many(replies.len(), bytes);
+            replies.clear();
             return;
         }
-        st.pending.push(Outgoing {
-            reply,
-            window_bytes,
-        });
+        st.pending.append(replies);
         if st.sending {
             return;
         }
@@ -349,6 +351,7 @@ impl Shared {
     fn worker(&self, slot: usize) {
         let cx = self.exec_context();
         let mut last = None;
+        let mut out = Vec::with_capacity(1);
         while let Some(job) = self.queue.pop(last) {
             let started = Instant::now();
             if matches!(job.work, Work::ContinueSending) {
@@ -356,25 +359,30 @@ impl Shared {
                 self.write_queued(st, false);
                 continue;
             }
-            self.run(&cx, job, false, slot);
+            out.extend(self.run(&cx, job, slot));
+            self.send(&mut out, false);
             last = Some(started.elapsed());
         }
     }
 
-    /// Runs one job on executor `slot` (see `busy`) and sends its reply.
-    fn run(&self, cx: &ExecContext<'_>, job: Job, nonblocking: bool, slot: usize) {
+    /// Runs one job on executor `slot` (see `busy`) and returns its framed reply, for the caller
+    /// to hand to the reply path (`None` for [`Work::ContinueSending`]).
+    fn run(&self, cx: &ExecContext<'_>, job: Job, slot: usize) -> Option<Outgoing> {
         let since = job.received.saturating_duration_since(self.epoch);
         self.busy[slot].store(since.as_nanos() as u64 + 1, Ordering::Release);
         let (op, bytes, outcome) = match job.work {
             Work::Exec(cmd, payload) => (op_of(&cmd), bytes_of(&cmd), execute(cx, cmd, payload)),
             Work::Reject(errno) => (Op::Rejected, 0, Outcome::Err(errno)),
-            Work::ContinueSending => return,
+            Work::ContinueSending => return None,
         };
         let ok = !matches!(outcome, Outcome::Err(_)) && op != Op::Rejected;
         let reply = encode(self.tx.framing, job.cookie, job.offset, outcome);
         self.record(op, ok, bytes, job.received);
         self.busy[slot].store(0, Ordering::Release);
-        self.send(reply, job.bytes, nonblocking);
+        Some(Outgoing {
+            reply,
+            window_bytes: job.bytes,
+        })
     }
 
     fn exec_context(&self) -> ExecContext<'_> {
@@ -490,12 +498,19 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
     let limits = shared.tx.limits;
     let extended = limits.extended;
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH);
+    let mut replies = Replies::default();
     let cx = shared.exec_context();
-    let flush = |batch: &mut Vec<Job>| {
+    let flush_jobs = |batch: &mut Vec<Job>| {
         if !batch.is_empty() {
             let heavy = batch.iter().any(|j| j.heavy());
             shared.queue.push_all(batch.drain(..), heavy);
         }
+    };
+    // Before anything that may block the reader: hand queued jobs to the workers and the
+    // replies of inline requests to the reply path (they hold window slots).
+    let flush = |batch: &mut Vec<Job>, replies: &mut Replies| {
+        flush_jobs(batch);
+        replies.flush(shared);
     };
     let reason = loop {
         let header = match parse_header(&rd.buf[rd.start..rd.end], extended) {
@@ -504,7 +519,7 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
                 h
             }
             Ok(None) => {
-                flush(&mut batch);
+                flush(&mut batch, &mut replies);
                 match rd.fill() {
                     Ok(0) if rd.available() == 0 => break EndReason::Closed,
                     Ok(0) => break EndReason::Truncated,
@@ -528,7 +543,7 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
             _ => 0,
         };
         if !shared.window.try_acquire(bytes) {
-            flush(&mut batch);
+            flush(&mut batch, &mut replies);
             if !shared.window.acquire(bytes) {
                 break EndReason::Shutdown;
             }
@@ -537,7 +552,7 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
             Work::Exec(cmd @ Command::Write { len, .. }, _) => {
                 let mut buf = shared.pool.get(len as usize);
                 if rd.available() < len as usize {
-                    flush(&mut batch);
+                    flush(&mut batch, &mut replies);
                 }
                 if let Err(e) = rd.payload(&mut buf) {
                     shared.window.release(bytes);
@@ -548,7 +563,7 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
             w => {
                 if discard > 0 {
                     if (rd.available() as u64) < discard {
-                        flush(&mut batch);
+                        flush(&mut batch, &mut replies);
                     }
                     if let Err(e) = rd.discard(discard) {
                         shared.window.release(bytes);
@@ -566,21 +581,57 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
             received,
         };
         if inline_ok(&job.work) && !shared.queue.is_slow() {
-            // Fast device: run it here, saving two thread hand-offs; the reply is written
-            // without blocking, so the reader still never waits on the reply path.
-            flush(&mut batch);
+            // Fast device: run it here, saving two thread hand-offs. The reply waits for the
+            // end of what the reader has buffered, so one `sendmsg` carries the replies of a
+            // whole receive; it is written without blocking, so the reader still never waits
+            // on the reply path.
+            flush_jobs(&mut batch);
             let started = Instant::now();
-            shared.run(&cx, job, true, 0);
+            if let Some(o) = shared.run(&cx, job, 0) {
+                replies.push(o, shared);
+            }
             shared.queue.note(started.elapsed());
             continue;
         }
         batch.push(job);
         if batch.len() >= BATCH {
-            flush(&mut batch);
+            flush_jobs(&mut batch);
         }
     };
-    flush(&mut batch);
+    flush(&mut batch, &mut replies);
     reason
+}
+
+/// Replies of requests the reader ran itself, not yet handed to the reply path.
+///
+/// They are sent together when the reader runs out of buffered requests or is about to block
+/// (see `flush` in [`read_loop`]), or once [`Replies::MAX_COUNT`] replies or
+/// [`Replies::MAX_BYTES`] bytes have gathered, so one vectored `sendmsg` (one socket buffer
+/// allocation, one wake-up of the client) carries the replies of a whole receive.
+#[derive(Default)]
+struct Replies {
+    list: Vec<Outgoing>,
+    wire_bytes: usize,
+}
+
+impl Replies {
+    /// Most replies held back.
+    const MAX_COUNT: usize = 32;
+    /// Most reply bytes held back.
+    const MAX_BYTES: usize = 256 << 10;
+
+    fn push(&mut self, o: Outgoing, shared: &Shared) {
+        self.wire_bytes += o.reply.wire_len();
+        self.list.push(o);
+        if self.list.len() >= Self::MAX_COUNT || self.wire_bytes >= Self::MAX_BYTES {
+            self.flush(shared);
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        self.wire_bytes = 0;
+        shared.send(&mut self.list, true);
+    }
 }
 
 /// Largest read the reader runs itself: a bigger reply cannot go out without blocking anyway
