@@ -343,6 +343,8 @@ enum WhileDead {
     FallsBack,
     /// One connection, no `dead_conn_timeout`: I/O fails.
     Fails,
+    /// `dead_conn_timeout` set but no reconnect within it: I/O waits, then fails.
+    Expires,
 }
 
 fn reconnect_case(
@@ -428,6 +430,22 @@ fn reconnect_case(
     match (expect, blocked, &early) {
         (WhileDead::Waits, true, _) => {
             println!("RECONNECT {name}: I/O while dead is waiting (dead_conn_timeout)")
+        }
+        (WhileDead::Expires, true, _) => {
+            let (r, t) = reader.take().unwrap().join().unwrap();
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => println!(
+                    "RECONNECT {name}: I/O while dead waited {:.0} ms, then failed with EIO (dead_conn_timeout {:?})",
+                    ms(t),
+                    dead_conn_timeout.unwrap_or_default()
+                ),
+                other => {
+                    return Err(format!(
+                        "I/O after dead_conn_timeout: expected EIO, got {:?}",
+                        other.map(|_| ())
+                    ))
+                }
+            }
         }
         (WhileDead::FallsBack, false, Some(Ok(b))) if b.as_ref() == p1.as_ref() => {}
         (WhileDead::Fails, false, Some(Err(e))) if e.raw_os_error() == Some(libc::EIO) => {}
@@ -704,12 +722,18 @@ fn reconnect(template: &Path) -> Result<(), String> {
         .unwrap();
     let at = attacher();
     let mut failed = Vec::new();
-    let cases: [(&str, usize, Option<Duration>, WhileDead); 3] = [
+    let cases: [(&str, usize, Option<Duration>, WhileDead); 4] = [
         (
             "rc-1-dct",
             1,
             Some(Duration::from_secs(30)),
             WhileDead::Waits,
+        ),
+        (
+            "rc-1-dct-expires",
+            1,
+            Some(Duration::from_secs(2)),
+            WhileDead::Expires,
         ),
         ("rc-2", 2, None, WhileDead::FallsBack),
         ("rc-1", 1, None, WhileDead::Fails),
