@@ -256,6 +256,25 @@ impl Killable {
     fn kill(&self, k: usize) -> io::Result<()> {
         self.ends.lock().unwrap()[k].shutdown(std::net::Shutdown::Both)
     }
+
+    /// Kills the `k`-th (oldest first) of the connections still open; forgets the closed ones.
+    fn kill_live(&self, k: usize) -> io::Result<()> {
+        let mut ends = self.ends.lock().unwrap();
+        ends.retain(|e| !hung_up(e));
+        let e = ends.get(k).ok_or(io::ErrorKind::NotFound)?;
+        e.shutdown(std::net::Shutdown::Both)
+    }
+}
+
+/// Whether `s` or its peer is shut down (`POLLHUP`).
+fn hung_up(s: &UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::empty())];
+    poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP))
 }
 
 impl Dispatcher for Killable {
@@ -677,6 +696,91 @@ fn spare_dropped(
         .map_err(|e| format!("close: {}", chain(&e)))
 }
 
+/// Many kills and reconnects in a row on a 2-connection device, alternating the connection
+/// killed; after each, a block written and read back; at the end all of them still there.
+/// Prints reconnect latency percentiles.
+fn churn(
+    rt: &tokio::runtime::Runtime,
+    at: &Attacher,
+    template: &Path,
+    cycles: usize,
+) -> Result<(), String> {
+    let d = Killable {
+        inner: NbdDispatcher::new(
+            overlay(template, Path::new("/tmp/churn.cache")),
+            ServeOptions::default(),
+        ),
+        ends: Mutex::new(Vec::new()),
+    };
+    let opts = AttachOptions {
+        sandbox: "churn".into(),
+        connections: 2,
+        ..Default::default()
+    };
+    let mut a = rt
+        .block_on(at.attach(&d, &opts))
+        .map_err(|e| format!("attach: {}", chain(&e)))?;
+    let index = a.index();
+    let f = direct(&a).map_err(|e| format!("open O_DIRECT: {e}"))?;
+    let mut took = Vec::with_capacity(cycles);
+    let mut detect = Vec::with_capacity(cycles);
+    for c in 0..cycles {
+        d.kill_live(c % 2)
+            .map_err(|e| format!("cycle {c}: kill: {e}"))?;
+        detect.push(ms(
+            until_dead(&a, 1, Duration::from_secs(5)).map_err(|e| format!("cycle {c}: {e}"))?
+        ));
+        let t0 = Instant::now();
+        let n = rt
+            .block_on(a.reconnect(&d))
+            .map_err(|e| format!("cycle {c}: reconnect: {}", chain(&e)))?;
+        took.push(ms(t0.elapsed()));
+        if n != 1 {
+            return Err(format!("cycle {c}: reconnect replaced {n}"));
+        }
+        let p = Aligned::filled(4096, c as u8);
+        let at_ = (4 << 20) + c as u64 * 4096;
+        f.write_all_at(p.as_ref(), at_)
+            .map_err(|e| format!("cycle {c}: write: {e}"))?;
+        if read_direct(&f, 4096, at_)
+            .map_err(|e| format!("cycle {c}: read: {e}"))?
+            .as_ref()
+            != p.as_ref()
+        {
+            return Err(format!("cycle {c}: block does not read back"));
+        }
+    }
+    for c in 0..cycles {
+        let p = Aligned::filled(4096, c as u8);
+        let b = read_direct(&f, 4096, (4 << 20) + c as u64 * 4096).map_err(|e| e.to_string())?;
+        if b.as_ref() != p.as_ref() {
+            return Err(format!("block of cycle {c} lost"));
+        }
+    }
+    let h = a.connection_health();
+    if h.dead != 0 {
+        return Err(format!("health at the end: {h:?}"));
+    }
+    println!(
+        "LATENCY reconnect_churn n={cycles} p50_ms={:.2} p95_ms={:.2} max_ms={:.2}; detection p50_ms={:.2} p95_ms={:.2}; requests {}",
+        pct(&mut took, 0.5),
+        pct(&mut took, 0.95),
+        pct(&mut took, 1.0),
+        pct(&mut detect, 0.5),
+        pct(&mut detect, 0.95),
+        d.inner.stats().total_requests()
+    );
+    drop(f);
+    rt.block_on(a.close())
+        .map_err(|e| format!("close: {}", chain(&e)))?;
+    at.pool()
+        .sysfs()
+        .slot(index)
+        .map_err(|e| e.to_string())?
+        .check_quiescent()
+        .map_err(|w| format!("nbd{index} not quiescent: {w}"))
+}
+
 /// A device whose only connection is dead is closed anyway: DISCONNECT, quiescent, released.
 fn close_dead(rt: &tokio::runtime::Runtime, at: &Attacher, template: &Path) -> Result<(), String> {
     let d = Killable {
@@ -759,6 +863,13 @@ fn reconnect(template: &Path) -> Result<(), String> {
         Err(e) => {
             println!("FAIL reconnect-spare-dropped: {e}");
             failed.push("spare-dropped");
+        }
+    }
+    match churn(&rt, &at, template, 30) {
+        Ok(()) => println!("PASS reconnect-churn"),
+        Err(e) => {
+            println!("FAIL reconnect-churn: {e}");
+            failed.push("churn");
         }
     }
     match close_dead(&rt, &at, template) {
