@@ -80,6 +80,22 @@ impl AnyProvider {
         }
     }
 
+    /// Fault injection: see [`KernelProvider::inject_connection_failure`]; `Unsupported` for the
+    /// other kinds.
+    pub fn inject_connection_failure(&self) -> Result<bool> {
+        match self {
+            AnyProvider::Kernel(p) => p.inject_connection_failure(),
+            AnyProvider::Socket(p) => Err(ProviderError::Unsupported {
+                op: "inject_connection_failure",
+                kind: p.kind().as_str(),
+            }),
+            AnyProvider::Direct(p) => Err(ProviderError::Unsupported {
+                op: "inject_connection_failure",
+                kind: p.kind().as_str(),
+            }),
+        }
+    }
+
     /// Replaces the kernel provider's dead connections with `NBD_CMD_RECONFIGURE` (see
     /// [`KernelProvider::reconnect`]); returns how many. The other kinds have no connections a
     /// provider could re-establish: [`ProviderError::Unsupported`].

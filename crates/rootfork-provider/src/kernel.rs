@@ -19,19 +19,28 @@
 //! [`KernelProvider::reconnect`] (`NBD_CMD_RECONFIGURE` with fresh sockets, see rootfork-kernel's
 //! [`Attachment::reconnect`]).
 //!
+//! Fault injection (off unless [`KernelProvider::with_fault_injection`]; the daemon's
+//! `debug.fault_injection`): the provider keeps a second handle on each connection's socket, and
+//! [`KernelProvider::inject_connection_failure`] shuts one down as a crashed dispatcher would —
+//! its dispatcher sees end-of-file and finishes, the kernel's receive fails and it marks the
+//! socket dead — so the recovery path can be exercised against the real driver.
+//!
 //! Locking: the running attachment sits behind a std mutex that is never held across an
 //! `.await`. A reconnect takes the attachment out, runs in its own task and puts it back, so
 //! readers (stats, health, index) never wait for it; a reconnect whose caller went away still
 //! finishes, and `close`/`export_diff` wait for it first.
 
 use std::future::Future;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions};
 use rootfork_kernel::{
-    device_path, AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth, NbdDispatcher,
+    device_path, AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth, Dispatch,
+    Dispatcher, NbdDispatcher,
 };
 use rootfork_nbd::{ServeOptions, StatsSnapshot};
 use rootfork_vmm::{DevicePath, ReadyDevice};
@@ -61,10 +70,66 @@ pub struct KernelConfig {
     pub serve: ServeOptions,
 }
 
+/// What serves the device: the [`NbdDispatcher`] (which holds the counters) and, with fault
+/// injection on, a handle on each connection's socket.
+struct Serving {
+    dispatcher: NbdDispatcher,
+    sockets: Option<Mutex<Vec<UnixStream>>>,
+}
+
+impl Dispatcher for Serving {
+    fn size(&self) -> u64 {
+        self.dispatcher.size()
+    }
+
+    fn server_flags(&self) -> u64 {
+        self.dispatcher.server_flags()
+    }
+
+    fn spawn(&self, stream: UnixStream) -> std::io::Result<Box<dyn Dispatch>> {
+        let Some(sockets) = &self.sockets else {
+            return self.dispatcher.spawn(stream);
+        };
+        let handle = stream.try_clone()?;
+        let d = self.dispatcher.spawn(stream)?;
+        let mut all = lock(sockets);
+        // Handles of connections that ended (or that a reconnect offered and the kernel did not
+        // take) go.
+        all.retain(|s| !peer_gone(s));
+        all.push(handle);
+        Ok(d)
+    }
+}
+
+impl Serving {
+    /// Shuts down the first live connection's socket; whether there was one.
+    fn kill_one(&self) -> Option<bool> {
+        let mut all = lock(self.sockets.as_ref()?);
+        all.retain(|s| !peer_gone(s));
+        if all.is_empty() {
+            return Some(false);
+        }
+        let s = all.remove(0);
+        Some(s.shutdown(std::net::Shutdown::Both).is_ok())
+    }
+}
+
+/// Whether the other end of `ours` is closed or ours shut down (`POLLHUP`, without waiting).
+fn peer_gone(ours: &UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(ours.as_fd(), PollFlags::empty())];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        Err(_) => true,
+    }
+}
+
 struct Running {
     overlay: Arc<Overlay>,
     /// Serves the overlay on every connection (and replacements); holds the counters.
-    dispatcher: Arc<NbdDispatcher>,
+    serving: Arc<Serving>,
     index: u32,
     /// `None` only while a reconnect task holds it.
     attachment: Option<Attachment>,
@@ -84,6 +149,7 @@ pub struct KernelProvider {
     task: Option<JoinHandle<()>>,
     /// A reconnect in progress (or finished, not yet collected).
     reconnecting: Option<ReconnectTask>,
+    fault_injection: bool,
 }
 
 impl std::fmt::Debug for KernelProvider {
@@ -111,7 +177,29 @@ impl KernelProvider {
             closed_stats: Mutex::new(None),
             task: None,
             reconnecting: None,
+            fault_injection: false,
         }
+    }
+
+    /// Turns fault injection on (see the module docs): [`Self::inject_connection_failure`]
+    /// works. For exercising recovery; costs one extra fd per connection.
+    pub fn with_fault_injection(mut self) -> Self {
+        self.fault_injection = true;
+        self
+    }
+
+    /// Fault injection: shuts down the socket of one live connection, as a crashed dispatcher
+    /// would (its dispatcher finishes; the kernel marks the socket dead). `Ok(false)` when not
+    /// attached or no connection is live; `Unsupported` unless [`Self::with_fault_injection`].
+    pub fn inject_connection_failure(&self) -> Result<bool> {
+        if !self.fault_injection {
+            return Err(ProviderError::Unsupported {
+                op: "inject_connection_failure",
+                kind: "kernel (fault injection off)",
+            });
+        }
+        let serving = lock(&self.running).as_ref().map(|r| r.serving.clone());
+        Ok(serving.and_then(|s| s.kill_one()).unwrap_or(false))
     }
 
     /// Replaces the slot → device node mapping (for a fake kernel whose nodes live elsewhere).
@@ -140,7 +228,7 @@ impl KernelProvider {
     /// before the device was ready.
     pub fn nbd_stats(&self) -> Option<StatsSnapshot> {
         if let Some(r) = lock(&self.running).as_ref() {
-            return Some(r.dispatcher.stats());
+            return Some(r.serving.dispatcher.stats());
         }
         lock(&self.closed_stats).clone()
     }
@@ -168,15 +256,15 @@ impl KernelProvider {
     /// and the next `reconnect`, `export_diff` or `close` waits for it.
     pub async fn reconnect(&mut self) -> Result<usize> {
         if self.reconnecting.is_none() {
-            let (mut attachment, dispatcher) = {
+            let (mut attachment, serving) = {
                 let mut guard = lock(&self.running);
                 let r = guard.as_mut().ok_or_else(|| self.not_running())?;
                 let a = r.attachment.take().ok_or(ProviderError::NotReady)?;
-                (a, r.dispatcher.clone())
+                (a, r.serving.clone())
             };
             let running = self.running.clone();
             self.reconnecting = Some(tokio::spawn(async move {
-                let replaced = attachment.reconnect(&*dispatcher).await;
+                let replaced = attachment.reconnect(&*serving).await;
                 // Back in place; if the provider was dropped meanwhile, the attachment's own
                 // drop disconnects and releases the slot.
                 if let Some(r) = lock(&running).as_mut() {
@@ -217,6 +305,7 @@ impl KernelProvider {
         config: KernelConfig,
         attacher: Attacher,
         node_path: NodePath,
+        fault_injection: bool,
     ) -> Result<(Running, ReadyDevice)> {
         let cfg = config.clone();
         let overlay = tokio::task::spawn_blocking(move || -> Result<Arc<Overlay>> {
@@ -226,16 +315,19 @@ impl KernelProvider {
         .await
         .map_err(|e| ProviderError::Task(e.to_string()))??;
         let device: Arc<dyn BlockDevice> = overlay.clone();
-        let dispatcher = Arc::new(NbdDispatcher::new(device, config.serve.clone()));
+        let serving = Arc::new(Serving {
+            dispatcher: NbdDispatcher::new(device, config.serve.clone()),
+            sockets: fault_injection.then(Mutex::default),
+        });
         let mut opts = config.attach.clone();
         opts.cache_path = Some(config.cache.clone());
-        let attachment = attacher.attach(&*dispatcher, &opts).await?;
+        let attachment = attacher.attach(&*serving, &opts).await?;
         let index = attachment.index();
         let ready = ReadyDevice::verify(DevicePath::new(node_path(index)))?;
         Ok((
             Running {
                 overlay,
-                dispatcher,
+                serving,
                 index,
                 attachment: Some(attachment),
             },
@@ -260,8 +352,9 @@ impl Provider for KernelProvider {
             self.node_path.clone(),
         );
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
+        let fault_injection = self.fault_injection;
         self.task = Some(tokio::spawn(async move {
-            match Self::attach(config, attacher, node_path).await {
+            match Self::attach(config, attacher, node_path, fault_injection).await {
                 Ok((r, ready)) => {
                     *lock(&running) = Some(r);
                     readiness.set(State::Ready(ready));
@@ -294,7 +387,7 @@ impl Provider for KernelProvider {
         self.settle_reconnect().await;
         let Some(Running {
             overlay,
-            dispatcher,
+            serving,
             attachment,
             ..
         }) = lock(&self.running).take()
@@ -316,8 +409,8 @@ impl Provider for KernelProvider {
         .await
         .map_err(|e| ProviderError::Task(e.to_string()))?;
         // Final counts (every connection has ended); the dispatcher's device reference goes.
-        *lock(&self.closed_stats) = Some(dispatcher.stats());
-        drop(dispatcher);
+        *lock(&self.closed_stats) = Some(serving.dispatcher.stats());
+        drop(serving);
         r
     }
 

@@ -48,6 +48,16 @@ impl FakeKernel {
         UnixStream::from(fd)
     }
 
+    /// A clone of the kernel's end of the newest socket of device `i`.
+    fn newest_socket(&self, i: u32) -> UnixStream {
+        let fd = self.sockets.lock().unwrap()[&i]
+            .last()
+            .unwrap()
+            .try_clone()
+            .unwrap();
+        UnixStream::from(fd)
+    }
+
     /// Kills the first connection of device `i` the way a dead peer would: the kernel's end is
     /// shut down and dropped, so rootfork's dispatcher for it sees end-of-file and finishes.
     fn kill_connection(&self, i: u32) {
@@ -504,4 +514,46 @@ async fn a_refused_reconnect_is_an_error_and_the_device_still_closes() {
     );
     assert!(slot_is_quiescent(&r.kernel.sys, index));
     assert!(!r.root.join("rf.cache").exists(), "cache left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_injection_kills_a_connection_only_when_enabled() {
+    let r = rig();
+    let mut off = r.provider(r.base(), "off", Duration::from_secs(2));
+    off.start().unwrap();
+    off.path(Duration::from_secs(30), never()).await.unwrap();
+    assert!(matches!(
+        off.inject_connection_failure(),
+        Err(ProviderError::Unsupported { .. })
+    ));
+    assert_eq!(off.connection_health().unwrap().dead, 0);
+    off.close().await.unwrap();
+
+    let mut p = r
+        .provider(r.base(), "inj", Duration::from_secs(2))
+        .with_fault_injection();
+    assert!(
+        !p.inject_connection_failure().unwrap(),
+        "nothing attached yet"
+    );
+    p.start().unwrap();
+    p.path(Duration::from_secs(30), never()).await.unwrap();
+    let index = p.index().unwrap();
+    assert!(p.inject_connection_failure().unwrap());
+    wait_dead(&p, 1).await;
+    // No live connection left to kill.
+    assert!(!p.inject_connection_failure().unwrap());
+    assert_eq!(p.reconnect().await.unwrap(), 1);
+    assert_eq!(p.connection_health().unwrap().dead, 0);
+    // The replacement is served, and is itself a target again.
+    let mut k = r.kernel.newest_socket(index);
+    let (err, _) = tokio::task::spawn_blocking(move || nbd_request(&mut k, 0, 1, 0, &[], 4096))
+        .await
+        .unwrap();
+    assert_eq!(err, 0);
+    assert!(p.inject_connection_failure().unwrap());
+    wait_dead(&p, 1).await;
+    assert_eq!(p.reconnect().await.unwrap(), 1);
+    p.close().await.unwrap();
+    assert!(slot_is_quiescent(&r.kernel.sys, index));
 }

@@ -141,6 +141,16 @@ pub struct KernelFile {
     pub dead_conn_timeout_secs: Option<u64>,
 }
 
+/// The `[debug]` table (testing aids, all off by default).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugFile {
+    /// Fault injection: a file `STATE/faults/kill-connection.ID` makes the next health round shut
+    /// down one connection of kernel sandbox ID, as a crashed dispatcher would. For testing
+    /// recovery only.
+    pub fault_injection: Option<bool>,
+}
+
 /// The TOML file's schema (every key optional).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,6 +175,9 @@ pub struct FileConfig {
     /// `[kernel]`.
     #[serde(default)]
     pub kernel: KernelFile,
+    /// `[debug]`.
+    #[serde(default)]
+    pub debug: DebugFile,
 }
 
 impl FileConfig {
@@ -242,6 +255,8 @@ pub struct Config {
     pub kernel_request_timeout: Duration,
     /// How long the kernel waits for a dead connection to be replaced (`None`: not at all).
     pub kernel_dead_conn_timeout: Option<Duration>,
+    /// Fault injection triggers (`debug.fault_injection`; testing only).
+    pub fault_injection: bool,
     /// Test seam: a fake kernel instead of the host's. Never set outside tests.
     #[doc(hidden)]
     pub kernel_backend: Option<crate::daemon::kernel::KernelBackend>,
@@ -428,6 +443,7 @@ impl Config {
             kernel_dead_conn_timeout: (dead_conn_secs != 0)
                 .then(|| Duration::from_secs(dead_conn_secs)),
             kernel_backend: None,
+            fault_injection: file.debug.fault_injection.unwrap_or(false),
             state_dir,
         })
     }
@@ -461,6 +477,13 @@ mod tests {
         assert_eq!(c.metrics, MetricsListen::Off);
         assert!(c.demo_template);
         assert_eq!(c.log_format, LogFormat::Text);
+        assert!(!c.fault_injection);
+        let c = Config::resolve(
+            file("[debug]\nfault_injection = true").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert!(c.fault_injection);
     }
 
     #[test]

@@ -482,3 +482,82 @@ async fn a_refused_reconnect_marks_the_kernel_sandbox_failed() {
     assert!(kernel.quiescent(i));
     assert!(d.files("cache").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_injection_trigger_kills_a_connection_and_the_round_recovers_it() {
+    let root = tempfile::tempdir().unwrap();
+    let (kernel, backend) = fake_kernel(root.path());
+    let d = TestDaemon::start_with(false, |c| {
+        c.health_interval = Duration::from_millis(100);
+        c.kernel_backend = Some(backend);
+        c.fault_injection = true;
+    })
+    .await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create_kernel(&mut c, "k3").await;
+    let i = index_of(&sb);
+    let mut events = c
+        .events
+        .watch_events(v1::WatchEventsRequest {
+            sandbox: "k3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let faults = d.state().join("faults");
+    std::fs::create_dir_all(&faults).unwrap();
+    std::fs::write(faults.join("kill-connection.k3"), "").unwrap();
+    let seen = watch_until(&mut events, |e| e.kind == v1::EventKind::Health as i32).await;
+    assert_eq!(
+        seen.last().unwrap().message,
+        format!(
+            "reconnected 1 connection(s) of {} with RECONFIGURE",
+            sb.device_path
+        )
+    );
+    assert!(
+        !faults.join("kill-connection.k3").exists(),
+        "trigger not consumed"
+    );
+    assert_eq!(kernel.reconfigured.load(Ordering::SeqCst), 1);
+    assert!(delete(&mut c, "k3").await.unwrap());
+    assert!(kernel.quiescent(i));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_injection_trigger_does_nothing_when_off() {
+    let root = tempfile::tempdir().unwrap();
+    let (kernel, backend) = fake_kernel(root.path());
+    let d = TestDaemon::start_with(false, |c| {
+        c.health_interval = Duration::from_millis(100);
+        c.kernel_backend = Some(backend);
+    })
+    .await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create_kernel(&mut c, "k4").await;
+    let faults = d.state().join("faults");
+    std::fs::create_dir_all(&faults).unwrap();
+    std::fs::write(faults.join("kill-connection.k4"), "").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        faults.join("kill-connection.k4").exists(),
+        "trigger acted on while off"
+    );
+    assert_eq!(kernel.reconfigured.load(Ordering::SeqCst), 0);
+    let got = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "k4".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.recoveries, got.health),
+        (0, v1::HealthState::Healthy as i32)
+    );
+    assert!(delete(&mut c, "k4").await.unwrap());
+    assert!(kernel.quiescent(index_of(&sb)));
+}

@@ -1,7 +1,9 @@
 #!/bin/busybox sh
 # /init of the daemon kernel-path VM: loads nbd.ko, runs `rootfork serve` and drives it with the
 # CLI through the kernel provider on real /dev/nbdN devices: device list, create, data through
-# the device, health, metrics, pause/resume, delete, SIGKILL + restart reclaim, SIGTERM cleanup.
+# the device, health, metrics, recovery of a killed connection with RECONFIGURE (through the
+# daemon's `debug.fault_injection` trigger), pause/resume, delete, SIGKILL + restart reclaim,
+# SIGTERM cleanup.
 # Prints `PASS <name>` / `FAIL <name>: <why>` lines and a final `RESULT pass=N fail=M`, then
 # powers off. The host side is run.sh.
 /bin/busybox --install -s /bin
@@ -20,6 +22,10 @@ STATE=/var/lib/rootfork
 export ROOTFORK_API=$STATE/api.sock
 METRICS=127.0.0.1:9477
 LOG=/tmp/serve.log
+# Fault injection on (testing only): STATE/faults/kill-connection.ID kills one of a kernel
+# sandbox's connections at the next health round.
+CONF=/tmp/rootfork.toml
+printf '[debug]\nfault_injection = true\n' > $CONF
 
 PASS=0; FAIL=0
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -42,7 +48,7 @@ pass insmod
 
 # start_daemon: `rootfork serve` in the background; sets $DPID once the API answers.
 start_daemon() {
-  rootfork serve --state-dir $STATE --metrics $METRICS --health-interval 1 >>$LOG 2>&1 &
+  rootfork serve --config $CONF --state-dir $STATE --metrics $METRICS --health-interval 1 >>$LOG 2>&1 &
   DPID=$!
   i=0
   while [ $i -lt 600 ]; do
@@ -152,6 +158,61 @@ if create k1; then
   fi
 else
   fail "$t-prints-device" "create failed"
+fi
+
+# --- 2b. a killed connection is replaced with RECONFIGURE by the health round ---------------
+t=recover
+if [ -n "$N1" ]; then
+  rootfork events --sandbox k1 >/tmp/k1.events 2>&1 &
+  EVPID=$!
+  sleep 0.5
+  mkdir -p $STATE/faults
+  drop_caches
+  touch $STATE/faults/kill-connection.k1
+  # As soon as the kernel has seen the connection die, read through the device: with no live
+  # connection the kernel holds the request (dead_conn_timeout) until the reconnect, then
+  # serves it; without that it would fail with EIO.
+  i=0
+  while [ $i -lt 200 ] && ! dmesg | grep -q "nbd$N1: Receive control failed"; do sleep 0.05; i=$((i+1)); done
+  ( s0=$(now); dd if=$DEV1 of=/tmp/during bs=4096 skip=8192 count=1 iflag=direct 2>/tmp/during.err; rc=$?
+    echo "$rc $(awk -v a=$s0 -v b=$(now) 'BEGIN {printf "%.2f", b-a}')" > /tmp/during.rc ) &
+  DDPID=$!
+  want="reconnected 1 connection(s) of $DEV1 with RECONFIGURE"
+  i=0; msg=
+  while [ $i -lt 100 ]; do
+    msg=$(rootfork sandbox get k1 2>&1 | sed -n 's/^message: *//p')
+    [ "$msg" = "$want" ] && break
+    sleep 0.1; i=$((i+1))
+  done
+  wait $DDPID
+  read ddrc ddsecs < /tmp/during.rc
+  head -c 4096 /tmp/pat > /tmp/pat1
+  [ "$ddrc" = 0 ] && cmp -s /tmp/during /tmp/pat1 && pass "$t-io-in-dead-window" \
+    || { cat /tmp/during.err; fail "$t-io-in-dead-window" "dd exit $ddrc"; }
+  s0=$(now); dd if=$DEV1 of=/dev/null bs=4096 skip=8193 count=1 iflag=direct 2>/dev/null
+  base=$(awk -v a=$s0 -v b=$(now) 'BEGIN {printf "%.2f", b-a}')
+  echo "NOTE a 4 KiB O_DIRECT read issued while the connection was dead took ${ddsecs}s (held by the kernel until the reconnect); the same read afterwards ${base}s"
+  [ ! -e $STATE/faults/kill-connection.k1 ] && pass "$t-trigger-consumed" || fail "$t-trigger-consumed" "trigger still there"
+  [ "$msg" = "$want" ] && pass "$t-status-message" || fail "$t-status-message" "message: $msg"
+  grep -q "shut down one kernel connection" $LOG && pass "$t-fault-injected" || fail "$t-fault-injected" "no log"
+  grep -q "NBD connections reconnected" $LOG && pass "$t-reconnected-logged" || fail "$t-reconnected-logged" "no log"
+  # The guest's data is still there and new I/O goes through the replacement connection.
+  drop_caches
+  dd if=$DEV1 bs=4096 skip=8192 count=256 iflag=direct 2>/dev/null | cmp -s - /tmp/pat && pass "$t-data-after" || fail "$t-data-after" "pattern differs"
+  dd if=/dev/urandom of=/tmp/pat2 bs=4096 count=64 2>/dev/null
+  dd if=/tmp/pat2 of=$DEV1 bs=4096 seek=4096 conv=fsync,notrunc 2>/dev/null
+  drop_caches
+  dd if=$DEV1 bs=4096 skip=4096 count=64 2>/dev/null | cmp -s - /tmp/pat2 && pass "$t-write-after" || fail "$t-write-after" "read back differs"
+  connected_to $N1 $DPID && pass "$t-same-device" || fail "$t-same-device" "nbd$N1"
+  sleep 1.5
+  h=$(field k1 health); s=$(field k1 state)
+  [ "$h" = healthy ] && [ "$s" = running ] && pass "$t-healthy" || { rootfork sandbox get k1; fail "$t-healthy" "state=$s health=$h"; }
+  scrape && [ "$(metric 'rootfork_health_recoveries_total{result="reconnected"}')" = 1 ] \
+    && [ "$(metric 'rootfork_health_recoveries_total{result="marked_failed"}')" = 0 ] && pass "$t-metric" \
+    || { grep recoveries /tmp/metrics; fail "$t-metric" "recoveries"; }
+  kill $EVPID 2>/dev/null; wait $EVPID 2>/dev/null
+  grep -q "$want" /tmp/k1.events && pass "$t-event" || { cat /tmp/k1.events; fail "$t-event" "no health event"; }
+  dmesg | grep -i "nbd$N1" | tail -n 5
 fi
 
 # --- 3. ext4 in the guest's view; pause releases the device, resume brings the data back ------

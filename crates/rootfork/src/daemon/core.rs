@@ -159,6 +159,12 @@ impl Core {
     /// Shared state over an opened template store.
     pub fn new(config: Config, dirs: Dirs, templates: TemplateStore) -> Core {
         let events = Arc::new(EventBus::default());
+        if config.fault_injection {
+            tracing::warn!(
+                triggers = %config.state_dir.join("faults").display(),
+                "debug.fault_injection is on: for testing recovery only"
+            );
+        }
         let kernel = KernelSide::new(
             config.nbd_lock_dir.clone(),
             events.clone(),
@@ -367,6 +373,9 @@ impl Core {
                 );
                 if let Some(node_path) = self.kernel.node_path() {
                     p = p.with_node_path(node_path);
+                }
+                if self.config.fault_injection {
+                    p = p.with_fault_injection();
                 }
                 Ok(AnyProvider::Kernel(Box::new(p)))
             }
@@ -899,6 +908,11 @@ impl Core {
             snap.kernel_failures = self.kernel.pool().metrics().failures_by_errno;
         }
         self.metrics.render(snap)
+    }
+
+    /// Fault-injection triggers (`debug.fault_injection`).
+    pub fn faults_dir(&self) -> PathBuf {
+        self.config.state_dir.join("faults")
     }
 
     /// Time left of the health probe bound.

@@ -26,6 +26,11 @@
 //! state too; `result="marked_failed"`) with the reason, and both are events. A passing check
 //! after DEGRADED makes it HEALTHY again.
 //!
+//! Fault injection (`debug.fault_injection`, off by default, for testing recovery): a file
+//! `STATE/faults/kill-connection.ID` makes the round remove it and shut down one connection of
+//! kernel sandbox ID (`KernelProvider::inject_connection_failure`) before checking it; the
+//! recovery then follows in the same or the next round.
+//!
 //! A sandbox whose lifecycle lock is held (an operation in progress) is skipped for that round.
 //! The same round reaps a sandbox's QEMU when it has exited (pid cleared, reason in the message,
 //! a `SANDBOX` event); the disk stays served.
@@ -95,6 +100,21 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Fault injection: acts on `STATE/faults/kill-connection.ID` if present.
+fn inject_faults(core: &Core, sb: &Sandbox, provider: &AnyProvider) {
+    let trigger = core.faults_dir().join(format!("kill-connection.{}", sb.id));
+    if std::fs::remove_file(&trigger).is_err() {
+        return;
+    }
+    match provider.inject_connection_failure() {
+        Ok(true) => {
+            tracing::warn!(sandbox = %sb.id, "fault injection: shut down one kernel connection")
+        }
+        Ok(false) => tracing::warn!(sandbox = %sb.id, "fault injection: no live connection"),
+        Err(e) => tracing::warn!(sandbox = %sb.id, "fault injection: {e}"),
+    }
+}
+
 /// Replaces a kernel sandbox's dead connections with `NBD_CMD_RECONFIGURE`; records a success
 /// (event, status, metric) and describes a failure.
 async fn reconnect(
@@ -158,6 +178,9 @@ async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), String>> {
         }
     }
     let provider = live.provider.as_mut()?;
+    if core.config.fault_injection {
+        inject_faults(core, sb, provider);
+    }
     if let Err(e) = provider.path(Duration::ZERO, std::future::ready(())).await {
         return Some(Err(format!("provider no longer ready: {e}")));
     }
