@@ -120,7 +120,17 @@ impl KernelConnection {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("nbd-kernel-reader".into())
-            .spawn(move || serve(&s))?;
+            .spawn(move || {
+                // A panic (a device bug on a request the reader ran itself) must still end the
+                // connection visibly: shut the socket down so the kernel reads EOF and marks
+                // its socket dead at once, instead of sending to a reader that is gone.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&s))).unwrap_or_else(
+                    |_| {
+                        s.shutdown();
+                        (EndReason::Io("reader thread panicked".into()), s.stats())
+                    },
+                )
+            })?;
         Ok(KernelConnection { shared, thread })
     }
 
@@ -184,6 +194,7 @@ mod tests {
     use crate::request::{encode_header, RequestHeader};
     use crate::stats::Op;
     use crate::testing::MemDevice;
+    use crate::EndReason;
 
     /// Sends one FLUSH on `kernel` and reads its simple reply.
     fn flush(kernel: &mut UnixStream, cookie: u64) {
@@ -203,6 +214,61 @@ mod tests {
         );
         assert_eq!(u32::from_be_bytes(b[4..8].try_into().unwrap()), 0);
         assert_eq!(u64::from_be_bytes(b[8..16].try_into().unwrap()), cookie);
+    }
+
+    /// Panics on every read.
+    struct PanicOnRead(MemDevice);
+
+    impl BlockDevice for PanicOnRead {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn block_size(&self) -> u32 {
+            self.0.block_size()
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> rootfork_block::Result<()> {
+            panic!("device bug (test)");
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> rootfork_block::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> rootfork_block::Result<()> {
+            self.0.write_zeroes(offset, len, punch)
+        }
+        fn flush(&self) -> rootfork_block::Result<()> {
+            self.0.flush()
+        }
+        fn extents(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> rootfork_block::Result<Vec<rootfork_block::Extent>> {
+            self.0.extents(offset, len)
+        }
+    }
+
+    #[test]
+    fn a_panicking_reader_shuts_the_socket_down() {
+        let dev = Arc::new(PanicOnRead(MemDevice::new(1 << 20, 4096)));
+        let (ours, mut kernel) = UnixStream::pair().unwrap();
+        kernel
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let c = KernelConnection::spawn(ours, dev, ServeOptions::default()).unwrap();
+        let h = RequestHeader {
+            flags: 0,
+            kind: CMD_READ,
+            cookie: 1,
+            offset: 0,
+            length: 4096,
+        };
+        kernel.write_all(&encode_header(&h, false)).unwrap();
+        // A fresh connection runs a short read on the reader itself: it panics there. The kernel
+        // end sees the end of the stream (not a read timeout).
+        let mut b = [0u8; 16];
+        assert_eq!(kernel.read(&mut b).unwrap(), 0);
+        let (reason, _) = c.wait_reason();
+        assert_eq!(reason, EndReason::Io("reader thread panicked".into()));
     }
 
     #[test]
