@@ -240,8 +240,7 @@ impl Shared {
         self.stats.snapshot()
     }
 
-    fn record(&self, op: Op, ok: bool, bytes: u64, received: Instant) {
-        let lat = received.elapsed();
+    fn record(&self, op: Op, ok: bool, bytes: u64, lat: Duration) {
         self.stats.record(op, ok, bytes, lat);
         if let Some(s) = &self.server_stats {
             s.record(op, ok, bytes, lat);
@@ -353,36 +352,50 @@ impl Shared {
         let mut last = None;
         let mut out = Vec::with_capacity(1);
         while let Some(job) = self.queue.pop(last) {
-            let started = Instant::now();
             if matches!(job.work, Work::ContinueSending) {
                 let st = self.out.lock();
                 self.write_queued(st, false);
                 continue;
             }
-            out.extend(self.run(&cx, job, slot));
-            self.send(&mut out, false);
-            last = Some(started.elapsed());
+            let started = Instant::now();
+            if let Some((o, done)) = self.run(&cx, job, None, slot) {
+                out.push(o);
+                self.send(&mut out, false);
+                last = Some(done.saturating_duration_since(started));
+            }
         }
     }
 
     /// Runs one job on executor `slot` (see `busy`) and returns its framed reply, for the caller
-    /// to hand to the reply path (`None` for [`Work::ContinueSending`]).
-    fn run(&self, cx: &ExecContext<'_>, job: Job, slot: usize) -> Option<Outgoing> {
+    /// to hand to the reply path, and when it finished (`None` for [`Work::ContinueSending`]).
+    /// `data` is the payload of a write the reader runs straight from its receive buffer.
+    fn run(
+        &self,
+        cx: &ExecContext<'_>,
+        job: Job,
+        data: Option<&[u8]>,
+        slot: usize,
+    ) -> Option<(Outgoing, Instant)> {
         let since = job.received.saturating_duration_since(self.epoch);
         self.busy[slot].store(since.as_nanos() as u64 + 1, Ordering::Release);
         let (op, bytes, outcome) = match job.work {
-            Work::Exec(cmd, payload) => (op_of(&cmd), bytes_of(&cmd), execute(cx, cmd, payload)),
+            Work::Exec(cmd, payload) => {
+                let data = payload.as_deref().or(data);
+                (op_of(&cmd), bytes_of(&cmd), execute(cx, cmd, data))
+            }
             Work::Reject(errno) => (Op::Rejected, 0, Outcome::Err(errno)),
             Work::ContinueSending => return None,
         };
         let ok = !matches!(outcome, Outcome::Err(_)) && op != Op::Rejected;
         let reply = encode(self.tx.framing, job.cookie, job.offset, outcome);
-        self.record(op, ok, bytes, job.received);
+        let done = Instant::now();
+        self.record(op, ok, bytes, done.saturating_duration_since(job.received));
         self.busy[slot].store(0, Ordering::Release);
-        Some(Outgoing {
+        let out = Outgoing {
             reply,
             window_bytes: job.bytes,
-        })
+        };
+        Some((out, done))
     }
 
     fn exec_context(&self) -> ExecContext<'_> {
@@ -542,17 +555,40 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
             Work::Exec(Command::Write { len, .. }, _) => *len as usize,
             _ => 0,
         };
+        // When the device operation can start (later than `received` only if the reader had
+        // to wait for room in the window or for the payload).
+        let mut started = received;
         if !shared.window.try_acquire(bytes) {
             flush(&mut batch, &mut replies);
             if !shared.window.acquire(bytes) {
                 break EndReason::Shutdown;
             }
+            started = Instant::now();
         }
         let work = match work {
+            Work::Exec(cmd @ Command::Write { len, fua, .. }, _)
+                if !fua && rd.available() >= len as usize && !shared.queue.is_slow() =>
+            {
+                // Run it here straight from the receive buffer: no copy into a pool buffer.
+                flush_jobs(&mut batch);
+                let job = Job {
+                    cookie: header.cookie,
+                    offset: header.offset,
+                    work: Work::Exec(cmd, None),
+                    bytes,
+                    received,
+                };
+                let data = &rd.buf[rd.start..rd.start + len as usize];
+                let ran = shared.run(&cx, job, Some(data), 0);
+                rd.start += len as usize;
+                replies.ran(ran, started, shared);
+                continue;
+            }
             Work::Exec(cmd @ Command::Write { len, .. }, _) => {
                 let mut buf = shared.pool.get(len as usize);
                 if rd.available() < len as usize {
                     flush(&mut batch, &mut replies);
+                    started = Instant::now();
                 }
                 if let Err(e) = rd.payload(&mut buf) {
                     shared.window.release(bytes);
@@ -586,11 +622,8 @@ fn read_loop(shared: &Arc<Shared>) -> EndReason {
             // whole receive; it is written without blocking, so the reader still never waits
             // on the reply path.
             flush_jobs(&mut batch);
-            let started = Instant::now();
-            if let Some(o) = shared.run(&cx, job, 0) {
-                replies.push(o, shared);
-            }
-            shared.queue.note(started.elapsed());
+            let ran = shared.run(&cx, job, None, 0);
+            replies.ran(ran, started, shared);
             continue;
         }
         batch.push(job);
@@ -619,6 +652,15 @@ impl Replies {
     const MAX_COUNT: usize = 32;
     /// Most reply bytes held back.
     const MAX_BYTES: usize = 256 << 10;
+
+    /// Takes the outcome of [`Shared::run`] for a request the reader ran (its device
+    /// operation started at `started`) and tells the queue how long it took.
+    fn ran(&mut self, ran: Option<(Outgoing, Instant)>, started: Instant, shared: &Shared) {
+        if let Some((o, done)) = ran {
+            shared.queue.note(done.saturating_duration_since(started));
+            self.push(o, shared);
+        }
+    }
 
     fn push(&mut self, o: Outgoing, shared: &Shared) {
         self.wire_bytes += o.reply.wire_len();

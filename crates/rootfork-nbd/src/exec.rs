@@ -3,7 +3,7 @@
 
 use rootfork_block::{BlockDevice, BlockError, BlockState};
 
-use crate::buf::{Buf, BufPool};
+use crate::buf::BufPool;
 use crate::consts::{wire_errno, ENOTSUP};
 use crate::meta::MetaContext;
 use crate::reply::{Outcome, ReadRun};
@@ -69,8 +69,9 @@ pub fn bytes_of(cmd: &Command) -> u64 {
     }
 }
 
-/// Runs `cmd`; `payload` is the data of a write.
-pub fn execute(cx: &ExecContext<'_>, cmd: Command, payload: Option<Buf>) -> Outcome {
+/// Runs `cmd`; `payload` is the data of a write (a pool buffer, or the reader's receive buffer
+/// when it runs the write itself).
+pub fn execute(cx: &ExecContext<'_>, cmd: Command, payload: Option<&[u8]>) -> Outcome {
     let dev = cx.device;
     match cmd {
         Command::Read { offset, len, df } => read(cx, offset, len, df),
@@ -78,8 +79,7 @@ pub fn execute(cx: &ExecContext<'_>, cmd: Command, payload: Option<Buf>) -> Outc
             let Some(data) = payload else {
                 return Outcome::Err(crate::consts::EIO);
             };
-            let r = dev.write_at(&data, offset);
-            drop(data);
+            let r = dev.write_at(data, offset);
             done(r.and_then(|()| if fua { dev.flush() } else { Ok(()) }))
         }
         Command::Flush | Command::Disc => done(dev.flush()),
@@ -137,18 +137,17 @@ pub fn execute(cx: &ExecContext<'_>, cmd: Command, payload: Option<Buf>) -> Outc
 fn read(cx: &ExecContext<'_>, offset: u64, len: u32, df: bool) -> Outcome {
     let dev = cx.device;
     let mut buf = cx.pool.get(len as usize);
-    let whole = vec![ReadRun {
-        rel: 0,
-        len,
-        hole: false,
-    }];
     let runs = if cx.structured && !df && len >= cx.hole_detect_min_len {
         match zero_runs(dev, offset, len) {
             Ok(r) => r,
             Err(e) => return Outcome::Err(errno(&e)),
         }
     } else {
-        whole
+        vec![ReadRun {
+            rel: 0,
+            len,
+            hole: false,
+        }]
     };
     if runs.len() == 1 && !runs[0].hole {
         return match dev.read_at(&mut buf, offset) {
