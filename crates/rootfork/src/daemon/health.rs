@@ -28,8 +28,8 @@
 //!
 //! Fault injection (`debug.fault_injection`, off by default, for testing recovery): a file
 //! `STATE/faults/kill-connection.ID` makes the round remove it and shut down one connection of
-//! kernel sandbox ID (`KernelProvider::inject_connection_failure`) before checking it; the
-//! recovery then follows in the same or the next round.
+//! kernel sandbox ID (`KernelProvider::inject_connection_failure`) after its recovery step, so
+//! the dead connection stands until the next round's recovery.
 //!
 //! A sandbox whose lifecycle lock is held (an operation in progress) is skipped for that round.
 //! The same round reaps a sandbox's QEMU when it has exited (pid cleared, reason in the message,
@@ -178,9 +178,6 @@ async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), String>> {
         }
     }
     let provider = live.provider.as_mut()?;
-    if core.config.fault_injection {
-        inject_faults(core, sb, provider);
-    }
     if let Err(e) = provider.path(Duration::ZERO, std::future::ready(())).await {
         return Some(Err(format!("provider no longer ready: {e}")));
     }
@@ -190,6 +187,11 @@ async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), String>> {
                 return Some(Err(why));
             }
         }
+    }
+    if core.config.fault_injection {
+        // After the recovery step, so the fault stands until the next round (a failure
+        // between rounds, as in life).
+        inject_faults(core, sb, provider);
     }
     let provider = &*provider;
     if let Some(age) = provider.oldest_request_age() {
