@@ -50,6 +50,7 @@ use crate::error::{ProviderError, Result};
 use crate::pause::{BaseImage, PausedDisk};
 use crate::provider::{Provider, ProviderKind};
 use crate::readiness::{Readiness, State};
+use crate::socket::DeviceWrapper;
 
 /// Maps a slot index to its device node; `/dev/nbdN` except under a fake kernel in tests.
 pub type NodePath = Arc<dyn Fn(u32) -> PathBuf + Send + Sync>;
@@ -150,6 +151,7 @@ pub struct KernelProvider {
     /// A reconnect in progress (or finished, not yet collected).
     reconnecting: Option<ReconnectTask>,
     fault_injection: bool,
+    wrap: Option<DeviceWrapper>,
 }
 
 impl std::fmt::Debug for KernelProvider {
@@ -178,7 +180,16 @@ impl KernelProvider {
             task: None,
             reconnecting: None,
             fault_injection: false,
+            wrap: None,
         }
+    }
+
+    /// Serves `wrap(overlay)` instead of the overlay itself. A test seam (for making requests
+    /// hang on purpose); production code never sets it.
+    #[doc(hidden)]
+    pub fn with_device_wrapper(mut self, wrap: DeviceWrapper) -> Self {
+        self.wrap = Some(wrap);
+        self
     }
 
     /// Turns fault injection on (see the module docs): [`Self::inject_connection_failure`]
@@ -306,6 +317,7 @@ impl KernelProvider {
         attacher: Attacher,
         node_path: NodePath,
         fault_injection: bool,
+        wrap: Option<DeviceWrapper>,
     ) -> Result<(Running, ReadyDevice)> {
         let cfg = config.clone();
         let overlay = tokio::task::spawn_blocking(move || -> Result<Arc<Overlay>> {
@@ -314,7 +326,10 @@ impl KernelProvider {
         })
         .await
         .map_err(|e| ProviderError::Task(e.to_string()))??;
-        let device: Arc<dyn BlockDevice> = overlay.clone();
+        let mut device: Arc<dyn BlockDevice> = overlay.clone();
+        if let Some(w) = wrap {
+            device = (w.0)(device);
+        }
         let serving = Arc::new(Serving {
             dispatcher: NbdDispatcher::new(device, config.serve.clone()),
             sockets: fault_injection.then(Mutex::default),
@@ -352,9 +367,9 @@ impl Provider for KernelProvider {
             self.node_path.clone(),
         );
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
-        let fault_injection = self.fault_injection;
+        let (fault_injection, wrap) = (self.fault_injection, self.wrap.clone());
         self.task = Some(tokio::spawn(async move {
-            match Self::attach(config, attacher, node_path, fault_injection).await {
+            match Self::attach(config, attacher, node_path, fault_injection, wrap).await {
                 Ok((r, ready)) => {
                     *lock(&running) = Some(r);
                     readiness.set(State::Ready(ready));

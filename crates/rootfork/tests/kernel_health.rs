@@ -561,3 +561,85 @@ async fn the_fault_injection_trigger_does_nothing_when_off() {
     assert!(delete(&mut c, "k4").await.unwrap());
     assert!(kernel.quiescent(index_of(&sb)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_kernel_request_marks_the_sandbox_failed() {
+    use rootfork_nbd::testing::GatedDevice;
+
+    let root = tempfile::tempdir().unwrap();
+    let (kernel, backend) = fake_kernel(root.path());
+    let d = TestDaemon::start_with(false, |c| {
+        c.health_interval = Duration::from_millis(200);
+        c.stuck_request = Duration::from_secs(1);
+        c.kernel_backend = Some(backend);
+    })
+    .await;
+    // The kernel sandbox's overlay is served through a gate the test holds.
+    let gate: Arc<Mutex<Option<Arc<GatedDevice>>>> = Arc::default();
+    let g = gate.clone();
+    *d.daemon.core().kernel_device_wrapper.lock() =
+        Some(rootfork_provider::DeviceWrapper(Arc::new(move |dev| {
+            let gd = Arc::new(GatedDevice::new(dev));
+            *g.lock().unwrap() = Some(gd.clone());
+            gd
+        })));
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create_kernel(&mut c, "k5").await;
+    let i = index_of(&sb);
+    /// Opens the gate however the test ends, so a failing assertion fails instead of hanging.
+    struct OpenOnDrop(Arc<GatedDevice>);
+    impl Drop for OpenOnDrop {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+    let gd = OpenOnDrop(gate.lock().unwrap().clone().expect("the device is gated"));
+    let (err, data) = request(&kernel, i, 0, 1, 4096 * 2, vec![], 12).await;
+    assert_eq!((err, &data[..]), (0, &b"tpl block 2\n"[..]));
+    let mut events = c
+        .events
+        .watch_events(v1::WatchEventsRequest {
+            sandbox: "k5".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Hold reads: the kernel's next read waits in the device.
+    gd.0.close();
+    let mut s = kernel.socket(i);
+    let reader = std::thread::spawn(move || nbd_request(&mut s, 0, 2, 4096 * 3, &[], 12));
+    let seen = watch_until(&mut events, |e| {
+        e.kind == v1::EventKind::Sandbox as i32
+            && e.sandbox_state == v1::SandboxState::Failed as i32
+    })
+    .await;
+    let healths: Vec<_> = seen
+        .iter()
+        .filter(|e| e.kind == v1::EventKind::Health as i32)
+        .collect();
+    assert_eq!(
+        healths.iter().map(|e| e.health).collect::<Vec<_>>(),
+        vec![
+            v1::HealthState::Degraded as i32,
+            v1::HealthState::Failed as i32
+        ],
+        "{seen:#?}"
+    );
+    assert!(
+        healths
+            .iter()
+            .all(|e| e.message.contains("NBD request has been stuck for")),
+        "{healths:#?}"
+    );
+    // Released, the read completes with the template's data. (The test's handles on the gate
+    // keep the overlay and its cache file alive: drop them.)
+    drop(gd);
+    gate.lock().unwrap().take();
+    let (err, data) = reader.join().unwrap();
+    assert_eq!((err, &data[..]), (0, &b"tpl block 3\n"[..]));
+    assert!(delete(&mut c, "k5").await.unwrap());
+    assert!(kernel.quiescent(i));
+    assert!(d.files("cache").is_empty());
+}

@@ -92,6 +92,9 @@ pub struct Core {
     /// use it to make a sandbox's requests hang). Never set outside tests.
     #[doc(hidden)]
     pub socket_device_wrapper: parking_lot::Mutex<Option<DeviceWrapper>>,
+    /// Test seam: the same for kernel providers. Never set outside tests.
+    #[doc(hidden)]
+    pub kernel_device_wrapper: parking_lot::Mutex<Option<DeviceWrapper>>,
 }
 
 fn kind_from_proto(k: i32) -> Result<ProviderKind> {
@@ -183,6 +186,7 @@ impl Core {
             closed_template_bytes: AtomicU64::new(0),
             closed_nbd: Default::default(),
             socket_device_wrapper: Default::default(),
+            kernel_device_wrapper: Default::default(),
         }
     }
 
@@ -376,6 +380,9 @@ impl Core {
                 }
                 if self.config.fault_injection {
                     p = p.with_fault_injection();
+                }
+                if let Some(w) = self.kernel_device_wrapper.lock().clone() {
+                    p = p.with_device_wrapper(w);
                 }
                 Ok(AnyProvider::Kernel(Box::new(p)))
             }
