@@ -106,10 +106,11 @@ scrape() { wget -q -O /tmp/metrics "http://$METRICS/metrics"; }
 t=serve
 if ! start_daemon; then fail "$t-start" "the API never answered"; finish; fi
 pass "$t-start"
-rootfork template list | grep -q '^demo ' && pass "$t-demo-template" || { rootfork template list; fail "$t-demo-template" "no demo template"; }
+# (Output is captured before grep: `grep -q` exiting early would break the CLI's pipe.)
+rootfork template list > /tmp/templates 2>&1; grep -q '^demo ' /tmp/templates && pass "$t-demo-template" || { rootfork template list; fail "$t-demo-template" "no demo template"; }
 TPL=$STATE/templates/demo.img
 TSUM=$(sha256sum $TPL | cut -d' ' -f1)
-rootfork device list --json | grep -q '"available": true' && pass "$t-device-list-available" \
+rootfork device list --json > /tmp/devices.json 2>&1; grep -q '"available": true' /tmp/devices.json && pass "$t-device-list-available" \
   || { rootfork device list; fail "$t-device-list-available" "pool unavailable"; }
 [ "$(rootfork device list | grep -c '^/dev/nbd[0-9]* *free')" = 8 ] && pass "$t-device-list-free" \
   || { rootfork device list; fail "$t-device-list-free" "not 8 free slots"; }
@@ -294,7 +295,7 @@ if create k3; then
     wait_quiescent $N3 100 && pass "$t-reclaimed" || fail "$t-reclaimed" "nbd$N3 pid=$(cat /sys/block/nbd$N3/pid 2>/dev/null)"
     grep -q "reclaimed an nbd slot of a dead rootfork process" $LOG && pass "$t-reclaim-logged" || fail "$t-reclaim-logged" "no log line"
     [ -z "$(ls $STATE/cache)" ] && pass "$t-cache-removed" || fail "$t-cache-removed" "$(ls $STATE/cache)"
-    rootfork device list | grep -q orphaned && { rootfork device list; fail "$t-no-orphans" "orphaned slot listed"; } || pass "$t-no-orphans"
+    rootfork device list > /tmp/devices 2>&1; grep -q orphaned /tmp/devices && { rootfork device list; fail "$t-no-orphans" "orphaned slot listed"; } || pass "$t-no-orphans"
     # A new kernel sandbox works and starts fresh (the dead sandbox's write is not there).
     if create k4; then
       dd if=$DEV bs=4096 skip=8192 count=256 2>/dev/null | cmp -s - /tmp/pat && fail "$t-fresh-overlay" "old write visible" || pass "$t-fresh-overlay"
