@@ -52,8 +52,32 @@ enum NbdCommand {
     List(cmd::nbd_list::Args),
 }
 
+/// Whether `command` is a short-lived client whose output may go to a pipe that closes early
+/// (`rootfork template list | head -1`). Servers keep ignoring `SIGPIPE`: for them a client that
+/// hangs up is an `EPIPE` to handle, not a reason to die.
+fn prints_for_a_pipe(command: &Command) -> bool {
+    !matches!(
+        command,
+        Command::Serve(_) | Command::Nbd(NbdCommand::Serve(_) | NbdCommand::Attach(_))
+    )
+}
+
+/// Lets `SIGPIPE` end the process quietly, as it does for other command-line tools, instead of
+/// `println!` panicking on `EPIPE` (Rust ignores `SIGPIPE` before `main`).
+fn restore_default_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called first thing in `main`, before any thread exists; installing the default
+    // disposition involves no handler code, so nothing can run concurrently with it.
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        eprintln!("rootfork: cannot restore SIGPIPE: {e}");
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if prints_for_a_pipe(&cli.command) {
+        restore_default_sigpipe();
+    }
     let result = match cli.command {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Completions(args) => cmd::completions::run(args, Cli::command()),

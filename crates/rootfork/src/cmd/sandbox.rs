@@ -109,6 +109,12 @@ fn show(opts: &ClientOpts, s: &v1::Sandbox) {
             output::bytes(s.paused_diff_bytes)
         );
     }
+    if s.recoveries > 0 {
+        println!(
+            "recovered: {} time(s) (dead NBD connections replaced)",
+            s.recoveries
+        );
+    }
     if s.vm_pid != 0 {
         println!("vm:        qemu pid {}, console {}", s.vm_pid, s.vm_console);
     }

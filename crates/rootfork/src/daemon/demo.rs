@@ -39,7 +39,9 @@ fn build_ext4(mkfs: &Path, out: &Path, scratch: &Path) -> std::io::Result<()> {
     )?;
     std::fs::File::create(out)?.set_len(EXT4_SIZE)?;
     let o = Command::new(mkfs)
-        .args(["-q", "-F", "-L", "rootfork-demo", "-d"])
+        // 4 KiB blocks: /dev/nbdN has a 4 KiB logical block size, and ext4 cannot mount a
+        // file system whose block size is smaller than the device's.
+        .args(["-q", "-F", "-b", "4096", "-L", "rootfork-demo", "-d"])
         .arg(&root)
         .arg(out)
         .output()?;
@@ -112,4 +114,33 @@ pub fn build(store: &TemplateStore, scratch: &Path) -> Result<TemplateMeta> {
     let meta = r?;
     tracing::info!(template = DEMO_NAME, "built the demo template: {how}");
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// The demo file system must mount on `/dev/nbdN`, whose logical block size is 4 KiB: ext4
+    /// refuses a block size below the device's.
+    #[test]
+    fn the_demo_ext4_has_4k_blocks() {
+        let Some(mkfs) = find_mkfs() else {
+            eprintln!("mkfs.ext4 not installed; the demo is a raw image");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("demo.img");
+        build_ext4(&mkfs, &out, &dir.path().join("scratch")).unwrap();
+        let mut sb = [0u8; 4];
+        let f = std::fs::File::open(&out).unwrap();
+        // The superblock starts at byte 1024; s_log_block_size (block size = 1024 << it) at +24,
+        // s_magic 0xEF53 at +56.
+        f.read_exact_at(&mut sb, 1024 + 24).unwrap();
+        let log = u32::from_le_bytes(sb);
+        let mut magic = [0u8; 2];
+        f.read_exact_at(&mut magic, 1024 + 56).unwrap();
+        assert_eq!(u16::from_le_bytes(magic), 0xEF53, "not an ext4 image");
+        assert_eq!(1024u32 << log, 4096);
+    }
 }
