@@ -6,7 +6,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{sendmsg, MsgFlags};
+use nix::sys::socket::{recv, sendmsg, MsgFlags};
 
 /// Most slices handed to one `sendmsg` call (Linux's `IOV_MAX`).
 pub const IOV_MAX: usize = 1024;
@@ -32,6 +32,19 @@ impl Sock {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => return r,
             }
+        }
+    }
+
+    /// Reads what is already waiting into `buf` without blocking (`MSG_DONTWAIT`), retrying on
+    /// `EINTR`; `Ok(None)` when nothing is waiting, `Ok(Some(0))` at end of stream.
+    pub fn read_nonblocking(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        loop {
+            return match recv(self.as_fd().as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => Ok(Some(n)),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => Ok(None),
+                Err(e) => Err(e.into()),
+            };
         }
     }
 

@@ -37,6 +37,25 @@ impl Reader<'_> {
 
     /// Reads more bytes (blocking); returns how many (0 at end of stream).
     fn fill(&mut self) -> io::Result<usize> {
+        self.compact();
+        let n = self.sock.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Reads whatever bytes are already waiting, without blocking: `Ok(None)` when there are
+    /// none, else how many (0 at end of stream).
+    fn fill_nonblocking(&mut self) -> io::Result<Option<usize>> {
+        self.compact();
+        let n = self.sock.read_nonblocking(&mut self.buf[self.end..])?;
+        if let Some(n) = n {
+            self.end += n;
+        }
+        Ok(n)
+    }
+
+    /// Moves the unparsed bytes to the front of the buffer.
+    fn compact(&mut self) {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -45,9 +64,6 @@ impl Reader<'_> {
             self.end -= self.start;
             self.start = 0;
         }
-        let n = self.sock.read(&mut self.buf[self.end..])?;
-        self.end += n;
-        Ok(n)
     }
 
     /// Fills `dst` from the buffer, then straight from the socket.
@@ -113,8 +129,25 @@ pub(super) fn read_loop(shared: &Arc<Shared>) -> EndReason {
                 h
             }
             Ok(None) => {
-                flush(&mut batch, &mut replies);
-                match rd.fill() {
+                flush_jobs(&mut batch);
+                // While more requests are already waiting in the socket, keep the replies: the
+                // client gets them in one piece when it stops sending (see `Replies`).
+                let got = if replies.is_empty() {
+                    None
+                } else {
+                    match rd.fill_nonblocking() {
+                        Ok(got) => got,
+                        Err(e) => break EndReason::Io(e.to_string()),
+                    }
+                };
+                let got = match got {
+                    Some(n) => Ok(n),
+                    None => {
+                        replies.flush(shared);
+                        rd.fill()
+                    }
+                };
+                match got {
                     Ok(0) if rd.available() == 0 => break EndReason::Closed,
                     Ok(0) => break EndReason::Truncated,
                     Ok(_) => continue,
@@ -218,10 +251,13 @@ pub(super) fn read_loop(shared: &Arc<Shared>) -> EndReason {
 
 /// Replies of requests the reader ran itself, not yet handed to the reply path.
 ///
-/// They are sent together when the reader runs out of buffered requests or is about to block
-/// (see `flush` in [`read_loop`]), or once [`Replies::MAX_COUNT`] replies or
-/// [`Replies::MAX_BYTES`] bytes have gathered, so one vectored `sendmsg` (one socket buffer
-/// allocation, one wake-up of the client) carries the replies of a whole receive.
+/// They are sent together when the socket has no further request waiting (a non-blocking
+/// receive finds nothing) or the reader is about to block (see `flush` in [`read_loop`]), or
+/// once [`Replies::MAX_COUNT`] replies or [`Replies::MAX_BYTES`] bytes have gathered. A client
+/// that sends requests one at a time as it reaps replies (fio, libnbd) then gets a burst of
+/// replies per wake-up and answers with a burst of requests, so one vectored `sendmsg` (one
+/// socket buffer allocation, one wake-up of the client) carries many replies instead of the
+/// two sides ping-ponging single requests.
 #[derive(Default)]
 struct Replies {
     list: Vec<Outgoing>,
@@ -249,6 +285,10 @@ impl Replies {
         if self.list.len() >= Self::MAX_COUNT || self.wire_bytes >= Self::MAX_BYTES {
             self.flush(shared);
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
     }
 
     fn flush(&mut self, shared: &Shared) {
