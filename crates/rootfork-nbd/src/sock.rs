@@ -90,6 +90,15 @@ impl Sock {
         }
     }
 
+    /// Asks for a send buffer of at least `bytes` (the kernel caps it at `net.core.wmem_max`);
+    /// best effort, errors are ignored.
+    pub fn grow_send_buffer(&self, bytes: usize) {
+        use nix::sys::socket::{getsockopt, setsockopt, sockopt::SndBuf};
+        if getsockopt(self, SndBuf).is_ok_and(|cur| cur < bytes) {
+            let _ = setsockopt(self, SndBuf, &bytes);
+        }
+    }
+
     /// Shuts down one or both directions (errors are ignored: the peer may be gone).
     pub fn shutdown(&self, how: Shutdown) {
         let _ = match self {

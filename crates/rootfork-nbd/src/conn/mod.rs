@@ -54,6 +54,9 @@ use crate::sock::{advance, Sock};
 use crate::stats::{ConnectionStats, Op, Stats};
 use reader::{read_loop, INLINE_READ_MAX};
 
+/// Send buffer asked for on every connection's socket.
+const SEND_BUF: usize = 2 << 20;
+
 /// What a connection serves and how, fixed when the transmission phase starts.
 pub(crate) struct Transmission {
     pub device: Arc<dyn BlockDevice>,
@@ -178,6 +181,9 @@ impl Shared {
         let busy = (0..=opts.workers.max(1))
             .map(|_| AtomicU64::new(0))
             .collect();
+        // Room for a 1 MiB read reply in one `sendmsg`, so a worker sending it does not sleep
+        // and wake several times while the client drains the socket.
+        sock.grow_send_buffer(SEND_BUF);
         Arc::new(Shared {
             window: Window::new(opts.max_in_flight, opts.max_in_flight_bytes),
             queue: JobQueue::new(opts.workers.max(1)),
