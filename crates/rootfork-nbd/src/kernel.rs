@@ -120,17 +120,10 @@ impl KernelConnection {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("nbd-kernel-reader".into())
-            .spawn(move || {
-                // A panic (a device bug on a request the reader ran itself) must still end the
-                // connection visibly: shut the socket down so the kernel reads EOF and marks
-                // its socket dead at once, instead of sending to a reader that is gone.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&s))).unwrap_or_else(
-                    |_| {
-                        s.shutdown();
-                        (EndReason::Io("reader thread panicked".into()), s.stats())
-                    },
-                )
-            })?;
+            // A panic on the reader (a device bug on a request it ran itself) is caught inside
+            // `serve`: the socket is shut down, so the kernel reads EOF and marks its socket
+            // dead at once, and the workers are joined.
+            .spawn(move || serve(&s))?;
         Ok(KernelConnection { shared, thread })
     }
 
@@ -267,8 +260,15 @@ mod tests {
         // end sees the end of the stream (not a read timeout).
         let mut b = [0u8; 16];
         assert_eq!(kernel.read(&mut b).unwrap(), 0);
+        // Every thread of the connection (reader and workers) holds the shared state: once the
+        // reader is joined, nothing may hold it any more (no worker left parked).
+        let shared = Arc::downgrade(&c.shared);
         let (reason, _) = c.wait_reason();
         assert_eq!(reason, EndReason::Io("reader thread panicked".into()));
+        assert!(
+            shared.upgrade().is_none(),
+            "worker threads outlived the panicked reader"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ mod reader;
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -427,17 +428,31 @@ pub(crate) fn serve(shared: &Arc<Shared>) -> (EndReason, ConnectionStats) {
     if workers.iter().any(|w| w.is_err()) {
         end = Some(EndReason::Io("cannot spawn worker threads".into()));
     }
-    let reason = match end {
-        Some(r) => r,
-        None => read_loop(shared),
+    let (reason, panicked) = match end {
+        Some(r) => (r, false),
+        None => match panic::catch_unwind(AssertUnwindSafe(|| read_loop(shared))) {
+            Ok(r) => (r, false),
+            // A panic on the reader (a device bug hit by a request it ran inline) ends this
+            // connection only: the socket is shut down at once so the peer sees the end of the
+            // stream (the kernel marks its socket dead), and the workers are stopped and joined
+            // below as on any other end, so nothing stays parked.
+            Err(_) => {
+                shared.sock.shutdown(Shutdown::Both);
+                (EndReason::Io("reader thread panicked".into()), true)
+            }
+        },
     };
-    shared.window.wait_idle();
+    // After a panic the request the reader was running may never give its window slot back;
+    // the workers still finish theirs before they are joined.
+    if !panicked {
+        shared.window.wait_idle();
+    }
     shared.queue.close();
     for w in workers.into_iter().flatten() {
         let _ = w.join();
     }
     shared.sock.shutdown(Shutdown::Both);
-    let reason = if shared.closing.load(Ordering::SeqCst) {
+    let reason = if !panicked && shared.closing.load(Ordering::SeqCst) {
         EndReason::Shutdown
     } else {
         reason
