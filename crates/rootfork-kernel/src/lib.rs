@@ -18,6 +18,7 @@ pub mod pool;
 pub mod reclaim;
 pub mod sysfs;
 
+pub use attach::peer_gone;
 pub use attach::{
     AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth, DeviceNodes, Dispatch,
     Dispatcher, HostNodes, NbdDispatcher, SwitchableDevice, WarmSlot,

@@ -31,7 +31,6 @@
 //! finishes, and `close`/`export_diff` wait for it first.
 
 use std::future::Future;
-use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -39,8 +38,8 @@ use std::time::Duration;
 
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions};
 use rootfork_kernel::{
-    device_path, AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth, Dispatch,
-    Dispatcher, NbdDispatcher,
+    device_path, peer_gone, AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth,
+    Dispatch, Dispatcher, NbdDispatcher,
 };
 use rootfork_nbd::{ServeOptions, StatsSnapshot};
 use rootfork_vmm::{DevicePath, ReadyDevice};
@@ -112,18 +111,6 @@ impl Serving {
         }
         let s = all.remove(0);
         Some(s.shutdown(std::net::Shutdown::Both).is_ok())
-    }
-}
-
-/// Whether the other end of `ours` is closed or ours shut down (`POLLHUP`, without waiting).
-fn peer_gone(ours: &UnixStream) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(ours.as_fd(), PollFlags::empty())];
-    match poll(&mut fds, PollTimeout::ZERO) {
-        Ok(_) => fds[0]
-            .revents()
-            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
-        Err(_) => true,
     }
 }
 

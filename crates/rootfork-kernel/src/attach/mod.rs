@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 pub use error::AttachError;
 pub use nbd_dispatch::NbdDispatcher;
-pub use reconnect::ConnectionHealth;
+pub use reconnect::{peer_gone, ConnectionHealth};
 pub use seams::{DeviceNodes, Dispatch, Dispatcher, HostNodes};
 pub use warm::{BindError, SwitchableDevice, WarmSlot};
 

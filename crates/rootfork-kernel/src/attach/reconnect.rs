@@ -210,7 +210,8 @@ fn sort(mut fresh: Dispatches, probes: &[UnixStream], into: &mut Dispatches) -> 
 }
 
 /// Whether the other end of `ours` is closed (or ours shut down): `POLLHUP` without waiting.
-fn peer_gone(ours: &UnixStream) -> bool {
+/// This is how a socket the kernel dropped (or never took) is told from a live connection.
+pub fn peer_gone(ours: &UnixStream) -> bool {
     // A closed peer of a stream socket sets our end's shutdown to both directions, which poll
     // always reports as POLLHUP (no events need asking for).
     let mut fds = [PollFd::new(ours.as_fd(), PollFlags::empty())];
