@@ -314,6 +314,14 @@ impl Env {
         }
     }
 
+    /// Attaches the test dispatcher with `connections` sockets (must succeed).
+    async fn attach(&self, connections: usize) -> Attachment {
+        self.attacher
+            .attach(&self.dispatcher, &self.opts(connections))
+            .await
+            .unwrap()
+    }
+
     /// Nothing is left: no connected device, no live dispatcher, no claim, every slot quiescent.
     fn assert_clean(&self) {
         assert!(
@@ -352,11 +360,7 @@ fn attach_flush_close_and_reuse() {
     let events = env.attacher.pool().events();
     rt().block_on(async {
         for round in 0..3 {
-            let a = env
-                .attacher
-                .attach(&env.dispatcher, &env.opts(2))
-                .await
-                .unwrap();
+            let a = env.attach(2).await;
             assert_eq!(a.size(), 1 << 20);
             assert_eq!(a.device_path(), crate::identity::device_path(a.index()));
             assert_eq!(env.dispatcher.live.load(Ordering::SeqCst), 2);
@@ -412,11 +416,7 @@ fn a_slot_still_tearing_down_is_not_reused() {
     let gate = Arc::new(Gate::default());
     *env.kernel.teardown_gate.lock() = Some(gate.clone());
     rt().block_on(async {
-        let a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(1))
-            .await
-            .unwrap();
+        let a = env.attach(1).await;
         // Dropping does not wait for the teardown: the slot's claim is released at once...
         drop(a);
         // ...but the pool will not hand the slot out while sysfs still shows it in use.
@@ -443,11 +443,7 @@ fn a_slot_still_tearing_down_is_not_reused() {
 fn dropping_an_attachment_disconnects_and_releases() {
     let env = Env::new(1);
     rt().block_on(async {
-        let a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(1))
-            .await
-            .unwrap();
+        let a = env.attach(1).await;
         drop(a);
     });
     env.assert_clean();
@@ -573,11 +569,7 @@ fn cancelling_close_at_every_stage_leaves_nothing() {
     for n in 0..64 {
         let env = Env::new(1);
         let done = rt().block_on(async {
-            let a = env
-                .attacher
-                .attach(&env.dispatcher, &env.opts(1))
-                .await
-                .unwrap();
+            let a = env.attach(1).await;
             poll_n_then_drop(a.close(), n).await
         });
         env.assert_clean();
@@ -624,11 +616,7 @@ mod warm {
         rt().block_on(async {
             let sw = Arc::new(SwitchableDevice::new(1 << 20, 4096));
             // The fake dispatcher's size is 1 MiB, as the switchable device's.
-            let a = env
-                .attacher
-                .attach(&env.dispatcher, &env.opts(1))
-                .await
-                .unwrap();
+            let a = env.attach(1).await;
             let warm = WarmSlot::new(a, sw);
             let disconnects = env.kernel.disconnects.load(Ordering::SeqCst);
             assert_eq!(

@@ -36,11 +36,7 @@ fn kernel_sockets(env: &Env, index: u32) -> usize {
 fn a_dead_connection_is_seen_and_replaced() {
     let env = Env::new(1);
     rt().block_on(async {
-        let mut a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(2))
-            .await
-            .unwrap();
+        let mut a = env.attach(2).await;
         let i = a.index();
         assert_eq!(
             a.connection_health(),
@@ -82,11 +78,7 @@ fn a_dead_connection_is_seen_and_replaced() {
 fn nothing_dead_sends_nothing() {
     let env = Env::new(1);
     rt().block_on(async {
-        let mut a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(3))
-            .await
-            .unwrap();
+        let mut a = env.attach(3).await;
         assert_eq!(a.reconnect(&env.dispatcher).await.unwrap(), 0);
         assert!(env.kernel.reconfigures.lock().is_empty());
         assert_eq!(env.dispatcher.live.load(Ordering::SeqCst), 3);
@@ -100,11 +92,7 @@ fn a_refused_reconfigure_is_classified_and_the_attachment_still_closes() {
     let env = Env::new(1);
     *env.kernel.on_reconfigure.lock() = OnReconfigure::Refuse(libc::EINVAL);
     rt().block_on(async {
-        let mut a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(2))
-            .await
-            .unwrap();
+        let mut a = env.attach(2).await;
         kill(&env, a.index(), 0);
         until_dead(&a, 1).await;
         let err = a.reconnect(&env.dispatcher).await.unwrap_err();
@@ -132,11 +120,7 @@ fn sockets_the_kernel_drops_are_detected_and_offered_again() {
     let env = Env::new(1);
     *env.kernel.on_reconfigure.lock() = OnReconfigure::Lag(3);
     rt().block_on(async {
-        let mut a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(1))
-            .await
-            .unwrap();
+        let mut a = env.attach(1).await;
         kill(&env, a.index(), 0);
         until_dead(&a, 1).await;
         assert_eq!(a.reconnect(&env.dispatcher).await.unwrap(), 1);
@@ -154,11 +138,7 @@ fn a_kernel_that_never_takes_the_socket_is_an_error_after_connect_wait() {
     let env = Env::new(1);
     *env.kernel.on_reconfigure.lock() = OnReconfigure::Lag(usize::MAX);
     rt().block_on(async {
-        let mut a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(2))
-            .await
-            .unwrap();
+        let mut a = env.attach(2).await;
         kill(&env, a.index(), 0);
         until_dead(&a, 1).await;
         match a.reconnect(&env.dispatcher).await.unwrap_err() {
@@ -199,11 +179,7 @@ fn a_dropped_reconnect_future_leaks_nothing() {
         let env = Env::new(1);
         *env.kernel.on_reconfigure.lock() = OnReconfigure::Lag(2);
         let done = rt().block_on(async {
-            let mut a = env
-                .attacher
-                .attach(&env.dispatcher, &env.opts(2))
-                .await
-                .unwrap();
+            let mut a = env.attach(2).await;
             let i = a.index();
             kill(&env, i, 0);
             until_dead(&a, 1).await;
@@ -235,11 +211,7 @@ fn a_dropped_reconnect_future_leaks_nothing() {
 fn close_with_every_connection_dead_still_disconnects_and_releases() {
     let env = Env::new(1);
     rt().block_on(async {
-        let a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(2))
-            .await
-            .unwrap();
+        let a = env.attach(2).await;
         kill(&env, a.index(), 0);
         kill(&env, a.index(), 0);
         until_dead(&a, 2).await;
@@ -259,11 +231,7 @@ fn close_with_every_connection_dead_still_disconnects_and_releases() {
 fn close_with_one_dead_connection_flushes_through_the_other() {
     let env = Env::new(1);
     rt().block_on(async {
-        let a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(2))
-            .await
-            .unwrap();
+        let a = env.attach(2).await;
         kill(&env, a.index(), 1);
         until_dead(&a, 1).await;
         a.close().await.unwrap();
@@ -288,11 +256,7 @@ fn a_reconnect_with_another_device_size_is_refused() {
         }
     }
     rt().block_on(async {
-        let mut a = env
-            .attacher
-            .attach(&env.dispatcher, &env.opts(1))
-            .await
-            .unwrap();
+        let mut a = env.attach(1).await;
         let err = a.reconnect(&Bigger(&env.dispatcher)).await.unwrap_err();
         assert!(matches!(err, AttachError::Invalid(_)), "{err:?}");
         a.close().await.unwrap();
