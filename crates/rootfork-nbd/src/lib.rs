@@ -36,11 +36,16 @@
 //!
 //! [`request::parse_header`], [`request::classify`] and [`handshake::negotiate`] are pure
 //! functions over bytes; the `fuzz/` crate at the repository root fuzzes them.
+//!
+//! The `test-utils` feature adds the test doubles (`testing`: an in-memory device, a gated one)
+//! and the fuzz entry points (`fuzzing`); the workspace's tests and `fuzz/` turn it on, nothing
+//! that ships does.
 
 pub mod buf;
 mod conn;
 pub mod consts;
 mod exec;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod fuzzing;
 pub mod handshake;
 pub mod kernel;
@@ -53,6 +58,7 @@ pub mod request;
 mod server;
 mod sock;
 pub mod stats;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 pub use conn::EndReason;
