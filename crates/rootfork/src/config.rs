@@ -257,9 +257,38 @@ pub struct Config {
     pub kernel_dead_conn_timeout: Option<Duration>,
     /// Fault injection triggers (`debug.fault_injection`; testing only).
     pub fault_injection: bool,
-    /// Test seam: a fake kernel instead of the host's. Never set outside tests.
+    /// Fakes for tests; empty (the host's kernel, the real devices) everywhere else.
     #[doc(hidden)]
+    pub seams: Seams,
+}
+
+/// The daemon's test seams, all in one place: an in-process test sets them on the [`Config`]
+/// before [`crate::daemon::Daemon::start`]; nothing outside tests does. (A static binary in the
+/// test VM uses `debug.fault_injection` from the file instead.)
+#[derive(Clone, Default)]
+pub struct Seams {
+    /// A fake kernel (sysfs tree, netlink control, device nodes) instead of the host's.
     pub kernel_backend: Option<crate::daemon::kernel::KernelBackend>,
+    /// Wraps the device every socket sandbox serves (e.g. to hold its requests).
+    pub socket_device_wrapper: Option<rootfork_provider::DeviceWrapper>,
+    /// Wraps the device every kernel sandbox serves.
+    pub kernel_device_wrapper: Option<rootfork_provider::DeviceWrapper>,
+}
+
+impl std::fmt::Debug for Seams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seams")
+            .field("kernel_backend", &self.kernel_backend)
+            .field(
+                "socket_device_wrapper",
+                &self.socket_device_wrapper.is_some(),
+            )
+            .field(
+                "kernel_device_wrapper",
+                &self.kernel_device_wrapper.is_some(),
+            )
+            .finish()
+    }
 }
 
 /// The default of `kernel.dead_conn_timeout_secs`: several default health rounds, so a dead
@@ -442,7 +471,7 @@ impl Config {
             kernel_request_timeout,
             kernel_dead_conn_timeout: (dead_conn_secs != 0)
                 .then(|| Duration::from_secs(dead_conn_secs)),
-            kernel_backend: None,
+            seams: Seams::default(),
             fault_injection: file.debug.fault_injection.unwrap_or(false),
             state_dir,
         })

@@ -1,6 +1,61 @@
-//! The daemon's errors, each mapped to one gRPC status code and one errno (for metrics).
+//! The daemon's errors, each mapped to one gRPC status code and one errno (for metrics). Every
+//! case a caller may act on is its own variant with typed fields; the strings that remain are
+//! descriptions for people (an I/O step, the kernel's reason for being unavailable).
 
+use std::path::PathBuf;
+
+use crate::daemon::model::SandboxState;
+use crate::daemon::spec::SpecError;
+use crate::daemon::templates::TEMPLATE_ALIGN;
 use crate::names::NameError;
+
+/// A lifecycle operation that needs its sandbox in a given state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Pause (needs `running`).
+    Pause,
+    /// Resume (needs `paused`).
+    Resume,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Operation::Pause => "pause",
+            Operation::Resume => "resume",
+        })
+    }
+}
+
+/// Why a template import's source is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The daemon opens the path itself, so it must not depend on the client's directory.
+    #[error("source path {} must be absolute (it is opened by the daemon)", .0.display())]
+    NotAbsolute(PathBuf),
+    /// Nothing at the path.
+    #[error("source {} does not exist", .0.display())]
+    Missing(PathBuf),
+    /// The path could not be opened.
+    #[error("cannot open source {}: {source}", .path.display())]
+    Unreadable {
+        /// The source.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A directory, socket, FIFO, ...
+    #[error("source {} is neither a regular file nor a block device", .0.display())]
+    NotFileOrDevice(PathBuf),
+    /// Empty or not a whole number of template blocks.
+    #[error("source {} is {size} bytes; a template must be a non-empty multiple of {TEMPLATE_ALIGN} bytes", .path.display())]
+    BadSize {
+        /// The source.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+}
 
 /// An error of a daemon operation.
 #[derive(Debug, thiserror::Error)]
@@ -8,9 +63,12 @@ pub enum DaemonError {
     /// A malformed name or id.
     #[error(transparent)]
     Name(#[from] NameError),
-    /// Other bad input.
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// An invalid create request.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// An unusable import source.
+    #[error(transparent)]
+    Import(#[from] ImportError),
     /// Unknown template.
     #[error("template {0:?} not found")]
     TemplateNotFound(String),
@@ -23,21 +81,50 @@ pub enum DaemonError {
     /// Duplicate live sandbox.
     #[error("sandbox {0:?} already exists")]
     SandboxExists(String),
-    /// The object is in the wrong state for the operation.
+    /// Sandboxes still use the template.
+    #[error("template {name:?} is used by {users} sandbox(es); delete them first")]
+    TemplateInUse {
+        /// The template.
+        name: String,
+        /// How many sandboxes (not deleted) use it.
+        users: u32,
+    },
+    /// The sandbox is not in the state the operation needs.
+    #[error("cannot {op} sandbox {id:?}: it is {state}")]
+    WrongState {
+        /// What was asked.
+        op: Operation,
+        /// The sandbox.
+        id: String,
+        /// Its state.
+        state: SandboxState,
+    },
+    /// Pausing the disk under a running VM is not supported.
+    #[error("sandbox {0:?} has a running VM; pausing the disk under it is not supported (delete the sandbox instead)")]
+    VmRunning(String),
+    /// A running sandbox without a device (it failed while serving).
+    #[error("sandbox {0:?} has no device")]
+    NoDevice(String),
+    /// A paused sandbox without its paused disk.
+    #[error("sandbox {0:?} holds no paused disk")]
+    NoPausedDisk(String),
+    /// The kernel pool cannot be used (the reason is for people).
     #[error("{0}")]
-    FailedPrecondition(String),
-    /// The kernel pool is absent or exhausted.
-    #[error("{0}")]
-    Unavailable(String),
-    /// A device was not ready in time.
-    #[error("{0}")]
-    DeadlineExceeded(String),
+    KernelUnavailable(String),
     /// A provider failed.
     #[error("provider: {0}")]
     Provider(#[from] rootfork_provider::ProviderError),
     /// Booting the sandbox's VM failed.
     #[error("vm: {0}")]
     Vm(#[from] rootfork_vmm::qemu::QemuError),
+    /// A blocking task of the operation panicked or was cancelled.
+    #[error("{what}: {reason}")]
+    TaskFailed {
+        /// What the task was doing.
+        what: &'static str,
+        /// The join error.
+        reason: String,
+    },
     /// Host I/O failed.
     #[error("{context}: {source}")]
     Io {
@@ -58,17 +145,38 @@ impl DaemonError {
         }
     }
 
+    /// A blocking task that did not return.
+    pub fn task(what: &'static str, e: tokio::task::JoinError) -> Self {
+        DaemonError::TaskFailed {
+            what,
+            reason: e.to_string(),
+        }
+    }
+
+    /// Whether the caller sent something malformed (logged at a lower level).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            DaemonError::Name(_) | DaemonError::Spec(_) | DaemonError::Import(_)
+        )
+    }
+
     /// The gRPC status code.
     pub fn code(&self) -> tonic::Code {
         use rootfork_provider::ProviderError as P;
         use tonic::Code;
         match self {
-            DaemonError::Name(_) | DaemonError::InvalidArgument(_) => Code::InvalidArgument,
+            DaemonError::Name(_) | DaemonError::Spec(_) | DaemonError::Import(_) => {
+                Code::InvalidArgument
+            }
             DaemonError::TemplateNotFound(_) | DaemonError::SandboxNotFound(_) => Code::NotFound,
             DaemonError::TemplateExists(_) | DaemonError::SandboxExists(_) => Code::AlreadyExists,
-            DaemonError::FailedPrecondition(_) => Code::FailedPrecondition,
-            DaemonError::Unavailable(_) => Code::Unavailable,
-            DaemonError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            DaemonError::TemplateInUse { .. }
+            | DaemonError::WrongState { .. }
+            | DaemonError::VmRunning(_)
+            | DaemonError::NoDevice(_)
+            | DaemonError::NoPausedDisk(_) => Code::FailedPrecondition,
+            DaemonError::KernelUnavailable(_) => Code::Unavailable,
             DaemonError::Provider(p) => match p {
                 P::Timeout(_) => Code::DeadlineExceeded,
                 P::InvalidArgument(_) => Code::InvalidArgument,
@@ -82,22 +190,27 @@ impl DaemonError {
                 | rootfork_vmm::qemu::QemuError::InvalidConfig(_) => Code::InvalidArgument,
                 _ => Code::Internal,
             },
-            DaemonError::Io { .. } => Code::Internal,
+            DaemonError::TaskFailed { .. } | DaemonError::Io { .. } => Code::Internal,
         }
     }
 
     /// The errno this error is counted under in metrics.
     pub fn errno(&self) -> i32 {
         match self {
-            DaemonError::Name(_) | DaemonError::InvalidArgument(_) => libc::EINVAL,
+            DaemonError::Name(_) | DaemonError::Spec(_) | DaemonError::Import(_) => libc::EINVAL,
             DaemonError::TemplateNotFound(_) | DaemonError::SandboxNotFound(_) => libc::ENOENT,
             DaemonError::TemplateExists(_) | DaemonError::SandboxExists(_) => libc::EEXIST,
-            DaemonError::FailedPrecondition(_) => libc::EBUSY,
-            DaemonError::Unavailable(_) => libc::ENODEV,
-            DaemonError::DeadlineExceeded(_) => libc::ETIMEDOUT,
+            DaemonError::TemplateInUse { .. }
+            | DaemonError::WrongState { .. }
+            | DaemonError::VmRunning(_)
+            | DaemonError::NoDevice(_)
+            | DaemonError::NoPausedDisk(_) => libc::EBUSY,
+            DaemonError::KernelUnavailable(_) => libc::ENODEV,
             DaemonError::Provider(rootfork_provider::ProviderError::Timeout(_)) => libc::ETIMEDOUT,
             DaemonError::Provider(rootfork_provider::ProviderError::Kernel(k)) => k.errno(),
-            DaemonError::Provider(_) | DaemonError::Vm(_) => libc::EIO,
+            DaemonError::Provider(_) | DaemonError::Vm(_) | DaemonError::TaskFailed { .. } => {
+                libc::EIO
+            }
             DaemonError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -111,3 +224,64 @@ impl From<DaemonError> for tonic::Status {
 
 /// Result alias.
 pub type Result<T> = std::result::Result<T, DaemonError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_has_its_code_and_errno() {
+        let cases: Vec<(DaemonError, tonic::Code, i32)> = vec![
+            (
+                SpecError::QemuNeedsKernel.into(),
+                tonic::Code::InvalidArgument,
+                libc::EINVAL,
+            ),
+            (
+                ImportError::Missing("/x".into()).into(),
+                tonic::Code::InvalidArgument,
+                libc::EINVAL,
+            ),
+            (
+                DaemonError::WrongState {
+                    op: Operation::Pause,
+                    id: "a".into(),
+                    state: SandboxState::Paused,
+                },
+                tonic::Code::FailedPrecondition,
+                libc::EBUSY,
+            ),
+            (
+                DaemonError::TemplateInUse {
+                    name: "t".into(),
+                    users: 2,
+                },
+                tonic::Code::FailedPrecondition,
+                libc::EBUSY,
+            ),
+            (
+                DaemonError::KernelUnavailable("no module".into()),
+                tonic::Code::Unavailable,
+                libc::ENODEV,
+            ),
+            (
+                DaemonError::io("x", std::io::Error::from_raw_os_error(libc::ENOSPC)),
+                tonic::Code::Internal,
+                libc::ENOSPC,
+            ),
+        ];
+        for (e, code, errno) in cases {
+            assert_eq!((e.code(), e.errno()), (code, errno), "{e}");
+        }
+    }
+
+    #[test]
+    fn wrong_state_reads_as_before() {
+        let e = DaemonError::WrongState {
+            op: Operation::Resume,
+            id: "sb".into(),
+            state: SandboxState::Running,
+        };
+        assert_eq!(e.to_string(), "cannot resume sandbox \"sb\": it is running");
+    }
+}

@@ -1,11 +1,13 @@
 //! The event feed: one broadcast channel every `WatchEvents` stream subscribes to. Events carry a
 //! sequence number and a timestamp; the kernel pool's events are forwarded into the same feed.
+//! They are the daemon's own [`Event`]s; the gRPC edge turns each into a wire message as it
+//! streams it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::broadcast;
 
-use crate::api::v1::{Event, EventKind, HealthState, SandboxState};
+use crate::daemon::model::{Health, SandboxState};
 
 /// How many events a slow subscriber may fall behind before it misses some.
 const CAPACITY: usize = 4096;
@@ -16,6 +18,53 @@ pub fn now_unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventKind {
+    /// A device was taken for a sandbox (kernel slot claimed / socket export created).
+    Claimed,
+    /// The device is connected and serving.
+    Connected,
+    /// The device was disconnected.
+    Disconnected,
+    /// The device was given back.
+    Released,
+    /// A device or claim left by a dead rootfork process was cleaned up.
+    Reclaimed,
+    /// A sandbox's health changed.
+    Health,
+    /// A sandbox changed state.
+    Sandbox,
+    /// A template was imported or deleted.
+    Template,
+    /// Something failed.
+    #[default]
+    Error,
+}
+
+/// One event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Event {
+    /// Position in the feed (from 1; 0 for events built outside it).
+    pub seq: u64,
+    /// When it was published.
+    pub unix_ms: i64,
+    /// What it is about.
+    pub kind: EventKind,
+    /// The sandbox it concerns (empty: none).
+    pub sandbox: String,
+    /// The template it concerns (empty: none).
+    pub template: String,
+    /// The kernel slot it concerns.
+    pub device_index: Option<u32>,
+    /// The sandbox's new state.
+    pub state: Option<SandboxState>,
+    /// The sandbox's health.
+    pub health: Option<Health>,
+    /// A human-readable message.
+    pub message: String,
 }
 
 /// The daemon's event feed.
@@ -62,12 +111,12 @@ impl EventBuilder {
     }
     /// The sandbox's new state.
     pub fn state(mut self, s: SandboxState) -> Self {
-        self.ev.sandbox_state = s as i32;
+        self.ev.state = Some(s);
         self
     }
     /// The sandbox's health.
-    pub fn health(mut self, h: HealthState) -> Self {
-        self.ev.health = h as i32;
+    pub fn health(mut self, h: Health) -> Self {
+        self.ev.health = Some(h);
         self
     }
     /// The event as is (no sequence number; stamped now), for messages outside the feed.
@@ -87,7 +136,7 @@ impl EventBus {
     pub fn event(kind: EventKind) -> EventBuilder {
         EventBuilder {
             ev: Event {
-                kind: kind as i32,
+                kind,
                 ..Event::default()
             },
         }
@@ -98,7 +147,7 @@ impl EventBus {
         let mut ev = b.ev;
         ev.seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         ev.unix_ms = now_unix_ms();
-        tracing::debug!(kind = ?ev.kind(), sandbox = %ev.sandbox, message = %ev.message, "event");
+        tracing::debug!(kind = ?ev.kind, sandbox = %ev.sandbox, message = %ev.message, "event");
         let _ = self.tx.send(ev);
     }
 
@@ -160,11 +209,11 @@ mod tests {
         bus.emit_pool(&P::Disconnected { index: 3 });
         bus.emit_pool(&P::Released { index: 3 });
         bus.emit_pool(&P::Connected { index: 3 });
-        let got: Vec<(i32, String, Option<u32>, u64)> = (0..5)
+        let got: Vec<(EventKind, String, Option<u32>, u64)> = (0..5)
             .map(|_| rx.try_recv().unwrap())
             .map(|e| (e.kind, e.sandbox, e.device_index, e.seq))
             .collect();
-        let k = |k: EventKind| k as i32;
+        let k = |k: EventKind| k;
         assert_eq!(
             got,
             vec![

@@ -781,20 +781,20 @@ async fn health_check_marks_a_stuck_request_failed() {
     use rootfork_nbd::testing::GatedDevice;
     use std::sync::{Arc, Mutex};
 
-    let d = TestDaemon::start_with(false, |c| {
-        c.health_interval = Duration::from_millis(200);
-        c.stuck_request = Duration::from_secs(1);
-    })
-    .await;
     // Every socket export of this daemon is served through a gate the test holds.
     let gate: Arc<Mutex<Option<Arc<GatedDevice>>>> = Arc::default();
     let g = gate.clone();
-    *d.daemon.core().socket_device_wrapper.lock() =
-        Some(rootfork_provider::DeviceWrapper(Arc::new(move |dev| {
-            let gd = Arc::new(GatedDevice::new(dev));
-            *g.lock().unwrap() = Some(gd.clone());
-            gd
-        })));
+    let d = TestDaemon::start_with(false, move |c| {
+        c.health_interval = Duration::from_millis(200);
+        c.stuck_request = Duration::from_secs(1);
+        c.seams.socket_device_wrapper =
+            Some(rootfork_provider::DeviceWrapper(Arc::new(move |dev| {
+                let gd = Arc::new(GatedDevice::new(dev));
+                *g.lock().unwrap() = Some(gd.clone());
+                gd
+            })));
+    })
+    .await;
     let mut c = d.client().await;
     let src = make_template(d.dir.path(), "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();

@@ -1,5 +1,5 @@
 //! The daemon's kernel-provider path through a fake kernel (a sysfs tree, netlink control and
-//! device nodes in a tempdir, injected with the `Config::kernel_backend` test seam). The fake
+//! device nodes in a tempdir, injected with the `Config::seams.kernel_backend` test seam). The fake
 //! keeps its ends of each device's socketpairs and speaks the kernel's NBD dialect on them, so
 //! requests really flow through the daemon's kernel-mode dispatchers. Covers the health round's
 //! recovery (a dead connection reconnected with RECONFIGURE: event, status, metric; a refused
@@ -282,7 +282,7 @@ async fn a_dead_kernel_connection_is_reconnected_by_the_health_round() {
     let (kernel, backend) = fake_kernel(root.path());
     let d = TestDaemon::start_with(false, |c| {
         c.health_interval = Duration::from_millis(100);
-        c.kernel_backend = Some(backend);
+        c.seams.kernel_backend = Some(backend);
     })
     .await;
     let mut c = d.client().await;
@@ -396,7 +396,7 @@ async fn a_refused_reconnect_marks_the_kernel_sandbox_failed() {
     kernel.refuse_reconfigure.store(true, Ordering::SeqCst);
     let d = TestDaemon::start_with(false, |c| {
         c.health_interval = Duration::from_millis(100);
-        c.kernel_backend = Some(backend);
+        c.seams.kernel_backend = Some(backend);
     })
     .await;
     let mut c = d.client().await;
@@ -489,7 +489,7 @@ async fn the_fault_injection_trigger_kills_a_connection_and_the_round_recovers_i
     let (kernel, backend) = fake_kernel(root.path());
     let d = TestDaemon::start_with(false, |c| {
         c.health_interval = Duration::from_millis(100);
-        c.kernel_backend = Some(backend);
+        c.seams.kernel_backend = Some(backend);
         c.fault_injection = true;
     })
     .await;
@@ -532,7 +532,7 @@ async fn the_fault_injection_trigger_does_nothing_when_off() {
     let (kernel, backend) = fake_kernel(root.path());
     let d = TestDaemon::start_with(false, |c| {
         c.health_interval = Duration::from_millis(100);
-        c.kernel_backend = Some(backend);
+        c.seams.kernel_backend = Some(backend);
     })
     .await;
     let mut c = d.client().await;
@@ -568,21 +568,21 @@ async fn a_stuck_kernel_request_marks_the_sandbox_failed() {
 
     let root = tempfile::tempdir().unwrap();
     let (kernel, backend) = fake_kernel(root.path());
-    let d = TestDaemon::start_with(false, |c| {
-        c.health_interval = Duration::from_millis(200);
-        c.stuck_request = Duration::from_secs(1);
-        c.kernel_backend = Some(backend);
-    })
-    .await;
     // The kernel sandbox's overlay is served through a gate the test holds.
     let gate: Arc<Mutex<Option<Arc<GatedDevice>>>> = Arc::default();
     let g = gate.clone();
-    *d.daemon.core().kernel_device_wrapper.lock() =
-        Some(rootfork_provider::DeviceWrapper(Arc::new(move |dev| {
-            let gd = Arc::new(GatedDevice::new(dev));
-            *g.lock().unwrap() = Some(gd.clone());
-            gd
-        })));
+    let d = TestDaemon::start_with(false, move |c| {
+        c.health_interval = Duration::from_millis(200);
+        c.stuck_request = Duration::from_secs(1);
+        c.seams.kernel_backend = Some(backend);
+        c.seams.kernel_device_wrapper =
+            Some(rootfork_provider::DeviceWrapper(Arc::new(move |dev| {
+                let gd = Arc::new(GatedDevice::new(dev));
+                *g.lock().unwrap() = Some(gd.clone());
+                gd
+            })));
+    })
+    .await;
     let mut c = d.client().await;
     let src = make_template(d.dir.path(), "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();

@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::api::v1::TemplateFormat;
+use crate::daemon::model::TemplateFormat;
 use crate::daemon::templates::{TemplateMeta, TemplateStore};
 use crate::error::{DaemonError, Result};
 

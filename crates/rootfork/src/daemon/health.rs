@@ -43,10 +43,10 @@ use std::time::Duration;
 
 use rootfork_provider::{AnyProvider, Provider};
 
-use crate::api::v1::{EventKind, HealthState, SandboxState};
 use crate::daemon::core::Core;
+use crate::daemon::model::{Health, SandboxState};
 use crate::daemon::sandbox::Sandbox;
-use crate::events::EventBus;
+use crate::events::{EventBus, EventKind};
 use crate::metrics::Recovery;
 
 /// Failed checks in a row that mark a sandbox failed.
@@ -138,7 +138,7 @@ async fn reconnect(
             core.events.emit(
                 EventBus::event(EventKind::Health)
                     .sandbox(&sb.id)
-                    .health(HealthState::Healthy)
+                    .health(Health::Healthy)
                     .message(msg),
             );
             Ok(())
@@ -241,23 +241,23 @@ pub async fn round(core: &Core) {
             Ok(()) => {
                 sb.update(|s| {
                     s.failed_checks = 0;
-                    s.health = HealthState::Healthy;
+                    s.health = Health::Healthy;
                 });
-                if before != HealthState::Healthy {
+                if before != Health::Healthy {
                     core.events.emit(
                         EventBus::event(EventKind::Health)
                             .sandbox(&sb.id)
-                            .health(HealthState::Healthy)
+                            .health(Health::Healthy)
                             .message("recovered"),
                     );
                 }
             }
             Err(why) => {
-                let mut health = HealthState::Degraded;
+                let mut health = Health::Degraded;
                 sb.update(|s| {
                     s.failed_checks += 1;
                     if s.failed_checks >= FAILS_TO_MARK_FAILED {
-                        health = HealthState::Failed;
+                        health = Health::Failed;
                     }
                     s.health = health;
                     s.message.clone_from(&why);
@@ -271,7 +271,7 @@ pub async fn round(core: &Core) {
                             .message(why.clone()),
                     );
                 }
-                if health == HealthState::Failed && sb.state() == SandboxState::Running {
+                if health == Health::Failed && sb.state() == SandboxState::Running {
                     core.metrics.health_failed();
                     sb.update(|s| s.state = SandboxState::Failed);
                     core.events.emit(

@@ -15,7 +15,7 @@ use rootfork_kernel::{
 };
 use rootfork_provider::NodePath;
 
-use crate::api::v1::{Device, ListDevicesResponse};
+use crate::daemon::model::{DeviceInfo, DeviceList};
 use crate::error::{DaemonError, Result};
 use crate::events::EventBus;
 
@@ -108,7 +108,7 @@ impl KernelSide {
     /// The attacher (opens the netlink family on first use).
     pub fn attacher(&self) -> Result<Attacher> {
         if let Some(why) = self.unavailable_reason() {
-            return Err(DaemonError::Unavailable(why));
+            return Err(DaemonError::KernelUnavailable(why));
         }
         let pool = self.pool.clone();
         self.attacher
@@ -118,7 +118,7 @@ impl KernelSide {
                     .map_err(|e| format!("cannot open the kernel's nbd netlink family: {e}"))
             })
             .clone()
-            .map_err(DaemonError::Unavailable)
+            .map_err(DaemonError::KernelUnavailable)
     }
 
     /// Cleans up this host's devices and claims left by dead rootfork processes (when the
@@ -148,39 +148,29 @@ impl KernelSide {
     }
 
     /// The device listing.
-    pub fn list(&self) -> ListDevicesResponse {
+    pub fn list(&self) -> DeviceList {
         if let Some(reason) = self.unavailable_reason() {
-            return ListDevicesResponse {
-                available: false,
-                reason,
-                devices: vec![],
-            };
+            return DeviceList::Unavailable(reason);
         }
         match self.pool.list() {
-            Ok(slots) => ListDevicesResponse {
-                available: true,
-                reason: String::new(),
-                devices: slots
+            Ok(slots) => DeviceList::Available(
+                slots
                     .into_iter()
-                    .map(|s| Device {
+                    .map(|s| DeviceInfo {
                         index: s.index,
-                        path: s.device.display().to_string(),
+                        path: s.device,
                         state: serde_json::to_value(s.state)
                             .ok()
                             .and_then(|v| v.as_str().map(str::to_owned))
                             .unwrap_or_default(),
-                        sandbox: s.sandbox.unwrap_or_default(),
-                        backend: s.backend.unwrap_or_default(),
+                        sandbox: s.sandbox,
+                        backend: s.backend,
                         since_unix_ms: s.since_ms.unwrap_or(0) as i64,
-                        owner_pid: s.owner_pid.unwrap_or(0),
+                        owner_pid: s.owner_pid,
                     })
                     .collect(),
-            },
-            Err(e) => ListDevicesResponse {
-                available: false,
-                reason: format!("listing nbd slots failed: {e}"),
-                devices: vec![],
-            },
+            ),
+            Err(e) => DeviceList::Unavailable(format!("listing nbd slots failed: {e}")),
         }
     }
 

@@ -16,19 +16,51 @@
 //! | `api.token` | generated bearer token when TCP is on and no token file is given |
 //!
 //! Sandboxes do not survive a daemon restart: a start removes what a previous run left in
-//! `nbd/`, `cache/`, `paused/` and `tmp/`.
+//! `nbd/`, `cache/`, `paused/`, `tmp/` and `vm/`.
+//!
+//! The daemon by concern:
+//!
+//! | file | concern |
+//! |---|---|
+//! | `mod.rs` | start (state directory, listeners, tasks) and shutdown |
+//! | `state_dir.rs` | the directory lock, per-run leftovers, the TCP token file |
+//! | `core.rs` | the shared state and the helpers every operation uses |
+//! | `actions.rs` | the operations' entry points, each handing off to its owner below |
+//! | `spec.rs` | validated create requests (sandbox and VM specs) and their errors |
+//! | `model.rs` | states and the views the operations return |
+//! | `templates/` | the template store and import / list / delete |
+//! | `lifecycle.rs` | sandbox create and delete, tombstones |
+//! | `disk.rs` | a sandbox's provider: build, bring up, retire |
+//! | `pause.rs` | pause and resume (`diffmerge.rs`: folding two diffs) |
+//! | `vm.rs` | booting and stopping the sandbox's QEMU |
+//! | `sandbox.rs` | one sandbox's record: identity, status, live resources |
+//! | `health.rs` | the periodic health check and recovery |
+//! | `kernel.rs` | the kernel `/dev/nbdN` pool as the daemon sees it |
+//! | `stats.rs` | metrics recording: closed-provider totals, the scrape snapshot |
+//! | `demo.rs` | the demo template of a first start |
+//!
+//! The gRPC edge is `crate::service`: it turns wire messages into these types and back.
 
+mod actions;
 pub mod core;
 pub mod demo;
 pub mod diffmerge;
+mod disk;
 pub mod health;
 pub mod kernel;
+mod lifecycle;
+pub mod model;
+mod pause;
 pub mod sandbox;
+pub mod spec;
+mod state_dir;
+mod stats;
 pub mod templates;
+mod vm;
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,11 +70,11 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use self::core::{Core, Dirs};
+use self::state_dir::{clean_dir, lock_state, read_or_make_token};
 use self::templates::TemplateStore;
-use crate::api::v1::{devices_server, events_server, sandboxes_server, templates_server};
 use crate::config::Config;
 use crate::metrics_http::{self, Bound};
-use crate::service::{Api, BearerCheck};
+use crate::service::{self, Access, Api};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -91,80 +123,6 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-fn clean_dir(dir: &Path) -> Result<usize, StartError> {
-    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    let mut n = 0;
-    for ent in std::fs::read_dir(dir)
-        .map_err(io(format!("reading {}", dir.display())))?
-        .flatten()
-    {
-        let p = ent.path();
-        let r = if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        match r {
-            Ok(()) => n += 1,
-            Err(e) => tracing::warn!(path = %p.display(), "cannot remove a leftover: {e}"),
-        }
-    }
-    Ok(n)
-}
-
-fn lock_state(state: &Path) -> Result<nix::fcntl::Flock<File>, StartError> {
-    let path = state.join("daemon.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io(format!("opening {}", path.display())))?;
-    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(locked) => Ok(locked),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(StartError::Locked(state.to_owned())),
-        Err((_, e)) => Err(StartError::Io {
-            context: format!("locking {}", path.display()),
-            source: e.into(),
-        }),
-    }
-}
-
-fn read_or_make_token(path: &Path, generated: bool) -> Result<String, StartError> {
-    match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
-        Ok(_) => {
-            if !generated {
-                return Err(StartError::Io {
-                    context: format!("token file {} is empty", path.display()),
-                    source: std::io::ErrorKind::InvalidData.into(),
-                });
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && generated => {}
-        Err(e) => return Err(io(format!("reading token file {}", path.display()))(e)),
-    }
-    let mut b = [0u8; 32];
-    {
-        use std::io::Read;
-        File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut b))
-            .map_err(io("reading /dev/urandom"))?;
-    }
-    let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes()))
-        .map_err(io(format!("writing token file {}", path.display())))?;
-    tracing::info!(token_file = %path.display(), "generated a bearer token for the TCP API");
-    Ok(token)
-}
-
 impl Daemon {
     /// Starts a daemon with `config` on the current Tokio runtime.
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
@@ -176,7 +134,7 @@ impl Daemon {
         let lock = lock_state(&state)?;
         let dirs = Dirs::new(&state);
         let mut leftovers = 0;
-        for d in [&dirs.nbd, &dirs.cache, &dirs.paused, &dirs.tmp, &dirs.vm] {
+        for d in dirs.per_run() {
             leftovers += clean_dir(d)?;
         }
         if leftovers > 0 {
@@ -196,10 +154,7 @@ impl Daemon {
                 demo::build(&c.templates, &scratch)
             })
             .await
-            .map_err(|e| StartError::Io {
-                context: "building the demo template".into(),
-                source: std::io::Error::other(e.to_string()),
-            })??;
+            .map_err(|e| crate::error::DaemonError::task("building the demo template", e))??;
         }
         {
             let c = core.clone();
@@ -231,19 +186,13 @@ impl Daemon {
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
             .map_err(io(format!("setting the mode of {}", sock.display())))?;
         {
-            let api = api.clone();
-            let mut rx = stop_rx.clone();
+            let (api, mut rx) = (api.clone(), stop_rx.clone());
             tasks.push(tokio::spawn(async move {
-                let r = tonic::transport::Server::builder()
-                    .add_service(templates_server::TemplatesServer::new(api.clone()))
-                    .add_service(sandboxes_server::SandboxesServer::new(api.clone()))
-                    .add_service(devices_server::DevicesServer::new(api.clone()))
-                    .add_service(events_server::EventsServer::new(api))
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                        let _ = rx.changed().await;
-                    })
-                    .await;
-                if let Err(e) = r {
+                let incoming = UnixListenerStream::new(listener);
+                let stop = async move {
+                    let _ = rx.changed().await;
+                };
+                if let Err(e) = service::serve(api, Access::Local, incoming, stop).await {
                     tracing::error!("API server (unix) failed: {e}");
                 }
             }));
@@ -263,28 +212,13 @@ impl Daemon {
                 .map_err(io(format!("binding TCP {addr}")))?;
             let bound = l.local_addr().map_err(io("TCP local address"))?;
             tcp = Some(bound);
-            let check = BearerCheck::new(&token);
             let mut rx = stop_rx.clone();
             tasks.push(tokio::spawn(async move {
-                let r = tonic::transport::Server::builder()
-                    .add_service(templates_server::TemplatesServer::with_interceptor(
-                        api.clone(),
-                        check.clone(),
-                    ))
-                    .add_service(sandboxes_server::SandboxesServer::with_interceptor(
-                        api.clone(),
-                        check.clone(),
-                    ))
-                    .add_service(devices_server::DevicesServer::with_interceptor(
-                        api.clone(),
-                        check.clone(),
-                    ))
-                    .add_service(events_server::EventsServer::with_interceptor(api, check))
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move {
-                        let _ = rx.changed().await;
-                    })
-                    .await;
-                if let Err(e) = r {
+                let incoming = TcpListenerStream::new(l);
+                let stop = async move {
+                    let _ = rx.changed().await;
+                };
+                if let Err(e) = service::serve(api, Access::bearer(&token), incoming, stop).await {
                     tracing::error!("API server (tcp) failed: {e}");
                 }
             }));

@@ -4,45 +4,12 @@
 //! while different sandboxes proceed in parallel).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rootfork_provider::{AnyProvider, PausedDisk, ProviderKind};
 
-use crate::api::v1::{self, HealthState, SandboxState, VmmSettings};
+use crate::daemon::model::{SandboxInfo, SandboxState, Status};
+use crate::daemon::spec::VmSpec;
 use crate::events::now_unix_ms;
-
-/// What `get` shows.
-#[derive(Debug, Clone)]
-pub struct Status {
-    /// Lifecycle state.
-    pub state: SandboxState,
-    /// When it entered that state.
-    pub since_unix_ms: i64,
-    /// Health.
-    pub health: HealthState,
-    /// The last failure, if any.
-    pub message: String,
-    /// Socket provider: the NBD URI.
-    pub nbd_uri: String,
-    /// Kernel provider: the device node.
-    pub device_path: String,
-    /// Kernel provider: the slot.
-    pub device_index: Option<u32>,
-    /// Create (or last resume) to ready.
-    pub ready_latency: Duration,
-    /// Pauses so far.
-    pub pause_count: u32,
-    /// Bytes of changes held by the last pause.
-    pub paused_diff_bytes: u64,
-    /// Consecutive failed health checks.
-    pub failed_checks: u32,
-    /// The VM's pid, while one runs.
-    pub vm_pid: u32,
-    /// The VM's console file.
-    pub vm_console: String,
-    /// Kernel provider: devices repaired by a health-check reconnect.
-    pub recoveries: u32,
-}
 
 /// The live resources.
 #[derive(Debug, Default)]
@@ -68,21 +35,13 @@ pub struct Sandbox {
     pub template: String,
     /// Its provider kind.
     pub kind: ProviderKind,
-    /// Its VMM settings, if given.
-    pub vmm: Option<VmmSettings>,
+    /// Its VM settings, if given.
+    pub vm: Option<VmSpec>,
     /// Creation time.
     pub created_unix_ms: i64,
     status: parking_lot::Mutex<Status>,
     /// The live resources; held across each lifecycle operation.
     pub live: tokio::sync::Mutex<Live>,
-}
-
-/// The proto enum of a provider kind.
-pub fn kind_proto(k: ProviderKind) -> v1::ProviderKind {
-    match k {
-        ProviderKind::Kernel => v1::ProviderKind::Kernel,
-        _ => v1::ProviderKind::Socket,
-    }
 }
 
 impl Sandbox {
@@ -91,31 +50,16 @@ impl Sandbox {
         id: String,
         template: String,
         kind: ProviderKind,
-        vmm: Option<VmmSettings>,
+        vm: Option<VmSpec>,
     ) -> Arc<Sandbox> {
         let now = now_unix_ms();
         Arc::new(Sandbox {
             id,
             template,
             kind,
-            vmm,
+            vm,
             created_unix_ms: now,
-            status: parking_lot::Mutex::new(Status {
-                state: SandboxState::Creating,
-                since_unix_ms: now,
-                health: HealthState::Unspecified,
-                message: String::new(),
-                nbd_uri: String::new(),
-                device_path: String::new(),
-                device_index: None,
-                ready_latency: Duration::ZERO,
-                pause_count: 0,
-                paused_diff_bytes: 0,
-                failed_checks: 0,
-                vm_pid: 0,
-                vm_console: String::new(),
-                recoveries: 0,
-            }),
+            status: parking_lot::Mutex::new(Status::new(now)),
             live: tokio::sync::Mutex::new(Live::default()),
         })
     }
@@ -145,9 +89,8 @@ impl Sandbox {
         self.state() != SandboxState::Deleted
     }
 
-    /// The API view; overlay counters are read from `live` when it is free.
-    pub fn to_proto(&self) -> v1::Sandbox {
-        let s = self.status();
+    /// What `get` shows; overlay counters are read from `live` when it is free.
+    pub fn info(&self) -> SandboxInfo {
         let (mut written, mut data_blocks) = (0, 0);
         if let Ok(live) = self.live.try_lock() {
             if let Some(stats) = live.provider.as_ref().and_then(overlay_stats) {
@@ -155,26 +98,15 @@ impl Sandbox {
                 data_blocks = stats.blocks_data;
             }
         }
-        v1::Sandbox {
+        SandboxInfo {
             id: self.id.clone(),
             template: self.template.clone(),
-            provider: kind_proto(self.kind) as i32,
-            state: s.state as i32,
-            nbd_uri: s.nbd_uri,
-            device_path: s.device_path,
+            provider: self.kind,
+            vm: self.vm.clone(),
             created_unix_ms: self.created_unix_ms,
-            state_since_unix_ms: s.since_unix_ms,
-            health: s.health as i32,
-            message: s.message,
-            vmm: self.vmm.clone(),
-            create_to_ready_us: s.ready_latency.as_micros() as u64,
+            status: self.status(),
             overlay_bytes_written: written,
             overlay_data_blocks: data_blocks,
-            paused_diff_bytes: s.paused_diff_bytes,
-            pause_count: s.pause_count,
-            vm_pid: s.vm_pid,
-            vm_console: s.vm_console,
-            recoveries: s.recoveries,
         }
     }
 }

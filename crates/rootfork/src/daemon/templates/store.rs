@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::v1::{Template, TemplateFormat};
-use crate::error::{DaemonError, Result};
+use crate::daemon::model::{TemplateFormat, TemplateInfo};
+use crate::error::{DaemonError, ImportError, Result};
 use crate::events::now_unix_ms;
 use crate::names;
 
@@ -55,13 +55,6 @@ pub fn detect_format(file: &mut File) -> std::io::Result<TemplateFormat> {
     } else {
         TemplateFormat::Raw
     })
-}
-
-fn format_name(f: TemplateFormat) -> &'static str {
-    match f {
-        TemplateFormat::Ext4 => "ext4",
-        _ => "raw",
-    }
 }
 
 impl TemplateStore {
@@ -130,24 +123,20 @@ impl TemplateStore {
         self.map.lock().values().cloned().collect()
     }
 
-    /// The API view of a record.
-    pub fn to_proto(&self, m: &TemplateMeta, sandboxes: u32) -> Template {
+    /// What `list` shows of a record, used by `sandboxes` sandboxes.
+    pub fn info(&self, m: &TemplateMeta, sandboxes: u32) -> TemplateInfo {
         let path = self.image_path(&m.name);
         let allocated = std::fs::metadata(&path)
             .map(|md| md.blocks() * 512)
             .unwrap_or(0);
-        Template {
+        TemplateInfo {
             name: m.name.clone(),
             size_bytes: m.size_bytes,
-            format: if m.format == "ext4" {
-                TemplateFormat::Ext4
-            } else {
-                TemplateFormat::Raw
-            } as i32,
+            format: TemplateFormat::from_name(&m.format),
             allocated_bytes: allocated,
             created_unix_ms: m.created_unix_ms,
             sandboxes,
-            path: path.display().to_string(),
+            path,
         }
     }
 
@@ -156,19 +145,14 @@ impl TemplateStore {
     pub fn begin_import(&self, name: &str, source: &Path) -> Result<(File, u64)> {
         names::template_name(name)?;
         if !source.is_absolute() {
-            return Err(DaemonError::InvalidArgument(format!(
-                "source path {} must be absolute (it is opened by the daemon)",
-                source.display()
-            )));
+            return Err(ImportError::NotAbsolute(source.to_owned()).into());
         }
         let file = File::open(source).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                DaemonError::InvalidArgument(format!("source {} does not exist", source.display()))
-            }
-            _ => DaemonError::InvalidArgument(format!(
-                "cannot open source {}: {e}",
-                source.display()
-            )),
+            std::io::ErrorKind::NotFound => ImportError::Missing(source.to_owned()),
+            _ => ImportError::Unreadable {
+                path: source.to_owned(),
+                source: e,
+            },
         })?;
         let md = file
             .metadata()
@@ -180,16 +164,14 @@ impl TemplateStore {
         } else if md.is_file() {
             md.len()
         } else {
-            return Err(DaemonError::InvalidArgument(format!(
-                "source {} is neither a regular file nor a block device",
-                source.display()
-            )));
+            return Err(ImportError::NotFileOrDevice(source.to_owned()).into());
         };
         if size == 0 || size % TEMPLATE_ALIGN != 0 {
-            return Err(DaemonError::InvalidArgument(format!(
-                "source {} is {size} bytes; a template must be a non-empty multiple of {TEMPLATE_ALIGN} bytes",
-                source.display()
-            )));
+            return Err(ImportError::BadSize {
+                path: source.to_owned(),
+                size,
+            }
+            .into());
         }
         let map = self.map.lock();
         let mut importing = self.importing.lock();
@@ -261,7 +243,7 @@ impl TemplateStore {
             let meta = TemplateMeta {
                 name: name.to_owned(),
                 size_bytes: size,
-                format: format_name(format).to_owned(),
+                format: format.as_str().to_owned(),
                 created_unix_ms: now_unix_ms(),
                 source: source.to_owned(),
             };

@@ -1,0 +1,206 @@
+//! A sandbox's birth and death: create (register, attach the disk, boot the VM; a failure leaves
+//! nothing behind) and delete (VM first, then the disk, then the paused diffs; the record stays
+//! as a tombstone for a while so late calls get a precise answer).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use rootfork_block::TemplatePath;
+use rootfork_provider::{BaseImage, Provider, ProviderKind};
+
+use crate::daemon::core::Core;
+use crate::daemon::disk;
+use crate::daemon::model::{SandboxInfo, SandboxState};
+use crate::daemon::sandbox::Sandbox;
+use crate::daemon::spec::SandboxSpec;
+use crate::daemon::vm;
+use crate::error::{DaemonError, Result};
+use crate::events::{EventBus, EventKind};
+use crate::names;
+
+/// Deleted sandboxes remembered (state DELETED) so that late calls get a precise answer.
+const TOMBSTONES: usize = 1024;
+
+/// The most recently deleted sandboxes, oldest first.
+#[derive(Debug, Default)]
+pub struct Tombstones(parking_lot::Mutex<VecDeque<Arc<Sandbox>>>);
+
+/// `sb-` and 16 random hex digits.
+fn random_id() -> String {
+    let mut b = [0u8; 8];
+    if read_urandom(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id());
+        b = t.to_le_bytes();
+    }
+    format!("sb-{}", hex(&b))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn read_urandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+/// Creates a sandbox from `spec` and waits until its disk is served and its VM (if any) booted.
+pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
+    let spec = spec.validated()?;
+    names::template_name(&spec.template)?;
+    let id = spec.id.clone().unwrap_or_else(random_id);
+    names::sandbox_id(&id)?;
+    if spec.provider == ProviderKind::Kernel {
+        if let Some(why) = core.kernel.unavailable_reason() {
+            return Err(DaemonError::KernelUnavailable(why));
+        }
+    }
+    // The new sandbox's lifecycle lock is taken before it is published, so a concurrent
+    // delete (or pause) of the same id waits for this create to finish or fail.
+    let sb = Sandbox::new(id.clone(), spec.template.clone(), spec.provider, spec.vm);
+    let mut live = sb
+        .live
+        .try_lock()
+        .expect("nobody else holds the lock of a sandbox not yet published");
+    {
+        let templates = core.templates.map.lock();
+        if !templates.contains_key(&spec.template) {
+            return Err(DaemonError::TemplateNotFound(spec.template));
+        }
+        let mut map = core.sandboxes.write();
+        if map.get(&id).is_some_and(|s| s.is_live()) {
+            return Err(DaemonError::SandboxExists(id));
+        }
+        map.insert(id.clone(), sb.clone());
+    }
+    core.events.emit(
+        EventBus::event(EventKind::Sandbox)
+            .sandbox(&id)
+            .template(&sb.template)
+            .state(SandboxState::Creating),
+    );
+    let base = BaseImage::Template(TemplatePath::new(core.templates.image_path(&sb.template)));
+    let r = async {
+        let mut provider =
+            disk::bring_up(core, &sb, disk::provider_for(core, &sb, base, 0)?).await?;
+        match vm::boot(core, &sb, &provider).await {
+            Ok(vm) => Ok((provider, vm)),
+            Err(e) => {
+                if let Err(ce) = provider.close().await {
+                    tracing::warn!(sandbox = %sb.id, "closing after a failed VM boot: {ce}");
+                }
+                Err(e)
+            }
+        }
+    }
+    .await;
+    match r {
+        Ok((provider, vm)) => {
+            live.provider = Some(provider);
+            live.vm = vm;
+            live.generation = 1;
+            core.set_state(&sb, SandboxState::Running, None);
+            drop(live);
+            tracing::info!(sandbox = %id, template = %sb.template, provider = %sb.kind, "sandbox created");
+            Ok(sb.info())
+        }
+        Err(e) => {
+            // A failed create changes nothing: forget the sandbox entirely.
+            sb.update(|s| s.state = SandboxState::Deleted);
+            drop(live);
+            let mut map = core.sandboxes.write();
+            if map.get(&id).is_some_and(|s| Arc::ptr_eq(s, &sb)) {
+                map.remove(&id);
+            }
+            drop(map);
+            core.events.emit(
+                EventBus::event(EventKind::Error)
+                    .sandbox(&id)
+                    .message(format!("create failed: {e}")),
+            );
+            Err(e)
+        }
+    }
+}
+
+/// Deletes a sandbox and everything it holds. `Ok(false)` when there was nothing to delete.
+pub async fn delete(core: &Core, id: &str) -> Result<bool> {
+    names::sandbox_id(id)?;
+    let Some(sb) = core.lookup(id) else {
+        return Ok(false);
+    };
+    let mut live = sb.live.lock().await;
+    if sb.state() == SandboxState::Deleted {
+        return Ok(false);
+    }
+    core.set_state(&sb, SandboxState::Deleting, None);
+    if let Some(v) = live.vm.take() {
+        // The VM goes first: the disk is closed under nobody.
+        vm::stop(core, &sb, v).await;
+    }
+    if let Some(mut p) = live.provider.take() {
+        if let Err(e) = disk::retire(core, &sb, &mut p).await {
+            tracing::warn!(sandbox = id, "closing the provider: {e}");
+            core.metrics
+                .error("delete_sandbox", DaemonError::from(e).errno());
+        }
+    }
+    live.paused = None;
+    for f in live.files.drain(..) {
+        if let Err(e) = std::fs::remove_file(&f) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %f.display(), "removing a paused diff: {e}");
+            }
+        }
+    }
+    sb.update(|s| s.clear_device());
+    core.set_state(&sb, SandboxState::Deleted, None);
+    drop(live);
+    remember_deleted(core, sb);
+    tracing::info!(sandbox = id, "sandbox deleted");
+    Ok(true)
+}
+
+/// Keeps `sb` as a tombstone, forgetting the oldest beyond [`TOMBSTONES`].
+fn remember_deleted(core: &Core, sb: Arc<Sandbox>) {
+    let mut t = core.tombstones.0.lock();
+    t.push_back(sb);
+    while t.len() > TOMBSTONES {
+        let Some(old) = t.pop_front() else {
+            break;
+        };
+        let mut map = core.sandboxes.write();
+        if map.get(&old.id).is_some_and(|s| Arc::ptr_eq(s, &old)) {
+            map.remove(&old.id);
+        }
+    }
+}
+
+/// Deletes every sandbox (shutdown).
+pub async fn delete_all(core: &Core) {
+    let ids: Vec<String> = core.sandboxes.read().keys().cloned().collect();
+    for id in ids {
+        if let Err(e) = core.delete_sandbox(&id).await {
+            tracing::warn!(sandbox = %id, "deleting at shutdown: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_valid_and_distinct() {
+        let a = random_id();
+        let b = random_id();
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            assert!(names::sandbox_id(id).is_ok(), "{id}");
+            assert_eq!(id.len(), 3 + 16);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The state directory at start: its lock (one daemon per directory), removing what a previous
+//! run left in the per-run directories, and the TCP bearer token file.
+
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use super::{io, StartError};
+
+pub(super) fn clean_dir(dir: &Path) -> Result<usize, StartError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let mut n = 0;
+    for ent in std::fs::read_dir(dir)
+        .map_err(io(format!("reading {}", dir.display())))?
+        .flatten()
+    {
+        let p = ent.path();
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        match r {
+            Ok(()) => n += 1,
+            Err(e) => tracing::warn!(path = %p.display(), "cannot remove a leftover: {e}"),
+        }
+    }
+    Ok(n)
+}
+
+pub(super) fn lock_state(state: &Path) -> Result<nix::fcntl::Flock<File>, StartError> {
+    let path = state.join("daemon.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => Ok(locked),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(StartError::Locked(state.to_owned())),
+        Err((_, e)) => Err(StartError::Io {
+            context: format!("locking {}", path.display()),
+            source: e.into(),
+        }),
+    }
+}
+
+pub(super) fn read_or_make_token(path: &Path, generated: bool) -> Result<String, StartError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {
+            if !generated {
+                return Err(StartError::Io {
+                    context: format!("token file {} is empty", path.display()),
+                    source: std::io::ErrorKind::InvalidData.into(),
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && generated => {}
+        Err(e) => return Err(io(format!("reading token file {}", path.display()))(e)),
+    }
+    let mut b = [0u8; 32];
+    {
+        use std::io::Read;
+        File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .map_err(io("reading /dev/urandom"))?;
+    }
+    let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes()))
+        .map_err(io(format!("writing token file {}", path.display())))?;
+    tracing::info!(token_file = %path.display(), "generated a bearer token for the TCP API");
+    Ok(token)
+}
