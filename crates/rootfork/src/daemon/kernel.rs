@@ -175,12 +175,8 @@ impl KernelSide {
     }
 
     /// Whether slot `index` is still connected in sysfs.
-    pub fn slot_connected(&self, index: u32) -> std::result::Result<bool, String> {
-        self.pool
-            .sysfs()
-            .slot(index)
-            .map(|s| s.connected())
-            .map_err(|e| format!("reading sysfs of nbd{index}: {e}"))
+    pub fn slot_connected(&self, index: u32) -> std::io::Result<bool> {
+        self.pool.sysfs().slot(index).map(|s| s.connected())
     }
 
     /// Milliseconds now, on the pool's clock.

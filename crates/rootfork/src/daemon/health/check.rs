@@ -1,0 +1,209 @@
+//! One sandbox's health check: reap an exited VM, repair dead kernel connections (then inject a
+//! fault if asked), look for a stuck request, and check the device itself (sysfs for the kernel
+//! provider, a handshake probe for the socket provider). What fails is a [`CheckFailure`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rootfork_provider::{AnyProvider, Provider, ProviderError};
+
+use super::probe::{probe_nbd_socket, ProbeError};
+use crate::daemon::core::Core;
+use crate::daemon::model::{Health, SandboxState};
+use crate::daemon::sandbox::Sandbox;
+use crate::events::{EventBus, EventKind};
+use crate::metrics::Recovery;
+
+/// Why a sandbox failed its check.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckFailure {
+    /// The provider no longer reports its device ready.
+    #[error("provider no longer ready: {0}")]
+    NotReady(ProviderError),
+    /// Dead kernel connections could not be replaced.
+    #[error("{dead} of {connections} connection(s) of {device} dead; reconnecting with RECONFIGURE failed: {}", chain(.error))]
+    ReconnectFailed {
+        /// Dead connections.
+        dead: usize,
+        /// All connections.
+        connections: usize,
+        /// The device node.
+        device: String,
+        /// Why the reconnect failed.
+        error: ProviderError,
+    },
+    /// A request has waited for the server too long.
+    #[error("an NBD request has been stuck for {:.1}s (limit {}s)", .age.as_secs_f64(), .limit.as_secs_f64())]
+    RequestStuck {
+        /// How long the oldest request has waited.
+        age: Duration,
+        /// `health.stuck_request_secs`.
+        limit: Duration,
+    },
+    /// sysfs says the kernel slot is no longer connected.
+    #[error("nbd{0} is no longer connected")]
+    SlotDisconnected(u32),
+    /// sysfs could not be read.
+    #[error("reading sysfs of nbd{index}: {source}")]
+    Sysfs {
+        /// The slot.
+        index: u32,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A kernel sandbox without a slot index.
+    #[error("no device index")]
+    NoDeviceIndex,
+    /// A socket sandbox without a socket.
+    #[error("no NBD socket")]
+    NoSocket,
+    /// The socket probe failed.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    /// The probe's task did not return.
+    #[error("{0}")]
+    ProbeTask(String),
+}
+
+fn socket_of(uri: &str) -> Option<PathBuf> {
+    uri.split_once("socket=").map(|(_, p)| PathBuf::from(p))
+}
+
+/// An error with its sources, `: `-separated.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
+}
+
+/// Fault injection: acts on `STATE/faults/kill-connection.ID` if present.
+fn inject_faults(core: &Core, sb: &Sandbox, provider: &AnyProvider) {
+    let trigger = core.faults_dir().join(format!("kill-connection.{}", sb.id));
+    if std::fs::remove_file(&trigger).is_err() {
+        return;
+    }
+    match provider.inject_connection_failure() {
+        Ok(true) => {
+            tracing::warn!(sandbox = %sb.id, "fault injection: shut down one kernel connection")
+        }
+        Ok(false) => tracing::warn!(sandbox = %sb.id, "fault injection: no live connection"),
+        Err(e) => tracing::warn!(sandbox = %sb.id, "fault injection: {e}"),
+    }
+}
+
+/// Replaces a kernel sandbox's dead connections with `NBD_CMD_RECONFIGURE`; records a success
+/// (event, status, metric) and describes a failure.
+async fn reconnect(
+    core: &Core,
+    sb: &Sandbox,
+    provider: &mut AnyProvider,
+    dead: usize,
+    connections: usize,
+) -> Result<(), CheckFailure> {
+    let device = sb.status().device_path;
+    match provider.reconnect().await {
+        Ok(0) => Ok(()),
+        Ok(n) => {
+            let msg = format!("reconnected {n} connection(s) of {device} with RECONFIGURE");
+            tracing::info!(sandbox = %sb.id, "{msg}");
+            sb.update(|s| {
+                s.recoveries += 1;
+                s.message.clone_from(&msg);
+            });
+            core.metrics.recovery(Recovery::Reconnected);
+            core.events.emit(
+                EventBus::event(EventKind::Health)
+                    .sandbox(&sb.id)
+                    .health(Health::Healthy)
+                    .message(msg),
+            );
+            Ok(())
+        }
+        Err(e) => {
+            core.metrics.recovery(Recovery::ReconnectFailed);
+            Err(CheckFailure::ReconnectFailed {
+                dead,
+                connections,
+                device,
+                error: e,
+            })
+        }
+    }
+}
+
+/// Checks one sandbox; `None` when it was busy or not running.
+pub(super) async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), CheckFailure>> {
+    if sb.state() != SandboxState::Running {
+        return None;
+    }
+    let mut live = sb.live.try_lock().ok()?;
+    // A VM that has exited (the guest powered off, or QEMU died) is reaped and reported; the
+    // disk stays served.
+    if let Some(vm) = live.vm.as_mut() {
+        if let Ok(Some(exit)) = vm.try_exit() {
+            let msg = format!("the VM exited ({}) after {:?}", exit.status, exit.elapsed);
+            live.vm = None;
+            sb.update(|s| {
+                s.vm_pid = 0;
+                s.message.clone_from(&msg);
+            });
+            core.events.emit(
+                EventBus::event(EventKind::Sandbox)
+                    .sandbox(&sb.id)
+                    .state(SandboxState::Running)
+                    .message(msg),
+            );
+        }
+    }
+    let provider = live.provider.as_mut()?;
+    if let Err(e) = provider.path(Duration::ZERO, std::future::ready(())).await {
+        return Some(Err(CheckFailure::NotReady(e)));
+    }
+    if let Some(h) = provider.connection_health() {
+        if h.dead > 0 {
+            if let Err(why) = reconnect(core, sb, provider, h.dead, h.connections).await {
+                return Some(Err(why));
+            }
+        }
+    }
+    if core.config.fault_injection {
+        // After the recovery step, so the fault stands until the next round (a failure
+        // between rounds, as in life).
+        inject_faults(core, sb, provider);
+    }
+    let provider = &*provider;
+    if let Some(age) = provider.oldest_request_age() {
+        let limit = core.stuck_request();
+        if age > limit {
+            return Some(Err(CheckFailure::RequestStuck { age, limit }));
+        }
+    }
+    let status = sb.status();
+    let r = match provider {
+        AnyProvider::Kernel(_) => match status.device_index {
+            Some(index) => match core.kernel.slot_connected(index) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(CheckFailure::SlotDisconnected(index)),
+                Err(source) => Err(CheckFailure::Sysfs { index, source }),
+            },
+            None => Err(CheckFailure::NoDeviceIndex),
+        },
+        _ => {
+            let Some(sock) = socket_of(&status.nbd_uri) else {
+                return Some(Err(CheckFailure::NoSocket));
+            };
+            drop(live);
+            let t = core.probe_timeout();
+            match tokio::task::spawn_blocking(move || probe_nbd_socket(&sock, t)).await {
+                Ok(r) => r.map_err(CheckFailure::from),
+                Err(e) => Err(CheckFailure::ProbeTask(e.to_string())),
+            }
+        }
+    };
+    Some(r)
+}

@@ -1,0 +1,128 @@
+//! The periodic health check of every served sandbox.
+//!
+//! * socket provider: the provider must still report its device ready, and the export must
+//!   answer: the probe connects to the sandbox's NBD socket, reads the server's newstyle greeting
+//!   (`NBDMAGIC` `IHAVEOPT`), sends `NBD_OPT_ABORT` and hangs up, all within the probe timeout —
+//!   so a dead or wedged accept/handshake thread is caught;
+//! * kernel provider: the provider must still report its device ready, every connection's
+//!   dispatcher must be alive — a dead one is *recovered* first (below) — and sysfs must show the
+//!   slot connected (`pid` present);
+//! * no request stuck (both providers): the oldest NBD request waiting for the server or
+//!   dispatcher (received, queued or executing on the device, reply not yet queued; see
+//!   rootfork-nbd's `oldest_request_age`) must not have waited longer than
+//!   `health.stuck_request_secs`.
+//!
+//! Recovery: when a kernel sandbox has dead connections (a dispatcher finished: its socket hit
+//! an I/O error or its thread ended), the round replaces them with fresh sockets and dispatchers
+//! handed to the kernel with `NBD_CMD_RECONFIGURE` (`KernelProvider::reconnect`). Success is a
+//! HEALTH event and the sandbox's `message` ("reconnected N connection(s) of /dev/nbdX with
+//! RECONFIGURE"), its `recoveries` count and `rootfork_health_recoveries_total{result=
+//! "reconnected"}`; the rest of the check then runs as usual. A failed reconnect fails the check
+//! with the error (`result="reconnect_failed"`), and the next round tries again. The kernel holds
+//! I/O on a dead connection for `kernel.dead_conn_timeout_secs` (default 30 s, longer than the
+//! health interval), so the guest sees a pause, not an error, when a round repairs it in time.
+//!
+//! One failed check marks the sandbox DEGRADED; a second consecutive one marks it FAILED (its
+//! state too; `result="marked_failed"`) with the reason, and both are events. A passing check
+//! after DEGRADED makes it HEALTHY again.
+//!
+//! Fault injection (`debug.fault_injection`, off by default, for testing recovery): a file
+//! `STATE/faults/kill-connection.ID` makes the round remove it and shut down one connection of
+//! kernel sandbox ID (`KernelProvider::inject_connection_failure`) after its recovery step, so
+//! the dead connection stands until the next round's recovery.
+//!
+//! A sandbox whose lifecycle lock is held (an operation in progress) is skipped for that round.
+//! The same round reaps a sandbox's QEMU when it has exited (pid cleared, reason in the message,
+//! a `SANDBOX` event); the disk stays served.
+
+mod check;
+mod probe;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::daemon::core::Core;
+use crate::daemon::model::{Health, SandboxState};
+use crate::daemon::sandbox::Sandbox;
+use crate::events::{EventBus, EventKind};
+
+pub use check::CheckFailure;
+pub use probe::{probe_nbd_socket, ProbeError};
+
+/// Failed checks in a row that mark a sandbox failed.
+pub const FAILS_TO_MARK_FAILED: u32 = 2;
+
+/// Runs one round over every sandbox.
+pub async fn round(core: &Core) {
+    let all: Vec<Arc<Sandbox>> = core.sandboxes.read().values().cloned().collect();
+    for sb in all {
+        let Some(r) = check::check(core, &sb).await else {
+            continue;
+        };
+        core.metrics.health_check(r.is_ok());
+        let before = sb.status().health;
+        match r {
+            Ok(()) => {
+                sb.update(|s| {
+                    s.failed_checks = 0;
+                    s.health = Health::Healthy;
+                });
+                if before != Health::Healthy {
+                    core.events.emit(
+                        EventBus::event(EventKind::Health)
+                            .sandbox(&sb.id)
+                            .health(Health::Healthy)
+                            .message("recovered"),
+                    );
+                }
+            }
+            Err(failure) => {
+                let why = failure.to_string();
+                let mut health = Health::Degraded;
+                sb.update(|s| {
+                    s.failed_checks += 1;
+                    if s.failed_checks >= FAILS_TO_MARK_FAILED {
+                        health = Health::Failed;
+                    }
+                    s.health = health;
+                    s.message.clone_from(&why);
+                });
+                tracing::warn!(sandbox = %sb.id, health = ?health, "health check failed: {why}");
+                if health != before {
+                    core.events.emit(
+                        EventBus::event(EventKind::Health)
+                            .sandbox(&sb.id)
+                            .health(health)
+                            .message(why.clone()),
+                    );
+                }
+                if health == Health::Failed && sb.state() == SandboxState::Running {
+                    core.metrics.health_failed();
+                    sb.update(|s| s.state = SandboxState::Failed);
+                    core.events.emit(
+                        EventBus::event(EventKind::Sandbox)
+                            .sandbox(&sb.id)
+                            .state(SandboxState::Failed)
+                            .message(why),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The checker task: a round every `interval` until `stop` fires.
+pub async fn run(
+    core: Arc<Core>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => round(&core).await,
+            _ = stop.changed() => return,
+        }
+    }
+}
