@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use hyper::Method;
-use rootfork_vmm::double::{validate, Spec};
+use rootfork_fc_double::{validate, Spec};
 use rootfork_vmm::firecracker::models::*;
 use rootfork_vmm::firecracker::{
     root_drive_body, ApiError, FirecrackerClient, RootDriveOptions, VmmCommand, VmmProcess,
@@ -27,7 +27,7 @@ struct Running {
 async fn start() -> Running {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let cmd = VmmCommand::new(env!("CARGO_BIN_EXE_rootfork-fc-double"))
+    let cmd = VmmCommand::new(double_binary())
         .arg("--api-sock")
         .arg(&sock)
         .arg("--spec")
@@ -582,7 +582,7 @@ fn the_spec_loads_with_every_operation_the_client_uses() {
 
 /// Builds a value satisfying `schema`: every property when `full`, only the required ones
 /// otherwise.
-fn sample(spec: &Spec, schema: &rootfork_vmm::double::Schema, full: bool) -> serde_json::Value {
+fn sample(spec: &Spec, schema: &rootfork_fc_double::Schema, full: bool) -> serde_json::Value {
     use serde_json::{json, Value};
     if let Some(r) = &schema.reference {
         return sample(spec, spec.resolve(r).unwrap(), full);
@@ -615,7 +615,7 @@ fn sample(spec: &Spec, schema: &rootfork_vmm::double::Schema, full: bool) -> ser
 
 #[test]
 fn the_validator_accepts_valid_and_rejects_broken_bodies_for_every_operation() {
-    use rootfork_vmm::double::Schema;
+    use rootfork_fc_double::Schema;
     let spec = Spec::load(&spec_path()).unwrap();
     let mut checked = 0;
     for item in &spec.paths {

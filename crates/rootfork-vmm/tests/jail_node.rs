@@ -98,7 +98,7 @@ async fn jailed_vmm_opens_the_mknod_node_as_the_jail_user() {
     let (_t, template) = template(dir.path());
     let cfg = JailerConfig {
         jailer,
-        firecracker: env!("CARGO_BIN_EXE_rootfork-fc-double").into(),
+        firecracker: double_binary(),
         id: "jailed_vm".into(),
         owner: JailOwner {
             uid: 40123,

@@ -31,9 +31,14 @@ pub fn spec_path() -> PathBuf {
     path
 }
 
+/// The `rootfork-fc-double` executable (built by `cargo build` on first use).
+pub fn double_binary() -> PathBuf {
+    rootfork_fc_double::binary_path().unwrap()
+}
+
 /// The double's command line (the launcher adds `--api-sock` and `--id`).
 pub fn double_command(report: &Path) -> VmmCommand {
-    VmmCommand::new(env!("CARGO_BIN_EXE_rootfork-fc-double"))
+    VmmCommand::new(double_binary())
         .arg("--spec")
         .arg(spec_path())
         .arg("--report")
@@ -105,7 +110,7 @@ pub fn kernel(dir: &Path) -> String {
 
 /// Reads the double's report.
 pub fn report(path: &Path) -> Vec<Value> {
-    rootfork_vmm::double::read_report(path).unwrap()
+    rootfork_fc_double::read_report(path).unwrap()
 }
 
 /// The `open` events of a report.

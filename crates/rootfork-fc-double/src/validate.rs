@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::spec::{Additional, Schema, Spec};
+use crate::spec::{Additional, Schema, Spec};
 
 /// Validates `value` against `schema`; the error names the JSON path of the first problem.
 pub fn validate(spec: &Spec, schema: &Schema, value: &Value) -> Result<(), String> {

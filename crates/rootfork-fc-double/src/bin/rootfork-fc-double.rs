@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use rootfork_vmm::double::{serve, Double, Reporter, Spec};
+use rootfork_fc_double::{serve, Double, Reporter, Spec};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 

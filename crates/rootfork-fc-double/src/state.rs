@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use super::report::Reporter;
-use crate::identity::FileIdentity;
+use crate::report::Reporter;
+use rootfork_vmm::FileIdentity;
 
 /// Marker key of the double's snapshot files (they are not real Firecracker snapshots).
 pub const SNAPSHOT_MAGIC: &str = "rootfork_fc_double_snapshot";

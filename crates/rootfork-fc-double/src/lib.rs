@@ -1,0 +1,30 @@
+//! A Firecracker API double for rootfork's tests (no Firecracker binary can be installed on CI
+//! hosts). This is a development crate: nothing that ships depends on it.
+//!
+//! It serves the API on a Unix socket ([`serve`]), validates every request against a
+//! description of Firecracker's API ([`Spec`], [`validate()`]) — path and method exist, the body
+//! is JSON, required fields present, no unknown fields, types, enums and bounds match, through
+//! `$ref`s — and answers `400 {"fault_message": ...}` like Firecracker when they do not. Valid
+//! requests go to a model of the VMM ([`DoubleState`]) that enforces Firecracker's ordering
+//! rules and opens `path_on_host` as Firecracker does (read-write unless read-only, following
+//! symlinks, size by seeking to the end), keeping the descriptor open so that
+//! `/proc/<pid>/fd` shows it. What it opened is reported on a side channel ([`Reporter`]),
+//! never through an extra API endpoint.
+//!
+//! Tests of other crates start the binary found by [`binary_path`].
+
+mod binary;
+mod double;
+mod report;
+mod server;
+mod spec;
+mod state;
+mod validate;
+
+pub use binary::{binary_path, BinaryError, BINARY_NAME};
+pub use double::{Answer, Double, MAX_BODY};
+pub use report::{read_report, Reporter};
+pub use server::serve;
+pub use spec::{Additional, Operation, Parameter, PathItem, Schema, Spec, SpecError};
+pub use state::{is_double_snapshot, DoubleState, Phase, Reply, SNAPSHOT_MAGIC};
+pub use validate::validate;
