@@ -2,7 +2,9 @@
 //! hosts). This is a development crate: nothing that ships depends on it.
 //!
 //! It serves the API on a Unix socket ([`serve`]), validates every request against a
-//! description of Firecracker's API ([`Spec`], [`validate()`]) — path and method exist, the body
+//! description of Firecracker's API ([`Spec`], [`validate()`]) — by default rootfork's own
+//! ([`api::description`], Firecracker [`API_VERSION`]), optionally a full Swagger document
+//! ([`Spec::load`]), the two kept in agreement by [`compare()`] — path and method exist, the body
 //! is JSON, required fields present, no unknown fields, types, enums and bounds match, through
 //! `$ref`s — and answers `400 {"fault_message": ...}` like Firecracker when they do not. Valid
 //! requests go to a model of the VMM ([`DoubleState`]) that enforces Firecracker's ordering
@@ -13,18 +15,27 @@
 //!
 //! Tests of other crates start the binary found by [`binary_path`].
 
+pub mod api;
 mod binary;
+pub mod builder;
+mod compare;
 mod double;
 mod report;
 mod server;
 mod spec;
 mod state;
+mod swagger;
 mod validate;
 
+pub use api::{description, API_VERSION};
 pub use binary::{binary_path, BinaryError, BINARY_NAME};
+pub use compare::{compare, Disagreement};
 pub use double::{Answer, Double, MAX_BODY};
 pub use report::{read_report, Reporter};
 pub use server::serve;
-pub use spec::{Additional, Operation, Parameter, PathItem, Schema, Spec, SpecError};
-pub use state::{is_double_snapshot, DoubleState, Phase, Reply, SNAPSHOT_MAGIC};
+pub use spec::{Additional, Operation, Parameter, PathItem, Schema, Spec};
+pub use state::{
+    is_double_snapshot, DoubleState, Phase, Reply, MODELLED_OPERATIONS, SNAPSHOT_MAGIC,
+};
+pub use swagger::{external_spec_path, SpecError, SPEC_ENV};
 pub use validate::validate;

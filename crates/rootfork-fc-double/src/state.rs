@@ -18,6 +18,40 @@ use rootfork_vmm::FileIdentity;
 /// Marker key of the double's snapshot files (they are not real Firecracker snapshots).
 pub const SNAPSHOT_MAGIC: &str = "rootfork_fc_double_snapshot";
 
+/// The operation ids the model answers (the others are valid per the description but refused
+/// with "does not model").
+pub const MODELLED_OPERATIONS: &[&str] = &[
+    "describeInstance",
+    "getFirecrackerVersion",
+    "createSyncAction",
+    "putGuestBootSource",
+    "putGuestDriveByID",
+    "patchGuestDriveByID",
+    "getMachineConfiguration",
+    "putMachineConfiguration",
+    "patchMachineConfiguration",
+    "putGuestNetworkInterfaceByID",
+    "patchGuestNetworkInterfaceByID",
+    "createSnapshot",
+    "loadSnapshot",
+    "patchVm",
+    "putLogger",
+    "putMetrics",
+    "putMmds",
+    "patchMmds",
+    "getMmds",
+    "putMmdsConfig",
+    "getExportVmConfig",
+    "putGuestVsock",
+    "putEntropyDevice",
+    "putSerialDevice",
+    "putCpuConfiguration",
+    "putBalloon",
+    "putMemoryHotplug",
+    "putGuestPmemByID",
+    "describeBalloonConfig",
+];
+
 /// The guest phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
