@@ -1,5 +1,5 @@
 //! A small DSL for writing an API description as Rust data: schema constructors ([`string`],
-//! [`integer`], [`reference`], ...), named definitions ([`object`] with `required`/`optional`
+//! [`integer`], [`reference()`], ...), named definitions ([`object`] with `required`/`optional`
 //! properties), endpoints ([`endpoint`] with an optional body definition), and [`ApiBuilder`],
 //! which assembles them into the [`Spec`] the double validates against.
 //!

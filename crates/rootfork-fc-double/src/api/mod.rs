@@ -2,8 +2,8 @@
 //! API documentation as Rust data with the [`crate::builder`] DSL: every path and method, its
 //! body definition, and every definition's properties, types, required fields, enums and bounds.
 //! The double validates against it by default, so the repository tests on its own; a full
-//! Swagger document can still be loaded instead ([`crate::swagger`]), and the cross-check
-//! ([`crate::compare`], run when `$ROOTFORK_FC_SPEC` names one) keeps the two in agreement.
+//! Swagger document can still be loaded instead ([`Spec::load`]), and the cross-check
+//! ([`crate::compare()`], run when `$ROOTFORK_FC_SPEC` names one) keeps the two in agreement.
 
 mod definitions;
 mod endpoints;
