@@ -3,10 +3,9 @@
 //! The root drive's path types ([`DevicePath`], [`ReadyDevice`], [`StableDrivePath`],
 //! [`RootDrive`]) make configuring a VMM with a template path a compile error; the
 //! [`firecracker`] module adds the run-time check on what the VMM process really opened.
-//! [`double`] is a Firecracker API double validated against Firecracker's OpenAPI spec, used
-//! by the tests (and by the `rootfork-fc-double` binary).
+//! The tests run Firecracker's API against a double, the development crate
+//! `rootfork-fc-double`, which is not part of what ships.
 
-pub mod double;
 mod drive;
 pub mod firecracker;
 mod identity;

@@ -1,7 +1,8 @@
-//! The double refuses what Firecracker's spec forbids (unknown paths and methods, non-JSON
+//! The double refuses what Firecracker's API forbids (unknown paths and methods, non-JSON
 //! bodies, missing required fields, unknown fields, wrong types, bad enums, nested `$ref`
 //! violations) with `400 {"fault_message": ...}`, enforces Firecracker's ordering rules, and
-//! every model this crate sends validates against the spec.
+//! every model this crate sends validates against the API description (the built-in one, and
+//! also the Swagger document `$ROOTFORK_FC_SPEC` names when it is set).
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use hyper::Method;
-use rootfork_vmm::double::{validate, Spec};
+use rootfork_fc_double::{validate, Spec};
 use rootfork_vmm::firecracker::models::*;
 use rootfork_vmm::firecracker::{
     root_drive_body, ApiError, FirecrackerClient, RootDriveOptions, VmmCommand, VmmProcess,
@@ -27,11 +28,9 @@ struct Running {
 async fn start() -> Running {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let cmd = VmmCommand::new(env!("CARGO_BIN_EXE_rootfork-fc-double"))
+    let cmd = VmmCommand::new(double_binary())
         .arg("--api-sock")
         .arg(&sock)
-        .arg("--spec")
-        .arg(spec_path())
         .arg("--report")
         .arg(dir.path().join("report.jsonl"));
     let mut proc = VmmProcess::spawn(&cmd, None, &dir.path().join("log")).unwrap();
@@ -265,12 +264,11 @@ async fn firecracker_ordering_rules_are_enforced() {
         serde_json::json!({"a": {"b": 1, "d": "x"}})
     );
     assert_eq!(c.get_machine_config().await.unwrap().mem_size_mib, 64);
-    assert!(c
-        .version()
-        .await
-        .unwrap()
-        .firecracker_version
-        .contains("double"));
+    // The double reports the API version it validates against.
+    let version = c.version().await.unwrap().firecracker_version;
+    assert_eq!(version, format!("{}-rootfork-fc-double", served_version()));
+    let info = c.describe_instance().await.unwrap();
+    assert_eq!(info.vmm_version, version);
     let _ = &r.dir_path;
 }
 
@@ -381,7 +379,13 @@ fn check_model<T: Serialize>(spec: &Spec, definition: &str, value: &T) {
 
 #[test]
 fn every_model_validates_against_the_spec() {
-    let spec = Spec::load(&spec_path()).unwrap();
+    for (name, spec) in specs() {
+        println!("models against the {name} description");
+        every_model_validates(&spec);
+    }
+}
+
+fn every_model_validates(spec: &Spec) {
     let bucket = TokenBucket {
         size: 1000,
         refill_time: 100,
@@ -392,7 +396,7 @@ fn every_model_validates_against_the_spec() {
         ops: Some(bucket),
     };
     check_model(
-        &spec,
+        spec,
         "BootSource",
         &BootSource {
             kernel_image_path: "/k".into(),
@@ -417,9 +421,9 @@ fn every_model_validates_against_the_spec() {
     );
     assert_eq!(body.path_on_host.as_deref(), Some("/fc-vm/rootfs.ext4"));
     assert_eq!(body.is_read_only, Some(true));
-    check_model(&spec, "Drive", &body);
+    check_model(spec, "Drive", &body);
     check_model(
-        &spec,
+        spec,
         "PartialDrive",
         &PartialDrive {
             drive_id: "rootfs".into(),
@@ -428,7 +432,7 @@ fn every_model_validates_against_the_spec() {
         },
     );
     check_model(
-        &spec,
+        spec,
         "MachineConfiguration",
         &MachineConfiguration {
             vcpu_count: 2,
@@ -440,7 +444,7 @@ fn every_model_validates_against_the_spec() {
         },
     );
     check_model(
-        &spec,
+        spec,
         "NetworkInterface",
         &NetworkInterface {
             iface_id: "eth0".into(),
@@ -452,7 +456,7 @@ fn every_model_validates_against_the_spec() {
         },
     );
     check_model(
-        &spec,
+        spec,
         "PartialNetworkInterface",
         &PartialNetworkInterface {
             iface_id: "eth0".into(),
@@ -466,13 +470,13 @@ fn every_model_validates_against_the_spec() {
         ActionType::FlushMetrics,
     ] {
         check_model(
-            &spec,
+            spec,
             "InstanceActionInfo",
             &InstanceActionInfo { action_type },
         );
     }
     check_model(
-        &spec,
+        spec,
         "SnapshotCreateParams",
         &SnapshotCreateParams {
             snapshot_path: "/s".into(),
@@ -481,7 +485,7 @@ fn every_model_validates_against_the_spec() {
         },
     );
     check_model(
-        &spec,
+        spec,
         "SnapshotLoadParams",
         &SnapshotLoadParams {
             snapshot_path: "/s".into(),
@@ -499,10 +503,10 @@ fn every_model_validates_against_the_spec() {
         },
     );
     for state in [VmState::Paused, VmState::Resumed] {
-        check_model(&spec, "Vm", &Vm { state });
+        check_model(spec, "Vm", &Vm { state });
     }
     check_model(
-        &spec,
+        spec,
         "Logger",
         &Logger {
             log_path: Some("/l".into()),
@@ -513,7 +517,7 @@ fn every_model_validates_against_the_spec() {
         },
     );
     check_model(
-        &spec,
+        spec,
         "Metrics",
         &Metrics {
             metrics_path: "/m".into(),
@@ -521,7 +525,7 @@ fn every_model_validates_against_the_spec() {
         },
     );
     check_model(
-        &spec,
+        spec,
         "MmdsConfig",
         &MmdsConfig {
             network_interfaces: vec!["eth0".into()],
@@ -530,7 +534,7 @@ fn every_model_validates_against_the_spec() {
         },
     );
     check_model(
-        &spec,
+        spec,
         "InstanceInfo",
         &InstanceInfo {
             app_name: "Firecracker".into(),
@@ -540,7 +544,7 @@ fn every_model_validates_against_the_spec() {
         },
     );
     check_model(
-        &spec,
+        spec,
         "FirecrackerVersion",
         &FirecrackerVersion {
             firecracker_version: "1.0".into(),
@@ -549,8 +553,14 @@ fn every_model_validates_against_the_spec() {
 }
 
 #[test]
-fn the_spec_loads_with_every_operation_the_client_uses() {
-    let spec = Spec::load(&spec_path()).unwrap();
+fn the_spec_has_every_operation_the_client_uses() {
+    for (name, spec) in specs() {
+        println!("client operations in the {name} description");
+        has_every_client_operation(&spec);
+    }
+}
+
+fn has_every_client_operation(spec: &Spec) {
     for (method, path) in [
         ("GET", "/"),
         ("GET", "/version"),
@@ -578,93 +588,4 @@ fn the_spec_loads_with_every_operation_the_client_uses() {
         assert!(item.operations.contains_key(method), "{method} {path}");
     }
     assert!(spec.find_path("/mmds/config").unwrap().0.template == "/mmds/config");
-}
-
-/// Builds a value satisfying `schema`: every property when `full`, only the required ones
-/// otherwise.
-fn sample(spec: &Spec, schema: &rootfork_vmm::double::Schema, full: bool) -> serde_json::Value {
-    use serde_json::{json, Value};
-    if let Some(r) = &schema.reference {
-        return sample(spec, spec.resolve(r).unwrap(), full);
-    }
-    if let Some(e) = schema.enumeration.as_ref().and_then(|e| e.first()) {
-        return serde_json::to_value(e).unwrap();
-    }
-    match schema.ty.as_deref() {
-        Some("string") => json!("x"),
-        Some("boolean") => json!(true),
-        Some("integer") | Some("number") => json!(schema.minimum.unwrap_or(1.0).max(1.0) as i64),
-        Some("array") => Value::Array(
-            schema
-                .items
-                .as_ref()
-                .map(|i| vec![sample(spec, i, full)])
-                .unwrap_or_default(),
-        ),
-        _ => {
-            let mut map = serde_json::Map::new();
-            for (k, p) in &schema.properties {
-                if full || schema.required.contains(k) {
-                    map.insert(k.clone(), sample(spec, p, full));
-                }
-            }
-            Value::Object(map)
-        }
-    }
-}
-
-#[test]
-fn the_validator_accepts_valid_and_rejects_broken_bodies_for_every_operation() {
-    use rootfork_vmm::double::Schema;
-    let spec = Spec::load(&spec_path()).unwrap();
-    let mut checked = 0;
-    for item in &spec.paths {
-        for (method, op) in &item.operations {
-            let Some(schema) = op.body().and_then(|b| b.schema.as_ref()) else {
-                continue;
-            };
-            let what = format!("{method} {}", item.template);
-            let resolved: &Schema = match &schema.reference {
-                Some(r) => spec.resolve(r).unwrap(),
-                None => schema,
-            };
-            for full in [false, true] {
-                let body = sample(&spec, schema, full);
-                validate(&spec, schema, &body)
-                    .unwrap_or_else(|e| panic!("{what}: valid {body} refused: {e}"));
-            }
-            let full = sample(&spec, schema, true);
-            let serde_json::Value::Object(map) = &full else {
-                continue;
-            };
-            for req in &resolved.required {
-                let mut broken = map.clone();
-                broken.remove(req);
-                let e = validate(&spec, schema, &broken.into()).unwrap_err();
-                assert!(e.contains(&format!("missing field `{req}`")), "{what}: {e}");
-            }
-            if resolved.additional.is_none() {
-                let mut broken = map.clone();
-                broken.insert("zz_not_in_the_spec".into(), serde_json::json!(1));
-                let e = validate(&spec, schema, &broken.into()).unwrap_err();
-                assert!(
-                    e.contains("unknown field `zz_not_in_the_spec`"),
-                    "{what}: {e}"
-                );
-            }
-            for (k, v) in map {
-                let wrong = if v.is_string() {
-                    serde_json::json!(17)
-                } else {
-                    serde_json::json!("not the right type")
-                };
-                let mut broken = map.clone();
-                broken.insert(k.clone(), wrong);
-                let e = validate(&spec, schema, &broken.into()).unwrap_err();
-                assert!(e.contains(&format!("body.{k}")), "{what}: {e}");
-            }
-            checked += 1;
-        }
-    }
-    assert!(checked >= 20, "only {checked} operations with bodies found");
 }

@@ -1,7 +1,9 @@
-//! Typed request and response bodies of the Firecracker API (see `reference/firecracker.yaml`).
+//! Typed request and response bodies of the Firecracker API. The tests check every model against
+//! the API description of the dev crate `rootfork-fc-double` (`src/api/`).
 //!
 //! Optional fields are `Option`s skipped when `None`, so a request never carries a JSON `null`
-//! (Firecracker's parser rejects `null` for most fields). Field names follow the spec exactly.
+//! (Firecracker's parser rejects `null` for most fields). Field names follow Firecracker's API
+//! exactly.
 
 use serde::{Deserialize, Serialize};
 

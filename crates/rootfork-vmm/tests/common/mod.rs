@@ -1,5 +1,7 @@
-//! Shared fixtures of the Firecracker integration tests: the spec's location, a loop device
-//! standing in for `/dev/nbdN`, a template file, and the double's command line.
+//! Shared fixtures of the Firecracker integration tests: the API descriptions, a loop device
+//! standing in for `/dev/nbdN`, a template file, and the double's command line (the double uses
+//! its built-in description of Firecracker's API, or the Swagger document `$ROOTFORK_FC_SPEC`
+//! names).
 
 #![allow(dead_code)]
 
@@ -7,37 +9,35 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rootfork_block::TemplatePath;
+use rootfork_fc_double::Spec;
 use rootfork_vmm::firecracker::{TemplateIdentity, VmmCommand};
 use rootfork_vmm::{DevicePath, ReadyDevice};
 use serde_json::Value;
 
-/// Firecracker's OpenAPI spec: `$ROOTFORK_FC_SPEC`, else `<repo>/../shared/reference/...`.
-/// A missing spec fails the test: the double cannot validate anything without it.
-pub fn spec_path() -> PathBuf {
-    let path = std::env::var_os("ROOTFORK_FC_SPEC")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/reference/firecracker.yaml"
-            ))
-        });
-    assert!(
-        path.is_file(),
-        "Firecracker API spec not found at {} — put shared/reference/firecracker.yaml beside the \
-         repository or set ROOTFORK_FC_SPEC",
-        path.display()
-    );
-    path
+/// The API descriptions the tests validate against: the built-in one always, and the full
+/// Swagger document `$ROOTFORK_FC_SPEC` names when it is set.
+pub fn specs() -> Vec<(String, Spec)> {
+    let mut specs = vec![("built-in".to_owned(), rootfork_fc_double::description())];
+    if let Some(path) = rootfork_fc_double::external_spec_path() {
+        specs.push((path.display().to_string(), Spec::load(&path).unwrap()));
+    }
+    specs
+}
+
+/// The version the double reports: the external spec's when one is set, else the built-in
+/// description's.
+pub fn served_version() -> String {
+    specs().pop().map(|(_, s)| s.version).unwrap_or_default()
+}
+
+/// The `rootfork-fc-double` executable (built by `cargo build` on first use).
+pub fn double_binary() -> PathBuf {
+    rootfork_fc_double::binary_path().unwrap()
 }
 
 /// The double's command line (the launcher adds `--api-sock` and `--id`).
 pub fn double_command(report: &Path) -> VmmCommand {
-    VmmCommand::new(env!("CARGO_BIN_EXE_rootfork-fc-double"))
-        .arg("--spec")
-        .arg(spec_path())
-        .arg("--report")
-        .arg(report)
+    VmmCommand::new(double_binary()).arg("--report").arg(report)
 }
 
 /// A loop device over a sparse file; detached (and the file removed) on drop.
@@ -105,7 +105,7 @@ pub fn kernel(dir: &Path) -> String {
 
 /// Reads the double's report.
 pub fn report(path: &Path) -> Vec<Value> {
-    rootfork_vmm::double::read_report(path).unwrap()
+    rootfork_fc_double::read_report(path).unwrap()
 }
 
 /// The `open` events of a report.

@@ -1,17 +1,18 @@
 //! `rootfork-fc-double`: a Firecracker API double for tests. Serves the API on `--api-sock`,
-//! validating every request against `--spec` (Firecracker's OpenAPI yaml), and writes what it
-//! opened to `--report` (JSON lines) or stdout.
+//! validating every request against the built-in description of Firecracker's API (or, with
+//! `--spec` / `$ROOTFORK_FC_SPEC`, a full Swagger document), and writes what it opened to
+//! `--report` (JSON lines) or stdout.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use rootfork_vmm::double::{serve, Double, Reporter, Spec};
+use rootfork_fc_double::{description, serve, Double, Reporter, Spec};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Command line (a subset of Firecracker's, plus the spec and report paths).
+/// Command line (a subset of Firecracker's, plus the optional spec and the report path).
 #[derive(Debug, Parser)]
 #[command(
     name = "rootfork-fc-double",
@@ -21,9 +22,10 @@ struct Args {
     /// Path of the API Unix socket to create.
     #[arg(long)]
     api_sock: PathBuf,
-    /// Firecracker's OpenAPI (Swagger 2.0) yaml.
+    /// A full Swagger 2.0 document of Firecracker's API to validate against instead of the
+    /// built-in description.
     #[arg(long, env = "ROOTFORK_FC_SPEC")]
-    spec: PathBuf,
+    spec: Option<PathBuf>,
     /// Where to write the JSON-lines report (default: stdout).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -35,7 +37,10 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let spec = Spec::load(&args.spec)?;
+    let spec = match &args.spec {
+        Some(path) => Spec::load(path)?,
+        None => description(),
+    };
     let reporter = Reporter::new(args.report.as_deref())
         .with_context(|| format!("cannot open the report file {:?}", args.report))?;
     let double = Arc::new(Double::new(spec, args.id, reporter));

@@ -1,31 +1,15 @@
-//! A Firecracker API double for tests (no Firecracker binary can be installed on CI hosts).
-//!
-//! It serves the API on a Unix socket ([`serve`]), validates every request against
-//! Firecracker's OpenAPI document ([`Spec`], [`validate()`]) — path and method exist, the body is
-//! JSON, required fields present, no unknown fields, types, enums and bounds match, through
-//! `$ref`s — and answers `400 {"fault_message": ...}` like Firecracker when they do not. Valid
-//! requests go to a model of the VMM ([`DoubleState`]) that enforces Firecracker's ordering
-//! rules and opens `path_on_host` as Firecracker does (read-write unless read-only, following
-//! symlinks, size by seeking to the end), keeping the descriptor open so that
-//! `/proc/<pid>/fd` shows it. What it opened is reported on a side channel ([`Reporter`]),
-//! never through an extra API endpoint.
-
-mod report;
-mod server;
-mod spec;
-mod state;
-mod validate;
+//! The double itself: each request is matched against the API description, its body validated,
+//! and, when valid, handed to the model of the VMM ([`DoubleState`]); the answer is reported.
 
 use std::collections::BTreeMap;
 
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
-pub use report::{read_report, Reporter};
-pub use server::serve;
-pub use spec::{Additional, Operation, Parameter, PathItem, Schema, Spec, SpecError};
-pub use state::{is_double_snapshot, DoubleState, Phase, Reply, SNAPSHOT_MAGIC};
-pub use validate::validate;
+use crate::report::Reporter;
+use crate::spec::Spec;
+use crate::state::{DoubleState, Reply};
+use crate::validate::validate;
 
 /// Largest request body accepted (Firecracker's default API payload limit).
 pub const MAX_BODY: usize = 51_200;

@@ -12,11 +12,45 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use super::report::Reporter;
-use crate::identity::FileIdentity;
+use crate::report::Reporter;
+use rootfork_vmm::FileIdentity;
 
 /// Marker key of the double's snapshot files (they are not real Firecracker snapshots).
 pub const SNAPSHOT_MAGIC: &str = "rootfork_fc_double_snapshot";
+
+/// The operation ids the model answers (the others are valid per the description but refused
+/// with "does not model").
+pub const MODELLED_OPERATIONS: &[&str] = &[
+    "describeInstance",
+    "getFirecrackerVersion",
+    "createSyncAction",
+    "putGuestBootSource",
+    "putGuestDriveByID",
+    "patchGuestDriveByID",
+    "getMachineConfiguration",
+    "putMachineConfiguration",
+    "patchMachineConfiguration",
+    "putGuestNetworkInterfaceByID",
+    "patchGuestNetworkInterfaceByID",
+    "createSnapshot",
+    "loadSnapshot",
+    "patchVm",
+    "putLogger",
+    "putMetrics",
+    "putMmds",
+    "patchMmds",
+    "getMmds",
+    "putMmdsConfig",
+    "getExportVmConfig",
+    "putGuestVsock",
+    "putEntropyDevice",
+    "putSerialDevice",
+    "putCpuConfiguration",
+    "putBalloon",
+    "putMemoryHotplug",
+    "putGuestPmemByID",
+    "describeBalloonConfig",
+];
 
 /// The guest phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

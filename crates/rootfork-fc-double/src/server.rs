@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::UnixListener;
 
-use super::{Answer, Double, MAX_BODY};
+use crate::double::{Answer, Double, MAX_BODY};
 
 async fn respond(double: Arc<Double>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_owned();

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::spec::{Additional, Schema, Spec};
+use crate::spec::{Additional, Schema, Spec};
 
 /// Validates `value` against `schema`; the error names the JSON path of the first problem.
 pub fn validate(spec: &Spec, schema: &Schema, value: &Value) -> Result<(), String> {
@@ -23,22 +23,17 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn enum_matches(allowed: &serde_yaml::Value, v: &Value) -> bool {
+fn enum_matches(allowed: &Value, v: &Value) -> bool {
     match (allowed, v) {
-        (serde_yaml::Value::String(a), Value::String(b)) => a == b,
-        (serde_yaml::Value::Bool(a), Value::Bool(b)) => a == b,
-        (serde_yaml::Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-        _ => false,
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (a, b) => a == b,
     }
 }
 
-fn enum_text(allowed: &serde_yaml::Value) -> String {
+fn enum_text(allowed: &Value) -> String {
     match allowed {
-        serde_yaml::Value::String(s) => s.clone(),
-        other => serde_yaml::to_string(other)
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -1,32 +1,10 @@
-//! Loading Firecracker's OpenAPI (Swagger 2.0) document into what the double needs: the paths
-//! with their operations, each operation's body schema, and the schema definitions.
+//! What the double knows of an API: the paths with their operations, each operation's body
+//! schema, and the schema definitions, in Swagger 2.0's shape. It comes from the built-in
+//! description ([`crate::api`]) or from a Swagger document ([`crate::swagger`]).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-
-/// Errors loading the spec.
-#[derive(Debug, thiserror::Error)]
-pub enum SpecError {
-    /// The file could not be read.
-    #[error("cannot read the Firecracker API spec {path}: {source}")]
-    Read {
-        /// The path.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The YAML is malformed or not shaped like a Swagger 2.0 document.
-    #[error("cannot parse the Firecracker API spec {path}: {reason}")]
-    Parse {
-        /// The path.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-}
 
 /// `additionalProperties`: a flag or a schema for the extra values.
 #[derive(Debug, Clone, Deserialize)]
@@ -60,7 +38,7 @@ pub struct Schema {
     pub items: Option<Box<Schema>>,
     /// Allowed values.
     #[serde(rename = "enum")]
-    pub enumeration: Option<Vec<serde_yaml::Value>>,
+    pub enumeration: Option<Vec<serde_json::Value>>,
     /// Inclusive lower bound.
     pub minimum: Option<f64>,
     /// Inclusive upper bound.
@@ -119,6 +97,35 @@ enum Segment {
 }
 
 impl PathItem {
+    /// A path item for `template` (`{name}` segments are parameters).
+    pub fn new(template: impl Into<String>, operations: BTreeMap<String, Operation>) -> Self {
+        let template = template.into();
+        let segments = template
+            .trim_start_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(
+                |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    Some(p) => Segment::Param(p.to_owned()),
+                    None => Segment::Literal(s.to_owned()),
+                },
+            )
+            .collect();
+        PathItem {
+            template,
+            segments,
+            operations,
+        }
+    }
+
+    /// The names of the path parameters, in order.
+    pub fn parameters(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Param(p) => Some(p.as_str()),
+            Segment::Literal(_) => None,
+        })
+    }
+
     /// Matches a request path, returning the path parameters.
     pub fn matches(&self, path: &str) -> Option<BTreeMap<String, String>> {
         let parts: Vec<&str> = if path == "/" {
@@ -144,20 +151,7 @@ impl PathItem {
     }
 }
 
-#[derive(Deserialize)]
-struct Document {
-    swagger: String,
-    info: Info,
-    paths: BTreeMap<String, BTreeMap<String, serde_yaml::Value>>,
-    definitions: BTreeMap<String, Schema>,
-}
-
-#[derive(Deserialize)]
-struct Info {
-    version: String,
-}
-
-/// The loaded spec.
+/// An API description.
 #[derive(Debug, Clone)]
 pub struct Spec {
     /// `info.version`.
@@ -168,64 +162,7 @@ pub struct Spec {
     pub definitions: BTreeMap<String, Schema>,
 }
 
-const METHODS: &[&str] = &["get", "put", "patch", "post", "delete", "head", "options"];
-
 impl Spec {
-    /// Reads and parses the spec at `path`.
-    pub fn load(path: &Path) -> Result<Self, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|reason| SpecError::Parse {
-            path: path.to_owned(),
-            reason,
-        })
-    }
-
-    /// Parses a spec document.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let doc: Document = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
-        if doc.swagger != "2.0" {
-            return Err(format!("expected swagger 2.0, found {:?}", doc.swagger));
-        }
-        let mut paths = Vec::new();
-        for (template, item) in doc.paths {
-            let mut operations = BTreeMap::new();
-            for (method, value) in item {
-                if !METHODS.contains(&method.as_str()) {
-                    continue;
-                }
-                let op: Operation = serde_yaml::from_value(value)
-                    .map_err(|e| format!("{method} {template}: {e}"))?;
-                operations.insert(method.to_ascii_uppercase(), op);
-            }
-            let segments = template
-                .trim_start_matches('/')
-                .split('/')
-                .filter(|s| !s.is_empty())
-                .map(
-                    |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                        Some(p) => Segment::Param(p.to_owned()),
-                        None => Segment::Literal(s.to_owned()),
-                    },
-                )
-                .collect();
-            paths.push(PathItem {
-                template,
-                segments,
-                operations,
-            });
-        }
-        let spec = Spec {
-            version: doc.info.version,
-            paths,
-            definitions: doc.definitions,
-        };
-        spec.check_refs()?;
-        Ok(spec)
-    }
-
     /// Resolves `#/definitions/Name`.
     pub fn resolve(&self, reference: &str) -> Option<&Schema> {
         reference
@@ -246,7 +183,8 @@ impl Spec {
         best
     }
 
-    fn check_refs(&self) -> Result<(), String> {
+    /// Checks that every `$ref` resolves.
+    pub fn check_refs(&self) -> Result<(), String> {
         fn walk(spec: &Spec, s: &Schema, at: &str) -> Result<(), String> {
             if let Some(r) = &s.reference {
                 if spec.resolve(r).is_none() {
@@ -275,63 +213,5 @@ impl Spec {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINI: &str = r##"
-swagger: "2.0"
-info: { version: "9" }
-paths:
-  /:
-    get: { operationId: describe, responses: { 200: { description: ok } } }
-  /drives/{drive_id}:
-    put:
-      operationId: putDrive
-      parameters:
-        - { name: drive_id, in: path, required: true, type: string }
-        - { name: body, in: body, required: true, schema: { $ref: "#/definitions/D" } }
-  /drives/special:
-    get: { operationId: special }
-definitions:
-  D: { type: object, properties: { x: { type: string } } }
-"##;
-
-    #[test]
-    fn paths_match_with_parameters_and_literals_win() {
-        let spec = Spec::parse(MINI).unwrap();
-        assert_eq!(spec.version, "9");
-        let (item, params) = spec.find_path("/drives/rootfs").unwrap();
-        assert_eq!(item.template, "/drives/{drive_id}");
-        assert_eq!(params["drive_id"], "rootfs");
-        let op = &item.operations["PUT"];
-        assert_eq!(op.operation_id, "putDrive");
-        assert!(op.body().unwrap().required);
-        assert_eq!(
-            spec.find_path("/drives/special").unwrap().0.template,
-            "/drives/special"
-        );
-        assert!(spec.find_path("/drives/").is_none());
-        assert!(spec.find_path("/drives/a/b").is_none());
-        assert_eq!(spec.find_path("/").unwrap().0.template, "/");
-    }
-
-    #[test]
-    fn malformed_specs_are_refused() {
-        assert!(
-            Spec::parse("swagger: \"3.0\"\ninfo: {version: x}\npaths: {}\ndefinitions: {}")
-                .unwrap_err()
-                .contains("2.0")
-        );
-        let bad_ref = MINI.replace("#/definitions/D", "#/definitions/Nope");
-        assert!(Spec::parse(&bad_ref).unwrap_err().contains("unresolved"));
-        assert!(Spec::parse("not: [yaml").is_err());
-        assert!(matches!(
-            Spec::load(Path::new("/nonexistent/firecracker.yaml")),
-            Err(SpecError::Read { .. })
-        ));
     }
 }
