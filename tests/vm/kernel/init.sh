@@ -206,9 +206,8 @@ fi
 # stats) for 1 connection with and without dead_conn_timeout and 2 connections, a request in
 # flight at the kill, a spare socket, kill/reconnect churn, close with every connection dead.
 # One PASS/FAIL line per test (libtest's captured output keeps its `test ... ok` lines whole;
-# --show-output prints what the passing tests printed).
-vm_kernel --skip probe:: --skip timing:: --show-output > /tmp/vm_kernel.out 2>&1
-cat /tmp/vm_kernel.out
+# --show-output prints what the passing tests printed). Shown as it runs: a hang names its test.
+vm_kernel --skip probe:: --skip timing:: --show-output 2>&1 | tee /tmp/vm_kernel.out
 libtest_results /tmp/vm_kernel.out vm_kernel
 
 # --- 5. every slot quiescent, nothing claimed -------------------------------------------------
@@ -218,8 +217,7 @@ for d in /sys/block/nbd*; do n=${d#/sys/block/nbd}; quiescent $n || { ok=0; echo
 
 # --- 6. timing: attach latency (cold, close, warm) and reconnect cycles, apart from the checks ---
 # They print `LATENCY ...` lines and check only that the runs worked.
-vm_kernel timing:: --show-output > /tmp/vm_timing.out 2>&1
-cat /tmp/vm_timing.out
+vm_kernel timing:: --show-output 2>&1 | tee /tmp/vm_timing.out
 libtest_results /tmp/vm_timing.out vm_kernel
 
 finish
