@@ -5,8 +5,6 @@
 //! Submodules: `killable` (a dispatcher whose connections the test can kill), `direct` (aligned
 //! buffers and `O_DIRECT` I/O on the device).
 
-#![allow(dead_code)] // each test target uses part of this
-
 pub mod direct;
 pub mod killable;
 
