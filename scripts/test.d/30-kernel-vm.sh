@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Kernel-in-the-loop tests: /dev/nbdN through Debian's kernel and nbd.ko inside a QEMU TCG VM
-# (netlink connect, sysfs, ext4, 8 devices at once, SIGKILL + reclaim, classified refusal, attach
-# latency). The whole harness is tests/vm/kernel/run.sh; see docs/kernel.md.
+# (netlink connect, sysfs, ext4, 8 devices at once, SIGKILL + reclaim, classified refusal,
+# reconnect; the Rust checks are rootfork-kernel's vm_kernel test, run with --ignored in the VM),
+# then the timing tests (attach and reconnect latency). The whole harness is
+# tests/vm/kernel/run.sh; see docs/kernel.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for tool in cpio gzip strip busybox; do

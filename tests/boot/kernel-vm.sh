@@ -23,21 +23,19 @@ mkdir -p "$T"/{bin,lib/modules,proc,sys,dev,tmp,run}
 cp /bin/busybox "$T/bin/busybox"
 strip --strip-debug -o "$T/bin/kernel_vm" "$BIN"
 cp "$MODDIR/kernel/drivers/block/nbd.ko" "$T/lib/modules/"
+# The shared guest helpers (setup, insmod, power-off): tests/vm/guest-lib.sh.
+cp tests/vm/guest-lib.sh "$T/lib/guest-lib.sh"
 cat > "$T/init" <<'EOI'
 #!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
+. /lib/guest-lib.sh
+guest_setup kernel-vm
+mount -t tmpfs tmpfs /tmp
 export ROOTFORK_HOST_ID=kernel-vm RUST_LOG=warn
-if insmod /lib/modules/nbd.ko nbds_max=8; then
-  dd if=/dev/urandom of=/tmp/template.img bs=1048576 count=16 2>/dev/null
-  mkdir -p /tmp/work
-  /bin/kernel_vm /tmp/template.img /tmp/work
-else
-  echo "FAIL insmod: nbd.ko did not load"; echo "RESULT pass=0 fail=1"
-fi
-sync; poweroff -f
+guest_insmod_nbd 8
+dd if=/dev/urandom of=/tmp/template.img bs=1048576 count=16 2>/dev/null
+mkdir -p /tmp/work
+/bin/kernel_vm /tmp/template.img /tmp/work
+guest_poweroff
 EOI
 chmod +x "$T/init"
 (cd "$T" && find . | cpio -o -H newc --quiet | gzip -1) > "$WORK/initrd.gz"

@@ -1,11 +1,14 @@
 # Shared steps of the kernel-in-the-loop VM suites (tests/vm/kernel, tests/vm/daemon), sourced by
-# their run.sh: the static release build, the busybox initramfs, and booting Debian's cloud kernel
-# under QEMU TCG with the verdict read from the serial log (`PASS`/`FAIL` lines and a final
-# `RESULT pass=N fail=M`). Needs `eval "$(tests/vm/assets.sh)"` first (QEMU, KERNEL, MODDIR).
+# their run.sh: the static release build (binaries, and test binaries via `cargo test --no-run`),
+# the busybox initramfs with the guest helpers (tests/vm/guest-lib.sh, sourced by every /init),
+# and booting Debian's cloud kernel under QEMU TCG with the verdict read from the serial log
+# (`PASS`/`FAIL` lines and a final `RESULT pass=N fail=M`). Needs `eval "$(tests/vm/assets.sh)"`
+# first (QEMU, KERNEL, MODDIR).
 
 VM_TRIPLE=x86_64-unknown-linux-gnu
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 VM_REL=$CARGO_TARGET_DIR/$VM_TRIPLE/release
+VM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # vm_build NAME CARGO_BUILD_ARGS...: a statically linked release build, unless
 # ROOTFORK_VM_SKIP_BUILD=1. An explicit --target keeps build scripts and proc-macros dynamic.
@@ -16,10 +19,32 @@ vm_build() {
   RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release --target $VM_TRIPLE "$@"
 }
 
-# vm_tree TREE: the initramfs skeleton with busybox and nbd.ko.
+# vm_build_test NAME CARGO_TEST_ARGS...: a statically linked release test binary
+# (`cargo test --no-run --message-format=json`; CARGO_TEST_ARGS must select one test target, e.g.
+# `-p rootfork-kernel --test vm_kernel`), copied to $VM_REL/vm-tests/<target name> (so
+# ROOTFORK_VM_SKIP_BUILD=1 finds it) for vm_install_static TREE vm-tests/<target name>.
+vm_build_test() {
+  local name=$1; shift
+  [ "${ROOTFORK_VM_SKIP_BUILD:-0}" = 1 ] && return 0
+  echo "$name: building static test binaries" >&2
+  local json exe target
+  json=$(RUSTFLAGS='-C target-feature=+crt-static' cargo test -q --no-run --release \
+    --target $VM_TRIPLE --message-format=json "$@") || return 1
+  # The compiler artifact of the test harness ("profile":{...,"test":true}); its "executable" is
+  # the path, named <target>-<hash>. (One JSON message per line; plain grep/sed, no jq needed.)
+  exe=$(echo "$json" | grep '"reason":"compiler-artifact"' | grep '"test":true' \
+    | grep -o '"executable":"[^"]*"' | tail -n 1 | sed 's/^"executable":"//; s/"$//')
+  target=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
+  [ -n "$exe" ] && [ -x "$exe" ] || { echo "$name: no test executable in cargo's output" >&2; return 1; }
+  mkdir -p "$VM_REL/vm-tests"
+  cp "$exe" "$VM_REL/vm-tests/$target"
+}
+
+# vm_tree TREE: the initramfs skeleton with busybox, nbd.ko and /lib/guest-lib.sh.
 vm_tree() {
   mkdir -p "$1"/{bin,sbin,etc,lib/modules,proc,sys,dev,tmp,run,mnt,var/lib}
   cp /bin/busybox "$1/bin/busybox"
+  cp "$VM_LIB_DIR/guest-lib.sh" "$1/lib/guest-lib.sh"
   cp "$MODDIR/kernel/drivers/block/nbd.ko" "$1/lib/modules/"
 }
 
@@ -71,7 +96,7 @@ vm_run() {
   qrc=${PIPESTATUS[0]}
   set -e
   echo "---" >&2
-  grep -E '^(PASS|FAIL|LATENCY|RESULT)' "$log" >&2 || true
+  grep -E '^(PASS|FAIL|LATENCY|RESULT|test result:)' "$log" >&2 || true
   echo "$name: VM ran $(( $(date +%s) - start ))s" >&2
   if [ "$qrc" = 124 ]; then echo "$name: FAILED (VM timed out)" >&2; return 1; fi
   res=$(grep -E '^RESULT pass=[0-9]+ fail=[0-9]+' "$log" | tail -1)

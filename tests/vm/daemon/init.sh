@@ -6,17 +6,12 @@
 # SIGTERM cleanup.
 # Prints `PASS <name>` / `FAIL <name>: <why>` lines and a final `RESULT pass=N fail=M`, then
 # powers off. The host side is run.sh.
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mkdir -p /run /tmp /var/lib /mnt
-mount -t tmpfs tmpfs /run
-echo vmdaemon > /proc/sys/kernel/hostname
+# The shared helpers (setup, counting, RESULT, power-off) are /lib/guest-lib.sh
+# (tests/vm/guest-lib.sh).
+. /lib/guest-lib.sh
+guest_setup vmdaemon
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 export ROOTFORK_HOST_ID=vmdaemon RUST_LOG=${RUST_LOG:-info}
-echo 4 > /proc/sys/kernel/printk
 
 STATE=/var/lib/rootfork
 export ROOTFORK_API=$STATE/api.sock
@@ -27,23 +22,13 @@ LOG=/tmp/serve.log
 CONF=/tmp/rootfork.toml
 printf '[debug]\nfault_injection = true\n' > $CONF
 
-PASS=0; FAIL=0
-now() { cut -d' ' -f1 /proc/uptime; }
-pass() { echo "PASS $1 (t=$(now)s)"; PASS=$((PASS+1)); }
-fail() { echo "FAIL $1: $2 (t=$(now)s)"; FAIL=$((FAIL+1)); }
-check() { # check NAME WHY COMMAND...: PASS if the command succeeds
-  n=$1; why=$2; shift 2
-  if "$@"; then pass "$n"; else fail "$n" "$why"; fi
-}
-finish() {
+# Run by finish before the RESULT line: stop the daemon, show its log.
+before_finish() {
   [ -n "$DPID" ] && kill -0 "$DPID" 2>/dev/null && { kill -TERM "$DPID"; wait "$DPID"; }
   echo "--- daemon log (last 40 lines)"; tail -n 40 $LOG
-  echo "RESULT pass=$PASS fail=$FAIL"
-  sync
-  poweroff -f
 }
 
-insmod /lib/modules/nbd.ko nbds_max=8 || { fail insmod "nbd.ko did not load"; finish; }
+guest_insmod_nbd 8
 pass insmod
 
 # start_daemon: `rootfork serve` in the background; sets $DPID once the API answers.

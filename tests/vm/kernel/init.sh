@@ -1,31 +1,16 @@
 #!/bin/busybox sh
 # /init of the kernel-test VM: loads nbd.ko and runs the kernel-in-the-loop checks against
-# /dev/nbdN with the static `rootfork` and `vmtest` binaries. Prints `PASS <name>` /
-# `FAIL <name>: <why>` lines, `LATENCY ...` lines and a final `RESULT pass=N fail=M`, then powers
-# off. The host side is run.sh.
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mkdir -p /run /tmp /var/tmp /mnt
-mount -t tmpfs tmpfs /run
-echo vmtest > /proc/sys/kernel/hostname
-export ROOTFORK_HOST_ID=vmtest RUST_LOG=${RUST_LOG:-info}
-# The kernel's own messages about nbd go to the console too (they explain failures).
-echo 4 > /proc/sys/kernel/printk
+# /dev/nbdN: shell checks driving the static `rootfork` CLI, then the `vm_kernel` test binary
+# (crates/rootfork-kernel/tests/vm_kernel, built with `cargo test --no-run`): its pass/fail tests,
+# then its timing tests. Prints `PASS <name>` / `FAIL <name>: <why>` lines, libtest's
+# `test result:` lines, `LATENCY ...` lines and a final `RESULT pass=N fail=M`, then powers off.
+# The host side is run.sh; the shared helpers (setup, counting, RESULT, power-off) are
+# /lib/guest-lib.sh (tests/vm/guest-lib.sh).
+. /lib/guest-lib.sh
+guest_setup vmkernel
+export ROOTFORK_HOST_ID=vmkernel RUST_LOG=${RUST_LOG:-info}
 
-PASS=0; FAIL=0
-now() { cut -d' ' -f1 /proc/uptime; }
-pass() { echo "PASS $1 (t=$(now)s)"; PASS=$((PASS+1)); }
-fail() { echo "FAIL $1: $2 (t=$(now)s)"; FAIL=$((FAIL+1)); }
-finish() {
-  echo "RESULT pass=$PASS fail=$FAIL"
-  sync
-  poweroff -f
-}
-
-insmod /lib/modules/nbd.ko nbds_max=16 || { fail insmod "nbd.ko did not load"; finish; }
+guest_insmod_nbd 16
 [ -e /sys/module/nbd/parameters/nbds_max ] && pass insmod || fail insmod "no nbd sysfs"
 
 MB=1048576
@@ -34,6 +19,13 @@ MB=1048576
 TMB=16
 dd if=/dev/urandom of=/tmp/t.img bs=$MB count=$TMB 2>/dev/null
 TSUM=$(sha256sum /tmp/t.img | cut -d' ' -f1)
+export ROOTFORK_VM_TEMPLATE=/tmp/t.img
+
+# vm_kernel ARGS...: the Rust tests (they share the kernel's devices: one at a time).
+vm_kernel() { /bin/vm_kernel --ignored --test-threads=1 "$@"; }
+# claim_all: claims every free slot with the pool, prints `CLAIM_ALL claimed=N not_quiescent=...`
+# and releases them (a probe for the shell checks, not a check itself).
+claim_all() { vm_kernel --exact probe::claim_all --nocapture 2>&1 | grep -o 'CLAIM_ALL.*'; }
 
 # start_attach NAME [args...]: starts `rootfork nbd attach` in the background; sets $APID and
 # $DEV (first stdout line) or fails the check.
@@ -72,7 +64,7 @@ if start_attach one; then
   N=${DEV#/dev/nbd}
   S=/sys/block/nbd$N
   if [ "$(cat $S/pid)" = "$APID" ] && [ "$(cat $S/size)" = $((TMB*MB/512)) ] \
-     && case "$(cat $S/backend)" in rootfork:vmtest:$APID:one) true;; *) false;; esac; then
+     && case "$(cat $S/backend)" in rootfork:vmkernel:$APID:one) true;; *) false;; esac; then
     pass "$t-sysfs"
   else
     fail "$t-sysfs" "pid=$(cat $S/pid) size=$(cat $S/size) backend=$(cat $S/backend)"
@@ -129,7 +121,7 @@ if start_attach held; then
   # DISCONNECT is done, but the kernel keeps the device configured while fd 3 is open.
   [ -s /sys/block/nbd$N/pid ] && pass "$t-teardown-waits-for-opener" || fail "$t-teardown-waits-for-opener" "already torn down"
   # The slot is not handed out meanwhile (its owner still holds the claim while it waits).
-  vmtest claim-all > /tmp/claimheld
+  claim_all > /tmp/claimheld
   grep -q 'claimed=15 ' /tmp/claimheld && pass "$t-not-reused-while-open" || { cat /tmp/claimheld; fail "$t-not-reused-while-open" "slot handed out"; }
   exec 3<&-
   if wait $APID; then pass "$t-detach-after-close"; else cat /tmp/held.err; fail "$t-detach-after-close" "exit status"; fi
@@ -193,7 +185,7 @@ if start_attach victim --timeout 3; then
   rootfork nbd list | grep -q "^$VDEV *orphaned" && pass "$t-listed-orphaned" || { rootfork nbd list; fail "$t-listed-orphaned" "not orphaned"; }
   [ -n "$CACHE" ] && [ -e "$CACHE" ] && pass "$t-cache-leaked" || fail "$t-cache-leaked" "no leaked cache to reclaim ($CACHE)"
   # The pool's quiescence check keeps the orphan out of every claim.
-  vmtest claim-all | tee /tmp/claimall
+  claim_all | tee /tmp/claimall
   grep -q '"pid":[1-9]' /tmp/claimall && pass "$t-quiescence-check-caught-it" || fail "$t-quiescence-check-caught-it" "no pid skip"
   # A new start reclaims it.
   if start_attach after; then
@@ -209,24 +201,23 @@ else
   fail "$t" "attach did not print a device"
 fi
 
-# --- 4. an invalid connect is classified and releases the slot; STATUS and RECONFIGURE ---------
-vmtest invalid /tmp/t.img && PASS=$((PASS+1)) || FAIL=$((FAIL+1))
-vmtest netlink /tmp/t.img && PASS=$((PASS+1)) || FAIL=$((FAIL+1))
-
-# --- 4b. a dead kernel connection: detected, I/O while dead, RECONFIGURE reconnect, data, stats --
-# One PASS/FAIL line per case (1 connection with and without dead_conn_timeout, 2 connections,
-# close with every connection dead) and a final `PASS reconnect`.
-vmtest reconnect /tmp/t.img > /tmp/reconnect.out 2>/tmp/reconnect.err
-cat /tmp/reconnect.out
-PASS=$((PASS + $(grep -c '^PASS' /tmp/reconnect.out))); FAIL=$((FAIL + $(grep -c '^FAIL' /tmp/reconnect.out)))
-grep -q '^PASS reconnect$' /tmp/reconnect.out || { grep -q '^FAIL reconnect:' /tmp/reconnect.out || fail reconnect "vmtest ended without a result"; tail -20 /tmp/reconnect.err; }
+# --- 4. the vm_kernel checks: an invalid connect is classified and releases the slot; STATUS and
+# RECONFIGURE; a dead kernel connection (detected, I/O while dead, RECONFIGURE reconnect, data,
+# stats) for 1 connection with and without dead_conn_timeout and 2 connections, a request in
+# flight at the kill, a spare socket, kill/reconnect churn, close with every connection dead.
+# One PASS/FAIL line per test (libtest's captured output keeps its `test ... ok` lines whole;
+# --show-output prints what the passing tests printed). Shown as it runs: a hang names its test.
+vm_kernel --skip probe:: --skip timing:: --show-output 2>&1 | tee /tmp/vm_kernel.out
+libtest_results /tmp/vm_kernel.out vm_kernel
 
 # --- 5. every slot quiescent, nothing claimed -------------------------------------------------
 ok=1
 for d in /sys/block/nbd*; do n=${d#/sys/block/nbd}; quiescent $n || { ok=0; echo "nbd$n not quiescent"; }; done
 [ $ok = 1 ] && pass all-quiescent || fail all-quiescent "see above"
 
-# --- 6. attach latency -------------------------------------------------------------------------
-vmtest latency ${LATENCY_N:-100} /tmp/t.img && PASS=$((PASS+1)) || FAIL=$((FAIL+1))
+# --- 6. timing: attach latency (cold, close, warm) and reconnect cycles, apart from the checks ---
+# They print `LATENCY ...` lines and check only that the runs worked.
+vm_kernel timing:: --show-output 2>&1 | tee /tmp/vm_timing.out
+libtest_results /tmp/vm_timing.out vm_kernel
 
 finish
