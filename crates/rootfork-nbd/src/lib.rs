@@ -1,6 +1,6 @@
 //! The NBD protocol for rootfork: wire format, request dispatcher and socket server.
 //!
-//! One dispatcher (the transmission engine in `conn.rs`) serves any
+//! One dispatcher (the transmission engine in `conn/`) serves any
 //! [`BlockDevice`](rootfork_block::BlockDevice) in two modes:
 //!
 //! * **Kernel mode** ([`kernel::KernelConnection`]): the transmission phase only, on an
@@ -15,7 +15,7 @@
 //! Per connection a reader thread parses and validates requests and never waits on replies; a
 //! bounded window caps requests and bytes in flight; short requests on a fast device run on the
 //! reader itself with non-blocking replies, everything else on a few worker threads in parallel;
-//! replies go out in completion order with vectored writes (see the engine's docs in `conn.rs`
+//! replies go out in completion order with vectored writes (see the engine's docs in `conn/mod.rs`
 //! and `docs/nbd.md`). Every request gets an answer: invalid ones get the errno the protocol
 //! names, their payload is consumed so the stream stays in sync.
 //!
