@@ -86,6 +86,8 @@ pub enum Recovery {
     ReconnectFailed,
     /// The sandbox was marked failed.
     MarkedFailed,
+    /// A failed sandbox passed its check again and is running.
+    Revived,
 }
 
 impl Recovery {
@@ -95,6 +97,7 @@ impl Recovery {
             Recovery::Reconnected => "reconnected",
             Recovery::ReconnectFailed => "reconnect_failed",
             Recovery::MarkedFailed => "marked_failed",
+            Recovery::Revived => "revived",
         }
     }
 }
@@ -192,6 +195,7 @@ impl Metrics {
             Recovery::Reconnected,
             Recovery::ReconnectFailed,
             Recovery::MarkedFailed,
+            Recovery::Revived,
         ] {
             // Every outcome is published from the start (at 0).
             drop(m.recoveries.get_or_create(&CheckLabel {

@@ -612,6 +612,8 @@ async fn health_check_marks_a_dead_export_failed() {
     let src = make_template(d.dir.path(), "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();
     let sb = create(&mut c, "tpl", "h1").await.unwrap();
+    // The user's data, written before the export goes away.
+    nbd_write(&sb.nbd_uri, 4096 * 5, 4096, 0xab);
     let mut events = c
         .events
         .watch_events(v1::WatchEventsRequest {
@@ -655,7 +657,25 @@ async fn health_check_marks_a_dead_export_failed() {
     assert_eq!(got.state, v1::SandboxState::Failed as i32);
     assert_eq!(got.health, v1::HealthState::Failed as i32);
     assert!(got.message.contains("connecting"), "{}", got.message);
-    // A failed sandbox can still be deleted, releasing everything.
+    // A failed sandbox whose overlay is intact can still be paused, so its data is saved, and
+    // resumed on a fresh export with that data.
+    let paused = c
+        .sandboxes
+        .pause_sandbox(v1::PauseSandboxRequest { id: "h1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.state, v1::SandboxState::Paused as i32);
+    let resumed = c
+        .sandboxes
+        .resume_sandbox(v1::ResumeSandboxRequest { id: "h1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.state, v1::SandboxState::Running as i32);
+    assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 5, 4096), vec![0xab; 4096]);
+    assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 2, 12), b"tpl block 2\n");
+    // It can be deleted, releasing everything.
     assert!(delete(&mut c, "h1").await.unwrap());
     assert!(d.files("cache").is_empty());
     d.daemon.shutdown().await;
@@ -867,7 +887,86 @@ async fn health_check_marks_a_stuck_request_failed() {
     drop(gd);
     gate.lock().unwrap().take();
     assert_eq!(&reader.join().unwrap(), b"tpl block 3\n");
+    // Healthy again: the health check brings the failed sandbox back to RUNNING, with events.
+    let (mut healthy, mut running) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(Ok(Some(e))) = tokio::time::timeout_at(deadline, events.message()).await {
+        healthy |=
+            e.kind == v1::EventKind::Health as i32 && e.health == v1::HealthState::Healthy as i32;
+        running |= e.kind == v1::EventKind::Sandbox as i32
+            && e.sandbox_state == v1::SandboxState::Running as i32;
+        if healthy && running {
+            break;
+        }
+    }
+    assert!(healthy && running, "healthy {healthy}, running {running}");
+    let got = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "stuck".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.state, got.health),
+        (
+            v1::SandboxState::Running as i32,
+            v1::HealthState::Healthy as i32
+        )
+    );
+    assert_eq!(&nbd_read(&sb.nbd_uri, 4096 * 2, 12), b"tpl block 2\n");
     assert!(delete(&mut c, "stuck").await.unwrap());
     assert!(d.files("cache").is_empty());
+    d.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_probe_is_confirmed_before_the_sandbox_is_degraded() {
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+
+    let d = TestDaemon::start_with(false, |c| {
+        c.health_interval = Duration::from_secs(3600);
+        c.probe_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "blip").await.unwrap();
+    // One probe meets something that is not the export (here: a stand-in that answers garbage
+    // once), the next finds the export again: a passing moment, not a failure.
+    let sock = std::path::PathBuf::from(sb.nbd_uri.split_once("socket=").unwrap().1);
+    let real = sock.with_extension("real");
+    std::fs::rename(&sock, &real).unwrap();
+    let stand_in = UnixListener::bind(&sock).unwrap();
+    let (sock2, real2) = (sock.clone(), real.clone());
+    let blip = std::thread::spawn(move || {
+        let (mut conn, _) = stand_in.accept().unwrap();
+        std::fs::rename(&real2, &sock2).unwrap();
+        conn.write_all(b"this is not an NBD server").unwrap();
+    });
+    rootfork::daemon::health::round(d.daemon.core()).await;
+    blip.join().unwrap();
+    let got = c
+        .sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: "blip".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.state, got.health),
+        (
+            v1::SandboxState::Running as i32,
+            v1::HealthState::Healthy as i32
+        ),
+        "{}",
+        got.message
+    );
+    let m = d.daemon.core().render_metrics();
+    assert!(
+        m.contains("rootfork_health_checks_total{result=\"ok\"} 1"),
+        "{m}"
+    );
+    assert!(delete(&mut c, "blip").await.unwrap());
     d.daemon.shutdown().await;
 }

@@ -15,10 +15,10 @@ use crate::daemon::sandbox::{Live, Sandbox};
 use crate::error::{DaemonError, Operation, Result};
 use crate::names;
 
-/// `Ok` when `sb` is in state `want`, else the precondition error for `op`.
-fn expect_state(sb: &Sandbox, op: Operation, want: SandboxState) -> Result<()> {
+/// `Ok` when `sb` is in one of the states `want`, else the precondition error for `op`.
+fn expect_state(sb: &Sandbox, op: Operation, want: &[SandboxState]) -> Result<()> {
     match sb.state() {
-        s if s == want => Ok(()),
+        s if want.contains(&s) => Ok(()),
         state => Err(DaemonError::WrongState {
             op,
             id: sb.id.clone(),
@@ -37,12 +37,17 @@ fn next_diff(core: &Core, id: &str, live: &mut Live) -> PathBuf {
     p
 }
 
-/// Pauses a running sandbox: flush, freeze, export its changes, release the device.
+/// Pauses a running sandbox, or a failed one that still holds its disk (so its data is saved):
+/// flush, freeze, export its changes, release the device.
 pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     names::sandbox_id(id)?;
     let sb = core.find(id)?;
     let mut live = sb.live.lock().await;
-    expect_state(&sb, Operation::Pause, SandboxState::Running)?;
+    expect_state(
+        &sb,
+        Operation::Pause,
+        &[SandboxState::Running, SandboxState::Failed],
+    )?;
     if live.vm.is_some() {
         return Err(DaemonError::VmRunning(id.into()));
     }
@@ -130,7 +135,7 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
     names::sandbox_id(id)?;
     let sb = core.find(id)?;
     let mut live = sb.live.lock().await;
-    expect_state(&sb, Operation::Resume, SandboxState::Paused)?;
+    expect_state(&sb, Operation::Resume, &[SandboxState::Paused])?;
     let Some(paused) = live.paused.clone() else {
         return Err(DaemonError::NoPausedDisk(id.into()));
     };

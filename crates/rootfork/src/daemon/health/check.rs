@@ -10,7 +10,7 @@ use rootfork_provider::{AnyProvider, Provider, ProviderError};
 use super::probe::{probe_nbd_socket, ProbeError};
 use crate::daemon::core::Core;
 use crate::daemon::model::{Health, SandboxState};
-use crate::daemon::sandbox::Sandbox;
+use crate::daemon::sandbox::{Live, Sandbox};
 use crate::events::{EventBus, EventKind};
 use crate::metrics::Recovery;
 
@@ -136,39 +136,85 @@ async fn reconnect(
     }
 }
 
-/// Checks one sandbox; `None` when it was busy or not running.
+/// Retries of a failed check before it counts (each after a doubling pause).
+const CONFIRM_RETRIES: u32 = 2;
+/// The pause before the first retry.
+const CONFIRM_BACKOFF: Duration = Duration::from_millis(100);
+
+impl CheckFailure {
+    /// Whether an immediate retry may see something else (a probe that met a busy moment),
+    /// as opposed to a verdict that a retry cannot change within the round.
+    fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            CheckFailure::RequestStuck { .. } | CheckFailure::ReconnectFailed { .. }
+        )
+    }
+}
+
+/// Checks one sandbox under its lifecycle lock, confirming a failure by retrying, and records
+/// the verdict (health, state, events) before the lock is released. `None` when it was busy, or
+/// holds no served disk.
 pub(super) async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), CheckFailure>> {
-    if sb.state() != SandboxState::Running {
+    let served = |s: SandboxState| matches!(s, SandboxState::Running | SandboxState::Failed);
+    if !served(sb.state()) {
         return None;
     }
     let mut live = sb.live.try_lock().ok()?;
-    // A VM that has exited (the guest powered off, or QEMU died) is reaped and reported; the
-    // disk stays served.
-    if let Some(vm) = live.vm.as_mut() {
-        if let Ok(Some(exit)) = vm.try_exit() {
-            let msg = format!("the VM exited ({}) after {:?}", exit.status, exit.elapsed);
-            live.vm = None;
-            sb.update(|s| {
-                s.vm_pid = 0;
-                s.message.clone_from(&msg);
-            });
-            core.events.emit(
-                EventBus::event(EventKind::Sandbox)
-                    .sandbox(&sb.id)
-                    .state(SandboxState::Running)
-                    .message(msg),
-            );
+    if !served(sb.state()) {
+        return None;
+    }
+    reap_exited_vm(core, sb, &mut live);
+    let provider = live.provider.as_mut()?;
+    let mut r = probe(core, sb, provider).await;
+    let mut pause = CONFIRM_BACKOFF;
+    for _ in 0..CONFIRM_RETRIES {
+        match &r {
+            Err(f) if f.is_transient() => {
+                tracing::debug!(sandbox = %sb.id, "health check failed, confirming: {f}");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                r = probe(core, sb, provider).await;
+            }
+            _ => break,
         }
     }
-    let provider = live.provider.as_mut()?;
-    if let Err(e) = provider.path(Duration::ZERO, std::future::ready(())).await {
-        return Some(Err(CheckFailure::NotReady(e)));
+    super::record(core, sb, &r);
+    drop(live);
+    Some(r)
+}
+
+/// A VM that has exited (the guest powered off, or QEMU died) is reaped and reported; the disk
+/// stays served.
+fn reap_exited_vm(core: &Core, sb: &Sandbox, live: &mut Live) {
+    let Some(vm) = live.vm.as_mut() else {
+        return;
+    };
+    if let Ok(Some(exit)) = vm.try_exit() {
+        let msg = format!("the VM exited ({}) after {:?}", exit.status, exit.elapsed);
+        live.vm = None;
+        sb.update(|s| {
+            s.vm_pid = 0;
+            s.message.clone_from(&msg);
+        });
+        core.events.emit(
+            EventBus::event(EventKind::Sandbox)
+                .sandbox(&sb.id)
+                .state(sb.state())
+                .message(msg),
+        );
     }
+}
+
+/// One look at a served sandbox: repair dead kernel connections, then the checks.
+async fn probe(core: &Core, sb: &Sandbox, provider: &mut AnyProvider) -> Result<(), CheckFailure> {
+    provider
+        .path(Duration::ZERO, std::future::ready(()))
+        .await
+        .map_err(CheckFailure::NotReady)?;
     if let Some(h) = provider.connection_health() {
         if h.dead > 0 {
-            if let Err(why) = reconnect(core, sb, provider, h.dead, h.connections).await {
-                return Some(Err(why));
-            }
+            reconnect(core, sb, provider, h.dead, h.connections).await?;
         }
     }
     if core.config.fault_injection {
@@ -180,30 +226,26 @@ pub(super) async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), CheckF
     if let Some(age) = provider.oldest_request_age() {
         let limit = core.stuck_request();
         if age > limit {
-            return Some(Err(CheckFailure::RequestStuck { age, limit }));
+            return Err(CheckFailure::RequestStuck { age, limit });
         }
     }
     let status = sb.status();
-    let r = match provider {
-        AnyProvider::Kernel(_) => match status.device_index {
-            Some(index) => match core.kernel.slot_connected(index) {
+    match provider {
+        AnyProvider::Kernel(_) => {
+            let index = status.device_index.ok_or(CheckFailure::NoDeviceIndex)?;
+            match core.kernel.slot_connected(index) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(CheckFailure::SlotDisconnected(index)),
                 Err(source) => Err(CheckFailure::Sysfs { index, source }),
-            },
-            None => Err(CheckFailure::NoDeviceIndex),
-        },
+            }
+        }
         _ => {
-            let Some(sock) = socket_of(&status.nbd_uri) else {
-                return Some(Err(CheckFailure::NoSocket));
-            };
-            drop(live);
+            let sock = socket_of(&status.nbd_uri).ok_or(CheckFailure::NoSocket)?;
             let t = core.probe_timeout();
             match tokio::task::spawn_blocking(move || probe_nbd_socket(&sock, t)).await {
                 Ok(r) => r.map_err(CheckFailure::from),
                 Err(e) => Err(CheckFailure::ProbeTask(e.to_string())),
             }
         }
-    };
-    Some(r)
+    }
 }

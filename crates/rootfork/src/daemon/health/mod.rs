@@ -22,9 +22,14 @@
 //! I/O on a dead connection for `kernel.dead_conn_timeout_secs` (default 30 s, longer than the
 //! health interval), so the guest sees a pause, not an error, when a round repairs it in time.
 //!
-//! One failed check marks the sandbox DEGRADED; a second consecutive one marks it FAILED (its
-//! state too; `result="marked_failed"`) with the reason, and both are events. A passing check
-//! after DEGRADED makes it HEALTHY again.
+//! A check runs under the sandbox's lifecycle lock from its first probe to the recorded verdict,
+//! so no pause or delete interleaves with it. A failure that an immediate retry could change (a
+//! probe, sysfs) is confirmed first: up to two retries, 100 ms then 200 ms apart; only a failure
+//! that survives them counts. One counted failure marks the sandbox DEGRADED; a second
+//! consecutive one marks it FAILED (its state too; `result="marked_failed"`) with the reason, and
+//! both are events. A pass makes it HEALTHY again, and a FAILED sandbox that passes is RUNNING
+//! again (`result="revived"`, a SANDBOX event): FAILED is a verdict on the device, not a dead end.
+//! A FAILED sandbox can still be paused (its data saved) or deleted.
 //!
 //! Fault injection (`debug.fault_injection`, off by default, for testing recovery): a file
 //! `STATE/faults/kill-connection.ID` makes the round remove it and shut down one connection of
@@ -45,6 +50,7 @@ use crate::daemon::core::Core;
 use crate::daemon::model::{Health, SandboxState};
 use crate::daemon::sandbox::Sandbox;
 use crate::events::{EventBus, EventKind};
+use crate::metrics::Recovery;
 
 pub use check::CheckFailure;
 pub use probe::{probe_nbd_socket, ProbeError};
@@ -56,56 +62,66 @@ pub const FAILS_TO_MARK_FAILED: u32 = 2;
 pub async fn round(core: &Core) {
     let all: Vec<Arc<Sandbox>> = core.sandboxes.read().values().cloned().collect();
     for sb in all {
-        let Some(r) = check::check(core, &sb).await else {
-            continue;
-        };
-        core.metrics.health_check(r.is_ok());
-        let before = sb.status().health;
-        match r {
-            Ok(()) => {
-                sb.update(|s| {
-                    s.failed_checks = 0;
-                    s.health = Health::Healthy;
-                });
-                if before != Health::Healthy {
-                    core.events.emit(
-                        EventBus::event(EventKind::Health)
-                            .sandbox(&sb.id)
-                            .health(Health::Healthy)
-                            .message("recovered"),
-                    );
-                }
+        if let Some(r) = check::check(core, &sb).await {
+            core.metrics.health_check(r.is_ok());
+        }
+    }
+}
+
+/// Records a (confirmed) verdict; the caller holds the sandbox's lifecycle lock.
+///
+/// A pass makes the sandbox `HEALTHY` (an event when it was not) and a `FAILED` one `RUNNING`
+/// again; a failure makes it `DEGRADED`, and the [`FAILS_TO_MARK_FAILED`]th in a row `FAILED`
+/// (health and state).
+fn record(core: &Core, sb: &Sandbox, r: &Result<(), CheckFailure>) {
+    let before = sb.status().health;
+    match r {
+        Ok(()) => {
+            sb.update(|s| {
+                s.failed_checks = 0;
+                s.health = Health::Healthy;
+            });
+            if before != Health::Healthy {
+                core.events.emit(
+                    EventBus::event(EventKind::Health)
+                        .sandbox(&sb.id)
+                        .health(Health::Healthy)
+                        .message("recovered"),
+                );
             }
-            Err(failure) => {
-                let why = failure.to_string();
-                let mut health = Health::Degraded;
-                sb.update(|s| {
-                    s.failed_checks += 1;
-                    if s.failed_checks >= FAILS_TO_MARK_FAILED {
-                        health = Health::Failed;
-                    }
-                    s.health = health;
-                    s.message.clone_from(&why);
-                });
-                tracing::warn!(sandbox = %sb.id, health = ?health, "health check failed: {why}");
-                if health != before {
-                    core.events.emit(
-                        EventBus::event(EventKind::Health)
-                            .sandbox(&sb.id)
-                            .health(health)
-                            .message(why.clone()),
-                    );
+            if sb.state() == SandboxState::Failed {
+                tracing::info!(sandbox = %sb.id, "health check passes again: running");
+                core.metrics.recovery(Recovery::Revived);
+                core.set_state(
+                    sb,
+                    SandboxState::Running,
+                    Some("the health check passes again".into()),
+                );
+            }
+        }
+        Err(failure) => {
+            let why = failure.to_string();
+            let mut health = Health::Degraded;
+            sb.update(|s| {
+                s.failed_checks += 1;
+                if s.failed_checks >= FAILS_TO_MARK_FAILED {
+                    health = Health::Failed;
                 }
-                if health == Health::Failed && sb.state() == SandboxState::Running {
-                    core.metrics.health_failed();
-                    sb.update(|s| s.state = SandboxState::Failed);
-                    core.events.emit(
-                        EventBus::event(EventKind::Sandbox)
-                            .sandbox(&sb.id)
-                            .state(SandboxState::Failed)
-                            .message(why),
-                    );
-                }
+                s.health = health;
+                s.message.clone_from(&why);
+            });
+            tracing::warn!(sandbox = %sb.id, health = ?health, "health check failed: {why}");
+            if health != before {
+                core.events.emit(
+                    EventBus::event(EventKind::Health)
+                        .sandbox(&sb.id)
+                        .health(health)
+                        .message(why.clone()),
+                );
+            }
+            if health == Health::Failed && sb.state() == SandboxState::Running {
+                core.metrics.health_failed();
+                core.set_state(sb, SandboxState::Failed, Some(why));
             }
         }
     }
