@@ -141,6 +141,24 @@ pub struct KernelFile {
     pub dead_conn_timeout_secs: Option<u64>,
 }
 
+/// The `[templates]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatesFile {
+    /// Whether `ImportTemplate` may read block devices (off: regular files only).
+    pub allow_block_devices: Option<bool>,
+    /// Directories a caller over TCP may import from (none: TCP callers cannot import).
+    pub import_dirs: Option<Vec<PathBuf>>,
+}
+
+/// The `[limits]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// The most sandboxes (not deleted) at once.
+    pub max_sandboxes: Option<usize>,
+}
+
 /// The `[debug]` table (testing aids, all off by default).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,6 +196,12 @@ pub struct FileConfig {
     /// `[debug]`.
     #[serde(default)]
     pub debug: DebugFile,
+    /// `[templates]`.
+    #[serde(default)]
+    pub templates: TemplatesFile,
+    /// `[limits]`.
+    #[serde(default)]
+    pub limits: LimitsFile,
 }
 
 impl FileConfig {
@@ -257,6 +281,12 @@ pub struct Config {
     pub kernel_dead_conn_timeout: Option<Duration>,
     /// Fault injection triggers (`debug.fault_injection`; testing only).
     pub fault_injection: bool,
+    /// `templates.allow_block_devices`.
+    pub import_block_devices: bool,
+    /// `templates.import_dirs` (absolute): where TCP callers may import from.
+    pub tcp_import_dirs: Vec<PathBuf>,
+    /// `limits.max_sandboxes`.
+    pub max_sandboxes: usize,
     /// Fakes for tests; empty (the host's kernel, the real devices) everywhere else.
     #[doc(hidden)]
     pub seams: Seams,
@@ -294,6 +324,9 @@ impl std::fmt::Debug for Seams {
 /// The default of `kernel.dead_conn_timeout_secs`: several default health rounds, so a dead
 /// connection is replaced before the guest's I/O on it fails.
 pub const DEFAULT_DEAD_CONN_TIMEOUT_SECS: u64 = 30;
+
+/// The default of `limits.max_sandboxes`.
+pub const DEFAULT_MAX_SANDBOXES: usize = 4096;
 
 /// The default state directory: `$XDG_STATE_HOME/rootfork`, else `./.rootfork`.
 pub fn default_state_dir() -> PathBuf {
@@ -452,7 +485,24 @@ impl Config {
                 ),
             ));
         }
+        let tcp_import_dirs = file.templates.import_dirs.unwrap_or_default();
+        if let Some(d) = tcp_import_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(invalid(
+                "templates.import_dirs",
+                format!("{} is not an absolute path", d.display()),
+            ));
+        }
+        let max_sandboxes = file.limits.max_sandboxes.unwrap_or(DEFAULT_MAX_SANDBOXES);
+        if !(1..=1 << 20).contains(&max_sandboxes) {
+            return Err(invalid(
+                "limits.max_sandboxes",
+                format!("{max_sandboxes} is outside 1..=1048576"),
+            ));
+        }
         Ok(Config {
+            import_block_devices: file.templates.allow_block_devices.unwrap_or(false),
+            tcp_import_dirs,
+            max_sandboxes,
             api_socket,
             api_tcp,
             token_file,
@@ -495,6 +545,32 @@ mod tests {
 
     fn file(text: &str) -> Result<FileConfig, ConfigError> {
         FileConfig::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn import_and_limit_keys_are_validated() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert!(!c.import_block_devices);
+        assert!(c.tcp_import_dirs.is_empty());
+        assert_eq!(c.max_sandboxes, DEFAULT_MAX_SANDBOXES);
+        let c = Config::resolve(
+            file("[templates]\nallow_block_devices = true\nimport_dirs = [\"/srv/images\"]\n[limits]\nmax_sandboxes = 3").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert!(c.import_block_devices);
+        assert_eq!(c.tcp_import_dirs, vec![PathBuf::from("/srv/images")]);
+        assert_eq!(c.max_sandboxes, 3);
+        for (text, key) in [
+            (
+                "[templates]\nimport_dirs = [\"rel\"]",
+                "templates.import_dirs",
+            ),
+            ("[limits]\nmax_sandboxes = 0", "limits.max_sandboxes"),
+        ] {
+            let e = Config::resolve(file(text).unwrap(), Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]

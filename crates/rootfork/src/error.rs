@@ -47,6 +47,12 @@ pub enum ImportError {
     /// A directory, socket, FIFO, ...
     #[error("source {} is neither a regular file nor a block device", .0.display())]
     NotFileOrDevice(PathBuf),
+    /// Block devices are importable only when the configuration allows it.
+    #[error("source {} is a block device; importing block devices is off (templates.allow_block_devices)", .0.display())]
+    BlockDeviceRefused(PathBuf),
+    /// A caller over TCP may import only from the configured directories.
+    #[error("over TCP, templates are imported only from templates.import_dirs; {} is not inside one", .0.display())]
+    OutsideImportDirs(PathBuf),
     /// Empty or not a whole number of template blocks.
     #[error("source {} is {size} bytes; a template must be a non-empty multiple of {TEMPLATE_ALIGN} bytes", .path.display())]
     BadSize {
@@ -108,6 +114,9 @@ pub enum DaemonError {
     /// A paused sandbox without its paused disk.
     #[error("sandbox {0:?} holds no paused disk")]
     NoPausedDisk(String),
+    /// A limit would be passed.
+    #[error("cannot create another sandbox: {0}")]
+    ResourceExhausted(#[from] crate::daemon::limits::Exhausted),
     /// The kernel pool cannot be used (the reason is for people).
     #[error("{0}")]
     KernelUnavailable(String),
@@ -166,6 +175,9 @@ impl DaemonError {
         use rootfork_provider::ProviderError as P;
         use tonic::Code;
         match self {
+            DaemonError::Import(
+                ImportError::OutsideImportDirs(_) | ImportError::BlockDeviceRefused(_),
+            ) => Code::PermissionDenied,
             DaemonError::Name(_) | DaemonError::Spec(_) | DaemonError::Import(_) => {
                 Code::InvalidArgument
             }
@@ -177,6 +189,7 @@ impl DaemonError {
             | DaemonError::NoDevice(_)
             | DaemonError::NoPausedDisk(_) => Code::FailedPrecondition,
             DaemonError::KernelUnavailable(_) => Code::Unavailable,
+            DaemonError::ResourceExhausted(_) => Code::ResourceExhausted,
             DaemonError::Provider(p) => match p {
                 P::Timeout(_) => Code::DeadlineExceeded,
                 P::InvalidArgument(_) => Code::InvalidArgument,
@@ -197,6 +210,9 @@ impl DaemonError {
     /// The errno this error is counted under in metrics.
     pub fn errno(&self) -> i32 {
         match self {
+            DaemonError::Import(
+                ImportError::OutsideImportDirs(_) | ImportError::BlockDeviceRefused(_),
+            ) => libc::EACCES,
             DaemonError::Name(_) | DaemonError::Spec(_) | DaemonError::Import(_) => libc::EINVAL,
             DaemonError::TemplateNotFound(_) | DaemonError::SandboxNotFound(_) => libc::ENOENT,
             DaemonError::TemplateExists(_) | DaemonError::SandboxExists(_) => libc::EEXIST,
@@ -206,6 +222,10 @@ impl DaemonError {
             | DaemonError::NoDevice(_)
             | DaemonError::NoPausedDisk(_) => libc::EBUSY,
             DaemonError::KernelUnavailable(_) => libc::ENODEV,
+            DaemonError::ResourceExhausted(crate::daemon::limits::Exhausted::Sandboxes {
+                ..
+            }) => libc::EAGAIN,
+            DaemonError::ResourceExhausted(_) => libc::EMFILE,
             DaemonError::Provider(rootfork_provider::ProviderError::Timeout(_)) => libc::ETIMEDOUT,
             DaemonError::Provider(rootfork_provider::ProviderError::Kernel(k)) => k.errno(),
             DaemonError::Provider(_) | DaemonError::Vm(_) | DaemonError::TaskFailed { .. } => {

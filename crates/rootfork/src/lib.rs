@@ -13,3 +13,4 @@ pub mod metrics_http;
 pub mod names;
 pub mod nbd_metrics;
 pub mod service;
+pub mod unix_listener;

@@ -26,6 +26,13 @@ pub struct StateLabel {
     pub state: String,
 }
 
+/// A `resource` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    /// sandboxes | fds.
+    pub resource: String,
+}
+
 /// A `provider` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabel {
@@ -74,6 +81,8 @@ pub struct Snapshot {
     /// NBD request counters of every export, ever (closed sandboxes included; kernel-provider
     /// devices do not expose theirs).
     pub nbd: StatsSnapshot,
+    /// Limited resources: name → (in use, limit).
+    pub resources: BTreeMap<&'static str, (i64, i64)>,
 }
 
 /// What a health-check recovery came to (the `result` label of
@@ -114,6 +123,8 @@ pub struct Metrics {
     errors: Family<ErrorLabel, Counter>,
     health_checks: Family<CheckLabel, Counter>,
     recoveries: Family<CheckLabel, Counter>,
+    resource_used: Family<ResourceLabel, Gauge>,
+    resource_limit: Family<ResourceLabel, Gauge>,
     nbd: NbdCollector,
     seen: Mutex<Seen>,
 }
@@ -150,6 +161,8 @@ impl Metrics {
             errors: Family::default(),
             health_checks: Family::default(),
             recoveries: Family::default(),
+            resource_used: Family::default(),
+            resource_limit: Family::default(),
             nbd: NbdCollector::default(),
             seen: Mutex::new(Seen::default()),
             registry: Registry::default(),
@@ -188,7 +201,7 @@ impl Metrics {
         );
         r.register(
             "health_recoveries",
-            "Health-check recovery outcomes: reconnected (a kernel device's dead connections replaced with RECONFIGURE), reconnect_failed (an attempt failed), marked_failed (the sandbox was given up on)",
+            "Health-check recovery outcomes: reconnected (a kernel device's dead connections replaced with RECONFIGURE), reconnect_failed (an attempt failed), marked_failed (the sandbox was given up on), revived (a failed sandbox passed again)",
             m.recoveries.clone(),
         );
         for outcome in [
@@ -202,6 +215,16 @@ impl Metrics {
                 result: outcome.as_str().into(),
             }));
         }
+        r.register(
+            "resource_used",
+            "Limited resources in use: sandboxes (not deleted), fds (open file descriptors)",
+            m.resource_used.clone(),
+        );
+        r.register(
+            "resource_limit",
+            "Their limits: limits.max_sandboxes, RLIMIT_NOFILE",
+            m.resource_limit.clone(),
+        );
         r.register_collector(Box::new(m.nbd.clone()));
         Metrics { registry: r, ..m }
     }
@@ -253,6 +276,13 @@ impl Metrics {
         set_family(&self.sandboxes, &snap.sandboxes);
         set_family(&self.slots, &snap.slots);
         self.pool_available.set(i64::from(snap.pool_available));
+        for (resource, (used, limit)) in &snap.resources {
+            let label = ResourceLabel {
+                resource: (*resource).into(),
+            };
+            self.resource_used.get_or_create(&label).set(*used);
+            self.resource_limit.get_or_create(&label).set(*limit);
+        }
         self.nbd.update(&snap.nbd);
         self.overlay_bytes.clear();
         for (k, v) in &snap.overlay_bytes {

@@ -95,9 +95,7 @@ pub async fn start(
         }
         MetricsListen::Unix(path) => {
             let _ = std::fs::remove_file(path);
-            let l = tokio::net::UnixListener::bind(path)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            let l = crate::unix_listener::bind_with_mode(path, 0o600)?;
             let p = path.clone();
             let task = tokio::spawn(async move {
                 loop {

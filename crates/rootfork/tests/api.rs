@@ -970,3 +970,64 @@ async fn a_failed_probe_is_confirmed_before_the_sandbox_is_degraded() {
     assert!(delete(&mut c, "blip").await.unwrap());
     d.daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imports_over_tcp_only_from_import_dirs_and_no_block_devices() {
+    let root = tempfile::tempdir().unwrap();
+    let allowed = root.path().join("allowed");
+    let outside = root.path().join("outside");
+    std::fs::create_dir_all(&allowed).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let inside_img = make_template(&allowed, "in.img", 4);
+    let outside_img = make_template(&outside, "out.img", 4);
+    // A link inside the allowed directory to a file outside it does not get the file in.
+    let link = allowed.join("link.img");
+    std::os::unix::fs::symlink(&outside_img, &link).unwrap();
+    let dirs = vec![allowed.clone()];
+    let d = TestDaemon::start_with(false, move |c| {
+        c.api_tcp = Some("127.0.0.1:0".parse().unwrap());
+        c.token_file = Some(c.state_dir.join("api.token"));
+        c.tcp_import_dirs = dirs;
+    })
+    .await;
+    let token = std::fs::read_to_string(d.state().join("api.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let url = format!("tcp://{}", d.daemon.tcp_addr().unwrap());
+    let mut tcp = rootfork::client::connect(&rootfork::client::ApiTarget::parse(&url, Some(token)))
+        .await
+        .unwrap();
+    import(&mut tcp, "in", &inside_img).await.unwrap();
+    for (name, path) in [("out", &outside_img), ("link", &link)] {
+        let e = import(&mut tcp, name, path).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{name}: {e:?}");
+        assert!(e.message().contains("templates.import_dirs"), "{e:?}");
+    }
+    // The Unix socket's callers are not held to the directories.
+    let mut local = d.client().await;
+    import(&mut local, "out", &outside_img).await.unwrap();
+    // Block devices are refused unless templates.allow_block_devices is on.
+    let block = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .map(|e| std::path::PathBuf::from("/dev").join(e.file_name()))
+        .find(|p| p.exists());
+    if let Some(dev) = block {
+        let e = import(&mut local, "blk", &dev).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{dev:?}: {e:?}");
+        assert!(e.message().contains("allow_block_devices"), "{e:?}");
+    }
+    let names: Vec<String> = local
+        .templates
+        .list_templates(v1::ListTemplatesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .templates
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["in", "out"]);
+    d.daemon.shutdown().await;
+}

@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use crate::daemon::core::Core;
-use crate::daemon::model::{DeviceList, SandboxInfo, TemplateInfo};
+use crate::daemon::model::{Caller, DeviceList, SandboxInfo, TemplateInfo};
 use crate::daemon::spec::SandboxSpec;
 use crate::daemon::{lifecycle, pause, stats, templates};
 use crate::error::Result;
@@ -26,17 +26,18 @@ impl Core {
         templates::list(self)
     }
 
-    /// Imports `source` as `name`, calling `progress(done, total)` (blocking; run it off the
-    /// async threads).
+    /// Imports `source` as `name` for `caller`, calling `progress(done, total)` (blocking; run
+    /// it off the async threads).
     pub fn import_template_blocking(
         &self,
         name: &str,
         source: &Path,
+        caller: Caller,
         progress: impl FnMut(u64, u64),
     ) -> Result<TemplateInfo> {
         self.recorded(
             "import_template",
-            templates::import(self, name, source, progress),
+            templates::import(self, name, source, caller, progress),
         )
     }
 

@@ -103,7 +103,11 @@ pub fn build(store: &TemplateStore, scratch: &Path) -> Result<TemplateMeta> {
             .map_err(|e| DaemonError::io("stat demo", e))?
             .len(),
     );
-    let _ = store.begin_import(DEMO_NAME, &out)?;
+    let policy = crate::daemon::templates::ImportPolicy {
+        allow_block_devices: false,
+        allowed_dirs: None,
+    };
+    let _ = store.begin_import(DEMO_NAME, &out, &policy)?;
     let r = store.copy_in(DEMO_NAME, src, size, |_| {}).and_then(|tmp| {
         store.finish_import(DEMO_NAME, &tmp, format, &format!("built-in demo: {how}"))
     });

@@ -9,11 +9,11 @@ use rootfork_block::TemplatePath;
 use rootfork_provider::{BaseImage, Provider, ProviderKind};
 
 use crate::daemon::core::Core;
-use crate::daemon::disk;
 use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::spec::SandboxSpec;
 use crate::daemon::vm;
+use crate::daemon::{disk, limits};
 use crate::error::{DaemonError, Result};
 use crate::events::{EventBus, EventKind};
 use crate::names;
@@ -58,6 +58,7 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
             return Err(DaemonError::KernelUnavailable(why));
         }
     }
+    limits::admit_fds()?;
     // The new sandbox's lifecycle lock is taken before it is published, so a concurrent
     // delete (or pause) of the same id waits for this create to finish or fail.
     let sb = Sandbox::new(id.clone(), spec.template.clone(), spec.provider, spec.vm);
@@ -74,6 +75,7 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         if map.get(&id).is_some_and(|s| s.is_live()) {
             return Err(DaemonError::SandboxExists(id));
         }
+        limits::admit_count(core, map.values().filter(|s| s.is_live()).count())?;
         map.insert(id.clone(), sb.clone());
     }
     core.events.emit(

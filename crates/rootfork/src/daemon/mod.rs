@@ -36,6 +36,7 @@
 //! | `sandbox.rs` | one sandbox's record: identity, status, live resources |
 //! | `health.rs` | the periodic health check and recovery |
 //! | `kernel.rs` | the kernel `/dev/nbdN` pool as the daemon sees it |
+//! | `limits.rs` | admission: `limits.max_sandboxes`, file descriptors (`RLIMIT_NOFILE`) |
 //! | `stats.rs` | metrics recording: closed-provider totals, the scrape snapshot |
 //! | `demo.rs` | the demo template of a first start |
 //!
@@ -49,6 +50,7 @@ mod disk;
 pub mod health;
 pub mod kernel;
 mod lifecycle;
+pub mod limits;
 pub mod model;
 mod pause;
 pub mod sandbox;
@@ -132,6 +134,7 @@ impl Daemon {
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
             .map_err(io(format!("setting the mode of {}", state.display())))?;
         let lock = lock_state(&state)?;
+        limits::raise_nofile();
         let dirs = Dirs::new(&state);
         let mut leftovers = 0;
         for d in dirs.per_run() {
@@ -181,10 +184,8 @@ impl Daemon {
             std::fs::remove_file(&sock)
                 .map_err(io(format!("removing stale socket {}", sock.display())))?;
         }
-        let listener = tokio::net::UnixListener::bind(&sock)
+        let listener = crate::unix_listener::bind_with_mode(&sock, 0o600)
             .map_err(io(format!("binding {}", sock.display())))?;
-        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
-            .map_err(io(format!("setting the mode of {}", sock.display())))?;
         {
             let (api, mut rx) = (api.clone(), stop_rx.clone());
             tasks.push(tokio::spawn(async move {

@@ -162,6 +162,17 @@ pub struct SandboxInfo {
     pub overlay_data_blocks: u64,
 }
 
+/// Who is calling: the API listener a request came in on. Local callers could open the socket,
+/// whose mode is the check; remote ones (TCP, bearer token) are held to narrower rules, e.g.
+/// which files they may import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The Unix socket.
+    Local,
+    /// TCP.
+    Remote,
+}
+
 /// What a template image holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplateFormat {

@@ -72,6 +72,14 @@ pub fn render(core: &Core) -> String {
         snap.sandboxes.entry(s.as_str().to_owned()).or_default();
     }
     snap.overlay_bytes = [("data", data), ("zero", zero), ("absent", absent)].into();
+    let live = all.iter().filter(|s| s.is_live()).count() as i64;
+    let (fds, fd_limit) = crate::daemon::limits::fds();
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    snap.resources = [
+        ("sandboxes", (live, clamp(core.config.max_sandboxes as u64))),
+        ("fds", (clamp(fds), clamp(fd_limit))),
+    ]
+    .into();
     snap.template_bytes_read =
         core.closed.template_bytes.load(Ordering::Relaxed) + live_template_bytes;
     if let DeviceList::Available(devices) = core.kernel.list() {

@@ -1,9 +1,12 @@
 //! Who may call the API: anyone who can open the Unix socket (its mode is the check), or on
-//! TCP a client that sends `authorization: Bearer TOKEN`.
+//! TCP a client that sends `authorization: Bearer TOKEN`. TCP requests are marked
+//! [`Caller::Remote`] (a request extension) for the operations that treat them differently.
 
 use std::sync::Arc;
 
 use tonic::{Request, Status};
+
+use crate::daemon::model::Caller;
 
 /// The access check of one listener.
 #[derive(Clone)]
@@ -26,6 +29,8 @@ impl tonic::service::Interceptor for Access {
         let Access::Bearer(token) = self else {
             return Ok(req);
         };
+        let mut req = req;
+        req.extensions_mut().insert(Caller::Remote);
         let ok = req
             .metadata()
             .get("authorization")
@@ -60,7 +65,8 @@ mod tests {
     #[test]
     fn bearer_needs_the_exact_token() {
         let mut a = Access::bearer("s3cret");
-        assert!(a.call(with_auth(Some("Bearer s3cret"))).is_ok());
+        let ok = a.call(with_auth(Some("Bearer s3cret"))).unwrap();
+        assert_eq!(ok.extensions().get::<Caller>(), Some(&Caller::Remote));
         for bad in [
             None,
             Some("Bearer s3cre"),
@@ -74,6 +80,7 @@ mod tests {
 
     #[test]
     fn local_lets_everything_through() {
-        assert!(Access::Local.call(with_auth(None)).is_ok());
+        let ok = Access::Local.call(with_auth(None)).unwrap();
+        assert_eq!(ok.extensions().get::<Caller>(), None);
     }
 }

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::Api;
 use crate::api::v1::{self, templates_server};
+use crate::daemon::model::Caller;
 
 #[tonic::async_trait]
 impl templates_server::Templates for Api {
@@ -14,6 +15,11 @@ impl templates_server::Templates for Api {
         &self,
         req: Request<v1::ImportTemplateRequest>,
     ) -> Result<Response<Self::ImportTemplateStream>, Status> {
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .copied()
+            .unwrap_or(Caller::Local);
         let req = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let core = self.core.clone();
@@ -22,6 +28,7 @@ impl templates_server::Templates for Api {
             let r = core.import_template_blocking(
                 &req.name,
                 std::path::Path::new(&req.source_path),
+                caller,
                 |done, total| {
                     // At most ~20 progress messages a second; the client may be slow.
                     if last.elapsed().as_millis() >= 50 || done == total {

@@ -3,12 +3,12 @@
 
 mod store;
 
-pub use store::{detect_format, TemplateMeta, TemplateStore, TEMPLATE_ALIGN};
+pub use store::{detect_format, ImportPolicy, TemplateMeta, TemplateStore, TEMPLATE_ALIGN};
 
 use std::path::Path;
 
 use crate::daemon::core::Core;
-use crate::daemon::model::TemplateInfo;
+use crate::daemon::model::{Caller, TemplateInfo};
 use crate::error::{DaemonError, Result};
 use crate::events::{EventBus, EventKind};
 use crate::names;
@@ -26,15 +26,22 @@ pub fn list(core: &Core) -> Vec<TemplateInfo> {
         .collect()
 }
 
-/// Copies `source` into the store as `name` (blocking), calling `progress(done, total)`.
+/// Copies `source` into the store as `name` (blocking), calling `progress(done, total)`. A
+/// remote caller may import only from `templates.import_dirs`; block devices only when
+/// `templates.allow_block_devices` is on.
 pub fn import(
     core: &Core,
     name: &str,
     source: &Path,
+    caller: Caller,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<TemplateInfo> {
     let store = &core.templates;
-    let (mut file, size) = store.begin_import(name, source)?;
+    let policy = ImportPolicy {
+        allow_block_devices: core.config.import_block_devices,
+        allowed_dirs: (caller == Caller::Remote).then_some(&core.config.tcp_import_dirs[..]),
+    };
+    let (mut file, size) = store.begin_import(name, source, &policy)?;
     let r = detect_format(&mut file)
         .map_err(|e| DaemonError::io("reading the source", e))
         .and_then(|format| {

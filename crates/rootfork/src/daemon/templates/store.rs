@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,15 @@ pub struct TemplateMeta {
     pub created_unix_ms: i64,
     /// Where it came from.
     pub source: String,
+}
+
+/// What an import may read.
+#[derive(Debug, Clone, Copy)]
+pub struct ImportPolicy<'a> {
+    /// Whether block devices may be imported (else regular files only).
+    pub allow_block_devices: bool,
+    /// When set, the source must resolve to a file inside one of these directories.
+    pub allowed_dirs: Option<&'a [PathBuf]>,
 }
 
 /// The store.
@@ -141,23 +151,37 @@ impl TemplateStore {
     }
 
     /// Checks an import request before any work: a valid, unused name and a readable source of
-    /// a usable size. Reserves the name until [`Self::finish_import`] or [`Self::abort_import`].
-    pub fn begin_import(&self, name: &str, source: &Path) -> Result<(File, u64)> {
+    /// a usable size that `policy` allows. Reserves the name until [`Self::finish_import`] or
+    /// [`Self::abort_import`].
+    pub fn begin_import(
+        &self,
+        name: &str,
+        source: &Path,
+        policy: &ImportPolicy<'_>,
+    ) -> Result<(File, u64)> {
         names::template_name(name)?;
         if !source.is_absolute() {
             return Err(ImportError::NotAbsolute(source.to_owned()).into());
         }
-        let file = File::open(source).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => ImportError::Missing(source.to_owned()),
-            _ => ImportError::Unreadable {
-                path: source.to_owned(),
-                source: e,
-            },
-        })?;
+        // Non-blocking, so a FIFO cannot hold the import at open().
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(source)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => ImportError::Missing(source.to_owned()),
+                _ => ImportError::Unreadable {
+                    path: source.to_owned(),
+                    source: e,
+                },
+            })?;
         let md = file
             .metadata()
             .map_err(|e| DaemonError::io("stat source", e))?;
         let size = if md.file_type().is_block_device() {
+            if !policy.allow_block_devices {
+                return Err(ImportError::BlockDeviceRefused(source.to_owned()).into());
+            }
             let mut f = &file;
             f.seek(SeekFrom::End(0))
                 .map_err(|e| DaemonError::io("sizing source device", e))?
@@ -166,6 +190,17 @@ impl TemplateStore {
         } else {
             return Err(ImportError::NotFileOrDevice(source.to_owned()).into());
         };
+        if let Some(dirs) = policy.allowed_dirs {
+            // The file actually opened (symlinks resolved), not the name asked for.
+            let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                .map_err(|e| DaemonError::io("resolving the source path", e))?;
+            let inside = dirs.iter().any(|d| {
+                std::fs::canonicalize(d).is_ok_and(|d| opened.starts_with(&d) && opened != d)
+            });
+            if !inside {
+                return Err(ImportError::OutsideImportDirs(source.to_owned()).into());
+            }
+        }
         if size == 0 || size % TEMPLATE_ALIGN != 0 {
             return Err(ImportError::BadSize {
                 path: source.to_owned(),
@@ -252,11 +287,12 @@ impl TemplateStore {
                 .map_err(|e| DaemonError::io("moving the template into place", e))?;
             let rec = self.dir.join(format!("{name}.json"));
             let rec_tmp = self.dir.join(format!(".import-{name}.json"));
-            std::fs::write(
+            write_durably(
                 &rec_tmp,
-                serde_json::to_vec_pretty(&meta).unwrap_or_default(),
+                &serde_json::to_vec_pretty(&meta).unwrap_or_default(),
             )
             .and_then(|()| std::fs::rename(&rec_tmp, &rec))
+            .and_then(|()| sync_dir(&self.dir))
             .map_err(|e| DaemonError::io("writing the template record", e))?;
             self.map.lock().insert(name.to_owned(), meta.clone());
             Ok(meta)
@@ -274,7 +310,9 @@ impl TemplateStore {
         self.importing.lock().remove(name);
     }
 
-    /// Removes a template's files; the caller has removed it from the map under the lock.
+    /// Removes a template's files (the record first, so a crash in between leaves an image no
+    /// record names, which the next start ignores); the caller has removed it from the map under
+    /// the lock.
     pub fn remove_files(&self, name: &str) {
         for p in [self.dir.join(format!("{name}.json")), self.image_path(name)] {
             if let Err(e) = std::fs::remove_file(&p) {
@@ -283,5 +321,25 @@ impl TemplateStore {
                 }
             }
         }
+        if let Err(e) = sync_dir(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "syncing the template directory: {e}");
+        }
     }
+}
+
+/// Writes `bytes` to a new file at `path` and waits until they are on stable storage.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Makes the directory's entries (a rename, a new or removed file) durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }

@@ -1,0 +1,98 @@
+//! Resource limits the daemon enforces before it takes on a sandbox: `limits.max_sandboxes`, and
+//! file descriptors (the soft `RLIMIT_NOFILE`, raised to the hard limit at start, with headroom
+//! for the sandbox being created). A create past either is refused with `RESOURCE_EXHAUSTED`
+//! naming what ran out, instead of failing later in an accept, a socketpair or a cache open.
+
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
+use crate::daemon::core::Core;
+
+/// File descriptors kept free for the daemon itself (API and metrics connections, health
+/// probes, imports).
+pub const FD_RESERVE: u64 = 64;
+/// File descriptors a new sandbox may need (template, cache, listener or kernel sockets, a few
+/// client connections).
+pub const FDS_PER_SANDBOX: u64 = 32;
+
+/// What ran out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Exhausted {
+    /// `limits.max_sandboxes` sandboxes exist.
+    #[error("sandboxes: {live} exist, limits.max_sandboxes is {max}")]
+    Sandboxes {
+        /// Sandboxes not deleted.
+        live: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Too few file descriptors left for another sandbox.
+    #[error("file descriptors: {open} of {limit} open (RLIMIT_NOFILE); a sandbox needs about {FDS_PER_SANDBOX} with {FD_RESERVE} kept in reserve")]
+    FileDescriptors {
+        /// Open now.
+        open: u64,
+        /// The soft limit.
+        limit: u64,
+    },
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the limit in force.
+pub fn raise_nofile() -> u64 {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                tracing::info!(from = soft, to = hard, "raised the open-file limit");
+                hard
+            }
+            Err(e) => {
+                tracing::warn!(soft, hard, "cannot raise the open-file limit: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!("cannot read the open-file limit: {e}");
+            u64::MAX
+        }
+    }
+}
+
+/// File descriptors open in this process and the soft limit.
+pub fn fds() -> (u64, u64) {
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+    (open, limit)
+}
+
+/// `Ok` when one more sandbox fits next to `live` existing ones (call under the sandbox map's
+/// lock, so the count is exact).
+pub fn admit_count(core: &Core, live: usize) -> Result<(), Exhausted> {
+    let max = core.config.max_sandboxes;
+    if live >= max {
+        return Err(Exhausted::Sandboxes { live, max });
+    }
+    Ok(())
+}
+
+/// `Ok` when the file descriptors left leave room for one more sandbox.
+pub fn admit_fds() -> Result<(), Exhausted> {
+    let (open, limit) = fds();
+    if open.saturating_add(FDS_PER_SANDBOX + FD_RESERVE) > limit {
+        return Err(Exhausted::FileDescriptors { open, limit });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fds_are_counted_and_the_limit_read() {
+        let (open, limit) = fds();
+        assert!(open >= 3, "{open}");
+        assert!(limit >= open, "{limit} < {open}");
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(fds().0 > open.saturating_sub(1));
+        drop(f);
+    }
+}
