@@ -199,4 +199,11 @@ fn freeze_stops_writes_but_not_reads() {
         libc::ESHUTDOWN
     );
     ov.flush().unwrap();
+    // A thaw (a pause that failed after its freeze) makes the disk writable again.
+    ov.thaw();
+    assert!(!ov.is_frozen());
+    ov.write_at(&[9u8; 4096], 8192).unwrap();
+    let mut b = vec![0u8; 4096];
+    ov.read_at(&mut b, 8192).unwrap();
+    assert_eq!(b, vec![9u8; 4096]);
 }

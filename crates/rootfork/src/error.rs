@@ -114,6 +114,16 @@ pub enum DaemonError {
     /// A paused sandbox without its paused disk.
     #[error("sandbox {0:?} holds no paused disk")]
     NoPausedDisk(String),
+    /// Not enough free space for what the operation must write.
+    #[error("not enough space in {}: {needed} bytes needed, {available} available", .path.display())]
+    NoSpace {
+        /// Where it would be written.
+        path: PathBuf,
+        /// Bytes it needs (at most).
+        needed: u64,
+        /// Bytes free there.
+        available: u64,
+    },
     /// A limit would be passed.
     #[error("cannot create another sandbox: {0}")]
     ResourceExhausted(#[from] crate::daemon::limits::Exhausted),
@@ -189,7 +199,9 @@ impl DaemonError {
             | DaemonError::NoDevice(_)
             | DaemonError::NoPausedDisk(_) => Code::FailedPrecondition,
             DaemonError::KernelUnavailable(_) => Code::Unavailable,
-            DaemonError::ResourceExhausted(_) => Code::ResourceExhausted,
+            DaemonError::ResourceExhausted(_) | DaemonError::NoSpace { .. } => {
+                Code::ResourceExhausted
+            }
             DaemonError::Provider(p) => match p {
                 P::Timeout(_) => Code::DeadlineExceeded,
                 P::InvalidArgument(_) => Code::InvalidArgument,
@@ -226,6 +238,7 @@ impl DaemonError {
                 ..
             }) => libc::EAGAIN,
             DaemonError::ResourceExhausted(_) => libc::EMFILE,
+            DaemonError::NoSpace { .. } => libc::ENOSPC,
             DaemonError::Provider(rootfork_provider::ProviderError::Timeout(_)) => libc::ETIMEDOUT,
             DaemonError::Provider(rootfork_provider::ProviderError::Kernel(k)) => k.errno(),
             DaemonError::Provider(_) | DaemonError::Vm(_) | DaemonError::TaskFailed { .. } => {

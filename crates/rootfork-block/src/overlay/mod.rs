@@ -144,7 +144,13 @@ impl Overlay {
         drop(self.locks.lock_all());
     }
 
-    /// Whether [`Overlay::freeze`] was called.
+    /// Accepts writes again after [`Overlay::freeze`]: a pause that failed after the freeze
+    /// (e.g. no space for the diff) gives the sandbox its writable disk back. Idempotent.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether [`Overlay::freeze`] was called (and not undone by [`Overlay::thaw`]).
     pub fn is_frozen(&self) -> bool {
         self.frozen.load(Ordering::SeqCst)
     }

@@ -5,13 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-use rootfork_block::TemplatePath;
+use rootfork_block::{BlockDevice, Overlay, TemplatePath};
 use rootfork_provider::{BaseImage, PausedDisk, Provider};
 
 use crate::daemon::core::Core;
 use crate::daemon::disk;
 use crate::daemon::model::{SandboxInfo, SandboxState};
-use crate::daemon::sandbox::{Live, Sandbox};
+use crate::daemon::sandbox::{overlay_of, Live, Sandbox};
 use crate::error::{DaemonError, Operation, Result};
 use crate::names;
 
@@ -38,11 +38,17 @@ fn next_diff(core: &Core, id: &str, live: &mut Live) -> PathBuf {
 }
 
 /// Pauses a running sandbox, or a failed one that still holds its disk (so its data is saved):
-/// flush, freeze, export its changes, release the device.
+/// flush, freeze, export its changes (folded with an earlier pause's), and only once they are
+/// all on disk release the device.
+///
+/// Failure-atomic: a pause refused for lack of space changes nothing, and one that fails after
+/// the freeze (no space after all, an I/O error, a failed fold) removes what it wrote, thaws
+/// the overlay and leaves the sandbox in the state it had, its disk served and writable.
 pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     names::sandbox_id(id)?;
     let sb = core.find(id)?;
     let mut live = sb.live.lock().await;
+    let before = sb.state();
     expect_state(
         &sb,
         Operation::Pause,
@@ -51,67 +57,120 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     if live.vm.is_some() {
         return Err(DaemonError::VmRunning(id.into()));
     }
-    let Some(mut provider) = live.provider.take() else {
+    let Some(overlay) = live.provider.as_ref().and_then(overlay_of) else {
         return Err(DaemonError::NoDevice(id.into()));
     };
+    let needed = space_needed(&overlay, live.paused.as_ref());
+    check_space(&core.dirs.paused, needed)?;
     core.set_state(&sb, SandboxState::Pausing, None);
     let data = next_diff(core, id, &mut live);
-    let exported = provider.export_diff(&data).await;
-    let closed = disk::retire(core, &sb, &mut provider).await;
-    // A sandbox resumed from a pause exported its changes relative to template + the old diff:
-    // fold the two into one diff relative to the template.
-    let exported = match (exported, live.paused.take()) {
-        (Ok(new), Some(old)) => {
-            live.files.push(new.data.clone());
-            let out = next_diff(core, id, &mut live);
-            match fold(&old, &new, &out).await {
-                Ok(folded) => {
-                    // The folded diff replaces both.
-                    for f in [&old.data, &new.data] {
+    let folded_out = next_diff(core, id, &mut live);
+    let provider = live.provider.as_mut().expect("checked above");
+    let saved = match provider.export_diff(&data).await {
+        // The export removes what it wrote when it fails.
+        Err(e) => Err(DaemonError::from(e)),
+        Ok(new) => match live.paused.clone() {
+            None => Ok(new),
+            // A sandbox resumed from a pause exported its changes relative to template + the
+            // old diff: fold the two into one diff relative to the template.
+            Some(old) => {
+                let r = fold(&old, &new, &folded_out).await;
+                if r.is_err() {
+                    for f in [&data, &folded_out] {
                         let _ = std::fs::remove_file(f);
                     }
-                    live.files.retain(|f| f != &old.data && f != &new.data);
-                    Ok(folded)
                 }
-                Err(e) => {
-                    live.paused = Some(old);
-                    Err(e)
-                }
+                r
             }
-        }
-        (r, old) => {
-            live.paused = old;
-            r.map_err(DaemonError::from)
+        },
+    };
+    let paused = match saved {
+        Ok(p) => p,
+        Err(e) => {
+            let e = no_space_if_enospc(e, &core.dirs.paused, needed);
+            overlay.thaw();
+            tracing::warn!(sandbox = id, "pause failed, the disk is served again: {e}");
+            core.set_state(&sb, before, Some(format!("pause failed: {e}")));
+            return Err(e);
         }
     };
-    match exported {
-        Ok(paused) => {
-            if let Err(e) = closed {
-                tracing::warn!(sandbox = id, "closing after pause: {e}");
-            }
-            let bytes = paused.map.data_len();
-            live.files.push(paused.data.clone());
-            live.paused = Some(paused);
-            sb.update(|s| {
-                s.pause_count += 1;
-                s.paused_diff_bytes = bytes;
-                s.clear_device();
-            });
-            core.set_state(&sb, SandboxState::Paused, None);
-            drop(live);
-            tracing::info!(sandbox = id, diff_bytes = bytes, "sandbox paused");
-            Ok(sb.info())
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&data);
-            core.set_state(
-                &sb,
-                SandboxState::Failed,
-                Some(format!("pause failed: {e}")),
-            );
-            Err(e)
-        }
+    // Every byte of the pause is on disk: the device can go.
+    let mut provider = live.provider.take().expect("checked above");
+    if let Err(e) = disk::retire(core, &sb, &mut provider).await {
+        tracing::warn!(sandbox = id, "closing after pause: {e}");
     }
+    if let Some(old) = live.paused.take() {
+        // The folded diff replaces both.
+        for f in [&old.data, &data] {
+            let _ = std::fs::remove_file(f);
+        }
+        live.files.retain(|f| f != &old.data);
+    }
+    let bytes = paused.map.data_len();
+    live.files.push(paused.data.clone());
+    live.paused = Some(paused);
+    sb.update(|s| {
+        s.pause_count += 1;
+        s.paused_diff_bytes = bytes;
+        s.message.clear();
+        s.failed_checks = 0;
+        s.clear_device();
+    });
+    core.set_state(&sb, SandboxState::Paused, None);
+    drop(live);
+    tracing::info!(sandbox = id, diff_bytes = bytes, "sandbox paused");
+    Ok(sb.info())
+}
+
+/// Bytes a pause may write: the overlay's data, and with an earlier pause's diff to fold, the
+/// folded diff too (at most both).
+fn space_needed(overlay: &Overlay, old: Option<&PausedDisk>) -> u64 {
+    let new = overlay
+        .stats()
+        .blocks_data
+        .saturating_mul(u64::from(overlay.block_size()));
+    match old {
+        Some(old) => new.saturating_mul(2).saturating_add(old.map.data_len()),
+        None => new,
+    }
+}
+
+/// Bytes free to an unprivileged writer in the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)?;
+    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+}
+
+/// `Ok` when `dir` has room for `needed` bytes.
+fn check_space(dir: &Path, needed: u64) -> Result<()> {
+    let available =
+        free_bytes(dir).map_err(|e| DaemonError::io("statvfs of the pause directory", e))?;
+    if needed > available {
+        return Err(DaemonError::NoSpace {
+            path: dir.to_owned(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
+}
+
+/// An error whose cause is `ENOSPC` as [`DaemonError::NoSpace`] (with what is free now).
+fn no_space_if_enospc(e: DaemonError, dir: &Path, needed: u64) -> DaemonError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::ENOSPC) {
+                return DaemonError::NoSpace {
+                    path: dir.to_owned(),
+                    needed,
+                    available: free_bytes(dir).unwrap_or(0),
+                };
+            }
+        }
+        cause = c.source();
+    }
+    e
 }
 
 /// Folds the diff `new` (relative to template + `old`) and `old` into one diff at `out`,

@@ -111,6 +111,15 @@ impl Sandbox {
     }
 }
 
+/// The overlay of a served provider.
+pub fn overlay_of(p: &AnyProvider) -> Option<Arc<rootfork_block::Overlay>> {
+    match p {
+        AnyProvider::Socket(s) => s.overlay(),
+        AnyProvider::Kernel(k) => k.overlay(),
+        AnyProvider::Direct(_) => None,
+    }
+}
+
 /// The overlay counters of a served provider.
 pub fn overlay_stats(p: &AnyProvider) -> Option<rootfork_block::OverlayStats> {
     match p {

@@ -1,0 +1,181 @@
+//! Failure-atomic pause: a pause that cannot be done leaves the sandbox as it was — running,
+//! its disk served and writable, every byte readable — and a later pause with room succeeds.
+//!
+//! * no room (the state directory on a small tmpfs): refused before the freeze with
+//!   `RESOURCE_EXHAUSTED` naming the directory and the bytes needed;
+//! * a failure after the freeze (the diff file cannot be created): the overlay is thawed and the
+//!   sandbox keeps running, writable.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use rootfork::api::v1;
+use rootfork::client::Clients;
+use rootfork::config::Config;
+use rootfork::daemon::Daemon;
+use tonic::Code;
+
+/// A tmpfs of `mib` MiB at `dir`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("mount runs (the tests run as root)");
+        assert!(st.success(), "mounting a tmpfs at {}", dir.display());
+        Tmpfs(dir.to_owned())
+    }
+
+    fn resize(&self, mib: u64) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+async fn pause(c: &mut Clients, id: &str) -> Result<v1::Sandbox, tonic::Status> {
+    c.sandboxes
+        .pause_sandbox(v1::PauseSandboxRequest { id: id.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get(c: &mut Clients, id: &str) -> v1::Sandbox {
+    c.sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_without_room_changes_nothing_and_succeeds_once_there_is_room() {
+    let dir = tempfile::Builder::new()
+        .prefix("rfp")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let state = dir.path().join("s");
+    let fs = Tmpfs::mount(&state, 40);
+    let mut config = Config::with_state_dir(&state).unwrap();
+    config.demo_template = false;
+    config.nbd_lock_dir = dir.path().join("locks");
+    config.health_interval = Duration::from_secs(3600);
+    let daemon = Daemon::start(config).await.unwrap();
+    let mut c = rootfork::client::connect(&rootfork::client::ApiTarget::Unix(
+        daemon.api_socket().to_owned(),
+    ))
+    .await
+    .unwrap();
+    // A 64 MiB template (sparse after its first tagged blocks) and 24 MiB written: the cache
+    // holds 24 MiB of the tmpfs's 40, so a 24 MiB diff cannot fit.
+    let src = make_template(dir.path(), "src.img", 16);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "full").await.unwrap();
+    for mib in 0..24u64 {
+        nbd_write(&sb.nbd_uri, (8 + mib) << 20, 1 << 20, mib as u8 + 1);
+    }
+    let e = pause(&mut c, "full").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains(&state.join("paused").display().to_string()),
+        "{e:?}"
+    );
+    assert!(e.message().contains("25165824 bytes needed"), "{e:?}");
+    // Nothing changed: running, served, writable, every byte readable, no diff left behind.
+    let got = get(&mut c, "full").await;
+    assert_eq!(got.state, v1::SandboxState::Running as i32);
+    assert_eq!(got.nbd_uri, sb.nbd_uri);
+    nbd_write(&sb.nbd_uri, 0, 4096, 0xee);
+    assert_eq!(nbd_read(&sb.nbd_uri, 0, 4096), vec![0xee; 4096]);
+    for mib in 0..24u64 {
+        assert_eq!(
+            nbd_read(&sb.nbd_uri, ((8 + mib) << 20) + 4096, 4096),
+            vec![mib as u8 + 1; 4096]
+        );
+    }
+    assert!(std::fs::read_dir(state.join("paused"))
+        .unwrap()
+        .next()
+        .is_none());
+    // With room, the same pause succeeds and the resumed disk has every byte.
+    fs.resize(128);
+    let p = pause(&mut c, "full").await.unwrap();
+    assert_eq!(p.state, v1::SandboxState::Paused as i32);
+    let r = c
+        .sandboxes
+        .resume_sandbox(v1::ResumeSandboxRequest { id: "full".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(nbd_read(&r.nbd_uri, 0, 4096), vec![0xee; 4096]);
+    assert_eq!(nbd_read(&r.nbd_uri, 31 << 20, 4096), vec![24; 4096]);
+    assert_eq!(&nbd_read(&r.nbd_uri, 4096 * 5, 12), b"tpl block 5\n");
+    assert!(delete(&mut c, "full").await.unwrap());
+    daemon.shutdown().await;
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_failing_after_the_freeze_thaws_the_disk() {
+    let d = TestDaemon::start_with(false, |c| c.health_interval = Duration::from_secs(3600)).await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "thaw").await.unwrap();
+    nbd_write(&sb.nbd_uri, 4096, 4096, 0x11);
+    // Something already stands where the pause's diff goes: the export cannot create it.
+    let planted = d.state().join("paused").join("thaw.1.diff");
+    std::fs::create_dir(&planted).unwrap();
+    let e = pause(&mut c, "thaw").await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    let got = get(&mut c, "thaw").await;
+    assert_eq!(got.state, v1::SandboxState::Running as i32);
+    assert!(got.message.starts_with("pause failed"), "{}", got.message);
+    // Thawed: writes work again, old data intact; the planted entry is not ours to remove.
+    nbd_write(&sb.nbd_uri, 8192, 4096, 0x22);
+    assert_eq!(nbd_read(&sb.nbd_uri, 4096, 4096), vec![0x11; 4096]);
+    assert_eq!(nbd_read(&sb.nbd_uri, 8192, 4096), vec![0x22; 4096]);
+    assert!(planted.is_dir());
+    // The next pause (new file names) succeeds with both writes.
+    let p = pause(&mut c, "thaw").await.unwrap();
+    assert_eq!(p.paused_diff_bytes, 8192);
+    let r = c
+        .sandboxes
+        .resume_sandbox(v1::ResumeSandboxRequest { id: "thaw".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(nbd_read(&r.nbd_uri, 8192, 4096), vec![0x22; 4096]);
+    assert!(delete(&mut c, "thaw").await.unwrap());
+    d.daemon.shutdown().await;
+}
