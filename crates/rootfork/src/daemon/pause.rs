@@ -138,7 +138,7 @@ fn space_needed(overlay: &Overlay, old: Option<&PausedDisk>) -> u64 {
 /// Bytes free to an unprivileged writer in the file system holding `dir`.
 fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let st = nix::sys::statvfs::statvfs(dir)?;
-    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// `Ok` when `dir` has room for `needed` bytes.
