@@ -63,6 +63,9 @@ pub mod testing;
 
 pub use conn::EndReason;
 pub use handshake::{Export, ExportSet, Session};
-pub use opts::{ServeOptions, MAX_PAYLOAD};
+pub use opts::{
+    ServeOptions, BLOCK_STATUS_MAX_DESCRIPTORS, BLOCK_STATUS_MAX_LEN, MAX_PAYLOAD,
+    MAX_WRITE_PAYLOAD,
+};
 pub use server::{Server, ServerError};
 pub use stats::{ConnectionStats, Op, OpStats, StatsSnapshot};

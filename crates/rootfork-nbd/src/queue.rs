@@ -237,10 +237,10 @@ impl Window {
         self.state.lock().count
     }
 
-    /// Waits until nothing is in flight.
+    /// Waits until nothing is in flight, or the window is closed.
     pub fn wait_idle(&self) {
         let mut st = self.state.lock();
-        while st.count > 0 {
+        while st.count > 0 && !st.closed {
             st.waiters += 1;
             self.cond.wait(&mut st);
             st.waiters -= 1;
