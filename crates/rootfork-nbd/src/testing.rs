@@ -467,7 +467,7 @@ impl BlockDevice for FragmentedDevice {
         while at < end {
             let i = at / b;
             let next = ((i + 1) * b).min(end);
-            let state = if i % 2 == 0 {
+            let state = if i.is_multiple_of(2) {
                 BlockState::Data
             } else {
                 BlockState::Zero

@@ -108,7 +108,11 @@ fn block_status_on_a_large_fragmented_device_does_bounded_work() {
     let d = descriptors(&mut c);
     assert_eq!(d.len(), max, "a full reply, not the whole range");
     for (i, &(l, flags)) in d.iter().enumerate() {
-        let want = if i % 2 == 0 { 0 } else { STATE_HOLE | STATE_ZERO };
+        let want = if i % 2 == 0 {
+            0
+        } else {
+            STATE_HOLE | STATE_ZERO
+        };
         assert_eq!((l, flags), (4096, want), "descriptor {i}");
     }
     assert!(
