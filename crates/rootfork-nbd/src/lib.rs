@@ -17,7 +17,8 @@
 //! reader itself with non-blocking replies, everything else on a few worker threads in parallel;
 //! replies go out in completion order with vectored writes (see the engine's docs in `conn/mod.rs`
 //! and `docs/nbd.md`). Every request gets an answer: invalid ones get the errno the protocol
-//! names, their payload is consumed so the stream stays in sync.
+//! names, their payload is consumed so the stream stays in sync; a panic in device code answers
+//! its request `EIO` and the connection keeps serving (see `docs/nbd.md`, *Faults*).
 //!
 //! Socket mode in a few lines:
 //!

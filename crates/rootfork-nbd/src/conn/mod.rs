@@ -3,7 +3,12 @@
 //! Per connection the calling thread is the **reader**. It parses every request from a large
 //! receive buffer, validates it and always consumes its payload (so the stream stays in sync even
 //! for rejected requests). It admits requests through a bounded in-flight [`Window`] (count and
-//! payload bytes); a request's slot is released only once its reply is on the wire.
+//! buffer bytes: write payloads, read reply buffers); a request's slot is released only once its
+//! reply is on the wire.
+//!
+//! **Panics.** Device code runs inside `catch_unwind` ([`Shared::run`]): a panic fails only its
+//! request (`EIO`). A panic escaping the engine itself aborts the connection
+//! ([`Shared::abort`]), so [`serve`] always returns once device operations do.
 //!
 //! While the device is fast (the last operation took less than [`JobQueue::STALL`]), the reader
 //! runs short requests itself — reads up to 128 KiB, writes/trims/zeroes without FUA, block
