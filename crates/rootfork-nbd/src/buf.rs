@@ -3,6 +3,7 @@
 //! Buffers come in power-of-two size classes from 4 KiB up; each class keeps a bounded free list.
 //! A [`Buf`] returns itself to its pool when dropped.
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -11,9 +12,14 @@ const MIN_CLASS_SHIFT: u32 = 12;
 const CLASSES: usize = 14; // 4 KiB .. 32 MiB
 
 /// A pool of buffers shared by the threads of one or more connections.
+///
+/// It counts the bytes of the buffers it has handed out and not yet got back (and the peak of
+/// that), so what a connection pins in buffers can be observed ([`BufPool::in_use`]).
 #[derive(Debug)]
 pub struct BufPool {
     classes: Vec<Mutex<Vec<Vec<u8>>>>,
+    in_use: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 impl Default for BufPool {
@@ -27,7 +33,19 @@ impl BufPool {
     pub fn new() -> Self {
         BufPool {
             classes: (0..CLASSES).map(|_| Mutex::new(Vec::new())).collect(),
+            in_use: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
         }
+    }
+
+    /// Bytes of the buffers handed out and not yet dropped (their requested lengths).
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Relaxed)
+    }
+
+    /// The most [`BufPool::in_use`] has been.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Relaxed)
     }
 
     fn class_of(len: usize) -> usize {
@@ -61,6 +79,10 @@ impl BufPool {
         debug_assert!(v.len() >= len);
         if v.len() < len {
             v.resize(len, 0);
+        }
+        let now = self.in_use.fetch_add(len, Relaxed) + len;
+        if now > self.peak.load(Relaxed) {
+            self.peak.fetch_max(now, Relaxed);
         }
         Buf {
             v,
@@ -125,6 +147,7 @@ impl std::ops::DerefMut for Buf {
 impl Drop for Buf {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
+            pool.in_use.fetch_sub(self.len, Relaxed);
             pool.put(std::mem::take(&mut self.v));
         }
     }
@@ -145,5 +168,9 @@ mod tests {
         assert_eq!(b2.as_ptr(), ptr);
         let big = pool.get(3 << 20);
         assert_eq!(big.len(), 3 << 20);
+        assert_eq!(pool.in_use(), 1000 + (3 << 20));
+        drop((b2, big));
+        assert_eq!(pool.in_use(), 0);
+        assert_eq!(pool.peak(), 1000 + (3 << 20));
     }
 }

@@ -4,17 +4,15 @@
 use rootfork_block::{BlockDevice, BlockError, BlockState};
 
 use crate::buf::BufPool;
-use crate::consts::{wire_errno, ENOTSUP};
+use crate::consts::wire_errno;
 use crate::meta::MetaContext;
 use crate::reply::{Outcome, ReadRun};
 use crate::request::Command;
 use crate::stats::Op;
 use std::sync::Arc;
 
-/// Most descriptors per context in one block status reply.
-const MAX_DESCRIPTORS: usize = 8192;
 /// Chunk size of `CACHE` read-ahead.
-const CACHE_CHUNK: u64 = 1 << 20;
+pub(crate) const CACHE_CHUNK: u64 = 1 << 20;
 
 /// What [`execute`] needs besides the command.
 pub struct ExecContext<'a> {
@@ -28,6 +26,10 @@ pub struct ExecContext<'a> {
     pub hole_detect_min_len: u32,
     /// Selected meta contexts.
     pub contexts: &'a [MetaContext],
+    /// Most bytes one block status request looks at.
+    pub block_status_max_len: u64,
+    /// Most descriptors per context in one block status reply.
+    pub block_status_max_descriptors: usize,
 }
 
 fn errno(e: &BlockError) -> u32 {
@@ -94,12 +96,14 @@ pub fn execute(cx: &ExecContext<'_>, cmd: Command, payload: Option<&[u8]>) -> Ou
             len,
             fua,
             no_hole,
-            fast,
+            fast: _,
         } => {
-            if fast && no_hole {
-                // Allocated zeroes mean writing every block: not fast, say so.
-                return Outcome::Err(ENOTSUP);
-            }
+            // `FAST_ZERO` is always honoured, with or without `NO_HOLE`: every writable device
+            // rootfork serves zeroes without moving data through the request (the overlay marks
+            // whole blocks zero in its map, or with `NO_HOLE` zeroes its cache with
+            // `FALLOC_FL_ZERO_RANGE`, a metadata operation; only on a file system without it does
+            // it write zeroes, server-side, which is still faster than the same `WRITE`).
+            // `BlockDevice` has no way to say it cannot zero fast; `ENOTSUP` would need one.
             let r = dev.write_zeroes(offset, len, !no_hole);
             done(r.and_then(|()| if fua { dev.flush() } else { Ok(()) }))
         }
@@ -121,10 +125,15 @@ pub fn execute(cx: &ExecContext<'_>, cmd: Command, payload: Option<&[u8]>) -> Ou
             len,
             req_one,
         } => {
-            let max = if req_one { 1 } else { MAX_DESCRIPTORS };
+            let max = if req_one {
+                1
+            } else {
+                cx.block_status_max_descriptors.max(1)
+            };
+            let len = len.min(cx.block_status_max_len.max(1));
             let mut out = Vec::with_capacity(cx.contexts.len());
             for &c in cx.contexts {
-                match c.describe(dev, offset, len, max) {
+                match block_status(dev, c, offset, len, max) {
                     Ok(d) => out.push((c.id(), d)),
                     Err(e) => return Outcome::Err(errno(&e)),
                 }
@@ -132,6 +141,45 @@ pub fn execute(cx: &ExecContext<'_>, cmd: Command, payload: Option<&[u8]>) -> Ou
             Outcome::BlockStatus(out)
         }
     }
+}
+
+/// Descriptors of `c` for `len` bytes at `offset`, at most `max`, adjacent equal flags merged.
+///
+/// The device is asked in steps of `max` blocks, so one step yields about `max` extents at
+/// most, and the walk stops as soon as the reply is full or a step is described only in part:
+/// the work is bounded by the descriptors answered, not by the range or its fragmentation. The
+/// reply may cover only a prefix of the range, which the protocol allows.
+fn block_status(
+    dev: &dyn BlockDevice,
+    c: MetaContext,
+    offset: u64,
+    len: u64,
+    max: usize,
+) -> rootfork_block::Result<Vec<(u64, u32)>> {
+    let block = u64::from(dev.block_size().max(1));
+    let step = (max as u64).saturating_mul(block).max(block);
+    let end = offset + len;
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let mut at = offset;
+    'walk: while at < end {
+        let n = (end - at).min(step);
+        let mut got = 0;
+        for (l, flags) in c.describe(dev, at, n, max)? {
+            got += l;
+            if let Some(last) = out.last_mut().filter(|last| last.1 == flags) {
+                last.0 += l;
+            } else if out.len() >= max {
+                break 'walk;
+            } else {
+                out.push((l, flags));
+            }
+        }
+        if got < n {
+            break;
+        }
+        at += n;
+    }
+    Ok(out)
 }
 
 fn read(cx: &ExecContext<'_>, offset: u64, len: u32, df: bool) -> Outcome {

@@ -67,6 +67,7 @@ pub fn requests(input: &[u8]) -> usize {
         size: 1 << 20,
         min_block: if mode & 1 != 0 { 512 } else { 1 },
         max_payload: 1 << 16,
+        max_write: if mode & 32 != 0 { 1 << 17 } else { 1 << 16 },
         read_only: mode & 2 != 0,
         structured: mode & 4 != 0,
         extended: mode & 8 != 0,

@@ -85,6 +85,7 @@ impl Session {
             size: self.export.device.size(),
             min_block: opts.min_block_size,
             max_payload: opts.max_payload,
+            max_write: opts.write_limit(),
             read_only: self.export.device.is_read_only(),
             structured: self.framing.structured,
             extended: self.framing.extended,

@@ -17,7 +17,8 @@
 //! reader itself with non-blocking replies, everything else on a few worker threads in parallel;
 //! replies go out in completion order with vectored writes (see the engine's docs in `conn/mod.rs`
 //! and `docs/nbd.md`). Every request gets an answer: invalid ones get the errno the protocol
-//! names, their payload is consumed so the stream stays in sync.
+//! names, their payload is consumed so the stream stays in sync; a panic in device code answers
+//! its request `EIO` and the connection keeps serving (see `docs/nbd.md`, *Faults*).
 //!
 //! Socket mode in a few lines:
 //!
@@ -63,6 +64,9 @@ pub mod testing;
 
 pub use conn::EndReason;
 pub use handshake::{Export, ExportSet, Session};
-pub use opts::{ServeOptions, MAX_PAYLOAD};
+pub use opts::{
+    ServeOptions, BLOCK_STATUS_MAX_DESCRIPTORS, BLOCK_STATUS_MAX_LEN, MAX_PAYLOAD,
+    MAX_WRITE_PAYLOAD,
+};
 pub use server::{Server, ServerError};
 pub use stats::{ConnectionStats, Op, OpStats, StatsSnapshot};

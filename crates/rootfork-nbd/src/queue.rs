@@ -153,7 +153,8 @@ struct WindowState {
     closed: bool,
 }
 
-/// Bounds requests and payload bytes in flight on one connection.
+/// Bounds requests and buffer bytes (write payloads, read reply buffers) in flight on one
+/// connection.
 #[derive(Debug)]
 pub struct Window {
     max_count: usize,
@@ -163,7 +164,7 @@ pub struct Window {
 }
 
 impl Window {
-    /// A window of `max_count` requests and `max_bytes` payload bytes.
+    /// A window of `max_count` requests and `max_bytes` buffer bytes.
     pub fn new(max_count: usize, max_bytes: usize) -> Self {
         Window {
             max_count: max_count.max(1),
@@ -237,10 +238,10 @@ impl Window {
         self.state.lock().count
     }
 
-    /// Waits until nothing is in flight.
+    /// Waits until nothing is in flight, or the window is closed.
     pub fn wait_idle(&self) {
         let mut st = self.state.lock();
-        while st.count > 0 {
+        while st.count > 0 && !st.closed {
             st.waiters += 1;
             self.cond.wait(&mut st);
             st.waiters -= 1;

@@ -107,8 +107,10 @@ pub struct Limits {
     pub size: u64,
     /// Minimum block size advertised (a power of two; offsets and lengths must be multiples).
     pub min_block: u32,
-    /// Maximum payload (and read length) in bytes.
+    /// Maximum read length in bytes (the advertised maximum block size; longer: `EOVERFLOW`).
     pub max_payload: u32,
+    /// Maximum write payload in bytes (at least `max_payload`; longer: `EINVAL`).
+    pub max_write: u32,
     /// Whether the export refuses writes.
     pub read_only: bool,
     /// Whether structured replies were negotiated.
@@ -157,6 +159,9 @@ pub struct Invalid {
     pub errno: u32,
     /// Bytes of payload following the header.
     pub payload: u64,
+    /// Refused because the request is larger than the server serves (a read over
+    /// `max_payload`, a write over `max_write`), as opposed to malformed.
+    pub too_large: bool,
 }
 
 /// The number of payload bytes that follow a header, whatever its validity.
@@ -171,7 +176,20 @@ pub fn payload_len(h: &RequestHeader, extended: bool) -> u64 {
 /// Validates a header against what was negotiated.
 pub fn classify(h: &RequestHeader, lim: &Limits) -> Result<Command, Invalid> {
     let payload = payload_len(h, lim.extended);
-    let bad = |errno| Err(Invalid { errno, payload });
+    let bad = |errno| {
+        Err(Invalid {
+            errno,
+            payload,
+            too_large: false,
+        })
+    };
+    let too_large = |errno| {
+        Err(Invalid {
+            errno,
+            payload,
+            too_large: true,
+        })
+    };
     let allowed = match h.kind {
         CMD_READ => {
             if lim.structured {
@@ -218,12 +236,23 @@ pub fn classify(h: &RequestHeader, lim: &Limits) -> Result<Command, Invalid> {
     if offset & mask != 0 || len & mask != 0 {
         return bad(EINVAL);
     }
-    if matches!(h.kind, CMD_READ | CMD_WRITE) && len > u64::from(lim.max_payload) {
-        return bad(EOVERFLOW);
+    // The protocol keeps `EOVERFLOW` for a length over the advertised maximum on a command
+    // without payload (a read); a write over it breaks a MUST of the client's and gets `EINVAL`.
+    if h.kind == CMD_READ && len > u64::from(lim.max_payload) {
+        return too_large(EOVERFLOW);
     }
+    if h.kind == CMD_WRITE && len > u64::from(lim.max_write.max(lim.max_payload)) {
+        return too_large(EINVAL);
+    }
+    // Beyond the end: `ENOSPC` for writes and write-zeroes, `EINVAL` for everything else (read,
+    // trim, cache, block status), as the protocol's error section and command sections say.
     let end = offset.checked_add(len);
     if end.is_none_or(|e| e > lim.size) {
-        return bad(if writes { ENOSPC } else { EINVAL });
+        return bad(if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            ENOSPC
+        } else {
+            EINVAL
+        });
     }
     let fua = h.flags & CMD_FLAG_FUA != 0;
     Ok(match h.kind {

@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -196,7 +197,10 @@ impl Server {
 
     /// Server-wide counters (all connections, past and present).
     pub fn stats(&self) -> StatsSnapshot {
-        self.inner.stats.snapshot()
+        let mut s = self.inner.stats.snapshot();
+        s.buffer_bytes = self.inner.pool.in_use() as u64;
+        s.buffer_bytes_peak = self.inner.pool.peak() as u64;
+        s
     }
 
     /// Connections currently open (including those still in the handshake).
@@ -333,7 +337,17 @@ fn accept_loop(inner: Arc<Inner>, l: Listener, wake: OwnedFd) {
         let inner2 = Arc::clone(&inner);
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
-            .spawn(move || connection(inner2, id, sock, peer));
+            .spawn(move || {
+                // The engine catches device panics itself; this catches one in the handshake
+                // (device code answering size or flags), so the connection is still forgotten.
+                let inner3 = Arc::clone(&inner2);
+                let run = AssertUnwindSafe(|| connection(inner2, id, sock, peer));
+                if panic::catch_unwind(run).is_err() {
+                    tracing::error!(conn = id, "nbd connection thread panicked");
+                    inner3.stats.record_panic();
+                    inner3.conns.lock().remove(&id);
+                }
+            });
         match spawned {
             Ok(t) => {
                 let mut threads = inner.threads.lock();

@@ -75,6 +75,8 @@ struct Counters {
 #[derive(Debug, Default)]
 pub struct Stats {
     ops: [Counters; 8],
+    panics: AtomicU64,
+    refused_too_large: AtomicU64,
 }
 
 /// A copy of one command class's counters.
@@ -99,6 +101,18 @@ pub struct OpStats {
 pub struct StatsSnapshot {
     /// Per command class, in [`Op::ALL`] order.
     pub ops: Vec<(Op, OpStats)>,
+    /// Panics caught in device code (each answered `EIO`, also counted as an error of its
+    /// command class) or, as a last resort, in the engine itself (which ends the connection).
+    pub panics: u64,
+    /// Requests refused for their size (a read over `ServeOptions::max_payload`: `EOVERFLOW`;
+    /// a write over `ServeOptions::write_limit`: `EINVAL`); also counted as rejected.
+    pub refused_too_large: u64,
+    /// Bytes of I/O buffers (write payloads, read replies) handed out and not yet returned by
+    /// the buffer pool behind these counters: the server's (shared by all its connections) in
+    /// socket mode, the connection's in kernel mode. 0 in snapshots built from [`Stats`] alone.
+    pub buffer_bytes: u64,
+    /// The most `buffer_bytes` has been since the pool was created.
+    pub buffer_bytes_peak: u64,
 }
 
 /// What a finished connection did.
@@ -137,9 +151,23 @@ impl Stats {
         c.hist[bucket].fetch_add(1, Relaxed);
     }
 
+    /// Counts one panic caught.
+    pub fn record_panic(&self) {
+        self.panics.fetch_add(1, Relaxed);
+    }
+
+    /// Counts one request refused for its size.
+    pub fn record_too_large(&self) {
+        self.refused_too_large.fetch_add(1, Relaxed);
+    }
+
     /// A copy of the counters.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
+            panics: self.panics.load(Relaxed),
+            refused_too_large: self.refused_too_large.load(Relaxed),
+            buffer_bytes: 0,
+            buffer_bytes_peak: 0,
             ops: Op::ALL
                 .iter()
                 .map(|&op| {

@@ -5,7 +5,10 @@
 //! trimmed. It can also be told to fail or to go slow, to exercise error and concurrency paths.
 //!
 //! [`GatedDevice`] wraps any device and holds its reads at a gate until released, to make a
-//! request hang on purpose (request-age and health-check tests).
+//! request hang on purpose (request-age and health-check tests). [`PanicDevice`] wraps any
+//! device and panics on the Nth call of one operation (panic-handling tests).
+//! [`FragmentedDevice`] is a huge device of alternating data and zero blocks that keeps no
+//! data and counts the extents it reports (block-status work bounds).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -290,5 +293,192 @@ impl BlockDevice for GatedDevice {
     }
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.inner.backing()
+    }
+}
+
+/// A [`BlockDevice`] operation, for [`PanicDevice`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceOp {
+    /// `read_at`.
+    Read,
+    /// `write_at`.
+    Write,
+    /// `flush`.
+    Flush,
+    /// `trim`.
+    Trim,
+    /// `write_zeroes`.
+    WriteZeroes,
+    /// `extents`.
+    Extents,
+}
+
+/// Wraps a device; the `nth` call (1-based) of operation `op` panics, every other call goes
+/// through.
+pub struct PanicDevice {
+    inner: Arc<dyn BlockDevice>,
+    op: DeviceOp,
+    nth: u64,
+    calls: AtomicU64,
+    thread: Mutex<Option<String>>,
+}
+
+impl PanicDevice {
+    /// `inner`, panicking on the `nth` call of `op`.
+    pub fn new(inner: Arc<dyn BlockDevice>, op: DeviceOp, nth: u64) -> PanicDevice {
+        PanicDevice {
+            inner,
+            op,
+            nth,
+            calls: AtomicU64::new(0),
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// The name of the thread the panic happened on, once it has.
+    pub fn panicked_on(&self) -> Option<String> {
+        self.thread.lock().clone()
+    }
+
+    /// Calls of the chosen operation so far (the panicking one included).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn hit(&self, op: DeviceOp) {
+        if op == self.op && self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.nth {
+            let name = std::thread::current().name().unwrap_or("?").to_owned();
+            *self.thread.lock() = Some(name);
+            panic!("PanicDevice: {op:?} call {} panics (test)", self.nth);
+        }
+    }
+}
+
+impl BlockDevice for PanicDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.hit(DeviceOp::Read);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.hit(DeviceOp::Write);
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> Result<()> {
+        self.hit(DeviceOp::WriteZeroes);
+        self.inner.write_zeroes(offset, len, punch)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.hit(DeviceOp::Trim);
+        self.inner.trim(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.hit(DeviceOp::Flush);
+        self.inner.flush()
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.hit(DeviceOp::Extents);
+        self.inner.extents(offset, len)
+    }
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.inner.backing()
+    }
+}
+
+/// A read-only device of `size` bytes whose `block`-byte blocks alternate data and zero (block
+/// 0 data), computed on the fly: any size costs no memory. Reads return zeroes. It counts the
+/// extents it reports and the longest range it was asked about.
+pub struct FragmentedDevice {
+    size: u64,
+    block: u32,
+    extents: AtomicU64,
+    longest: AtomicU64,
+}
+
+impl FragmentedDevice {
+    /// A device of `size` bytes fragmented every `block` bytes.
+    pub fn new(size: u64, block: u32) -> FragmentedDevice {
+        FragmentedDevice {
+            size,
+            block,
+            extents: AtomicU64::new(0),
+            longest: AtomicU64::new(0),
+        }
+    }
+
+    /// Extents reported so far, over every call.
+    pub fn extents_reported(&self) -> u64 {
+        self.extents.load(Ordering::SeqCst)
+    }
+
+    /// The longest range `extents` was asked about.
+    pub fn longest_query(&self) -> u64 {
+        self.longest.load(Ordering::SeqCst)
+    }
+}
+
+impl BlockDevice for FragmentedDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn block_size(&self) -> u32 {
+        self.block
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
+            return Err(BlockError::OutOfRange {
+                offset,
+                len: buf.len() as u64,
+                size: self.size,
+            });
+        }
+        buf.fill(0);
+        Ok(())
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
+        Err(BlockError::ReadOnly)
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<()> {
+        Err(BlockError::ReadOnly)
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.longest.fetch_max(len, Ordering::SeqCst);
+        let b = u64::from(self.block);
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let i = at / b;
+            let next = ((i + 1) * b).min(end);
+            let state = if i.is_multiple_of(2) {
+                BlockState::Data
+            } else {
+                BlockState::Zero
+            };
+            out.push(Extent {
+                len: next - at,
+                state,
+            });
+            at = next;
+        }
+        self.extents.fetch_add(out.len() as u64, Ordering::SeqCst);
+        Ok(out)
     }
 }

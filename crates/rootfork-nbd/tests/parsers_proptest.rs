@@ -83,7 +83,7 @@ proptest! {
         let (p, used) = parse_header(&b, ext).unwrap().unwrap();
         prop_assert_eq!(p, h);
         prop_assert_eq!(used, b.len());
-        let lim = Limits { size: 1 << 30, min_block: 512, max_payload: 1 << 25, read_only: ro, structured: st || ext, extended: ext, has_meta: st };
+        let lim = Limits { size: 1 << 30, min_block: 512, max_payload: 1 << 25, max_write: 1 << 26, read_only: ro, structured: st || ext, extended: ext, has_meta: st };
         match classify(&h, &lim) {
             Ok(_) => {}
             Err(inv) => prop_assert!([EPERM, EINVAL, ENOSPC, EOVERFLOW].contains(&inv.errno)),

@@ -88,6 +88,7 @@ fn invalid_requests_get_the_spec_errno_and_keep_sync() {
     let opts = ServeOptions {
         min_block_size: 512,
         max_payload: 65536,
+        max_write_payload: 65536,
         ..Default::default()
     };
     let f = fixture_with(opts, Arc::new(MemDevice::new(SIZE, 4096)));
@@ -103,32 +104,41 @@ fn invalid_requests_get_the_spec_errno_and_keep_sync() {
     assert_eq!(c.simple(), (EINVAL, 3), "DF needs structured replies");
     c.req(CMD_READ, CMD_FLAG_FUA, 4, 0, 512);
     assert_eq!(c.simple(), (EINVAL, 4));
-    // Out of range: EINVAL for reads, ENOSPC for writes (payload consumed), overflow of u64.
+    // Out of range: ENOSPC for writes (payload consumed) and write-zeroes, EINVAL for reads,
+    // trims (also on overflow of u64) and cache, as the protocol says.
     c.req(CMD_READ, 0, 5, SIZE - 512, 1024);
     assert_eq!(c.simple(), (EINVAL, 5));
     write(&mut c, 6, SIZE, &[9u8; 512], 0);
     assert_eq!(c.simple(), (ENOSPC, 6));
     c.req(CMD_TRIM, 0, 7, u64::MAX - 511, 512);
-    assert_eq!(c.simple(), (ENOSPC, 7));
+    assert_eq!(c.simple(), (EINVAL, 7));
     c.req(CMD_CACHE, 0, 8, SIZE, 512);
     assert_eq!(c.simple(), (EINVAL, 8));
+    c.req(CMD_TRIM, 0, 80, SIZE - 512, 1024);
+    assert_eq!(c.simple(), (EINVAL, 80));
+    c.req(CMD_WRITE_ZEROES, 0, 81, SIZE - 512, 1024);
+    assert_eq!(c.simple(), (ENOSPC, 81));
     // Misaligned against the advertised minimum of 512.
     c.req(CMD_READ, 0, 9, 100, 512);
     assert_eq!(c.simple(), (EINVAL, 9));
     write(&mut c, 10, 0, &[1u8; 100], 0);
     assert_eq!(c.simple(), (EINVAL, 10));
-    // Over the maximum payload: EOVERFLOW, the write's payload is still consumed.
+    // Over the maximum: a read gets EOVERFLOW, a write EINVAL (the protocol keeps EOVERFLOW
+    // for commands without payload); the write's payload is still consumed.
     c.req(CMD_READ, 0, 11, 0, 131072);
     assert_eq!(c.simple(), (EOVERFLOW, 11));
     write(&mut c, 12, 0, &vec![7u8; 131072], 0);
-    assert_eq!(c.simple(), (EOVERFLOW, 12));
+    assert_eq!(c.simple(), (EINVAL, 12));
     // Zero length.
     c.req(CMD_READ, 0, 13, 0, 0);
     assert_eq!(c.simple(), (EINVAL, 13));
     // Block status with no context negotiated.
     c.req(CMD_BLOCK_STATUS, 0, 14, 0, 512);
     assert_eq!(c.simple(), (EINVAL, 14));
-    // FAST_ZERO with NO_HOLE cannot be fast.
+    // FAST_ZERO with NO_HOLE: rootfork's devices zero without moving data, so it succeeds
+    // (`qemu-io -c 'write -z -n 0 1M'` sends exactly this).
+    write(&mut c, 150, 0, &[3u8; 1024], 0);
+    assert_eq!(c.simple(), (0, 150));
     c.req(
         CMD_WRITE_ZEROES,
         CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE,
@@ -136,7 +146,12 @@ fn invalid_requests_get_the_spec_errno_and_keep_sync() {
         0,
         512,
     );
-    assert_eq!(c.simple(), (ENOTSUP, 15));
+    assert_eq!(c.simple(), (0, 15));
+    c.req(CMD_READ, 0, 151, 0, 1024);
+    assert_eq!(c.simple(), (0, 151));
+    let mut want = vec![0u8; 512];
+    want.extend([3u8; 512]);
+    assert_eq!(c.read_n(1024), want);
     // After all that the stream is still in sync.
     write(&mut c, 16, 0, &[5u8; 512], 0);
     assert_eq!(c.simple(), (0, 16));
@@ -144,8 +159,9 @@ fn invalid_requests_get_the_spec_errno_and_keep_sync() {
     assert_eq!(c.simple(), (0, 17));
     assert_eq!(c.read_n(512), vec![5u8; 512]);
     let s = f.server.stats();
-    assert_eq!(s.op(Op::Rejected).count, 14);
-    assert_eq!(s.op(Op::WriteZeroes).errors, 1);
+    assert_eq!(s.op(Op::Rejected).count, 16);
+    assert_eq!(s.refused_too_large, 2);
+    assert_eq!(s.op(Op::WriteZeroes).errors, 0);
 }
 
 #[test]
@@ -287,11 +303,12 @@ fn extended_headers_carry_64_bit_lengths_and_payload_len_flag() {
     // A write that says PAYLOAD_LEN explicitly.
     write(&mut c, 1, 0, &[4u8; 4096], CMD_FLAG_PAYLOAD_LEN);
     assert_eq!(c.status(), (0, 1));
-    // A 64-bit length beyond 4 GiB: rejected as too large for a read, EINVAL for block status.
+    // A 64-bit length beyond 4 GiB: rejected as too large for a read, beyond the end (EINVAL)
+    // for a trim.
     c.req(CMD_READ, 0, 2, 0, 1 << 33);
     assert_eq!(c.status(), (EOVERFLOW, 2));
     c.req(CMD_TRIM, 0, 3, 0, 1 << 33);
-    assert_eq!(c.status(), (ENOSPC, 3));
+    assert_eq!(c.status(), (EINVAL, 3));
     // PAYLOAD_LEN on a command that takes no payload: rejected, the payload skipped.
     c.req(CMD_FLUSH, CMD_FLAG_PAYLOAD_LEN, 4, 0, 10);
     c.send(&[0u8; 10]);

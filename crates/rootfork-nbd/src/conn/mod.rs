@@ -3,7 +3,12 @@
 //! Per connection the calling thread is the **reader**. It parses every request from a large
 //! receive buffer, validates it and always consumes its payload (so the stream stays in sync even
 //! for rejected requests). It admits requests through a bounded in-flight [`Window`] (count and
-//! payload bytes); a request's slot is released only once its reply is on the wire.
+//! buffer bytes: write payloads, read reply buffers); a request's slot is released only once its
+//! reply is on the wire.
+//!
+//! **Panics.** Device code runs inside `catch_unwind` ([`Shared::run`]): a panic fails only its
+//! request (`EIO`). A panic escaping the engine itself aborts the connection
+//! ([`Shared::abort`]), so [`serve`] always returns once device operations do.
 //!
 //! While the device is fast (the last operation took less than [`JobQueue::STALL`]), the reader
 //! runs short requests itself — reads up to 128 KiB, writes/trims/zeroes without FUA, block
@@ -45,6 +50,7 @@ use parking_lot::Mutex;
 use rootfork_block::BlockDevice;
 
 use crate::buf::{Buf, BufPool};
+use crate::consts::EIO;
 use crate::exec::{bytes_of, execute, op_of, ExecContext};
 use crate::meta::MetaContext;
 use crate::opts::ServeOptions;
@@ -162,6 +168,9 @@ pub(crate) struct Shared {
     pool: Arc<BufPool>,
     draining: AtomicBool,
     closing: AtomicBool,
+    /// A panic escaped the engine itself (outside device code): the connection is being torn
+    /// down without waiting for replies (see [`Shared::abort`]).
+    aborted: AtomicBool,
     stats: Stats,
     server_stats: Option<Arc<Stats>>,
     /// Origin of the `busy` timestamps.
@@ -196,6 +205,7 @@ impl Shared {
             pool,
             draining: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
             stats: Stats::default(),
             server_stats,
             epoch: Instant::now(),
@@ -241,8 +251,12 @@ impl Shared {
         self.window.in_flight()
     }
 
+    /// This connection's counters, with the gauges of the buffer pool it uses.
     pub(crate) fn stats(&self) -> ConnectionStats {
-        self.stats.snapshot()
+        let mut s = self.stats.snapshot();
+        s.buffer_bytes = self.pool.in_use() as u64;
+        s.buffer_bytes_peak = self.pool.peak() as u64;
+        s
     }
 
     fn record(&self, op: Op, ok: bool, bytes: u64, lat: Duration) {
@@ -250,6 +264,45 @@ impl Shared {
         if let Some(s) = &self.server_stats {
             s.record(op, ok, bytes, lat);
         }
+    }
+
+    fn record_panic(&self) {
+        self.stats.record_panic();
+        if let Some(s) = &self.server_stats {
+            s.record_panic();
+        }
+    }
+
+    fn record_too_large(&self) {
+        self.stats.record_too_large();
+        if let Some(s) = &self.server_stats {
+            s.record_too_large();
+        }
+    }
+
+    /// Ends the connection after a panic escaped the engine itself (device code is caught in
+    /// [`Shared::run`]; this is the last resort for a bug in the engine): nothing more is sent,
+    /// the socket is shut down so the peer sees the end of the stream at once, the window is
+    /// closed so the reader stops waiting for room, and `serve` no longer waits for replies
+    /// that may never be sent. Workers still finish the device operations they hold.
+    fn abort(&self, who: &str) {
+        tracing::error!("nbd {who} thread panicked; closing the connection");
+        self.record_panic();
+        self.aborted.store(true, Ordering::SeqCst);
+        self.broken.store(true, Ordering::SeqCst);
+        self.window.close();
+        self.sock.shutdown(Shutdown::Both);
+    }
+
+    /// Device code panicked while running `cmd`; the request is answered `EIO`.
+    fn device_panicked(&self, cmd: &Command, payload: &(dyn std::any::Any + Send)) {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        tracing::error!(command = ?cmd, "nbd device panicked: {msg}; answered EIO");
+        self.record_panic();
     }
 
     /// Queues replies (taking them out of `replies`); if nobody is writing, writes everything
@@ -386,7 +439,15 @@ impl Shared {
         let (op, bytes, outcome) = match job.work {
             Work::Exec(cmd, payload) => {
                 let data = payload.as_deref().or(data);
-                (op_of(&cmd), bytes_of(&cmd), execute(cx, cmd, data))
+                // Device code may panic (a bug): the request fails with `EIO`, its slot is
+                // released with its reply as for any other answer, and this thread (reader or
+                // worker) keeps serving. No lock of the engine is held here.
+                let outcome = panic::catch_unwind(AssertUnwindSafe(|| execute(cx, cmd, data)))
+                    .unwrap_or_else(|p| {
+                        self.device_panicked(&cmd, &*p);
+                        Outcome::Err(EIO)
+                    });
+                (op_of(&cmd), bytes_of(&cmd), outcome)
             }
             Work::Reject(errno) => (Op::Rejected, 0, Outcome::Err(errno)),
             Work::ContinueSending => return None,
@@ -410,52 +471,61 @@ impl Shared {
             structured: self.tx.framing.structured || self.tx.framing.extended,
             hole_detect_min_len: self.opts.hole_detect_min_len,
             contexts: &self.tx.contexts,
+            block_status_max_len: self.opts.block_status_max_len,
+            block_status_max_descriptors: self.opts.block_status_max_descriptors,
         }
     }
 }
 
 /// Runs the transmission phase on the calling thread until the connection ends.
+///
+/// Returns once the reader has stopped and every worker is joined. A panic in device code
+/// only fails its request (`EIO`); a panic escaping the engine itself ends the connection
+/// ([`Shared::abort`]) without waiting for replies, so neither ever leaves this waiting.
 pub(crate) fn serve(shared: &Arc<Shared>) -> (EndReason, ConnectionStats) {
     let workers: Vec<_> = (0..shared.opts.workers.max(1))
         .map(|i| {
             let s = Arc::clone(shared);
             thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
-                .spawn(move || s.worker(i + 1))
+                .spawn(move || {
+                    if panic::catch_unwind(AssertUnwindSafe(|| s.worker(i + 1))).is_err() {
+                        s.abort("worker");
+                    }
+                })
         })
         .collect();
     let mut end = None;
     if workers.iter().any(|w| w.is_err()) {
         end = Some(EndReason::Io("cannot spawn worker threads".into()));
     }
-    let (reason, panicked) = match end {
-        Some(r) => (r, false),
+    let reason = match end {
+        Some(r) => r,
         None => match panic::catch_unwind(AssertUnwindSafe(|| read_loop(shared))) {
-            Ok(r) => (r, false),
-            // A panic on the reader (a device bug hit by a request it ran inline) ends this
-            // connection only: the socket is shut down at once so the peer sees the end of the
-            // stream (the kernel marks its socket dead), and the workers are stopped and joined
-            // below as on any other end, so nothing stays parked.
+            Ok(r) => r,
             Err(_) => {
-                shared.sock.shutdown(Shutdown::Both);
-                (EndReason::Io("reader thread panicked".into()), true)
+                shared.abort("reader");
+                EndReason::Io("reader thread panicked".into())
             }
         },
     };
-    // After a panic the request the reader was running may never give its window slot back;
-    // the workers still finish theirs before they are joined.
-    if !panicked {
-        shared.window.wait_idle();
-    }
+    // Every admitted request is answered (device panics included), so this returns once the
+    // replies are out; it returns at once if the connection was shut down or aborted (the
+    // window is closed then), and the workers still finish their device operations before
+    // they are joined.
+    shared.window.wait_idle();
     shared.queue.close();
     for w in workers.into_iter().flatten() {
         let _ = w.join();
     }
     shared.sock.shutdown(Shutdown::Both);
-    let reason = if !panicked && shared.closing.load(Ordering::SeqCst) {
+    let aborted = shared.aborted.load(Ordering::SeqCst);
+    let reason = if aborted && !matches!(&reason, EndReason::Io(m) if m.contains("panicked")) {
+        EndReason::Io("worker thread panicked".into())
+    } else if !aborted && shared.closing.load(Ordering::SeqCst) {
         EndReason::Shutdown
     } else {
         reason
     };
-    (reason, shared.stats.snapshot())
+    (reason, shared.stats())
 }

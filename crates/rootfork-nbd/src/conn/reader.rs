@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use super::{EndReason, Job, Outgoing, Shared, Work};
 use crate::consts::ESHUTDOWN;
+use crate::exec::CACHE_CHUNK;
 use crate::request::{classify, parse_header, payload_len, Command};
 use crate::sock::Sock;
 
@@ -163,10 +164,15 @@ pub(super) fn read_loop(shared: &Arc<Shared>) -> EndReason {
                 (Work::Reject(ESHUTDOWN), payload_len(&header, extended))
             }
             Ok(cmd) => (Work::Exec(cmd, None), 0),
-            Err(inv) => (Work::Reject(inv.errno), inv.payload),
+            Err(inv) => {
+                if inv.too_large {
+                    shared.record_too_large();
+                }
+                (Work::Reject(inv.errno), inv.payload)
+            }
         };
         let bytes = match &work {
-            Work::Exec(Command::Write { len, .. }, _) => *len as usize,
+            Work::Exec(cmd, _) => buffer_bytes(cmd),
             _ => 0,
         };
         // When the device operation can start (later than `received` only if the reader had
@@ -315,6 +321,18 @@ fn inline_ok(work: &Work) -> bool {
             Command::Flush | Command::Disc | Command::Cache { .. } => false,
         },
         Work::ContinueSending => false,
+    }
+}
+
+/// Bytes of buffers a request holds until its reply is on the wire, counted in the window's
+/// byte budget: a write's payload, a read's reply buffer, a cache's scratch buffer. A read is
+/// admitted (and its buffer allocated) only once the budget has room, so a client pipelining
+/// big reads without reading the replies pins at most the budget.
+fn buffer_bytes(cmd: &Command) -> usize {
+    match *cmd {
+        Command::Write { len, .. } | Command::Read { len, .. } => len as usize,
+        Command::Cache { len, .. } => len.min(CACHE_CHUNK) as usize,
+        _ => 0,
     }
 }
 

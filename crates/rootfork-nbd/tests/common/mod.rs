@@ -295,3 +295,22 @@ impl Raw {
         (out, types)
     }
 }
+
+/// A server on a Unix socket serving `dev` as the export "disk".
+pub fn server_for(
+    opts: ServeOptions,
+    dev: Arc<dyn rootfork_block::BlockDevice>,
+) -> (Server, tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let server = Server::new(opts);
+    server
+        .add_export(Export {
+            name: "disk".into(),
+            description: String::new(),
+            device: dev,
+        })
+        .unwrap();
+    server.listen_unix(&path).unwrap();
+    (server, dir, path)
+}

@@ -1,0 +1,147 @@
+//! Raw-socket tests of the engine's size and work limits: writes over the advertised maximum
+//! block size up to `ServeOptions::write_limit`, read reply buffers counted in the in-flight
+//! byte budget, and bounded `BLOCK_STATUS` work on a large fragmented device.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rootfork_block::BlockDevice;
+use rootfork_nbd::consts::*;
+use rootfork_nbd::meta::BASE_ALLOCATION;
+use rootfork_nbd::testing::{FragmentedDevice, MemDevice};
+use rootfork_nbd::ServeOptions;
+
+const MIB: u64 = 1 << 20;
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[0..4].try_into().unwrap())
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8 ^ (i >> 20) as u8).collect()
+}
+
+#[test]
+fn a_48_mib_write_is_served_and_reads_back() {
+    let dev = Arc::new(MemDevice::new(64 * MIB, 4096));
+    let f = fixture_with(ServeOptions::default(), dev);
+    let mut c = Raw::connect(&f.path);
+    c.go("disk", false, false, &[]);
+    let data = pattern(48 << 20);
+    c.req(CMD_WRITE, 0, 1, 4096, data.len() as u64);
+    c.send(&data);
+    assert_eq!(c.simple(), (0, 1));
+    // Reads stay within the advertised 32 MiB maximum: two halves.
+    let half = data.len() / 2;
+    for (i, part) in data.chunks(half).enumerate() {
+        let cookie = 2 + i as u64;
+        c.req(CMD_READ, 0, cookie, 4096 + (i * half) as u64, half as u64);
+        assert_eq!(c.simple(), (0, cookie));
+        assert!(c.read_n(half) == part, "half {i} reads back");
+    }
+    assert_eq!(f.server.stats().refused_too_large, 0);
+}
+
+#[test]
+fn pipelined_big_reads_stay_within_the_byte_budget() {
+    let budget = 8 * MIB as usize;
+    let dev = Arc::new(MemDevice::new(16 * MIB, 4096));
+    let data = pattern(16 << 20);
+    dev.write_at(&data, 0).unwrap();
+    let opts = ServeOptions {
+        max_in_flight_bytes: budget,
+        ..Default::default()
+    };
+    let f = fixture_with(opts, dev);
+    let mut c = Raw::connect(&f.path);
+    c.go("disk", false, false, &[]);
+    // 64 reads of 1 MiB, none of whose replies is read for now.
+    let n = 64u64;
+    for i in 0..n {
+        c.req(CMD_READ, 0, i, (i % 16) * MIB, MIB);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let s = f.server.stats();
+    assert!(s.buffer_bytes > 0, "replies are waiting for the client");
+    assert!(
+        s.buffer_bytes_peak <= budget as u64,
+        "{} bytes of buffers pinned, budget {budget}",
+        s.buffer_bytes_peak
+    );
+    // Now read everything: every reply, right data.
+    for _ in 0..n {
+        let (err, cookie) = c.simple();
+        assert_eq!(err, 0);
+        let at = ((cookie % 16) * MIB) as usize;
+        assert!(c.read_n(MIB as usize) == data[at..at + MIB as usize]);
+    }
+    let s = f.server.stats();
+    assert!(s.buffer_bytes_peak <= budget as u64);
+    assert_eq!(s.op(rootfork_nbd::Op::Read).count, n);
+}
+
+/// Descriptors of a one-context structured block status reply.
+fn descriptors(c: &mut Raw) -> Vec<(u64, u32)> {
+    let chunks = c.chunks();
+    assert_eq!(chunks.len(), 1);
+    let p = &chunks[0].payload;
+    assert_eq!(chunks[0].ty, REPLY_TYPE_BLOCK_STATUS);
+    (0..(p.len() - 4) / 8)
+        .map(|i| (u64::from(be32(&p[4 + 8 * i..])), be32(&p[8 + 8 * i..])))
+        .collect()
+}
+
+#[test]
+fn block_status_on_a_large_fragmented_device_does_bounded_work() {
+    let dev = Arc::new(FragmentedDevice::new(16 << 30, 4096));
+    let opts = ServeOptions::default();
+    let max = opts.block_status_max_descriptors;
+    let (_server, _dir, path) = server_for(opts, dev.clone());
+    let mut c = Raw::connect(&path);
+    c.go("disk", true, false, &[BASE_ALLOCATION]);
+    // Nearly 4 GiB of alternating 4 KiB data and zero blocks: a million extents.
+    let len = (4u64 << 30) - 4096;
+    c.req(CMD_BLOCK_STATUS, 0, 1, 0, len);
+    let d = descriptors(&mut c);
+    assert_eq!(d.len(), max, "a full reply, not the whole range");
+    for (i, &(l, flags)) in d.iter().enumerate() {
+        let want = if i % 2 == 0 {
+            0
+        } else {
+            STATE_HOLE | STATE_ZERO
+        };
+        assert_eq!((l, flags), (4096, want), "descriptor {i}");
+    }
+    assert!(
+        dev.longest_query() <= max as u64 * 4096,
+        "the device was asked about {} bytes at once",
+        dev.longest_query()
+    );
+    assert!(
+        dev.extents_reported() <= 2 * max as u64 + 2,
+        "the device built {} extents for a {max}-descriptor reply",
+        dev.extents_reported()
+    );
+    // REQ_ONE: one descriptor.
+    c.req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 2, 8192, len - 8192);
+    assert_eq!(descriptors(&mut c), vec![(4096, 0)]);
+}
+
+#[test]
+fn block_status_looks_at_most_block_status_max_len() {
+    // 1 GiB blocks: few extents, so only the length bound applies.
+    let dev = Arc::new(FragmentedDevice::new(16 << 30, 1 << 30));
+    let opts = ServeOptions {
+        block_status_max_len: 256 * MIB,
+        ..Default::default()
+    };
+    let (_server, _dir, path) = server_for(opts, dev.clone());
+    let mut c = Raw::connect(&path);
+    c.go("disk", true, false, &[BASE_ALLOCATION]);
+    c.req(CMD_BLOCK_STATUS, 0, 1, 0, (4u64 << 30) - 4096);
+    assert_eq!(descriptors(&mut c), vec![(256 * MIB, 0)]);
+    assert_eq!(dev.longest_query(), 256 * MIB);
+}
