@@ -60,6 +60,8 @@ fn merge(total: &mut StatsSnapshot, other: &StatsSnapshot, f: fn(u64, u64) -> u6
         out.push((op, merged));
     }
     total.ops = out;
+    total.panics = f(total.panics, other.panics);
+    total.refused_too_large = f(total.refused_too_large, other.refused_too_large);
 }
 
 /// The collector registered with the daemon's registry.
@@ -138,6 +140,21 @@ impl Collector for NbdCollector {
             "NBD payload (read, write) or range (trim, zero, cache, status) bytes, by command",
             |s| s.bytes,
         )?;
+        for (name, help, value) in [
+            (
+                "nbd_panics",
+                "Panics caught in device code (each answered EIO) or in the NBD engine (which ends the connection)",
+                snap.panics,
+            ),
+            (
+                "nbd_refused_too_large",
+                "NBD requests refused for their size (reads over the payload limit, writes over the write limit)",
+                snap.refused_too_large,
+            ),
+        ] {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(family)?;
+        }
         let mut family = encoder.encode_descriptor(
             "nbd_request_latency_seconds",
             "NBD request latency (received to reply queued), by command",
@@ -190,9 +207,14 @@ mod tests {
         let mut registry = prometheus_client::registry::Registry::with_prefix("rootfork");
         let c = NbdCollector::default();
         registry.register_collector(Box::new(c.clone()));
-        c.update(&snap(2, 3));
+        let mut s = snap(2, 3);
+        s.panics = 1;
+        s.refused_too_large = 4;
+        c.update(&s);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(out.contains("rootfork_nbd_panics_total 1"), "{out}");
+        assert!(out.contains("rootfork_nbd_refused_too_large_total 4"), "{out}");
         assert!(
             out.contains("rootfork_nbd_requests_total{command=\"read\"} 2"),
             "{out}"
