@@ -42,6 +42,7 @@
 //! and the fuzz entry points (`fuzzing`); the workspace's tests and `fuzz/` turn it on, nothing
 //! that ships does.
 
+mod budget;
 pub mod buf;
 mod conn;
 pub mod consts;
@@ -62,10 +63,11 @@ pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
+pub use budget::{ConnectionBudget, Permit};
 pub use conn::EndReason;
 pub use handshake::{Export, ExportSet, Session};
 pub use opts::{
-    ServeOptions, BLOCK_STATUS_MAX_DESCRIPTORS, BLOCK_STATUS_MAX_LEN, MAX_PAYLOAD,
+    ServeOptions, BLOCK_STATUS_MAX_DESCRIPTORS, BLOCK_STATUS_MAX_LEN, MAX_CONNECTIONS, MAX_PAYLOAD,
     MAX_WRITE_PAYLOAD,
 };
 pub use server::{Server, ServerError};

@@ -13,12 +13,23 @@ pub const MAX_WRITE_PAYLOAD: u32 = 64 << 20;
 /// [`ServeOptions::block_status_max_len`]).
 pub const BLOCK_STATUS_MAX_LEN: u64 = 1 << 30;
 
+/// Connections one server keeps open at once by default (see
+/// [`ServeOptions::max_connections`]).
+pub const MAX_CONNECTIONS: usize = 128;
+
 /// Most descriptors per metadata context in one `BLOCK_STATUS` reply by default.
 pub const BLOCK_STATUS_MAX_DESCRIPTORS: usize = 8192;
 
 /// Tunables of a served connection.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// Connections a [`crate::Server`] keeps open at once (handshakes included); one more is
+    /// accepted and closed at once, so its client sees end-of-file instead of waiting in the
+    /// backlog. Counted in `StatsSnapshot::refused_connections`.
+    pub max_connections: usize,
+    /// A budget of connections shared with other servers (e.g. every export of a daemon);
+    /// a connection past it is closed as past `max_connections`.
+    pub connection_budget: Option<std::sync::Arc<crate::ConnectionBudget>>,
     /// Worker threads per connection running backend operations.
     pub workers: usize,
     /// Most requests in flight (received, not yet answered) per connection; the reader stops
@@ -70,6 +81,8 @@ impl ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
+            max_connections: MAX_CONNECTIONS,
+            connection_budget: None,
             workers: 4,
             max_in_flight: 128,
             max_in_flight_bytes: 64 << 20,

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
@@ -276,55 +276,127 @@ impl Server {
     }
 }
 
+/// Closes a connection refused at a limit; counts it, and logs at most once a second.
+fn refuse(inner: &Inner, last_log: &mut Option<Instant>, peer: &str, limit: &str) {
+    inner.stats.record_refused_connection();
+    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        *last_log = Some(Instant::now());
+        tracing::warn!(
+            peer,
+            limit,
+            "nbd connection refused at a limit (closed at once)"
+        );
+    }
+}
+
+/// The longest pause after failed accepts.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// The first pause after a failed accept.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// Waits for the listener (or the wake pipe) to be readable, at most `timeout`; `false` when
+/// the loop must end.
+fn wait_readable(lfd: BorrowedFd<'_>, wake: BorrowedFd<'_>, timeout: PollTimeout) -> Option<bool> {
+    let mut fds = [
+        PollFd::new(lfd, PollFlags::POLLIN),
+        PollFd::new(wake, PollFlags::POLLIN),
+    ];
+    match poll(&mut fds, timeout) {
+        Ok(_) => {}
+        Err(nix::errno::Errno::EINTR) => return Some(false),
+        Err(e) => {
+            tracing::error!("nbd listener poll failed: {e}");
+            return None;
+        }
+    }
+    if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+        return None;
+    }
+    Some(
+        fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN)),
+    )
+}
+
 fn accept_loop(inner: Arc<Inner>, l: Listener, wake: OwnedFd) {
     let lfd = match &l {
         Listener::Unix(u, _) => u.as_fd(),
         Listener::Tcp(t) => t.as_fd(),
     };
+    let mut backoff = Duration::ZERO;
+    let mut last_refusal_log: Option<Instant> = None;
     loop {
-        let mut fds = [
-            PollFd::new(lfd, PollFlags::POLLIN),
-            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::error!("nbd listener poll failed: {e}");
-                return;
-            }
+        match wait_readable(lfd, wake.as_fd(), PollTimeout::NONE) {
+            None => return,
+            Some(false) => continue,
+            Some(true) => {}
         }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) || inner.stopped.load(Ordering::SeqCst) {
+        if inner.stopped.load(Ordering::SeqCst) {
             return;
         }
-        if !fds[0]
-            .revents()
-            .is_some_and(|r| r.contains(PollFlags::POLLIN))
-        {
+        let accepted = match &l {
+            Listener::Unix(u, path) => u
+                .accept()
+                .map(|(s, _)| (Sock::Unix(s), format!("unix:{}", path.display()))),
+            Listener::Tcp(t) => t.accept().map(|(s, a)| {
+                let _ = s.set_nodelay(true);
+                (Sock::Tcp(s), format!("tcp:{a}"))
+            }),
+        };
+        let (sock, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::ZERO;
+                x
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS: the connection stays in the backlog and the listener
+                // stays readable; pause (waking for shutdown) instead of spinning.
+                inner.stats.record_accept_error();
+                backoff = (backoff * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
+                tracing::warn!(backoff = ?backoff, "nbd accept failed: {e}; pausing accepts");
+                let ms = u16::try_from(backoff.as_millis()).unwrap_or(u16::MAX);
+                let mut fds = [PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+                if let Ok(n) = poll(&mut fds, PollTimeout::from(ms)) {
+                    if n > 0 {
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
+        // Past a limit the connection is closed at once: the client sees end-of-file rather
+        // than a handshake that never comes.
+        let permit = match &inner.opts.connection_budget {
+            Some(b) => match b.try_take() {
+                Some(p) => Some(p),
+                None => {
+                    refuse(
+                        &inner,
+                        &mut last_refusal_log,
+                        &peer,
+                        "the shared connection budget",
+                    );
+                    continue;
+                }
+            },
+            None => None,
+        };
+        if inner.conns.lock().len() >= inner.opts.max_connections {
+            refuse(&inner, &mut last_refusal_log, &peer, "max_connections");
             continue;
         }
-        let (sock, peer) = match &l {
-            Listener::Unix(u, path) => match u.accept() {
-                Ok((s, _)) => (Sock::Unix(s), format!("unix:{}", path.display())),
-                Err(e) => {
-                    tracing::warn!("nbd accept failed: {e}");
-                    continue;
-                }
-            },
-            Listener::Tcp(t) => match t.accept() {
-                Ok((s, a)) => {
-                    let _ = s.set_nodelay(true);
-                    (Sock::Tcp(s), format!("tcp:{a}"))
-                }
-                Err(e) => {
-                    tracing::warn!("nbd accept failed: {e}");
-                    continue;
-                }
-            },
-        };
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let Ok(handle) = sock.try_clone() else {
-            continue;
+        let handle = match sock.try_clone() {
+            Ok(h) => h,
+            Err(e) => {
+                inner.stats.record_accept_error();
+                tracing::warn!(
+                    peer,
+                    "nbd connection dropped: cannot duplicate its socket: {e}"
+                );
+                continue;
+            }
         };
         inner.conns.lock().insert(
             id,
@@ -338,6 +410,7 @@ fn accept_loop(inner: Arc<Inner>, l: Listener, wake: OwnedFd) {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
+                let _permit = permit;
                 // The engine catches device panics itself; this catches one in the handshake
                 // (device code answering size or flags), so the connection is still forgotten.
                 let inner3 = Arc::clone(&inner2);

@@ -77,6 +77,8 @@ pub struct Stats {
     ops: [Counters; 8],
     panics: AtomicU64,
     refused_too_large: AtomicU64,
+    refused_connections: AtomicU64,
+    accept_errors: AtomicU64,
 }
 
 /// A copy of one command class's counters.
@@ -107,6 +109,12 @@ pub struct StatsSnapshot {
     /// Requests refused for their size (a read over `ServeOptions::max_payload`: `EOVERFLOW`;
     /// a write over `ServeOptions::write_limit`: `EINVAL`); also counted as rejected.
     pub refused_too_large: u64,
+    /// Connections closed at once because a connection limit was reached
+    /// (`ServeOptions::max_connections` or the shared budget).
+    pub refused_connections: u64,
+    /// Failed `accept` calls (e.g. `EMFILE` at the file-descriptor limit), each followed by a
+    /// backoff.
+    pub accept_errors: u64,
     /// Bytes of I/O buffers (write payloads, read replies) handed out and not yet returned by
     /// the buffer pool behind these counters: the server's (shared by all its connections) in
     /// socket mode, the connection's in kernel mode. 0 in snapshots built from [`Stats`] alone.
@@ -156,6 +164,16 @@ impl Stats {
         self.panics.fetch_add(1, Relaxed);
     }
 
+    /// Counts one connection refused at a limit.
+    pub fn record_refused_connection(&self) {
+        self.refused_connections.fetch_add(1, Relaxed);
+    }
+
+    /// Counts one failed `accept`.
+    pub fn record_accept_error(&self) {
+        self.accept_errors.fetch_add(1, Relaxed);
+    }
+
     /// Counts one request refused for its size.
     pub fn record_too_large(&self) {
         self.refused_too_large.fetch_add(1, Relaxed);
@@ -166,6 +184,8 @@ impl Stats {
         StatsSnapshot {
             panics: self.panics.load(Relaxed),
             refused_too_large: self.refused_too_large.load(Relaxed),
+            refused_connections: self.refused_connections.load(Relaxed),
+            accept_errors: self.accept_errors.load(Relaxed),
             buffer_bytes: 0,
             buffer_bytes_peak: 0,
             ops: Op::ALL

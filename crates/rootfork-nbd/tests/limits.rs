@@ -145,3 +145,68 @@ fn block_status_looks_at_most_block_status_max_len() {
     assert_eq!(descriptors(&mut c), vec![(256 * MIB, 0)]);
     assert_eq!(dev.longest_query(), 256 * MIB);
 }
+
+/// A raw connection that expects to be closed at once (no greeting).
+fn refused(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 18];
+    matches!(s.read(&mut b), Ok(0))
+        || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+#[test]
+fn connections_past_max_connections_are_closed_at_once_and_counted() {
+    let opts = ServeOptions {
+        max_connections: 2,
+        ..ServeOptions::default()
+    };
+    let f = fixture_with(opts, Arc::new(MemDevice::new(SIZE, 4096)));
+    let mut a = Raw::connect(&f.path);
+    a.go("disk", false, false, &[]);
+    let b = Raw::greet(&f.path);
+    assert!(
+        refused(&f.path),
+        "a third connection must be closed at once"
+    );
+    assert_eq!(f.server.stats().refused_connections, 1);
+    // The admitted ones still work; closing one makes room.
+    a.req(CMD_READ, 0, 7, 0, 4096);
+    assert_eq!(a.simple(), (0, 7));
+    let _ = a.read_n(4096);
+    drop(b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while f.server.connections() > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = Raw::connect(&f.path);
+    c.go("disk", false, false, &[]);
+}
+
+#[test]
+fn a_shared_budget_bounds_connections_over_several_servers() {
+    let budget = rootfork_nbd::ConnectionBudget::new(2);
+    let opts = ServeOptions {
+        connection_budget: Some(budget.clone()),
+        ..ServeOptions::default()
+    };
+    let f1 = fixture_with(opts.clone(), Arc::new(MemDevice::new(SIZE, 4096)));
+    let f2 = fixture_with(opts, Arc::new(MemDevice::new(SIZE, 4096)));
+    let a = Raw::greet(&f1.path);
+    let _b = Raw::greet(&f2.path);
+    assert_eq!(budget.used(), 2);
+    assert!(refused(&f1.path));
+    assert!(refused(&f2.path));
+    assert_eq!(
+        f1.server.stats().refused_connections + f2.server.stats().refused_connections,
+        2
+    );
+    drop(a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while budget.used() > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(budget.used(), 1, "a closed connection gives its place back");
+    let _c = Raw::greet(&f2.path);
+}

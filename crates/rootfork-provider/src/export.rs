@@ -23,15 +23,16 @@ pub(crate) struct ExportServer {
 }
 
 impl ExportServer {
-    /// Serves `device` as `export` on a new Unix socket at `socket` (mode 0600).
+    /// Serves `device` as `export` on a new Unix socket at `socket` (mode 0600) with `opts`.
     pub(crate) async fn start(
         socket: &Path,
         export: &str,
         device: Arc<dyn BlockDevice>,
+        opts: ServeOptions,
     ) -> Result<Self> {
         let (socket, export) = (socket.to_owned(), export.to_owned());
         tokio::task::spawn_blocking(move || {
-            let server = Server::new(ServeOptions::default());
+            let server = Server::new(opts);
             let guard = ExportServer {
                 server: Some(server.clone()),
             };

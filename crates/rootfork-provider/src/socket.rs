@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions};
-use rootfork_nbd::StatsSnapshot;
+use rootfork_nbd::{ServeOptions, StatsSnapshot};
 use rootfork_vmm::qemu::NbdEndpoint;
 use tokio::task::JoinHandle;
 
@@ -68,6 +68,7 @@ pub struct SocketProvider {
     closed_stats: Mutex<Option<StatsSnapshot>>,
     task: Option<JoinHandle<()>>,
     wrap: Option<DeviceWrapper>,
+    serve: Box<ServeOptions>,
 }
 
 impl std::fmt::Debug for SocketProvider {
@@ -89,7 +90,15 @@ impl SocketProvider {
             closed_stats: Mutex::new(None),
             task: None,
             wrap: None,
+            serve: Box::default(),
         }
+    }
+
+    /// Serves the export with `opts` (connection limits, a shared connection budget, ...)
+    /// instead of the defaults.
+    pub fn with_serve_options(mut self, opts: ServeOptions) -> Self {
+        self.serve = Box::new(opts);
+        self
     }
 
     /// Serves `wrap(overlay)` instead of the overlay itself. A test seam (for making requests
@@ -181,6 +190,7 @@ impl Provider for SocketProvider {
         let config = self.config.clone();
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
         let wrap = self.wrap.clone();
+        let serve = (*self.serve).clone();
         self.task = Some(tokio::spawn(async move {
             let attach = async {
                 let cfg = config.clone();
@@ -191,7 +201,8 @@ impl Provider for SocketProvider {
                 if let Some(w) = &wrap {
                     device = (w.0)(device);
                 }
-                let server = ExportServer::start(&config.socket, &config.export, device).await?;
+                let server =
+                    ExportServer::start(&config.socket, &config.export, device, serve).await?;
                 Ok::<_, ProviderError>(Running { overlay, server })
             };
             match attach.await {

@@ -157,6 +157,11 @@ pub struct TemplatesFile {
 pub struct LimitsFile {
     /// The most sandboxes (not deleted) at once.
     pub max_sandboxes: Option<usize>,
+    /// The most NBD connections open at once over every socket sandbox (default: from the
+    /// open-file limit).
+    pub max_connections: Option<usize>,
+    /// The most NBD connections one socket sandbox's export keeps open at once.
+    pub max_connections_per_export: Option<usize>,
 }
 
 /// The `[debug]` table (testing aids, all off by default).
@@ -287,6 +292,10 @@ pub struct Config {
     pub tcp_import_dirs: Vec<PathBuf>,
     /// `limits.max_sandboxes`.
     pub max_sandboxes: usize,
+    /// `limits.max_connections` (`None`: derived from the open-file limit at start).
+    pub max_connections: Option<usize>,
+    /// `limits.max_connections_per_export`.
+    pub max_connections_per_export: usize,
     /// Fakes for tests; empty (the host's kernel, the real devices) everywhere else.
     #[doc(hidden)]
     pub seams: Seams,
@@ -324,6 +333,11 @@ impl std::fmt::Debug for Seams {
 /// The default of `kernel.dead_conn_timeout_secs`: several default health rounds, so a dead
 /// connection is replaced before the guest's I/O on it fails.
 pub const DEFAULT_DEAD_CONN_TIMEOUT_SECS: u64 = 30;
+
+/// The default of `limits.max_connections_per_export`: a VM's disk uses one to a few
+/// connections; the rest is for tools (and keeps one sandbox from taking the daemon's whole
+/// connection budget).
+pub const DEFAULT_MAX_CONNECTIONS_PER_EXPORT: usize = 16;
 
 /// The default of `limits.max_sandboxes`.
 pub const DEFAULT_MAX_SANDBOXES: usize = 4096;
@@ -499,7 +513,26 @@ impl Config {
                 format!("{max_sandboxes} is outside 1..=1048576"),
             ));
         }
+        for (key, v) in [
+            ("limits.max_connections", file.limits.max_connections),
+            (
+                "limits.max_connections_per_export",
+                file.limits.max_connections_per_export,
+            ),
+        ] {
+            if v.is_some_and(|n| !(1..=1 << 20).contains(&n)) {
+                return Err(invalid(
+                    key,
+                    format!("{} is outside 1..=1048576", v.unwrap_or(0)),
+                ));
+            }
+        }
         Ok(Config {
+            max_connections: file.limits.max_connections,
+            max_connections_per_export: file
+                .limits
+                .max_connections_per_export
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_EXPORT),
             import_block_devices: file.templates.allow_block_devices.unwrap_or(false),
             tcp_import_dirs,
             max_sandboxes,

@@ -62,6 +62,8 @@ fn merge(total: &mut StatsSnapshot, other: &StatsSnapshot, f: fn(u64, u64) -> u6
     total.ops = out;
     total.panics = f(total.panics, other.panics);
     total.refused_too_large = f(total.refused_too_large, other.refused_too_large);
+    total.refused_connections = f(total.refused_connections, other.refused_connections);
+    total.accept_errors = f(total.accept_errors, other.accept_errors);
 }
 
 /// The collector registered with the daemon's registry.
@@ -151,6 +153,16 @@ impl Collector for NbdCollector {
                 "NBD requests refused for their size (reads over the payload limit, writes over the write limit)",
                 snap.refused_too_large,
             ),
+            (
+                "nbd_refused_connections",
+                "NBD connections closed at once at a connection limit (per export or over all exports)",
+                snap.refused_connections,
+            ),
+            (
+                "nbd_accept_errors",
+                "Failed accepts on NBD sockets (e.g. EMFILE), each followed by a backoff",
+                snap.accept_errors,
+            ),
         ] {
             let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(value).encode(family)?;
@@ -214,7 +226,10 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         assert!(out.contains("rootfork_nbd_panics_total 1"), "{out}");
-        assert!(out.contains("rootfork_nbd_refused_too_large_total 4"), "{out}");
+        assert!(
+            out.contains("rootfork_nbd_refused_too_large_total 4"),
+            "{out}"
+        );
         assert!(
             out.contains("rootfork_nbd_requests_total{command=\"read\"} 2"),
             "{out}"

@@ -84,6 +84,8 @@ pub struct Core {
     pub(crate) closed: ClosedTotals,
     /// Numbers for socket and QMP file names.
     seq: AtomicU64,
+    /// NBD connections over every socket export.
+    pub nbd_connections: Arc<rootfork_nbd::ConnectionBudget>,
 }
 
 impl Core {
@@ -101,6 +103,11 @@ impl Core {
             events.clone(),
             config.seams.kernel_backend.clone(),
         );
+        let nbd_connections = rootfork_nbd::ConnectionBudget::new(
+            config
+                .max_connections
+                .unwrap_or_else(crate::daemon::limits::default_connection_budget),
+        );
         Core {
             config,
             dirs,
@@ -112,6 +119,7 @@ impl Core {
             kernel,
             closed: Default::default(),
             seq: AtomicU64::new(0),
+            nbd_connections,
         }
     }
 

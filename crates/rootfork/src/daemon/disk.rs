@@ -45,6 +45,11 @@ pub fn provider_for(
             if let Some(w) = seams.socket_device_wrapper.clone() {
                 p = p.with_device_wrapper(w);
             }
+            p = p.with_serve_options(ServeOptions {
+                max_connections: core.config.max_connections_per_export,
+                connection_budget: Some(core.nbd_connections.clone()),
+                ..ServeOptions::default()
+            });
             Ok(AnyProvider::Socket(p))
         }
         ProviderKind::Kernel => {

@@ -2,6 +2,9 @@
 //! file descriptors (the soft `RLIMIT_NOFILE`, raised to the hard limit at start, with headroom
 //! for the sandbox being created). A create past either is refused with `RESOURCE_EXHAUSTED`
 //! naming what ran out, instead of failing later in an accept, a socketpair or a cache open.
+//! NBD connections are bounded per export (`limits.max_connections_per_export`) and over every
+//! socket export together (`limits.max_connections`, by default a share of the open-file
+//! limit), so clients holding connections cannot use up the descriptors the API needs.
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
@@ -54,6 +57,17 @@ pub fn raise_nofile() -> u64 {
             u64::MAX
         }
     }
+}
+
+/// The default of `limits.max_connections`: a quarter of the file descriptors left after twice
+/// the reserve (a connection holds its socket and a duplicate, and a sandbox a few more), at
+/// least 8.
+pub fn default_connection_budget() -> usize {
+    let (_, limit) = fds();
+    let per_connection = 4;
+    usize::try_from(limit.saturating_sub(2 * FD_RESERVE) / per_connection)
+        .unwrap_or(usize::MAX)
+        .max(8)
 }
 
 /// File descriptors open in this process and the soft limit.

@@ -78,6 +78,13 @@ pub fn render(core: &Core) -> String {
     snap.resources = [
         ("sandboxes", (live, clamp(core.config.max_sandboxes as u64))),
         ("fds", (clamp(fds), clamp(fd_limit))),
+        (
+            "nbd_connections",
+            (
+                clamp(core.nbd_connections.used() as u64),
+                clamp(core.nbd_connections.limit() as u64),
+            ),
+        ),
     ]
     .into();
     snap.template_bytes_read =

@@ -1,0 +1,133 @@
+//! The daemon under file-descriptor pressure, as an operator would meet it: `rootfork serve`
+//! started with `ulimit -n 256`, 300 connections held on one sandbox's NBD socket. The API keeps
+//! answering (the connection limits keep descriptors for it), the sandbox is running again once
+//! the connections close, and it can still be paused and resumed with its data.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rootfork::api::v1;
+use rootfork::client::{self, ApiTarget, Clients};
+
+/// The daemon process; killed and reaped however the test ends.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn connect(api: &Path) -> Clients {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(c) = client::connect(&ApiTarget::Unix(api.to_owned())).await {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get(c: &mut Clients, id: &str) -> v1::Sandbox {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        c.sandboxes
+            .get_sandbox(v1::GetSandboxRequest { id: id.into() }),
+    )
+    .await
+    .expect("the API answers within 5 s")
+    .unwrap()
+    .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_connections_under_ulimit_256_leave_the_daemon_usable() {
+    let dir = tempfile::Builder::new()
+        .prefix("rff")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let state = dir.path().join("s");
+    let api = state.join("api.sock");
+    let bin = env!("CARGO_BIN_EXE_rootfork");
+    let cmd = format!(
+        "ulimit -n 256 && exec {bin} serve --state-dir {} --no-demo --health-interval 0.5 --nbd-lock-dir {}",
+        state.display(),
+        dir.path().join("locks").display()
+    );
+    let _serve = Serve(
+        Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let mut c = connect(&api).await;
+    let src = make_template(dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "busy").await.unwrap();
+    nbd_write(&sb.nbd_uri, 4096 * 4, 4096, 0x5c);
+    let sock = PathBuf::from(sb.nbd_uri.split_once("socket=").unwrap().1);
+    // 300 connections held (the ones past the limits are closed by the daemon at once).
+    let held: Vec<UnixStream> = (0..300)
+        .map(|i| UnixStream::connect(&sock).unwrap_or_else(|e| panic!("connect {i}: {e}")))
+        .collect();
+    // The API answers new clients while they are held, and a second sandbox can still be made
+    // and used.
+    for _ in 0..5 {
+        let mut fresh = tokio::time::timeout(
+            Duration::from_secs(5),
+            client::connect(&ApiTarget::Unix(api.clone())),
+        )
+        .await
+        .expect("a new API client connects within 5 s")
+        .unwrap();
+        let got = get(&mut fresh, "busy").await;
+        assert!(
+            got.state == v1::SandboxState::Running as i32
+                || got.state == v1::SandboxState::Failed as i32,
+            "{got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let other = create(&mut c, "tpl", "other").await.unwrap();
+    assert_eq!(&nbd_read(&other.nbd_uri, 4096 * 3, 12), b"tpl block 3\n");
+    assert!(delete(&mut c, "other").await.unwrap());
+    drop(held);
+    // Once they are closed the sandbox is running and healthy again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = get(&mut c, "busy").await;
+        if got.state == v1::SandboxState::Running as i32
+            && got.health == v1::HealthState::Healthy as i32
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not running again: {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(nbd_read(&sb.nbd_uri, 4096 * 4, 4096), vec![0x5c; 4096]);
+    let paused = c
+        .sandboxes
+        .pause_sandbox(v1::PauseSandboxRequest { id: "busy".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.state, v1::SandboxState::Paused as i32);
+    let resumed = c
+        .sandboxes
+        .resume_sandbox(v1::ResumeSandboxRequest { id: "busy".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 4, 4096), vec![0x5c; 4096]);
+    assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 2, 12), b"tpl block 2\n");
+    assert!(delete(&mut c, "busy").await.unwrap());
+}
