@@ -70,5 +70,5 @@ pub use opts::{
     ServeOptions, BLOCK_STATUS_MAX_DESCRIPTORS, BLOCK_STATUS_MAX_LEN, MAX_CONNECTIONS, MAX_PAYLOAD,
     MAX_WRITE_PAYLOAD,
 };
-pub use server::{Server, ServerError};
+pub use server::{Server, ServerError, SHUTDOWN_JOIN};
 pub use stats::{ConnectionStats, Op, OpStats, StatsSnapshot};

@@ -270,9 +270,33 @@ impl Server {
             }
         }
         let threads: Vec<_> = self.inner.threads.lock().drain(..).collect();
-        for t in threads {
+        join_bounded(threads, Instant::now() + SHUTDOWN_JOIN);
+    }
+}
+
+/// How long a shutdown waits, after the grace period and closing every connection, for their
+/// threads to end.
+pub const SHUTDOWN_JOIN: Duration = Duration::from_secs(5);
+
+/// Joins `threads` that end by `deadline`; the others (stuck in a device call that does not
+/// return) are left to end on their own, with an error logged, so a shutdown is bounded.
+fn join_bounded(threads: Vec<JoinHandle<()>>, deadline: Instant) {
+    let mut pending = threads;
+    while !pending.is_empty() && Instant::now() < deadline {
+        let (done, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|t| t.is_finished());
+        for t in done {
             let _ = t.join();
         }
+        pending = rest;
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    if !pending.is_empty() {
+        tracing::error!(
+            threads = pending.len(),
+            "nbd shutdown: connection threads still in device calls after the deadline; left running"
+        );
     }
 }
 
