@@ -162,6 +162,8 @@ pub struct LimitsFile {
     pub max_connections: Option<usize>,
     /// The most NBD connections one socket sandbox's export keeps open at once.
     pub max_connections_per_export: Option<usize>,
+    /// How far what sandboxes may still write may exceed the free space (a ratio).
+    pub disk_overcommit: Option<f64>,
 }
 
 /// The `[debug]` table (testing aids, all off by default).
@@ -296,6 +298,8 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// `limits.max_connections_per_export`.
     pub max_connections_per_export: usize,
+    /// `limits.disk_overcommit`.
+    pub disk_overcommit: f64,
     /// Fakes for tests; empty (the host's kernel, the real devices) everywhere else.
     #[doc(hidden)]
     pub seams: Seams,
@@ -338,6 +342,10 @@ pub const DEFAULT_DEAD_CONN_TIMEOUT_SECS: u64 = 30;
 /// connections; the rest is for tools (and keeps one sandbox from taking the daemon's whole
 /// connection budget).
 pub const DEFAULT_MAX_CONNECTIONS_PER_EXPORT: usize = 16;
+
+/// The default of `limits.disk_overcommit`: sandboxes forked from one template mostly write a
+/// small part of their disk, so what they may write can exceed the free space this many times.
+pub const DEFAULT_DISK_OVERCOMMIT: f64 = 10.0;
 
 /// The default of `limits.max_sandboxes`.
 pub const DEFAULT_MAX_SANDBOXES: usize = 4096;
@@ -527,7 +535,18 @@ impl Config {
                 ));
             }
         }
+        let disk_overcommit = file
+            .limits
+            .disk_overcommit
+            .unwrap_or(DEFAULT_DISK_OVERCOMMIT);
+        if !(disk_overcommit.is_finite() && (0.01..=1e6).contains(&disk_overcommit)) {
+            return Err(invalid(
+                "limits.disk_overcommit",
+                format!("{disk_overcommit} is outside 0.01..=1000000"),
+            ));
+        }
         Ok(Config {
+            disk_overcommit,
             max_connections: file.limits.max_connections,
             max_connections_per_export: file
                 .limits

@@ -237,6 +237,9 @@ impl DaemonError {
             DaemonError::ResourceExhausted(crate::daemon::limits::Exhausted::Sandboxes {
                 ..
             }) => libc::EAGAIN,
+            DaemonError::ResourceExhausted(crate::daemon::limits::Exhausted::Disk { .. }) => {
+                libc::ENOSPC
+            }
             DaemonError::ResourceExhausted(_) => libc::EMFILE,
             DaemonError::NoSpace { .. } => libc::ENOSPC,
             DaemonError::Provider(rootfork_provider::ProviderError::Timeout(_)) => libc::ETIMEDOUT,

@@ -59,6 +59,11 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         }
     }
     limits::admit_fds()?;
+    let disk_size = core
+        .templates
+        .get(&spec.template)
+        .map_or(0, |t| t.size_bytes);
+    limits::admit_disk(core, disk_size)?;
     // The new sandbox's lifecycle lock is taken before it is published, so a concurrent
     // delete (or pause) of the same id waits for this create to finish or fail.
     let sb = Sandbox::new(id.clone(), spec.template.clone(), spec.provider, spec.vm);

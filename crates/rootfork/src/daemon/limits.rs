@@ -18,7 +18,7 @@ pub const FD_RESERVE: u64 = 64;
 pub const FDS_PER_SANDBOX: u64 = 32;
 
 /// What ran out.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Exhausted {
     /// `limits.max_sandboxes` sandboxes exist.
     #[error("sandboxes: {live} exist, limits.max_sandboxes is {max}")]
@@ -27,6 +27,21 @@ pub enum Exhausted {
         live: usize,
         /// The limit.
         max: usize,
+    },
+    /// The host's free space, overcommitted by `limits.disk_overcommit`, does not cover what
+    /// the sandboxes (this one included) may still write.
+    #[error("disk space: sandboxes may still write {committed} bytes and this one up to {needed}, against {free} bytes free in {dir} × limits.disk_overcommit {ratio}")]
+    Disk {
+        /// Bytes the new sandbox may write (its disk size).
+        needed: u64,
+        /// Bytes the existing sandboxes may still write.
+        committed: u64,
+        /// Bytes free where caches are written.
+        free: u64,
+        /// The overcommit ratio.
+        ratio: f64,
+        /// The cache directory.
+        dir: String,
     },
     /// Too few file descriptors left for another sandbox.
     #[error("file descriptors: {open} of {limit} open (RLIMIT_NOFILE); a sandbox needs about {FDS_PER_SANDBOX} with {FD_RESERVE} kept in reserve")]
@@ -92,6 +107,62 @@ pub fn admit_fds() -> Result<(), Exhausted> {
     let (open, limit) = fds();
     if open.saturating_add(FDS_PER_SANDBOX + FD_RESERVE) > limit {
         return Err(Exhausted::FileDescriptors { open, limit });
+    }
+    Ok(())
+}
+
+/// Bytes the live sandboxes may still write to this host's disk: for each, its disk size less
+/// what it has written already (its overlay's data while served, its diff while paused; both
+/// are already taken from the free space).
+pub fn disk_committed(core: &Core) -> u64 {
+    let all: Vec<_> = core
+        .sandboxes
+        .read()
+        .values()
+        .filter(|s| s.is_live())
+        .cloned()
+        .collect();
+    let mut committed = 0u64;
+    for sb in all {
+        let size = core.templates.get(&sb.template).map_or(0, |t| t.size_bytes);
+        let status = sb.status();
+        let written = match sb.live.try_lock() {
+            Ok(live) => live
+                .provider
+                .as_ref()
+                .and_then(crate::daemon::sandbox::overlay_stats)
+                .map_or(status.paused_diff_bytes, |st| st.blocks_data * 4096),
+            // Busy in an operation: count it as if it had written nothing yet.
+            Err(_) => 0,
+        };
+        committed = committed.saturating_add(size.saturating_sub(written));
+    }
+    committed
+}
+
+/// Bytes free to the daemon where overlay caches are written.
+pub fn disk_free(core: &Core) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(&core.dirs.cache)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+}
+
+/// `Ok` when a sandbox that may write `needed` bytes fits: what every sandbox may still write
+/// stays within the free space times `limits.disk_overcommit`.
+pub fn admit_disk(core: &Core, needed: u64) -> Result<(), Exhausted> {
+    let Ok(free) = disk_free(core) else {
+        // No statvfs (a vanished directory): the create fails on its own soon enough.
+        return Ok(());
+    };
+    let ratio = core.config.disk_overcommit;
+    let committed = disk_committed(core);
+    if committed.saturating_add(needed) as f64 > free as f64 * ratio {
+        return Err(Exhausted::Disk {
+            needed,
+            committed,
+            free,
+            ratio,
+            dir: core.dirs.cache.display().to_string(),
+        });
     }
     Ok(())
 }

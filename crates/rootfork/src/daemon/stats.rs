@@ -79,6 +79,16 @@ pub fn render(core: &Core) -> String {
         ("sandboxes", (live, clamp(core.config.max_sandboxes as u64))),
         ("fds", (clamp(fds), clamp(fd_limit))),
         (
+            "disk_bytes",
+            (
+                clamp(crate::daemon::limits::disk_committed(core)),
+                clamp(
+                    (crate::daemon::limits::disk_free(core).unwrap_or(0) as f64
+                        * core.config.disk_overcommit) as u64,
+                ),
+            ),
+        ),
+        (
             "nbd_connections",
             (
                 clamp(core.nbd_connections.used() as u64),

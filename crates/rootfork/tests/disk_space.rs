@@ -1,5 +1,7 @@
-//! Failure-atomic pause: a pause that cannot be done leaves the sandbox as it was — running,
-//! its disk served and writable, every byte readable — and a later pause with room succeeds.
+//! Disk space. Admission: a create is refused when what the sandboxes may still write exceeds
+//! the free space times `limits.disk_overcommit`. Failure-atomic pause: a pause that cannot be
+//! done leaves the sandbox as it was — running, its disk served and writable, every byte
+//! readable — and a later pause with room succeeds.
 //!
 //! * no room (the state directory on a small tmpfs): refused before the freeze with
 //!   `RESOURCE_EXHAUSTED` naming the directory and the bytes needed;
@@ -178,4 +180,53 @@ async fn a_pause_failing_after_the_freeze_thaws_the_disk() {
     assert_eq!(nbd_read(&r.nbd_uri, 8192, 4096), vec![0x22; 4096]);
     assert!(delete(&mut c, "thaw").await.unwrap());
     d.daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_are_admitted_against_free_space_times_the_overcommit() {
+    let dir = tempfile::Builder::new()
+        .prefix("rfa")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let state = dir.path().join("s");
+    let fs = Tmpfs::mount(&state, 40);
+    let mut config = Config::with_state_dir(&state).unwrap();
+    config.demo_template = false;
+    config.nbd_lock_dir = dir.path().join("locks");
+    config.health_interval = Duration::from_secs(3600);
+    config.disk_overcommit = 2.0;
+    let daemon = Daemon::start(config).await.unwrap();
+    let mut c = rootfork::client::connect(&rootfork::client::ApiTarget::Unix(
+        daemon.api_socket().to_owned(),
+    ))
+    .await
+    .unwrap();
+    // A sparse 64 MiB template: one sandbox may write 64 MiB, within 2 × ~40 MiB free; a
+    // second one would bring the total to 128 MiB.
+    let src = make_template(dir.path(), "src.img", 16);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    import(&mut c, "tpl", &src).await.unwrap();
+    create(&mut c, "tpl", "one").await.unwrap();
+    let e = create(&mut c, "tpl", "two").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("disk space"), "{e:?}");
+    assert!(e.message().contains("limits.disk_overcommit 2"), "{e:?}");
+    let m = daemon.core().render_metrics();
+    assert!(
+        m.contains("rootfork_errors_total{op=\"create_sandbox\",errno=\"ENOSPC\"} 1"),
+        "{m}"
+    );
+    // More room admits it.
+    fs.resize(80);
+    create(&mut c, "tpl", "two").await.unwrap();
+    for id in ["one", "two"] {
+        assert!(delete(&mut c, id).await.unwrap());
+    }
+    daemon.shutdown().await;
+    drop(fs);
 }
