@@ -56,21 +56,11 @@ async fn lifecycle_end_to_end() {
 
     // A write lands in the overlay only; pause keeps it, resume serves it again.
     nbd_write(&sb.nbd_uri, 4096 * 5, 4096, 0xAB);
-    let paused = c
-        .sandboxes
-        .pause_sandbox(v1::PauseSandboxRequest { id: "alpha".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let paused = pause(&mut c, "alpha").await.unwrap();
     assert_eq!(paused.state, v1::SandboxState::Paused as i32);
     assert!(paused.nbd_uri.is_empty());
     assert_eq!(paused.paused_diff_bytes, 4096);
-    let resumed = c
-        .sandboxes
-        .resume_sandbox(v1::ResumeSandboxRequest { id: "alpha".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let resumed = resume(&mut c, "alpha").await.unwrap();
     assert_eq!(resumed.state, v1::SandboxState::Running as i32);
     assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 5, 4), vec![0xAB; 4]);
     assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 6, 12), b"tpl block 6\n");
@@ -90,12 +80,7 @@ async fn lifecycle_end_to_end() {
         .unwrap()
         .into_inner();
     assert_eq!(list.sandboxes.len(), 2);
-    let got = c
-        .sandboxes
-        .get_sandbox(v1::GetSandboxRequest { id: "alpha".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, "alpha").await;
     assert_eq!(got.pause_count, 1);
     assert_eq!(got.health, v1::HealthState::Healthy as i32);
     let ts = c
@@ -129,12 +114,7 @@ async fn lifecycle_end_to_end() {
     assert!(delete(&mut c, "alpha").await.unwrap());
     assert!(!delete(&mut c, "alpha").await.unwrap());
     assert!(delete(&mut c, &beta.id).await.unwrap());
-    let gone = c
-        .sandboxes
-        .get_sandbox(v1::GetSandboxRequest { id: "alpha".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let gone = get(&mut c, "alpha").await;
     assert_eq!(gone.state, v1::SandboxState::Deleted as i32);
     assert!(
         d.files("nbd").is_empty(),
@@ -648,30 +628,15 @@ async fn health_check_marks_a_dead_export_failed() {
         ]
     );
     assert!(failed_state);
-    let got = c
-        .sandboxes
-        .get_sandbox(v1::GetSandboxRequest { id: "h1".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, "h1").await;
     assert_eq!(got.state, v1::SandboxState::Failed as i32);
     assert_eq!(got.health, v1::HealthState::Failed as i32);
     assert!(got.message.contains("connecting"), "{}", got.message);
     // A failed sandbox whose overlay is intact can still be paused, so its data is saved, and
     // resumed on a fresh export with that data.
-    let paused = c
-        .sandboxes
-        .pause_sandbox(v1::PauseSandboxRequest { id: "h1".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let paused = pause(&mut c, "h1").await.unwrap();
     assert_eq!(paused.state, v1::SandboxState::Paused as i32);
-    let resumed = c
-        .sandboxes
-        .resume_sandbox(v1::ResumeSandboxRequest { id: "h1".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let resumed = resume(&mut c, "h1").await.unwrap();
     assert_eq!(resumed.state, v1::SandboxState::Running as i32);
     assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 5, 4096), vec![0xab; 4096]);
     assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 2, 12), b"tpl block 2\n");
@@ -870,12 +835,7 @@ async fn health_check_marks_a_stuck_request_failed() {
         messages.iter().all(|m| m.contains("stuck for")),
         "{messages:?}"
     );
-    let got = c
-        .sandboxes
-        .get_sandbox(v1::GetSandboxRequest { id: "stuck".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, "stuck").await;
     assert_eq!(got.health, v1::HealthState::Failed as i32);
     assert!(
         got.message.contains("NBD request has been stuck for"),
@@ -900,12 +860,7 @@ async fn health_check_marks_a_stuck_request_failed() {
         }
     }
     assert!(healthy && running, "healthy {healthy}, running {running}");
-    let got = c
-        .sandboxes
-        .get_sandbox(v1::GetSandboxRequest { id: "stuck".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, "stuck").await;
     assert_eq!(
         (got.state, got.health),
         (
@@ -947,12 +902,7 @@ async fn a_failed_probe_is_confirmed_before_the_sandbox_is_degraded() {
     });
     rootfork::daemon::health::round(d.daemon.core()).await;
     blip.join().unwrap();
-    let got = c
-        .sandboxes
-        .get_sandbox(v1::GetSandboxRequest { id: "blip".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, "blip").await;
     assert_eq!(
         (got.state, got.health),
         (

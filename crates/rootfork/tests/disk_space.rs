@@ -16,9 +16,6 @@ use std::time::Duration;
 
 use common::*;
 use rootfork::api::v1;
-use rootfork::client::Clients;
-use rootfork::config::Config;
-use rootfork::daemon::Daemon;
 use tonic::Code;
 
 /// A tmpfs of `mib` MiB at `dir`, unmounted on drop.
@@ -58,48 +55,21 @@ impl Drop for Tmpfs {
     }
 }
 
-async fn pause(c: &mut Clients, id: &str) -> Result<v1::Sandbox, tonic::Status> {
-    c.sandboxes
-        .pause_sandbox(v1::PauseSandboxRequest { id: id.into() })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn get(c: &mut Clients, id: &str) -> v1::Sandbox {
-    c.sandboxes
-        .get_sandbox(v1::GetSandboxRequest { id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_without_room_changes_nothing_and_succeeds_once_there_is_room() {
-    let dir = tempfile::Builder::new()
-        .prefix("rfp")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let state = dir.path().join("s");
-    let fs = Tmpfs::mount(&state, 40);
-    let mut config = Config::with_state_dir(&state).unwrap();
-    config.demo_template = false;
-    config.nbd_lock_dir = dir.path().join("locks");
-    config.health_interval = Duration::from_secs(3600);
-    let daemon = Daemon::start(config).await.unwrap();
-    let mut c = rootfork::client::connect(&rootfork::client::ApiTarget::Unix(
-        daemon.api_socket().to_owned(),
-    ))
-    .await
-    .unwrap();
+    let (d, fs) = TestDaemon::start_prepared(
+        false,
+        |state| Tmpfs::mount(state, 40),
+        |c| {
+            c.health_interval = Duration::from_secs(3600);
+        },
+    )
+    .await;
+    let (dir, state) = (d.dir.path(), d.state());
+    let mut c = d.client().await;
     // A 64 MiB template (sparse after its first tagged blocks) and 24 MiB written: the cache
     // holds 24 MiB of the tmpfs's 40, so a 24 MiB diff cannot fit.
-    let src = make_template(dir.path(), "src.img", 16);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&src)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    let src = make_sparse_template(dir, "src.img", 64 << 20);
     import(&mut c, "tpl", &src).await.unwrap();
     let sb = create(&mut c, "tpl", "full").await.unwrap();
     for mib in 0..24u64 {
@@ -133,17 +103,12 @@ async fn a_pause_without_room_changes_nothing_and_succeeds_once_there_is_room() 
     fs.resize(128);
     let p = pause(&mut c, "full").await.unwrap();
     assert_eq!(p.state, v1::SandboxState::Paused as i32);
-    let r = c
-        .sandboxes
-        .resume_sandbox(v1::ResumeSandboxRequest { id: "full".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = resume(&mut c, "full").await.unwrap();
     assert_eq!(nbd_read(&r.nbd_uri, 0, 4096), vec![0xee; 4096]);
     assert_eq!(nbd_read(&r.nbd_uri, 31 << 20, 4096), vec![24; 4096]);
     assert_eq!(&nbd_read(&r.nbd_uri, 4096 * 5, 12), b"tpl block 5\n");
     assert!(delete(&mut c, "full").await.unwrap());
-    daemon.shutdown().await;
+    d.daemon.shutdown().await;
     drop(fs);
 }
 
@@ -171,12 +136,7 @@ async fn a_pause_failing_after_the_freeze_thaws_the_disk() {
     // The next pause (new file names) succeeds with both writes.
     let p = pause(&mut c, "thaw").await.unwrap();
     assert_eq!(p.paused_diff_bytes, 8192);
-    let r = c
-        .sandboxes
-        .resume_sandbox(v1::ResumeSandboxRequest { id: "thaw".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = resume(&mut c, "thaw").await.unwrap();
     assert_eq!(nbd_read(&r.nbd_uri, 8192, 4096), vec![0x22; 4096]);
     assert!(delete(&mut c, "thaw").await.unwrap());
     d.daemon.shutdown().await;
@@ -184,32 +144,20 @@ async fn a_pause_failing_after_the_freeze_thaws_the_disk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creates_are_admitted_against_free_space_times_the_overcommit() {
-    let dir = tempfile::Builder::new()
-        .prefix("rfa")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let state = dir.path().join("s");
-    let fs = Tmpfs::mount(&state, 40);
-    let mut config = Config::with_state_dir(&state).unwrap();
-    config.demo_template = false;
-    config.nbd_lock_dir = dir.path().join("locks");
-    config.health_interval = Duration::from_secs(3600);
-    config.disk_overcommit = 2.0;
-    let daemon = Daemon::start(config).await.unwrap();
-    let mut c = rootfork::client::connect(&rootfork::client::ApiTarget::Unix(
-        daemon.api_socket().to_owned(),
-    ))
-    .await
-    .unwrap();
+    let (d, fs) = TestDaemon::start_prepared(
+        false,
+        |state| Tmpfs::mount(state, 40),
+        |c| {
+            c.health_interval = Duration::from_secs(3600);
+            c.disk_overcommit = 2.0;
+        },
+    )
+    .await;
+    let (daemon, dir) = (&d.daemon, d.dir.path());
+    let mut c = d.client().await;
     // A sparse 64 MiB template: one sandbox may write 64 MiB, within 2 × ~40 MiB free; a
     // second one would bring the total to 128 MiB.
-    let src = make_template(dir.path(), "src.img", 16);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&src)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    let src = make_sparse_template(dir, "src.img", 64 << 20);
     import(&mut c, "tpl", &src).await.unwrap();
     create(&mut c, "tpl", "one").await.unwrap();
     let e = create(&mut c, "tpl", "two").await.unwrap_err();
@@ -227,6 +175,6 @@ async fn creates_are_admitted_against_free_space_times_the_overcommit() {
     for id in ["one", "two"] {
         assert!(delete(&mut c, id).await.unwrap());
     }
-    daemon.shutdown().await;
+    d.daemon.shutdown().await;
     drop(fs);
 }

@@ -35,7 +35,7 @@ async fn connect(api: &Path) -> Clients {
     }
 }
 
-async fn get(c: &mut Clients, id: &str) -> v1::Sandbox {
+async fn get_within_5s(c: &mut Clients, id: &str) -> v1::Sandbox {
     tokio::time::timeout(
         Duration::from_secs(5),
         c.sandboxes
@@ -89,7 +89,7 @@ async fn three_hundred_connections_under_ulimit_256_leave_the_daemon_usable() {
         .await
         .expect("a new API client connects within 5 s")
         .unwrap();
-        let got = get(&mut fresh, "busy").await;
+        let got = get_within_5s(&mut fresh, "busy").await;
         assert!(
             got.state == v1::SandboxState::Running as i32
                 || got.state == v1::SandboxState::Failed as i32,
@@ -104,7 +104,7 @@ async fn three_hundred_connections_under_ulimit_256_leave_the_daemon_usable() {
     // Once they are closed the sandbox is running and healthy again.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let got = get(&mut c, "busy").await;
+        let got = get_within_5s(&mut c, "busy").await;
         if got.state == v1::SandboxState::Running as i32
             && got.health == v1::HealthState::Healthy as i32
         {
@@ -114,19 +114,9 @@ async fn three_hundred_connections_under_ulimit_256_leave_the_daemon_usable() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(nbd_read(&sb.nbd_uri, 4096 * 4, 4096), vec![0x5c; 4096]);
-    let paused = c
-        .sandboxes
-        .pause_sandbox(v1::PauseSandboxRequest { id: "busy".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let paused = pause(&mut c, "busy").await.unwrap();
     assert_eq!(paused.state, v1::SandboxState::Paused as i32);
-    let resumed = c
-        .sandboxes
-        .resume_sandbox(v1::ResumeSandboxRequest { id: "busy".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let resumed = resume(&mut c, "busy").await.unwrap();
     assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 4, 4096), vec![0x5c; 4096]);
     assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 2, 12), b"tpl block 2\n");
     assert!(delete(&mut c, "busy").await.unwrap());

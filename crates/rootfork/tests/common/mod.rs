@@ -26,16 +26,27 @@ impl TestDaemon {
 
     /// Same, letting the test adjust the configuration.
     pub async fn start_with(demo: bool, f: impl FnOnce(&mut Config)) -> TestDaemon {
+        Self::start_prepared(demo, |_| (), f).await.0
+    }
+
+    /// As [`TestDaemon::start_with`], calling `prepare(state_dir)` first (e.g. to mount a
+    /// file system there) and returning what it made.
+    pub async fn start_prepared<T>(
+        demo: bool,
+        prepare: impl FnOnce(&Path) -> T,
+        f: impl FnOnce(&mut Config),
+    ) -> (TestDaemon, T) {
         let dir = tempfile::Builder::new()
             .prefix("rfd")
             .tempdir_in("/tmp")
             .unwrap();
+        let prepared = prepare(&dir.path().join("s"));
         let mut config = Config::with_state_dir(dir.path().join("s")).unwrap();
         config.demo_template = demo;
         config.nbd_lock_dir = dir.path().join("locks");
         f(&mut config);
         let daemon = Daemon::start(config).await.expect("daemon starts");
-        TestDaemon { daemon, dir }
+        (TestDaemon { daemon, dir }, prepared)
     }
 
     pub fn state(&self) -> PathBuf {
@@ -75,6 +86,18 @@ pub fn make_template(dir: &Path, name: &str, blocks: u64) -> PathBuf {
     p
 }
 
+/// [`make_template`] of 16 tagged blocks, extended (sparse) to `size` bytes.
+pub fn make_sparse_template(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = make_template(dir, name, 16);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    p
+}
+
 /// Imports a template, returning the final progress message.
 pub async fn import(
     c: &mut Clients,
@@ -111,6 +134,28 @@ pub async fn create(
             provider: v1::ProviderKind::Socket as i32,
             vmm: None,
         })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn get(c: &mut Clients, id: &str) -> v1::Sandbox {
+    c.sandboxes
+        .get_sandbox(v1::GetSandboxRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub async fn pause(c: &mut Clients, id: &str) -> Result<v1::Sandbox, tonic::Status> {
+    c.sandboxes
+        .pause_sandbox(v1::PauseSandboxRequest { id: id.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn resume(c: &mut Clients, id: &str) -> Result<v1::Sandbox, tonic::Status> {
+    c.sandboxes
+        .resume_sandbox(v1::ResumeSandboxRequest { id: id.into() })
         .await
         .map(|r| r.into_inner())
 }
