@@ -314,6 +314,69 @@ mod tests {
     }
 
     #[test]
+    fn zeroed_data_is_data_to_runs_and_counts_but_its_own_slot() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let n = 700;
+        let map = StateMap::new(n).unwrap();
+        let mut model = vec![Slot::Absent; n as usize];
+        let slots = [Slot::Absent, Slot::Data, Slot::Zero, Slot::ZeroedData];
+        for _ in 0..1500 {
+            let a = rng.gen_range(0..n);
+            let b = rng.gen_range(a..=n.min(a + 80));
+            let s = slots[rng.gen_range(0..4)];
+            let mut before = [0u64; 3];
+            for m in &mut model[a as usize..b as usize] {
+                before[index(m.state())] += 1;
+                *m = s;
+            }
+            assert_eq!(map.set_slot(a, b, s), before);
+        }
+        let runs_of = |f: &dyn Fn(u64) -> (u64, u64)| {
+            let mut out = Vec::new();
+            let mut b = 0;
+            while b < n {
+                let r = f(b);
+                out.push(r);
+                b = r.1;
+            }
+            out
+        };
+        let naive = |key: &dyn Fn(Slot) -> u64| {
+            let mut out: Vec<(u64, u64)> = Vec::new();
+            for (b, m) in model.iter().enumerate() {
+                match out.last_mut() {
+                    Some(last) if last.0 == key(*m) => last.1 = b as u64 + 1,
+                    _ => out.push((key(*m), b as u64 + 1)),
+                }
+            }
+            out
+        };
+        let slot_key = |s: Slot| s.code();
+        let state_key = |s: Slot| index(s.state()) as u64;
+        assert_eq!(
+            runs_of(&|b| {
+                let (s, e) = map.slot_run(b, n);
+                (s.code(), e)
+            }),
+            naive(&slot_key)
+        );
+        assert_eq!(
+            runs_of(&|b| {
+                let (s, e) = map.run(b, n);
+                (index(s) as u64, e)
+            }),
+            naive(&state_key)
+        );
+        for (b, m) in model.iter().enumerate() {
+            assert_eq!(map.slot(b as u64), *m);
+            assert_eq!(map.get(b as u64), m.state());
+        }
+        let count = |s: BlockState| model.iter().filter(|m| m.state() == s).count() as u64;
+        assert_eq!(map.counts(), (count(Absent), count(Data), count(Zero)));
+    }
+
+    #[test]
     fn empty_map() {
         let map = StateMap::new(0).unwrap();
         assert_eq!(map.blocks(), 0);
