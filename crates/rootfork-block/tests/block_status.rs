@@ -267,34 +267,33 @@ fn stacked_model(seed: u64, bs: u32) {
         ..OverlayOptions::default()
     };
     let first = Overlay::create(template.clone(), &dir.path().join("a"), opts).unwrap();
+    // One random change to `ov`, applied to `model` too when there is one.
     let ops = |ov: &Overlay, model: Option<&mut Model>, rng: &mut rand::rngs::StdRng| {
         let off = rng.gen_range(0..size);
         let len = rng.gen_range(0..=(size - off).min(6 * u64::from(bs)));
-        let mut m = model;
-        match rng.gen_range(0..5) {
+        let (buf, punch) = match rng.gen_range(0..5) {
             0 | 1 => {
                 let mut buf = vec![0u8; len as usize];
                 if rng.gen_bool(0.8) {
                     fill_pattern(&mut buf, rng.gen());
                 }
                 ov.write_at(&buf, off).unwrap();
-                if let Some(m) = m.as_deref_mut() {
-                    m.write(off, &buf);
-                }
+                (Some(buf), false)
             }
             2 | 3 => {
                 let punch = rng.gen();
                 ov.write_zeroes(off, len, punch).unwrap();
-                if let Some(m) = m.as_deref_mut() {
-                    m.zero(off, len, punch);
-                }
+                (None, punch)
             }
             _ => {
                 ov.trim(off, len).unwrap();
-                if let Some(m) = m.as_deref_mut() {
-                    m.zero(off, len, true);
-                }
+                (None, true)
             }
+        };
+        match (model, buf) {
+            (Some(m), Some(buf)) => m.write(off, &buf),
+            (Some(m), None) => m.zero(off, len, punch),
+            (None, _) => {}
         }
     };
     for _ in 0..60 {
