@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Real-client interop suite for `rootfork nbd serve`: qemu-io/qemu-img (write patterns, read back,
-# compare), nbdinfo --map (holes and data, rootfork:overlay), nbdcopy round trip, nbdsh with
+# compare), nbdinfo --map (holes, allocated zeroes and data, rootfork:overlay), nbdcopy round trip, nbdsh with
 # libnbd's strict checking, fio --ioengine=nbd --verify=crc32c with two jobs (multi-conn), TCP,
 # and a clean shutdown on SIGTERM (socket and cache removed).
 set -euo pipefail
@@ -52,6 +52,7 @@ QIO_CMDS=(
   "write -P 0x11 1M 64k"
   "write -P 0x22 3000 5000"
   "write -P 0x33 10M 1M"
+  "write -z 4M 1M"
   "write -z 12M 256k"
   "write -z -u 16M 1M"
   "discard 20M 512k"
@@ -64,19 +65,22 @@ margs=(); for c in "${QIO_CMDS[@]}"; do margs+=(-c "${c/discard/write -z}"); don
 qemu-io -f raw "${margs[@]}" "$WORK/expected.img" >/dev/null
 check "qemu-io reads back patterns" qemu-io -f raw \
   -c "read -P 0xa5 0 3000" -c "read -P 0x11 1M 64k" -c "read -P 0x22 3000 5000" \
-  -c "read -P 0x33 10M 1M" -c "read -P 0 12M 256k" -c "read -P 0 16M 1M" -c "read -P 0 20M 512k" \
+  -c "read -P 0x33 10M 1M" -c "read -P 0 4M 1M" -c "read -P 0 12M 256k" -c "read -P 0 16M 1M" -c "read -P 0 20M 512k" \
   -c "read -P 0x44 $(( SIZE_MB * 1048576 - 4096 )) 4k" "$URI"
 check "qemu-img compare with the expected image" qemu-img compare -f raw -F raw "$WORK/expected.img" "$URI"
 check "qemu-img info" qemu-img info -f raw "$URI"
 
-# --- nbdinfo --map: zero+unmap and discard are holes, the rest is data; rootfork:overlay marks
-# written ranges.
+# --- nbdinfo --map: zero+unmap and discard are holes, zeroes written without unmap (NO_HOLE) are
+# allocated zeroes (type 2, zero), the rest is data; rootfork:overlay marks written ranges.
 nbdinfo --map "$URI" >"$WORK/map.txt"
 nbdinfo --map=rootfork:overlay "$URI" >"$WORK/overlay-map.txt"
 check "nbdinfo --map reports 16M+1M as hole,zero" grep -Eq "^ *16777216 +1048576 +3 " "$WORK/map.txt"
 check "nbdinfo --map reports 20M+512k as hole,zero" grep -Eq "^ *20971520 +524288 +3 " "$WORK/map.txt"
-check "nbdinfo --map reports the template as data" grep -Eq "^ *0 +16777216 +0 " "$WORK/map.txt"
+check "nbdinfo --map reports write -z 4M 1M as zero (allocated)" grep -Eq "^ *4194304 +1048576 +2 " "$WORK/map.txt"
+check "nbdinfo --map reports write -z 12M 256k as zero (allocated)" grep -Eq "^ *12582912 +262144 +2 " "$WORK/map.txt"
+check "nbdinfo --map reports the template as data" grep -Eq "^ *0 +4194304 +0 " "$WORK/map.txt"
 check "rootfork:overlay marks written blocks" grep -Eq "^ *1048576 +65536 +1( |$)" "$WORK/overlay-map.txt"
+check "rootfork:overlay marks zeroed blocks" grep -Eq "^ *4194304 +1048576 +1( |$)" "$WORK/overlay-map.txt"
 check "rootfork:overlay marks template blocks" grep -Eq "^ *8192 +1040384 +0( |$)" "$WORK/overlay-map.txt"
 check "nbdinfo --list" nbdinfo --list "$URI"
 check "nbdinfo --can multi-conn" nbdinfo --can multi-conn "$URI"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The daemon through its CLI, as a new user meets it: `rootfork serve` in an empty directory
 # builds the demo template, `rootfork sandbox create --template demo` serves its root disk, real
-# NBD clients read it (nbdinfo, nbdcopy + debugfs), pause/resume/delete, import with --json,
+# NBD clients read it (nbdinfo, nbdcopy + debugfs), pause/resume/delete (both metadata contexts
+# still see the changes after a resume: qemu-io writes, nbdinfo --map), import with --json,
 # device list without the nbd module, completions, config validation, JSON logs, a clear message
 # when the daemon is not running, and a clean SIGTERM (API socket, NBD sockets and caches gone).
 set -euo pipefail
@@ -63,9 +64,24 @@ check "device list explains an absent pool" bash -c "[ -e /sys/module/nbd ] || '
 head -c 8M /dev/urandom >img.raw
 check "template import --json" bash -c "'$BIN' template import rnd img.raw --json | python3 -c 'import json,sys; t=json.load(sys.stdin); assert t[\"size_bytes\"]==8<<20, t'"
 check "sandbox on the imported template reads it back" bash -c "'$BIN' sandbox create --template rnd --id second --json >s2.json && U=\$(python3 -c 'import json; print(json.load(open(\"s2.json\"))[\"nbd_uri\"])') && nbdcopy \"\$U\" back.raw && cmp img.raw back.raw"
+# Changes before a pause: data and NO_HOLE zeroes (known zeroes, still allocated).
+U2=$(python3 -c 'import json; print(json.load(open("s2.json"))["nbd_uri"])' || true)
+check "qemu-io writes data and zeroes to the sandbox" qemu-io -f raw -c 'write -P 0x5a 1M 64k' -c 'write -z 2M 1M' "$U2"
+nbdinfo --map "$U2" >map-before.txt 2>&1 || true
+check "base:allocation reports the NO_HOLE zeroes as zero" grep -Eq "^ *2097152 +1048576 +2 " map-before.txt
 check "pause" bash -c "'$BIN' sandbox pause second | grep -q 'state: *paused'"
 check "pause twice is FAILED_PRECONDITION" bash -c "! '$BIN' sandbox pause second 2>err.txt && grep -q FAILED_PRECONDITION err.txt"
 check "resume" bash -c "'$BIN' sandbox resume second | grep -q 'state: *running'"
+# After the resume the sandbox's overlay is fresh, over the template + the paused diff: both
+# contexts must still see the changes made before the pause.
+U2=$("$BIN" sandbox get second --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nbd_uri"])' || true)
+nbdinfo --map=rootfork:overlay "$U2" >overlay-after.txt 2>&1 || true
+nbdinfo --map "$U2" >map-after.txt 2>&1 || true
+check "after resume rootfork:overlay flags the data written before the pause" grep -Eq "^ *1048576 +65536 +1( |$)" overlay-after.txt
+check "after resume rootfork:overlay flags the zeroes written before the pause" grep -Eq "^ *2097152 +1048576 +1( |$)" overlay-after.txt
+check "after resume rootfork:overlay leaves the template unflagged" grep -Eq "^ *0 +1048576 +0( |$)" overlay-after.txt
+check "after resume base:allocation reports the paused zero run as hole,zero" grep -Eq "^ *2097152 +1048576 +3 " map-after.txt
+check "after resume the changes read back" qemu-io -f raw -c 'read -P 0x5a 1M 64k' -c 'read -P 0 2M 1M' "$U2"
 check "template in use cannot be deleted" bash -c "! '$BIN' template delete rnd 2>err.txt && grep -q FAILED_PRECONDITION err.txt"
 check "list shows both" bash -c "[ \"\$('$BIN' sandbox list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')\" = 2 ]"
 check "delete is idempotent" bash -c "'$BIN' sandbox delete second && '$BIN' sandbox delete second | grep -q 'did not exist'"

@@ -5,6 +5,7 @@
 //! internally at whatever granularity they need.
 
 use crate::error::Result;
+use crate::status::RangeStatus;
 
 /// The allocation state of a range of a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,6 +67,20 @@ pub trait BlockDevice: Send + Sync {
     /// The device this one reads [`BlockState::Absent`] ranges from, if any.
     fn backing(&self) -> Option<&dyn BlockDevice> {
         None
+    }
+
+    /// The status of `len` bytes at `offset` as a client sees the device, through every layer
+    /// below it: what each run reads as, whether storage backs it, and whether it may differ
+    /// from the template at the bottom of the stack. In order, covering at least the first byte
+    /// and at most the whole range, adjacent equal runs merged.
+    ///
+    /// Unlike [`BlockDevice::extents`] this recurses into the backing device, so it is for
+    /// metadata queries (NBD `BLOCK_STATUS`), not the read path. The default
+    /// ([`status::stacked`](crate::status::stacked)) is right for any device whose extents are
+    /// truthful; override it only to say more (the overlay reports blocks zeroed in place as
+    /// [`Contents::Zeroes`](crate::Contents::Zeroes)), and forward it in wrappers.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<RangeStatus>> {
+        crate::status::stacked(self, offset, len)
     }
 }
 

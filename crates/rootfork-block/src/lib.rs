@@ -10,6 +10,7 @@ mod diff;
 mod error;
 pub mod layered;
 mod overlay;
+pub mod status;
 mod sys;
 mod template;
 
@@ -20,4 +21,5 @@ pub use layered::{BuildId, LayerError, LayeredTemplate, LocalStore};
 pub use overlay::{
     Durability, Overlay, OverlayOptions, OverlayStats, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
 };
+pub use status::{Contents, RangeStatus};
 pub use template::{TemplateFile, TemplatePath, TEMPLATE_BLOCK_SIZE};

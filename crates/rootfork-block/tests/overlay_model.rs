@@ -1,6 +1,7 @@
 //! Property test: an overlay behaves exactly like a byte array (plus a per-block state model)
-//! under long random sequences of reads, writes, write-zeroes, trims, flushes and extent queries
-//! at arbitrary offsets and lengths, for 512 B, 4 KiB and 64 KiB blocks.
+//! under long random sequences of reads, writes, write-zeroes, trims, flushes, extent and block
+//! status queries at arbitrary offsets and lengths, for 512 B, 4 KiB and 64 KiB blocks. Block
+//! status must name blocks zeroed in place as allocated zeroes and everything written as changed.
 //!
 //! `PROPTEST_CASES` sets the cases per block size (default 4; each case runs 1000-3000 ops).
 
@@ -20,6 +21,7 @@ enum Op {
     Trim { off: u64, len: u64 },
     Flush,
     Extents { off: u64, len: u64 },
+    Status { off: u64, len: u64 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +78,7 @@ fn op(size: u64, bs: u64, max_blocks: u64) -> impl Strategy<Value = Op> {
         1 => range(size, bs, max_blocks).prop_map(|(off, len)| Op::Trim { off, len }),
         1 => Just(Op::Flush),
         1 => range(size, bs, max_blocks).prop_map(|(off, len)| Op::Extents { off, len }),
+        1 => range(size, bs, max_blocks).prop_map(|(off, len)| Op::Status { off, len }),
     ]
 }
 
@@ -96,8 +99,9 @@ fn run(bs: u32, size: u64, durability: Durability, ops: &[Op]) {
         durability,
         keep_cache: false,
     };
-    let ov = Overlay::create(base, &dir.path().join("cache"), opts).unwrap();
+    let ov = Overlay::create(base.clone(), &dir.path().join("cache"), opts).unwrap();
     let mut model = Model::new(&template, bs);
+    let template_status = |off, len| base.block_status(off, len).unwrap();
 
     for (i, op) in ops.iter().enumerate() {
         match *op {
@@ -127,6 +131,13 @@ fn run(bs: u32, size: u64, durability: Durability, ops: &[Op]) {
                     "op {i}: {op:?}"
                 );
             }
+            Op::Status { off, len } => {
+                assert_eq!(
+                    ov.block_status(off, len).unwrap(),
+                    model.status(off, len, template_status),
+                    "op {i}: {op:?}"
+                );
+            }
         }
     }
 
@@ -135,6 +146,11 @@ fn run(bs: u32, size: u64, durability: Durability, ops: &[Op]) {
         ov.extents(0, size).unwrap(),
         model.extents(0, size),
         "final extents"
+    );
+    assert_eq!(
+        ov.block_status(0, size).unwrap(),
+        model.status(0, size, template_status),
+        "final block status"
     );
     let stats = ov.stats();
     assert_eq!(stats.blocks_absent, model.count(BlockState::Absent));

@@ -1,17 +1,19 @@
 //! Metadata contexts: `base:allocation` and rootfork's own `rootfork:overlay`, their negotiation
-//! names and ids, and how block status descriptors are computed from a device's extents.
+//! names and ids, and how block status descriptors are computed from a device's block status
+//! ([`BlockDevice::block_status`], which looks through every layer of the device).
 
-use rootfork_block::{BlockDevice, BlockState, Extent};
+use rootfork_block::{BlockDevice, Contents, RangeStatus};
 
 use crate::consts::{STATE_HOLE, STATE_ZERO};
 
 /// Name of the standard allocation context.
 pub const BASE_ALLOCATION: &str = "base:allocation";
-/// Name of rootfork's context: which ranges the overlay holds (written since the fork) and which
-/// still come from the template.
+/// Name of rootfork's context: which ranges may differ from the base template and which read
+/// exactly as the template does.
 pub const ROOTFORK_OVERLAY: &str = "rootfork:overlay";
-/// `rootfork:overlay` status flag: the range was written (data or zeroes) in the overlay; clear
-/// means it still reads from the template.
+/// `rootfork:overlay` status flag: the range may differ from the base template — it was written,
+/// zeroed or trimmed in the sandbox's overlay or in any layer between it and the template (the
+/// paused diff under a resumed sandbox). Clear means it reads exactly as the template does.
 pub const STATE_OVERLAY_WRITTEN: u32 = 1 << 0;
 
 /// A metadata context the server offers.
@@ -59,6 +61,9 @@ impl MetaContext {
 
     /// Descriptors (length, flags) for `len` bytes at `offset` of `dev`, covering at least the
     /// first byte, at most `max` descriptors, adjacent equal flags merged.
+    ///
+    /// Both contexts come from [`BlockDevice::block_status`], which sees through every layer of
+    /// the device (a resumed sandbox's overlay, the paused diff under it, the template).
     pub fn describe(
         self,
         dev: &dyn BlockDevice,
@@ -67,21 +72,19 @@ impl MetaContext {
         max: usize,
     ) -> rootfork_block::Result<Vec<(u64, u32)>> {
         let mut out: Vec<(u64, u32)> = Vec::new();
-        match self {
-            MetaContext::BaseAllocation => {
-                allocation(dev, offset, len, max, &mut out)?;
+        let mut left = len;
+        for s in dev.block_status(offset, len)? {
+            if left == 0 {
+                break;
             }
-            MetaContext::RootforkOverlay => {
-                for e in clip(dev.extents(offset, len)?, len) {
-                    let flags = match e.state {
-                        BlockState::Absent => 0,
-                        BlockState::Data | BlockState::Zero => STATE_OVERLAY_WRITTEN,
-                    };
-                    if !push(&mut out, e.len, flags, max) {
-                        break;
-                    }
-                }
+            let n = s.len.min(left);
+            if n == 0 {
+                continue;
             }
+            if !push(&mut out, n, self.flags(&s), max) {
+                break;
+            }
+            left -= n;
         }
         if out.is_empty() {
             // A device that reported nothing: describe the range as data so the reply is valid.
@@ -89,19 +92,24 @@ impl MetaContext {
         }
         Ok(out)
     }
-}
 
-/// Keeps extents within `len` and drops empty ones.
-fn clip(extents: Vec<Extent>, len: u64) -> impl Iterator<Item = Extent> {
-    let mut left = len;
-    extents.into_iter().filter_map(move |mut e| {
-        if left == 0 || e.len == 0 {
-            return None;
+    /// This context's flags for one run.
+    pub fn flags(self, s: &RangeStatus) -> u32 {
+        match self {
+            MetaContext::BaseAllocation => match s.contents {
+                Contents::Data => 0,
+                Contents::Zeroes => STATE_ZERO,
+                Contents::Hole => STATE_HOLE | STATE_ZERO,
+            },
+            MetaContext::RootforkOverlay => {
+                if s.changed {
+                    STATE_OVERLAY_WRITTEN
+                } else {
+                    0
+                }
+            }
         }
-        e.len = e.len.min(left);
-        left -= e.len;
-        Some(e)
-    })
+    }
 }
 
 /// Appends a descriptor, merging with the last one; false when `max` is reached.
@@ -117,45 +125,4 @@ fn push(out: &mut Vec<(u64, u32)>, len: u64, flags: u32, max: usize) -> bool {
     }
     out.push((len, flags));
     true
-}
-
-/// `base:allocation` of a range; absent ranges are asked of the backing device, recursively.
-/// Returns false once `max` descriptors are used (the caller stops).
-fn allocation(
-    dev: &dyn BlockDevice,
-    offset: u64,
-    len: u64,
-    max: usize,
-    out: &mut Vec<(u64, u32)>,
-) -> rootfork_block::Result<bool> {
-    let mut at = offset;
-    let mut covered = 0;
-    for e in clip(dev.extents(offset, len)?, len) {
-        let ok = match e.state {
-            BlockState::Data => push(out, e.len, 0, max),
-            BlockState::Zero => push(out, e.len, STATE_HOLE | STATE_ZERO, max),
-            BlockState::Absent => match dev.backing() {
-                Some(b) if at < b.size() => {
-                    let inside = e.len.min(b.size() - at);
-                    let mut ok = allocation(b, at, inside, max, out)?;
-                    if ok && inside < e.len {
-                        ok = push(out, e.len - inside, STATE_HOLE | STATE_ZERO, max);
-                    }
-                    ok
-                }
-                _ => push(out, e.len, STATE_HOLE | STATE_ZERO, max),
-            },
-        };
-        if !ok {
-            return Ok(false);
-        }
-        at += e.len;
-        covered += e.len;
-        if covered >= len {
-            break;
-        }
-    }
-    // The backing device may have described less than asked: stop there, the reply covers a
-    // prefix (which the protocol allows).
-    Ok(covered >= len)
 }

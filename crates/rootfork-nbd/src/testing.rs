@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
-use rootfork_block::{BlockDevice, BlockError, BlockState, Extent, Result};
+use rootfork_block::{BlockDevice, BlockError, BlockState, Extent, RangeStatus, Result};
 
 /// An in-memory device.
 pub struct MemDevice {
@@ -293,6 +293,9 @@ impl BlockDevice for GatedDevice {
     }
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.inner.backing()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<RangeStatus>> {
+        self.inner.block_status(offset, len)
     }
 }
 

@@ -6,7 +6,8 @@
 //! lock: reads only load the map (`read.rs`), mutations lock the stripes of the regions they touch
 //! (`range_lock.rs`, `write.rs`). Creating an overlay opens one file, sets its length and
 //! allocates a zeroed map, so it costs the same for a 1 GiB and a 64 GiB template apart from the
-//! map's allocation. `export.rs` turns the data and zero blocks into a [`DiffMap`](crate::DiffMap).
+//! map's allocation. `export.rs` turns the data and zero blocks into a [`DiffMap`](crate::DiffMap);
+//! `status.rs` answers block status queries through the base.
 //!
 //! See `docs/overlay.md` for the design and the ordering rules that keep failed writes harmless.
 
@@ -16,6 +17,7 @@ mod range_lock;
 mod read;
 mod state_map;
 mod stats;
+mod status;
 mod write;
 mod zeroed;
 
@@ -30,6 +32,7 @@ pub use stats::OverlayStats;
 
 use crate::device::{BlockDevice, Extent};
 use crate::error::{BlockError, Result};
+use crate::status::RangeStatus;
 use range_lock::RangeLocks;
 use state_map::StateMap;
 use stats::Counters;
@@ -232,5 +235,9 @@ impl BlockDevice for Overlay {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         Some(self.base.as_ref())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<RangeStatus>> {
+        self.status_range(offset, len)
     }
 }

@@ -5,6 +5,11 @@
 //! The map starts as zeroed memory (`zeroed.rs`: fresh zero pages from the kernel for large maps),
 //! so creating the map for a 64 GiB device costs no per-block work: "all zero" is "every block
 //! absent".
+//!
+//! The four codes are [`Slot`]s: absent `00`, data `01`, zero `10` and *zeroed data* `11`, a data
+//! block whose cache bytes were zeroed in place (`NO_HOLE`). The read and write paths see
+//! [`BlockState`]s, where zeroed data is plain data (its low bit is set like data's: the cache holds
+//! its zeroes), so they never tell the two apart; only block status and export do ([`Slot`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,31 +23,79 @@ pub(crate) const BLOCKS_PER_WORD: u64 = 32;
 /// Every 2-bit field of a word set to 0b01.
 const LOW_BITS: u64 = 0x5555_5555_5555_5555;
 
-/// The 2-bit encoding of a state.
-fn code(state: BlockState) -> u64 {
+/// What the map stores for a block: a [`BlockState`], with data split by whether its cache bytes
+/// are known to be zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// Read from the base.
+    Absent,
+    /// Held in the cache.
+    Data,
+    /// Reads as zeroes, nothing allocated.
+    Zero,
+    /// Held in the cache, which was zeroed in place: allocated and reading as zeroes.
+    ZeroedData,
+}
+
+impl Slot {
+    fn code(self) -> u64 {
+        match self {
+            Slot::Absent => 0,
+            Slot::Data => 1,
+            Slot::Zero => 2,
+            Slot::ZeroedData => 3,
+        }
+    }
+
+    fn decode(bits: u64) -> Slot {
+        match bits & 3 {
+            0 => Slot::Absent,
+            1 => Slot::Data,
+            2 => Slot::Zero,
+            _ => Slot::ZeroedData,
+        }
+    }
+
+    /// The state the read and write paths see.
+    pub(crate) fn state(self) -> BlockState {
+        match self {
+            Slot::Absent => BlockState::Absent,
+            Slot::Data | Slot::ZeroedData => BlockState::Data,
+            Slot::Zero => BlockState::Zero,
+        }
+    }
+}
+
+impl From<BlockState> for Slot {
+    fn from(state: BlockState) -> Slot {
+        match state {
+            BlockState::Absent => Slot::Absent,
+            BlockState::Data => Slot::Data,
+            BlockState::Zero => Slot::Zero,
+        }
+    }
+}
+
+/// A word with every field set to `slot`.
+fn pattern(slot: Slot) -> u64 {
+    slot.code() * LOW_BITS
+}
+
+/// The bits of each field that tell `state` apart: both bits, except for data, which is every
+/// code with the low bit set (data and zeroed data).
+fn class_mask(state: BlockState) -> u64 {
+    match state {
+        BlockState::Data => LOW_BITS,
+        BlockState::Absent | BlockState::Zero => !0,
+    }
+}
+
+fn index(state: BlockState) -> usize {
     match state {
         BlockState::Absent => 0,
         BlockState::Data => 1,
         BlockState::Zero => 2,
     }
-}
-
-fn decode(bits: u64) -> BlockState {
-    match bits & 3 {
-        1 => BlockState::Data,
-        2 => BlockState::Zero,
-        // 3 is never stored; 0 is absent.
-        _ => BlockState::Absent,
-    }
-}
-
-/// A word with every field set to `state`.
-fn pattern(state: BlockState) -> u64 {
-    code(state) * LOW_BITS
-}
-
-fn index(state: BlockState) -> usize {
-    code(state) as usize
 }
 
 /// The state of every block of a device.
@@ -75,30 +128,48 @@ impl StateMap {
         &self.words[(block / BLOCKS_PER_WORD) as usize]
     }
 
-    /// The state of one block.
-    pub(crate) fn get(&self, block: u64) -> BlockState {
+    /// The slot of one block.
+    pub(crate) fn slot(&self, block: u64) -> Slot {
         debug_assert!(block < self.blocks);
         let shift = (block % BLOCKS_PER_WORD) * 2;
-        decode(self.word(block).load(Ordering::Acquire) >> shift)
+        Slot::decode(self.word(block).load(Ordering::Acquire) >> shift)
+    }
+
+    /// The state of one block.
+    pub(crate) fn get(&self, block: u64) -> BlockState {
+        self.slot(block).state()
     }
 
     /// The state of `start` and the end (exclusive, at most `limit`) of the run of blocks from
-    /// `start` that share it. Whole words in that state are skipped at once.
+    /// `start` that share it (data and zeroed data are one state here). Whole words in that
+    /// state are skipped at once.
     pub(crate) fn run(&self, start: u64, limit: u64) -> (BlockState, u64) {
-        debug_assert!(start < limit && limit <= self.blocks);
         let state = self.get(start);
-        let pat = pattern(state);
+        let end = self.scan(start, limit, pattern(Slot::from(state)), class_mask(state));
+        (state, end)
+    }
+
+    /// Like [`StateMap::run`] with data and zeroed data told apart.
+    pub(crate) fn slot_run(&self, start: u64, limit: u64) -> (Slot, u64) {
+        let slot = self.slot(start);
+        (slot, self.scan(start, limit, pattern(slot), !0))
+    }
+
+    /// The end (exclusive, at most `limit`) of the run from `start` of blocks whose bits under
+    /// `mask` equal `pat`'s.
+    fn scan(&self, start: u64, limit: u64, pat: u64, mask: u64) -> u64 {
+        debug_assert!(start < limit && limit <= self.blocks);
         let mut block = start;
         loop {
             let shift = (block % BLOCKS_PER_WORD) * 2;
-            let diff = (self.word(block).load(Ordering::Acquire) ^ pat) >> shift;
+            let diff = ((self.word(block).load(Ordering::Acquire) ^ pat) & mask) >> shift;
             if diff != 0 {
                 let end = block + u64::from(diff.trailing_zeros() / 2);
-                return (state, end.min(limit));
+                return end.min(limit);
             }
             block = (block / BLOCKS_PER_WORD + 1) * BLOCKS_PER_WORD;
             if block >= limit {
-                return (state, limit);
+                return limit;
             }
         }
     }
@@ -106,8 +177,14 @@ impl StateMap {
     /// Sets blocks `start..end` to `state` and returns how many of them were in each state
     /// before (indexed like [`StateMap::counts`]).
     pub(crate) fn set(&self, start: u64, end: u64, state: BlockState) -> [u64; 3] {
+        self.set_slot(start, end, Slot::from(state))
+    }
+
+    /// Sets blocks `start..end` to `slot`; returns the same as [`StateMap::set`].
+    pub(crate) fn set_slot(&self, start: u64, end: u64, slot: Slot) -> [u64; 3] {
         debug_assert!(start <= end && end <= self.blocks);
-        let pat = pattern(state);
+        let state = slot.state();
+        let pat = pattern(slot);
         let mut before = [0u64; 3];
         let mut block = start;
         while block < end {
@@ -126,10 +203,11 @@ impl StateMap {
                     Some((w & !mask) | (pat & mask))
                 })
                 .unwrap_or_else(|w| w);
-            for s in [BlockState::Absent, BlockState::Data, BlockState::Zero] {
-                let same = !(old ^ pattern(s));
-                before[index(s)] += u64::from((same & (same >> 1) & low).count_ones());
-            }
+            // Per field: the low bit set is data (or zeroed data), only the high bit zero.
+            let (lo, hi) = (old & low, (old >> 1) & low);
+            before[index(BlockState::Data)] += u64::from(lo.count_ones());
+            before[index(BlockState::Zero)] += u64::from((hi & !lo).count_ones());
+            before[index(BlockState::Absent)] += u64::from((low & !lo & !hi).count_ones());
             block += n;
         }
         let total = end - start;
@@ -144,7 +222,7 @@ impl StateMap {
         before
     }
 
-    /// Blocks currently absent, data and zero.
+    /// Blocks currently absent, data (zeroed data included) and zero.
     pub(crate) fn counts(&self) -> (u64, u64, u64) {
         (
             self.counts[0].load(Ordering::Relaxed),
@@ -232,6 +310,69 @@ mod tests {
         }
         assert_eq!(runs(&map, 0, n), naive_runs(&map, 0, n));
         let count = |s| model.iter().filter(|m| **m == s).count() as u64;
+        assert_eq!(map.counts(), (count(Absent), count(Data), count(Zero)));
+    }
+
+    #[test]
+    fn zeroed_data_is_data_to_runs_and_counts_but_its_own_slot() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let n = 700;
+        let map = StateMap::new(n).unwrap();
+        let mut model = vec![Slot::Absent; n as usize];
+        let slots = [Slot::Absent, Slot::Data, Slot::Zero, Slot::ZeroedData];
+        for _ in 0..1500 {
+            let a = rng.gen_range(0..n);
+            let b = rng.gen_range(a..=n.min(a + 80));
+            let s = slots[rng.gen_range(0..4)];
+            let mut before = [0u64; 3];
+            for m in &mut model[a as usize..b as usize] {
+                before[index(m.state())] += 1;
+                *m = s;
+            }
+            assert_eq!(map.set_slot(a, b, s), before);
+        }
+        let runs_of = |f: &dyn Fn(u64) -> (u64, u64)| {
+            let mut out = Vec::new();
+            let mut b = 0;
+            while b < n {
+                let r = f(b);
+                out.push(r);
+                b = r.1;
+            }
+            out
+        };
+        let naive = |key: &dyn Fn(Slot) -> u64| {
+            let mut out: Vec<(u64, u64)> = Vec::new();
+            for (b, m) in model.iter().enumerate() {
+                match out.last_mut() {
+                    Some(last) if last.0 == key(*m) => last.1 = b as u64 + 1,
+                    _ => out.push((key(*m), b as u64 + 1)),
+                }
+            }
+            out
+        };
+        let slot_key = |s: Slot| s.code();
+        let state_key = |s: Slot| index(s.state()) as u64;
+        assert_eq!(
+            runs_of(&|b| {
+                let (s, e) = map.slot_run(b, n);
+                (s.code(), e)
+            }),
+            naive(&slot_key)
+        );
+        assert_eq!(
+            runs_of(&|b| {
+                let (s, e) = map.run(b, n);
+                (index(s) as u64, e)
+            }),
+            naive(&state_key)
+        );
+        for (b, m) in model.iter().enumerate() {
+            assert_eq!(map.slot(b as u64), *m);
+            assert_eq!(map.get(b as u64), m.state());
+        }
+        let count = |s: BlockState| model.iter().filter(|m| m.state() == s).count() as u64;
         assert_eq!(map.counts(), (count(Absent), count(Data), count(Zero)));
     }
 

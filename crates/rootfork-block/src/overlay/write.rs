@@ -13,9 +13,12 @@
 //!    it is punched out again (best effort) so a full file system gets its space back. A block
 //!    that already held data keeps the data state; like a disk sector it may hold a mix of old
 //!    and new bytes after a failed overwrite.
+//!    A block zeroed in place (`NO_HOLE`, zeroed data) that a failed write touched becomes plain
+//!    data, so block status never calls a mix of bytes zeroes.
 //! 3. Blocks are handled in ascending order and the request stops at the first failure: blocks
 //!    before it hold the new contents, the failed block and those after it their previous ones.
 
+use super::state_map::Slot;
 use super::Overlay;
 use crate::device::BlockState;
 use crate::error::{BlockError, Result};
@@ -167,26 +170,34 @@ impl Overlay {
         Ok(())
     }
 
-    /// Zeroes blocks `start..end` in the cache keeping them allocated, then marks them data.
+    /// Zeroes blocks `start..end` in the cache keeping them allocated, then marks them zeroed
+    /// data (data to the read path, allocated zeroes to block status).
     fn store_zeroes_allocated(&self, start: u64, end: u64) -> Result<()> {
         let (from, to) = (self.block_start(start), self.block_end(end - 1));
         if let Err(e) = sys::zero_allocated(&self.cache, from, to - from) {
             self.discard_failed(start, end);
             return Err(BlockError::io("zeroing the overlay cache", e));
         }
-        self.map.set(start, end, BlockState::Data);
+        self.map.set_slot(start, end, Slot::ZeroedData);
         Ok(())
     }
 
     /// After a failed cache write to blocks `start..end`: deallocates whatever it left under the
-    /// blocks that are not data (their state says the cache is not read there). Best effort.
+    /// blocks that are not data (their state says the cache is not read there), best effort, and
+    /// demotes zeroed-data blocks to plain data, since their bytes may now be a mix.
     fn discard_failed(&self, start: u64, end: u64) {
         let mut block = start;
         while block < end {
-            let (state, run_end) = self.map.run(block, end);
-            if state != BlockState::Data {
-                let (from, to) = (self.block_start(block), self.block_start(run_end));
-                let _ = sys::punch_hole(&self.cache, from, to - from);
+            let (slot, run_end) = self.map.slot_run(block, end);
+            match slot {
+                Slot::Data => {}
+                Slot::ZeroedData => {
+                    self.map.set_slot(block, run_end, Slot::Data);
+                }
+                Slot::Absent | Slot::Zero => {
+                    let (from, to) = (self.block_start(block), self.block_start(run_end));
+                    let _ = sys::punch_hole(&self.cache, from, to - from);
+                }
             }
             block = run_end;
         }

@@ -7,7 +7,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use rootfork_block::{
-    BlockDevice, BlockError, BlockState, Extent, Result, TemplateFile, TemplatePath,
+    BlockDevice, BlockError, BlockState, Contents, Extent, RangeStatus, Result, TemplateFile,
+    TemplatePath,
 };
 
 /// A cheap deterministic byte generator (xorshift64*), fast even in debug builds.
@@ -92,6 +93,8 @@ impl BlockDevice for MemDevice {
 pub struct Model {
     pub data: Vec<u8>,
     pub states: Vec<BlockState>,
+    /// Data blocks wholly zeroed in place (write-zeroes without punching): allocated zeroes.
+    pub zeroed: Vec<bool>,
     pub bs: u64,
     pub written: u64,
 }
@@ -102,6 +105,7 @@ impl Model {
         Model {
             data: template.to_vec(),
             states: vec![BlockState::Absent; (template.len() as u64).div_ceil(bs) as usize],
+            zeroed: vec![false; (template.len() as u64).div_ceil(bs) as usize],
             bs,
             written: 0,
         }
@@ -126,6 +130,8 @@ impl Model {
         let last = ((off + len - 1) / self.bs) as usize;
         for b in first..=last {
             let r = self.block_range(b);
+            let whole = r.start as u64 >= off && r.end as u64 <= off + len;
+            self.zeroed[b] = force_data && whole;
             self.states[b] = if !force_data && self.data[r].iter().all(|&x| x == 0) {
                 BlockState::Zero
             } else {
@@ -170,8 +176,52 @@ impl Model {
         out
     }
 
+    /// The block status the overlay should report for `len` bytes at `off`, given the status
+    /// of its base (`base(off, len)`, for absent blocks).
+    pub fn status(
+        &self,
+        off: u64,
+        len: u64,
+        base: impl Fn(u64, u64) -> Vec<RangeStatus>,
+    ) -> Vec<RangeStatus> {
+        let mut out: Vec<RangeStatus> = Vec::new();
+        let end = off + len;
+        let mut pos = off;
+        while pos < end {
+            let b = (pos / self.bs) as usize;
+            let stop = ((b as u64 + 1) * self.bs).min(end);
+            let own = |contents| {
+                vec![RangeStatus {
+                    len: stop - pos,
+                    contents,
+                    changed: true,
+                }]
+            };
+            let runs = match self.states[b] {
+                BlockState::Absent => base(pos, stop - pos),
+                BlockState::Data if self.zeroed[b] => own(Contents::Zeroes),
+                BlockState::Data => own(Contents::Data),
+                BlockState::Zero => own(Contents::Hole),
+            };
+            for r in runs {
+                push_status(&mut out, r);
+            }
+            pos = stop;
+        }
+        out
+    }
+
     pub fn count(&self, s: BlockState) -> u64 {
         self.states.iter().filter(|x| **x == s).count() as u64
+    }
+}
+
+/// Appends `r` to `out`, merging it with an equal last run.
+pub fn push_status(out: &mut Vec<RangeStatus>, r: RangeStatus) {
+    match out.last_mut() {
+        Some(l) if l.contents == r.contents && l.changed == r.changed => l.len += r.len,
+        _ if r.len == 0 => {}
+        _ => out.push(r),
     }
 }
 

@@ -11,7 +11,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use rootfork_block::{BlockDevice, BlockError, BlockState, Extent, Result as BlockResult};
+use rootfork_block::{
+    BlockDevice, BlockError, BlockState, Extent, RangeStatus, Result as BlockResult,
+};
 
 use super::{AttachError, Attachment};
 
@@ -153,6 +155,13 @@ impl BlockDevice for SwitchableDevice {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.bound().map(|d| &**d as &dyn BlockDevice)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<RangeStatus>> {
+        match self.bound() {
+            Some(d) => d.block_status(offset, len),
+            None => rootfork_block::status::stacked(self, offset, len),
+        }
     }
 }
 
