@@ -8,6 +8,7 @@
 mod device;
 mod diff;
 mod error;
+mod grown;
 pub mod layered;
 mod overlay;
 pub mod status;
@@ -17,6 +18,7 @@ mod template;
 pub use device::{BlockDevice, BlockState, Extent};
 pub use diff::{DiffKind, DiffLayer, DiffMap, DiffRun};
 pub use error::{BlockError, Result};
+pub use grown::Grown;
 pub use layered::{BuildId, LayerError, LayeredTemplate, LocalStore};
 pub use overlay::{
     Durability, Overlay, OverlayOptions, OverlayStats, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,

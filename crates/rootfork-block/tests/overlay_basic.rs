@@ -207,3 +207,34 @@ fn freeze_stops_writes_but_not_reads() {
     ov.read_at(&mut b, 8192).unwrap();
     assert_eq!(b, vec![9u8; 4096]);
 }
+
+#[test]
+fn a_full_quota_is_enospc_for_new_blocks_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = sparse_template(dir.path(), 1 << 20);
+    let opts = OverlayOptions {
+        quota: Some(4 * 4096),
+        ..OverlayOptions::default()
+    };
+    let ov = Overlay::create(base, &dir.path().join("c"), opts).unwrap();
+    ov.write_at(&[1u8; 3 * 4096], 0).unwrap();
+    // Two new blocks do not fit in the one left; nothing of the request is written.
+    let e = ov.write_at(&[2u8; 2 * 4096], 8 * 4096).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    let mut b = vec![0xffu8; 2 * 4096];
+    ov.read_at(&mut b, 8 * 4096).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    // One new block fits; then overwrites of data blocks, punched zeroes and trims still work.
+    ov.write_at(&[3u8; 4096], 8 * 4096).unwrap();
+    assert_eq!(
+        ov.write_at(&[4u8; 4096], 9 * 4096).unwrap_err().errno(),
+        libc::ENOSPC
+    );
+    ov.write_at(&[5u8; 4096], 0).unwrap();
+    ov.write_zeroes(20 * 4096, 4096, true).unwrap();
+    ov.trim(4096, 4096).unwrap();
+    // The trim gave a block back: one new block fits again.
+    ov.write_at(&[6u8; 4096], 9 * 4096).unwrap();
+    ov.read_at(&mut b[..4096], 0).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 5));
+}

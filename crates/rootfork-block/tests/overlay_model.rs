@@ -98,6 +98,7 @@ fn run(bs: u32, size: u64, durability: Durability, ops: &[Op]) {
         block_size: bs,
         durability,
         keep_cache: false,
+        quota: None,
     };
     let ov = Overlay::create(base.clone(), &dir.path().join("cache"), opts).unwrap();
     let mut model = Model::new(&template, bs);

@@ -52,6 +52,8 @@ pub struct Overlay {
     locks: RangeLocks,
     frozen: AtomicBool,
     counters: Counters,
+    /// [`OverlayOptions::quota`] in blocks.
+    quota_blocks: Option<u64>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -106,6 +108,7 @@ impl Overlay {
             map,
             frozen: AtomicBool::new(false),
             counters: Counters::default(),
+            quota_blocks: opts.quota.map(|q| q >> shift),
         })
     }
 

@@ -22,6 +22,10 @@ pub struct OverlayOptions {
     pub durability: Durability,
     /// Keep the cache file when the overlay is dropped (by default it is unlinked).
     pub keep_cache: bool,
+    /// The most bytes of data blocks the overlay may hold (`None`: up to the device's size). A
+    /// write that would allocate past it fails with `ENOSPC`, so a sandbox that fills its quota
+    /// sees a full disk of its own, not the host's.
+    pub quota: Option<u64>,
 }
 
 impl Default for OverlayOptions {
@@ -30,6 +34,7 @@ impl Default for OverlayOptions {
             block_size: 4096,
             durability: Durability::default(),
             keep_cache: false,
+            quota: None,
         }
     }
 }

@@ -52,6 +52,7 @@ impl Overlay {
         if self.is_frozen() {
             return Err(BlockError::Shutdown);
         }
+        self.check_quota(first, last, payload)?;
 
         let head = self.merge_partial(first, offset, end, payload)?;
         let tail = if last != first {
@@ -70,6 +71,34 @@ impl Overlay {
         }
         if let Some(block) = tail {
             self.store_merged(last, &block, payload)?;
+        }
+        Ok(())
+    }
+
+    /// `ENOSPC` when the blocks `first..=last` that are not data yet would take the overlay past
+    /// its quota (writes of bytes and zeroes kept allocated; punched zeroes allocate nothing).
+    /// Blocks that turn out to hold only zeroes are stored as zero blocks, so the check is
+    /// conservative by at most one request; concurrent requests on other regions may together
+    /// pass the quota by what they allocate at once.
+    fn check_quota(&self, first: u64, last: u64, payload: Payload<'_>) -> Result<()> {
+        let Some(quota) = self.quota_blocks else {
+            return Ok(());
+        };
+        if matches!(payload, Payload::Zeroes { punch: true }) {
+            return Ok(());
+        }
+        let mut new = 0;
+        let mut block = first;
+        while block <= last {
+            let (state, end) = self.map.run(block, last + 1);
+            if state != BlockState::Data {
+                new += end - block;
+            }
+            block = end;
+        }
+        let (_, data, _) = self.map.counts();
+        if new > 0 && data + new > quota {
+            return Err(BlockError::errno_io("the overlay's quota is full", libc::ENOSPC));
         }
         Ok(())
     }
