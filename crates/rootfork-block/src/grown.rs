@@ -27,7 +27,7 @@ impl Grown {
     /// `base` grown to `size` bytes: at least the base's size and a whole number of its blocks.
     pub fn new(base: Arc<dyn BlockDevice>, size: u64) -> Result<Grown> {
         let block = u64::from(base.block_size().max(1));
-        if size < base.size() || size % block != 0 {
+        if size < base.size() || !size.is_multiple_of(block) {
             return Err(BlockError::InvalidArgument(
                 "a grown disk must be at least its base's size and a multiple of its block size",
             ));
