@@ -57,6 +57,8 @@ check "the root disk holds hello.txt" bash -c "nbdcopy '$URI' disk.img && debugf
 
 check "get --json" bash -c "'$BIN' sandbox get first --json | python3 -c 'import json,sys; s=json.load(sys.stdin); assert s[\"state\"]==\"running\" and s[\"health\"]==\"healthy\", s'"
 check "duplicate id refused" bash -c "! '$BIN' sandbox create --template demo --id first 2>err.txt && grep -q ALREADY_EXISTS err.txt"
+check "a larger disk with a quota: nbdinfo sees 128M, the guest gets ENOSPC past the quota" bash -c "'$BIN' sandbox create --template demo --id grown --disk-size 128M --quota 1M --json >g.json && U=\$(python3 -c 'import json; d=json.load(open(\"g.json\")); assert d[\"disk_size_bytes\"]==128<<20 and d[\"quota_bytes\"]==1<<20; print(d[\"nbd_uri\"])') && [ \"\$(nbdinfo --size \"\$U\")\" = 134217728 ] && ! nbdsh -u \"\$U\" -c 'h.pwrite(b\"x\"*(2<<20), 100<<20)' 2>err.txt && grep -q 'No space left' err.txt && '$BIN' sandbox delete grown >/dev/null"
+check "--disk-size smaller than the template refused" bash -c "! '$BIN' sandbox create --template demo --id small --disk-size 4096 2>err.txt && grep -q INVALID_ARGUMENT err.txt"
 check "bad id refused" bash -c "! '$BIN' sandbox create --template demo --id ../x 2>err.txt && grep -q INVALID_ARGUMENT err.txt"
 check "kernel provider unavailable without the module" bash -c "[ -e /sys/module/nbd ] || { ! '$BIN' sandbox create --template demo --provider kernel 2>err.txt && grep -q UNAVAILABLE err.txt; }"
 check "device list explains an absent pool" bash -c "[ -e /sys/module/nbd ] || '$BIN' device list | grep -q 'pool unavailable'"

@@ -47,7 +47,11 @@ impl BlockDevice for Grown {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         BlockError::check_range(offset, buf.len() as u64, self.size)?;
-        let below = self.base.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+        let below = self
+            .base
+            .size()
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
         if below > 0 {
             self.base.read_at(&mut buf[..below], offset)?;
         }

@@ -99,6 +99,7 @@ fn run(bs: u32, size: u64, durability: Durability, ops: &[Op]) {
         durability,
         keep_cache: false,
         quota: None,
+        disk_size: None,
     };
     let ov = Overlay::create(base.clone(), &dir.path().join("cache"), opts).unwrap();
     let mut model = Model::new(&template, bs);

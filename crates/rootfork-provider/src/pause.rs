@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rootfork_block::{BlockDevice, DiffLayer, DiffMap, TemplateFile, TemplatePath};
+use rootfork_block::{BlockDevice, DiffLayer, DiffMap, Grown, TemplateFile, TemplatePath};
 
 use crate::error::Result;
 
@@ -51,15 +51,24 @@ impl BaseImage {
     }
 
     /// Opens the base read-only (the template with `O_RDONLY`; the diff as a read-only layer).
+    /// A diff of a disk larger than its template (`OverlayOptions::disk_size`) lies over the
+    /// template [`Grown`] to the diff's size.
     pub fn open(&self) -> Result<Arc<dyn BlockDevice>> {
         let template: Arc<dyn BlockDevice> = Arc::new(TemplateFile::open(self.template())?);
         match self {
             BaseImage::Template(_) => Ok(template),
-            BaseImage::Resumed { paused, .. } => Ok(Arc::new(DiffLayer::open(
-                template,
-                paused.map.clone(),
-                &paused.data,
-            )?)),
+            BaseImage::Resumed { paused, .. } => {
+                let below: Arc<dyn BlockDevice> = if paused.map.size > template.size() {
+                    Arc::new(Grown::new(template, paused.map.size)?)
+                } else {
+                    template
+                };
+                Ok(Arc::new(DiffLayer::open(
+                    below,
+                    paused.map.clone(),
+                    &paused.data,
+                )?))
+            }
         }
     }
 }

@@ -61,7 +61,7 @@ struct Running {
 
 /// A per-sandbox NBD export on a Unix socket.
 pub struct SocketProvider {
-    config: SocketConfig,
+    config: Box<SocketConfig>,
     readiness: Arc<Readiness<NbdEndpoint>>,
     running: Arc<Mutex<Option<Running>>>,
     /// The NBD server's final counters, kept after a graceful close.
@@ -84,7 +84,7 @@ impl SocketProvider {
     /// A provider for `config` (nothing happens until [`Provider::start`]).
     pub fn new(config: SocketConfig) -> Self {
         SocketProvider {
-            config,
+            config: Box::new(config),
             readiness: Arc::new(Readiness::new()),
             running: Arc::new(Mutex::new(None)),
             closed_stats: Mutex::new(None),
@@ -187,7 +187,7 @@ impl Provider for SocketProvider {
             return Err(ProviderError::Exists(self.config.socket.clone()));
         }
         self.readiness.begin()?;
-        let config = self.config.clone();
+        let config = (*self.config).clone();
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
         let wrap = self.wrap.clone();
         let serve = (*self.serve).clone();

@@ -291,6 +291,7 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
                 kernel: "relative/vmlinuz".into(),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await;
     assert_eq!(
@@ -305,6 +306,7 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
             id: "x3".into(),
             provider: 99,
             vmm: None,
+            ..Default::default()
         })
         .await;
     assert_eq!(
@@ -320,6 +322,7 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
                 id: "x4".into(),
                 provider: v1::ProviderKind::Kernel as i32,
                 vmm: None,
+                ..Default::default()
             })
             .await;
         assert_eq!(

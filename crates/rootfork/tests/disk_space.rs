@@ -178,3 +178,66 @@ async fn creates_are_admitted_against_free_space_times_the_overcommit() {
     d.daemon.shutdown().await;
     drop(fs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_larger_than_its_template_and_a_quota_the_guest_meets_as_enospc() {
+    let d = TestDaemon::start_with(false, |c| c.health_interval = Duration::from_secs(3600)).await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let big = c
+        .sandboxes
+        .create_sandbox(v1::CreateSandboxRequest {
+            template: "tpl".into(),
+            id: "big".into(),
+            disk_size_bytes: 1 << 20,
+            quota_bytes: 8 * 4096,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((big.disk_size_bytes, big.quota_bytes), (1 << 20, 8 * 4096));
+    assert_eq!(nbd_size(&big.nbd_uri), 1 << 20);
+    // The template, then zeroes in the tail; the tail is writable.
+    assert_eq!(&nbd_read(&big.nbd_uri, 4096 * 15, 13), b"tpl block 15\n");
+    assert_eq!(nbd_read(&big.nbd_uri, 16 * 4096, 4096), vec![0; 4096]);
+    nbd_write(&big.nbd_uri, (1 << 20) - 4096, 4096, 0x77);
+    // The quota (8 blocks): 7 more fit, the 9th is ENOSPC from the sandbox's own disk.
+    nbd_write(&big.nbd_uri, 20 * 4096, 7 * 4096, 0x33);
+    let e = nbd_try_write(&big.nbd_uri, 40 * 4096, 4096, 0x44).unwrap_err();
+    assert!(e.contains(&libc::ENOSPC.to_string()), "{e}");
+    // Overwrites within the quota still work, and everything survives a pause and resume (the
+    // diff lies over the template grown to the disk's size).
+    nbd_write(&big.nbd_uri, 20 * 4096, 4096, 0x55);
+    pause(&mut c, "big").await.unwrap();
+    let r = resume(&mut c, "big").await.unwrap();
+    assert_eq!(nbd_size(&r.nbd_uri), 1 << 20);
+    assert_eq!(
+        nbd_read(&r.nbd_uri, (1 << 20) - 4096, 4096),
+        vec![0x77; 4096]
+    );
+    assert_eq!(nbd_read(&r.nbd_uri, 20 * 4096, 4096), vec![0x55; 4096]);
+    assert_eq!(nbd_read(&r.nbd_uri, 21 * 4096, 4096), vec![0x33; 4096]);
+    assert_eq!(&nbd_read(&r.nbd_uri, 4096 * 2, 12), b"tpl block 2\n");
+    // A disk smaller than the template, or not a whole number of blocks, is refused.
+    for (size, what) in [
+        (4096, "smaller than the template"),
+        (1 << 20 | 1, "multiple of 4096"),
+    ] {
+        let e = c
+            .sandboxes
+            .create_sandbox(v1::CreateSandboxRequest {
+                template: "tpl".into(),
+                id: "bad".into(),
+                disk_size_bytes: size,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(what), "{e:?}");
+    }
+    assert!(delete(&mut c, "big").await.unwrap());
+    d.daemon.shutdown().await;
+}

@@ -246,6 +246,7 @@ async fn create_kernel(c: &mut rootfork::client::Clients, id: &str) -> v1::Sandb
             id: id.into(),
             provider: v1::ProviderKind::Kernel as i32,
             vmm: None,
+            ..Default::default()
         })
         .await
         .unwrap()

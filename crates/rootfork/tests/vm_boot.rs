@@ -40,6 +40,7 @@ async fn daemon_boots_qemu_on_the_sandbox_disk() {
                 memory_mib: 256,
                 vcpus: 1,
             }),
+            ..Default::default()
         })
         .await
         .unwrap()

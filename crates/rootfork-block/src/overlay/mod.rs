@@ -32,6 +32,7 @@ pub use stats::OverlayStats;
 
 use crate::device::{BlockDevice, Extent};
 use crate::error::{BlockError, Result};
+use crate::grown::Grown;
 use crate::status::RangeStatus;
 use range_lock::RangeLocks;
 use state_map::StateMap;
@@ -72,13 +73,18 @@ impl Overlay {
     /// Creates an overlay over `base` with a new cache file at `cache_path`.
     ///
     /// The cache is created with `O_EXCL` (an existing file is an error, never reused) and
-    /// truncated to the device size, so it starts as one hole. Every block starts absent.
+    /// truncated to the device size, so it starts as one hole. Every block starts absent. With
+    /// [`OverlayOptions::disk_size`] larger than the base, the base is [`Grown`] to it first.
     pub fn create(
         base: Arc<dyn BlockDevice>,
         cache_path: &Path,
         opts: OverlayOptions,
     ) -> Result<Overlay> {
         opts.validate()?;
+        let base: Arc<dyn BlockDevice> = match opts.disk_size {
+            Some(size) if size > base.size() => Arc::new(Grown::new(base, size)?),
+            _ => base,
+        };
         let size = base.size();
         let shift = opts.block_size.trailing_zeros();
         let blocks = size.div_ceil(u64::from(opts.block_size));

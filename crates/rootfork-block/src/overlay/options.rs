@@ -26,6 +26,9 @@ pub struct OverlayOptions {
     /// write that would allocate past it fails with `ENOSPC`, so a sandbox that fills its quota
     /// sees a full disk of its own, not the host's.
     pub quota: Option<u64>,
+    /// The disk's size when larger than its base's: the tail reads as zeroes until written
+    /// (`None`, or a size not larger than the base's: the base's size).
+    pub disk_size: Option<u64>,
 }
 
 impl Default for OverlayOptions {
@@ -35,6 +38,7 @@ impl Default for OverlayOptions {
             durability: Durability::default(),
             keep_cache: false,
             quota: None,
+            disk_size: None,
         }
     }
 }

@@ -98,7 +98,10 @@ impl Overlay {
         }
         let (_, data, _) = self.map.counts();
         if new > 0 && data + new > quota {
-            return Err(BlockError::errno_io("the overlay's quota is full", libc::ENOSPC));
+            return Err(BlockError::errno_io(
+                "the overlay's quota is full",
+                libc::ENOSPC,
+            ));
         }
         Ok(())
     }

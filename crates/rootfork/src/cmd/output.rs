@@ -51,6 +51,7 @@ pub fn sandbox_json(s: &Sandbox) -> Value {
         "overlay_bytes_written": s.overlay_bytes_written, "overlay_data_blocks": s.overlay_data_blocks,
         "paused_diff_bytes": s.paused_diff_bytes, "pause_count": s.pause_count,
         "recoveries": s.recoveries,
+        "disk_size_bytes": s.disk_size_bytes, "quota_bytes": s.quota_bytes,
         "vm_pid": s.vm_pid, "vm_console": s.vm_console,
         "vmm": s.vmm.as_ref().map(|v| json!({
             "kind": v1::vmm_settings::Kind::try_from(v.kind).map(|k| enum_name(k.as_str_name(), "KIND_")).unwrap_or_default(),

@@ -48,6 +48,14 @@ pub enum Command {
         /// Guest vCPUs for the VMM settings.
         #[arg(long, requires = "vmm")]
         vcpus: Option<u32>,
+        /// A disk larger than the template (bytes, or with a K/M/G/T suffix, binary); the tail
+        /// reads as zeroes until written.
+        #[arg(long, value_parser = parse_size)]
+        disk_size: Option<u64>,
+        /// The most the sandbox's writes may occupy on the host (bytes or K/M/G/T); past it
+        /// the guest gets ENOSPC from its own disk.
+        #[arg(long, value_parser = parse_size)]
+        quota: Option<u64>,
     },
     /// Show one sandbox.
     Get {
@@ -142,6 +150,8 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
                 kernel_args,
                 memory_mib,
                 vcpus,
+                disk_size,
+                quota,
             } => {
                 let vmm = match vmm.as_deref() {
                     None => None,
@@ -169,6 +179,8 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
                             Provider::Kernel => v1::ProviderKind::Kernel,
                         } as i32,
                         vmm,
+                        disk_size_bytes: disk_size.unwrap_or(0),
+                        quota_bytes: quota.unwrap_or(0),
                     })
                     .await
                     .map_err(status)?
@@ -262,4 +274,52 @@ fn abs(p: &std::path::Path) -> String {
         .unwrap_or_else(|_| p.to_owned())
         .display()
         .to_string()
+}
+
+/// A size in bytes: a number, optionally followed by K, M, G or T (powers of 1024; `KiB`, `MB`
+/// and the like are read the same way).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 512M, 2G)"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches('B')
+        .trim_end_matches('I')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{s:?}: the unit must be K, M, G or T")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_and_without_units() {
+        for (s, want) in [
+            ("4096", 4096),
+            ("64M", 64 << 20),
+            ("1G", 1 << 30),
+            ("2GiB", 2 << 30),
+            ("512k", 512 << 10),
+            ("1T", 1 << 40),
+        ] {
+            assert_eq!(parse_size(s), Ok(want), "{s}");
+        }
+        for bad in ["", "G", "1X", "-1", "99999999999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -33,6 +33,11 @@ pub fn provider_for(
         .cache
         .join(format!("{}.{generation}.cache", sb.id));
     let seams = &core.config.seams;
+    let overlay = OverlayOptions {
+        disk_size: Some(sb.disk_size),
+        quota: sb.quota,
+        ..OverlayOptions::default()
+    };
     match sb.kind {
         ProviderKind::Socket => {
             let mut p = SocketProvider::new(SocketConfig {
@@ -40,7 +45,7 @@ pub fn provider_for(
                 socket: next_socket(core),
                 export: sb.id.clone(),
                 cache,
-                overlay: OverlayOptions::default(),
+                overlay,
             });
             if let Some(w) = seams.socket_device_wrapper.clone() {
                 p = p.with_device_wrapper(w);
@@ -59,7 +64,7 @@ pub fn provider_for(
                 KernelConfig {
                     base,
                     cache,
-                    overlay: OverlayOptions::default(),
+                    overlay,
                     attach: AttachOptions {
                         sandbox: sb.id.clone(),
                         connections: config.kernel_connections,

@@ -11,7 +11,7 @@ use rootfork_provider::{BaseImage, Provider, ProviderKind};
 use crate::daemon::core::Core;
 use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::sandbox::Sandbox;
-use crate::daemon::spec::SandboxSpec;
+use crate::daemon::spec::{SandboxSpec, SpecError};
 use crate::daemon::vm;
 use crate::daemon::{disk, limits};
 use crate::error::{DaemonError, Result};
@@ -59,14 +59,33 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         }
     }
     limits::admit_fds()?;
-    let disk_size = core
+    let template_size = core
         .templates
         .get(&spec.template)
-        .map_or(0, |t| t.size_bytes);
-    limits::admit_disk(core, disk_size)?;
+        .ok_or_else(|| DaemonError::TemplateNotFound(spec.template.clone()))?
+        .size_bytes;
+    let disk_size = match spec.disk_size {
+        Some(disk) if disk < template_size => {
+            return Err(SpecError::DiskSmallerThanTemplate {
+                disk,
+                template: template_size,
+            }
+            .into())
+        }
+        Some(disk) => disk,
+        None => template_size,
+    };
+    limits::admit_disk(core, spec.quota.unwrap_or(disk_size).min(disk_size))?;
     // The new sandbox's lifecycle lock is taken before it is published, so a concurrent
     // delete (or pause) of the same id waits for this create to finish or fail.
-    let sb = Sandbox::new(id.clone(), spec.template.clone(), spec.provider, spec.vm);
+    let sb = Sandbox::new(
+        id.clone(),
+        spec.template.clone(),
+        spec.provider,
+        spec.vm,
+        disk_size,
+        spec.quota,
+    );
     let mut live = sb
         .live
         .try_lock()

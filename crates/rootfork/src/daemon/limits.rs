@@ -124,7 +124,7 @@ pub fn disk_committed(core: &Core) -> u64 {
         .collect();
     let mut committed = 0u64;
     for sb in all {
-        let size = core.templates.get(&sb.template).map_or(0, |t| t.size_bytes);
+        let size = sb.quota.unwrap_or(sb.disk_size).min(sb.disk_size);
         let status = sb.status();
         let written = match sb.live.try_lock() {
             Ok(live) => live

@@ -152,6 +152,10 @@ pub struct SandboxInfo {
     pub provider: ProviderKind,
     /// Its VM settings, if given.
     pub vm: Option<VmSpec>,
+    /// Its disk's size.
+    pub disk_size: u64,
+    /// Its quota, if any.
+    pub quota: Option<u64>,
     /// Creation time.
     pub created_unix_ms: i64,
     /// Its status.

@@ -37,6 +37,10 @@ pub struct Sandbox {
     pub kind: ProviderKind,
     /// Its VM settings, if given.
     pub vm: Option<VmSpec>,
+    /// Its disk's size (the template's, or larger when asked).
+    pub disk_size: u64,
+    /// The most bytes its writes may occupy.
+    pub quota: Option<u64>,
     /// Creation time.
     pub created_unix_ms: i64,
     status: parking_lot::Mutex<Status>,
@@ -51,6 +55,8 @@ impl Sandbox {
         template: String,
         kind: ProviderKind,
         vm: Option<VmSpec>,
+        disk_size: u64,
+        quota: Option<u64>,
     ) -> Arc<Sandbox> {
         let now = now_unix_ms();
         Arc::new(Sandbox {
@@ -58,6 +64,8 @@ impl Sandbox {
             template,
             kind,
             vm,
+            disk_size,
+            quota,
             created_unix_ms: now,
             status: parking_lot::Mutex::new(Status::new(now)),
             live: tokio::sync::Mutex::new(Live::default()),
@@ -103,6 +111,8 @@ impl Sandbox {
             template: self.template.clone(),
             provider: self.kind,
             vm: self.vm.clone(),
+            disk_size: self.disk_size,
+            quota: self.quota,
             created_unix_ms: self.created_unix_ms,
             status: self.status(),
             overlay_bytes_written: written,

@@ -47,7 +47,21 @@ pub enum SpecError {
     /// A QEMU VM cannot boot without a kernel.
     #[error("vmm: a QEMU VM needs a kernel")]
     QemuNeedsKernel,
+    /// A disk size that is not a whole number of 4 KiB blocks, or absurdly large.
+    #[error("disk_size_bytes {0} must be a multiple of 4096 and at most {MAX_DISK_SIZE}")]
+    BadDiskSize(u64),
+    /// A disk smaller than its template.
+    #[error("disk_size_bytes {disk} is smaller than the template's {template} bytes")]
+    DiskSmallerThanTemplate {
+        /// Asked for.
+        disk: u64,
+        /// The template's size.
+        template: u64,
+    },
 }
+
+/// The largest disk a sandbox may ask for (1 PiB).
+pub const MAX_DISK_SIZE: u64 = 1 << 50;
 
 /// Which VMM the settings are for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +146,10 @@ pub struct SandboxSpec {
     pub provider: ProviderKind,
     /// A VM to boot on the disk, or settings to record.
     pub vm: Option<VmSpec>,
+    /// A disk larger than the template (checked against it by the create).
+    pub disk_size: Option<u64>,
+    /// The most bytes the sandbox's writes may occupy.
+    pub quota: Option<u64>,
 }
 
 impl SandboxSpec {
@@ -142,6 +160,8 @@ impl SandboxSpec {
             id: None,
             provider: ProviderKind::Socket,
             vm: None,
+            disk_size: None,
+            quota: None,
         }
     }
 
@@ -149,6 +169,11 @@ impl SandboxSpec {
     pub fn validated(self) -> Result<SandboxSpec, SpecError> {
         if !matches!(self.provider, ProviderKind::Socket | ProviderKind::Kernel) {
             return Err(SpecError::ProviderNotOffered);
+        }
+        if let Some(d) = self.disk_size {
+            if d % 4096 != 0 || d > MAX_DISK_SIZE {
+                return Err(SpecError::BadDiskSize(d));
+            }
         }
         let vm = self.vm.map(VmSpec::validated).transpose()?;
         Ok(SandboxSpec { vm, ..self })
@@ -289,6 +314,13 @@ mod tests {
             ..SandboxSpec::new("t")
         };
         assert_eq!(s.clone().validated(), Ok(s));
+        for bad in [4097, MAX_DISK_SIZE + 4096] {
+            let s = SandboxSpec {
+                disk_size: Some(bad),
+                ..SandboxSpec::new("t")
+            };
+            assert_eq!(s.validated(), Err(SpecError::BadDiskSize(bad)));
+        }
     }
 
     #[test]

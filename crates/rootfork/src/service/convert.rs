@@ -60,6 +60,8 @@ impl TryFrom<&v1::CreateSandboxRequest> for SandboxSpec {
             id: non_empty(&r.id),
             provider: provider_kind(r.provider)?,
             vm: r.vmm.as_ref().map(VmSpec::try_from).transpose()?,
+            disk_size: (r.disk_size_bytes != 0).then_some(r.disk_size_bytes),
+            quota: (r.quota_bytes != 0).then_some(r.quota_bytes),
         }
         .validated()
     }
@@ -144,6 +146,8 @@ impl From<SandboxInfo> for v1::Sandbox {
             vm_pid: s.vm_pid,
             vm_console: s.vm_console,
             recoveries: s.recoveries,
+            disk_size_bytes: i.disk_size,
+            quota_bytes: i.quota.unwrap_or(0),
         }
     }
 }
@@ -284,6 +288,8 @@ mod tests {
             id: String::new(),
             provider: v1::ProviderKind::Kernel as i32,
             vmm: None,
+            disk_size_bytes: 0,
+            quota_bytes: 0,
         };
         let spec = SandboxSpec::try_from(&req).unwrap();
         assert_eq!(spec.id, None);

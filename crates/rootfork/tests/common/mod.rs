@@ -133,6 +133,7 @@ pub async fn create(
             id: id.into(),
             provider: v1::ProviderKind::Socket as i32,
             vmm: None,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -192,6 +193,29 @@ pub fn nbd_read(uri: &str, offset: u64, len: u32) -> Vec<u8> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
         .collect()
+}
+
+/// The export's size.
+pub fn nbd_size(uri: &str) -> u64 {
+    python(
+        "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint(h.get_size())\nh.shutdown()",
+        &[uri],
+    )
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// Writes `byte` repeated `len` times at `offset` and flushes; the server's error as text.
+pub fn nbd_try_write(uri: &str, offset: u64, len: u32, byte: u8) -> Result<(), String> {
+    let out = python(
+        "import nbd,sys\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\ntry:\n  h.pwrite(bytes([int(sys.argv[4])])*int(sys.argv[3]),int(sys.argv[2]))\n  h.flush()\n  print('ok')\nexcept nbd.Error as e:\n  print('error', e.errnum, e.string)\nh.shutdown()",
+        &[uri, &offset.to_string(), &len.to_string(), &byte.to_string()],
+    );
+    match out.trim() {
+        "ok" => Ok(()),
+        e => Err(e.to_owned()),
+    }
 }
 
 /// Writes `byte` repeated `len` times at `offset` and flushes.
