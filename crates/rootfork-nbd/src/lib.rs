@@ -63,7 +63,7 @@ pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
-pub use budget::{ConnectionBudget, Permit};
+pub use budget::{ByteBudget, ConnectionBudget, Permit};
 pub use conn::EndReason;
 pub use handshake::{Export, ExportSet, Session};
 pub use opts::{

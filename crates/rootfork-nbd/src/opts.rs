@@ -30,6 +30,9 @@ pub struct ServeOptions {
     /// A budget of connections shared with other servers (e.g. every export of a daemon);
     /// a connection past it is closed as past `max_connections`.
     pub connection_budget: Option<std::sync::Arc<crate::ConnectionBudget>>,
+    /// A budget of buffer bytes in flight shared with other connections and servers (e.g.
+    /// every export of a daemon), on top of each connection's `max_in_flight_bytes`.
+    pub byte_budget: Option<std::sync::Arc<crate::ByteBudget>>,
     /// Worker threads per connection running backend operations.
     pub workers: usize,
     /// Most requests in flight (received, not yet answered) per connection; the reader stops
@@ -83,6 +86,7 @@ impl Default for ServeOptions {
         ServeOptions {
             max_connections: MAX_CONNECTIONS,
             connection_budget: None,
+            byte_budget: None,
             workers: 4,
             max_in_flight: 128,
             max_in_flight_bytes: 64 << 20,

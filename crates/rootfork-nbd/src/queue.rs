@@ -6,9 +6,12 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+
+use crate::budget::ByteBudget;
 
 #[derive(Debug)]
 struct QueueState<T> {
@@ -154,38 +157,71 @@ struct WindowState {
 }
 
 /// Bounds requests and buffer bytes (write payloads, read reply buffers) in flight on one
-/// connection.
+/// connection, and charges the bytes to a [`ByteBudget`] shared with other connections when
+/// there is one.
 #[derive(Debug)]
 pub struct Window {
     max_count: usize,
     max_bytes: usize,
+    shared: Option<Arc<ByteBudget>>,
     state: Mutex<WindowState>,
     cond: Condvar,
 }
 
+/// How often a request waiting only for the shared budget looks again (other connections'
+/// releases do not wake this window).
+const SHARED_RETRY: Duration = Duration::from_millis(2);
+
 impl Window {
-    /// A window of `max_count` requests and `max_bytes` buffer bytes.
-    pub fn new(max_count: usize, max_bytes: usize) -> Self {
+    /// A window of `max_count` requests and `max_bytes` buffer bytes, charging `shared` too.
+    pub fn new(max_count: usize, max_bytes: usize, shared: Option<Arc<ByteBudget>>) -> Self {
         Window {
             max_count: max_count.max(1),
             max_bytes,
+            shared,
             state: Mutex::new(WindowState::default()),
             cond: Condvar::new(),
+        }
+    }
+
+    /// Whether this window has room for one request of `bytes`.
+    fn has_room(&self, st: &WindowState, bytes: usize) -> bool {
+        st.count < self.max_count && (st.count == 0 || st.bytes + bytes <= self.max_bytes)
+    }
+
+    /// Charges the shared budget for a request this window admits: always when it is the
+    /// window's only request (so every connection can make progress), else if it fits.
+    fn charge_shared(&self, st: &WindowState, bytes: usize) -> bool {
+        match &self.shared {
+            None => true,
+            Some(b) if st.count == 0 => {
+                b.force_take(bytes);
+                true
+            }
+            Some(b) => b.try_take(bytes),
         }
     }
 
     /// Admits one request of `bytes`, waiting for room; false once the window is closed.
     pub fn acquire(&self, bytes: usize) -> bool {
         let mut st = self.state.lock();
-        while !st.closed
-            && (st.count >= self.max_count || (st.count > 0 && st.bytes + bytes > self.max_bytes))
-        {
+        loop {
+            if st.closed {
+                return false;
+            }
+            if self.has_room(&st, bytes) {
+                if self.charge_shared(&st, bytes) {
+                    break;
+                }
+                // Room here, none in the shared budget: look again shortly.
+                st.waiters += 1;
+                self.cond.wait_for(&mut st, SHARED_RETRY);
+                st.waiters -= 1;
+                continue;
+            }
             st.waiters += 1;
             self.cond.wait(&mut st);
             st.waiters -= 1;
-        }
-        if st.closed {
-            return false;
         }
         st.count += 1;
         st.bytes += bytes;
@@ -195,10 +231,7 @@ impl Window {
     /// Admits one request of `bytes` if there is room right now.
     pub fn try_acquire(&self, bytes: usize) -> bool {
         let mut st = self.state.lock();
-        if st.closed
-            || st.count >= self.max_count
-            || (st.count > 0 && st.bytes + bytes > self.max_bytes)
-        {
+        if st.closed || !self.has_room(&st, bytes) || !self.charge_shared(&st, bytes) {
             return false;
         }
         st.count += 1;
@@ -208,6 +241,9 @@ impl Window {
 
     /// Releases one request of `bytes`.
     pub fn release(&self, bytes: usize) {
+        if let Some(b) = &self.shared {
+            b.give(bytes);
+        }
         let mut st = self.state.lock();
         st.count -= 1;
         st.bytes -= bytes;
@@ -222,6 +258,9 @@ impl Window {
     pub fn release_many(&self, n: usize, bytes: usize) {
         if n == 0 {
             return;
+        }
+        if let Some(b) = &self.shared {
+            b.give(bytes);
         }
         let mut st = self.state.lock();
         st.count -= n;

@@ -210,3 +210,55 @@ fn a_shared_budget_bounds_connections_over_several_servers() {
     assert_eq!(budget.used(), 1, "a closed connection gives its place back");
     let _c = Raw::greet(&f2.path);
 }
+
+#[test]
+fn a_shared_byte_budget_bounds_buffers_over_several_servers() {
+    let shared = rootfork_nbd::ByteBudget::new(8 * MIB as usize);
+    let data = pattern(16 << 20);
+    let opts = ServeOptions {
+        byte_budget: Some(shared.clone()),
+        ..Default::default()
+    };
+    let servers: Vec<Fixture> = (0..2)
+        .map(|_| {
+            let dev = Arc::new(MemDevice::new(16 * MIB, 4096));
+            dev.write_at(&data, 0).unwrap();
+            fixture_with(opts.clone(), dev)
+        })
+        .collect();
+    // Each connection alone would take 32 MiB (its own window allows 64 MiB).
+    let n = 32u64;
+    let mut clients: Vec<Raw> = servers
+        .iter()
+        .map(|f| {
+            let mut c = Raw::connect(&f.path);
+            c.go("disk", false, false, &[]);
+            for i in 0..n {
+                c.req(CMD_READ, 0, i, (i % 16) * MIB, MIB);
+            }
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let pinned: u64 = servers.iter().map(|f| f.server.stats().buffer_bytes_peak).sum();
+    // The budget, plus at most one request per connection admitted past it.
+    assert!(pinned > 0);
+    assert!(
+        pinned <= 10 * MIB,
+        "{pinned} bytes pinned over both servers, shared budget 8 MiB"
+    );
+    for c in &mut clients {
+        for _ in 0..n {
+            let (err, cookie) = c.simple();
+            assert_eq!(err, 0);
+            let at = ((cookie % 16) * MIB) as usize;
+            assert!(c.read_n(MIB as usize) == data[at..at + MIB as usize]);
+        }
+    }
+    // Slots are released once a reply is on the wire, just after the client can read it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while shared.used() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(shared.used(), 0, "every byte given back");
+}

@@ -164,6 +164,8 @@ pub struct LimitsFile {
     pub max_connections_per_export: Option<usize>,
     /// How far what sandboxes may still write may exceed the free space (a ratio).
     pub disk_overcommit: Option<f64>,
+    /// The most NBD buffer bytes (write payloads, read replies) in flight over every sandbox.
+    pub max_inflight_bytes: Option<usize>,
 }
 
 /// The `[debug]` table (testing aids, all off by default).
@@ -300,6 +302,8 @@ pub struct Config {
     pub max_connections_per_export: usize,
     /// `limits.disk_overcommit`.
     pub disk_overcommit: f64,
+    /// `limits.max_inflight_bytes`.
+    pub max_inflight_bytes: usize,
     /// Fakes for tests; empty (the host's kernel, the real devices) everywhere else.
     #[doc(hidden)]
     pub seams: Seams,
@@ -342,6 +346,10 @@ pub const DEFAULT_DEAD_CONN_TIMEOUT_SECS: u64 = 30;
 /// connections; the rest is for tools (and keeps one sandbox from taking the daemon's whole
 /// connection budget).
 pub const DEFAULT_MAX_CONNECTIONS_PER_EXPORT: usize = 16;
+
+/// The default of `limits.max_inflight_bytes`: 512 MiB of NBD buffers over every sandbox (one
+/// connection's own window is 64 MiB).
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 512 << 20;
 
 /// The default of `limits.disk_overcommit`: sandboxes forked from one template mostly write a
 /// small part of their disk, so what they may write can exceed the free space this many times.
@@ -545,7 +553,18 @@ impl Config {
                 format!("{disk_overcommit} is outside 0.01..=1000000"),
             ));
         }
+        let max_inflight_bytes = file
+            .limits
+            .max_inflight_bytes
+            .unwrap_or(DEFAULT_MAX_INFLIGHT_BYTES);
+        if !((64 << 20)..=(1 << 40)).contains(&max_inflight_bytes) {
+            return Err(invalid(
+                "limits.max_inflight_bytes",
+                format!("{max_inflight_bytes} is outside 64 MiB..=1 TiB"),
+            ));
+        }
         Ok(Config {
+            max_inflight_bytes,
             disk_overcommit,
             max_connections: file.limits.max_connections,
             max_connections_per_export: file

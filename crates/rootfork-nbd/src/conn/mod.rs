@@ -195,7 +195,11 @@ impl Shared {
         // and wake several times while the client drains the socket.
         sock.grow_send_buffer(SEND_BUF);
         Arc::new(Shared {
-            window: Window::new(opts.max_in_flight, opts.max_in_flight_bytes),
+            window: Window::new(
+                opts.max_in_flight,
+                opts.max_in_flight_bytes,
+                opts.byte_budget.clone(),
+            ),
             queue: JobQueue::new(opts.workers.max(1)),
             sock,
             tx,

@@ -86,6 +86,8 @@ pub struct Core {
     seq: AtomicU64,
     /// NBD connections over every socket export.
     pub nbd_connections: Arc<rootfork_nbd::ConnectionBudget>,
+    /// NBD buffer bytes in flight over every sandbox (socket and kernel).
+    pub nbd_bytes: Arc<rootfork_nbd::ByteBudget>,
 }
 
 impl Core {
@@ -108,6 +110,7 @@ impl Core {
                 .max_connections
                 .unwrap_or_else(crate::daemon::limits::default_connection_budget),
         );
+        let nbd_bytes = rootfork_nbd::ByteBudget::new(config.max_inflight_bytes);
         Core {
             config,
             dirs,
@@ -120,6 +123,7 @@ impl Core {
             closed: Default::default(),
             seq: AtomicU64::new(0),
             nbd_connections,
+            nbd_bytes,
         }
     }
 

@@ -53,6 +53,7 @@ pub fn provider_for(
             p = p.with_serve_options(ServeOptions {
                 max_connections: core.config.max_connections_per_export,
                 connection_budget: Some(core.nbd_connections.clone()),
+                byte_budget: Some(core.nbd_bytes.clone()),
                 ..ServeOptions::default()
             });
             Ok(AnyProvider::Socket(p))
@@ -72,7 +73,10 @@ pub fn provider_for(
                         dead_conn_timeout: config.kernel_dead_conn_timeout,
                         ..AttachOptions::default()
                     },
-                    serve: ServeOptions::default(),
+                    serve: ServeOptions {
+                        byte_budget: Some(core.nbd_bytes.clone()),
+                        ..ServeOptions::default()
+                    },
                 },
                 attacher,
             );

@@ -89,6 +89,13 @@ pub fn render(core: &Core) -> String {
             ),
         ),
         (
+            "nbd_inflight_bytes",
+            (
+                clamp(core.nbd_bytes.used() as u64),
+                clamp(core.nbd_bytes.limit() as u64),
+            ),
+        ),
+        (
             "nbd_connections",
             (
                 clamp(core.nbd_connections.used() as u64),
