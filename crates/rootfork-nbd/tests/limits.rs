@@ -240,7 +240,10 @@ fn a_shared_byte_budget_bounds_buffers_over_several_servers() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let pinned: u64 = servers.iter().map(|f| f.server.stats().buffer_bytes_peak).sum();
+    let pinned: u64 = servers
+        .iter()
+        .map(|f| f.server.stats().buffer_bytes_peak)
+        .sum();
     // The budget, plus at most one request per connection admitted past it.
     assert!(pinned > 0);
     assert!(

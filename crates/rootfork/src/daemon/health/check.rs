@@ -242,7 +242,14 @@ async fn probe(core: &Core, sb: &Sandbox, provider: &mut AnyProvider) -> Result<
         _ => {
             let sock = socket_of(&status.nbd_uri).ok_or(CheckFailure::NoSocket)?;
             let t = core.probe_timeout();
+            let refused = || provider.nbd_stats().map_or(0, |s| s.refused_connections);
+            let refused_before = refused();
             match tokio::task::spawn_blocking(move || probe_nbd_socket(&sock, t)).await {
+                // The export is at a connection limit (`limits.max_connections_per_export` or the
+                // shared budget) and closed the probe at once, as it closes every connection past
+                // it: its accept loop answered, so it is alive. Clients holding connections are
+                // not a failure of the sandbox (marking it FAILED would be wrong: it serves them).
+                Ok(Err(e)) if e.is_closed_at_once() && refused() > refused_before => Ok(()),
                 Ok(r) => r.map_err(CheckFailure::from),
                 Err(e) => Err(CheckFailure::ProbeTask(e.to_string())),
             }

@@ -44,6 +44,21 @@ pub enum ProbeError {
     },
 }
 
+impl ProbeError {
+    /// Whether the server closed the connection before its greeting (end-of-file or a reset),
+    /// which is how an NBD server refuses a connection past a limit.
+    pub fn is_closed_at_once(&self) -> bool {
+        matches!(
+            self,
+            ProbeError::NoGreeting { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                )
+        )
+    }
+}
+
 /// Probes an NBD Unix socket's newstyle handshake within `timeout` per step.
 pub fn probe_nbd_socket(path: &Path, timeout: Duration) -> Result<(), ProbeError> {
     let mut s = UnixStream::connect(path).map_err(|source| ProbeError::Connect {
@@ -85,6 +100,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = probe_nbd_socket(&dir.path().join("none.sock"), Duration::from_millis(100));
         assert!(matches!(e, Err(ProbeError::Connect { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn a_connection_closed_at_once_is_told_from_a_silent_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            drop(l.accept().unwrap()); // closed at once, as at a connection limit
+            let (_silent, _) = l.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        let e = probe_nbd_socket(&path, Duration::from_millis(1000)).unwrap_err();
+        assert!(e.is_closed_at_once(), "{e:?}");
+        let e = probe_nbd_socket(&path, Duration::from_millis(100)).unwrap_err();
+        assert!(!e.is_closed_at_once(), "{e:?}");
+        t.join().unwrap();
     }
 
     #[test]
