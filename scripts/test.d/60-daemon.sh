@@ -93,6 +93,18 @@ check "completions" bash -c "'$BIN' completions bash | grep -q _rootfork"
 kill -TERM "$DPID"; wait "$DPID" || true; DPID=
 check "SIGTERM removes the API socket, NBD sockets and caches" bash -c "[ ! -e .rootfork/api.sock ] && [ -z \"\$(find .rootfork/nbd .rootfork/cache -mindepth 1)\" ]"
 check "templates survive a restart" test -f .rootfork/templates/demo.img
+check "SIGTERM keeps the running sandbox as a paused one (its diff and record kept)" bash -c "ls .rootfork/paused | grep -q '^first\.' && test -f .rootfork/sandboxes/first.json"
+"$BIN" serve --log-format json --health-interval 1 >daemon2.log 2>&1 &
+DPID=$!
+for _ in $(seq 200); do [ -S .rootfork/api.sock ] && break; sleep 0.05; done
+check "after a restart the kept sandbox is paused" bash -c "'$BIN' sandbox get first | grep -q 'state: *paused'"
+check "it resumes with its disk: hello.txt is still there" bash -c "U=\$('$BIN' sandbox resume first | sed -n 's/^nbd uri: *//p') && nbdcopy \"\$U\" disk2.img && debugfs -R 'cat /hello.txt' disk2.img 2>/dev/null | grep -q 'rootfork sandbox'"
+kill -TERM "$DPID"; wait "$DPID" || true
+"$BIN" serve --delete-on-exit >daemon3.log 2>&1 &
+DPID=$!
+for _ in $(seq 200); do [ -S .rootfork/api.sock ] && break; sleep 0.05; done
+kill -TERM "$DPID"; wait "$DPID" || true; DPID=
+check "--delete-on-exit is the throwaway mode: the sandbox restored at start is deleted at stop" bash -c "[ -z \"\$(ls .rootfork/sandboxes .rootfork/paused)\" ]"
 
 # A sandbox with QEMU VMM settings: the daemon boots a TCG guest on the sandbox's disk.
 cd "$ROOT"

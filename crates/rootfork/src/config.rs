@@ -184,6 +184,8 @@ pub struct DebugFile {
 pub struct FileConfig {
     /// State directory.
     pub state_dir: Option<PathBuf>,
+    /// Delete every sandbox on SIGTERM instead of keeping it (throwaway use).
+    pub delete_on_exit: Option<bool>,
     /// Build a demo template on a first start with no templates.
     pub demo_template: Option<bool>,
     /// `text` or `json`.
@@ -249,6 +251,8 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     /// `--no-demo` / `ROOTFORK_NO_DEMO`.
     pub no_demo: bool,
+    /// `--delete-on-exit`.
+    pub delete_on_exit: bool,
     /// `--health-interval` / `ROOTFORK_HEALTH_INTERVAL` (seconds).
     pub health_interval_secs: Option<f64>,
     /// `--nbd-lock-dir` / `ROOTFORK_NBD_LOCK_DIR`.
@@ -272,6 +276,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Build the demo template on a first start.
     pub demo_template: bool,
+    /// Delete every sandbox on SIGTERM (`delete_on_exit`); by default they are kept: running
+    /// ones are paused, so they can be resumed after the restart.
+    pub delete_on_exit: bool,
     /// How long a create/resume waits for the device.
     pub ready_timeout: Duration,
     /// Health check period.
@@ -580,6 +587,7 @@ impl Config {
             metrics,
             log_format: ov.log_format.or(file.log_format).unwrap_or_default(),
             demo_template: !ov.no_demo && file.demo_template.unwrap_or(true),
+            delete_on_exit: ov.delete_on_exit || file.delete_on_exit.unwrap_or(false),
             ready_timeout,
             health_interval,
             probe_timeout,

@@ -34,6 +34,9 @@ pub struct Args {
     /// Do not build the demo template on a first start.
     #[arg(long, env = "ROOTFORK_NO_DEMO")]
     pub no_demo: bool,
+    /// Delete every sandbox on SIGTERM (by default they are kept: running ones are paused).
+    #[arg(long, env = "ROOTFORK_DELETE_ON_EXIT")]
+    pub delete_on_exit: bool,
     /// Seconds between health checks [default: 5].
     #[arg(long, env = "ROOTFORK_HEALTH_INTERVAL")]
     pub health_interval: Option<f64>,
@@ -58,6 +61,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             metrics: args.metrics,
             log_format: args.log_format,
             no_demo: args.no_demo,
+            delete_on_exit: args.delete_on_exit,
             health_interval_secs: args.health_interval,
             nbd_lock_dir: args.nbd_lock_dir,
         },

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::daemon::kernel::KernelSide;
 use crate::daemon::lifecycle::Tombstones;
 use crate::daemon::model::SandboxState;
+use crate::daemon::records::Records;
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::stats::ClosedTotals;
 use crate::daemon::templates::TemplateStore;
@@ -40,6 +41,8 @@ pub struct Dirs {
     pub tmp: PathBuf,
     /// VM consoles, QEMU logs and QMP sockets.
     pub vm: PathBuf,
+    /// Sandbox records.
+    pub sandboxes: PathBuf,
 }
 
 impl Dirs {
@@ -52,12 +55,14 @@ impl Dirs {
             paused: state.join("paused"),
             tmp: state.join("tmp"),
             vm: state.join("vm"),
+            sandboxes: state.join("sandboxes"),
         }
     }
 
-    /// The directories whose contents belong to one daemon run.
-    pub fn per_run(&self) -> [&Path; 5] {
-        [&self.nbd, &self.cache, &self.paused, &self.tmp, &self.vm]
+    /// The directories whose contents belong to one daemon run (paused diffs outlive it: the
+    /// sandbox records say which are kept).
+    pub fn per_run(&self) -> [&Path; 4] {
+        [&self.nbd, &self.cache, &self.tmp, &self.vm]
     }
 }
 
@@ -74,6 +79,8 @@ pub struct Core {
     pub sandboxes: parking_lot::RwLock<BTreeMap<String, Arc<Sandbox>>>,
     /// Deleted sandboxes kept for late calls.
     pub(crate) tombstones: Tombstones,
+    /// Durable sandbox records.
+    pub(crate) records: Records,
     /// The event feed.
     pub events: Arc<EventBus>,
     /// Metrics.
@@ -92,7 +99,7 @@ pub struct Core {
 
 impl Core {
     /// Shared state over an opened template store.
-    pub fn new(config: Config, dirs: Dirs, templates: TemplateStore) -> Core {
+    pub fn new(config: Config, dirs: Dirs, templates: TemplateStore, records: Records) -> Core {
         let events = Arc::new(EventBus::default());
         if config.fault_injection {
             tracing::warn!(
@@ -117,6 +124,7 @@ impl Core {
             templates,
             sandboxes: Default::default(),
             tombstones: Default::default(),
+            records,
             events,
             metrics: Metrics::new(),
             kernel,

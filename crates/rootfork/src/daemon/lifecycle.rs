@@ -10,10 +10,11 @@ use rootfork_provider::{BaseImage, Provider, ProviderKind};
 
 use crate::daemon::core::Core;
 use crate::daemon::model::{SandboxInfo, SandboxState};
+use crate::daemon::records::RecordState;
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::spec::{SandboxSpec, SpecError};
 use crate::daemon::vm;
-use crate::daemon::{disk, limits};
+use crate::daemon::{disk, limits, persist};
 use crate::error::{DaemonError, Result};
 use crate::events::{EventBus, EventKind};
 use crate::names;
@@ -112,11 +113,23 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
     let r = async {
         let mut provider =
             disk::bring_up(core, &sb, disk::provider_for(core, &sb, base, 0)?).await?;
-        match vm::boot(core, &sb, &provider).await {
+        let booted = match vm::boot(core, &sb, &provider).await {
+            Ok(vm) => match persist::save(core, &sb, &live, RecordState::Running) {
+                Ok(()) => Ok(vm),
+                Err(e) => {
+                    if let Some(v) = vm {
+                        vm::stop(core, &sb, v).await;
+                    }
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match booted {
             Ok(vm) => Ok((provider, vm)),
             Err(e) => {
                 if let Err(ce) = provider.close().await {
-                    tracing::warn!(sandbox = %sb.id, "closing after a failed VM boot: {ce}");
+                    tracing::warn!(sandbox = %sb.id, "closing after a failed create: {ce}");
                 }
                 Err(e)
             }
@@ -183,6 +196,7 @@ pub async fn delete(core: &Core, id: &str) -> Result<bool> {
         }
     }
     sb.update(|s| s.clear_device());
+    persist::forget(core, id);
     core.set_state(&sb, SandboxState::Deleted, None);
     drop(live);
     remember_deleted(core, sb);

@@ -13,10 +13,14 @@
 //! | `nbd/N.sock` | per-sandbox NBD sockets (socket provider) |
 //! | `cache/ID.G.cache` | overlay cache files |
 //! | `paused/ID.G.diff` | paused sandboxes' exported changes |
+//! | `sandboxes/ID.json` | sandbox records (written atomically at every lifecycle change) |
+//! | `format` | the state directory's format version |
 //! | `api.token` | generated bearer token when TCP is on and no token file is given |
 //!
-//! Sandboxes do not survive a daemon restart: a start removes what a previous run left in
-//! `nbd/`, `cache/`, `paused/`, `tmp/` and `vm/`.
+//! Paused sandboxes survive a restart: each sandbox has a durable record in `sandboxes/`, a stop
+//! (SIGTERM) pauses the running ones, and a start restores every recorded sandbox (`persist.rs`).
+//! A start removes what a previous run left in `nbd/`, `cache/`, `tmp/` and `vm/`, and the
+//! diffs in `paused/` that no record names. The directory's format is versioned (`format`).
 //!
 //! The daemon by concern:
 //!
@@ -32,6 +36,7 @@
 //! | `lifecycle.rs` | sandbox create and delete, tombstones |
 //! | `disk.rs` | a sandbox's provider: build, bring up, retire |
 //! | `pause.rs` | pause and resume (`diffmerge.rs`: folding two diffs) |
+//! | `records.rs`, `persist.rs` | durable sandbox records; restore at start, keep at stop |
 //! | `vm.rs` | booting and stopping the sandbox's QEMU |
 //! | `sandbox.rs` | one sandbox's record: identity, status, live resources |
 //! | `health.rs` | the periodic health check and recovery |
@@ -53,6 +58,8 @@ mod lifecycle;
 pub mod limits;
 pub mod model;
 mod pause;
+mod persist;
+pub mod records;
 pub mod sandbox;
 pub mod spec;
 mod state_dir;
@@ -95,6 +102,16 @@ pub enum StartError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The state directory was written by a newer daemon.
+    #[error("state directory {dir} has format {found}; this daemon reads up to {supported} (a downgrade cannot read it)")]
+    NewerFormat {
+        /// The directory.
+        dir: PathBuf,
+        /// Its format.
+        found: u32,
+        /// The newest this daemon reads.
+        supported: u32,
+    },
     /// Templates could not be loaded or built.
     #[error(transparent)]
     Daemon(#[from] crate::error::DaemonError),
@@ -134,6 +151,7 @@ impl Daemon {
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
             .map_err(io(format!("setting the mode of {}", state.display())))?;
         let lock = lock_state(&state)?;
+        state_dir::check_format(&state)?;
         limits::raise_nofile();
         let dirs = Dirs::new(&state);
         let mut leftovers = 0;
@@ -147,7 +165,15 @@ impl Daemon {
             );
         }
         let templates = TemplateStore::open(&dirs.templates)?;
-        let core = Arc::new(Core::new(config.clone(), dirs.clone(), templates));
+        let records = records::Records::open(&dirs.sandboxes)
+            .map_err(io(format!("opening {}", dirs.sandboxes.display())))?;
+        std::fs::create_dir_all(&dirs.paused)
+            .map_err(io(format!("creating {}", dirs.paused.display())))?;
+        let core = Arc::new(Core::new(config.clone(), dirs.clone(), templates, records));
+        let restored = persist::restore(&core)?;
+        if restored > 0 {
+            tracing::info!(restored, "restored the sandboxes of a previous run");
+        }
         if core.templates.is_empty() && config.demo_template {
             let c = core.clone();
             let scratch = dirs.tmp.join("demo");
@@ -288,7 +314,8 @@ impl Daemon {
         &self.core
     }
 
-    /// Stops serving, deletes every sandbox and removes the API socket.
+    /// Stops serving, keeps every sandbox (running ones are paused; with `delete_on_exit` every
+    /// sandbox is deleted instead) and removes the API socket.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
@@ -301,7 +328,12 @@ impl Daemon {
                 abort.abort();
             }
         }
-        self.core.delete_all().await;
+        if self.core.config.delete_on_exit {
+            self.core.delete_all().await;
+        } else {
+            let kept = persist::keep_all(&self.core).await;
+            tracing::info!(kept, "sandboxes paused and kept for the next start");
+        }
         let _ = std::fs::remove_file(&self.api_socket);
         tracing::info!("rootfork daemon stopped");
     }

@@ -9,9 +9,10 @@ use rootfork_block::{BlockDevice, Overlay, TemplatePath};
 use rootfork_provider::{BaseImage, PausedDisk, Provider};
 
 use crate::daemon::core::Core;
-use crate::daemon::disk;
 use crate::daemon::model::{SandboxInfo, SandboxState};
+use crate::daemon::records::RecordState;
 use crate::daemon::sandbox::{overlay_of, Live, Sandbox};
+use crate::daemon::{disk, persist};
 use crate::error::{DaemonError, Operation, Result};
 use crate::names;
 
@@ -84,22 +85,39 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
             }
         },
     };
+    let undo = |e: DaemonError, overlay: &Overlay| {
+        overlay.thaw();
+        tracing::warn!(sandbox = id, "pause failed, the disk is served again: {e}");
+        core.set_state(&sb, before, Some(format!("pause failed: {e}")));
+        e
+    };
     let paused = match saved {
         Ok(p) => p,
         Err(e) => {
-            let e = no_space_if_enospc(e, &core.dirs.paused, needed);
-            overlay.thaw();
-            tracing::warn!(sandbox = id, "pause failed, the disk is served again: {e}");
-            core.set_state(&sb, before, Some(format!("pause failed: {e}")));
-            return Err(e);
+            return Err(undo(
+                no_space_if_enospc(e, &core.dirs.paused, needed),
+                &overlay,
+            ))
         }
     };
+    // The record says paused, with the new diff, before the device goes: a crash from here on
+    // finds the pause complete.
+    let old = live.paused.replace(paused.clone());
+    sb.update(|s| s.pause_count += 1);
+    if let Err(e) = persist::save(core, &sb, &live, RecordState::Paused) {
+        live.paused = old;
+        sb.update(|s| s.pause_count -= 1);
+        for f in [&data, &folded_out] {
+            let _ = std::fs::remove_file(f);
+        }
+        return Err(undo(e, &overlay));
+    }
     // Every byte of the pause is on disk: the device can go.
     let mut provider = live.provider.take().expect("checked above");
     if let Err(e) = disk::retire(core, &sb, &mut provider).await {
         tracing::warn!(sandbox = id, "closing after pause: {e}");
     }
-    if let Some(old) = live.paused.take() {
+    if let Some(old) = old {
         // The folded diff replaces both.
         for f in [&old.data, &data] {
             let _ = std::fs::remove_file(f);
@@ -108,9 +126,7 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     }
     let bytes = paused.map.data_len();
     live.files.push(paused.data.clone());
-    live.paused = Some(paused);
     sb.update(|s| {
-        s.pause_count += 1;
         s.paused_diff_bytes = bytes;
         s.message.clear();
         s.failed_checks = 0;
@@ -207,6 +223,18 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
     live.generation += 1;
     let r = match disk::provider_for(core, &sb, base, generation) {
         Ok(p) => disk::bring_up(core, &sb, p).await,
+        Err(e) => Err(e),
+    };
+    let r = match r {
+        Ok(mut p) => match persist::save(core, &sb, &live, RecordState::Running) {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                if let Err(ce) = p.close().await {
+                    tracing::warn!(sandbox = id, "closing after a failed record write: {ce}");
+                }
+                Err(e)
+            }
+        },
         Err(e) => Err(e),
     };
     match r {

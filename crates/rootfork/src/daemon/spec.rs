@@ -64,7 +64,7 @@ pub enum SpecError {
 pub const MAX_DISK_SIZE: u64 = 1 << 50;
 
 /// Which VMM the settings are for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VmmKind {
     /// None named: the settings are recorded only.
     Unspecified,
@@ -75,7 +75,7 @@ pub enum VmmKind {
 }
 
 /// A VM's settings, checked by [`VmSpec::validated`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
     /// The VMM.
     pub kind: VmmKind,

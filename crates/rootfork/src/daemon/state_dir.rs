@@ -80,3 +80,42 @@ pub(super) fn read_or_make_token(path: &Path, generated: bool) -> Result<String,
     tracing::info!(token_file = %path.display(), "generated a bearer token for the TCP API");
     Ok(token)
 }
+
+/// The state directory format this daemon writes: 1 = templates, sandbox records, paused diffs.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Refuses a state directory of a newer format; marks an unmarked (older) one as this format.
+pub(super) fn check_format(state: &Path) -> Result<(), StartError> {
+    let path = state.join("format");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let v: u32 = text
+                .trim()
+                .strip_prefix("rootfork-state ")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| StartError::Io {
+                    context: format!("{} does not name a format", path.display()),
+                    source: std::io::ErrorKind::InvalidData.into(),
+                })?;
+            if v > FORMAT_VERSION {
+                return Err(StartError::NewerFormat {
+                    dir: state.to_owned(),
+                    found: v,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A new directory, or one of a daemon from before the format was versioned (it
+            // had templates only; nothing to migrate).
+            let tmp = state.join(".format.tmp");
+            std::fs::write(&tmp, format!("rootfork-state {FORMAT_VERSION}\n"))
+                .and_then(|()| File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .and_then(|()| File::open(state)?.sync_all())
+                .map_err(io(format!("writing {}", path.display())))
+        }
+        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    }
+}

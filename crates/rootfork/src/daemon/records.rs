@@ -1,0 +1,323 @@
+//! Durable sandbox records: `STATE/sandboxes/ID.json`, one per sandbox that is not deleted,
+//! written atomically (a temporary file, fsync, rename, fsync of the directory) at every
+//! lifecycle change, so a restart finds every paused sandbox with its diff, and knows which
+//! sandboxes were running when the daemon went away.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rootfork_block::{DiffKind, DiffMap, DiffRun};
+use rootfork_provider::{PausedDisk, ProviderKind};
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::spec::VmSpec;
+
+/// The record format this daemon writes and reads.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Where a sandbox's lifecycle stood when its record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordState {
+    /// Its disk was served (by this daemon process).
+    Running,
+    /// Its changes were held in its paused diff.
+    Paused,
+}
+
+/// One run of a recorded diff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// First byte on the device.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+    /// Where its bytes start in the data file; `None`: it reads as zeroes.
+    pub data_offset: Option<u64>,
+}
+
+/// A paused diff: its map and its data file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffRecord {
+    /// The device size.
+    pub size: u64,
+    /// The overlay block size it came from.
+    pub block_size: u32,
+    /// Its runs, ascending.
+    pub runs: Vec<RunRecord>,
+    /// The packed data file.
+    pub data: PathBuf,
+}
+
+/// A sandbox as kept on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// [`RECORD_VERSION`].
+    pub version: u32,
+    /// Its id.
+    pub id: String,
+    /// Its template.
+    pub template: String,
+    /// `socket` or `kernel`.
+    pub provider: String,
+    /// Its VM settings.
+    pub vm: Option<VmSpec>,
+    /// Its disk's size.
+    pub disk_size: u64,
+    /// Its quota.
+    pub quota: Option<u64>,
+    /// When it was created.
+    pub created_unix_ms: i64,
+    /// Where it stood.
+    pub state: RecordState,
+    /// Its last pause's diff (a running sandbox resumed from a pause is stacked on it).
+    pub paused: Option<DiffRecord>,
+    /// Pauses so far.
+    pub pause_count: u32,
+    /// The next generation number for its file names.
+    pub generation: u64,
+}
+
+impl DiffRecord {
+    /// The record of `p`.
+    pub fn of(p: &PausedDisk) -> DiffRecord {
+        DiffRecord {
+            size: p.map.size,
+            block_size: p.map.block_size,
+            runs: p
+                .map
+                .runs
+                .iter()
+                .map(|r| RunRecord {
+                    offset: r.offset,
+                    len: r.len,
+                    data_offset: match r.kind {
+                        DiffKind::Data { data_offset } => Some(data_offset),
+                        DiffKind::Zero => None,
+                    },
+                })
+                .collect(),
+            data: p.data.clone(),
+        }
+    }
+
+    /// The paused disk it describes.
+    pub fn to_paused(&self) -> PausedDisk {
+        PausedDisk {
+            map: DiffMap {
+                size: self.size,
+                block_size: self.block_size,
+                runs: self
+                    .runs
+                    .iter()
+                    .map(|r| DiffRun {
+                        offset: r.offset,
+                        len: r.len,
+                        kind: match r.data_offset {
+                            Some(data_offset) => DiffKind::Data { data_offset },
+                            None => DiffKind::Zero,
+                        },
+                    })
+                    .collect(),
+            },
+            data: self.data.clone(),
+        }
+    }
+}
+
+/// The provider kind a record names.
+pub fn provider_kind(name: &str) -> Option<ProviderKind> {
+    match name {
+        "socket" => Some(ProviderKind::Socket),
+        "kernel" => Some(ProviderKind::Kernel),
+        _ => None,
+    }
+}
+
+/// What a directory of records holds: the readable records, and the files that are not one
+/// (with why).
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The records, by id.
+    pub records: Vec<SandboxRecord>,
+    /// Unreadable, newer or misnamed record files.
+    pub refused: Vec<(PathBuf, String)>,
+}
+
+/// Records in one directory.
+#[derive(Debug, Clone)]
+pub struct Records {
+    dir: PathBuf,
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Records {
+    /// The records in `dir` (created if missing).
+    pub fn open(dir: &Path) -> std::io::Result<Records> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Records {
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    /// Writes `rec` so that a crash leaves either the old record or the new one.
+    pub fn write(&self, rec: &SandboxRecord) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!(".{}.json.tmp", rec.id));
+        let bytes = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+        let r = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.path(&rec.id))?;
+            sync_dir(&self.dir)
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    /// Removes `id`'s record (durably).
+    pub fn remove(&self, id: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.path(id)) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every record, and the files that could not be read as one (with why). Leftover
+    /// temporary files of interrupted writes are removed.
+    pub fn load(&self) -> std::io::Result<Loaded> {
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for ent in std::fs::read_dir(&self.dir)?.flatten() {
+            let p = ent.path();
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(&p);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let rec = std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<SandboxRecord>(&b).map_err(|e| e.to_string())
+                })
+                .and_then(|r| match r.version {
+                    RECORD_VERSION => Ok(r),
+                    v => Err(format!(
+                        "record version {v}; this daemon reads {RECORD_VERSION}"
+                    )),
+                });
+            match rec {
+                Ok(r) if p == self.path(&r.id) => good.push(r),
+                Ok(r) => bad.push((p, format!("names sandbox {:?}", r.id))),
+                Err(why) => bad.push((p, why)),
+            }
+        }
+        good.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Loaded {
+            records: good,
+            refused: bad,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> SandboxRecord {
+        SandboxRecord {
+            version: RECORD_VERSION,
+            id: id.into(),
+            template: "t".into(),
+            provider: "socket".into(),
+            vm: None,
+            disk_size: 1 << 20,
+            quota: Some(4096),
+            created_unix_ms: 7,
+            state: RecordState::Paused,
+            paused: Some(DiffRecord::of(&PausedDisk {
+                map: DiffMap {
+                    size: 1 << 20,
+                    block_size: 4096,
+                    runs: vec![
+                        DiffRun {
+                            offset: 0,
+                            len: 4096,
+                            kind: DiffKind::Data { data_offset: 0 },
+                        },
+                        DiffRun {
+                            offset: 8192,
+                            len: 4096,
+                            kind: DiffKind::Zero,
+                        },
+                    ],
+                },
+                data: "/s/paused/a.1.diff".into(),
+            })),
+            pause_count: 1,
+            generation: 3,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_are_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Records::open(dir.path()).unwrap();
+        let mut a = record("a");
+        r.write(&a).unwrap();
+        a.state = RecordState::Running;
+        r.write(&a).unwrap();
+        r.write(&record("b")).unwrap();
+        let l = r.load().unwrap();
+        assert!(l.refused.is_empty(), "{:?}", l.refused);
+        assert_eq!(l.records, vec![a.clone(), record("b")]);
+        let paused = a.paused.as_ref().unwrap().to_paused();
+        assert_eq!(DiffRecord::of(&paused), *a.paused.as_ref().unwrap());
+        r.remove("a").unwrap();
+        r.remove("a").unwrap();
+        assert_eq!(r.load().unwrap().records.len(), 1);
+    }
+
+    #[test]
+    fn damaged_newer_and_misnamed_records_are_reported_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Records::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("x.json"), b"{not json").unwrap();
+        let mut newer = record("n");
+        newer.version = RECORD_VERSION + 1;
+        std::fs::write(
+            dir.path().join("n.json"),
+            serde_json::to_vec(&newer).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("other.json"),
+            serde_json::to_vec(&record("m")).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(".q.json.tmp"), b"half").unwrap();
+        let l = r.load().unwrap();
+        assert!(l.records.is_empty());
+        assert_eq!(l.refused.len(), 3, "{:?}", l.refused);
+        assert!(!dir.path().join(".q.json.tmp").exists());
+    }
+}
