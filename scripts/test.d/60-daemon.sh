@@ -104,7 +104,7 @@ kill -TERM "$DPID"; wait "$DPID" || true
 DPID=$!
 for _ in $(seq 200); do [ -S .rootfork/api.sock ] && break; sleep 0.05; done
 kill -TERM "$DPID"; wait "$DPID" || true; DPID=
-check "--delete-on-exit is the throwaway mode: the sandbox restored at start is deleted at stop" bash -c "[ -z \"\$(ls .rootfork/sandboxes .rootfork/paused)\" ]"
+check "--delete-on-exit is the throwaway mode: the sandbox restored at start is deleted at stop" bash -c "[ -z \"\$(find .rootfork/sandboxes .rootfork/paused -type f)\" ]"
 
 # A sandbox with QEMU VMM settings: the daemon boots a TCG guest on the sandbox's disk.
 cd "$ROOT"
