@@ -175,7 +175,9 @@ done
 t=fs1024-on-4096
 if fs_template 1024 /tmp/fs.img && start_attach_tpl fs4k /tmp/fs.img --block-size 4096; then
   [ "$(cat /sys/block/${DEV#/dev/}/queue/logical_block_size)" = 4096 ] && pass "$t-block-size" || fail "$t-block-size" "not 4096"
-  if mount -t ext4 $DEV /mnt 2>/dev/null; then umount /mnt; fail "$t-refused" "mounted"; else pass "$t-refused"; fi
+  if mount -t ext4 $DEV /mnt 2>/dev/null; then umount /mnt; fail "$t-refused" "mounted"
+  elif dmesg | tail -n 20 | grep -q "bad block size 1024"; then pass "$t-refused"
+  else dmesg | tail -n 5; fail "$t-refused" "refused, but not for its block size"; fi
   stop_attach $APID || fail "$t-detach" "exit status"
 else
   fail "$t" "template or attach"

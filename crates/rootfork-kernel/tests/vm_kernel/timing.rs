@@ -201,17 +201,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The cost of 512-byte logical blocks: two devices over fresh overlays of the template, one
 /// attached with 512-byte and one with 4096-byte logical blocks, measured in `BLOCKSIZE_REPS`
-/// (default 5) interleaved rounds (the order alternates) of `BLOCKSIZE_OPS` (default 300) 4 KiB
-/// random writes and reads and `BLOCKSIZE_SEQ_MIB` (default 8) 1 MiB sequential reads each, all
+/// (default 7) interleaved rounds (the order alternates) of `BLOCKSIZE_OPS` (default 1000) 4 KiB
+/// random writes and reads and `BLOCKSIZE_SEQ_MIB` (default 64) 1 MiB sequential reads each, all
 /// `O_DIRECT`. Prints each round's rates and the median ratio 512/4096 per kind (1.00: no cost),
 /// plus 512-byte writes on the 512 device (sub-block read-modify-writes) against its 4 KiB
 /// writes. Checks only that every I/O worked.
 #[test]
 #[ignore = "needs /dev/nbdN: run inside the test VM (tests/vm/kernel/run.sh)"]
 fn block_size_cost() {
-    let reps = env_count("BLOCKSIZE_REPS", 5).max(1);
-    let ops = env_count("BLOCKSIZE_OPS", 300).max(1);
-    let seq = env_count("BLOCKSIZE_SEQ_MIB", 8).max(1);
+    let reps = env_count("BLOCKSIZE_REPS", 7).max(1);
+    let ops = env_count("BLOCKSIZE_OPS", 1000).max(1);
+    let seq = env_count("BLOCKSIZE_SEQ_MIB", 64).max(1);
     let env = Env::new();
     let mut devs = Vec::new();
     for bs in [512u64, 4096] {
