@@ -154,7 +154,7 @@ fn next(x: &mut u64) -> u64 {
 fn interleaved(batches: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64) {
     let (mut ta, mut tb) = (0.0, 0.0);
     for i in 0..batches {
-        let mut time = |f: &mut dyn FnMut(), t: &mut f64| {
+        let time = |f: &mut dyn FnMut(), t: &mut f64| {
             let t0 = Instant::now();
             f();
             *t += t0.elapsed().as_secs_f64();
