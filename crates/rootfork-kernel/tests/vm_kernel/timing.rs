@@ -335,6 +335,27 @@ fn block_size_cost() {
         ratio(|g| g.seq1m[0] / g.seq1m[1]),
         ratio(|g| g.write512 / g.write4k_beside_512),
     );
+    // What each device's server saw: the requests the kernel made of the same I/O, and the
+    // server's own time per request (so a difference is placed in the kernel or in the server).
+    for (bs, d, _, _, _) in &devs {
+        let s = d.stats();
+        let line = |op: rootfork_nbd::Op| {
+            let o = s.op(op);
+            let n = o.count.max(1);
+            format!(
+                "{}={} avg_kib={:.1} server_mean_us={:.0}",
+                op.name(),
+                o.count,
+                o.bytes as f64 / n as f64 / 1024.0,
+                o.latency_total.as_secs_f64() * 1e6 / n as f64
+            )
+        };
+        println!(
+            "LATENCY blocksize requests bs={bs}: {} {}",
+            line(rootfork_nbd::Op::Read),
+            line(rootfork_nbd::Op::Write)
+        );
+    }
     assert!(
         rounds.iter().all(|g| g
             .write4k
