@@ -21,7 +21,7 @@ pub mod sysfs;
 pub use attach::peer_gone;
 pub use attach::{
     AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth, DeviceNodes, Dispatch,
-    Dispatcher, HostNodes, NbdDispatcher, SwitchableDevice, WarmSlot,
+    Dispatcher, HostNodes, NbdDispatcher, SwitchableDevice, WarmSlot, BLOCK_SIZE,
 };
 pub use identity::{device_path, BackendId};
 pub use netlink::{NbdControl, NbdNetlink, NlError};

@@ -118,7 +118,7 @@ if create k1; then
   dd if=$DEV1 bs=4096 count=256 2>/dev/null | cmp -s - /tmp/thead && pass "$t-reads-template" || fail "$t-reads-template" "differs"
   # Informational: whether the demo template's ext4 mounts through the kernel device.
   if mount -t ext4 -o ro $DEV1 /mnt 2>/dev/null; then echo "NOTE the demo template mounts on $DEV1"; umount /mnt
-  else echo "NOTE the demo template does not mount on $DEV1 (ext4 block size below the device's 4 KiB logical block size)"; fi
+  else echo "NOTE the demo template does not mount on $DEV1 (its ext4 block size is below the device's logical block size)"; fi
   dd if=/dev/urandom of=/tmp/pat bs=4096 count=256 2>/dev/null
   dd if=/tmp/pat of=$DEV1 bs=4096 seek=8192 conv=fsync,notrunc 2>/dev/null
   drop_caches

@@ -27,11 +27,17 @@ vm_kernel() { /bin/vm_kernel --ignored --test-threads=1 "$@"; }
 # and releases them (a probe for the shell checks, not a check itself).
 claim_all() { vm_kernel --exact probe::claim_all --nocapture 2>&1 | grep -o 'CLAIM_ALL.*'; }
 
-# start_attach NAME [args...]: starts `rootfork nbd attach` in the background; sets $APID and
-# $DEV (first stdout line) or fails the check.
+# start_attach NAME [args...]: starts `rootfork nbd attach` of /tmp/t.img in the background;
+# sets $APID and $DEV (first stdout line) or fails the check.
 start_attach() {
   name=$1; shift
-  rootfork nbd attach --template /tmp/t.img --sandbox "$name" "$@" >/tmp/$name.out 2>/tmp/$name.err &
+  start_attach_tpl "$name" /tmp/t.img "$@"
+}
+
+# start_attach_tpl NAME TEMPLATE [args...]: start_attach of another template.
+start_attach_tpl() {
+  name=$1; tpl=$2; shift 2
+  rootfork nbd attach --template "$tpl" --sandbox "$name" "$@" >/tmp/$name.out 2>/tmp/$name.err &
   APID=$!
   DEV=
   i=0
@@ -69,8 +75,11 @@ if start_attach one; then
   else
     fail "$t-sysfs" "pid=$(cat $S/pid) size=$(cat $S/size) backend=$(cat $S/backend)"
   fi
-  [ "$(cat /sys/block/nbd$N/queue/logical_block_size)" = 4096 ] && pass "$t-block-size" \
+  # 512-byte logical blocks (every file system mounts); the driver gives the physical block
+  # size the same value (NBD_ATTR_BLOCK_SIZE_BYTES sets both; there is no separate hint).
+  [ "$(cat /sys/block/nbd$N/queue/logical_block_size)" = 512 ] && pass "$t-block-size" \
     || fail "$t-block-size" "$(cat /sys/block/nbd$N/queue/logical_block_size)"
+  echo "NOTE nbd$N physical_block_size=$(cat /sys/block/nbd$N/queue/physical_block_size)"
   rootfork nbd list | grep -q "^$DEV *connected" && pass "$t-list" || { rootfork nbd list; fail "$t-list" "not connected in list"; }
   rootfork nbd list --json | grep -q '"state": "connected"' && pass "$t-list-json" || fail "$t-list-json" "no connected slot"
   # The template's bytes come through; a written pattern reads back after dropping caches.
@@ -130,6 +139,78 @@ if start_attach held; then
 else
   fail "$t" "attach did not print a device"
 fi
+
+# --- 1c. ext4 with 1, 2 and 4 KiB blocks on /dev/nbdN ---------------------------------------
+# Each template is a 64 MiB regular file made with `mke2fs -b N` (1 KiB is mkfs.ext4's default
+# below 512 MiB); attached, mounted, a file written, unmounted, checked with `e2fsck -f -n`,
+# mounted again to read the file back, detached.
+# fs_template BYTES PATH: a 64 MiB ext4 image with BYTES-byte blocks.
+fs_template() {
+  rm -f "$2"
+  dd if=/dev/zero of="$2" bs=$MB count=0 seek=64 2>/dev/null && /sbin/mke2fs -q -F -t ext4 -b "$1" "$2"
+}
+for BS in 1024 2048 4096; do
+  t=fs$BS
+  if ! fs_template $BS /tmp/fs.img; then fail "$t-mkfs" "mke2fs -b $BS"; continue; fi
+  if start_attach_tpl fs$BS /tmp/fs.img; then
+    if mount -t ext4 $DEV /mnt 2>/tmp/mount.err; then
+      pass "$t-mount"
+      dd if=/dev/urandom of=/mnt/data bs=64k count=16 2>/dev/null
+      (cd /mnt && sha256sum data > /tmp/fssum)
+      umount /mnt
+      drop_caches
+      if /sbin/e2fsck -f -n $DEV >/tmp/fsck.out 2>&1; then pass "$t-fsck"; else cat /tmp/fsck.out; fail "$t-fsck" "e2fsck"; fi
+      mount -t ext4 $DEV /mnt && (cd /mnt && sha256sum -c /tmp/fssum >/dev/null) && pass "$t-file" || fail "$t-file" "checksum"
+      umount /mnt
+    else
+      cat /tmp/mount.err; dmesg | tail -n 3; fail "$t-mount" "mount"
+    fi
+    if stop_attach $APID; then pass "$t-detach"; else cat /tmp/fs$BS.err; fail "$t-detach" "exit status"; fi
+  else
+    fail "$t" "attach did not print a device"
+  fi
+done
+# The issue's failure, kept as a check that --block-size still reaches the kernel: a 4096-byte
+# logical block size refuses ext4 with 1 KiB blocks ("bad block size 1024").
+t=fs1024-on-4096
+if fs_template 1024 /tmp/fs.img && start_attach_tpl fs4k /tmp/fs.img --block-size 4096; then
+  [ "$(cat /sys/block/${DEV#/dev/}/queue/logical_block_size)" = 4096 ] && pass "$t-block-size" || fail "$t-block-size" "not 4096"
+  if mount -t ext4 $DEV /mnt 2>/dev/null; then umount /mnt; fail "$t-refused" "mounted"
+  elif dmesg | tail -n 20 | grep -q "bad block size 1024"; then pass "$t-refused"
+  else dmesg | tail -n 5; fail "$t-refused" "refused, but not for its block size"; fi
+  stop_attach $APID || fail "$t-detach" "exit status"
+else
+  fail "$t" "template or attach"
+fi
+# Two attachments of the same 1 KiB-block template stay isolated: each sees only its own file.
+t=fs1024-isolated
+PA=; PB=
+if fs_template 1024 /tmp/fs.img && start_attach_tpl fsa /tmp/fs.img && DA=$DEV && PA=$APID \
+   && start_attach_tpl fsb /tmp/fs.img && DB=$DEV && PB=$APID; then
+  FSUM=$(sha256sum /tmp/fs.img | cut -d' ' -f1)
+  mkdir -p /mnt/a /mnt/b
+  if mount -t ext4 $DA /mnt/a && mount -t ext4 $DB /mnt/b; then
+    echo a > /mnt/a/only-a; echo b > /mnt/b/only-b; sync
+    umount /mnt/a; umount /mnt/b
+    drop_caches
+    mount -t ext4 $DA /mnt/a && mount -t ext4 $DB /mnt/b \
+      && [ "$(cat /mnt/a/only-a)" = a ] && [ ! -e /mnt/a/only-b ] \
+      && [ "$(cat /mnt/b/only-b)" = b ] && [ ! -e /mnt/b/only-a ] \
+      && pass "$t" || { ls /mnt/a /mnt/b; fail "$t" "a file is missing or visible to the other"; }
+    umount /mnt/a; umount /mnt/b
+    /sbin/e2fsck -f -n $DA >/tmp/fsck.out 2>&1 && /sbin/e2fsck -f -n $DB >>/tmp/fsck.out 2>&1 \
+      && pass "$t-fsck" || { cat /tmp/fsck.out; fail "$t-fsck" "e2fsck"; }
+  else
+    fail "$t" "mount"; umount /mnt/a 2>/dev/null
+  fi
+  [ "$(sha256sum /tmp/fs.img | cut -d' ' -f1)" = "$FSUM" ] && pass "$t-template-unchanged" || fail "$t-template-unchanged" "checksum"
+  ok=1; stop_attach $PA || ok=0; stop_attach $PB || ok=0
+  [ $ok = 1 ] && pass "$t-detached" || fail "$t-detached" "exit status"
+else
+  fail "$t" "template or attach"
+  [ -n "$PA" ] && stop_attach $PA
+fi
+rm -f /tmp/fs.img
 
 # --- 2. eight devices on one template at once (1-4 connections each), isolated ----------------------------------------
 t=eight
@@ -215,8 +296,9 @@ ok=1
 for d in /sys/block/nbd*; do n=${d#/sys/block/nbd}; quiescent $n || { ok=0; echo "nbd$n not quiescent"; }; done
 [ $ok = 1 ] && pass all-quiescent || fail all-quiescent "see above"
 
-# --- 6. timing: attach latency (cold, close, warm) and reconnect cycles, apart from the checks ---
-# They print `LATENCY ...` lines and check only that the runs worked.
+# --- 6. timing: attach latency (cold, close, warm), reconnect cycles and the cost of 512-byte
+# logical blocks against 4096, apart from the checks. They print `LATENCY ...` lines and check
+# only that the runs worked.
 vm_kernel timing:: --show-output 2>&1 | tee /tmp/vm_timing.out
 libtest_results /tmp/vm_timing.out vm_kernel
 

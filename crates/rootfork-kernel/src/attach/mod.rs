@@ -49,8 +49,18 @@ use crate::pool::{DevicePool, Lease};
 use guards::{Connected, Dispatches};
 use wait::{stage_boundary, until};
 
-/// The logical block size rootfork gives the kernel.
-pub const BLOCK_SIZE: u64 = 4096;
+/// The logical block size rootfork gives the kernel by default: 512, so every file system a
+/// template can hold mounts (ext4 with 1 KiB blocks, the `mkfs.ext4` default below 512 MiB, is
+/// refused on a device whose logical blocks are larger than its own: `bad block size 1024`).
+///
+/// The nbd driver sets the physical block size to the same value (`nbd_set_size` calls both
+/// `blk_queue_logical_block_size` and `blk_queue_physical_block_size` with
+/// `NBD_ATTR_BLOCK_SIZE_BYTES`; the netlink family has no separate physical or minimum-I/O hint),
+/// so the device cannot tell file systems that 4 KiB is the overlay's block. A write smaller than
+/// an overlay block is merged with a read-modify-write in the overlay (`rootfork-block`), and the
+/// NBD engine accepts any alignment (`ServeOptions::min_block_size` 1). docs/kernel.md has the
+/// measured cost against 4096.
+pub const BLOCK_SIZE: u64 = 512;
 
 /// The most sockets one device may have.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -62,8 +72,10 @@ pub struct AttachOptions {
     pub sandbox: String,
     /// Sockets (kernel connections) for the device.
     pub connections: usize,
-    /// The logical block size (`NBD_ATTR_BLOCK_SIZE_BYTES`): [`BLOCK_SIZE`] unless testing what
-    /// the kernel refuses; the device size must be a multiple of it.
+    /// The logical (and, in the nbd driver, physical) block size (`NBD_ATTR_BLOCK_SIZE_BYTES`),
+    /// [`BLOCK_SIZE`] (512) by default; the kernel accepts powers of two from 512 to the page
+    /// size. The device size must be a multiple of it. A file system whose block is smaller than
+    /// this does not mount (4096 refuses ext4 with 1 KiB or 2 KiB blocks).
     pub block_size: u64,
     /// The kernel's request timeout; must exceed the worst backend latency.
     pub timeout: Duration,

@@ -72,7 +72,7 @@ impl NbdControl for FakeKernel {
                     .map_err(|_| NlError::Refused { errno: libc::EBADF })?,
             );
         }
-        assert_eq!(req.block_size_bytes, 4096);
+        assert_eq!(req.block_size_bytes, crate::attach::BLOCK_SIZE);
         let b = req.backend_identifier.as_deref();
         assert!(crate::identity::BackendId::parse(b.unwrap()).is_some());
         match *self.on_connect.lock() {

@@ -86,7 +86,8 @@ pub struct ConnectRequest {
     pub index: Option<u32>,
     /// Device size in bytes.
     pub size_bytes: u64,
-    /// Logical block size in bytes (rootfork uses 4096).
+    /// Logical block size in bytes (the driver sets the physical block size to it as well;
+    /// rootfork uses 512 by default, `AttachOptions::block_size`).
     pub block_size_bytes: u64,
     /// Request timeout in seconds (must exceed the worst backend latency).
     pub timeout_secs: u64,

@@ -44,6 +44,11 @@ pub struct Args {
     /// The kernel's request timeout in seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// The device's logical block size in bytes (512 to the page size, a power of two; the
+    /// template's size must be a multiple of it). 512 mounts every file system; a larger one
+    /// refuses file systems with smaller blocks.
+    #[arg(long, default_value_t = rootfork_kernel::BLOCK_SIZE)]
+    pub block_size: u64,
     /// Skip reclaiming dead rootfork devices on start.
     #[arg(long)]
     pub no_reclaim: bool,
@@ -101,6 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sandbox: sandbox.clone(),
         connections: args.connections as usize,
         timeout: Duration::from_secs(args.timeout.max(1)),
+        block_size: args.block_size,
         cache_path: Some(cache.clone()),
         ..AttachOptions::default()
     };

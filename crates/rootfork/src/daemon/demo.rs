@@ -39,8 +39,9 @@ fn build_ext4(mkfs: &Path, out: &Path, scratch: &Path) -> std::io::Result<()> {
     )?;
     std::fs::File::create(out)?.set_len(EXT4_SIZE)?;
     let o = Command::new(mkfs)
-        // 4 KiB blocks: /dev/nbdN has a 4 KiB logical block size, and ext4 cannot mount a
-        // file system whose block size is smaller than the device's.
+        // 4 KiB blocks, the overlay's block: a file-system block is never a read-modify-write of
+        // an overlay block. (Not needed to mount: /dev/nbdN has 512-byte logical blocks, so
+        // 1 KiB-block ext4 mounts too; a device attached with 4096 would refuse it.)
         .args(["-q", "-F", "-b", "4096", "-L", "rootfork-demo", "-d"])
         .arg(&root)
         .arg(out)
@@ -125,8 +126,8 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    /// The demo file system must mount on `/dev/nbdN`, whose logical block size is 4 KiB: ext4
-    /// refuses a block size below the device's.
+    /// The demo file system has the overlay's 4 KiB blocks (it also mounts on a `/dev/nbdN`
+    /// attached with 4096-byte logical blocks; ext4 refuses a block size below the device's).
     #[test]
     fn the_demo_ext4_has_4k_blocks() {
         let Some(mkfs) = find_mkfs() else {
