@@ -6,34 +6,13 @@
 mod common;
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use rootfork::api::v1;
 use rootfork::client::{self, ApiTarget, Clients};
-
-/// The daemon process; killed and reaped however the test ends.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn connect(api: &Path) -> Clients {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(c) = client::connect(&ApiTarget::Unix(api.to_owned())).await {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn get_within_5s(c: &mut Clients, id: &str) -> v1::Sandbox {
     tokio::time::timeout(
@@ -61,7 +40,7 @@ async fn three_hundred_connections_under_ulimit_256_leave_the_daemon_usable() {
         state.display(),
         dir.path().join("locks").display()
     );
-    let _serve = Serve(
+    let _serve = ServeProcess(
         Command::new("sh")
             .arg("-c")
             .arg(&cmd)
@@ -69,7 +48,7 @@ async fn three_hundred_connections_under_ulimit_256_leave_the_daemon_usable() {
             .spawn()
             .unwrap(),
     );
-    let mut c = connect(&api).await;
+    let mut c = connect_when_up(&api).await;
     let src = make_template(dir.path(), "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();
     let sb = create(&mut c, "tpl", "busy").await.unwrap();

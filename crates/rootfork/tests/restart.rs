@@ -6,12 +6,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use rootfork::api::v1;
-use rootfork::client::{self, ApiTarget, Clients};
 use rootfork::config::Config;
 use rootfork::daemon::Daemon;
 
@@ -21,17 +20,6 @@ async fn start(state: &Path, locks: &Path) -> Daemon {
     config.nbd_lock_dir = locks.to_owned();
     config.health_interval = Duration::from_secs(3600);
     Daemon::start(config).await.unwrap()
-}
-
-async fn connect(api: &Path) -> Clients {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(c) = client::connect(&ApiTarget::Unix(api.to_owned())).await {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn state_of(s: &v1::Sandbox) -> v1::SandboxState {
@@ -46,7 +34,7 @@ async fn a_stop_pauses_and_keeps_every_sandbox() {
         .unwrap();
     let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
     let d = start(&state, &locks).await;
-    let mut c = connect(d.api_socket()).await;
+    let mut c = connect_when_up(d.api_socket()).await;
     let src = make_template(dir.path(), "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();
     let run = create(&mut c, "tpl", "run").await.unwrap();
@@ -57,7 +45,7 @@ async fn a_stop_pauses_and_keeps_every_sandbox() {
     d.shutdown().await;
 
     let d = start(&state, &locks).await;
-    let mut c = connect(d.api_socket()).await;
+    let mut c = connect_when_up(d.api_socket()).await;
     for id in ["run", "held"] {
         assert_eq!(
             state_of(&get(&mut c, id).await),
@@ -74,7 +62,7 @@ async fn a_stop_pauses_and_keeps_every_sandbox() {
     assert!(delete(&mut c, "held").await.unwrap());
     d.shutdown().await;
     let d = start(&state, &locks).await;
-    let mut c = connect(d.api_socket()).await;
+    let mut c = connect_when_up(d.api_socket()).await;
     let ids: Vec<String> = c
         .sandboxes
         .list_sandboxes(v1::ListSandboxesRequest::default())
@@ -90,35 +78,19 @@ async fn a_stop_pauses_and_keeps_every_sandbox() {
     d.shutdown().await;
 }
 
-/// `rootfork serve` as a process, killed and reaped however the test ends.
-struct Serve(Child);
-
-impl Serve {
-    fn start(state: &Path, locks: &Path) -> Serve {
-        Serve(
-            Command::new(env!("CARGO_BIN_EXE_rootfork"))
-                .args(["serve", "--no-demo", "--health-interval", "10"])
-                .arg("--state-dir")
-                .arg(state)
-                .arg("--nbd-lock-dir")
-                .arg(locks)
-                .env("RUST_LOG", "warn")
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn kill9(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `rootfork serve` on `state`, as a process.
+fn spawn_serve(state: &Path, locks: &Path) -> ServeProcess {
+    ServeProcess(
+        Command::new(env!("CARGO_BIN_EXE_rootfork"))
+            .args(["serve", "--no-demo", "--health-interval", "10"])
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--nbd-lock-dir")
+            .arg(locks)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,8 +101,8 @@ async fn after_sigkill_paused_sandboxes_resume_and_running_ones_say_what_was_los
         .unwrap();
     let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
     let api: PathBuf = state.join("api.sock");
-    let serve = Serve::start(&state, &locks);
-    let mut c = connect(&api).await;
+    let serve = spawn_serve(&state, &locks);
+    let mut c = connect_when_up(&api).await;
     let src = make_template(dir.path(), "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();
     // held: paused. again: paused, resumed, written after. fresh: never paused.
@@ -149,8 +121,8 @@ async fn after_sigkill_paused_sandboxes_resume_and_running_ones_say_what_was_los
     let orphan = state.join("paused").join("gone.7.diff");
     std::fs::write(&orphan, b"x").unwrap();
 
-    let _serve = Serve::start(&state, &locks);
-    let mut c = connect(&api).await;
+    let _serve = spawn_serve(&state, &locks);
+    let mut c = connect_when_up(&api).await;
     assert_eq!(
         state_of(&get(&mut c, "held").await),
         v1::SandboxState::Paused

@@ -73,6 +73,40 @@ impl TestDaemon {
     }
 }
 
+/// A client of the API at `api`, once the daemon answers there (30 s at most).
+pub async fn connect_when_up(api: &Path) -> Clients {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(c) = client::connect(&ApiTarget::Unix(api.to_owned())).await {
+            return c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not come up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A `rootfork serve` process (or a shell running one); killed and reaped however the test
+/// ends.
+pub struct ServeProcess(pub std::process::Child);
+
+impl ServeProcess {
+    /// Kills it now (SIGKILL) and reaps it.
+    pub fn kill9(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A raw template whose block `n` starts with `tpl block n`.
 pub fn make_template(dir: &Path, name: &str, blocks: u64) -> PathBuf {
     let p = dir.join(name);
