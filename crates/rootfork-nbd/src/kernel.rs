@@ -32,6 +32,7 @@ use rootfork_block::BlockDevice;
 use crate::buf::BufPool;
 use crate::conn::{serve, EndReason, Shared, Transmission};
 use crate::consts::*;
+use crate::fence::WriteFence;
 use crate::opts::ServeOptions;
 use crate::reply::Framing;
 use crate::request::Limits;
@@ -73,7 +74,7 @@ impl KernelConnection {
         device: Arc<dyn BlockDevice>,
         opts: ServeOptions,
     ) -> io::Result<KernelConnection> {
-        Self::start(stream, device, opts, None)
+        Self::start(stream, device, opts, None, None)
     }
 
     /// Like [`KernelConnection::spawn`], also counting every answered request in `shared`
@@ -86,7 +87,23 @@ impl KernelConnection {
         opts: ServeOptions,
         shared: Arc<Stats>,
     ) -> io::Result<KernelConnection> {
-        Self::start(stream, device, opts, Some(shared))
+        Self::start(stream, device, opts, Some(shared), None)
+    }
+
+    /// Like [`KernelConnection::spawn_with_stats`], behind the device's write `fence`, shared by
+    /// every connection of the device (replacements included): a write, trim or write-zeroes is
+    /// applied only after overlapping ones of the other connections, and never once this socket
+    /// is dead — the kernel requeues a timed-out request on another connection right after it
+    /// shuts the socket down (see [`crate::fence`]). Use it for every connection of a device
+    /// attached with a timeout or with more than one connection.
+    pub fn spawn_fenced(
+        stream: UnixStream,
+        device: Arc<dyn BlockDevice>,
+        opts: ServeOptions,
+        shared: Arc<Stats>,
+        fence: Arc<WriteFence>,
+    ) -> io::Result<KernelConnection> {
+        Self::start(stream, device, opts, Some(shared), Some(fence))
     }
 
     fn start(
@@ -94,6 +111,7 @@ impl KernelConnection {
         device: Arc<dyn BlockDevice>,
         opts: ServeOptions,
         device_stats: Option<Arc<Stats>>,
+        fence: Option<Arc<WriteFence>>,
     ) -> io::Result<KernelConnection> {
         let limits = Limits {
             size: device.size(),
@@ -118,6 +136,9 @@ impl KernelConnection {
             Arc::new(BufPool::new()),
             device_stats,
         );
+        if let Some(fence) = fence {
+            shared.join_fence(fence);
+        }
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("nbd-kernel-reader".into())

@@ -47,6 +47,7 @@ pub mod buf;
 mod conn;
 pub mod consts;
 mod exec;
+pub mod fence;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzzing;
 pub mod handshake;

@@ -107,6 +107,20 @@ impl Sock {
         };
     }
 
+    /// Whether the stream is shut down in both directions (`POLLHUP`): the peer shut it down
+    /// or closed it (the kernel's `nbd` driver does when it declares a socket dead), or we did.
+    /// Data still buffered does not hide it. A `poll` that fails counts as hung up.
+    pub fn hung_up(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.as_fd(), PollFlags::empty())];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            Err(_) => true,
+        }
+    }
+
     /// A second handle to the same socket.
     pub fn try_clone(&self) -> io::Result<Sock> {
         Ok(match self {

@@ -8,7 +8,11 @@
 //! request hang on purpose (request-age and health-check tests). [`PanicDevice`] wraps any
 //! device and panics on the Nth call of one operation (panic-handling tests).
 //! [`FragmentedDevice`] is a huge device of alternating data and zero blocks that keeps no
-//! data and counts the extents it reports (block-status work bounds).
+//! data and counts the extents it reports (block-status work bounds). [`StallingWrites`] holds
+//! one marked write back past a kernel timeout (write-fence tests).
+
+mod stall;
+pub use stall::StallingWrites;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

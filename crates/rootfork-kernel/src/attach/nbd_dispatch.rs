@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rootfork_block::BlockDevice;
+use rootfork_nbd::fence::WriteFence;
 use rootfork_nbd::kernel::{transmission_flags, KernelConnection};
 use rootfork_nbd::stats::Stats;
 use rootfork_nbd::{ServeOptions, StatsSnapshot};
@@ -15,10 +16,16 @@ use super::seams::{Dispatch, Dispatcher};
 /// Serves one device in kernel mode (simple replies, no handshake) on every socket of an
 /// attachment; all connections share the device (`CAN_MULTI_CONN`) and one set of counters, so
 /// [`NbdDispatcher::stats`] covers every connection it ever spawned, replaced ones included.
+///
+/// Every connection it spawns sits behind one [`WriteFence`]: a write the kernel gave up on (it
+/// shut that socket down and requeued the request on another connection) is never applied after
+/// the requeued copy, so a stale write cannot land over a newer one (docs/kernel.md, *Stale
+/// writes*).
 pub struct NbdDispatcher {
     device: Arc<dyn BlockDevice>,
     opts: ServeOptions,
     stats: Arc<Stats>,
+    fence: Arc<WriteFence>,
 }
 
 impl NbdDispatcher {
@@ -28,7 +35,13 @@ impl NbdDispatcher {
             device,
             opts,
             stats: Arc::new(Stats::default()),
+            fence: WriteFence::new(),
         }
+    }
+
+    /// Writes refused so far because the kernel had declared their connection dead.
+    pub fn fenced_writes(&self) -> u64 {
+        self.fence.fenced()
     }
 
     /// Requests answered by every connection spawned so far (per command: counts, errors,
@@ -53,11 +66,12 @@ impl Dispatcher for NbdDispatcher {
     }
 
     fn spawn(&self, stream: UnixStream) -> io::Result<Box<dyn Dispatch>> {
-        Ok(Box::new(KernelConnection::spawn_with_stats(
+        Ok(Box::new(KernelConnection::spawn_fenced(
             stream,
             self.device.clone(),
             self.opts.clone(),
             self.stats.clone(),
+            self.fence.clone(),
         )?))
     }
 }

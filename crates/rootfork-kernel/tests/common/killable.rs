@@ -34,6 +34,12 @@ impl Killable {
         e.shutdown(std::net::Shutdown::Both)
     }
 
+    /// How many of the sockets ever served are shut down (by the kernel, by a kill, or closed).
+    pub fn hung_up_count(&self) -> usize {
+        let ends = self.ends.lock().expect("ends lock");
+        ends.iter().filter(|e| hung_up(e)).count()
+    }
+
     /// Kills the `k`-th (oldest first) of the connections still open; forgets the closed ones.
     pub fn kill_live(&self, k: usize) -> io::Result<()> {
         let mut ends = self.ends.lock().expect("ends lock");

@@ -4,7 +4,8 @@
 //! `/bin/vm_kernel` and runs it with `--ignored --test-threads=1` (the tests share the kernel's
 //! devices). See `tests/vm/kernel/run.sh` and docs/kernel.md.
 //!
-//! - pass/fail checks: `refusal` (a connect the kernel refuses), `netlink` (STATUS, RECONFIGURE,
+//! - pass/fail checks: `fence` (a write the kernel timed out and requeued on the other
+//!   connection never lands over a newer one), `refusal` (a connect the kernel refuses), `netlink` (STATUS, RECONFIGURE,
 //!   DISCONNECT of an idle device), `reconnect` (a killed kernel connection: detection, I/O while
 //!   dead, RECONFIGURE) and `reconnect_edges` (a request in flight at the kill, a spare socket,
 //!   kill/reconnect churn, close with every connection dead);
@@ -19,6 +20,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod fence;
 mod netlink;
 mod probe;
 mod reconnect;

@@ -42,7 +42,7 @@ use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -50,8 +50,9 @@ use parking_lot::Mutex;
 use rootfork_block::BlockDevice;
 
 use crate::buf::{Buf, BufPool};
-use crate::consts::EIO;
+use crate::consts::{EIO, ESHUTDOWN};
 use crate::exec::{bytes_of, execute, op_of, ExecContext};
+use crate::fence::{modified_range, FenceGuard, Fenced, WriteFence};
 use crate::meta::MetaContext;
 use crate::opts::ServeOptions;
 use crate::queue::{JobQueue, Window};
@@ -178,6 +179,8 @@ pub(crate) struct Shared {
     /// Per executor (slot 0 the reader, `i + 1` worker `i`): when the request it is executing
     /// was received, in nanoseconds since `epoch` plus one; 0 when idle.
     busy: Box<[AtomicU64]>,
+    /// Kernel mode: the device's write fence and this connection's id in it (see `fence.rs`).
+    fence: OnceLock<(Arc<WriteFence>, u64)>,
 }
 
 impl Shared {
@@ -214,7 +217,26 @@ impl Shared {
             server_stats,
             epoch: Instant::now(),
             busy,
+            fence: OnceLock::new(),
         })
+    }
+
+    /// Puts this connection behind `fence` (before it serves anything): every modifying command
+    /// is ordered against the other connections' and refused once the socket is dead.
+    pub(crate) fn join_fence(&self, fence: Arc<WriteFence>) {
+        let id = fence.connection();
+        let _ = self.fence.set((fence, id));
+    }
+
+    /// Enters the fence for `cmd` if there is one and `cmd` modifies the device.
+    fn enter_fence(&self, cmd: &Command) -> Result<Option<FenceGuard<'_>>, Fenced> {
+        let (Some((fence, id)), Some((offset, len))) = (self.fence.get(), modified_range(cmd))
+        else {
+            return Ok(None);
+        };
+        fence
+            .enter(*id, offset, len, || !self.sock.hung_up())
+            .map(Some)
     }
 
     /// How long the oldest request waiting for the server (queued or executing, reply not yet
@@ -445,12 +467,18 @@ impl Shared {
                 let data = payload.as_deref().or(data);
                 // Device code may panic (a bug): the request fails with `EIO`, its slot is
                 // released with its reply as for any other answer, and this thread (reader or
-                // worker) keeps serving. No lock of the engine is held here.
-                let outcome = panic::catch_unwind(AssertUnwindSafe(|| execute(cx, cmd, data)))
-                    .unwrap_or_else(|p| {
-                        self.device_panicked(&cmd, &*p);
-                        Outcome::Err(EIO)
-                    });
+                // worker) keeps serving. No lock of the engine is held here. A write the kernel
+                // gave up on is refused by the fence (the reply goes nowhere: the socket is dead).
+                let outcome = match self.enter_fence(&cmd) {
+                    Err(Fenced) => Outcome::Err(ESHUTDOWN),
+                    Ok(_applying) => {
+                        panic::catch_unwind(AssertUnwindSafe(|| execute(cx, cmd, data)))
+                            .unwrap_or_else(|p| {
+                                self.device_panicked(&cmd, &*p);
+                                Outcome::Err(EIO)
+                            })
+                    }
+                };
                 (op_of(&cmd), bytes_of(&cmd), outcome)
             }
             Work::Reject(errno) => (Op::Rejected, 0, Outcome::Err(errno)),
