@@ -2,35 +2,30 @@
 //! host link cannot be reached from inside. Instead the device node itself is created inside the
 //! chroot at the stable drive path with `mknod`, from the ready device's `st_rdev`, and chowned
 //! to the jail's uid/gid. A resume onto a different `/dev/nbdN` replaces the node atomically
-//! (`mknod` under a temporary name, then `rename`).
+//! (`mknod` under a random temporary name, then `rename`).
 //!
 //! A direct provider's regular file is hard-linked into the chroot instead (same filesystem
 //! only); anything else is refused.
+//!
+//! The chroot belongs to the jail user, so nothing under it is trusted: every step goes through
+//! directory descriptors and refuses symlinks (`jail_dir.rs`).
 
-use std::ffi::OsString;
-use std::io;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-
-use nix::sys::stat::{mknod, Mode, SFlag};
-use nix::unistd::{chown, Gid, Uid};
 
 use crate::drive::{ReadyDevice, StableDrivePath};
 use crate::identity::FileKind;
 
+pub use super::jail_dir::JailPathError;
+use super::jail_dir::{file_name, JailDir, NodeSource};
+
 /// Errors making the device node inside the jail.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    /// A filesystem operation failed.
-    #[error("jail node {path}: {op}: {source}")]
-    Io {
-        /// The node path (on the host).
-        path: PathBuf,
-        /// What was being done.
-        op: &'static str,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
+    /// A path under the jail was refused (a planted symlink, an entry swapped mid-way) or an
+    /// operation under it failed.
+    #[error("jail node: {0}")]
+    Path(#[from] JailPathError),
     /// The device cannot be placed in a jail.
     #[error("device {device} is a {kind}; only block devices and regular files can be jailed")]
     Unsupported {
@@ -54,6 +49,8 @@ pub struct JailOwner {
 #[derive(Debug)]
 pub struct JailedDeviceNode {
     path: PathBuf,
+    dir: JailDir,
+    name: OsString,
     owner: JailOwner,
 }
 
@@ -69,6 +66,8 @@ pub fn path_in_chroot(root: &Path, stable: &StableDrivePath) -> PathBuf {
 
 impl JailedDeviceNode {
     /// Creates the node for `device` at `stable` inside the chroot `root`, owned by `owner`.
+    /// Directories on the way are created (mode 0755) or opened without following symlinks; a
+    /// symlink anywhere under `root` is refused with [`JailPathError::Escape`].
     pub fn create(
         root: &Path,
         stable: &StableDrivePath,
@@ -76,75 +75,56 @@ impl JailedDeviceNode {
         owner: JailOwner,
     ) -> Result<Self, JailError> {
         let path = path_in_chroot(root, stable);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| JailError::Io {
-                path: parent.to_owned(),
-                op: "create directory",
-                source,
-            })?;
-        }
-        let mut node = JailedDeviceNode { path, owner };
-        node.replace(device)?;
-        Ok(node)
+        let rel = path.strip_prefix(root).unwrap_or(&path);
+        let name = file_name(rel).to_owned();
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let dir = JailDir::open_root(root)?.create_dirs(parent)?;
+        // Placed before the guard exists: a refused name is not ours to unlink.
+        place(&dir, &name, device, owner)?;
+        Ok(JailedDeviceNode {
+            path,
+            dir,
+            name,
+            owner,
+        })
     }
 
     /// Replaces the node with one for `device` (resume onto another device).
     pub fn retarget(&mut self, device: &ReadyDevice) -> Result<(), JailError> {
-        self.replace(device)
+        place(&self.dir, &self.name, device, self.owner)
     }
 
     /// The node's host path.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
 
-    fn replace(&mut self, device: &ReadyDevice) -> Result<(), JailError> {
-        let mut tmp: OsString = self.path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let io_err = |op, source| JailError::Io {
-            path: tmp.clone(),
-            op,
-            source,
-        };
-        let _ = std::fs::remove_file(&tmp);
-        let id = device.identity();
-        match id.kind {
-            FileKind::Block => mknod(
-                &tmp,
-                SFlag::S_IFBLK,
-                Mode::from_bits_truncate(0o600),
-                id.rdev,
-            )
-            .map_err(|e| io_err("mknod", e.into()))?,
-            FileKind::Regular => {
-                std::fs::hard_link(device.path(), &tmp).map_err(|e| io_err("hard link", e))?
-            }
-            kind => {
-                return Err(JailError::Unsupported {
-                    device: device.path().to_owned(),
-                    kind,
-                })
-            }
+/// Puts the node for `device` at `name` in `dir`, owned by `owner`.
+fn place(
+    dir: &JailDir,
+    name: &OsStr,
+    device: &ReadyDevice,
+    owner: JailOwner,
+) -> Result<(), JailError> {
+    let id = device.identity();
+    let source = match id.kind {
+        FileKind::Block => NodeSource::Block(id.rdev),
+        FileKind::Regular => NodeSource::HardLink(device.path()),
+        kind => {
+            return Err(JailError::Unsupported {
+                device: device.path().to_owned(),
+                kind,
+            })
         }
-        let finish = || -> Result<(), JailError> {
-            chown(
-                &tmp,
-                Some(Uid::from_raw(self.owner.uid)),
-                Some(Gid::from_raw(self.owner.gid)),
-            )
-            .map_err(|e| io_err("chown", e.into()))?;
-            std::fs::rename(&tmp, &self.path).map_err(|e| io_err("rename", e))
-        };
-        finish().inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
-    }
+    };
+    dir.place(name, source, owner.uid, owner.gid)?;
+    Ok(())
 }
 
 impl Drop for JailedDeviceNode {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.dir.remove(&self.name);
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod client;
 mod error;
+mod jail_dir;
 mod jailer;
 mod link;
 pub mod models;
@@ -13,7 +14,9 @@ mod vm;
 
 pub use client::{root_drive_body, FirecrackerClient, RootDriveOptions};
 pub use error::ApiError;
-pub use jailer::{path_in_chroot, JailError, JailOwner, JailedDeviceNode, JailerConfig};
+pub use jailer::{
+    path_in_chroot, JailError, JailOwner, JailPathError, JailedDeviceNode, JailerConfig,
+};
 pub use link::{HostLink, LinkError, PARKED_TARGET};
 pub use namespace::{NamespaceError, NamespacePlan};
 pub use process::{ProcessError, VmmCommand, VmmProcess};
