@@ -144,34 +144,34 @@ fn stale_write_across_connections(fenced: bool) -> (Vec<u8>, bool, Arc<StallingW
     // The kernel's timeout: connection 1 is declared dead, W1 is requeued on connection 2.
     k1.shutdown(Shutdown::Both).unwrap();
     k2.write_all(&write_req(2, 0xaa)).unwrap();
-    k2.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let early = match reply(&mut k2) {
-        Ok(r) => {
-            assert_eq!(r, (0, 2));
-            true
-        }
-        Err(e) => {
-            assert!(
+    let mut early = false;
+    if fenced {
+        // W1's copy waits for W1: no reply while W1 is held (a fence that let it through would
+        // answer within microseconds).
+        k2.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        match reply(&mut k2) {
+            Ok(_) => early = true,
+            Err(e) => assert!(
                 matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
                 "{e}"
-            );
-            false
+            ),
         }
-    };
-    k2.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    if early {
-        // Unfenced: W1's copy completed, the guest writes W2, which releases the held W1.
-        k2.write_all(&write_req(3, 0xbb)).unwrap();
-        assert_eq!(reply(&mut k2).unwrap(), (0, 3));
+        k2.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        if !early {
+            // The stall ends (as a slow disk eventually does): W1, then its copy.
+            assert!(stall.holding());
+            stall.release();
+            assert_eq!(reply(&mut k2).unwrap(), (0, 2));
+        }
     } else {
-        // Fenced: W1's copy waits for W1; the stall ends (as a slow disk eventually does).
-        assert!(stall.holding());
-        stall.release();
+        // Unfenced, W1's copy completes while W1 is still held.
         assert_eq!(reply(&mut k2).unwrap(), (0, 2));
-        k2.write_all(&write_req(3, 0xbb)).unwrap();
-        assert_eq!(reply(&mut k2).unwrap(), (0, 3));
+        early = true;
     }
+    // The guest writes W2 (which, unfenced, releases the held W1 after it).
+    k2.write_all(&write_req(3, 0xbb)).unwrap();
+    assert_eq!(reply(&mut k2).unwrap(), (0, 3));
     // Connection 1 ends once W1 is done (its reply goes nowhere).
     c1.wait();
     assert!(stall.stalled_write_applied());

@@ -1,13 +1,14 @@
 //! Stale writes across kernel connections (docs/kernel.md, *Stale writes*): two connections, a
-//! 4 s `NBD_ATTR_TIMEOUT`, and a write W1 the device holds back past it. The kernel marks W1's
+//! 6 s `NBD_ATTR_TIMEOUT`, and a write W1 the device holds back past it. The kernel marks W1's
 //! socket dead and requeues W1 on the other connection; the test then writes W2 to the same
 //! block. The held W1 must never land over W2.
 //!
-//! The device ([`StallingWrites`]) lets W1 go as soon as a write with other data lands over it,
-//! so without the fence the order is deterministic: the requeued copy completes, W2 lands and
-//! releases W1, which overwrites W2 (`rootfork-nbd/tests/kernel_fence.rs` shows that twin on a
-//! fake kernel). With the fence the requeued copy waits for W1; the test releases W1 itself
-//! 1.5 s after the kernel shut the socket down, well inside the copy's own timeout.
+//! The device ([`StallingWrites`]) lets W1 go as soon as a write with other data lands over it.
+//! Without the fence the requeued copy completes at once (the test gives it 1.5 s), W2 lands and
+//! releases W1, which overwrites W2 (`rootfork-nbd/tests/kernel_fence.rs` has that unfenced twin,
+//! deterministic, on a fake kernel). With the fence the requeued copy waits for W1; the test
+//! releases W1 itself 1.5 s after the kernel shut the socket down, well inside the copy's own
+//! timeout. No outcome depends on timing: a fenced copy can never complete early.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -52,7 +53,7 @@ fn case(env: &Env) -> Result<(), String> {
     let opts = AttachOptions {
         sandbox: "fence".into(),
         connections: 2,
-        timeout: Duration::from_secs(4),
+        timeout: Duration::from_secs(6),
         ..Default::default()
     };
     let a = env.attach(&d, &opts);
