@@ -157,7 +157,9 @@ impl KernelConnection {
     }
 
     /// Shuts the socket down; the reader stops, in-flight requests finish (their replies are
-    /// dropped). Returns immediately; use [`KernelConnection::wait`] to join.
+    /// dropped), except that on a fenced connection a write, trim or write-zeroes not yet
+    /// applied is refused (the socket shows `POLLHUP`). Returns immediately; use
+    /// [`KernelConnection::wait`] to join.
     pub fn shutdown(&self) {
         self.shared.shutdown();
     }
