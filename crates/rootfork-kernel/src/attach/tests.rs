@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 
 use super::*;
 use crate::netlink::{AmbiguousCause, DeviceStatus, NlError, ReconfigureRequest};
-use crate::pool::{DevicePool, PoolConfig, PoolEvent};
+use crate::pool::{DevicePool, PoolConfig, PoolError, PoolEvent};
 use crate::sysfs::fake;
 
 /// What the fake kernel does on CONNECT.
@@ -56,6 +56,10 @@ struct FakeKernel {
     disconnects: AtomicUsize,
     /// When set, the kernel's teardown finishes only once the gate opens.
     teardown_gate: Mutex<Option<Arc<Gate>>>,
+    /// Slots held open by an idle opener: CONNECT answers EBUSY.
+    held_open: Mutex<Vec<u32>>,
+    /// DISCONNECT fails with this errno (and leaves the device connected).
+    refuse_disconnect: Mutex<Option<i32>>,
 }
 
 impl NbdControl for FakeKernel {
@@ -75,6 +79,9 @@ impl NbdControl for FakeKernel {
         assert_eq!(req.block_size_bytes, crate::attach::BLOCK_SIZE);
         let b = req.backend_identifier.as_deref();
         assert!(crate::identity::BackendId::parse(b.unwrap()).is_some());
+        if self.held_open.lock().contains(&i) {
+            return Err(NlError::Refused { errno: libc::EBUSY });
+        }
         match *self.on_connect.lock() {
             OnConnect::Refuse(errno) => return Err(NlError::Refused { errno }),
             OnConnect::Invisible => {}
@@ -95,6 +102,9 @@ impl NbdControl for FakeKernel {
 
     fn disconnect(&self, index: u32) -> Result<(), NlError> {
         self.disconnects.fetch_add(1, Ordering::SeqCst);
+        if let Some(errno) = *self.refuse_disconnect.lock() {
+            return Err(NlError::Refused { errno });
+        }
         self.capacity.lock().remove(&index);
         if self.connected.lock().remove(&index).is_none() {
             return Err(NlError::Refused {
@@ -272,7 +282,8 @@ impl Env {
             sysfs_root: sys.clone(),
             lock_dir: dir.path().join("locks"),
             cooldown: Duration::ZERO,
-            host_id: "h".into(),
+            identity: crate::identity::Identity::new("boot", "h").unwrap(),
+            cache_dir: None,
         });
         let kernel = Arc::new(FakeKernel {
             sys: sys.clone(),
@@ -283,6 +294,8 @@ impl Env {
             connected: Mutex::new(BTreeMap::new()),
             disconnects: AtomicUsize::new(0),
             teardown_gate: Mutex::new(None),
+            held_open: Mutex::new(Vec::new()),
+            refuse_disconnect: Mutex::new(None),
         });
         let nodes = Arc::new(FakeNodes {
             dir: dir.path().join("dev"),
@@ -470,6 +483,49 @@ fn refused_connect_is_classified_and_releases_the_slot() {
         1
     );
     env.assert_clean();
+}
+
+#[test]
+fn ebusy_from_connect_moves_on_to_the_next_slot() {
+    let env = Env::new(4);
+    // Every slot but slot 2 is held open by an idle opener sysfs cannot show.
+    *env.kernel.held_open.lock() = vec![0, 1, 3];
+    let rt = rt();
+    let a = rt.block_on(env.attach(1));
+    assert_eq!(a.index(), 2);
+    // The skipped slots' claims were let go once the attach succeeded.
+    assert_eq!(env.attacher.pool().metrics().claimed, 1);
+    rt.block_on(a.close()).unwrap();
+    // With every slot held open, the attach fails with the pool's "exhausted", having tried each.
+    *env.kernel.held_open.lock() = vec![0, 1, 2, 3];
+    let err = rt.block_on(env.attacher.attach(&env.dispatcher, &env.opts(1)));
+    assert!(
+        matches!(
+            err,
+            Err(AttachError::Pool(PoolError::Exhausted { busy: 4, .. }))
+        ),
+        "{err:?}"
+    );
+    env.kernel.held_open.lock().clear();
+    env.assert_clean();
+}
+
+#[test]
+fn a_failed_disconnect_keeps_the_claim() {
+    let env = Env::new(1);
+    let rt = rt();
+    let a = rt.block_on(env.attach(1));
+    *env.kernel.refuse_disconnect.lock() = Some(libc::EPERM);
+    let err = rt.block_on(a.close());
+    assert!(
+        matches!(err, Err(AttachError::Disconnect { .. })),
+        "{err:?}"
+    );
+    // The device is still connected and its claim still held: no other process may take it,
+    // and reclaim by anyone else sees a live owner.
+    let other = DevicePool::new(env.attacher.pool().config().clone());
+    assert!(other.locks().try_lock(0).unwrap().is_none());
+    assert!(other.claim("x").is_err());
 }
 
 #[test]
