@@ -42,6 +42,9 @@ enum OnReconfigure {
     /// Has not noticed the dead sockets yet for this many requests: drops every socket and
     /// answers success (the kernel's `-ENOSPC` turned into 0).
     Lag(usize),
+    /// Takes the first socket, then refuses the request with this errno (the kernel stops at
+    /// the first socket it refuses and keeps the ones before it); works normally afterwards.
+    TakeOneThenRefuse(i32),
 }
 
 struct FakeKernel {
@@ -133,8 +136,15 @@ impl NbdControl for FakeKernel {
                 *mode = OnReconfigure::Lag(n - 1);
                 return Ok(());
             }
-            OnReconfigure::Lag(_) | OnReconfigure::Work => {}
+            OnReconfigure::Lag(_) | OnReconfigure::Work | OnReconfigure::TakeOneThenRefuse(_) => {}
         }
+        let refuse_after_one = match *mode {
+            OnReconfigure::TakeOneThenRefuse(errno) => {
+                *mode = OnReconfigure::Work;
+                Some(errno)
+            }
+            _ => None,
+        };
         let mut connected = self.connected.lock();
         let Some(refs) = connected.get_mut(&req.index) else {
             return Err(NlError::Refused {
@@ -150,6 +160,9 @@ impl NbdControl for FakeKernel {
             // SAFETY: borrowed for this call only, during which the caller keeps it open.
             let b = unsafe { BorrowedFd::borrow_raw(fd) };
             refs.push(b.try_clone_to_owned().expect("open fd"));
+            if let Some(errno) = refuse_after_one {
+                return Err(NlError::Refused { errno });
+            }
         }
         Ok(())
     }
@@ -184,6 +197,10 @@ struct FakeNodes {
     dir: PathBuf,
     flushes: AtomicUsize,
     fail_open: Mutex<bool>,
+    /// Since when the dispatchers hold a request (shared with them); a flush while one is held
+    /// is counted in `flushed_while_pending`.
+    pending_since: Arc<Mutex<Option<std::time::Instant>>>,
+    flushed_while_pending: AtomicUsize,
 }
 
 impl DeviceNodes for FakeNodes {
@@ -201,6 +218,9 @@ impl DeviceNodes for FakeNodes {
 
     fn flush(&self, file: &File) -> io::Result<()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        if self.pending_since.lock().is_some() {
+            self.flushed_while_pending.fetch_add(1, Ordering::SeqCst);
+        }
         file.sync_all()
     }
 }
@@ -209,11 +229,13 @@ impl DeviceNodes for FakeNodes {
 struct FakeDispatcher {
     live: Arc<AtomicUsize>,
     fail_spawn_after: Mutex<Option<usize>>,
+    pending_since: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 struct FakeDispatch {
     stream: UnixStream,
     thread: std::thread::JoinHandle<()>,
+    pending_since: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl Dispatcher for FakeDispatcher {
@@ -240,7 +262,11 @@ impl Dispatcher for FakeDispatcher {
             while matches!(reader.read(&mut b), Ok(n) if n > 0) {}
             live.fetch_sub(1, Ordering::SeqCst);
         });
-        Ok(Box::new(FakeDispatch { stream, thread }))
+        Ok(Box::new(FakeDispatch {
+            stream,
+            thread,
+            pending_since: self.pending_since.clone(),
+        }))
     }
 }
 
@@ -253,7 +279,7 @@ impl Dispatch for FakeDispatch {
         0
     }
     fn oldest_request_age(&self) -> Option<Duration> {
-        None
+        self.pending_since.lock().map(|t| t.elapsed())
     }
     fn is_finished(&self) -> bool {
         self.thread.is_finished()
@@ -297,10 +323,13 @@ impl Env {
             held_open: Mutex::new(Vec::new()),
             refuse_disconnect: Mutex::new(None),
         });
+        let pending_since = Arc::new(Mutex::new(None));
         let nodes = Arc::new(FakeNodes {
             dir: dir.path().join("dev"),
             flushes: AtomicUsize::new(0),
             fail_open: Mutex::new(false),
+            pending_since: pending_since.clone(),
+            flushed_while_pending: AtomicUsize::new(0),
         });
         let attacher = Attacher::new(pool, kernel.clone(), nodes.clone());
         Env {
@@ -311,6 +340,7 @@ impl Env {
             dispatcher: FakeDispatcher {
                 live: Arc::new(AtomicUsize::new(0)),
                 fail_spawn_after: Mutex::new(None),
+                pending_since,
             },
             attacher,
         }
@@ -691,6 +721,32 @@ mod warm {
             assert_eq!(env.kernel.disconnects.load(Ordering::SeqCst), disconnects);
             let st = env.attacher.pool().list().unwrap();
             assert_eq!(st[a.index() as usize].sandbox.as_deref(), Some("late"));
+            a.close().await.unwrap();
+        });
+        env.assert_clean();
+    }
+
+    #[test]
+    fn a_warm_bind_waits_for_reads_sent_before_it() {
+        let env = Env::new(1);
+        rt().block_on(async {
+            let sw = Arc::new(SwitchableDevice::new(1 << 20, 4096));
+            let warm = WarmSlot::new(env.attach(1).await, sw);
+            // A read from before the bind is still being answered (with zeroes) when bind
+            // starts; it is answered a moment later, from another thread.
+            *env.dispatcher.pending_since.lock() = Some(std::time::Instant::now());
+            let pending = env.dispatcher.pending_since.clone();
+            let answer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                *pending.lock() = None;
+            });
+            let a = warm
+                .bind(Arc::new(MemDevice::new(1 << 20, 4096)), "s")
+                .unwrap();
+            answer.join().unwrap();
+            // The page cache was dropped only after that read was answered.
+            assert_eq!(env.nodes.flushed_while_pending.load(Ordering::SeqCst), 0);
+            assert!(env.nodes.flushes.load(Ordering::SeqCst) >= 1);
             a.close().await.unwrap();
         });
         env.assert_clean();
