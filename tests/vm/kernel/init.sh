@@ -347,8 +347,15 @@ if start_ns_attach live; then
   if start_attach other; then stop_attach $APID; else fail "$t-other-attach" "no device"; fi
   [ -s /sys/block/${LDEV#/dev/}/pid ] && dd if=$LDEV bs=4096 skip=1000 count=256 2>/dev/null | cmp -s - /tmp/tpat \
     && pass "$t-untouched" || { cat /tmp/reclaim.out; fail "$t-untouched" "disconnected or unreadable"; }
-  kill -TERM $LCPID; wait $LPID
-  quiescent ${LDEV#/dev/nbd} && pass "$t-detached" || fail "$t-detached" "$LDEV"
+  # SIGTERM to pid 1 of the namespace (blocked and sigwait'ed, so it is delivered).
+  kill -TERM $LCPID
+  i=0; while kill -0 $LPID 2>/dev/null && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+  if kill -0 $LPID 2>/dev/null; then
+    kill -KILL $LCPID $LPID; fail "$t-detached" "still running 20 s after SIGTERM"
+  else
+    wait $LPID
+    quiescent ${LDEV#/dev/nbd} && pass "$t-detached" || fail "$t-detached" "$LDEV"
+  fi
 else
   fail "$t" "no device"
 fi

@@ -9,7 +9,7 @@
 #   tests/vm/kernel/run.sh            # build, boot, check; exit status 0 only if every check passed
 #
 # Environment: ROOTFORK_VM_SKIP_BUILD=1 reuses the last static build; ROOTFORK_VM_TIMEOUT
-# (seconds, default 420) bounds the VM; LATENCY_N (default 100) attaches for the attach timing
+# (seconds, default 600) bounds the VM; LATENCY_N (default 100) attaches for the attach timing
 # and RECONNECT_N (default 30) cycles for the reconnect timing; ROOTFORK_VM_LOG keeps the serial
 # log at that path. The shared steps are in tests/vm/lib.sh.
 set -euo pipefail
@@ -28,4 +28,4 @@ vm_install_dynamic "$WORK/tree" /sbin/mke2fs /sbin/e2fsck "$(command -v udevadm)
 mkdir -p "$WORK/tree/usr/lib/udev/rules.d"
 cp /usr/lib/udev/rules.d/60-block.rules /usr/lib/udev/rules.d/60-persistent-storage.rules \
   dist/udev/59-rootfork-nbd.rules "$WORK/tree/usr/lib/udev/rules.d/"
-vm_run kernel-vm "$WORK/tree" tests/vm/kernel/init.sh "${ROOTFORK_VM_TIMEOUT:-420}" "LATENCY_N=${LATENCY_N:-100} RECONNECT_N=${RECONNECT_N:-30}"
+vm_run kernel-vm "$WORK/tree" tests/vm/kernel/init.sh "${ROOTFORK_VM_TIMEOUT:-600}" "LATENCY_N=${LATENCY_N:-100} RECONNECT_N=${RECONNECT_N:-30}"
