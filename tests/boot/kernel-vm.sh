@@ -30,7 +30,7 @@ cat > "$T/init" <<'EOI'
 . /lib/guest-lib.sh
 guest_setup kernel-vm
 mount -t tmpfs tmpfs /tmp
-export ROOTFORK_HOST_ID=kernel-vm RUST_LOG=warn
+export RUST_LOG=warn
 guest_insmod_nbd 8
 dd if=/dev/urandom of=/tmp/template.img bs=1048576 count=16 2>/dev/null
 mkdir -p /tmp/work

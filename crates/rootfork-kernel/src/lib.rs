@@ -8,8 +8,9 @@
 //!   events.
 //! - [`attach`]: claim → socketpairs → dispatchers → connect → ready → flush → ordered close,
 //!   cancellation-safe.
-//! - [`reclaim`]: cleaning up after dead rootfork processes on this host, and only those.
-//! - [`identity`]: `/dev/nbdN` paths, host id and backend identifiers.
+//! - [`reclaim`]: cleaning up after rootfork devices whose owner is gone (the claim lock says), by
+//!   who may take them: the same instance at once, others after `dead_conn_timeout`.
+//! - [`identity`]: `/dev/nbdN` paths, the boot and instance ids, backend identifiers.
 
 pub mod attach;
 pub mod identity;
@@ -23,7 +24,7 @@ pub use attach::{
     AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth, DeviceNodes, Dispatch,
     Dispatcher, HostNodes, NbdDispatcher, SwitchableDevice, WarmSlot, BLOCK_SIZE,
 };
-pub use identity::{device_path, BackendId};
+pub use identity::{device_path, BackendId, Identity};
 pub use netlink::{NbdControl, NbdNetlink, NlError};
 pub use pool::{DevicePool, Lease, PoolConfig, PoolError, PoolEvent, SlotState, SlotStatus};
-pub use reclaim::{reclaim, Reclaimed};
+pub use reclaim::{reclaim, ReclaimOptions, Reclaimed};

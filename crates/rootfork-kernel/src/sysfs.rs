@@ -70,6 +70,13 @@ impl SlotSysfs {
     }
 }
 
+/// Whether a sysfs read failed because the slot or one of its attributes went away while it was
+/// read (`NotFound`, or `ENODEV` from an attribute a teardown is removing): the slot is changing,
+/// look again later; it is no reason to give up on the other slots.
+pub fn vanishing(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+}
+
 fn read_opt(path: &Path) -> io::Result<Option<String>> {
     match fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),

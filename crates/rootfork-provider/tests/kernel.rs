@@ -206,7 +206,8 @@ fn rig() -> Rig {
         sysfs_root: sys,
         lock_dir: root.join("locks"),
         cooldown: Duration::ZERO,
-        host_id: "provider-test".into(),
+        identity: rootfork_kernel::identity::Identity::new("boot", "provider-test").unwrap(),
+        cache_dir: None,
     });
     Rig {
         _dir: dir,

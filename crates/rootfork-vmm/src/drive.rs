@@ -63,6 +63,7 @@
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
+use crate::attachment::block_attachment;
 use crate::identity::{FileIdentity, FileKind};
 
 /// Errors building drive path types.
@@ -94,6 +95,17 @@ pub enum DriveError {
         expected: FileIdentity,
         /// What the path names now.
         found: FileIdentity,
+    },
+    /// The device node names the same slot but another attachment (its backend identifier
+    /// changed: the slot was released and connected again).
+    #[error("device {path} was attached again: verified as {expected:?}, now {found:?}")]
+    Reattached {
+        /// The provider's device path.
+        path: PathBuf,
+        /// The backend identifier recorded at verification.
+        expected: Option<String>,
+        /// The backend identifier now.
+        found: Option<String>,
     },
     /// A stable drive path is malformed.
     #[error("invalid stable drive path {path}: {reason}")]
@@ -135,6 +147,8 @@ impl fmt::Display for DevicePath {
 pub struct ReadyDevice {
     path: DevicePath,
     identity: FileIdentity,
+    /// For a block device, its backend identifier at verification (see `attachment.rs`).
+    attachment: Option<String>,
 }
 
 impl ReadyDevice {
@@ -146,9 +160,47 @@ impl ReadyDevice {
             path: path.0.clone(),
             source,
         })?;
-        match identity.kind {
-            FileKind::Block | FileKind::Regular => Ok(ReadyDevice { path, identity }),
-            kind => Err(DriveError::UnsupportedKind { path: path.0, kind }),
+        let attachment = match identity.kind {
+            FileKind::Block => {
+                block_attachment(identity.rdev).map_err(|source| DriveError::Stat {
+                    path: path.0.clone(),
+                    source,
+                })?
+            }
+            FileKind::Regular => None,
+            kind => return Err(DriveError::UnsupportedKind { path: path.0, kind }),
+        };
+        Ok(ReadyDevice {
+            path,
+            identity,
+            attachment,
+        })
+    }
+
+    /// For a block device, the backend identifier it had at verification: which attachment of
+    /// the slot this is.
+    pub fn attachment(&self) -> Option<&str> {
+        self.attachment.as_deref()
+    }
+
+    /// Fails if the verified block device now belongs to another attachment (same slot, another
+    /// backend identifier).
+    pub fn check_attachment(&self) -> Result<(), DriveError> {
+        if !self.is_block() {
+            return Ok(());
+        }
+        let found = block_attachment(self.identity.rdev).map_err(|source| DriveError::Stat {
+            path: self.path.0.clone(),
+            source,
+        })?;
+        if found == self.attachment {
+            Ok(())
+        } else {
+            Err(DriveError::Reattached {
+                path: self.path.0.clone(),
+                expected: self.attachment.clone(),
+                found,
+            })
         }
     }
 
@@ -172,15 +224,16 @@ impl ReadyDevice {
         self.identity.kind == FileKind::Block
     }
 
-    /// Stats the path again and fails if it no longer names the verified device (for example a
-    /// `/dev/nbdN` slot that was released and reused).
+    /// Stats the path again and fails if it no longer names the verified device: another device
+    /// number, or the same `/dev/nbdN` slot released and attached again (its backend identifier
+    /// changed).
     pub fn recheck(&self) -> Result<(), DriveError> {
         let found = FileIdentity::of(self.path()).map_err(|source| DriveError::Stat {
             path: self.path.0.clone(),
             source,
         })?;
         if found.same_disk(&self.identity) && found.kind == self.identity.kind {
-            Ok(())
+            self.check_attachment()
         } else {
             Err(DriveError::Changed {
                 path: self.path.0.clone(),

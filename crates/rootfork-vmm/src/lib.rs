@@ -6,10 +6,12 @@
 //! The tests run Firecracker's API against a double, the development crate
 //! `rootfork-fc-double`, which is not part of what ships.
 
+mod attachment;
 mod drive;
 pub mod firecracker;
 mod identity;
 pub mod qemu;
 
+pub use attachment::block_attachment;
 pub use drive::{DevicePath, DriveAccess, DriveError, ReadyDevice, RootDrive, StableDrivePath};
 pub use identity::{FileIdentity, FileKind};

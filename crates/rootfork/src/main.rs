@@ -1,5 +1,5 @@
 //! The `rootfork` command: the daemon (`serve`), its clients (`template`, `sandbox`, `device`,
-//! `events`), shell completions, and direct NBD tools (`nbd serve|attach|list`).
+//! `events`), shell completions, and direct NBD tools (`nbd serve|attach|list|reclaim`).
 
 mod cmd;
 
@@ -50,6 +50,9 @@ enum NbdCommand {
     Attach(cmd::nbd_attach::Args),
     /// List the kernel's /dev/nbdN slots and their state.
     List(cmd::nbd_list::Args),
+    /// Disconnect rootfork devices whose owner is gone (another instance's only after its
+    /// dead_conn_timeout, unless --force).
+    Reclaim(cmd::nbd_reclaim::Args),
 }
 
 /// Whether `command` is a short-lived client whose output may go to a pipe that closes early
@@ -91,6 +94,7 @@ fn main() -> std::process::ExitCode {
                 NbdCommand::Serve(args) => cmd::nbd_serve::run(args),
                 NbdCommand::Attach(args) => cmd::nbd_attach::run(args),
                 NbdCommand::List(args) => cmd::nbd_list::run(args),
+                NbdCommand::Reclaim(args) => cmd::nbd_reclaim::run(args),
             }
         }
     };

@@ -11,7 +11,8 @@
 . /lib/guest-lib.sh
 guest_setup vmdaemon
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
-export ROOTFORK_HOST_ID=vmdaemon RUST_LOG=${RUST_LOG:-info}
+export RUST_LOG=${RUST_LOG:-info}
+BOOT_ID=$(cat /proc/sys/kernel/random/boot_id)
 
 STATE=/var/lib/rootfork
 export ROOTFORK_API=$STATE/api.sock
@@ -107,7 +108,7 @@ if create k1; then
   N1=$N; DEV1=$DEV
   connected_to $N1 $DPID && pass "$t-sysfs-connected" || fail "$t-sysfs-connected" "nbd$N1 pid=$(cat /sys/block/nbd$N1/pid 2>/dev/null)"
   case "$(cat /sys/block/nbd$N1/backend 2>/dev/null)" in
-    rootfork:vmdaemon:$DPID:k1) pass "$t-backend-id";;
+    "rootfork:$BOOT_ID:$(cat $STATE/nbd-instance-id):k1") pass "$t-backend-id";;
     *) fail "$t-backend-id" "backend=$(cat /sys/block/nbd$N1/backend 2>/dev/null)";;
   esac
   rootfork device list | grep "^$DEV1 " | grep -q "connected *k1" && pass "$t-device-list-connected" \
@@ -278,6 +279,8 @@ if create k3; then
   if start_daemon; then
     pass "$t-restart"
     wait_quiescent $N3 100 && pass "$t-reclaimed" || fail "$t-reclaimed" "nbd$N3 pid=$(cat /sys/block/nbd$N3/pid 2>/dev/null)"
+    # The start-up reclaim runs beside the API: its log line may follow the slot's quiescence.
+    i=0; while ! grep -q "reclaimed an nbd slot of a dead rootfork process" $LOG && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
     grep -q "reclaimed an nbd slot of a dead rootfork process" $LOG && pass "$t-reclaim-logged" || fail "$t-reclaim-logged" "no log line"
     [ -z "$(ls $STATE/cache)" ] && pass "$t-cache-removed" || fail "$t-cache-removed" "$(ls $STATE/cache)"
     rootfork device list > /tmp/devices 2>&1; grep -q orphaned /tmp/devices && { rootfork device list; fail "$t-no-orphans" "orphaned slot listed"; } || pass "$t-no-orphans"

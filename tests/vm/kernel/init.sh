@@ -8,7 +8,8 @@
 # /lib/guest-lib.sh (tests/vm/guest-lib.sh).
 . /lib/guest-lib.sh
 guest_setup vmkernel
-export ROOTFORK_HOST_ID=vmkernel RUST_LOG=${RUST_LOG:-info}
+export RUST_LOG=${RUST_LOG:-info}
+BOOT_ID=$(cat /proc/sys/kernel/random/boot_id)
 
 guest_insmod_nbd 16
 [ -e /sys/module/nbd/parameters/nbds_max ] && pass insmod || fail insmod "no nbd sysfs"
@@ -70,7 +71,7 @@ if start_attach one; then
   N=${DEV#/dev/nbd}
   S=/sys/block/nbd$N
   if [ "$(cat $S/pid)" = "$APID" ] && [ "$(cat $S/size)" = $((TMB*MB/512)) ] \
-     && case "$(cat $S/backend)" in rootfork:vmkernel:$APID:one) true;; *) false;; esac; then
+     && case "$(cat $S/backend)" in rootfork:$BOOT_ID:*:one) true;; *) false;; esac; then
     pass "$t-sysfs"
   else
     fail "$t-sysfs" "pid=$(cat $S/pid) size=$(cat $S/size) backend=$(cat $S/backend)"
@@ -281,6 +282,170 @@ if start_attach victim --timeout 3; then
 else
   fail "$t" "attach did not print a device"
 fi
+
+# --- 3b. identity and reclaim across pid namespaces ------------------------------------------
+# child_of PID: the pid of PID's first child (busybox has no pgrep), or nothing.
+child_of() {
+  for st in /proc/[0-9]*/status; do
+    if grep -q "^PPid:[[:space:]]*$1\$" "$st" 2>/dev/null; then
+      basename "$(dirname "$st")"; return 0
+    fi
+  done
+}
+# start_ns_attach NAME [args...]: start_attach in new pid and mount namespaces (the attach is pid
+# 1 there, as in a container); sets $APID (unshare), $CPID (the attach, as this namespace sees it)
+# and $DEV.
+start_ns_attach() {
+  name=$1; shift
+  unshare -p -f --mount-proc rootfork nbd attach --template /tmp/t.img --sandbox "$name" "$@" \
+    >/tmp/$name.out 2>/tmp/$name.err &
+  APID=$!; DEV=; CPID=
+  i=0
+  while [ $i -lt 300 ]; do
+    DEV=$(head -n1 /tmp/$name.out 2>/dev/null)
+    [ -n "$DEV" ] && break
+    kill -0 $APID 2>/dev/null || break
+    sleep 0.1; i=$((i+1))
+  done
+  CPID=$(child_of $APID)
+  [ -n "$DEV" ] && [ -n "$CPID" ] && return 0
+  cat /tmp/$name.err
+  return 1
+}
+# orphaned_count: slots `rootfork nbd list` shows as orphaned.
+orphaned_count() { rootfork nbd list | grep -c ' orphaned ' || true; }
+
+# More SIGKILLed attaches, each pid 1 in its own pid namespace, than there are slots (16): each
+# start reclaims the previous one's orphan (another instance's, its connections dead and no
+# dead_conn_timeout), the pool never runs dry, and no cache name clashes.
+t=ns-sigkill
+ok=1; n=0; insts=""
+for i in $(seq 1 20); do
+  if start_ns_attach ns$i; then
+    n=$((n+1))
+    insts="$insts $(cut -d: -f3 /sys/block/${DEV#/dev/}/backend)"
+    kill -KILL $CPID; wait $APID 2>/dev/null
+  else
+    ok=0; echo "ns$i: no device"; kill -KILL $APID 2>/dev/null; wait $APID 2>/dev/null
+  fi
+done
+[ $ok = 1 ] && [ $n = 20 ] && pass "$t-20-attaches" || fail "$t-20-attaches" "$n of 20 attached"
+[ "$(echo $insts | tr ' ' '\n' | sort -u | wc -l)" = 20 ] && pass "$t-distinct-instances" || fail "$t-distinct-instances" "$insts"
+[ "$(orphaned_count)" -le 1 ] && pass "$t-orphans-reclaimed" || { rootfork nbd list; fail "$t-orphans-reclaimed" "more than the last one orphaned"; }
+rootfork nbd reclaim --cache-dir /var/tmp/rootfork > /tmp/reclaim.out 2>&1 || { cat /tmp/reclaim.out; fail "$t-reclaim-cmd" "exit status"; }
+ok=1
+for d in /sys/block/nbd*; do quiescent ${d#/sys/block/nbd} || { ok=0; echo "$d not quiescent"; }; done
+[ $ok = 1 ] && pass "$t-all-quiescent" || fail "$t-all-quiescent" "see above"
+[ -z "$(ls /var/tmp/rootfork)" ] && pass "$t-caches-removed" || fail "$t-caches-removed" "$(ls /var/tmp/rootfork)"
+
+# A live attach in another pid namespace is never disconnected by anyone else's reclaim, not even
+# --force: its claim lock is held.
+t=ns-live
+if start_ns_attach live; then
+  LDEV=$DEV; LPID=$APID; LCPID=$CPID
+  rootfork nbd reclaim --force >/tmp/reclaim.out 2>&1
+  if start_attach other; then stop_attach $APID; else fail "$t-other-attach" "no device"; fi
+  [ -s /sys/block/${LDEV#/dev/}/pid ] && dd if=$LDEV bs=4096 skip=1000 count=256 2>/dev/null | cmp -s - /tmp/tpat \
+    && pass "$t-untouched" || { cat /tmp/reclaim.out; fail "$t-untouched" "disconnected or unreadable"; }
+  # SIGTERM to pid 1 of the namespace (blocked and sigwait'ed, so it is delivered).
+  kill -TERM $LCPID
+  i=0; while kill -0 $LPID 2>/dev/null && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+  if kill -0 $LPID 2>/dev/null; then
+    kill -KILL $LCPID $LPID; fail "$t-detached" "still running 20 s after SIGTERM"
+  else
+    wait $LPID
+    quiescent ${LDEV#/dev/nbd} && pass "$t-detached" || fail "$t-detached" "$LDEV"
+  fi
+else
+  fail "$t" "no device"
+fi
+
+# Another instance's orphan with a dead_conn_timeout is left until it passes; its own instance
+# (a restarted daemon) takes it at once.
+t=own-instance
+if start_ns_attach own --instance restarted-daemon --dead-conn-timeout 120; then
+  ODEV=$DEV
+  kill -KILL $CPID; wait $APID 2>/dev/null
+  rootfork nbd reclaim > /tmp/reclaim.out 2>&1
+  grep -q "left connected: DeadConnTimeout" /tmp/reclaim.out && [ -s /sys/block/${ODEV#/dev/}/pid ] \
+    && pass "$t-others-wait" || { cat /tmp/reclaim.out; fail "$t-others-wait" "taken before its dead_conn_timeout"; }
+  rootfork nbd reclaim --instance restarted-daemon > /tmp/reclaim.out 2>&1
+  grep -q "disconnected" /tmp/reclaim.out && quiescent ${ODEV#/dev/nbd} \
+    && pass "$t-own-at-once" || { cat /tmp/reclaim.out; fail "$t-own-at-once" "not reclaimed"; }
+  rm -f /var/tmp/rootfork/*restarted-daemon*
+else
+  fail "$t" "no device"
+fi
+
+# --- 3c. an idle opener on every free slot but one: CONNECT's EBUSY moves on to that one --------
+t=ebusy
+SP=""; FREE=9
+for d in /sys/block/nbd*; do
+  n=${d#/sys/block/nbd}
+  [ "$n" = $FREE ] && continue
+  sleep 999 </dev/nbd$n &
+  SP="$SP $!"
+done
+sleep 0.5
+if start_attach busy; then
+  [ "$DEV" = /dev/nbd$FREE ] && pass "$t-next-slot" || fail "$t-next-slot" "got $DEV"
+  grep -q "EBUSY" /tmp/busy.err && pass "$t-logged" || { cat /tmp/busy.err; fail "$t-logged" "no EBUSY log"; }
+  stop_attach $APID || fail "$t-detach" "exit status"
+else
+  fail "$t-next-slot" "attach failed"
+fi
+kill $SP; wait $SP 2>/dev/null
+
+# --- 3d. hostile lock and cache directories ---------------------------------------------------
+t=hostile
+echo precious > /tmp/victim
+rm -f /run/rootfork/nbd/nbd0.lock
+ln -s /tmp/victim /run/rootfork/nbd/nbd0.lock
+if rootfork nbd attach --template /tmp/t.img --sandbox evil >/tmp/evil.out 2>/tmp/evil.err; then
+  fail "$t-symlink-refused" "attached"
+else
+  grep -q "refusing lock file /run/rootfork/nbd/nbd0.lock: it is a symbolic link" /tmp/evil.err \
+    && pass "$t-symlink-refused" || { cat /tmp/evil.err; fail "$t-symlink-refused" "other error"; }
+fi
+[ "$(cat /tmp/victim)" = precious ] && pass "$t-target-unchanged" || fail "$t-target-unchanged" "$(cat /tmp/victim)"
+rm -f /run/rootfork/nbd/nbd0.lock
+chmod 777 /run/rootfork/nbd
+rootfork nbd attach --template /tmp/t.img --sandbox evil >/tmp/evil.out 2>/tmp/evil.err \
+  && fail "$t-shared-dir-refused" "attached" \
+  || { grep -q "refusing directory /run/rootfork/nbd" /tmp/evil.err && pass "$t-shared-dir-refused" || { cat /tmp/evil.err; fail "$t-shared-dir-refused" "other error"; }; }
+chmod 700 /run/rootfork/nbd
+ls /run/rootfork/nbd | grep -qv '\.lock$' && fail "$t-nothing-left" "$(ls /run/rootfork/nbd)" || pass "$t-nothing-left"
+
+# --- 3e. the udev rule (dist/udev/59-rootfork-nbd.rules) on a real rootfork device -------------
+# `udevadm test` runs the rules in-process (there is no udevd here) with Debian's 60-block and
+# 60-persistent-storage rules beside rootfork's. udevadm 252 does not report the inotify watch, so
+# `OPTIONS:="nowatch"` is not observed here; the probe and link suppression is.
+t=udev
+RULE=/usr/lib/udev/rules.d/59-rootfork-nbd.rules
+if fs_template 4096 /tmp/fs.img && start_attach_tpl udev /tmp/fs.img; then
+  U=/sys/block/${DEV#/dev/}
+  udevadm test --action=change $U > /tmp/udev.out 2>&1
+  grep -q "Reading rules file: $RULE" /tmp/udev.out && pass "$t-rule-read" || { cat /tmp/udev.out; fail "$t-rule-read" "not read"; }
+  grep "59-rootfork-nbd.rules" /tmp/udev.out | grep -qiE "invalid|ignoring|unknown|error" \
+    && { grep "59-rootfork-nbd.rules" /tmp/udev.out; fail "$t-rule-valid" "udevadm complains"; } || pass "$t-rule-valid"
+  grep -q "^ROOTFORK_NBD=1" /tmp/udev.out && pass "$t-matches-rootfork" || { cat /tmp/udev.out; fail "$t-matches-rootfork" "no ROOTFORK_NBD"; }
+  ! grep -q "^ID_FS_TYPE=" /tmp/udev.out && ! grep -q "builtin command 'blkid'" /tmp/udev.out && ! grep -q "^DEVLINKS=.*by-uuid" /tmp/udev.out \
+    && pass "$t-no-probe" || { cat /tmp/udev.out; fail "$t-no-probe" "probed"; }
+  # Without the rule the same device is probed (so the check above can fail).
+  mv $RULE /tmp/rule.off
+  udevadm test --action=change $U > /tmp/udev-off.out 2>&1
+  mv /tmp/rule.off $RULE
+  grep -q "^ID_FS_TYPE=ext4" /tmp/udev-off.out && pass "$t-probed-without-rule" || { cat /tmp/udev-off.out; fail "$t-probed-without-rule" "no ID_FS_TYPE"; }
+  # Other nbd devices (no rootfork backend identifier) are left to the usual rules.
+  for d in /sys/block/nbd*; do [ -s $d/pid ] || { IDLE=$d; break; }; done
+  udevadm test --action=change $IDLE > /tmp/udev-idle.out 2>&1
+  ! grep -q "^ROOTFORK_NBD=" /tmp/udev-idle.out && grep -q "builtin command 'blkid'" /tmp/udev-idle.out \
+    && pass "$t-others-untouched" || { cat /tmp/udev-idle.out; fail "$t-others-untouched" "matched $IDLE"; }
+  stop_attach $APID || fail "$t-detach" "exit status"
+else
+  fail "$t" "template or attach"
+fi
+rm -f /tmp/fs.img
 
 # --- 4. the vm_kernel checks: an invalid connect is classified and releases the slot; STATUS and
 # RECONFIGURE; a dead kernel connection (detected, I/O while dead, RECONFIGURE reconnect, data,

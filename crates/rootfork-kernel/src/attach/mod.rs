@@ -43,8 +43,8 @@ pub use reconnect::{peer_gone, ConnectionHealth};
 pub use seams::{DeviceNodes, Dispatch, Dispatcher, HostNodes};
 pub use warm::{BindError, SwitchableDevice, WarmSlot};
 
-use crate::identity::{device_path, BackendId};
-use crate::netlink::{ConnectRequest, NbdControl};
+use crate::identity::device_path;
+use crate::netlink::{ConnectRequest, NbdControl, NlError};
 use crate::pool::{DevicePool, Lease};
 use guards::{Connected, Dispatches};
 use wait::{stage_boundary, until};
@@ -64,6 +64,9 @@ pub const BLOCK_SIZE: u64 = 512;
 
 /// The most sockets one device may have.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// The most slots one attach tries after `CONNECT` is refused with `EBUSY`.
+const MAX_BUSY_SKIPS: usize = 64;
 
 /// How to attach.
 #[derive(Debug, Clone)]
@@ -177,50 +180,89 @@ impl Attacher {
             ));
         }
 
-        // 1. Claim.
-        let mut lease = self.pool.claim(&opts.sandbox)?;
-        let index = lease.index();
-        if let Some(cache) = &opts.cache_path {
-            lease
-                .set_cache_path(cache)
-                .map_err(|source| AttachError::Sysfs { index, source })?;
-        }
-        stage_boundary().await;
+        // 1.-4. Claim, socketpairs, dispatchers, connect. A slot whose CONNECT is refused with
+        // EBUSY has an opener sysfs cannot show (an idle `open` of `/dev/nbdN` by udev, blkid or
+        // anyone else holds its config): it is skipped, its claim kept until the attach ends so
+        // the next claim moves on, and the next slot is tried.
+        let mut skipped: Vec<Lease> = Vec::new();
+        let backend = self.pool.config().identity.backend(&opts.sandbox);
+        let (lease, dispatches, kernel_ends, connected) = loop {
+            let mut lease = match self.pool.claim(&opts.sandbox) {
+                Ok(l) => l,
+                Err(e) if !skipped.is_empty() => {
+                    tracing::warn!(
+                        "every other slot is unavailable ({e}) after {} refused CONNECT with EBUSY",
+                        skipped.len()
+                    );
+                    return Err(AttachError::Pool(e));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let index = lease.index();
+            if let Some(cache) = &opts.cache_path {
+                lease
+                    .set_cache_path(cache)
+                    .map_err(|source| AttachError::Sysfs { index, source })?;
+            }
+            if opts.dead_conn_timeout.is_some() {
+                lease
+                    .set_dead_conn_timeout(opts.dead_conn_timeout)
+                    .map_err(|source| AttachError::Sysfs { index, source })?;
+            }
+            stage_boundary().await;
 
-        // 2. Socketpairs, 3. dispatchers on our ends.
-        let mut dispatches = Dispatches::default();
-        let mut kernel_ends = Vec::with_capacity(opts.connections);
-        for _ in 0..opts.connections {
-            let (ours, kernels) = UnixStream::pair().map_err(AttachError::Socket)?;
-            dispatches
-                .0
-                .push(dispatcher.spawn(ours).map_err(AttachError::Dispatch)?);
-            kernel_ends.push(kernels);
-        }
-        stage_boundary().await;
+            // 2. Socketpairs, 3. dispatchers on our ends.
+            let mut dispatches = Dispatches::default();
+            let mut kernel_ends = Vec::with_capacity(opts.connections);
+            for _ in 0..opts.connections {
+                let (ours, kernels) = UnixStream::pair().map_err(AttachError::Socket)?;
+                dispatches
+                    .0
+                    .push(dispatcher.spawn(ours).map_err(AttachError::Dispatch)?);
+                kernel_ends.push(kernels);
+            }
+            stage_boundary().await;
 
-        // 4. Connect. From here on the device may be connected: the guard disconnects on error.
-        let backend = BackendId::this_process(&self.pool.config().host_id, &opts.sandbox);
-        let req = ConnectRequest {
-            index: Some(index),
-            size_bytes: size,
-            block_size_bytes: opts.block_size,
-            timeout_secs: opts.timeout.as_secs().max(1),
-            dead_conn_timeout_secs: opts.dead_conn_timeout.map(|d| d.as_secs()),
-            server_flags: dispatcher.server_flags(),
-            client_flags: opts.client_flags,
-            sockets: kernel_ends.iter().map(|s| s.as_raw_fd()).collect(),
-            backend_identifier: Some(backend.to_string()),
-        };
-        let connected = match self.control.connect(&req) {
-            Ok(_) => Connected::new(self.control.clone(), index),
-            Err(source) => {
-                let _maybe = source
-                    .may_have_taken_effect()
-                    .then(|| Connected::new(self.control.clone(), index));
-                return Err(AttachError::Connect { index, source });
+            // 4. Connect. From here on the device may be connected: the guard disconnects on
+            // error.
+            let req = ConnectRequest {
+                index: Some(index),
+                size_bytes: size,
+                block_size_bytes: opts.block_size,
+                timeout_secs: opts.timeout.as_secs().max(1),
+                dead_conn_timeout_secs: opts.dead_conn_timeout.map(|d| d.as_secs()),
+                server_flags: dispatcher.server_flags(),
+                client_flags: opts.client_flags,
+                sockets: kernel_ends.iter().map(|s| s.as_raw_fd()).collect(),
+                backend_identifier: Some(backend.to_string()),
+            };
+            match self.control.connect(&req) {
+                Ok(_) => {
+                    break (
+                        lease,
+                        dispatches,
+                        kernel_ends,
+                        Connected::new(self.control.clone(), index),
+                    )
+                }
+                Err(NlError::Refused { errno: libc::EBUSY })
+                    if skipped.len() + 1 < MAX_BUSY_SKIPS =>
+                {
+                    tracing::info!(index, "CONNECT refused with EBUSY (the device is held open); trying the next slot");
+                    drop(dispatches);
+                    skipped.push(lease);
+                    stage_boundary().await;
+                }
+                Err(source) => {
+                    let _maybe = source
+                        .may_have_taken_effect()
+                        .then(|| Connected::new(self.control.clone(), index));
+                    return Err(AttachError::Connect { index, source });
+                }
             }
         };
+        let index = lease.index();
+        drop(skipped);
         // The kernel holds its own references to its ends now.
         drop(kernel_ends);
         stage_boundary().await;
@@ -391,9 +433,13 @@ impl Attachment {
             (dispatches.in_flight() == 0).then_some(())
         })
         .await;
-        if let Err(source) = connected.disconnect() {
-            first.get_or_insert(AttachError::Disconnect { index, source });
-        }
+        let disconnect_failed = match connected.disconnect() {
+            Ok(()) => false,
+            Err(source) => {
+                first.get_or_insert(AttachError::Disconnect { index, source });
+                true
+            }
+        };
         drop(file);
         // The kernel sends NBD_CMD_DISC and closes its ends: the dispatchers finish.
         until(self.drain_wait, || dispatches.all_finished().then_some(())).await;
@@ -431,7 +477,14 @@ impl Attachment {
                 }
             }
         }
-        lease.release();
+        let still_connected = sysfs.slot(index).is_ok_and(|s| s.connected());
+        if disconnect_failed && still_connected {
+            // The device still runs: keep the claim, or other rootforks would think its owner
+            // is gone and take it.
+            lease.retain();
+        } else {
+            lease.release();
+        }
         match first {
             None => Ok(()),
             Some(e) => Err(e),

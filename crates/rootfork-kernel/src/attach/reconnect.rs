@@ -181,9 +181,21 @@ fn offer(
     match sent {
         Ok(()) => Ok(sort(fresh, &probes, into)),
         // Nothing was taken: the guard stops and joins the new dispatches.
-        Err(source @ (NlError::NotSent(_) | NlError::Refused { .. })) => {
-            Err(AttachError::Reconfigure { index, source })
-        }
+        Err(source @ NlError::NotSent(_)) => Err(AttachError::Reconfigure { index, source }),
+        // The kernel handles the sockets one by one and stops at the first it refuses, keeping
+        // the ones it already put in place: keep those too, and let the caller retry the rest.
+        Err(source @ NlError::Refused { .. }) => match sort(fresh, &probes, into) {
+            0 => Err(AttachError::Reconfigure { index, source }),
+            taken => {
+                tracing::warn!(
+                    index,
+                    taken,
+                    offered = n,
+                    "RECONFIGURE refused after taking some sockets: {source}"
+                );
+                Ok(taken)
+            }
+        },
         // The kernel may have taken some: keep those (the others are dead, and the next
         // reconnect replaces them).
         Err(source) => {

@@ -41,7 +41,8 @@ pub trait Dispatch: Send + Sync {
 
 /// Opens and flushes device nodes.
 pub trait DeviceNodes: Send + Sync {
-    /// Opens the device of slot `index` read-write.
+    /// Opens the device of slot `index` (read-only: the fd is for flushing and checks, and closing
+    /// a device opened for writing makes udev's watch probe it again).
     fn open(&self, index: u32) -> io::Result<File>;
     /// Makes completed writes durable and drops cached pages: `fsync`, then `BLKFLSBUF`.
     fn flush(&self, file: &File) -> io::Result<()>;
@@ -57,7 +58,6 @@ impl DeviceNodes for HostNodes {
     fn open(&self, index: u32) -> io::Result<File> {
         OpenOptions::new()
             .read(true)
-            .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(device_path(index))
     }

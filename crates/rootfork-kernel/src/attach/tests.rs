@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 
 use super::*;
 use crate::netlink::{AmbiguousCause, DeviceStatus, NlError, ReconfigureRequest};
-use crate::pool::{DevicePool, PoolConfig, PoolEvent};
+use crate::pool::{DevicePool, PoolConfig, PoolError, PoolEvent};
 use crate::sysfs::fake;
 
 /// What the fake kernel does on CONNECT.
@@ -42,6 +42,9 @@ enum OnReconfigure {
     /// Has not noticed the dead sockets yet for this many requests: drops every socket and
     /// answers success (the kernel's `-ENOSPC` turned into 0).
     Lag(usize),
+    /// Takes the first socket, then refuses the request with this errno (the kernel stops at
+    /// the first socket it refuses and keeps the ones before it); works normally afterwards.
+    TakeOneThenRefuse(i32),
 }
 
 struct FakeKernel {
@@ -56,6 +59,10 @@ struct FakeKernel {
     disconnects: AtomicUsize,
     /// When set, the kernel's teardown finishes only once the gate opens.
     teardown_gate: Mutex<Option<Arc<Gate>>>,
+    /// Slots held open by an idle opener: CONNECT answers EBUSY.
+    held_open: Mutex<Vec<u32>>,
+    /// DISCONNECT fails with this errno (and leaves the device connected).
+    refuse_disconnect: Mutex<Option<i32>>,
 }
 
 impl NbdControl for FakeKernel {
@@ -75,6 +82,9 @@ impl NbdControl for FakeKernel {
         assert_eq!(req.block_size_bytes, crate::attach::BLOCK_SIZE);
         let b = req.backend_identifier.as_deref();
         assert!(crate::identity::BackendId::parse(b.unwrap()).is_some());
+        if self.held_open.lock().contains(&i) {
+            return Err(NlError::Refused { errno: libc::EBUSY });
+        }
         match *self.on_connect.lock() {
             OnConnect::Refuse(errno) => return Err(NlError::Refused { errno }),
             OnConnect::Invisible => {}
@@ -95,6 +105,9 @@ impl NbdControl for FakeKernel {
 
     fn disconnect(&self, index: u32) -> Result<(), NlError> {
         self.disconnects.fetch_add(1, Ordering::SeqCst);
+        if let Some(errno) = *self.refuse_disconnect.lock() {
+            return Err(NlError::Refused { errno });
+        }
         self.capacity.lock().remove(&index);
         if self.connected.lock().remove(&index).is_none() {
             return Err(NlError::Refused {
@@ -123,8 +136,15 @@ impl NbdControl for FakeKernel {
                 *mode = OnReconfigure::Lag(n - 1);
                 return Ok(());
             }
-            OnReconfigure::Lag(_) | OnReconfigure::Work => {}
+            OnReconfigure::Lag(_) | OnReconfigure::Work | OnReconfigure::TakeOneThenRefuse(_) => {}
         }
+        let refuse_after_one = match *mode {
+            OnReconfigure::TakeOneThenRefuse(errno) => {
+                *mode = OnReconfigure::Work;
+                Some(errno)
+            }
+            _ => None,
+        };
         let mut connected = self.connected.lock();
         let Some(refs) = connected.get_mut(&req.index) else {
             return Err(NlError::Refused {
@@ -140,6 +160,9 @@ impl NbdControl for FakeKernel {
             // SAFETY: borrowed for this call only, during which the caller keeps it open.
             let b = unsafe { BorrowedFd::borrow_raw(fd) };
             refs.push(b.try_clone_to_owned().expect("open fd"));
+            if let Some(errno) = refuse_after_one {
+                return Err(NlError::Refused { errno });
+            }
         }
         Ok(())
     }
@@ -174,6 +197,10 @@ struct FakeNodes {
     dir: PathBuf,
     flushes: AtomicUsize,
     fail_open: Mutex<bool>,
+    /// Since when the dispatchers hold a request (shared with them); a flush while one is held
+    /// is counted in `flushed_while_pending`.
+    pending_since: Arc<Mutex<Option<std::time::Instant>>>,
+    flushed_while_pending: AtomicUsize,
 }
 
 impl DeviceNodes for FakeNodes {
@@ -191,6 +218,9 @@ impl DeviceNodes for FakeNodes {
 
     fn flush(&self, file: &File) -> io::Result<()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        if self.pending_since.lock().is_some() {
+            self.flushed_while_pending.fetch_add(1, Ordering::SeqCst);
+        }
         file.sync_all()
     }
 }
@@ -199,11 +229,13 @@ impl DeviceNodes for FakeNodes {
 struct FakeDispatcher {
     live: Arc<AtomicUsize>,
     fail_spawn_after: Mutex<Option<usize>>,
+    pending_since: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 struct FakeDispatch {
     stream: UnixStream,
     thread: std::thread::JoinHandle<()>,
+    pending_since: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl Dispatcher for FakeDispatcher {
@@ -230,7 +262,11 @@ impl Dispatcher for FakeDispatcher {
             while matches!(reader.read(&mut b), Ok(n) if n > 0) {}
             live.fetch_sub(1, Ordering::SeqCst);
         });
-        Ok(Box::new(FakeDispatch { stream, thread }))
+        Ok(Box::new(FakeDispatch {
+            stream,
+            thread,
+            pending_since: self.pending_since.clone(),
+        }))
     }
 }
 
@@ -243,7 +279,7 @@ impl Dispatch for FakeDispatch {
         0
     }
     fn oldest_request_age(&self) -> Option<Duration> {
-        None
+        self.pending_since.lock().map(|t| t.elapsed())
     }
     fn is_finished(&self) -> bool {
         self.thread.is_finished()
@@ -272,7 +308,8 @@ impl Env {
             sysfs_root: sys.clone(),
             lock_dir: dir.path().join("locks"),
             cooldown: Duration::ZERO,
-            host_id: "h".into(),
+            identity: crate::identity::Identity::new("boot", "h").unwrap(),
+            cache_dir: None,
         });
         let kernel = Arc::new(FakeKernel {
             sys: sys.clone(),
@@ -283,11 +320,16 @@ impl Env {
             connected: Mutex::new(BTreeMap::new()),
             disconnects: AtomicUsize::new(0),
             teardown_gate: Mutex::new(None),
+            held_open: Mutex::new(Vec::new()),
+            refuse_disconnect: Mutex::new(None),
         });
+        let pending_since = Arc::new(Mutex::new(None));
         let nodes = Arc::new(FakeNodes {
             dir: dir.path().join("dev"),
             flushes: AtomicUsize::new(0),
             fail_open: Mutex::new(false),
+            pending_since: pending_since.clone(),
+            flushed_while_pending: AtomicUsize::new(0),
         });
         let attacher = Attacher::new(pool, kernel.clone(), nodes.clone());
         Env {
@@ -298,6 +340,7 @@ impl Env {
             dispatcher: FakeDispatcher {
                 live: Arc::new(AtomicUsize::new(0)),
                 fail_spawn_after: Mutex::new(None),
+                pending_since,
             },
             attacher,
         }
@@ -473,6 +516,49 @@ fn refused_connect_is_classified_and_releases_the_slot() {
 }
 
 #[test]
+fn ebusy_from_connect_moves_on_to_the_next_slot() {
+    let env = Env::new(4);
+    // Every slot but slot 2 is held open by an idle opener sysfs cannot show.
+    *env.kernel.held_open.lock() = vec![0, 1, 3];
+    let rt = rt();
+    let a = rt.block_on(env.attach(1));
+    assert_eq!(a.index(), 2);
+    // The skipped slots' claims were let go once the attach succeeded.
+    assert_eq!(env.attacher.pool().metrics().claimed, 1);
+    rt.block_on(a.close()).unwrap();
+    // With every slot held open, the attach fails with the pool's "exhausted", having tried each.
+    *env.kernel.held_open.lock() = vec![0, 1, 2, 3];
+    let err = rt.block_on(env.attacher.attach(&env.dispatcher, &env.opts(1)));
+    assert!(
+        matches!(
+            err,
+            Err(AttachError::Pool(PoolError::Exhausted { busy: 4, .. }))
+        ),
+        "{err:?}"
+    );
+    env.kernel.held_open.lock().clear();
+    env.assert_clean();
+}
+
+#[test]
+fn a_failed_disconnect_keeps_the_claim() {
+    let env = Env::new(1);
+    let rt = rt();
+    let a = rt.block_on(env.attach(1));
+    *env.kernel.refuse_disconnect.lock() = Some(libc::EPERM);
+    let err = rt.block_on(a.close());
+    assert!(
+        matches!(err, Err(AttachError::Disconnect { .. })),
+        "{err:?}"
+    );
+    // The device is still connected and its claim still held: no other process may take it,
+    // and reclaim by anyone else sees a live owner.
+    let other = DevicePool::new(env.attacher.pool().config().clone());
+    assert!(other.locks().try_lock(0).unwrap().is_none());
+    assert!(other.claim("x").is_err());
+}
+
+#[test]
 fn ambiguous_connect_is_undone() {
     let env = Env::new(1);
     *env.kernel.on_connect.lock() = OnConnect::AmbiguousConnected;
@@ -635,6 +721,32 @@ mod warm {
             assert_eq!(env.kernel.disconnects.load(Ordering::SeqCst), disconnects);
             let st = env.attacher.pool().list().unwrap();
             assert_eq!(st[a.index() as usize].sandbox.as_deref(), Some("late"));
+            a.close().await.unwrap();
+        });
+        env.assert_clean();
+    }
+
+    #[test]
+    fn a_warm_bind_waits_for_reads_sent_before_it() {
+        let env = Env::new(1);
+        rt().block_on(async {
+            let sw = Arc::new(SwitchableDevice::new(1 << 20, 4096));
+            let warm = WarmSlot::new(env.attach(1).await, sw);
+            // A read from before the bind is still being answered (with zeroes) when bind
+            // starts; it is answered a moment later, from another thread.
+            *env.dispatcher.pending_since.lock() = Some(std::time::Instant::now());
+            let pending = env.dispatcher.pending_since.clone();
+            let answer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                *pending.lock() = None;
+            });
+            let a = warm
+                .bind(Arc::new(MemDevice::new(1 << 20, 4096)), "s")
+                .unwrap();
+            answer.join().unwrap();
+            // The page cache was dropped only after that read was answered.
+            assert_eq!(env.nodes.flushed_while_pending.load(Ordering::SeqCst), 0);
+            assert!(env.nodes.flushes.load(Ordering::SeqCst) >= 1);
             a.close().await.unwrap();
         });
         env.assert_clean();

@@ -116,6 +116,32 @@ fn a_refused_reconfigure_is_classified_and_the_attachment_still_closes() {
 }
 
 #[test]
+fn a_reconfigure_refused_after_taking_some_sockets_keeps_them() {
+    let env = Env::new(1);
+    rt().block_on(async {
+        let mut a = env.attach(3).await;
+        let i = a.index();
+        kill(&env, i, 0);
+        kill(&env, i, 0);
+        until_dead(&a, 2).await;
+        // The first of the two new sockets goes in, then the request is refused: the one taken
+        // is kept (not shut down as if nothing had been), and a retry offers only the other.
+        *env.kernel.on_reconfigure.lock() = OnReconfigure::TakeOneThenRefuse(libc::EBADF);
+        assert_eq!(a.reconnect(&env.dispatcher).await.unwrap(), 2);
+        let reqs = env.kernel.reconfigures.lock().clone();
+        assert_eq!(
+            reqs.iter().map(|r| r.sockets.len()).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        assert_eq!(a.connection_health().dead, 0);
+        assert_eq!(kernel_sockets(&env, i), 3);
+        assert_eq!(env.dispatcher.live.load(Ordering::SeqCst), 3);
+        a.close().await.unwrap();
+    });
+    env.assert_clean();
+}
+
+#[test]
 fn sockets_the_kernel_drops_are_detected_and_offered_again() {
     let env = Env::new(1);
     *env.kernel.on_reconfigure.lock() = OnReconfigure::Lag(3);

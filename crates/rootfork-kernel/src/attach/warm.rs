@@ -6,10 +6,12 @@
 //! and the slot is closed like any attachment when the sandbox ends. Before binding, reads return
 //! zeroes (the kernel's partition scan at connect time reads a few sectors) and writes fail with
 //! `ESHUTDOWN`; binding drops the device's page cache (`BLKFLSBUF`) so nothing read before the
-//! bind is ever served from cache. The export size is fixed at connect time, so a warm slot only
+//! bind is ever served from cache, after waiting for reads sent before the bind to finish (a page
+//! still locked for such a read would survive the flush and be filled with zeroes after it). The export size is fixed at connect time, so a warm slot only
 //! fits devices of exactly its size.
 
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use rootfork_block::{
     BlockDevice, BlockError, BlockState, Extent, RangeStatus, Result as BlockResult,
@@ -165,6 +167,42 @@ impl BlockDevice for SwitchableDevice {
     }
 }
 
+impl Attachment {
+    /// Waits (at most `drain_wait`) until every request the dispatchers received before `since`
+    /// is answered and the kernel shows no request in flight (its pages are filled and
+    /// unlocked), so that a page-cache flush afterwards drops them.
+    fn settle_reads_before(&self, since: Instant) {
+        let deadline = Instant::now() + self.drain_wait;
+        let sysfs = self.lease.as_ref().map(|l| l.pool().sysfs().clone());
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let ours_done = self.dispatches.as_ref().is_none_or(|d| {
+                d.0.iter()
+                    .filter_map(|c| c.oldest_request_age())
+                    .all(|age| age < since.elapsed())
+            });
+            let kernel_done = sysfs
+                .as_ref()
+                .and_then(|s| s.slot(self.index).ok())
+                .is_none_or(|s| s.inflight == (0, 0));
+            if ours_done && kernel_done {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    index = self.index,
+                    ours_done,
+                    kernel_done,
+                    "requests from before the bind still in flight; dropping the page cache anyway"
+                );
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+}
+
 /// A connected slot waiting for its device.
 pub struct WarmSlot {
     attachment: Attachment,
@@ -226,7 +264,11 @@ impl WarmSlot {
             .bind(device)
             .map_err(|source| AttachError::Bind { index, source })?;
         let mut attachment = self.attachment;
-        // Nothing read while unbound may be served from the page cache.
+        // Nothing read while unbound may be served from the page cache. A read the kernel sent
+        // before the bind may still be on its way back with zeroes, its page locked for it;
+        // `BLKFLSBUF` skips locked pages, so the zeroes would land after the flush. Let those
+        // reads finish first.
+        attachment.settle_reads_before(Instant::now());
         attachment.flush()?;
         attachment.rename(sandbox);
         Ok(attachment)

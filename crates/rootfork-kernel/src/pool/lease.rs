@@ -5,8 +5,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use super::lockfile::{now_ms, LockRecord, RecordState, SlotLock};
+use super::lockfile::{LockRecord, RecordState, SlotLock};
 use super::{DevicePool, PoolEvent};
 use crate::identity::device_path;
 
@@ -17,6 +18,7 @@ pub struct Lease {
     index: u32,
     sandbox: String,
     cache: Option<PathBuf>,
+    dead_conn_timeout: Option<Duration>,
     pub(super) lock: Option<SlotLock>,
 }
 
@@ -27,6 +29,7 @@ impl Lease {
             index,
             sandbox,
             cache: None,
+            dead_conn_timeout: None,
             lock: Some(lock),
         }
     }
@@ -58,6 +61,14 @@ impl Lease {
         self.write_claim()
     }
 
+    /// Records the device's `dead_conn_timeout` in the lock file: after the owner dies, another
+    /// rootfork instance may disconnect the device once this long has passed (the kernel has
+    /// failed its I/O by then).
+    pub fn set_dead_conn_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.dead_conn_timeout = timeout;
+        self.write_claim()
+    }
+
     /// Renames the sandbox the claim is for (a warm slot handed to a sandbox).
     pub fn set_sandbox(&mut self, sandbox: &str) -> io::Result<()> {
         self.sandbox = sandbox.to_owned();
@@ -69,11 +80,9 @@ impl Lease {
 
     fn write_claim(&mut self) -> io::Result<()> {
         let rec = LockRecord {
-            state: RecordState::Claimed,
-            pid: std::process::id(),
-            sandbox: self.sandbox.clone(),
-            since_ms: now_ms(),
             cache: self.cache.clone(),
+            dead_conn_timeout_ms: self.dead_conn_timeout.map(|d| d.as_millis() as u64),
+            ..self.pool.claim_record(&self.sandbox)
         };
         match &mut self.lock {
             Some(l) => l.write(&rec),
@@ -93,6 +102,20 @@ impl Lease {
         });
     }
 
+    /// Keeps the claim for as long as this process lives instead of releasing it: the device may
+    /// still be connected (its `DISCONNECT` failed), and a free lock would tell every other
+    /// rootfork that its owner is gone. The slot stays listed as claimed; when this process
+    /// exits, the lock goes and reclaim takes over.
+    pub fn retain(mut self) {
+        if let Some(lock) = self.lock.take() {
+            tracing::warn!(
+                index = self.index,
+                "keeping the claim of a device that may still be connected until this process exits"
+            );
+            self.pool.shared.retained.lock().push(lock);
+        }
+    }
+
     /// Releases the claim now (the same as dropping it).
     pub fn release(mut self) {
         self.release_inner();
@@ -102,13 +125,7 @@ impl Lease {
         let Some(mut lock) = self.lock.take() else {
             return;
         };
-        let rec = LockRecord {
-            state: RecordState::Released,
-            pid: std::process::id(),
-            sandbox: self.sandbox.clone(),
-            since_ms: now_ms(),
-            cache: None,
-        };
+        let rec = LockRecord::now(RecordState::Released, &self.sandbox);
         if let Err(e) = lock.write(&rec) {
             // The claim is still released (the lock goes with the file); only the cooldown is lost.
             tracing::warn!(index = self.index, "cannot write the release record: {e}");

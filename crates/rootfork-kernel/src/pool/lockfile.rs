@@ -1,17 +1,24 @@
 //! Host-wide claims: one lock file per slot (`<dir>/nbdN.lock`) held with an exclusive `flock`
 //! for as long as the slot is claimed. The kernel drops the lock when its holder dies, so a crashed
-//! daemon can never keep a slot claimed. The file also carries a small JSON record (who claimed
-//! it, when, which cache file) so that `list` and reclaim see other processes' claims.
+//! daemon can never keep a slot claimed, and a free lock is the proof that the owner is gone. The
+//! file also carries a small JSON record (which instance claimed it, when, which cache file, the
+//! device's `dead_conn_timeout`) so that `list` and reclaim see other processes' claims.
+//!
+//! The directory must be this user's and not writable by others ([`PrivateDir`]); lock files are
+//! opened relative to it with `O_NOFOLLOW` and must be regular files of this user with one link,
+//! so a planted symlink or hard link is refused instead of written through.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{openat, Flock, FlockArg, OFlag};
+use nix::sys::stat::{fstat, Mode, SFlag};
 
+use super::private_dir::{DirError, PrivateDir};
 use crate::identity::device_name;
 
 /// What a lock file says about its slot.
@@ -19,7 +26,7 @@ use crate::identity::device_name;
 pub struct LockRecord {
     /// `claimed` while held, `released` after an orderly release.
     pub state: RecordState,
-    /// The process that wrote the record.
+    /// The process that wrote the record (informative only: pids are per namespace).
     pub pid: u32,
     /// The sandbox it was claimed for.
     pub sandbox: String,
@@ -28,6 +35,34 @@ pub struct LockRecord {
     /// The overlay cache file of the attachment, removed by reclaim if the owner died.
     #[serde(default)]
     pub cache: Option<PathBuf>,
+    /// The rootfork instance that wrote the record (the one in the device's backend identifier).
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// The device's `dead_conn_timeout` in milliseconds (`None`: the kernel fails I/O as soon as
+    /// every connection is dead).
+    #[serde(default)]
+    pub dead_conn_timeout_ms: Option<u64>,
+    /// When a reclaim first found the claim's lock free (its owner gone), in milliseconds since
+    /// the Unix epoch. Another instance may disconnect the device once `dead_conn_timeout` has
+    /// passed since then.
+    #[serde(default)]
+    pub orphaned_since_ms: Option<u64>,
+}
+
+impl LockRecord {
+    /// A record of state `state` for `sandbox`, written now by this process.
+    pub fn now(state: RecordState, sandbox: &str) -> Self {
+        LockRecord {
+            state,
+            pid: std::process::id(),
+            sandbox: sandbox.to_owned(),
+            since_ms: now_ms(),
+            cache: None,
+            instance: None,
+            dead_conn_timeout_ms: None,
+            orphaned_since_ms: None,
+        }
+    }
 }
 
 /// The state a lock record names.
@@ -48,6 +83,42 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Errors taking or reading a slot's lock file.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The lock directory is not trusted or cannot be opened.
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    /// The lock file is a symlink, not a regular file, another user's or has other links.
+    #[error("refusing lock file {path}: {why}")]
+    Untrusted {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: &'static str,
+    },
+    /// Opening, locking, reading or writing it failed.
+    #[error("lock file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl LockError {
+    /// The errno for metrics and the wire.
+    pub fn errno(&self) -> i32 {
+        match self {
+            LockError::Dir(d) => d.errno(),
+            LockError::Untrusted { .. } => libc::EPERM,
+            LockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
 /// The lock directory.
 #[derive(Debug, Clone)]
 pub struct LockDir {
@@ -61,7 +132,7 @@ pub struct SlotLock {
 }
 
 impl LockDir {
-    /// Lock files in `dir` (created 0700 on first use).
+    /// Lock files in `dir` (created `0700` on first use; see [`PrivateDir`]).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         LockDir { dir: dir.into() }
     }
@@ -71,35 +142,90 @@ impl LockDir {
         &self.dir
     }
 
-    fn file(&self, index: u32) -> PathBuf {
-        self.dir.join(format!("{}.lock", device_name(index)))
+    /// Creates the directory if needed and checks that it can be trusted.
+    pub fn check(&self) -> Result<(), LockError> {
+        PrivateDir::open(&self.dir)?;
+        Ok(())
+    }
+
+    fn file_name(index: u32) -> String {
+        format!("{}.lock", device_name(index))
+    }
+
+    /// Opens the lock file of `index` in the checked directory, never through a symlink.
+    fn open(&self, index: u32, create: bool) -> Result<Option<File>, LockError> {
+        let dir = PrivateDir::open(&self.dir)?;
+        let name = Self::file_name(index);
+        let path = self.dir.join(&name);
+        let mut flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+        if create {
+            flags |= OFlag::O_CREAT;
+        }
+        let raw = match openat(
+            Some(dir.fd().as_raw_fd()),
+            name.as_str(),
+            flags,
+            Mode::from_bits_truncate(0o600),
+        ) {
+            Ok(raw) => raw,
+            Err(Errno::ENOENT) if !create => return Ok(None),
+            Err(Errno::ELOOP) => {
+                return Err(LockError::Untrusted {
+                    path,
+                    why: "it is a symbolic link",
+                })
+            }
+            Err(e) => {
+                return Err(LockError::Io {
+                    path,
+                    source: e.into(),
+                })
+            }
+        };
+        // SAFETY: `openat` returned a new descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(raw) };
+        let st = fstat(file.as_raw_fd()).map_err(|e| LockError::Io {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let why = if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            Some("it is not a regular file")
+        } else if st.st_uid != nix::unistd::geteuid().as_raw() {
+            Some("another user owns it")
+        } else if st.st_nlink != 1 {
+            Some("it has other hard links")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(LockError::Untrusted { path, why }),
+            None => Ok(Some(file)),
+        }
     }
 
     /// Takes the claim on `index` without waiting; `None` if another holder has it.
-    pub fn try_lock(&self, index: u32) -> io::Result<Option<SlotLock>> {
-        if !self.dir.is_dir() {
-            fs::create_dir_all(&self.dir)?;
-            use std::os::unix::fs::PermissionsExt;
-            let _ = fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(self.file(index))?;
+    pub fn try_lock(&self, index: u32) -> Result<Option<SlotLock>, LockError> {
+        let path = || self.dir.join(Self::file_name(index));
+        let file = self.open(index, true)?.ok_or_else(|| LockError::Io {
+            path: path(),
+            source: io::ErrorKind::NotFound.into(),
+        })?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(file) => Ok(Some(SlotLock { file })),
             Err((_, Errno::EWOULDBLOCK)) => Ok(None),
-            Err((_, e)) => Err(e.into()),
+            Err((_, e)) => Err(LockError::Io {
+                path: path(),
+                source: e.into(),
+            }),
         }
     }
 
-    /// Reads the record of `index` without locking (a torn or missing record is `None`).
+    /// Reads the record of `index` without locking (a torn, missing or untrusted record is
+    /// `None`).
     pub fn read(&self, index: u32) -> Option<LockRecord> {
-        let s = fs::read_to_string(self.file(index)).ok()?;
+        let mut f = self.open(index, false).ok()??;
+        let mut s = String::new();
+        f.read_to_string(&mut s).ok()?;
         serde_json::from_str(s.trim()).ok()
     }
 }
@@ -138,11 +264,9 @@ mod tests {
         assert!(d.try_lock(3).unwrap().is_none());
         assert!(d.try_lock(4).unwrap().is_some());
         let rec = LockRecord {
-            state: RecordState::Claimed,
-            pid: 1,
-            sandbox: "s".into(),
-            since_ms: 5,
             cache: Some("/c".into()),
+            instance: Some("i".into()),
+            ..LockRecord::now(RecordState::Claimed, "s")
         };
         a.write(&rec).unwrap();
         assert_eq!(d.read(3), Some(rec.clone()));
@@ -179,5 +303,55 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "lock never released");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn planted_symlinks_and_links_are_refused_and_their_targets_unchanged() {
+        let t = tempfile::tempdir().unwrap();
+        let locks = t.path().join("locks");
+        let d = LockDir::new(&locks);
+        d.check().unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"precious\n").unwrap();
+        std::os::unix::fs::symlink(&victim, locks.join("nbd0.lock")).unwrap();
+        let err = d.try_lock(0).unwrap_err();
+        assert!(
+            matches!(&err, LockError::Untrusted { why, .. } if why.contains("symbolic")),
+            "{err:?}"
+        );
+        assert_eq!(d.read(0), None);
+        std::fs::hard_link(&victim, locks.join("nbd1.lock")).unwrap();
+        let err = d.try_lock(1).unwrap_err();
+        assert!(
+            matches!(&err, LockError::Untrusted { why, .. } if why.contains("hard links")),
+            "{err:?}"
+        );
+        std::fs::create_dir(locks.join("nbd2.lock")).unwrap();
+        assert!(d.try_lock(2).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
+        // The other slots still work.
+        assert!(d.try_lock(3).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_shared_lock_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let locks = t.path().join("locks");
+        std::fs::create_dir(&locks).unwrap();
+        std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let d = LockDir::new(&locks);
+        assert!(matches!(
+            d.check(),
+            Err(LockError::Dir(DirError::Untrusted { .. }))
+        ));
+        assert!(d.try_lock(0).is_err());
+        assert!(!locks.join("nbd0.lock").exists());
+        let target = t.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        let link = t.path().join("linked");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(LockDir::new(&link).try_lock(0).is_err());
+        assert!(!target.join("nbd0.lock").exists());
     }
 }

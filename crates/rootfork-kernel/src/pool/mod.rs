@@ -7,11 +7,17 @@
 //! cooldown, and sysfs shows it quiescent (no `pid`, size 0, `inflight` `0 0`, no holders). The
 //! lock is taken *before* sysfs is read, so no other rootfork process can start a connect between
 //! the check and the claim.
+//!
+//! Each claim's record names the pool's rootfork instance (see [`crate::identity`]); reclaim and
+//! [`DevicePool::own_devices`] use it to tell this instance's orphans from everyone else's.
 
+mod cache_file;
 mod events;
 mod lease;
 mod lockfile;
 mod metrics;
+pub(crate) mod own;
+mod private_dir;
 mod status;
 
 use std::collections::BTreeMap;
@@ -23,14 +29,17 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+pub use cache_file::{remove_cache_file, CacheRemoveError};
 pub use events::{EventSink, PoolEvent};
 pub use lease::Lease;
-pub use lockfile::{now_ms, LockDir, LockRecord, RecordState, SlotLock};
+pub use lockfile::{now_ms, LockDir, LockError, LockRecord, RecordState, SlotLock};
 pub use metrics::{HistogramSnapshot, MetricsSnapshot, QuiescenceSkips, LATENCY_BOUNDS_US};
+pub use own::OwnDevice;
+pub use private_dir::{DirError, PrivateDir, Untrusted};
 pub use status::{SlotState, SlotStatus};
 
-use crate::identity::host_id;
-use crate::sysfs::Sysfs;
+use crate::identity::Identity;
+use crate::sysfs::{vanishing, Sysfs};
 use events::Events;
 use metrics::Metrics;
 
@@ -40,21 +49,33 @@ pub struct PoolConfig {
     /// Where sysfs is mounted (`/sys`).
     pub sysfs_root: PathBuf,
     /// Directory of the per-slot lock files (`/run/rootfork/nbd`). Every rootfork process on the
-    /// host must use the same one.
+    /// host must use the same one; it must be this user's and not writable by others.
     pub lock_dir: PathBuf,
     /// How long a released slot rests before it is handed out again.
     pub cooldown: Duration,
-    /// This host's id, as written into backend identifiers.
-    pub host_id: String,
+    /// This boot and rootfork instance, as written into backend identifiers and claim records.
+    pub identity: Identity,
+    /// The only directory whose files a dead claim's record may name for removal (the overlay
+    /// cache directory); `None` removes no cache files.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for PoolConfig {
+    /// The host's sysfs and lock directory, and a new instance of this boot.
     fn default() -> Self {
         PoolConfig {
             sysfs_root: PathBuf::from("/sys"),
             lock_dir: PathBuf::from("/run/rootfork/nbd"),
             cooldown: Duration::from_millis(200),
-            host_id: host_id(),
+            identity: Identity::new_instance().unwrap_or_else(|e| {
+                // Only names are lost: the claim lock still decides who is alive.
+                tracing::warn!("{e}; naming this instance without the boot id");
+                Identity {
+                    boot: "unknown".into(),
+                    instance: format!("p{}t{}", std::process::id(), now_ms()),
+                }
+            }),
+            cache_dir: None,
         }
     }
 }
@@ -77,7 +98,10 @@ pub enum PoolError {
         /// Refused by the quiescence check.
         not_quiescent: usize,
     },
-    /// Reading sysfs or a lock file failed.
+    /// A lock file or the lock directory is not trusted, or cannot be used.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// Reading sysfs failed.
     #[error("nbd pool i/o")]
     Io(#[from] io::Error),
 }
@@ -88,6 +112,7 @@ impl PoolError {
         match self {
             PoolError::ModuleNotLoaded(_) => libc::ENODEV,
             PoolError::Exhausted { .. } => libc::EBUSY,
+            PoolError::Lock(e) => e.errno(),
             PoolError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -116,6 +141,8 @@ pub(crate) struct Shared {
     pub(crate) locks: LockDir,
     next: AtomicU32,
     pub(crate) local: Mutex<BTreeMap<u32, LocalSlot>>,
+    /// Claims kept until the process exits ([`Lease::retain`]).
+    pub(crate) retained: Mutex<Vec<SlotLock>>,
     pub(crate) metrics: Metrics,
     pub(crate) events: Events,
 }
@@ -138,6 +165,7 @@ impl DevicePool {
                 locks,
                 next: AtomicU32::new(0),
                 local: Mutex::new(BTreeMap::new()),
+                retained: Mutex::new(Vec::new()),
                 metrics: Metrics::default(),
                 events: Events::default(),
             }),
@@ -157,6 +185,28 @@ impl DevicePool {
     /// The pool's lock directory.
     pub fn locks(&self) -> &LockDir {
         &self.shared.locks
+    }
+
+    /// Creates the lock directory if needed and checks that it can be trusted (this user's, not
+    /// writable by others, not a symlink). Run it at start to refuse early with a clear error.
+    pub fn check_lock_dir(&self) -> Result<(), PoolError> {
+        Ok(self.shared.locks.check()?)
+    }
+
+    /// The claim record this pool writes for `sandbox`.
+    pub(crate) fn claim_record(&self, sandbox: &str) -> LockRecord {
+        LockRecord {
+            instance: Some(self.shared.cfg.identity.instance.clone()),
+            ..LockRecord::now(RecordState::Claimed, sandbox)
+        }
+    }
+
+    /// Removes a dead claim's cache file if it is one of this pool's (see `cache_file.rs`).
+    pub(crate) fn remove_dead_cache(
+        &self,
+        cache: &std::path::Path,
+    ) -> Result<bool, CacheRemoveError> {
+        remove_cache_file(self.shared.cfg.cache_dir.as_deref(), cache)
     }
 
     /// Calls `sink` for every future event.
@@ -274,7 +324,11 @@ impl DevicePool {
             }
             let st = match self.shared.sysfs.slot(index) {
                 Ok(st) => st,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // Gone, or an attribute removed by a teardown while we read it: not this one.
+                Err(e) if vanishing(&e) => {
+                    tally.not_quiescent += 1;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             if let Err(why) = st.check_quiescent() {
@@ -287,13 +341,13 @@ impl DevicePool {
             // releasing) may have left its cache file behind.
             if let Some(r) = rec.filter(|r| r.state == RecordState::Claimed) {
                 if let Some(cache) = &r.cache {
-                    match std::fs::remove_file(cache) {
-                        Ok(()) => {
+                    match self.remove_dead_cache(cache) {
+                        Ok(true) => {
                             tracing::info!(index, cache = %cache.display(), "removed a dead claim's cache file")
                         }
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Ok(false) => {}
                         Err(e) => {
-                            tracing::warn!(index, cache = %cache.display(), "cannot remove a dead claim's cache file: {e}")
+                            tracing::warn!(index, "not removing a dead claim's cache file: {e}")
                         }
                     }
                 }
@@ -303,14 +357,9 @@ impl DevicePool {
                     backend: None,
                 });
             }
-            let since_ms = now_ms();
-            lock.write(&LockRecord {
-                state: RecordState::Claimed,
-                pid: std::process::id(),
-                sandbox: sandbox.to_owned(),
-                since_ms,
-                cache: None,
-            })?;
+            let rec = self.claim_record(sandbox);
+            let since_ms = rec.since_ms;
+            lock.write(&rec)?;
             self.shared.local.lock().insert(
                 index,
                 LocalSlot {

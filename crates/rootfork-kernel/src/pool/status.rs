@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::lockfile::RecordState;
 use super::{DevicePool, PoolError};
 use crate::identity::{device_path, BackendId};
-use crate::sysfs::SlotSysfs;
+use crate::sysfs::{vanishing, SlotSysfs};
 
 /// A slot's state as the listing sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -23,8 +23,9 @@ pub enum SlotState {
     Claimed,
     /// Claimed and connected.
     Connected,
-    /// Connected with this host's rootfork backend identifier but nobody holds the claim: its
-    /// owner died. Reclaim disconnects it.
+    /// Connected with a rootfork backend identifier of this boot but nobody holds the claim: its
+    /// owner is gone. Its own instance may adopt or reclaim it at once, any other once its
+    /// `dead_conn_timeout` has passed (or with `rootfork nbd reclaim --force`).
     Orphaned,
     /// Not quiescent and not claimed by rootfork: another program's device, or a teardown still
     /// in progress. Never touched.
@@ -60,6 +61,20 @@ impl DevicePool {
             let sysfs = match self.shared.sysfs.slot(index) {
                 Ok(s) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // An attribute removed by a teardown while we read it: listed as busy.
+                Err(e) if vanishing(&e) => {
+                    out.push(SlotStatus {
+                        index,
+                        device: device_path(index),
+                        state: SlotState::Busy,
+                        sandbox: None,
+                        owner_pid: None,
+                        backend: None,
+                        since_ms: None,
+                        sysfs: SlotSysfs::default(),
+                    });
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             let local = self.shared.local.lock().get(&index).cloned();
@@ -108,7 +123,7 @@ impl DevicePool {
                 .backend
                 .as_deref()
                 .and_then(BackendId::parse)
-                .is_some_and(|b| b.host == self.shared.cfg.host_id)
+                .is_some_and(|b| b.boot == self.shared.cfg.identity.boot)
             {
                 SlotState::Orphaned
             } else {

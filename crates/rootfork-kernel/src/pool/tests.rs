@@ -4,6 +4,7 @@ use std::fs;
 use std::time::Duration;
 
 use super::*;
+use crate::pool::own::OwnDevice;
 use crate::sysfs::fake;
 
 struct Env {
@@ -21,12 +22,19 @@ impl Env {
         self.dir.path().join("sys")
     }
 
+    fn cache_dir(&self) -> PathBuf {
+        let d = self.dir.path().join("cache");
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
     fn pool(&self, cooldown: Duration) -> DevicePool {
         DevicePool::new(PoolConfig {
             sysfs_root: self.sys(),
             lock_dir: self.dir.path().join("locks"),
             cooldown,
-            host_id: "testhost".into(),
+            identity: crate::identity::Identity::new("boot", "testhost").unwrap(),
+            cache_dir: Some(self.cache_dir()),
         })
     }
 }
@@ -175,27 +183,19 @@ fn listing_shows_connected_and_orphaned_devices() {
         l.index(),
         std::process::id(),
         8192,
-        Some("rootfork:testhost:1:mine"),
+        Some("rootfork:boot:testhost:mine"),
     );
     l.set_connected(true);
-    // A device of this host's rootfork whose owner is gone (nobody holds the lock).
-    fake::connect(
-        &sys,
-        1,
-        999_999,
-        8192,
-        Some("rootfork:testhost:999999:dead"),
-    );
-    // Another host's rootfork device: not ours to touch.
-    fake::connect(&sys, 2, 5, 8192, Some("rootfork:elsewhere:5:x"));
+    // A device of another rootfork instance of this boot whose owner is gone (nobody holds the
+    // lock).
+    fake::connect(&sys, 1, 1, 8192, Some("rootfork:boot:gone:dead"));
+    // A device naming another boot: not ours to judge.
+    fake::connect(&sys, 2, 5, 8192, Some("rootfork:elsewhere:x:x"));
     let list = pool.list().unwrap();
     assert_eq!(list[0].state, SlotState::Connected);
     assert_eq!(list[0].sandbox.as_deref(), Some("mine"));
     assert_eq!(list[1].state, SlotState::Orphaned);
-    assert_eq!(
-        list[1].backend.as_deref(),
-        Some("rootfork:testhost:999999:dead")
-    );
+    assert_eq!(list[1].backend.as_deref(), Some("rootfork:boot:gone:dead"));
     assert_eq!(list[2].state, SlotState::Busy);
 }
 
@@ -203,7 +203,7 @@ fn listing_shows_connected_and_orphaned_devices() {
 fn a_dead_claims_cache_file_is_removed_on_the_next_claim() {
     let env = Env::new(1);
     let pool = env.pool(Duration::ZERO);
-    let cache = env.dir.path().join("sb.cache");
+    let cache = env.cache_dir().join("sb.cache");
     fs::write(&cache, b"x").unwrap();
     let mut l = pool.claim("sb").unwrap();
     l.set_cache_path(&cache).unwrap();
@@ -232,9 +232,85 @@ fn no_module_is_a_clear_error() {
         sysfs_root: dir.path().into(),
         lock_dir: dir.path().join("l"),
         cooldown: Duration::ZERO,
-        host_id: "h".into(),
+        identity: crate::identity::Identity::new("boot", "h").unwrap(),
+        cache_dir: None,
     });
     let err = pool.claim("x").unwrap_err();
     assert!(matches!(err, PoolError::ModuleNotLoaded(_)));
     assert_eq!(err.errno(), libc::ENODEV);
+}
+
+#[test]
+fn own_devices_name_this_instances_devices_and_their_sandboxes() {
+    let env = Env::new(4);
+    let sys = env.sys();
+    let pool = env.pool(Duration::ZERO);
+    let held = pool.claim("held").unwrap();
+    fake::connect(
+        &sys,
+        held.index(),
+        1,
+        8192,
+        Some("rootfork:boot:testhost:held"),
+    );
+    let i = held.index();
+    let (a, b, c) = ((i + 1) % 4, (i + 2) % 4, (i + 3) % 4);
+    // This instance's device from before a restart: nobody holds its claim.
+    fake::connect(&sys, a, 1, 8192, Some("rootfork:boot:testhost:sb:1"));
+    // Another instance's, and another boot's with this instance id.
+    fake::connect(&sys, b, 1, 8192, Some("rootfork:boot:other:x"));
+    fake::connect(&sys, c, 1, 8192, Some("rootfork:oldboot:testhost:x"));
+    let mut own = pool.own_devices().unwrap();
+    own.sort_by_key(|d| d.index);
+    let mut want = vec![
+        OwnDevice {
+            index: i,
+            sandbox: "held".into(),
+            backend: "rootfork:boot:testhost:held".into(),
+            orphaned: false,
+        },
+        OwnDevice {
+            index: a,
+            sandbox: "sb:1".into(),
+            backend: "rootfork:boot:testhost:sb:1".into(),
+            orphaned: true,
+        },
+    ];
+    want.sort_by_key(|d| d.index);
+    assert_eq!(own, want);
+}
+
+#[test]
+fn a_retained_claim_stays_claimed_until_the_pool_goes() {
+    let env = Env::new(1);
+    let pool = env.pool(Duration::ZERO);
+    pool.claim("kept").unwrap().retain();
+    let other = env.pool(Duration::ZERO);
+    assert!(matches!(
+        other.claim("x"),
+        Err(PoolError::Exhausted { busy: 1, .. })
+    ));
+    assert_eq!(other.list().unwrap()[0].state, SlotState::Claimed);
+    drop(pool);
+    assert!(other.claim("x").is_ok());
+}
+
+#[test]
+fn a_slot_torn_down_while_read_does_not_abort_the_claim_or_the_listing() {
+    let env = Env::new(2);
+    let pool = env.pool(Duration::ZERO);
+    // Slot 0's `size` is gone while its directory is still there, as in the middle of a teardown
+    // (the kernel answers ENODEV there; both are `sysfs::vanishing`).
+    fs::remove_file(env.sys().join("block/nbd0/size")).unwrap();
+    let l = pool.claim("x").unwrap();
+    assert_eq!(l.index(), 1);
+    let list = pool.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].index, 1);
+    assert!(crate::sysfs::vanishing(&std::io::Error::from_raw_os_error(
+        libc::ENODEV
+    )));
+    assert!(!crate::sysfs::vanishing(
+        &std::io::Error::from_raw_os_error(libc::EIO)
+    ));
 }

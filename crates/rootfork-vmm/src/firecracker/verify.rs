@@ -64,6 +64,17 @@ impl fmt::Display for OpenedFile {
 /// Why the VMM must not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// The VMM holds the device's slot, but the slot belongs to another attachment now.
+    #[error(
+        "the VMM (pid {pid}) holds a device that was attached again; refusing to start the VM"
+    )]
+    Reattached {
+        /// The VMM's pid.
+        pid: u32,
+        /// What changed.
+        #[source]
+        source: crate::DriveError,
+    },
     /// `/proc/<pid>/fd` could not be read.
     #[error("cannot read /proc/{pid}/fd: {source}")]
     Proc {
@@ -151,7 +162,12 @@ pub fn verify_opened(
         .iter()
         .find(|f| f.identity.is_some_and(|id| id.same_disk(&expected)))
     {
-        Some(f) => Ok(f.clone()),
+        // `st_rdev` proves the slot; the backend identifier proves it is still the attachment
+        // that was verified (not the slot released and connected again).
+        Some(f) => match device.check_attachment() {
+            Ok(()) => Ok(f.clone()),
+            Err(source) => Err(VerifyError::Reattached { pid, source }),
+        },
         None => Err(VerifyError::DeviceNotOpened {
             pid,
             device: device.path().to_owned(),

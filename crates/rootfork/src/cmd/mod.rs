@@ -6,6 +6,7 @@ pub mod device;
 pub mod events;
 pub mod nbd_attach;
 pub mod nbd_list;
+pub mod nbd_reclaim;
 pub mod nbd_serve;
 pub mod output;
 pub mod sandbox;

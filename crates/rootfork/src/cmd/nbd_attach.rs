@@ -1,7 +1,10 @@
 //! `rootfork nbd attach`: a fresh overlay attached to a free `/dev/nbdN` until SIGINT/SIGTERM.
 //!
-//! On start it reclaims this host's devices left behind by dead rootfork processes. It then
-//! creates the overlay (cache file in `--cache-dir`, recorded in the slot's claim so a later
+//! Each run is its own rootfork instance (a random instance id in the backend identifier, unless
+//! `--instance` names one). On start it checks the lock and cache directories (this user's, not
+//! writable by others) and reclaims devices whose owner is gone, by the rule in
+//! `rootfork_kernel::reclaim`. It then creates the overlay (cache file
+//! `<cache-dir>/attach-<instance>-<sandbox>.cache`, recorded in the slot's claim so a later
 //! reclaim can remove it after a crash), attaches it, prints the device path as the first line
 //! on stdout, and serves until signalled; then it flushes, detaches (waiting for the kernel's
 //! teardown) and releases the slot.
@@ -14,6 +17,9 @@ use std::time::Duration;
 use anyhow::Context;
 use nix::sys::signal::{SigSet, Signal};
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions, TemplateFile, TemplatePath};
+use rootfork_kernel::identity::Identity;
+use rootfork_kernel::pool::PrivateDir;
+use rootfork_kernel::reclaim::ReclaimOptions;
 use rootfork_kernel::{
     reclaim, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher, NbdNetlink, PoolConfig,
 };
@@ -49,6 +55,15 @@ pub struct Args {
     /// refuses file systems with smaller blocks.
     #[arg(long, default_value_t = rootfork_kernel::BLOCK_SIZE)]
     pub block_size: u64,
+    /// Seconds the kernel waits for a dead connection to be replaced before failing I/O (none by
+    /// default: at once). Recorded in the claim: another rootfork instance reclaims the device
+    /// only this long after its owner is found gone.
+    #[arg(long)]
+    pub dead_conn_timeout: Option<u64>,
+    /// The rootfork instance id to attach as (1 to 64 of [0-9A-Za-z_-]); a new random one by
+    /// default. An instance reclaims its own orphaned devices at once.
+    #[arg(long)]
+    pub instance: Option<String>,
     /// Skip reclaiming dead rootfork devices on start.
     #[arg(long)]
     pub no_reclaim: bool,
@@ -63,20 +78,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("blocking SIGINT/SIGTERM")?;
 
+    let identity = match &args.instance {
+        Some(id) => Identity::this_boot(id),
+        None => Identity::new_instance(),
+    }
+    .context("naming this rootfork instance")?;
     let sandbox = args
         .sandbox
         .clone()
-        .unwrap_or_else(|| format!("attach-{}", std::process::id()));
+        .unwrap_or_else(|| format!("attach-{}", identity.instance));
+    // Both directories are checked before anything is written into them.
+    PrivateDir::open(&args.cache_dir).context("the cache directory")?;
     let pool = DevicePool::new(PoolConfig {
         lock_dir: args.lock_dir.clone(),
+        identity: identity.clone(),
+        cache_dir: Some(args.cache_dir.clone()),
         ..PoolConfig::default()
     });
+    pool.check_lock_dir().context("the lock directory")?;
     let control = Arc::new(
         NbdNetlink::open(Duration::from_secs(10))
             .context("opening the kernel's nbd netlink family (is the nbd module loaded?)")?,
     );
     if !args.no_reclaim {
-        for r in reclaim(&pool, &*control, Duration::from_secs(10))? {
+        for r in reclaim(&pool, &*control, &ReclaimOptions::default())? {
+            if r.deferred.is_some() {
+                continue; // logged by reclaim
+            }
             tracing::info!(
                 index = r.index,
                 disconnected = ?r.disconnected,
@@ -89,11 +117,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let template = TemplateFile::open(&TemplatePath::new(&args.template))
         .with_context(|| format!("opening template {}", args.template.display()))?;
-    std::fs::create_dir_all(&args.cache_dir)
-        .with_context(|| format!("creating {}", args.cache_dir.display()))?;
+    // The instance id, unlike a pid (1 in every pid namespace), is this run's own.
     let cache = args.cache_dir.join(format!(
         "attach-{}-{}.cache",
-        std::process::id(),
+        identity.instance,
         sanitize(&sandbox)
     ));
     let overlay: Arc<dyn BlockDevice> = Arc::new(
@@ -107,6 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         connections: args.connections as usize,
         timeout: Duration::from_secs(args.timeout.max(1)),
         block_size: args.block_size,
+        dead_conn_timeout: args.dead_conn_timeout.map(Duration::from_secs),
         cache_path: Some(cache.clone()),
         ..AttachOptions::default()
     };

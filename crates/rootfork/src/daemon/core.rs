@@ -109,6 +109,7 @@ impl Core {
         }
         let kernel = KernelSide::new(
             config.nbd_lock_dir.clone(),
+            &config.state_dir.join("nbd-instance-id"),
             events.clone(),
             config.seams.kernel_backend.clone(),
         );

@@ -1,17 +1,24 @@
 //! The daemon's view of the kernel `/dev/nbdN` pool: availability (the `nbd` module may be
 //! absent, and then only the socket provider works), a lazily opened netlink attacher, the reclaim
-//! of this host's dead devices at start, and the device listing.
+//! of devices whose owner is gone at start, and the device listing.
+//!
+//! The daemon is one rootfork instance across restarts: its instance id is kept in the state
+//! directory (`nbd-instance-id`), so a daemon restarted in a new pid namespace or container names
+//! the same instance in backend identifiers and may take its orphaned devices back at once
+//! ([`KernelSide::own_devices`] lists them with their sandboxes for an adoption).
 //!
 //! [`KernelBackend`] is a test seam: a kernel (sysfs tree, netlink control, device nodes) to use
 //! instead of the host's, so the daemon's kernel path runs against rootfork-kernel's fakes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use rootfork_kernel::pool::now_ms;
+use rootfork_kernel::identity::{load_or_create_instance_id, Identity};
+use rootfork_kernel::pool::{now_ms, OwnDevice};
 use rootfork_kernel::{
     reclaim, Attacher, DeviceNodes, DevicePool, HostNodes, NbdControl, NbdNetlink, PoolConfig,
+    PoolError, ReclaimOptions,
 };
 use rootfork_provider::NodePath;
 
@@ -50,10 +57,12 @@ pub struct KernelSide {
 }
 
 impl KernelSide {
-    /// A pool using `lock_dir` for host-wide claims, on the host's kernel unless `backend`
-    /// says otherwise; its events go to `events`.
+    /// A pool using `lock_dir` for host-wide claims, as the instance whose id is kept in
+    /// `instance_file` (made on first use), on the host's kernel unless `backend` says otherwise;
+    /// its events go to `events`.
     pub fn new(
         lock_dir: PathBuf,
+        instance_file: &Path,
         events: Arc<EventBus>,
         backend: Option<KernelBackend>,
     ) -> KernelSide {
@@ -61,6 +70,15 @@ impl KernelSide {
             lock_dir,
             ..PoolConfig::default()
         };
+        match load_or_create_instance_id(instance_file).and_then(|id| Identity::this_boot(&id)) {
+            Ok(identity) => config.identity = identity,
+            // The pool still works; only a restarted daemon will not recognise these devices
+            // as its own (others reclaim them after their dead_conn_timeout).
+            Err(e) => tracing::warn!(
+                "{e}; attaching as a one-off instance {}",
+                config.identity.instance
+            ),
+        }
         if let Some(b) = &backend {
             config.sysfs_root = b.sysfs_root.clone();
         }
@@ -121,8 +139,23 @@ impl KernelSide {
             .map_err(DaemonError::KernelUnavailable)
     }
 
-    /// Cleans up this host's devices and claims left by dead rootfork processes (when the
-    /// module is loaded).
+    /// This daemon instance's devices (in this boot), with their sandboxes and whether their
+    /// owner is gone: what an adoption after a restart starts from.
+    pub fn own_devices(&self) -> std::result::Result<Vec<OwnDevice>, PoolError> {
+        self.pool.own_devices()
+    }
+
+    /// Checks that the lock directory can be trusted (this user's, not writable by others), when
+    /// the kernel path can be used at all.
+    pub fn check_lock_dir(&self) -> std::result::Result<(), PoolError> {
+        if !self.pool.sysfs().module_loaded() {
+            return Ok(());
+        }
+        self.pool.check_lock_dir()
+    }
+
+    /// Cleans up devices and claims whose owner is gone (when the module is loaded): this
+    /// instance's at once, others' after their `dead_conn_timeout`.
     pub fn reclaim_dead(&self) {
         if self.unavailable_reason().is_some() {
             return;
@@ -137,9 +170,9 @@ impl KernelSide {
                 }
             },
         };
-        match reclaim(&self.pool, &*control, Duration::from_secs(10)) {
+        match reclaim(&self.pool, &*control, &ReclaimOptions::default()) {
             Ok(list) => {
-                for r in list {
+                for r in list.into_iter().filter(|r| r.deferred.is_none()) {
                     tracing::info!(index = r.index, disconnected = ?r.disconnected, cache_removed = ?r.cache_removed, error = ?r.error, "reclaimed an nbd slot of a dead rootfork process");
                 }
             }

@@ -115,6 +115,9 @@ pub enum StartError {
     /// Templates could not be loaded or built.
     #[error(transparent)]
     Daemon(#[from] crate::error::DaemonError),
+    /// The nbd lock directory cannot be trusted or used.
+    #[error("the nbd lock directory: {0}")]
+    LockDir(#[source] rootfork_kernel::PoolError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -185,9 +188,11 @@ impl Daemon {
             .await
             .map_err(|e| crate::error::DaemonError::task("building the demo template", e))??;
         }
+        core.kernel.check_lock_dir().map_err(StartError::LockDir)?;
         {
+            // In the background: reclaim waits for the kernel's teardowns, and the API need not.
             let c = core.clone();
-            let _ = tokio::task::spawn_blocking(move || c.kernel.reclaim_dead()).await;
+            drop(tokio::task::spawn_blocking(move || c.kernel.reclaim_dead()));
         }
         if let Some(why) = core.kernel.unavailable_reason() {
             tracing::info!("kernel provider unavailable: {why}");
