@@ -8,9 +8,9 @@
 # PASS/FAIL line per run (it attached, the device read the template, fio finished with I/O done,
 # the server's CPU was read) and `RESULT pass=N fail=M`.
 #
-# Kernel command line (set by scripts/bench-kernel): BENCH_TESTS, BENCH_SERVERS (comma lists),
-# BENCH_RUNTIME (fio seconds per run), BENCH_RUNS (rounds), BENCH_ATTACH_N (attach cycles per
-# server), BENCH_SIZE_MIB (template size).
+# Kernel command line (set by scripts/bench-kernel): BENCH_TESTS, BENCH_SERVERS,
+# BENCH_ATTACH_SERVERS (comma lists), BENCH_RUNTIME (fio seconds per run), BENCH_RUNS (rounds),
+# BENCH_ATTACH_N (attach cycles per server), BENCH_SIZE_MIB (template size).
 . /lib/guest-lib.sh
 guest_setup vmbench
 export ROOTFORK_HOST_ID=vmbench RUST_LOG=${RUST_LOG:-warn}
@@ -21,6 +21,7 @@ SERVERS=$(echo "${BENCH_SERVERS:-rootfork-c1,qemu-nbd,nbdkit-cow4k-c1}" | tr , '
 RUNTIME=${BENCH_RUNTIME:-2}
 RUNS=${BENCH_RUNS:-1}
 ATTACH_N=${BENCH_ATTACH_N:-5}
+ATTACH_SERVERS=$(echo "${BENCH_ATTACH_SERVERS:-rootfork-c1,qemu-nbd,nbdkit-cow4k-c1}" | tr , ' ')
 SIZE_MIB=${BENCH_SIZE_MIB:-64}
 TPL=/tmp/t.img
 CLK_TCK=100 # USER_HZ of Debian's kernels
@@ -164,10 +165,10 @@ while [ $round -le "$RUNS" ]; do
 done
 
 # --- attach/detach timing: ATTACH_N cycles of each server, interleaved --------------------
-for s in $SERVERS; do rm -f $W/att-$s $W/det-$s; done
+for s in $ATTACH_SERVERS; do rm -f $W/att-$s $W/det-$s; done
 cycle=1
 while [ "$cycle" -le "$ATTACH_N" ]; do
-  for s in $SERVERS; do
+  for s in $ATTACH_SERVERS; do
     prepare "$s" || { fail "attach-$s-$cycle" "prepare"; continue; }
     case "$s" in
       rootfork-c*) dev_arg= ;;
@@ -192,7 +193,7 @@ while [ "$cycle" -le "$ATTACH_N" ]; do
   done
   cycle=$((cycle + 1))
 done
-for s in $SERVERS; do
+for s in $ATTACH_SERVERS; do
   n=$(wc -l < $W/att-$s 2>/dev/null || echo 0)
   if [ "$n" -gt 0 ]; then
     echo "ATTACH server=$s n=$n attach_p50_us=$(percentile 50 $W/att-$s) attach_p95_us=$(percentile 95 $W/att-$s) detach_p50_us=$(percentile 50 $W/det-$s) detach_p95_us=$(percentile 95 $W/det-$s)"

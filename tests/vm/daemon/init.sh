@@ -323,11 +323,12 @@ fi
 t=warm
 WARM_N=${WARM_N:-10}
 WCONF=/tmp/rootfork-warm.toml
-printf '[debug]\nfault_injection = true\n[kernel]\nwarm_slots = 2\n' > $WCONF
+# (Without fault injection: with it on the daemon stocks nothing, every create attaches cold.)
+printf '[kernel]\nwarm_slots = 2\n' > $WCONF
 # warm_count: devices `device list` shows as warm.
 warm_count() { rootfork device list > /tmp/wlist 2>&1; grep -c '^/dev/nbd[0-9]* *warm' /tmp/wlist; }
 # wait_warm N: until at least N devices are warm (up to 30 s).
-wait_warm() { i=0; while [ "$(warm_count)" -lt $1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ "$(warm_count)" -ge $1 ]; }
+wait_warm() { w=0; while [ "$(warm_count)" -lt $1 ] && [ $w -lt 300 ]; do sleep 0.1; w=$((w+1)); done; [ "$(warm_count)" -ge $1 ]; }
 # ready_ms ID: the create's `ready in:` milliseconds.
 ready_ms() { awk '/^ready in:/ {print $3}' /tmp/$1.create; }
 # pct P FILE: nearest-rank percentile.
@@ -336,16 +337,16 @@ pct() { sort -n "$2" | awk -v p="$1" '{ v[NR] = $1 } END { r = int((p * NR + 99)
 # with WAIT, waits for WAIT warm devices before each create.
 create_series() {
   rm -f /tmp/$1.ms; ok=1
-  i=1
-  while [ $i -le $WARM_N ]; do
+  k=1 # (not i: the helpers' loops use i)
+  while [ $k -le $WARM_N ]; do
     [ -n "$2" ] && { wait_warm $2 || { ok=0; echo "stock not refilled ($(warm_count) warm)"; }; }
-    if create $1$i; then
-      ready_ms $1$i >> /tmp/$1.ms
-      rootfork sandbox delete $1$i >/dev/null 2>&1 || ok=0
+    if create $1$k; then
+      ready_ms $1$k >> /tmp/$1.ms
+      rootfork sandbox delete $1$k >/dev/null 2>&1 || ok=0
     else
       ok=0
     fi
-    i=$((i+1))
+    k=$((k+1))
   done
   [ $ok = 1 ]
 }

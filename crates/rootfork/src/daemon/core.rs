@@ -121,7 +121,13 @@ impl Core {
                 .unwrap_or_else(crate::daemon::limits::default_connection_budget),
         );
         let nbd_bytes = rootfork_nbd::ByteBudget::new(config.max_inflight_bytes);
-        let warm = (config.kernel_warm_slots > 0).then(|| WarmStock::new(config.kernel_warm_slots));
+        // Fault injection needs a handle on each connection's socket, which a stocked device was
+        // connected without: with it on, every kernel create attaches cold and nothing is stocked.
+        if config.kernel_warm_slots > 0 && config.fault_injection {
+            tracing::warn!("kernel.warm_slots is ignored while debug.fault_injection is on");
+        }
+        let warm = (config.kernel_warm_slots > 0 && !config.fault_injection)
+            .then(|| WarmStock::new(config.kernel_warm_slots));
         Core {
             config,
             dirs,
