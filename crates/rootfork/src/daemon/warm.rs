@@ -300,3 +300,70 @@ pub async fn close_all(stock: &WarmStock) {
         tracing::info!(closed = n, "closed the warm nbd stock");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The stock's bookkeeping (sizes wanted, eviction, refill order, counters, closing); the
+    //! devices themselves are exercised on the real kernel by the daemon VM suite.
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_miss_wants_the_size_and_the_refill_serves_the_newest_first() {
+        let stock = WarmStock::new(2);
+        assert_eq!(stock.short_size(), None, "nothing wanted yet");
+        assert!(stock.take(64 * MIB).is_none());
+        assert!(stock.take(32 * MIB).is_none());
+        let c = stock.counts();
+        assert_eq!((c.ready, c.target, c.hits, c.misses), (0, 4, 0, 2));
+        assert_eq!(
+            stock.short_size(),
+            Some(32 * MIB),
+            "the most recent size first"
+        );
+        // Wanting 64 MiB again makes it the most recent.
+        assert!(stock.want(64 * MIB).is_empty());
+        assert_eq!(stock.short_size(), Some(64 * MIB));
+    }
+
+    #[test]
+    fn at_most_max_sizes_the_least_recent_goes() {
+        let stock = WarmStock::new(1);
+        for i in 1..=MAX_SIZES as u64 {
+            stock.want(i * MIB);
+        }
+        assert_eq!(stock.counts().target, MAX_SIZES);
+        stock.want(MIB); // 1 MiB is now the most recent; 2 MiB the least
+        stock.want(100 * MIB);
+        let sizes = stock.shelves.lock().sizes.clone();
+        assert_eq!(sizes.len(), MAX_SIZES);
+        assert!(!sizes.contains(&(2 * MIB)), "{sizes:?}");
+        assert!(
+            sizes.contains(&MIB) && sizes.contains(&(100 * MIB)),
+            "{sizes:?}"
+        );
+    }
+
+    #[test]
+    fn a_closed_stock_wants_nothing_more() {
+        let stock = WarmStock::new(1);
+        stock.want(MIB);
+        assert!(stock.close().is_empty());
+        assert_eq!(stock.short_size(), None);
+        assert!(stock.want(2 * MIB).is_empty());
+        assert!(stock.take(MIB).is_none());
+        assert_eq!(
+            stock.short_size(),
+            None,
+            "a miss after close stocks nothing"
+        );
+    }
+
+    #[test]
+    fn warm_claims_are_recognised_and_sandbox_ids_cannot_be_one() {
+        assert!(is_warm_claim(".warm-67108864"));
+        assert!(!is_warm_claim("warm-67108864"));
+        assert!(crate::names::sandbox_id(".warm-1").is_err());
+    }
+}
