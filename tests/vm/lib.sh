@@ -76,7 +76,7 @@ vm_install_dynamic() {
 
 # vm_run NAME TREE INIT TIMEOUT_SECS KERNEL_ARGS: packs TREE with INIT as /init, boots it, prints
 # the verdict lines; exit status 0 only when the VM printed RESULT with fail=0 and no FAIL line.
-# ROOTFORK_VM_LOG keeps the serial log at that path.
+# ROOTFORK_VM_LOG keeps the serial log at that path; VM_MEM_MIB sets the guest's memory (default 768).
 vm_run() {
   local name=$1 tree=$2 init=$3 timeout_secs=$4 args=$5
   cp "$init" "$tree/init"
@@ -90,7 +90,7 @@ vm_run() {
   start=$(date +%s)
   set +e
   timeout "$timeout_secs" "$QEMU" -L /usr/share/seabios -L /usr/share/qemu \
-    -accel tcg -M q35 -m 768 -smp 2 -nographic -nodefaults -no-reboot \
+    -accel tcg -M q35 -m "${VM_MEM_MIB:-768}" -smp 2 -nographic -nodefaults -no-reboot \
     -serial stdio -net none -kernel "$KERNEL" -initrd "$initrd" \
     -append "console=ttyS0 panic=-1 quiet $args" </dev/null | sed -u 's/\r$//' | tee "$log"
   qrc=${PIPESTATUS[0]}

@@ -50,6 +50,7 @@ use crate::pause::{BaseImage, PausedDisk};
 use crate::provider::{Provider, ProviderKind};
 use crate::readiness::{Readiness, State};
 use crate::socket::DeviceWrapper;
+use crate::warm::WarmSource;
 
 /// Maps a slot index to its device node; `/dev/nbdN` except under a fake kernel in tests.
 pub type NodePath = Arc<dyn Fn(u32) -> PathBuf + Send + Sync>;
@@ -139,6 +140,8 @@ pub struct KernelProvider {
     reconnecting: Option<ReconnectTask>,
     fault_injection: bool,
     wrap: Option<DeviceWrapper>,
+    /// Pre-connected devices to take before attaching cold.
+    warm: Option<Arc<dyn WarmSource>>,
 }
 
 impl std::fmt::Debug for KernelProvider {
@@ -168,7 +171,16 @@ impl KernelProvider {
             reconnecting: None,
             fault_injection: false,
             wrap: None,
+            warm: None,
         }
+    }
+
+    /// Takes a pre-connected device of the disk's size from `source` when it has one (then the
+    /// attach is a bind, see [`WarmSource`]), else attaches cold. Not combined with fault
+    /// injection (a warm device's sockets were not kept): with it on, every attach is cold.
+    pub fn with_warm_source(mut self, source: Arc<dyn WarmSource>) -> Self {
+        self.warm = Some(source);
+        self
     }
 
     /// Serves `wrap(overlay)` instead of the overlay itself. A test seam (for making requests
@@ -305,6 +317,7 @@ impl KernelProvider {
         node_path: NodePath,
         fault_injection: bool,
         wrap: Option<DeviceWrapper>,
+        warm: Option<Arc<dyn WarmSource>>,
     ) -> Result<(Running, ReadyDevice)> {
         let cfg = config.clone();
         let overlay = tokio::task::spawn_blocking(move || -> Result<Arc<Overlay>> {
@@ -317,13 +330,31 @@ impl KernelProvider {
         if let Some(w) = wrap {
             device = (w.0)(device);
         }
-        let serving = Arc::new(Serving {
-            dispatcher: NbdDispatcher::new(device, config.serve.clone()),
-            sockets: fault_injection.then(Mutex::default),
-        });
-        let mut opts = config.attach.clone();
-        opts.cache_path = Some(config.cache.clone());
-        let attachment = attacher.attach(&*serving, &opts).await?;
+        let warm = warm
+            .filter(|_| !fault_injection)
+            .and_then(|source| source.take(device.size()));
+        let (serving, attachment) = match warm {
+            Some(w) => {
+                let attachment =
+                    w.slot
+                        .bind_with_cache(device, &config.attach.sandbox, Some(&config.cache))?;
+                let serving = Arc::new(Serving {
+                    dispatcher: w.dispatcher,
+                    sockets: None,
+                });
+                (serving, attachment)
+            }
+            None => {
+                let serving = Arc::new(Serving {
+                    dispatcher: NbdDispatcher::new(device, config.serve.clone()),
+                    sockets: fault_injection.then(Mutex::default),
+                });
+                let mut opts = config.attach.clone();
+                opts.cache_path = Some(config.cache.clone());
+                let attachment = attacher.attach(&*serving, &opts).await?;
+                (serving, attachment)
+            }
+        };
         let index = attachment.index();
         let ready = ReadyDevice::verify(DevicePath::new(node_path(index)))?;
         Ok((
@@ -354,9 +385,10 @@ impl Provider for KernelProvider {
             self.node_path.clone(),
         );
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
-        let (fault_injection, wrap) = (self.fault_injection, self.wrap.clone());
+        let (fault_injection, wrap, warm) =
+            (self.fault_injection, self.wrap.clone(), self.warm.clone());
         self.task = Some(tokio::spawn(async move {
-            match Self::attach(config, attacher, node_path, fault_injection, wrap).await {
+            match Self::attach(config, attacher, node_path, fault_injection, wrap, warm).await {
                 Ok((r, ready)) => {
                     *lock(&running) = Some(r);
                     readiness.set(State::Ready(ready));

@@ -21,6 +21,7 @@ mod pause;
 pub mod provider;
 mod readiness;
 mod socket;
+mod warm;
 
 pub use any::{AnyProvider, ProviderDevice};
 pub use copy::CopyMethod;
@@ -31,3 +32,4 @@ pub use pause::{BaseImage, PausedDisk};
 pub use provider::{Provider, ProviderKind};
 pub use readiness::{Readiness, State};
 pub use socket::{DeviceWrapper, SocketConfig, SocketProvider};
+pub use warm::{WarmDevice, WarmSource};

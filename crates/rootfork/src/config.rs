@@ -139,7 +139,13 @@ pub struct KernelFile {
     /// reconnect) before failing it, seconds; 0 turns it off (I/O on a dead connection fails at
     /// once).
     pub dead_conn_timeout_secs: Option<u64>,
+    /// Pre-connected devices kept ready per disk size (0: none; at most
+    /// [`MAX_WARM_SLOTS`]).
+    pub warm_slots: Option<usize>,
 }
+
+/// The most `kernel.warm_slots`.
+pub const MAX_WARM_SLOTS: usize = 8;
 
 /// The `[templates]` table.
 #[derive(Debug, Default, Deserialize)]
@@ -295,6 +301,8 @@ pub struct Config {
     pub kernel_request_timeout: Duration,
     /// How long the kernel waits for a dead connection to be replaced (`None`: not at all).
     pub kernel_dead_conn_timeout: Option<Duration>,
+    /// Pre-connected kernel devices kept ready per disk size (`kernel.warm_slots`; 0: none).
+    pub kernel_warm_slots: usize,
     /// Fault injection triggers (`debug.fault_injection`; testing only).
     pub fault_injection: bool,
     /// `templates.allow_block_devices`.
@@ -522,6 +530,13 @@ impl Config {
                 ),
             ));
         }
+        let kernel_warm_slots = file.kernel.warm_slots.unwrap_or(0);
+        if kernel_warm_slots > MAX_WARM_SLOTS {
+            return Err(invalid(
+                "kernel.warm_slots",
+                format!("{kernel_warm_slots} is outside 0..={MAX_WARM_SLOTS}"),
+            ));
+        }
         let tcp_import_dirs = file.templates.import_dirs.unwrap_or_default();
         if let Some(d) = tcp_import_dirs.iter().find(|d| !d.is_absolute()) {
             return Err(invalid(
@@ -600,6 +615,7 @@ impl Config {
             kernel_request_timeout,
             kernel_dead_conn_timeout: (dead_conn_secs != 0)
                 .then(|| Duration::from_secs(dead_conn_secs)),
+            kernel_warm_slots,
             seams: Seams::default(),
             fault_injection: file.debug.fault_injection.unwrap_or(false),
             state_dir,
@@ -757,6 +773,25 @@ mod tests {
             .to_string();
             assert!(e.contains("kernel.dead_conn_timeout_secs"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn warm_slots_default_off_and_are_bounded() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.kernel_warm_slots, 0);
+        let c = Config::resolve(
+            file("[kernel]\nwarm_slots = 2").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.kernel_warm_slots, 2);
+        let e = Config::resolve(
+            file("[kernel]\nwarm_slots = 9").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("kernel.warm_slots"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 # CLI through the kernel provider on real /dev/nbdN devices: device list, create, data through
 # the device, health, metrics, recovery of a killed connection with RECONFIGURE (through the
 # daemon's `debug.fault_injection` trigger), pause/resume, delete, SIGKILL + restart reclaim,
-# SIGTERM cleanup.
+# SIGTERM cleanup, the warm stock (`kernel.warm_slots`: stocked, taken, refilled, reclaimed after
+# SIGKILL, closed at SIGTERM; create-to-ready with and without it as LATENCY lines).
 # Prints `PASS <name>` / `FAIL <name>: <why>` lines and a final `RESULT pass=N fail=M`, then
 # powers off. The host side is run.sh.
 # The shared helpers (setup, counting, RESULT, power-off) are /lib/guest-lib.sh
@@ -313,6 +314,111 @@ if [ -n "$DPID" ]; then
   DPID=
   wait_quiescent $N4 50 && pass "$t-released" || fail "$t-released" "nbd$N4"
   [ ! -e $ROOTFORK_API ] && pass "$t-socket-removed" || fail "$t-socket-removed" "$ROOTFORK_API"
+fi
+
+# --- 6b. the warm stock (kernel.warm_slots): create-to-ready with and without it, same run -----
+# WARM_N creates of the demo template on a daemon without a stock, then on one with
+# `warm_slots = 2` (waiting for the stock to be refilled before each create, so each takes a
+# stocked device). The daemon's own create-to-ready (`ready in:`) is collected; the p50/p95 are
+# printed as LATENCY lines, only correctness is checked. Then: a stocked daemon killed with
+# SIGKILL leaves its devices to the next start's reclaim; a stocked daemon stopped with SIGTERM
+# closes them.
+t=warm
+WARM_N=${WARM_N:-10}
+WCONF=/tmp/rootfork-warm.toml
+# (Without fault injection: with it on the daemon stocks nothing, every create attaches cold.)
+printf '[kernel]\nwarm_slots = 2\n' > $WCONF
+# warm_count: devices `device list` shows as warm.
+warm_count() { rootfork device list > /tmp/wlist 2>&1; grep -c '^/dev/nbd[0-9]* *warm' /tmp/wlist; }
+# wait_warm N: until at least N devices are warm (up to 30 s).
+wait_warm() { w=0; while [ "$(warm_count)" -lt $1 ] && [ $w -lt 300 ]; do sleep 0.1; w=$((w+1)); done; [ "$(warm_count)" -ge $1 ]; }
+# ready_ms ID: the create's `ready in:` milliseconds.
+ready_ms() { awk '/^ready in:/ {print $3}' /tmp/$1.create; }
+# pct P FILE: nearest-rank percentile.
+pct() { sort -n "$2" | awk -v p="$1" '{ v[NR] = $1 } END { r = int((p * NR + 99) / 100); if (r < 1) r = 1; print v[r] }'; }
+# create_series NAME [WAIT]: WARM_N creates and deletes, `ready in` values to /tmp/NAME.ms;
+# with WAIT, waits for WAIT warm devices before each create.
+create_series() {
+  rm -f /tmp/$1.ms; ok=1
+  k=1 # (not i: the helpers' loops use i)
+  while [ $k -le $WARM_N ]; do
+    [ -n "$2" ] && { wait_warm $2 || { ok=0; echo "stock not refilled ($(warm_count) warm)"; }; }
+    if create $1$k; then
+      ready_ms $1$k >> /tmp/$1.ms
+      rootfork sandbox delete $1$k >/dev/null 2>&1 || ok=0
+    else
+      ok=0
+    fi
+    k=$((k+1))
+  done
+  [ $ok = 1 ]
+}
+if start_daemon; then
+  create_series cold && pass "$t-cold-creates" || fail "$t-cold-creates" "a create failed"
+  [ "$(warm_count)" = 0 ] && pass "$t-none-without-config" || fail "$t-none-without-config" "$(warm_count) warm"
+  kill -TERM $DPID; wait $DPID; DPID=
+else
+  fail "$t-start-cold" "daemon"
+fi
+SAVED_CONF=$CONF; CONF=$WCONF
+if start_daemon; then
+  # Two templates (demo, ext4) of different sizes: two devices of each.
+  wait_warm 4 && pass "$t-stocked" || { rootfork device list; fail "$t-stocked" "$(warm_count) warm devices"; }
+  if scrape; then
+    [ "$(metric 'rootfork_pool_slots{state="warm"}')" = 4 ] && pass "$t-metric-slots" \
+      || { grep pool_slots /tmp/metrics; fail "$t-metric-slots" "not 4 warm"; }
+    grep -q 'kernel_warm_slots' /tmp/metrics && pass "$t-metric-stock" || fail "$t-metric-stock" "no kernel_warm_slots resource"
+  else
+    fail "$t-metrics" "scrape failed"
+  fi
+  # A create takes a stocked device: the device is one that was warm, renamed to the sandbox,
+  # reads the template (not the zeroes served before the bind) and keeps a write.
+  WARM_DEVS=$(grep '^/dev/nbd[0-9]* *warm' /tmp/wlist | awk '{print $1}')
+  if create kw; then
+    echo "$WARM_DEVS" | grep -qx "$DEV" && pass "$t-took-stocked-device" || fail "$t-took-stocked-device" "$DEV not in: $WARM_DEVS"
+    rootfork device list | grep "^$DEV " | grep -q "connected *kw" && pass "$t-renamed" || { rootfork device list; fail "$t-renamed" "$DEV not connected to kw"; }
+    dd if=$DEV bs=4096 count=256 2>/dev/null | cmp -s - /tmp/thead && pass "$t-reads-template" || fail "$t-reads-template" "differs"
+    dd if=/tmp/pat of=$DEV bs=4096 seek=8192 conv=fsync,notrunc 2>/dev/null
+    drop_caches
+    dd if=$DEV bs=4096 skip=8192 count=256 2>/dev/null | cmp -s - /tmp/pat && pass "$t-pattern" || fail "$t-pattern" "read back differs"
+    wait_warm 4 && pass "$t-refilled" || fail "$t-refilled" "$(warm_count) warm"
+    rootfork sandbox delete kw >/dev/null 2>&1 && pass "$t-delete" || fail "$t-delete" "delete"
+  else
+    fail "$t-create" "create failed"
+  fi
+  create_series hot 4 && pass "$t-warm-creates" || fail "$t-warm-creates" "a create failed"
+  # SIGKILL with a full stock: the next start reclaims the stocked devices.
+  kill -KILL $DPID; wait $DPID 2>/dev/null; DPID=
+  n=0; for d in /sys/block/nbd*; do [ -s $d/pid ] && n=$((n+1)); done
+  [ $n -ge 4 ] && pass "$t-left-connected" || fail "$t-left-connected" "$n connected"
+  CONF=$SAVED_CONF
+  if start_daemon; then
+    ok=1
+    for d in /sys/block/nbd*; do wait_quiescent ${d#/sys/block/nbd} 100 || { ok=0; echo "${d##*/} still connected"; }; done
+    [ $ok = 1 ] && pass "$t-reclaimed" || fail "$t-reclaimed" "see above"
+    kill -TERM $DPID; wait $DPID; DPID=
+  else
+    fail "$t-restart" "daemon"
+  fi
+  # SIGTERM with a full stock: the daemon closes it.
+  CONF=$WCONF
+  if start_daemon && wait_warm 4; then
+    kill -TERM $DPID; wait $DPID && pass "$t-sigterm-exits" || fail "$t-sigterm-exits" "exit status"; DPID=
+    ok=1
+    for d in /sys/block/nbd*; do wait_quiescent ${d#/sys/block/nbd} 50 || { ok=0; echo "${d##*/} still connected"; }; done
+    [ $ok = 1 ] && pass "$t-sigterm-closed" || fail "$t-sigterm-closed" "see above"
+  else
+    fail "$t-sigterm" "daemon or stock"
+  fi
+else
+  fail "$t-start" "daemon with warm_slots"
+fi
+CONF=$SAVED_CONF
+if [ -s /tmp/cold.ms ] && [ -s /tmp/hot.ms ]; then
+  c50=$(pct 50 /tmp/cold.ms); c95=$(pct 95 /tmp/cold.ms); w50=$(pct 50 /tmp/hot.ms); w95=$(pct 95 /tmp/hot.ms)
+  echo "LATENCY create_to_ready cold n=$(wc -l < /tmp/cold.ms) p50_ms=$c50 p95_ms=$c95"
+  echo "LATENCY create_to_ready warm n=$(wc -l < /tmp/hot.ms) p50_ms=$w50 p95_ms=$w95"
+  echo "LATENCY create_to_ready warm/cold p50 ratio $(awk -v a=$w50 -v b=$c50 'BEGIN {printf "%.2f", a / b}')"
 fi
 
 # --- 7. every slot quiescent ------------------------------------------------------------------

@@ -183,10 +183,21 @@ if fs_template 1024 /tmp/fs.img && start_attach_tpl fs4k /tmp/fs.img --block-siz
 else
   fail "$t" "template or attach"
 fi
-# Two attachments of the same 1 KiB-block template stay isolated: each sees only its own file.
+# The issue's case as a new user meets it: a 64 MiB template made with a plain `mkfs.ext4` (no
+# -b: 1 KiB blocks below 512 MiB, checked in the superblock's s_log_block_size) mounts, and two
+# attachments of it stay isolated: each sees only its own file.
+plain_template() {
+  rm -f "$1"
+  dd if=/dev/zero of="$1" bs=$MB count=0 seek=64 2>/dev/null && /sbin/mke2fs -q -F -t ext4 "$1"
+}
 t=fs1024-isolated
 PA=; PB=
-if fs_template 1024 /tmp/fs.img && start_attach_tpl fsa /tmp/fs.img && DA=$DEV && PA=$APID \
+if plain_template /tmp/fs.img; then
+  # s_log_block_size: 4 bytes little-endian at 1024 + 24; 0 means 1024-byte blocks.
+  [ "$(dd if=/tmp/fs.img bs=1 skip=1048 count=4 2>/dev/null | od -An -tu4 | tr -d ' ')" = 0 ] \
+    && pass "$t-plain-mkfs-is-1k" || fail "$t-plain-mkfs-is-1k" "the plain mkfs.ext4 template does not have 1 KiB blocks"
+fi
+if [ -s /tmp/fs.img ] && start_attach_tpl fsa /tmp/fs.img && DA=$DEV && PA=$APID \
    && start_attach_tpl fsb /tmp/fs.img && DB=$DEV && PB=$APID; then
   FSUM=$(sha256sum /tmp/fs.img | cut -d' ' -f1)
   mkdir -p /mnt/a /mnt/b

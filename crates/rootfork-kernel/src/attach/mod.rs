@@ -33,7 +33,7 @@ mod tests;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -385,6 +385,19 @@ impl Attachment {
                 tracing::warn!(
                     index = self.index,
                     "cannot record the sandbox of the claim: {e}"
+                );
+            }
+        }
+    }
+
+    /// Records the overlay's cache file in the slot's claim (for a warm slot handed to a
+    /// sandbox), so a reclaim after a crash removes it.
+    pub(crate) fn record_cache(&mut self, cache: &Path) {
+        if let Some(l) = &mut self.lease {
+            if let Err(e) = l.set_cache_path(cache) {
+                tracing::warn!(
+                    index = self.index,
+                    "cannot record the cache file of the claim: {e}"
                 );
             }
         }

@@ -10,6 +10,7 @@
 //! still locked for such a read would survive the flush and be filled with zeroes after it). The export size is fixed at connect time, so a warm slot only
 //! fits devices of exactly its size.
 
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -259,6 +260,17 @@ impl WarmSlot {
         device: Arc<dyn BlockDevice>,
         sandbox: &str,
     ) -> Result<Attachment, AttachError> {
+        self.bind_with_cache(device, sandbox, None)
+    }
+
+    /// [`WarmSlot::bind`], also recording `cache` (the overlay's cache file) in the slot's claim
+    /// as a cold attach does, so a reclaim after a crash removes it.
+    pub fn bind_with_cache(
+        self,
+        device: Arc<dyn BlockDevice>,
+        sandbox: &str,
+        cache: Option<&Path>,
+    ) -> Result<Attachment, AttachError> {
         let index = self.index();
         self.device
             .bind(device)
@@ -271,6 +283,14 @@ impl WarmSlot {
         attachment.settle_reads_before(Instant::now());
         attachment.flush()?;
         attachment.rename(sandbox);
+        if let Some(cache) = cache {
+            attachment.record_cache(cache);
+        }
         Ok(attachment)
+    }
+
+    /// Disconnects the unused slot and releases it (see [`Attachment::close`]).
+    pub async fn close(self) -> Result<(), AttachError> {
+        self.attachment.close().await
     }
 }

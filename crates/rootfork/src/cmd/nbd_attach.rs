@@ -3,11 +3,14 @@
 //! Each run is its own rootfork instance (a random instance id in the backend identifier, unless
 //! `--instance` names one). On start it checks the lock and cache directories (this user's, not
 //! writable by others) and reclaims devices whose owner is gone, by the rule in
-//! `rootfork_kernel::reclaim`. It then creates the overlay (cache file
-//! `<cache-dir>/attach-<instance>-<sandbox>.cache`, recorded in the slot's claim so a later
-//! reclaim can remove it after a crash), attaches it, prints the device path as the first line
-//! on stdout, and serves until signalled; then it flushes, detaches (waiting for the kernel's
-//! teardown) and releases the slot.
+//! `rootfork_kernel::reclaim`, on a thread of its own beside the attach (the claim passes over a
+//! dead device's slot anyway: it is not quiescent; only when no slot is left does the attach wait
+//! for the reclaim and try again), so the reclaim's walk over every slot overlaps the overlay's
+//! creation and the connect; the device is printed once both are done. It creates the overlay
+//! (cache file `<cache-dir>/attach-<instance>-<sandbox>.cache`, recorded in the slot's claim so a
+//! later reclaim can remove it after a crash), attaches it, prints the device path as the first
+//! line on stdout, and serves until signalled; then it flushes, detaches (waiting for the
+//! kernel's teardown) and releases the slot.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,7 +24,8 @@ use rootfork_kernel::identity::Identity;
 use rootfork_kernel::pool::PrivateDir;
 use rootfork_kernel::reclaim::ReclaimOptions;
 use rootfork_kernel::{
-    reclaim, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher, NbdNetlink, PoolConfig,
+    reclaim, AttachError, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher,
+    NbdNetlink, PoolConfig, PoolError, Reclaimed,
 };
 use rootfork_nbd::ServeOptions;
 
@@ -100,20 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         NbdNetlink::open(Duration::from_secs(10))
             .context("opening the kernel's nbd netlink family (is the nbd module loaded?)")?,
     );
-    if !args.no_reclaim {
-        for r in reclaim(&pool, &*control, &ReclaimOptions::default())? {
-            if r.deferred.is_some() {
-                continue; // logged by reclaim
-            }
-            tracing::info!(
-                index = r.index,
-                disconnected = ?r.disconnected,
-                cache_removed = ?r.cache_removed,
-                error = ?r.error,
-                "reclaimed a slot of a dead rootfork process"
-            );
-        }
-    }
+    let mut reclaiming = (!args.no_reclaim).then(|| start_reclaim(pool.clone()));
 
     let template = TemplateFile::open(&TemplatePath::new(&args.template))
         .with_context(|| format!("opening template {}", args.template.display()))?;
@@ -143,9 +134,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_time()
         .build()
         .context("starting the runtime")?;
-    let attachment = rt
-        .block_on(attacher.attach(&dispatcher, &opts))
-        .context("attaching the overlay")?;
+    let attachment = match rt.block_on(attacher.attach(&dispatcher, &opts)) {
+        // Every slot taken: the reclaim may free one.
+        Err(AttachError::Pool(PoolError::Exhausted { .. })) if reclaiming.is_some() => {
+            finish_reclaim(reclaiming.take())?;
+            rt.block_on(attacher.attach(&dispatcher, &opts))
+        }
+        other => other,
+    }
+    .context("attaching the overlay")?;
+    // Once the device is printed the reclaim is over (callers may rely on the dead devices being
+    // gone by then).
+    finish_reclaim(reclaiming.take())?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", attachment.device_path().display())?;
     out.flush()?;
@@ -163,6 +163,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let closed = rt.block_on(attachment.close());
     drop(dispatcher); // the overlay goes with it, and its cache file
     closed.context("detaching")?;
+    Ok(())
+}
+
+type Reclaiming = std::thread::JoinHandle<anyhow::Result<Vec<Reclaimed>>>;
+
+/// Reclaims dead rootfork devices on a thread of its own, over its own netlink socket (two
+/// threads must not share one: each would skip the other's answers).
+fn start_reclaim(pool: DevicePool) -> Reclaiming {
+    std::thread::spawn(move || {
+        let control = NbdNetlink::open(Duration::from_secs(10))
+            .context("opening the kernel's nbd netlink family for the reclaim")?;
+        Ok(reclaim(&pool, &control, &ReclaimOptions::default())?)
+    })
+}
+
+/// Waits for the reclaim and logs what it did.
+fn finish_reclaim(reclaiming: Option<Reclaiming>) -> anyhow::Result<()> {
+    let Some(handle) = reclaiming else {
+        return Ok(());
+    };
+    let done = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reclaim thread panicked"))?;
+    for r in done? {
+        if r.deferred.is_some() {
+            continue; // logged by reclaim
+        }
+        tracing::info!(
+            index = r.index,
+            disconnected = ?r.disconnected,
+            cache_removed = ?r.cache_removed,
+            error = ?r.error,
+            "reclaimed a slot of a dead rootfork process"
+        );
+    }
     Ok(())
 }
 

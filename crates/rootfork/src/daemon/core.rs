@@ -22,6 +22,7 @@ use crate::daemon::records::Records;
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::stats::ClosedTotals;
 use crate::daemon::templates::TemplateStore;
+use crate::daemon::warm::WarmStock;
 use crate::error::{DaemonError, Result};
 use crate::events::{EventBus, EventKind};
 use crate::metrics::Metrics;
@@ -87,6 +88,8 @@ pub struct Core {
     pub metrics: Metrics,
     /// The kernel pool.
     pub kernel: KernelSide,
+    /// Pre-connected kernel devices (`kernel.warm_slots` > 0).
+    pub warm: Option<Arc<WarmStock>>,
     /// Counters of providers that have been closed.
     pub(crate) closed: ClosedTotals,
     /// Numbers for socket and QMP file names.
@@ -119,6 +122,13 @@ impl Core {
                 .unwrap_or_else(crate::daemon::limits::default_connection_budget),
         );
         let nbd_bytes = rootfork_nbd::ByteBudget::new(config.max_inflight_bytes);
+        // Fault injection needs a handle on each connection's socket, which a stocked device was
+        // connected without: with it on, every kernel create attaches cold and nothing is stocked.
+        if config.kernel_warm_slots > 0 && config.fault_injection {
+            tracing::warn!("kernel.warm_slots is ignored while debug.fault_injection is on");
+        }
+        let warm = (config.kernel_warm_slots > 0 && !config.fault_injection)
+            .then(|| WarmStock::new(config.kernel_warm_slots));
         Core {
             config,
             dirs,
@@ -129,6 +139,7 @@ impl Core {
             events,
             metrics: Metrics::new(),
             kernel,
+            warm,
             closed: Default::default(),
             seq: AtomicU64::new(0),
             nbd_connections,

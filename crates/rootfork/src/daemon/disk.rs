@@ -89,6 +89,9 @@ pub fn provider_for(
             if let Some(w) = seams.kernel_device_wrapper.clone() {
                 p = p.with_device_wrapper(w);
             }
+            if let Some(stock) = &core.warm {
+                p = p.with_warm_source(stock.clone());
+            }
             Ok(AnyProvider::Kernel(Box::new(p)))
         }
         ProviderKind::Direct => Err(SpecError::ProviderNotOffered.into()),

@@ -18,11 +18,12 @@ use rootfork_kernel::identity::{load_or_create_instance_id, Identity};
 use rootfork_kernel::pool::{now_ms, OwnDevice};
 use rootfork_kernel::{
     reclaim, Attacher, DeviceNodes, DevicePool, HostNodes, NbdControl, NbdNetlink, PoolConfig,
-    PoolError, ReclaimOptions,
+    PoolError, ReclaimOptions, SlotState,
 };
 use rootfork_provider::NodePath;
 
 use crate::daemon::model::{DeviceInfo, DeviceList};
+use crate::daemon::warm::is_warm_claim;
 use crate::error::{DaemonError, Result};
 use crate::events::EventBus;
 
@@ -192,10 +193,7 @@ impl KernelSide {
                     .map(|s| DeviceInfo {
                         index: s.index,
                         path: s.device,
-                        state: serde_json::to_value(s.state)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
+                        state: slot_state(s.state, s.sandbox.as_deref()),
                         sandbox: s.sandbox,
                         backend: s.backend,
                         since_unix_ms: s.since_ms.unwrap_or(0) as i64,
@@ -216,4 +214,16 @@ impl KernelSide {
     pub fn now_ms() -> u64 {
         now_ms()
     }
+}
+
+/// A slot's state name for the listing: the pool's, except `warm` for a connected slot of the
+/// warm stock (see `daemon/warm.rs`).
+fn slot_state(state: SlotState, sandbox: Option<&str>) -> String {
+    if state == SlotState::Connected && sandbox.is_some_and(is_warm_claim) {
+        return "warm".to_owned();
+    }
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }

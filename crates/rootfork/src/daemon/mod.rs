@@ -66,6 +66,7 @@ mod state_dir;
 mod stats;
 pub mod templates;
 mod vm;
+pub mod warm;
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -269,6 +270,15 @@ impl Daemon {
             None => None,
         };
 
+        if let Some(stock) = &core.warm {
+            if core.kernel.unavailable_reason().is_none() {
+                tasks.push(tokio::spawn(warm::run(
+                    core.clone(),
+                    stock.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+        }
         tasks.push(tokio::spawn(health::run(
             core.clone(),
             config.health_interval,
@@ -332,6 +342,10 @@ impl Daemon {
                 // Long-lived streams (event watchers) keep a graceful shutdown waiting.
                 abort.abort();
             }
+        }
+        // The refill task closes the stock when it stops; a task cut short leaves it here.
+        if let Some(stock) = &self.core.warm {
+            warm::close_all(stock).await;
         }
         if self.core.config.delete_on_exit {
             self.core.delete_all().await;

@@ -115,5 +115,12 @@ pub fn render(core: &Core) -> String {
     if snap.pool_available {
         snap.kernel_failures = core.kernel.pool().metrics().failures_by_errno;
     }
+    if let Some(stock) = &core.warm {
+        let c = stock.counts();
+        snap.resources.insert(
+            "kernel_warm_slots",
+            (clamp(c.ready as u64), clamp(c.target as u64)),
+        );
+    }
     core.metrics.render(snap)
 }
