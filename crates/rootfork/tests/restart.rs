@@ -63,18 +63,34 @@ async fn a_stop_keeps_running_sandboxes_running_at_the_same_uri() {
     let held = create(&mut c, "tpl", "held").await.unwrap();
     nbd_write(&held.nbd_uri, 8192, 4096, 0x22);
     pause(&mut c, "held").await.unwrap();
+    create(&mut c, "tpl", "gone").await.unwrap();
     d.shutdown().await;
-    // The running sandbox's overlay is kept (cache file and block state), its socket is gone.
-    assert_eq!(
-        files(&state.join("cache")).len(),
-        2,
-        "{:?}",
-        files(&state.join("cache"))
-    );
+    // The running sandboxes' overlays are kept (cache file and block state), sockets are gone.
+    let cache = files(&state.join("cache"));
+    assert_eq!(cache.len(), 4, "{cache:?}");
     assert!(files(&state.join("nbd")).is_empty());
+    let lost = cache
+        .iter()
+        .find(|f| f.starts_with("gone.") && f.ends_with(".state"));
+    std::fs::remove_file(state.join("cache").join(lost.unwrap())).unwrap();
 
     let d = start(&state, &locks).await;
     let mut c = connect_when_up(d.api_socket()).await;
+    let m = d.core().render_metrics();
+    for line in [
+        r#"rootfork_adoptions_total{result="adopted",reason="none"} 1"#,
+        r#"rootfork_adoptions_total{result="failed",reason="state_missing"} 1"#,
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
+    let gone = get(&mut c, "gone").await;
+    assert_eq!(
+        state_of(&gone),
+        v1::SandboxState::Failed,
+        "{}",
+        gone.message
+    );
+    assert!(delete(&mut c, "gone").await.unwrap());
     let again = get(&mut c, "run").await;
     assert_eq!(
         state_of(&again),
