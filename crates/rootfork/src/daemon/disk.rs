@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rootfork_block::OverlayOptions;
+use rootfork_block::{Durability, OverlayOptions};
 use rootfork_kernel::AttachOptions;
 use rootfork_nbd::ServeOptions;
 use rootfork_provider::{
@@ -52,11 +52,7 @@ pub fn provider_for(
                 socket: next_socket(core),
                 export: sb.id.clone(),
                 cache,
-                overlay: OverlayOptions {
-                    keep_cache: true,
-                    persist_state: true,
-                    ..overlay
-                },
+                overlay: kept_overlay(overlay),
             },
         ))),
         ProviderKind::Kernel => {
@@ -96,6 +92,19 @@ pub fn provider_for(
     }
 }
 
+/// `opts` for an overlay that outlives the daemon process (a socket sandbox's): its cache file
+/// and block state are kept when it is dropped, every acknowledged write survives the process
+/// (`persist_state`), and a flush makes the writes before it survive a power loss too
+/// (`Durable`: the cache outlives the process, so a client's flush must mean what it says).
+fn kept_overlay(opts: OverlayOptions) -> OverlayOptions {
+    OverlayOptions {
+        keep_cache: true,
+        persist_state: true,
+        durability: Durability::Durable,
+        ..opts
+    }
+}
+
 /// A socket provider for `config` with the daemon's serve options and test seams.
 fn socket_provider(core: &Core, config: SocketConfig) -> SocketProvider {
     let mut p = SocketProvider::new(config);
@@ -126,14 +135,12 @@ pub fn adopted_provider(
             socket: served.socket.clone(),
             export: served.export.clone(),
             cache: served.cache.clone(),
-            overlay: OverlayOptions {
+            overlay: kept_overlay(OverlayOptions {
                 block_size: served.block_size,
                 disk_size: Some(sb.disk_size),
                 quota: sb.quota,
-                keep_cache: true,
-                persist_state: true,
                 ..OverlayOptions::default()
-            },
+            }),
         },
     );
     AnyProvider::Socket(p.reopening_cache())
