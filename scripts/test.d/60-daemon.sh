@@ -21,7 +21,9 @@ fi
 
 WORK=$(mktemp -d /tmp/rootfork-daemon.XXXXXX)
 DPID=
+QPID=
 cleanup() {
+  if [ -n "$QPID" ]; then kill -KILL "$QPID" 2>/dev/null || true; wait "$QPID" 2>/dev/null || true; fi
   if [ -n "$DPID" ]; then kill -TERM "$DPID" 2>/dev/null || true; wait "$DPID" 2>/dev/null || true; fi
   rm -rf "$WORK"
 }
@@ -117,13 +119,27 @@ check "after kill -9: B resumes with its data" bash -c "'$BIN' sandbox resume ke
 check "after kill -9: the first sandbox still holds hello.txt" bash -c "nbdcopy \"\$(uri_of first)\" disk2.img && debugfs -R 'cat /hello.txt' disk2.img 2>/dev/null | grep -q 'rootfork sandbox'"
 check "A written and flushed again, B written and paused again" bash -c "qemu-io -f raw -c 'write -P 0xa2 2M 64k' -c flush '$UA' && qemu-io -f raw -c 'write -P 0xb2 2M 64k' -c flush \"\$(uri_of keep-b)\" && '$BIN' sandbox pause keep-b >/dev/null"
 
+# A QEMU NBD client with reconnect-delay stays connected to A through the SIGTERM restart: its
+# write sent while the daemon is down waits, and lands once the next daemon serves A again.
+mkfifo qio.fifo
+qemu-io --image-opts "driver=nbd,server.type=unix,server.path=${UA#*socket=},export=keep-a,reconnect-delay=60" <qio.fifo >qio.out 2>&1 &
+QPID=$!
+exec 3>qio.fifo
+echo "write -P 0xa3 3M 64k" >&3
+for _ in $(seq 200); do grep -q 'wrote 65536/65536 bytes at offset 3145728' qio.out && break; sleep 0.05; done
+
 kill -TERM "$DPID"; wait "$DPID" || true; DPID=
+echo "write -P 0xa4 4M 64k" >&3
 check "SIGTERM removes the API socket and the NBD sockets" bash -c "[ ! -e .rootfork/api.sock ] && [ -z \"\$(find .rootfork/nbd -mindepth 1)\" ]"
 check "SIGTERM keeps the running sandboxes running in their records, their overlays on disk" bash -c "python3 -c 'import json; r=json.load(open(\".rootfork/sandboxes/keep-a.json\")); assert r[\"state\"]==\"running\" and r[\"served\"], r' && ls .rootfork/cache | grep -q '^keep-a\..*\.cache\.state$'"
 check "templates survive a restart" test -f .rootfork/templates/demo.img
 start_daemon daemon3.log
 check "after SIGTERM: list --json shows A running and B paused" bash -c "'$BIN' sandbox list --json | python3 -c 'import json,sys; s={x[\"id\"]: x[\"state\"] for x in json.load(sys.stdin)}; assert s[\"keep-a\"]==\"running\" and s[\"keep-b\"]==\"paused\" and s[\"first\"]==\"running\", s'"
 check "after SIGTERM: A's same URI serves both flushed writes" bash -c "[ \"\$(uri_of keep-a)\" = '$UA' ] && qemu-io -f raw -c 'read -P 0xa1 1M 64k' -c 'read -P 0xa2 2M 64k' '$UA'"
+echo "read -P 0xa3 3M 64k" >&3; echo "read -P 0xa4 4M 64k" >&3; echo quit >&3; exec 3>&-
+for _ in $(seq 600); do kill -0 "$QPID" 2>/dev/null || break; sleep 0.1; done
+kill -KILL "$QPID" 2>/dev/null || true; wait "$QPID" 2>/dev/null || true; QPID=
+check "QEMU's NBD client (reconnect-delay) carried on: its write during the restart landed, both read back" bash -c "[ \"\$(grep -c 'wrote 65536/65536' qio.out)\" = 2 ] && [ \"\$(grep -c 'read 65536/65536' qio.out)\" = 2 ] && ! grep -Eqi 'fail|error' qio.out || { cat qio.out; false; }"
 check "after SIGTERM: B resumes with its data" bash -c "'$BIN' sandbox resume keep-b >/dev/null && qemu-io -f raw -c 'read -P 0xb1 1M 64k' -c 'read -P 0xb2 2M 64k' \"\$(uri_of keep-b)\""
 check "after SIGTERM: the first sandbox still holds hello.txt" bash -c "nbdcopy \"\$(uri_of first)\" disk3.img && debugfs -R 'cat /hello.txt' disk3.img 2>/dev/null | grep -q 'rootfork sandbox'"
 kill -TERM "$DPID"; wait "$DPID" || true
