@@ -136,7 +136,10 @@ check "templates survive a restart" test -f .rootfork/templates/demo.img
 start_daemon daemon3.log
 check "after SIGTERM: list --json shows A running and B paused" bash -c "'$BIN' sandbox list --json | python3 -c 'import json,sys; s={x[\"id\"]: x[\"state\"] for x in json.load(sys.stdin)}; assert s[\"keep-a\"]==\"running\" and s[\"keep-b\"]==\"paused\" and s[\"first\"]==\"running\", s'"
 check "after SIGTERM: A's same URI serves both flushed writes" bash -c "[ \"\$(uri_of keep-a)\" = '$UA' ] && qemu-io -f raw -c 'read -P 0xa1 1M 64k' -c 'read -P 0xa2 2M 64k' '$UA'"
-echo "read -P 0xa3 3M 64k" >&3; echo "read -P 0xa4 4M 64k" >&3; echo quit >&3; exec 3>&-
+echo "read -P 0xa3 3M 64k" >&3; echo "read -P 0xa4 4M 64k" >&3
+# qemu-io may end on `quit` before printing what it was doing: wait for both reads first.
+for _ in $(seq 600); do [ "$(grep -c 'read 65536/65536' qio.out)" = 2 ] && break; sleep 0.1; done
+echo quit >&3; exec 3>&-
 for _ in $(seq 600); do kill -0 "$QPID" 2>/dev/null || break; sleep 0.1; done
 kill -KILL "$QPID" 2>/dev/null || true; wait "$QPID" 2>/dev/null || true; QPID=
 check "QEMU's NBD client (reconnect-delay) carried on: its write during the restart landed, both read back" bash -c "[ \"\$(grep -c 'wrote 65536/65536' qio.out)\" = 2 ] && [ \"\$(grep -c 'read 65536/65536' qio.out)\" = 2 ] && ! grep -Eqi 'fail|error' qio.out || { cat qio.out; false; }"
