@@ -105,9 +105,9 @@ pub enum DaemonError {
         /// Its state.
         state: SandboxState,
     },
-    /// Pausing the disk under a running VM is not supported.
-    #[error("sandbox {0:?} has a running VM; pausing the disk under it is not supported (delete the sandbox instead)")]
-    VmRunning(String),
+    /// The sandbox holds a saved VM state but its settings name no VM the daemon runs.
+    #[error("sandbox {0:?} has no VM the daemon runs")]
+    NoVm(String),
     /// A running sandbox without a device (it failed while serving).
     #[error("sandbox {0:?} has no device")]
     NoDevice(String),
@@ -195,7 +195,7 @@ impl DaemonError {
             DaemonError::TemplateExists(_) | DaemonError::SandboxExists(_) => Code::AlreadyExists,
             DaemonError::TemplateInUse { .. }
             | DaemonError::WrongState { .. }
-            | DaemonError::VmRunning(_)
+            | DaemonError::NoVm(_)
             | DaemonError::NoDevice(_)
             | DaemonError::NoPausedDisk(_) => Code::FailedPrecondition,
             DaemonError::KernelUnavailable(_) => Code::Unavailable,
@@ -230,7 +230,7 @@ impl DaemonError {
             DaemonError::TemplateExists(_) | DaemonError::SandboxExists(_) => libc::EEXIST,
             DaemonError::TemplateInUse { .. }
             | DaemonError::WrongState { .. }
-            | DaemonError::VmRunning(_)
+            | DaemonError::NoVm(_)
             | DaemonError::NoDevice(_)
             | DaemonError::NoPausedDisk(_) => libc::EBUSY,
             DaemonError::KernelUnavailable(_) => libc::ENODEV,

@@ -1,11 +1,13 @@
 //! A minimal QMP client (QEMU's JSON monitor protocol over a Unix socket): enough to wait for a
-//! paused VM to finish initialising, and to let it run.
+//! paused VM to finish initialising, to let it run, and to hand QEMU a file descriptor
+//! ([`Qmp::execute_with_fd`], `SCM_RIGHTS`) for a migration to or from a file.
 //!
 //! QEMU started with `-S -qmp unix:PATH,server=on,wait=off` has opened its block devices by the
 //! time it greets a QMP client, and runs no guest code until `cont`. That window is where
 //! [`super::verify`] checks what the process holds open.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -59,17 +61,65 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// Sets how long one reply may take from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), QemuError> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .map_err(|e| QemuError::io("setting the QMP read timeout", e))
+    }
+
     /// Runs `command` (with optional `arguments`) and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
+        let line = Self::command_line(command, arguments);
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|e| QemuError::io(format!("sending QMP {command}"), e))?;
+        self.reply(command)
+    }
+
+    /// Runs `command` with `fd` attached to it as `SCM_RIGHTS` ancillary data (QEMU's `getfd`
+    /// and `add-fd` take the descriptor that arrives with them). The caller keeps its own copy.
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QemuError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let line = Self::command_line(command, arguments);
+        let fds = [fd.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let iov = [IoSlice::new(line.as_bytes())];
+        let sent = sendmsg::<()>(
+            self.writer.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(|e| QemuError::io(format!("sending QMP {command} with a descriptor"), e.into()))?;
+        if sent < line.len() {
+            // The descriptor went with the first byte; the rest of the line follows.
+            self.writer
+                .write_all(&line.as_bytes()[sent..])
+                .map_err(|e| QemuError::io(format!("sending QMP {command}"), e))?;
+        }
+        self.reply(command)
+    }
+
+    fn command_line(command: &str, arguments: Option<Value>) -> String {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(|e| QemuError::io(format!("sending QMP {command}"), e))?;
+        line
+    }
+
+    /// Reads until the reply to `command` (events in between are skipped).
+    fn reply(&mut self, command: &str) -> Result<Value, QemuError> {
         loop {
             let m = self.read_message()?;
             if m.get("event").is_some() {

@@ -126,6 +126,12 @@ fn show(opts: &ClientOpts, s: &v1::Sandbox) {
     if s.vm_pid != 0 {
         println!("vm:        qemu pid {}, console {}", s.vm_pid, s.vm_console);
     }
+    if s.vm_state_bytes > 0 {
+        println!(
+            "vm state:  {} saved by the pause (a resume continues the VM)",
+            output::bytes(s.vm_state_bytes)
+        );
+    }
     if !s.message.is_empty() {
         println!("message:   {}", s.message);
     }

@@ -35,6 +35,7 @@ fn record_of(sb: &Sandbox, live: &Live, state: RecordState) -> SandboxRecord {
         paused: live.paused.as_ref().map(DiffRecord::of),
         pause_count: sb.status().pause_count,
         generation: live.generation,
+        vm_state: live.vm_state.clone(),
     }
 }
 
@@ -67,6 +68,9 @@ pub fn restore(core: &Core) -> Result<usize> {
     for rec in loaded.records {
         if let Some(d) = &rec.paused {
             kept.insert(d.data.clone());
+        }
+        if let Some(v) = &rec.vm_state {
+            kept.insert(v.path.clone());
         }
         match restore_one(core, &rec) {
             Ok(()) => restored += 1,
@@ -124,7 +128,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<(), Stri
             "the daemon stopped while this sandbox ran and it had never paused: its disk was not kept (running sandboxes are not adopted across a restart yet); delete it".to_owned(),
         ),
     };
-    {
+    let vm_state_bytes = {
         let mut live = sb
             .live
             .try_lock()
@@ -134,12 +138,21 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<(), Stri
             live.files.push(p.data.clone());
         }
         live.paused = paused.clone();
-    }
+        // A VM state goes with the pause it was saved by: only a paused record's is used.
+        if let Some(v) = rec.vm_state.as_ref().filter(|v| v.path.is_file()) {
+            live.files.push(v.path.clone());
+            if state == SandboxState::Paused && rec.state == RecordState::Paused {
+                live.vm_state = Some(v.clone());
+            }
+        }
+        live.vm_state.as_ref().map_or(0, |v| v.bytes)
+    };
     sb.update(|s| {
         s.state = state;
         s.message.clone_from(&message);
         s.pause_count = rec.pause_count;
         s.paused_diff_bytes = paused.as_ref().map_or(0, |p| p.map.data_len());
+        s.vm_state_bytes = vm_state_bytes;
     });
     core.sandboxes.write().insert(rec.id.clone(), sb.clone());
     tracing::info!(sandbox = %rec.id, state = %state, "restored a recorded sandbox");

@@ -78,6 +78,9 @@ pub struct SandboxRecord {
     pub pause_count: u32,
     /// The next generation number for its file names.
     pub generation: u64,
+    /// Paused with a running VM: its saved state (absent in records written before it existed).
+    #[serde(default)]
+    pub vm_state: Option<crate::daemon::snapshot::VmState>,
 }
 
 impl DiffRecord {
@@ -275,6 +278,7 @@ mod tests {
             })),
             pause_count: 1,
             generation: 3,
+            vm_state: None,
         }
     }
 

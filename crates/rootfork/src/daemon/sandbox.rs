@@ -24,6 +24,8 @@ pub struct Live {
     pub generation: u64,
     /// The VM booted on the disk (killed on drop).
     pub vm: Option<rootfork_vmm::qemu::QemuProcess>,
+    /// While paused: the VM's saved memory and device state (a VM paused live).
+    pub vm_state: Option<crate::daemon::snapshot::VmState>,
 }
 
 /// A sandbox.

@@ -1,7 +1,8 @@
 //! VM control: booting QEMU on a sandbox's served disk when its [`VmSpec`] asks for it (after
-//! checking that the QEMU process opened no template), and stopping it before the disk goes.
+//! checking that the QEMU process opened no template), restoring it there from a paused
+//! sandbox's saved state (`snapshot.rs` writes it), and stopping it before the disk goes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rootfork_block::TemplatePath;
@@ -44,8 +45,32 @@ pub async fn boot(
     sb: &Sandbox,
     provider: &AnyProvider,
 ) -> Result<Option<QemuProcess>> {
-    let Some(spec) = sb.vm.as_ref().filter(|v| v.boots_qemu()) else {
+    if !sb.vm.as_ref().is_some_and(VmSpec::boots_qemu) {
         return Ok(None);
+    }
+    launch(core, sb, provider, None).await.map(Some)
+}
+
+/// Starts QEMU on the sandbox's served disk from the state a pause saved at `state` (the same
+/// machine, a new disk with the same data): the guest continues where it stopped.
+pub async fn restore(
+    core: &Core,
+    sb: &Sandbox,
+    provider: &AnyProvider,
+    state: &Path,
+) -> Result<QemuProcess> {
+    launch(core, sb, provider, Some(state.to_owned())).await
+}
+
+/// Starts QEMU on `provider`'s device: booting, or restored from `state`.
+async fn launch(
+    core: &Core,
+    sb: &Sandbox,
+    provider: &AnyProvider,
+    state: Option<PathBuf>,
+) -> Result<QemuProcess> {
+    let Some(spec) = sb.vm.as_ref().filter(|v| v.boots_qemu()) else {
+        return Err(DaemonError::NoVm(sb.id.clone()));
     };
     let Some(kernel) = spec.kernel.clone() else {
         // `VmSpec::validated` refuses a QEMU spec without a kernel.
@@ -66,27 +91,41 @@ pub async fn boot(
     ))
     .map_err(|e| DaemonError::io("stat template", e))?;
     let qemu = QemuBinary::from_env();
+    let restoring = state.is_some();
     let vm = tokio::task::spawn_blocking(move || {
-        let r = QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &[template]);
+        let r = match &state {
+            None => QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &[template]),
+            Some(state) => QemuProcess::spawn_restored(&qemu, &cfg, &log, &qmp, &[template], state),
+        };
         let _ = std::fs::remove_file(&qmp);
         r
     })
     .await
-    .map_err(|e| DaemonError::task("booting the VM", e))??;
+    .map_err(|e| DaemonError::task("starting the VM", e))??;
     let pid = vm.pid();
     sb.update(|s| {
         s.vm_pid = pid;
         s.vm_console = console.display().to_string();
     });
-    tracing::info!(sandbox = %sb.id, pid, "booted QEMU on the sandbox's disk");
-    Ok(Some(vm))
+    if restoring {
+        tracing::info!(sandbox = %sb.id, pid, "restored QEMU from its saved state on the sandbox's disk");
+    } else {
+        tracing::info!(sandbox = %sb.id, pid, "booted QEMU on the sandbox's disk");
+    }
+    Ok(vm)
+}
+
+/// Kills the sandbox's VM (its console and log stay: a paused sandbox's restored VM goes on
+/// writing them).
+pub async fn halt(sb: &Sandbox, mut vm: QemuProcess) {
+    tokio::task::spawn_blocking(move || vm.kill()).await.ok();
+    sb.update(|s| s.vm_pid = 0);
 }
 
 /// Kills the sandbox's VM and removes its console and log (the disk is closed after this, under
 /// nobody).
-pub async fn stop(core: &Core, sb: &Sandbox, mut vm: QemuProcess) {
-    tokio::task::spawn_blocking(move || vm.kill()).await.ok();
-    sb.update(|s| s.vm_pid = 0);
+pub async fn stop(core: &Core, sb: &Sandbox, vm: QemuProcess) {
+    halt(sb, vm).await;
     for ext in ["console", "qemu.log"] {
         let _ = std::fs::remove_file(core.dirs.vm.join(format!("{}.{ext}", sb.id)));
     }
