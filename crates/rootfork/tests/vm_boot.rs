@@ -3,7 +3,8 @@
 //! marker; the file is then read back from the sandbox's overlay, and the template is unchanged.
 //! Then live pause and resume: a guest counting on its console and into a file on its root disk
 //! is paused (memory saved) and resumed (a new QEMU restored from that state on a new disk), and
-//! goes on counting without a reboot, every line of its file intact.
+//! goes on counting without a reboot, every line of its file intact; a pause that fails after
+//! the VM's state was written lets the same guest continue.
 //!
 //! Needs the boot test's assets: run through scripts/test.d/60-daemon.sh, which sets QEMU,
 //! QEMU_MODULE_DIR, KERNEL (tests/vm/assets.sh) and ROOTFORK_BOOT_ASSETS (tests/boot/build-assets.sh).
@@ -134,7 +135,7 @@ async fn wait_console(console: &Path, secs: u64, done: impl Fn(&str) -> bool) ->
 }
 
 /// The guest counts to this (every 100 ms) and powers off.
-const COUNT_TO: u32 = 80;
+const COUNT_TO: u32 = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots a TCG VM; run by scripts/test.d/60-daemon.sh"]
@@ -172,6 +173,30 @@ async fn a_running_vm_pauses_and_resumes_with_its_memory() {
     let console = PathBuf::from(&sb.vm_console);
     let text = wait_console(&console, 180, |t| counts(t).len() >= 3).await;
     assert!(counts(&text).len() >= 3, "the guest never counted:\n{text}");
+
+    // A pause that fails after the VM's state was written (its diff cannot be created: a
+    // directory stands where the export writes; generation 1 is the state file, 2 the diff)
+    // lets the guest continue, in the same QEMU, and leaves no state file behind.
+    let planted = d.state().join("paused").join("vm-c.2.diff");
+    std::fs::create_dir(&planted).unwrap();
+    let e = pause(&mut c, "vm-c").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+    std::fs::remove_dir(&planted).unwrap();
+    let running = get(&mut c, "vm-c").await;
+    assert_eq!(running.state, v1::SandboxState::Running as i32, "{running:?}");
+    assert_eq!(running.vm_pid, sb.vm_pid, "the VM was replaced");
+    assert!(running.message.contains("pause failed"), "{}", running.message);
+    let seen = counts(&std::fs::read_to_string(&console).unwrap()).len();
+    let text = wait_console(&console, 60, |t| counts(t).len() >= seen + 2).await;
+    assert!(
+        counts(&text).len() >= seen + 2,
+        "the guest did not continue after the failed pause:\n{text}"
+    );
+    assert_eq!(
+        d.files("paused"),
+        Vec::<String>::new(),
+        "a failed pause left files"
+    );
 
     // Pause while the guest runs: its memory is saved next to its diff.
     let paused = pause(&mut c, "vm-c").await.unwrap();
