@@ -136,6 +136,9 @@ pub enum DaemonError {
     /// Booting the sandbox's VM failed.
     #[error("vm: {0}")]
     Vm(#[from] rootfork_vmm::qemu::QemuError),
+    /// Launching, pausing or restoring the sandbox's Firecracker failed.
+    #[error("firecracker: {0}")]
+    Firecracker(Box<rootfork_vmm::firecracker::VmError>),
     /// A blocking task of the operation panicked or was cancelled.
     #[error("{what}: {reason}")]
     TaskFailed {
@@ -215,7 +218,9 @@ impl DaemonError {
                 | rootfork_vmm::qemu::QemuError::InvalidConfig(_) => Code::InvalidArgument,
                 _ => Code::Internal,
             },
-            DaemonError::TaskFailed { .. } | DaemonError::Io { .. } => Code::Internal,
+            DaemonError::Firecracker(_)
+            | DaemonError::TaskFailed { .. }
+            | DaemonError::Io { .. } => Code::Internal,
         }
     }
 
@@ -244,9 +249,10 @@ impl DaemonError {
             DaemonError::NoSpace { .. } => libc::ENOSPC,
             DaemonError::Provider(rootfork_provider::ProviderError::Timeout(_)) => libc::ETIMEDOUT,
             DaemonError::Provider(rootfork_provider::ProviderError::Kernel(k)) => k.errno(),
-            DaemonError::Provider(_) | DaemonError::Vm(_) | DaemonError::TaskFailed { .. } => {
-                libc::EIO
-            }
+            DaemonError::Provider(_)
+            | DaemonError::Vm(_)
+            | DaemonError::Firecracker(_)
+            | DaemonError::TaskFailed { .. } => libc::EIO,
             DaemonError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

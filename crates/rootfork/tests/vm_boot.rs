@@ -183,9 +183,17 @@ async fn a_running_vm_pauses_and_resumes_with_its_memory() {
     assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
     std::fs::remove_dir(&planted).unwrap();
     let running = get(&mut c, "vm-c").await;
-    assert_eq!(running.state, v1::SandboxState::Running as i32, "{running:?}");
+    assert_eq!(
+        running.state,
+        v1::SandboxState::Running as i32,
+        "{running:?}"
+    );
     assert_eq!(running.vm_pid, sb.vm_pid, "the VM was replaced");
-    assert!(running.message.contains("pause failed"), "{}", running.message);
+    assert!(
+        running.message.contains("pause failed"),
+        "{}",
+        running.message
+    );
     let seen = counts(&std::fs::read_to_string(&console).unwrap()).len();
     let text = wait_console(&console, 60, |t| counts(t).len() >= seen + 2).await;
     assert!(

@@ -38,7 +38,7 @@
 //! | `disk.rs` | a sandbox's provider: build, bring up, retire |
 //! | `pause.rs` | pause and resume (`diffmerge.rs`: folding two diffs) |
 //! | `records.rs`, `persist.rs` | durable sandbox records; restore at start, keep at stop |
-//! | `vm.rs` | booting, restoring and stopping the sandbox's QEMU |
+//! | `vm.rs` | booting, restoring and stopping the sandbox's VM (QEMU, or Firecracker: `firecracker.rs`) |
 //! | `snapshot.rs` | a running VM's state saved by a pause, restored by a resume |
 //! | `sandbox.rs` | one sandbox's record: identity, status, live resources |
 //! | `health.rs` | the periodic health check and recovery |
@@ -54,6 +54,7 @@ pub mod core;
 pub mod demo;
 pub mod diffmerge;
 mod disk;
+mod firecracker;
 pub mod health;
 pub mod kernel;
 mod lifecycle;

@@ -152,7 +152,7 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     let bytes = paused.map.data_len();
     live.files.push(paused.data.clone());
     if let Some(v) = &vm_state {
-        live.files.push(v.path.clone());
+        live.files.extend(v.files().cloned());
     }
     let state_bytes = vm_state.as_ref().map_or(0, |v| v.bytes);
     sb.update(|s| {
@@ -265,7 +265,7 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
     let r = match r {
         Ok(mut p) => {
             let restored = match &vm_state {
-                Some(v) => vm::restore(core, &sb, &p, &v.path).await.map(Some),
+                Some(v) => vm::restore(core, &sb, &p, v).await.map(Some),
                 None => Ok(None),
             };
             // The record of a running sandbox names no VM state: it is used up.
@@ -291,8 +291,10 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
             live.provider = Some(p);
             live.vm = vm;
             if let Some(v) = vm_state {
-                snapshot::remove(&v.path);
-                live.files.retain(|f| f != &v.path);
+                for f in v.files() {
+                    snapshot::remove(f);
+                    live.files.retain(|x| x != f);
+                }
                 sb.update(|s| s.vm_state_bytes = 0);
             }
             core.set_state(&sb, SandboxState::Running, Some(String::new()));

@@ -70,7 +70,7 @@ pub fn restore(core: &Core) -> Result<usize> {
             kept.insert(d.data.clone());
         }
         if let Some(v) = &rec.vm_state {
-            kept.insert(v.path.clone());
+            kept.extend(v.files().cloned());
         }
         match restore_one(core, &rec) {
             Ok(()) => restored += 1,
@@ -139,8 +139,12 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<(), Stri
         }
         live.paused = paused.clone();
         // A VM state goes with the pause it was saved by: only a paused record's is used.
-        if let Some(v) = rec.vm_state.as_ref().filter(|v| v.path.is_file()) {
-            live.files.push(v.path.clone());
+        if let Some(v) = rec
+            .vm_state
+            .as_ref()
+            .filter(|v| v.files().all(|f| f.is_file()))
+        {
+            live.files.extend(v.files().cloned());
             if state == SandboxState::Paused && rec.state == RecordState::Paused {
                 live.vm_state = Some(v.clone());
             }

@@ -1,25 +1,40 @@
 //! A running VM's memory and device state kept with a paused sandbox. A pause stops the guest
-//! and writes its state into `STATE/paused/ID.GEN.vmstate`, next to the sandbox's paused diff,
-//! before the disk is exported; a pause that fails later lets the guest continue and removes
-//! the file. A resume restores a new QEMU from the file on the resumed disk and then removes it;
-//! a delete removes it with the diff.
+//! and writes its state next to the sandbox's paused diff before the disk is exported: QEMU's
+//! migration stream into `STATE/paused/ID.GEN.vmstate`, or Firecracker's snapshot into
+//! `ID.GEN.fcstate` + `ID.GEN.fcmem`; a pause that fails later lets the guest continue and
+//! removes the files. A resume restores a new VMM from them on the resumed disk and then removes
+//! them; a delete removes them with the diff.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::core::Core;
+use crate::daemon::firecracker::{self, SnapshotFiles};
 use crate::daemon::sandbox::{Live, Sandbox};
 use crate::daemon::spec::VmSpec;
+use crate::daemon::vm::RunningVm;
 use crate::error::{DaemonError, Result};
 
-/// A saved VM state file.
+/// A saved VM state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmState {
-    /// The file (in the pause directory).
+    /// The state file (in the pause directory): QEMU's migration stream, or Firecracker's
+    /// `snapshot_path`.
     pub path: PathBuf,
-    /// Its size.
+    /// Firecracker's guest memory file (`mem_file_path`); `None` for QEMU, whose stream holds
+    /// the memory.
+    #[serde(default)]
+    pub memory: Option<PathBuf>,
+    /// The files' total size.
     pub bytes: u64,
+}
+
+impl VmState {
+    /// Its files.
+    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        std::iter::once(&self.path).chain(self.memory.as_ref())
+    }
 }
 
 /// Device state on top of guest memory that a state file may hold (QEMU's is a few hundred
@@ -38,12 +53,12 @@ pub fn space_needed(spec: Option<&VmSpec>) -> u64 {
     (mib << 20).saturating_add(DEVICE_STATE_BYTES)
 }
 
-/// The file a pause of `id` writes its VM state to (generations never repeat).
-fn next_file(core: &Core, id: &str, live: &mut Live) -> PathBuf {
+/// A file of the next generation of `id` with extension `ext` (generations never repeat).
+fn next_file(core: &Core, id: &str, live: &mut Live, ext: &str) -> PathBuf {
     let p = core
         .dirs
         .paused
-        .join(format!("{id}.{}.vmstate", live.generation));
+        .join(format!("{id}.{}.{ext}", live.generation));
     live.generation += 1;
     p
 }
@@ -52,10 +67,27 @@ fn next_file(core: &Core, id: &str, live: &mut Live) -> PathBuf {
 /// `live.vm`, stopped, with its disk released (flushed to the provider). On failure it runs on
 /// as before and nothing is left on disk.
 pub async fn save(core: &Core, sb: &Sandbox, live: &mut Live) -> Result<Option<VmState>> {
-    let Some(mut vm) = live.vm.take() else {
-        return Ok(None);
+    let vm = match live.vm.take() {
+        None => return Ok(None),
+        Some(RunningVm::Firecracker(mut fc)) => {
+            let files = SnapshotFiles {
+                state: next_file(core, &sb.id, live, "fcstate"),
+                memory: next_file(core, &sb.id, live, "fcmem"),
+            };
+            let saved = firecracker::save(&mut fc, &files).await;
+            live.vm = Some(RunningVm::Firecracker(fc));
+            let bytes = saved?;
+            tracing::info!(sandbox = %sb.id, bytes, "Firecracker paused and its snapshot written");
+            return Ok(Some(VmState {
+                path: files.state,
+                memory: Some(files.memory),
+                bytes,
+            }));
+        }
+        Some(RunningVm::Qemu(q)) => q,
     };
-    let path = next_file(core, &sb.id, live);
+    let mut vm = vm;
+    let path = next_file(core, &sb.id, live, "vmstate");
     let target = path.clone();
     let (vm, saved) = tokio::task::spawn_blocking(move || {
         let r = vm.save_state(&target);
@@ -67,7 +99,7 @@ pub async fn save(core: &Core, sb: &Sandbox, live: &mut Live) -> Result<Option<V
         sb.update(|s| s.vm_pid = 0);
         DaemonError::task("saving the VM's state", e)
     })?;
-    live.vm = Some(vm);
+    live.vm = Some(RunningVm::Qemu(vm));
     let saved = saved?;
     tracing::info!(
         sandbox = %sb.id,
@@ -77,15 +109,26 @@ pub async fn save(core: &Core, sb: &Sandbox, live: &mut Live) -> Result<Option<V
     );
     Ok(Some(VmState {
         path,
+        memory: None,
         bytes: saved.bytes,
     }))
 }
 
 /// Undoes a [`save`] whose pause failed later: the guest continues and the state file goes.
 pub async fn discard(sb: &Sandbox, live: &mut Live, state: VmState) {
-    remove(&state.path);
-    let Some(mut vm) = live.vm.take() else {
-        return;
+    for f in state.files() {
+        remove(f);
+    }
+    let mut vm = match live.vm.take() {
+        None => return,
+        Some(RunningVm::Firecracker(mut fc)) => {
+            if let Err(e) = fc.unpause().await {
+                tracing::warn!(sandbox = %sb.id, "Firecracker could not be resumed after a failed pause: {e}");
+            }
+            live.vm = Some(RunningVm::Firecracker(fc));
+            return;
+        }
+        Some(RunningVm::Qemu(q)) => q,
     };
     let continued = tokio::task::spawn_blocking(move || {
         let r = vm.continue_guest();
@@ -97,7 +140,7 @@ pub async fn discard(sb: &Sandbox, live: &mut Live, state: VmState) {
             if let Err(e) = r {
                 tracing::warn!(sandbox = %sb.id, "the VM could not be continued after a failed pause: {e}");
             }
-            live.vm = Some(vm);
+            live.vm = Some(RunningVm::Qemu(vm));
         }
         Err(e) => {
             // The task owned the VM: it was killed when the task unwound.
