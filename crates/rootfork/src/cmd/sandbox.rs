@@ -30,7 +30,9 @@ pub enum Command {
         /// The provider.
         #[arg(long, value_enum, default_value_t = Provider::Socket)]
         provider: Provider,
-        /// VMM: qemu (the daemon boots QEMU on the disk) or firecracker (recorded only).
+        /// VMM: qemu (the daemon boots QEMU on the disk) or firecracker (with --kernel and
+        /// --provider kernel the daemon launches $ROOTFORK_FIRECRACKER_BIN on the device;
+        /// without a kernel, recorded only).
         #[arg(long)]
         vmm: Option<String>,
         /// Guest kernel (absolute path on the daemon's host).
