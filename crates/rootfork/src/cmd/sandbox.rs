@@ -126,7 +126,22 @@ fn show(opts: &ClientOpts, s: &v1::Sandbox) {
         );
     }
     if s.vm_pid != 0 {
-        println!("vm:        qemu pid {}, console {}", s.vm_pid, s.vm_console);
+        let kind = s
+            .vmm
+            .as_ref()
+            .and_then(|v| v1::vmm_settings::Kind::try_from(v.kind).ok())
+            .map_or("vmm", |k| match k {
+                v1::vmm_settings::Kind::Firecracker => "firecracker",
+                _ => "qemu",
+            });
+        if s.vm_console.is_empty() {
+            println!("vm:        {kind} pid {}", s.vm_pid);
+        } else {
+            println!(
+                "vm:        {kind} pid {}, console {}",
+                s.vm_pid, s.vm_console
+            );
+        }
     }
     if s.vm_state_bytes > 0 {
         println!(
