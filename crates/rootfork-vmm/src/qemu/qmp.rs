@@ -148,3 +148,96 @@ impl Qmp {
             .map_err(|e| QemuError::Qmp(format!("bad QMP message {line:?}: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{IoSliceMut, Read};
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::net::UnixListener;
+
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+
+    use super::*;
+
+    /// A stand-in QEMU monitor: greets, accepts `qmp_capabilities`, then receives one command
+    /// with a descriptor and answers with the received descriptor's inode.
+    fn monitor(listener: UnixListener) -> std::thread::JoinHandle<(String, u64)> {
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).contains("qmp_capabilities"));
+            s.write_all(b"{\"event\": \"RESUME\"}\n{\"return\": {}}\n")
+                .unwrap();
+            let mut data = [0u8; 256];
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let (len, fd) = {
+                let mut iov = [IoSliceMut::new(&mut data)];
+                let msg =
+                    recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                        .unwrap();
+                let fd = msg
+                    .cmsgs()
+                    .unwrap()
+                    .find_map(|c| match c {
+                        ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                        _ => None,
+                    })
+                    .expect("a descriptor came with the command");
+                (msg.bytes, fd)
+            };
+            // SAFETY: `fd` was just received with SCM_RIGHTS and is owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let ino = std::fs::File::from(fd).metadata().unwrap().ino();
+            s.write_all(format!("{{\"return\": {{\"ino\": {ino}}}}}\n").as_bytes())
+                .unwrap();
+            (String::from_utf8_lossy(&data[..len]).into_owned(), ino)
+        })
+    }
+
+    #[test]
+    fn a_descriptor_travels_with_its_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let server = monitor(UnixListener::bind(&sock).unwrap());
+        let mut qmp = Qmp::connect(&sock, Duration::from_secs(10)).unwrap();
+        let file = std::fs::File::create(dir.path().join("state")).unwrap();
+        let ret = qmp
+            .execute_with_fd("getfd", Some(json!({ "fdname": "x" })), file.as_fd())
+            .unwrap();
+        let (line, ino) = server.join().unwrap();
+        assert_eq!(ino, file.metadata().unwrap().ino());
+        assert_eq!(ret["ino"], ino);
+        assert_eq!(
+            serde_json::from_str::<Value>(line.trim()).unwrap(),
+            json!({ "execute": "getfd", "arguments": { "fdname": "x" } })
+        );
+    }
+
+    #[test]
+    fn errors_are_reported_with_the_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"{\"QMP\": {}}\n").unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf).unwrap();
+            s.write_all(b"{\"return\": {}}\n").unwrap();
+            let _ = s.read(&mut buf).unwrap();
+            s.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"no\"}}\n")
+                .unwrap();
+        });
+        let mut qmp = Qmp::connect(&sock, Duration::from_secs(10)).unwrap();
+        let e = qmp.execute("migrate", None).unwrap_err();
+        assert!(
+            matches!(&e, QemuError::Qmp(m) if m.starts_with("migrate: ")),
+            "{e}"
+        );
+        server.join().unwrap();
+    }
+}
