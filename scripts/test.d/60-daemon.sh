@@ -156,7 +156,7 @@ check "--delete-on-exit is the throwaway mode: the sandboxes adopted at start ar
 cd "$ROOT"
 if eval "$(tests/vm/assets.sh)" && export MODDIR QEMU QEMU_MODULE_DIR KERNEL && tests/boot/build-assets.sh "${ROOTFORK_BOOT_ASSETS:-$ROOT/build/boot}" >"$WORK/assets.log" 2>&1; then
   export QEMU QEMU_MODULE_DIR KERNEL ROOTFORK_BOOT_ASSETS=${ROOTFORK_BOOT_ASSETS:-$ROOT/build/boot}
-  check "daemon boots QEMU on a sandbox's disk (cargo test --test vm_boot)" \
+  check "daemon boots QEMU on a sandbox's disk; a running VM pauses and resumes live (cargo test --test vm_boot)" \
     cargo test -q -p rootfork --test vm_boot -- --ignored
 else
   bad "boot assets (tests/vm/assets.sh, tests/boot/build-assets.sh)"; tail -20 "$WORK/assets.log" || true

@@ -2,7 +2,8 @@
 # Builds the boot test's guest side into OUT (default: <repo>/build/boot):
 #   template.ext4   a 64 MiB ext4 root: busybox-static and an /init that writes /hello-<vmid>
 #                   (vmid = rootfork.vmid= on the kernel command line), syncs, prints each hello
-#                   file's content and a marker line listing them, and powers off;
+#                   file's content and a marker line listing them, and powers off; with
+#                   rootfork.counter=N it runs the pause/resume counter instead (see /init);
 #   initrd.cpio.gz  busybox + the cloud kernel's virtio modules; mounts /dev/vda and switches root.
 # Needs MODDIR (from `eval "$(tests/vm/assets.sh)"`), busybox-static, cpio, e2fsprogs.
 set -euo pipefail
@@ -49,6 +50,25 @@ cat > "$W/root/init" <<'EOI'
 B=/bin/busybox
 $B mount -t proc proc /proc
 VMID=$($B sed -n 's/.*rootfork.vmid=\([A-Za-z0-9_-]*\).*/\1/p' /proc/cmdline)
+# rootfork.counter=N: the pause/resume guest. Appends "count I" to /counter.log, then prints
+# "ROOTFORK-COUNT I boot=<boot id>" on the console, every 100 ms, I = 1..N; then syncs, prints
+# ROOTFORK-COUNTER-DONE with the file's line count and powers off. A resume that lost the
+# guest's memory would show a new boot id or a count starting again at 1.
+N=$($B sed -n 's/.*rootfork.counter=\([0-9]*\).*/\1/p' /proc/cmdline)
+if [ -n "$N" ]; then
+  BOOT=$($B cat /proc/sys/kernel/random/boot_id)
+  i=0
+  while [ "$i" -lt "$N" ]; do
+    i=$((i+1))
+    echo "count $i" >> /counter.log
+    echo "ROOTFORK-COUNT $i boot=$BOOT"
+    $B usleep 100000
+  done
+  $B sync
+  echo "ROOTFORK-COUNTER-DONE lines=$($B wc -l < /counter.log) boot=$BOOT"
+  $B mount -o remount,ro / 2>/dev/null; $B sync
+  $B poweroff -f
+fi
 [ -n "$VMID" ] || VMID=unnamed
 echo "written by $VMID" > "/hello-$VMID"
 $B sync

@@ -105,9 +105,9 @@ pub enum DaemonError {
         /// Its state.
         state: SandboxState,
     },
-    /// Pausing the disk under a running VM is not supported.
-    #[error("sandbox {0:?} has a running VM; pausing the disk under it is not supported (delete the sandbox instead)")]
-    VmRunning(String),
+    /// The sandbox holds a saved VM state but its settings name no VM the daemon runs.
+    #[error("sandbox {0:?} has no VM the daemon runs")]
+    NoVm(String),
     /// A running sandbox without a device (it failed while serving).
     #[error("sandbox {0:?} has no device")]
     NoDevice(String),
@@ -136,6 +136,9 @@ pub enum DaemonError {
     /// Booting the sandbox's VM failed.
     #[error("vm: {0}")]
     Vm(#[from] rootfork_vmm::qemu::QemuError),
+    /// Launching, pausing or restoring the sandbox's Firecracker failed.
+    #[error("firecracker: {0}")]
+    Firecracker(Box<rootfork_vmm::firecracker::VmError>),
     /// A blocking task of the operation panicked or was cancelled.
     #[error("{what}: {reason}")]
     TaskFailed {
@@ -195,7 +198,7 @@ impl DaemonError {
             DaemonError::TemplateExists(_) | DaemonError::SandboxExists(_) => Code::AlreadyExists,
             DaemonError::TemplateInUse { .. }
             | DaemonError::WrongState { .. }
-            | DaemonError::VmRunning(_)
+            | DaemonError::NoVm(_)
             | DaemonError::NoDevice(_)
             | DaemonError::NoPausedDisk(_) => Code::FailedPrecondition,
             DaemonError::KernelUnavailable(_) => Code::Unavailable,
@@ -215,7 +218,9 @@ impl DaemonError {
                 | rootfork_vmm::qemu::QemuError::InvalidConfig(_) => Code::InvalidArgument,
                 _ => Code::Internal,
             },
-            DaemonError::TaskFailed { .. } | DaemonError::Io { .. } => Code::Internal,
+            DaemonError::Firecracker(_)
+            | DaemonError::TaskFailed { .. }
+            | DaemonError::Io { .. } => Code::Internal,
         }
     }
 
@@ -230,7 +235,7 @@ impl DaemonError {
             DaemonError::TemplateExists(_) | DaemonError::SandboxExists(_) => libc::EEXIST,
             DaemonError::TemplateInUse { .. }
             | DaemonError::WrongState { .. }
-            | DaemonError::VmRunning(_)
+            | DaemonError::NoVm(_)
             | DaemonError::NoDevice(_)
             | DaemonError::NoPausedDisk(_) => libc::EBUSY,
             DaemonError::KernelUnavailable(_) => libc::ENODEV,
@@ -244,9 +249,10 @@ impl DaemonError {
             DaemonError::NoSpace { .. } => libc::ENOSPC,
             DaemonError::Provider(rootfork_provider::ProviderError::Timeout(_)) => libc::ETIMEDOUT,
             DaemonError::Provider(rootfork_provider::ProviderError::Kernel(k)) => k.errno(),
-            DaemonError::Provider(_) | DaemonError::Vm(_) | DaemonError::TaskFailed { .. } => {
-                libc::EIO
-            }
+            DaemonError::Provider(_)
+            | DaemonError::Vm(_)
+            | DaemonError::Firecracker(_)
+            | DaemonError::TaskFailed { .. } => libc::EIO,
             DaemonError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

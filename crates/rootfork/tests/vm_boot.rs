@@ -1,13 +1,17 @@
 //! A sandbox with QEMU VMM settings: the daemon boots a real TCG guest on the sandbox's served
 //! disk (after checking QEMU opened no template); the guest writes its own file and prints a
 //! marker; the file is then read back from the sandbox's overlay, and the template is unchanged.
+//! Then live pause and resume: a guest counting on its console and into a file on its root disk
+//! is paused (memory saved) and resumed (a new QEMU restored from that state on a new disk), and
+//! goes on counting without a reboot, every line of its file intact; a pause that fails after
+//! the VM's state was written lets the same guest continue.
 //!
 //! Needs the boot test's assets: run through scripts/test.d/60-daemon.sh, which sets QEMU,
 //! QEMU_MODULE_DIR, KERNEL (tests/vm/assets.sh) and ROOTFORK_BOOT_ASSETS (tests/boot/build-assets.sh).
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -46,12 +50,6 @@ async fn daemon_boots_qemu_on_the_sandbox_disk() {
         .unwrap()
         .into_inner();
     assert!(sb.vm_pid > 0);
-    // A sandbox with a running VM is not paused under it (the guest needs seconds to boot).
-    let p = c
-        .sandboxes
-        .pause_sandbox(v1::PauseSandboxRequest { id: "vm-d".into() })
-        .await;
-    assert_eq!(p.unwrap_err().code(), tonic::Code::FailedPrecondition);
     let console = PathBuf::from(&sb.vm_console);
     let deadline = Instant::now() + Duration::from_secs(180);
     let text = loop {
@@ -108,6 +106,191 @@ async fn daemon_boots_qemu_on_the_sandbox_disk() {
                     .unwrap_or(true)
             }
     );
+    assert_eq!(std::fs::read(&tpl).unwrap(), before, "template changed");
+    d.daemon.shutdown().await;
+}
+
+/// The counter values the guest printed (`ROOTFORK-COUNT I boot=B`), with their boot ids.
+fn counts(console: &str) -> Vec<(u32, String)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("ROOTFORK-COUNT ")?;
+            let (n, boot) = rest.split_once(" boot=")?;
+            Some((n.parse().ok()?, boot.trim().to_owned()))
+        })
+        .collect()
+}
+
+/// Polls the console file until `done(text)` or the deadline; returns the text.
+async fn wait_console(console: &Path, secs: u64, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if done(&text) || Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The guest counts to this (every 100 ms) and powers off.
+const COUNT_TO: u32 = 100;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a TCG VM; run by scripts/test.d/60-daemon.sh"]
+async fn a_running_vm_pauses_and_resumes_with_its_memory() {
+    let need =
+        |k: &str| PathBuf::from(std::env::var_os(k).unwrap_or_else(|| panic!("{k} is not set")));
+    let assets = need("ROOTFORK_BOOT_ASSETS");
+    let kernel = need("KERNEL");
+    let d = TestDaemon::start_with(false, |c| c.health_interval = Duration::from_millis(200)).await;
+    let mut c = d.client().await;
+    let tpl = assets.join("template.ext4");
+    let before = std::fs::read(&tpl).unwrap();
+    import(&mut c, "counter", &tpl).await.unwrap();
+    let sb = c
+        .sandboxes
+        .create_sandbox(v1::CreateSandboxRequest {
+            template: "counter".into(),
+            id: "vm-c".into(),
+            provider: v1::ProviderKind::Socket as i32,
+            vmm: Some(v1::VmmSettings {
+                kind: v1::vmm_settings::Kind::Qemu as i32,
+                kernel: kernel.display().to_string(),
+                initrd: assets.join("initrd.cpio.gz").display().to_string(),
+                kernel_args: format!(
+                    "console=ttyS0 root=/dev/vda rw panic=-1 rootfork.counter={COUNT_TO}"
+                ),
+                memory_mib: 256,
+                vcpus: 1,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let console = PathBuf::from(&sb.vm_console);
+    let text = wait_console(&console, 180, |t| counts(t).len() >= 3).await;
+    assert!(counts(&text).len() >= 3, "the guest never counted:\n{text}");
+
+    // A pause that fails after the VM's state was written (its diff cannot be created: a
+    // directory stands where the export writes; generation 1 is the state file, 2 the diff)
+    // lets the guest continue, in the same QEMU, and leaves no state file behind.
+    let planted = d.state().join("paused").join("vm-c.2.diff");
+    std::fs::create_dir(&planted).unwrap();
+    let e = pause(&mut c, "vm-c").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+    std::fs::remove_dir(&planted).unwrap();
+    let running = get(&mut c, "vm-c").await;
+    assert_eq!(
+        running.state,
+        v1::SandboxState::Running as i32,
+        "{running:?}"
+    );
+    assert_eq!(running.vm_pid, sb.vm_pid, "the VM was replaced");
+    assert!(
+        running.message.contains("pause failed"),
+        "{}",
+        running.message
+    );
+    let seen = counts(&std::fs::read_to_string(&console).unwrap()).len();
+    let text = wait_console(&console, 60, |t| counts(t).len() >= seen + 2).await;
+    assert!(
+        counts(&text).len() >= seen + 2,
+        "the guest did not continue after the failed pause:\n{text}"
+    );
+    assert_eq!(
+        d.files("paused"),
+        Vec::<String>::new(),
+        "a failed pause left files"
+    );
+
+    // Pause while the guest runs: its memory is saved next to its diff.
+    let paused = pause(&mut c, "vm-c").await.unwrap();
+    assert_eq!(paused.state, v1::SandboxState::Paused as i32);
+    assert_eq!(paused.vm_pid, 0, "the VM runs on after the pause");
+    assert!(paused.vm_state_bytes > 0, "no VM state saved");
+    let state_files = || {
+        d.files("paused")
+            .into_iter()
+            .filter(|f| f.ends_with(".vmstate"))
+            .collect::<Vec<_>>()
+    };
+    let files = state_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let size = std::fs::metadata(d.state().join("paused").join(&files[0]))
+        .unwrap()
+        .len();
+    assert_eq!(size, paused.vm_state_bytes);
+    let at_pause = std::fs::read_to_string(&console).unwrap();
+    let last = counts(&at_pause).last().unwrap().0;
+    assert!(
+        last < COUNT_TO,
+        "the guest finished before the pause: {last}"
+    );
+    // Nothing runs while paused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), at_pause);
+
+    // Resume: a new QEMU restored from the state, on the resumed disk.
+    let resumed = resume(&mut c, "vm-c").await.unwrap();
+    assert_eq!(resumed.state, v1::SandboxState::Running as i32);
+    assert!(resumed.vm_pid > 0 && resumed.vm_pid != sb.vm_pid);
+    assert_eq!(resumed.vm_state_bytes, 0);
+    assert!(state_files().is_empty(), "the used VM state was kept");
+    let text = wait_console(&console, 180, |t| t.contains("ROOTFORK-COUNTER-DONE")).await;
+
+    // One boot, counting on from where it stopped.
+    let all = counts(&text);
+    let values: Vec<u32> = all.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        values,
+        (1..=COUNT_TO).collect::<Vec<_>>(),
+        "console:\n{text}"
+    );
+    let after: Vec<u32> = counts(&text[at_pause.len()..])
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(after.first(), Some(&(last + 1)), "console:\n{text}");
+    let boot = &all[0].1;
+    assert!(all.iter().all(|(_, b)| b == boot), "a second boot id");
+    assert_eq!(
+        text.matches("Linux version").count(),
+        1,
+        "the kernel booted again:\n{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "ROOTFORK-COUNTER-DONE lines={COUNT_TO} boot={boot}"
+        )),
+        "console:\n{text}"
+    );
+
+    // The guest powered off: its file on the root disk holds every line, in order.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&mut c, "vm-c").await.vm_pid != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let uri = get(&mut c, "vm-c").await.nbd_uri;
+    let img = d.dir.path().join("counter.img");
+    let st = std::process::Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cat = std::process::Command::new("debugfs")
+        .args(["-R", "cat /counter.log"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let want: String = (1..=COUNT_TO).map(|i| format!("count {i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), want);
+
+    assert!(delete(&mut c, "vm-c").await.unwrap());
+    assert!(d.files("paused").is_empty(), "{:?}", d.files("paused"));
     assert_eq!(std::fs::read(&tpl).unwrap(), before, "template changed");
     d.daemon.shutdown().await;
 }

@@ -4,7 +4,8 @@
 # the device, health, metrics, recovery of a killed connection with RECONFIGURE (through the
 # daemon's `debug.fault_injection` trigger), pause/resume, delete, SIGKILL + restart reclaim,
 # SIGTERM cleanup, the warm stock (`kernel.warm_slots`: stocked, taken, refilled, reclaimed after
-# SIGKILL, closed at SIGTERM; create-to-ready with and without it as LATENCY lines).
+# SIGKILL, closed at SIGTERM; create-to-ready with and without it as LATENCY lines), a Firecracker
+# sandbox (rootfork-fc-double standing in for Firecracker) created, paused, resumed and deleted.
 # Prints `PASS <name>` / `FAIL <name>: <why>` lines and a final `RESULT pass=N fail=M`, then
 # powers off. The host side is run.sh.
 # The shared helpers (setup, counting, RESULT, power-off) are /lib/guest-lib.sh
@@ -14,6 +15,8 @@ guest_setup vmdaemon
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 export RUST_LOG=${RUST_LOG:-info}
 BOOT_ID=$(cat /proc/sys/kernel/random/boot_id)
+# The Firecracker binary the daemon launches for `--vmm firecracker` sandboxes.
+export ROOTFORK_FIRECRACKER_BIN=/bin/rootfork-fc-double
 
 STATE=/var/lib/rootfork
 export ROOTFORK_API=$STATE/api.sock
@@ -298,6 +301,58 @@ if create k3; then
   fi
 else
   fail "$t" "create failed"
+fi
+
+# --- 5b. Firecracker from the daemon: the double started with Firecracker's arguments -----------
+# Its report (JSON lines on its stdout: STATE/vm/fc/rf-N/vmm.log) says which API calls it got
+# and what it opened; `resolved` is the opened descriptor's /proc/self/fd link.
+newest_fc_log() { echo "$STATE/vm/fc/rf-$(ls $STATE/vm/fc | sed -n 's/^rf-//p' | sort -n | tail -n1)/vmm.log"; }
+fc_calls() { grep '"event":"request"' "$1" | sed -n 's/.*"method":"\([A-Z]*\)".*"path":"\([^"]*\)".*/\1 \2/p' | tr '\n' ';'; }
+t=firecracker
+echo "not a kernel: the double only opens it" > /tmp/vmlinux
+if [ -n "$DPID" ] && rootfork sandbox create --template demo --id fc1 --provider kernel --vmm firecracker \
+    --kernel /tmp/vmlinux --memory-mib 128 >/tmp/fc1.create 2>&1; then
+  pass "$t-create"
+  FDEV=$(awk '/^device:/ {print $2}' /tmp/fc1.create)
+  FR1=$(newest_fc_log)
+  c=$(fc_calls $FR1)
+  [ "$c" = "PUT /boot-source;PUT /drives/rootfs;PUT /machine-config;PUT /actions;" ] && pass "$t-boot-calls" || fail "$t-boot-calls" "$c"
+  grep '"event":"open"' $FR1 | grep '"drive_id":"rootfs"' > /tmp/fc1.opens
+  [ "$(wc -l < /tmp/fc1.opens)" = 1 ] && grep -q '"path":"/fc-vm/rootfs.ext4"' /tmp/fc1.opens && grep -q "\"resolved\":\"$FDEV\"" /tmp/fc1.opens \
+    && pass "$t-drive-is-the-device" || fail "$t-drive-is-the-device" "device $FDEV, opens: $(cat /tmp/fc1.opens)"
+  if rootfork sandbox pause fc1 >/tmp/fc1.pause 2>&1; then
+    pass "$t-pause"
+    c=$(fc_calls $FR1)
+    [ "$c" = "PUT /boot-source;PUT /drives/rootfs;PUT /machine-config;PUT /actions;PATCH /vm;PUT /snapshot/create;" ] && pass "$t-pause-calls" || fail "$t-pause-calls" "$c"
+    ls $STATE/paused/fc1.*.fcstate $STATE/paused/fc1.*.fcmem >/dev/null 2>&1 && pass "$t-snapshot-files" || fail "$t-snapshot-files" "$(ls $STATE/paused)"
+    if rootfork sandbox resume fc1 >/tmp/fc1.resume 2>&1; then
+      pass "$t-resume"
+      FDEV2=$(awk '/^device:/ {print $2}' /tmp/fc1.resume)
+      FR2=$(newest_fc_log)
+      [ "$FR2" != "$FR1" ] && pass "$t-resume-new-process" || fail "$t-resume-new-process" "$FR2"
+      c=$(fc_calls $FR2)
+      [ "$c" = "PUT /snapshot/load;PATCH /vm;" ] && pass "$t-resume-calls" || fail "$t-resume-calls" "$c"
+      grep '"event":"open"' $FR2 | grep '"drive_id":"rootfs"' > /tmp/fc2.opens
+      grep -q '"path":"/fc-vm/rootfs.ext4"' /tmp/fc2.opens && grep -q "\"resolved\":\"$FDEV2\"" /tmp/fc2.opens \
+        && pass "$t-resumed-drive-is-the-new-device" || fail "$t-resumed-drive-is-the-new-device" "device $FDEV2, opens: $(cat /tmp/fc2.opens)"
+      ls $STATE/paused/fc1.*.fc* >/dev/null 2>&1 && fail "$t-snapshot-used-up" "$(ls $STATE/paused)" || pass "$t-snapshot-used-up"
+    else
+      cat /tmp/fc1.resume; fail "$t-resume" "resume failed"
+    fi
+  else
+    cat /tmp/fc1.pause; fail "$t-pause" "pause failed"
+  fi
+  grep -h '"event":"open"' $STATE/vm/fc/rf-*/vmm.log | grep -q "\"resolved\":\"$TPL\"" && fail "$t-template-never-opened" "a VMM opened $TPL" || pass "$t-template-never-opened"
+  FN=${FDEV2#/dev/nbd}
+  if rootfork sandbox delete fc1 >/dev/null 2>&1; then
+    pass "$t-delete"
+    [ -n "$FN" ] && wait_quiescent $FN 50 && pass "$t-delete-released" || fail "$t-delete-released" "nbd$FN"
+    pgrep -f rootfork-fc-double >/dev/null 2>&1 && fail "$t-vmm-stopped" "$(pgrep -fl rootfork-fc-double)" || pass "$t-vmm-stopped"
+  else
+    fail "$t-delete" "delete failed"
+  fi
+else
+  cat /tmp/fc1.create 2>/dev/null; fail "$t-create" "create failed"
 fi
 
 # --- 6. SIGTERM with a sandbox attached: clean shutdown releases it ---------------------------

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The daemon's kernel-provider path against a real /dev/nbdN: boots Debian's cloud kernel under
 # QEMU TCG with an initramfs of busybox, nbd.ko, mke2fs (as mkfs.ext4, with its shared libraries)
-# and a statically linked `rootfork`; /init (init.sh) runs `rootfork serve` and drives it with the
-# CLI, reporting over the serial console.
+# and a statically linked `rootfork` and `rootfork-fc-double` (the Firecracker stand-in); /init
+# (init.sh) runs `rootfork serve` and drives it with the CLI, reporting over the serial console.
 #
 #   tests/vm/daemon/run.sh            # build, boot, check; exit status 0 only if every check passed
 #
@@ -14,12 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 eval "$(tests/vm/assets.sh)"
 . tests/vm/lib.sh
-vm_build daemon-kernel-vm -p rootfork --bin rootfork
+vm_build daemon-kernel-vm -p rootfork --bin rootfork -p rootfork-fc-double --bin rootfork-fc-double
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 vm_tree "$WORK/tree"
-vm_install_static "$WORK/tree" rootfork
+vm_install_static "$WORK/tree" rootfork rootfork-fc-double
 # The daemon builds its demo template with mkfs.ext4 -d.
 vm_install_dynamic "$WORK/tree" /sbin/mke2fs
 ln -s mke2fs "$WORK/tree/sbin/mkfs.ext4"

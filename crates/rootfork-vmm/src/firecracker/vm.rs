@@ -499,6 +499,27 @@ impl FirecrackerVm {
         Ok(())
     }
 
+    /// Lets a paused guest run again (`PATCH /vm Resumed`): the undo of a pause whose later
+    /// steps failed.
+    pub async fn unpause(&mut self) -> Result<(), VmError> {
+        self.expect_phase("unpause", VmPhase::Paused)?;
+        self.client.resume().await?;
+        self.phase = VmPhase::Running;
+        Ok(())
+    }
+
+    /// `Err` (with the exit status and the log's tail) once the VMM process has exited or was
+    /// stopped; `Ok` while it runs.
+    pub fn check_running(&mut self) -> Result<(), VmError> {
+        match self.process.as_mut() {
+            Some(p) => Ok(p.check_running()?),
+            None => Err(VmError::State {
+                op: "check_running",
+                state: self.phase,
+            }),
+        }
+    }
+
     /// Writes a snapshot of the paused guest.
     pub async fn snapshot(&self, params: &SnapshotCreateParams) -> Result<(), VmError> {
         self.expect_phase("snapshot", VmPhase::Paused)?;

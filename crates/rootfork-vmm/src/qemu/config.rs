@@ -94,7 +94,7 @@ pub struct QemuConfig {
     pub root: RootDisk,
     /// Opens the root disk read-only in QEMU.
     pub read_only_root: bool,
-    /// The file the guest's first serial port (`ttyS0`) is written to.
+    /// The file the guest's first serial port (`ttyS0`) is appended to.
     pub serial: PathBuf,
 }
 
@@ -169,8 +169,12 @@ impl QemuConfig {
         push("-display");
         push("none");
         push("-no-reboot");
+        // Appended to, never truncated by QEMU: a VM restored from a saved state goes on
+        // writing the console file its first boot started (a boot truncates it itself).
+        push("-chardev");
+        push(&format!("file,id=console,path={serial},append=on"));
         push("-serial");
-        push(&format!("file:{serial}"));
+        push("chardev:console");
         push("-blockdev");
         push(&blockdev);
         push("-device");
@@ -233,7 +237,11 @@ mod tests {
         assert_eq!(pair("-accel"), "tcg");
         assert_eq!(pair("-M"), "q35");
         assert_eq!(pair("-m"), "256");
-        assert_eq!(pair("-serial"), "file:/tmp/sb1.console");
+        assert_eq!(
+            pair("-chardev"),
+            "file,id=console,path=/tmp/sb1.console,append=on"
+        );
+        assert_eq!(pair("-serial"), "chardev:console");
         assert_eq!(pair("-kernel"), "/k/vmlinuz");
         assert_eq!(pair("-initrd"), "/k/initrd.gz");
         assert_eq!(pair("-append"), "console=ttyS0 root=/dev/vda rw");

@@ -45,6 +45,13 @@ pub enum QemuError {
     /// QEMU opened a template or not the provider's device; the VM was killed before it ran.
     #[error(transparent)]
     Verify(#[from] crate::firecracker::VerifyError),
+    /// Writing the VM's state to a file, or loading it, failed.
+    #[error("VM state migration: {0}")]
+    Migration(String),
+    /// The VM has no QMP monitor (it was not started by [`super::QemuProcess::spawn_verified`]
+    /// or [`super::QemuProcess::spawn_restored`]).
+    #[error("the VM has no QMP monitor")]
+    NoMonitor,
     /// The VM did not exit within the allowed time (it has been killed).
     #[error("QEMU did not exit within {0:?}")]
     Timeout(Duration),

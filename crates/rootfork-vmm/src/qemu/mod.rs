@@ -7,7 +7,10 @@
 //! - [`config`]: the typed VM description and its command line;
 //! - [`process`]: the running QEMU as an RAII guard (killed and reaped on drop) with timed waits;
 //!   [`QemuProcess::spawn_verified`] starts it paused and lets the guest run only after
-//!   [`verify`] has checked what the process opened (over [`qmp`]).
+//!   [`verify`] has checked what the process opened (over [`qmp`]);
+//! - `snapshot`: the guest's memory and device state to a file and back (a migration stream
+//!   over a descriptor passed through QMP): [`QemuProcess::save_state`] and
+//!   [`QemuProcess::spawn_restored`].
 //!
 //! The root disk is never a bare path: it is built from an [`NbdEndpoint`] (a socket, not a file)
 //! or from the `drive` module's ready device, so a template image cannot be handed to QEMU by
@@ -19,12 +22,13 @@ pub mod disk;
 pub mod error;
 pub mod process;
 pub mod qmp;
+mod snapshot;
 pub mod verify;
 
 pub use accel::{probe_kvm, Accel, AccelPolicy};
 pub use config::{QemuBinary, QemuConfig};
 pub use disk::{NbdEndpoint, RootDisk};
 pub use error::QemuError;
-pub use process::{QemuExit, QemuProcess};
+pub use process::{QemuExit, QemuProcess, SavedState};
 pub use qmp::Qmp;
 pub use verify::verify_root;

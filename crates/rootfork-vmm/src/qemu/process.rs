@@ -1,5 +1,8 @@
-//! A running QEMU as an RAII guard: killed and reaped on drop, with timed waits.
+//! A running QEMU as an RAII guard: killed and reaped on drop, with timed waits; started after
+//! a check of what it opened, either booting or restored from a saved state, and able to save
+//! its state to a file.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -8,11 +11,16 @@ use std::time::{Duration, Instant};
 use super::config::{QemuBinary, QemuConfig};
 use super::error::QemuError;
 use super::qmp::Qmp;
+use super::snapshot;
 use super::verify::verify_root;
 use crate::firecracker::TemplateIdentity;
 
 /// How long QEMU may take to initialise and greet on QMP.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long writing or loading a VM's state may take (a few GiB of guest memory to a local
+/// file takes seconds).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How often waits poll the child.
 const POLL: Duration = Duration::from_millis(10);
@@ -36,6 +44,17 @@ pub struct QemuProcess {
     console: Option<PathBuf>,
     log: PathBuf,
     exit: Option<QemuExit>,
+    /// The QMP session of a VM started paused (kept for pause and continue).
+    qmp: Option<Qmp>,
+}
+
+/// What [`QemuProcess::save_state`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedState {
+    /// The state file's size.
+    pub bytes: u64,
+    /// From the `stop` to the file being synced.
+    pub elapsed: Duration,
 }
 
 impl QemuProcess {
@@ -59,13 +78,130 @@ impl QemuProcess {
     /// Boots `config` paused (`-S`, QMP on `qmp_socket`), waits until QEMU has initialised (its
     /// disks are open when it greets on QMP), checks with [`verify_root`] that it holds the
     /// provider's device and none of `templates` open, and only then lets the guest run. On any
-    /// failure the process is killed before a single guest instruction ran.
+    /// failure the process is killed before a single guest instruction ran. The QMP session
+    /// stays open in the process (for [`save_state`](Self::save_state)).
     pub fn spawn_verified(
         qemu: &QemuBinary,
         config: &QemuConfig,
         log: &Path,
         qmp_socket: &Path,
         templates: &[TemplateIdentity],
+    ) -> Result<Self, QemuError> {
+        File::create(&config.serial).map_err(|e| {
+            QemuError::io(
+                format!("creating console file {}", config.serial.display()),
+                e,
+            )
+        })?;
+        let mut vm = Self::spawn_paused(qemu, config, log, qmp_socket, &[])?;
+        verify_root(vm.pid, &config.root, templates)?; // `vm` is killed by its drop on error
+        vm.monitor()?.execute("cont", None)?;
+        Ok(vm)
+    }
+
+    /// Starts `config` from the state [`save_state`](Self::save_state) wrote to `state`
+    /// instead of booting: QEMU starts paused with `-incoming defer`, loads the state, is
+    /// checked like [`spawn_verified`](Self::spawn_verified), and its guest continues where it
+    /// was stopped. `config` must describe the same machine as the saved VM's (memory, vCPUs,
+    /// devices); its root disk may be a different device or socket holding the same data. The
+    /// console file is appended to, not truncated. On any failure the process is killed.
+    pub fn spawn_restored(
+        qemu: &QemuBinary,
+        config: &QemuConfig,
+        log: &Path,
+        qmp_socket: &Path,
+        templates: &[TemplateIdentity],
+        state: &Path,
+    ) -> Result<Self, QemuError> {
+        let file = File::open(state)
+            .map_err(|e| QemuError::io(format!("opening VM state {}", state.display()), e))?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&config.serial)
+            .map_err(|e| {
+                QemuError::io(
+                    format!("opening console file {}", config.serial.display()),
+                    e,
+                )
+            })?;
+        let mut vm = Self::spawn_paused(
+            qemu,
+            config,
+            log,
+            qmp_socket,
+            &["-incoming".into(), "defer".into()],
+        )?;
+        verify_root(vm.pid, &config.root, templates)?;
+        let qmp = vm.monitor()?;
+        snapshot::load(qmp, &file, MIGRATION_TIMEOUT).map_err(|e| with_log(e, &vm))?;
+        vm.monitor()?.execute("cont", None)?;
+        Ok(vm)
+    }
+
+    /// Stops the guest and writes its memory and device state to a new file at `path`
+    /// (created `0600`, synced). On success the guest stays stopped and QEMU has released its
+    /// disk (everything it wrote is flushed to the provider): kill it, or
+    /// [`continue_guest`](Self::continue_guest) to undo. On failure the file is removed and the
+    /// guest continues as it was (a failure to continue is reported with the cause).
+    pub fn save_state(&mut self, path: &Path) -> Result<SavedState, QemuError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let started = Instant::now();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| QemuError::io(format!("creating VM state {}", path.display()), e))?;
+        let saved = self
+            .monitor()
+            .and_then(|qmp| snapshot::save(qmp, &file, MIGRATION_TIMEOUT))
+            .and_then(|()| {
+                file.sync_all()
+                    .map_err(|e| QemuError::io(format!("syncing {}", path.display()), e))?;
+                file.metadata()
+                    .map_err(|e| QemuError::io(format!("stat {}", path.display()), e))
+            });
+        match saved {
+            Ok(meta) => Ok(SavedState {
+                bytes: meta.len(),
+                elapsed: started.elapsed(),
+            }),
+            Err(e) => {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                match self.continue_guest() {
+                    Ok(()) => Err(e),
+                    Err(ce) => Err(QemuError::Migration(format!(
+                        "{e}; the guest could not be continued either: {ce}"
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Lets a stopped guest run again (`cont`): after a [`save_state`](Self::save_state) whose
+    /// later steps failed, QEMU takes its disk back and the guest goes on as if nothing
+    /// happened.
+    pub fn continue_guest(&mut self) -> Result<(), QemuError> {
+        let qmp = self.monitor()?;
+        qmp.set_timeout(QMP_TIMEOUT)?;
+        qmp.execute("cont", None).map(|_| ())
+    }
+
+    /// The QMP session.
+    fn monitor(&mut self) -> Result<&mut Qmp, QemuError> {
+        self.qmp.as_mut().ok_or(QemuError::NoMonitor)
+    }
+
+    /// Spawns `config` paused (`-S`) with QMP on `qmp_socket` and `extra` arguments, and waits
+    /// for QMP's greeting (QEMU has opened its disks by then).
+    fn spawn_paused(
+        qemu: &QemuBinary,
+        config: &QemuConfig,
+        log: &Path,
+        qmp_socket: &Path,
+        extra: &[OsString],
     ) -> Result<Self, QemuError> {
         config.check_files()?;
         let qmp_arg = qmp_socket
@@ -78,29 +214,21 @@ impl QemuProcess {
             "-qmp".into(),
             format!("unix:{qmp_arg},server=on,wait=off").into(),
         ]);
+        args.extend(extra.iter().cloned());
         let _ = std::fs::remove_file(qmp_socket);
-        File::create(&config.serial).map_err(|e| {
-            QemuError::io(
-                format!("creating console file {}", config.serial.display()),
-                e,
-            )
-        })?;
         let mut cmd = qemu.command();
         cmd.args(args);
         let mut vm = Self::spawn_command(cmd, log, Some(config.serial.clone()))?;
-        let mut qmp = match Qmp::connect(qmp_socket, QMP_TIMEOUT) {
-            Ok(q) => q,
+        match Qmp::connect(qmp_socket, QMP_TIMEOUT) {
+            Ok(q) => {
+                vm.qmp = Some(q);
+                Ok(vm)
+            }
             Err(e) => {
                 vm.kill();
-                return Err(QemuError::Qmp(format!(
-                    "{e}; qemu log: {}",
-                    vm.log().trim()
-                )));
+                Err(with_log(e, &vm))
             }
-        };
-        verify_root(vm.pid, &config.root, templates)?; // `vm` is killed by its drop on error
-        qmp.execute("cont", None)?;
-        Ok(vm)
+        }
     }
 
     /// Spawns an already prepared QEMU command (stdin closed, output to `log`).
@@ -127,6 +255,7 @@ impl QemuProcess {
             console,
             log: log.to_owned(),
             exit: None,
+            qmp: None,
         })
     }
 
@@ -234,6 +363,20 @@ impl QemuProcess {
 impl Drop for QemuProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// `e` with QEMU's own log appended (QMP errors alone rarely say why QEMU gave up).
+fn with_log(e: QemuError, vm: &QemuProcess) -> QemuError {
+    let log = vm.log();
+    let log = log.trim();
+    if log.is_empty() {
+        return e;
+    }
+    match e {
+        QemuError::Qmp(m) => QemuError::Qmp(format!("{m}; qemu log: {log}")),
+        QemuError::Migration(m) => QemuError::Migration(format!("{m}; qemu log: {log}")),
+        other => other,
     }
 }
 

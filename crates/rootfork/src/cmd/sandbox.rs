@@ -30,7 +30,9 @@ pub enum Command {
         /// The provider.
         #[arg(long, value_enum, default_value_t = Provider::Socket)]
         provider: Provider,
-        /// VMM: qemu (the daemon boots QEMU on the disk) or firecracker (recorded only).
+        /// VMM: qemu (the daemon boots QEMU on the disk) or firecracker (with --kernel and
+        /// --provider kernel the daemon launches $ROOTFORK_FIRECRACKER_BIN on the device;
+        /// without a kernel, recorded only).
         #[arg(long)]
         vmm: Option<String>,
         /// Guest kernel (absolute path on the daemon's host).
@@ -124,7 +126,28 @@ fn show(opts: &ClientOpts, s: &v1::Sandbox) {
         );
     }
     if s.vm_pid != 0 {
-        println!("vm:        qemu pid {}, console {}", s.vm_pid, s.vm_console);
+        let kind = s
+            .vmm
+            .as_ref()
+            .and_then(|v| v1::vmm_settings::Kind::try_from(v.kind).ok())
+            .map_or("vmm", |k| match k {
+                v1::vmm_settings::Kind::Firecracker => "firecracker",
+                _ => "qemu",
+            });
+        if s.vm_console.is_empty() {
+            println!("vm:        {kind} pid {}", s.vm_pid);
+        } else {
+            println!(
+                "vm:        {kind} pid {}, console {}",
+                s.vm_pid, s.vm_console
+            );
+        }
+    }
+    if s.vm_state_bytes > 0 {
+        println!(
+            "vm state:  {} saved by the pause (a resume continues the VM)",
+            output::bytes(s.vm_state_bytes)
+        );
     }
     if !s.message.is_empty() {
         println!("message:   {}", s.message);

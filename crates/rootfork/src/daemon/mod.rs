@@ -13,6 +13,7 @@
 //! | `nbd/N.sock` | per-sandbox NBD sockets (socket provider) |
 //! | `cache/ID.G.cache` | overlay cache files |
 //! | `paused/ID.G.diff` | paused sandboxes' exported changes |
+//! | `paused/ID.G.vmstate` | paused sandboxes' VM memory and device state (a QEMU VM paused live) |
 //! | `sandboxes/ID.json` | sandbox records (written atomically at every lifecycle change) |
 //! | `format` | the state directory's format version |
 //! | `api.token` | generated bearer token when TCP is on and no token file is given |
@@ -40,7 +41,8 @@
 //! | `pause.rs` | pause and resume (`diffmerge.rs`: folding two diffs) |
 //! | `records.rs`, `persist.rs` | durable sandbox records; restore at start, keep at stop |
 //! | `adopt.rs` | serving a running socket sandbox of a previous run again at start |
-//! | `vm.rs` | booting and stopping the sandbox's QEMU |
+//! | `vm.rs` | booting, restoring and stopping the sandbox's VM (QEMU, or Firecracker: `firecracker.rs`) |
+//! | `snapshot.rs` | a running VM's state saved by a pause, restored by a resume |
 //! | `sandbox.rs` | one sandbox's record: identity, status, live resources |
 //! | `health.rs` | the periodic health check and recovery |
 //! | `kernel.rs` | the kernel `/dev/nbdN` pool as the daemon sees it |
@@ -56,6 +58,7 @@ pub mod core;
 pub mod demo;
 pub mod diffmerge;
 mod disk;
+mod firecracker;
 pub mod health;
 pub mod kernel;
 mod lifecycle;
@@ -65,6 +68,7 @@ mod pause;
 mod persist;
 pub mod records;
 pub mod sandbox;
+pub mod snapshot;
 pub mod spec;
 mod state_dir;
 mod stats;

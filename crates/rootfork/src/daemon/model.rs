@@ -107,6 +107,9 @@ pub struct Status {
     pub vm_pid: u32,
     /// The VM's console file.
     pub vm_console: String,
+    /// Bytes of VM memory and device state held by the last pause (0: none, the VM was not
+    /// running or the sandbox has none).
+    pub vm_state_bytes: u64,
     /// Kernel provider: devices repaired by a health-check reconnect.
     pub recoveries: u32,
 }
@@ -128,6 +131,7 @@ impl Status {
             failed_checks: 0,
             vm_pid: 0,
             vm_console: String::new(),
+            vm_state_bytes: 0,
             recoveries: 0,
         }
     }

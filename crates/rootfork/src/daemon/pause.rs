@@ -1,7 +1,9 @@
-//! Pause and resume of a sandbox's disk. A pause flushes, freezes and exports the overlay's
-//! changes, then releases the device; a sandbox that was resumed from an earlier pause has its
-//! new changes folded with the old diff into one diff against the template (`diffmerge.rs`). A
-//! resume serves a fresh overlay over template + diff.
+//! Pause and resume of a sandbox: its VM and its disk. A pause of a sandbox whose QEMU VM runs
+//! first stops the guest and saves its memory and device state (`snapshot.rs`); then it
+//! flushes, freezes and exports the overlay's changes, stops the VM and releases the device; a
+//! sandbox that was resumed from an earlier pause has its new changes folded with the old diff
+//! into one diff against the template (`diffmerge.rs`). A resume serves a fresh overlay over
+//! template + diff and, when the pause saved a VM, restores the VM on it: the guest continues.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +14,7 @@ use crate::daemon::core::Core;
 use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::records::RecordState;
 use crate::daemon::sandbox::{overlay_of, Live, Sandbox};
-use crate::daemon::{disk, persist};
+use crate::daemon::{disk, persist, snapshot, vm};
 use crate::error::{DaemonError, Operation, Result};
 use crate::names;
 
@@ -39,12 +41,14 @@ fn next_diff(core: &Core, id: &str, live: &mut Live) -> PathBuf {
 }
 
 /// Pauses a running sandbox, or a failed one that still holds its disk (so its data is saved):
-/// flush, freeze, export its changes (folded with an earlier pause's), and only once they are
-/// all on disk release the device.
+/// stop its VM and save the VM's state (when one runs), flush, freeze, export its changes
+/// (folded with an earlier pause's), and only once they are all on disk stop the VM and release
+/// the device.
 ///
 /// Failure-atomic: a pause refused for lack of space changes nothing, and one that fails after
-/// the freeze (no space after all, an I/O error, a failed fold) removes what it wrote, thaws
-/// the overlay and leaves the sandbox in the state it had, its disk served and writable.
+/// the VM stopped or the disk froze (no space after all, an I/O error, a failed migration or
+/// fold) removes what it wrote, thaws the overlay, lets the guest continue and leaves the
+/// sandbox in the state it had, its disk served and writable.
 pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     names::sandbox_id(id)?;
     let sb = core.find(id)?;
@@ -55,15 +59,25 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
         Operation::Pause,
         &[SandboxState::Running, SandboxState::Failed],
     )?;
-    if live.vm.is_some() {
-        return Err(DaemonError::VmRunning(id.into()));
-    }
     let Some(overlay) = live.provider.as_ref().and_then(overlay_of) else {
         return Err(DaemonError::NoDevice(id.into()));
     };
-    let needed = space_needed(&overlay, live.paused.as_ref());
+    let mut needed = space_needed(&overlay, live.paused.as_ref());
+    if live.vm.is_some() {
+        needed = needed.saturating_add(snapshot::space_needed(sb.vm.as_ref()));
+    }
     check_space(&core.dirs.paused, needed)?;
     core.set_state(&sb, SandboxState::Pausing, None);
+    // The VM first: once its state is saved the guest is stopped and QEMU has flushed and let
+    // go of the disk, so the export below sees every write the guest made.
+    let vm_state = match snapshot::save(core, &sb, &mut live).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(sandbox = id, "pause failed, the VM runs on: {e}");
+            core.set_state(&sb, before, Some(format!("pause failed: {e}")));
+            return Err(no_space_if_enospc(e, &core.dirs.paused, needed));
+        }
+    };
     let data = next_diff(core, id, &mut live);
     let folded_out = next_diff(core, id, &mut live);
     let provider = live.provider.as_mut().expect("checked above");
@@ -94,25 +108,36 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     let paused = match saved {
         Ok(p) => p,
         Err(e) => {
-            return Err(undo(
-                no_space_if_enospc(e, &core.dirs.paused, needed),
-                &overlay,
-            ))
+            let e = undo(no_space_if_enospc(e, &core.dirs.paused, needed), &overlay);
+            if let Some(v) = vm_state {
+                snapshot::discard(&sb, &mut live, v).await;
+            }
+            return Err(e);
         }
     };
-    // The record says paused, with the new diff, before the device goes: a crash from here on
-    // finds the pause complete.
+    // The record says paused, with the new diff and VM state, before the device goes: a crash
+    // from here on finds the pause complete.
     let old = live.paused.replace(paused.clone());
+    live.vm_state.clone_from(&vm_state);
     sb.update(|s| s.pause_count += 1);
     if let Err(e) = persist::save(core, &sb, &live, RecordState::Paused) {
         live.paused = old;
+        live.vm_state = None;
         sb.update(|s| s.pause_count -= 1);
         for f in [&data, &folded_out] {
             let _ = std::fs::remove_file(f);
         }
-        return Err(undo(e, &overlay));
+        let e = undo(e, &overlay);
+        if let Some(v) = vm_state {
+            snapshot::discard(&sb, &mut live, v).await;
+        }
+        return Err(e);
     }
-    // Every byte of the pause is on disk: the device can go.
+    // Every byte of the pause is on disk: the VM (stopped, its state saved) and the device can
+    // go. The console stays for the restored VM to go on writing.
+    if let Some(v) = live.vm.take() {
+        vm::halt(&sb, v).await;
+    }
     let mut provider = live.provider.take().expect("checked above");
     if let Err(e) = disk::retire(core, &sb, &mut provider).await {
         tracing::warn!(sandbox = id, "closing after pause: {e}");
@@ -126,15 +151,25 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     }
     let bytes = paused.map.data_len();
     live.files.push(paused.data.clone());
+    if let Some(v) = &vm_state {
+        live.files.extend(v.files().cloned());
+    }
+    let state_bytes = vm_state.as_ref().map_or(0, |v| v.bytes);
     sb.update(|s| {
         s.paused_diff_bytes = bytes;
+        s.vm_state_bytes = state_bytes;
         s.message.clear();
         s.failed_checks = 0;
         s.clear_device();
     });
     core.set_state(&sb, SandboxState::Paused, None);
     drop(live);
-    tracing::info!(sandbox = id, diff_bytes = bytes, "sandbox paused");
+    tracing::info!(
+        sandbox = id,
+        diff_bytes = bytes,
+        vm_state_bytes = state_bytes,
+        "sandbox paused"
+    );
     Ok(sb.info())
 }
 
@@ -205,7 +240,8 @@ async fn fold(old: &PausedDisk, new: &PausedDisk, out: &Path) -> Result<PausedDi
     })
 }
 
-/// Resumes a paused sandbox on a fresh overlay over its template and paused changes.
+/// Resumes a paused sandbox on a fresh overlay over its template and paused changes, and
+/// restores its VM there when the pause saved one. A failure leaves it paused as it was.
 pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
     names::sandbox_id(id)?;
     let sb = core.find(id)?;
@@ -225,21 +261,42 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
         Ok(p) => disk::bring_up(core, &sb, p).await,
         Err(e) => Err(e),
     };
+    let vm_state = live.vm_state.clone();
     let r = match r {
-        Ok(mut p) => match persist::save_running(core, &sb, &live, &p) {
-            Ok(()) => Ok(p),
-            Err(e) => {
-                if let Err(ce) = disk::discard(&mut p).await {
-                    tracing::warn!(sandbox = id, "closing after a failed record write: {ce}");
+        Ok(mut p) => {
+            let restored = match &vm_state {
+                Some(v) => vm::restore(core, &sb, &p, v).await.map(Some),
+                None => Ok(None),
+            };
+            // The record of a running sandbox names no VM state: it is used up.
+            live.vm_state = None;
+            let saved =
+                restored.and_then(|vm| persist::save_running(core, &sb, &live, &p).map(|()| vm));
+            match saved {
+                Ok(vm) => Ok((p, vm)),
+                Err(e) => {
+                    live.vm_state.clone_from(&vm_state);
+                    sb.update(|s| s.vm_pid = 0);
+                    if let Err(ce) = disk::discard(&mut p).await {
+                        tracing::warn!(sandbox = id, "closing after a failed resume: {ce}");
+                    }
+                    Err(e)
                 }
-                Err(e)
             }
-        },
+        }
         Err(e) => Err(e),
     };
     match r {
-        Ok(p) => {
+        Ok((p, vm)) => {
             live.provider = Some(p);
+            live.vm = vm;
+            if let Some(v) = vm_state {
+                for f in v.files() {
+                    snapshot::remove(f);
+                    live.files.retain(|x| x != f);
+                }
+                sb.update(|s| s.vm_state_bytes = 0);
+            }
             core.set_state(&sb, SandboxState::Running, Some(String::new()));
             drop(live);
             tracing::info!(sandbox = id, "sandbox resumed");

@@ -49,6 +49,7 @@ fn record_of(
         pause_count: sb.status().pause_count,
         generation: live.generation,
         served: served.filter(|_| state == RecordState::Running),
+        vm_state: live.vm_state.clone(),
     }
 }
 
@@ -114,6 +115,9 @@ pub async fn restore(core: &Core) -> Result<usize> {
         }
         if let Some(s) = &rec.served {
             owners.named.extend(disk::overlay_files(&s.cache));
+        }
+        if let Some(v) = &rec.vm_state {
+            owners.named.extend(v.files().cloned());
         }
         match restore_one(core, &rec) {
             Ok(Restored::Done) => restored += 1,
@@ -209,7 +213,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             ),
         ),
     };
-    {
+    let vm_state_bytes = {
         let mut live = sb
             .live
             .try_lock()
@@ -219,12 +223,25 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             live.files.push(p.data.clone());
         }
         live.paused = paused.clone();
-    }
+        // A VM state goes with the pause it was saved by: only a paused record's is used.
+        if let Some(v) = rec
+            .vm_state
+            .as_ref()
+            .filter(|v| v.files().all(|f| f.is_file()))
+        {
+            live.files.extend(v.files().cloned());
+            if state == SandboxState::Paused && rec.state == RecordState::Paused {
+                live.vm_state = Some(v.clone());
+            }
+        }
+        live.vm_state.as_ref().map_or(0, |v| v.bytes)
+    };
     sb.update(|s| {
         s.state = state;
         s.message.clone_from(&message);
         s.pause_count = rec.pause_count;
         s.paused_diff_bytes = paused.as_ref().map_or(0, |p| p.map.data_len());
+        s.vm_state_bytes = vm_state_bytes;
     });
     core.sandboxes.write().insert(rec.id.clone(), sb.clone());
     if let Some(served) = adoptable {

@@ -98,6 +98,9 @@ pub struct SandboxRecord {
     /// provider, a VM the daemon started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served: Option<ServedDisk>,
+    /// Paused with a running VM: its saved state (absent in records written before it existed).
+    #[serde(default)]
+    pub vm_state: Option<crate::daemon::snapshot::VmState>,
 }
 
 impl DiffRecord {
@@ -296,6 +299,7 @@ mod tests {
             pause_count: 1,
             generation: 3,
             served: None,
+            vm_state: None,
         }
     }
 

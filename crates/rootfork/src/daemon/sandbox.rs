@@ -23,7 +23,9 @@ pub struct Live {
     /// Generation counter for file names.
     pub generation: u64,
     /// The VM booted on the disk (killed on drop).
-    pub vm: Option<rootfork_vmm::qemu::QemuProcess>,
+    pub vm: Option<crate::daemon::vm::RunningVm>,
+    /// While paused: the VM's saved memory and device state (a VM paused live).
+    pub vm_state: Option<crate::daemon::snapshot::VmState>,
 }
 
 /// A sandbox.

@@ -47,6 +47,10 @@ pub enum SpecError {
     /// A QEMU VM cannot boot without a kernel.
     #[error("vmm: a QEMU VM needs a kernel")]
     QemuNeedsKernel,
+    /// Firecracker takes a block device or file as its root drive: the daemon launches it on a
+    /// kernel sandbox's `/dev/nbdN` only.
+    #[error("vmm: the daemon runs Firecracker on the kernel provider only (its root drive is a /dev/nbdN)")]
+    FirecrackerNeedsKernelProvider,
     /// A disk size that is not a whole number of 4 KiB blocks, or absurdly large.
     #[error("disk_size_bytes {0} must be a multiple of 4096 and at most {MAX_DISK_SIZE}")]
     BadDiskSize(u64),
@@ -70,7 +74,8 @@ pub enum VmmKind {
     Unspecified,
     /// The daemon boots QEMU on the sandbox's disk.
     Qemu,
-    /// Recorded only (the orchestrator drives Firecracker).
+    /// With a kernel: the daemon launches Firecracker on the kernel sandbox's device; without
+    /// one: recorded only (the orchestrator drives Firecracker).
     Firecracker,
 }
 
@@ -133,6 +138,11 @@ impl VmSpec {
     pub fn boots_qemu(&self) -> bool {
         self.kind == VmmKind::Qemu
     }
+
+    /// Whether the daemon launches Firecracker for this VM (a kernel is given).
+    pub fn runs_firecracker(&self) -> bool {
+        self.kind == VmmKind::Firecracker && self.kernel.is_some()
+    }
 }
 
 /// A create request: which template, which provider, which id and VM.
@@ -176,6 +186,11 @@ impl SandboxSpec {
             }
         }
         let vm = self.vm.map(VmSpec::validated).transpose()?;
+        if vm.as_ref().is_some_and(VmSpec::runs_firecracker)
+            && self.provider != ProviderKind::Kernel
+        {
+            return Err(SpecError::FirecrackerNeedsKernelProvider);
+        }
         Ok(SandboxSpec { vm, ..self })
     }
 }
@@ -292,6 +307,29 @@ mod tests {
             ..qemu()
         };
         assert!(v.validated().is_ok());
+    }
+
+    #[test]
+    fn firecracker_with_a_kernel_needs_the_kernel_provider() {
+        let fc = VmSpec {
+            kind: VmmKind::Firecracker,
+            ..qemu()
+        };
+        assert!(fc.runs_firecracker());
+        let s = SandboxSpec {
+            vm: Some(fc.clone()),
+            ..SandboxSpec::new("t")
+        };
+        assert_eq!(
+            s.validated(),
+            Err(SpecError::FirecrackerNeedsKernelProvider)
+        );
+        let s = SandboxSpec {
+            vm: Some(fc),
+            provider: ProviderKind::Kernel,
+            ..SandboxSpec::new("t")
+        };
+        assert_eq!(s.clone().validated(), Ok(s));
     }
 
     #[test]

@@ -1,17 +1,70 @@
-//! VM control: booting QEMU on a sandbox's served disk when its [`VmSpec`] asks for it (after
-//! checking that the QEMU process opened no template), and stopping it before the disk goes.
+//! VM control: booting QEMU on a sandbox's served disk, or Firecracker on a kernel sandbox's
+//! device (`firecracker.rs`), when its [`VmSpec`] asks for it (after checking that the process
+//! opened no template), restoring it there from a paused sandbox's saved state (`snapshot.rs`
+//! writes it), and stopping it before the disk goes.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use rootfork_block::TemplatePath;
+use rootfork_provider::ProviderDevice;
 use rootfork_provider::{AnyProvider, Provider};
+use rootfork_vmm::firecracker::{FirecrackerVm, TemplateIdentity};
 use rootfork_vmm::qemu::{QemuBinary, QemuConfig, QemuProcess, RootDisk};
 
 use crate::daemon::core::Core;
+use crate::daemon::firecracker::{self, SnapshotFiles};
 use crate::daemon::sandbox::Sandbox;
-use crate::daemon::spec::VmSpec;
+use crate::daemon::snapshot::VmState;
+use crate::daemon::spec::{SpecError, VmSpec};
 use crate::error::{DaemonError, Result};
+
+/// A VM the daemon runs on a sandbox's disk (killed on drop).
+#[derive(Debug)]
+pub enum RunningVm {
+    /// QEMU, on the socket's NBD export or the kernel device.
+    Qemu(QemuProcess),
+    /// Firecracker (or a binary speaking its API) on the kernel device's stable path.
+    Firecracker(Box<FirecrackerVm>),
+}
+
+impl RunningVm {
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        match self {
+            RunningVm::Qemu(q) => q.pid(),
+            RunningVm::Firecracker(f) => f.pid().unwrap_or(0),
+        }
+    }
+
+    /// How the VMM ended, once it has exited; `None` while it runs.
+    pub fn exited(&mut self) -> Option<String> {
+        match self {
+            RunningVm::Qemu(q) => match q.try_exit() {
+                Ok(Some(exit)) => Some(format!("{} after {:?}", exit.status, exit.elapsed)),
+                _ => None,
+            },
+            RunningVm::Firecracker(f) => f.check_running().err().map(|e| e.to_string()),
+        }
+    }
+}
+
+/// The template `sb` is forked from, as the VMM verification compares it.
+fn template_identity(core: &Core, sb: &Sandbox) -> Result<TemplateIdentity> {
+    TemplateIdentity::of(&TemplatePath::new(core.templates.image_path(&sb.template)))
+        .map_err(|e| DaemonError::io("stat template", e))
+}
+
+/// The provider's device, which Firecracker needs to be a block device (or file).
+async fn ready_device(provider: &AnyProvider) -> Result<rootfork_vmm::ReadyDevice> {
+    match provider
+        .path(Duration::ZERO, std::future::ready(()))
+        .await?
+    {
+        ProviderDevice::Device(d) => Ok(d),
+        ProviderDevice::Nbd(_) => Err(SpecError::FirecrackerNeedsKernelProvider.into()),
+    }
+}
 
 /// The kernel command line when the spec gives none.
 pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 root=/dev/vda rw panic=-1";
@@ -38,14 +91,61 @@ fn qemu_config(
     cfg
 }
 
-/// Boots QEMU on the sandbox's served disk when its VM spec asks for it; `None` otherwise.
-pub async fn boot(
+/// Boots the sandbox's VM on its served disk when its VM spec asks for one; `None` otherwise.
+pub async fn boot(core: &Core, sb: &Sandbox, provider: &AnyProvider) -> Result<Option<RunningVm>> {
+    let Some(spec) = sb.vm.as_ref() else {
+        return Ok(None);
+    };
+    if spec.boots_qemu() {
+        return launch(core, sb, provider, None)
+            .await
+            .map(|q| Some(RunningVm::Qemu(q)));
+    }
+    if spec.runs_firecracker() {
+        let device = ready_device(provider).await?;
+        let template = template_identity(core, sb)?;
+        let vm = firecracker::boot(core, sb, spec, &device, &[template]).await?;
+        sb.update(|s| s.vm_pid = vm.pid().unwrap_or(0));
+        return Ok(Some(RunningVm::Firecracker(Box::new(vm))));
+    }
+    Ok(None)
+}
+
+/// Starts the sandbox's VM on its served disk from the state a pause saved (the same machine,
+/// a new disk with the same data): the guest continues where it stopped.
+pub async fn restore(
     core: &Core,
     sb: &Sandbox,
     provider: &AnyProvider,
-) -> Result<Option<QemuProcess>> {
+    state: &VmState,
+) -> Result<RunningVm> {
+    match &state.memory {
+        None => launch(core, sb, provider, Some(state.path.clone()))
+            .await
+            .map(RunningVm::Qemu),
+        Some(memory) => {
+            let device = ready_device(provider).await?;
+            let template = template_identity(core, sb)?;
+            let files = SnapshotFiles {
+                state: state.path.clone(),
+                memory: memory.clone(),
+            };
+            let vm = firecracker::restore(core, sb, &device, &[template], &files).await?;
+            sb.update(|s| s.vm_pid = vm.pid().unwrap_or(0));
+            Ok(RunningVm::Firecracker(Box::new(vm)))
+        }
+    }
+}
+
+/// Starts QEMU on `provider`'s device: booting, or restored from `state`.
+async fn launch(
+    core: &Core,
+    sb: &Sandbox,
+    provider: &AnyProvider,
+    state: Option<PathBuf>,
+) -> Result<QemuProcess> {
     let Some(spec) = sb.vm.as_ref().filter(|v| v.boots_qemu()) else {
-        return Ok(None);
+        return Err(DaemonError::NoVm(sb.id.clone()));
     };
     let Some(kernel) = spec.kernel.clone() else {
         // `VmSpec::validated` refuses a QEMU spec without a kernel.
@@ -61,32 +161,48 @@ pub async fn boot(
     let log = dir.join(format!("{}.qemu.log", sb.id));
     let qmp = dir.join(format!("{n}.qmp"));
     let cfg = qemu_config(spec, kernel, device.into_root_disk(), &console);
-    let template = rootfork_vmm::firecracker::TemplateIdentity::of(&TemplatePath::new(
-        core.templates.image_path(&sb.template),
-    ))
-    .map_err(|e| DaemonError::io("stat template", e))?;
+    let template = template_identity(core, sb)?;
     let qemu = QemuBinary::from_env();
+    let restoring = state.is_some();
     let vm = tokio::task::spawn_blocking(move || {
-        let r = QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &[template]);
+        let r = match &state {
+            None => QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &[template]),
+            Some(state) => QemuProcess::spawn_restored(&qemu, &cfg, &log, &qmp, &[template], state),
+        };
         let _ = std::fs::remove_file(&qmp);
         r
     })
     .await
-    .map_err(|e| DaemonError::task("booting the VM", e))??;
+    .map_err(|e| DaemonError::task("starting the VM", e))??;
     let pid = vm.pid();
     sb.update(|s| {
         s.vm_pid = pid;
         s.vm_console = console.display().to_string();
     });
-    tracing::info!(sandbox = %sb.id, pid, "booted QEMU on the sandbox's disk");
-    Ok(Some(vm))
+    if restoring {
+        tracing::info!(sandbox = %sb.id, pid, "restored QEMU from its saved state on the sandbox's disk");
+    } else {
+        tracing::info!(sandbox = %sb.id, pid, "booted QEMU on the sandbox's disk");
+    }
+    Ok(vm)
+}
+
+/// Stops the sandbox's VM (its console and log stay: a paused sandbox's restored VM goes on
+/// writing them).
+pub async fn halt(sb: &Sandbox, vm: RunningVm) {
+    match vm {
+        RunningVm::Qemu(mut q) => {
+            tokio::task::spawn_blocking(move || q.kill()).await.ok();
+        }
+        RunningVm::Firecracker(f) => firecracker::stop(*f).await,
+    }
+    sb.update(|s| s.vm_pid = 0);
 }
 
 /// Kills the sandbox's VM and removes its console and log (the disk is closed after this, under
 /// nobody).
-pub async fn stop(core: &Core, sb: &Sandbox, mut vm: QemuProcess) {
-    tokio::task::spawn_blocking(move || vm.kill()).await.ok();
-    sb.update(|s| s.vm_pid = 0);
+pub async fn stop(core: &Core, sb: &Sandbox, vm: RunningVm) {
+    halt(sb, vm).await;
     for ext in ["console", "qemu.log"] {
         let _ = std::fs::remove_file(core.dirs.vm.join(format!("{}.{ext}", sb.id)));
     }

@@ -148,6 +148,7 @@ impl From<SandboxInfo> for v1::Sandbox {
             recoveries: s.recoveries,
             disk_size_bytes: i.disk_size,
             quota_bytes: i.quota.unwrap_or(0),
+            vm_state_bytes: s.vm_state_bytes,
         }
     }
 }

@@ -15,6 +15,8 @@ use rootfork::client::{self, ApiTarget, Clients};
 use rootfork::config::Config;
 use rootfork::daemon::Daemon;
 
+pub mod fake_kernel;
+
 /// A running daemon and its state directory.
 pub struct TestDaemon {
     pub daemon: Daemon,

@@ -190,8 +190,8 @@ fn reap_exited_vm(core: &Core, sb: &Sandbox, live: &mut Live) {
     let Some(vm) = live.vm.as_mut() else {
         return;
     };
-    if let Ok(Some(exit)) = vm.try_exit() {
-        let msg = format!("the VM exited ({}) after {:?}", exit.status, exit.elapsed);
+    if let Some(how) = vm.exited() {
+        let msg = format!("the VM exited ({how})");
         live.vm = None;
         sb.update(|s| {
             s.vm_pid = 0;
