@@ -2,7 +2,8 @@
 # Real-client interop suite for `rootfork nbd serve`: qemu-io/qemu-img (write patterns, read back,
 # compare), nbdinfo --map (holes, allocated zeroes and data, rootfork:overlay), nbdcopy round trip, nbdsh with
 # libnbd's strict checking, fio --ioengine=nbd --verify=crc32c with two jobs (multi-conn), TCP,
-# and a clean shutdown on SIGTERM (socket and cache removed).
+# a clean shutdown on SIGTERM (socket and cache removed), and a persisted overlay
+# (`--persist-state`) killed with SIGKILL and served again with `--reopen`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -197,6 +198,23 @@ check "TCP listener (nbdinfo over nbd://)" nbdinfo "nbd://127.0.0.1:$PORT/tmpl"
 check "read-only export refuses writes" bash -c "! qemu-io -f raw -c 'write 0 4k' 'nbd+unix:///tmpl?socket=$SOCK' 2>&1 | grep -q '^wrote'"
 check "read-only export reads the template" bash -c "nbdcopy 'nbd+unix:///tmpl?socket=$SOCK' '$WORK/ro.img' && cmp '$WORK/ro.img' '$WORK/template.img'"
 stop_server
+
+# --- --persist-state: killed with SIGKILL, `--reopen` serves every acknowledged write again.
+PCACHE="$WORK/persist.cache"
+start_server --cache "$PCACHE" --persist-state
+check "persisted overlay takes writes" qemu-io -f raw -c 'write -P 0x5a 1M 256k' \
+  -c 'write -P 0x33 3M 5k' -c 'write -z 4M 64k' -c 'discard 8M 64k' "$URI"
+kill -KILL "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=
+rm -f "$SOCK"
+start_server --cache "$PCACHE" --reopen
+check "after SIGKILL, --reopen reads every acknowledged write" qemu-io -f raw \
+  -c 'read -P 0x5a 1M 256k' -c 'read -P 0x33 3M 5k' -c 'read -P 0 4M 64k' -c 'read -P 0 8M 64k' "$URI"
+check "after SIGKILL, unwritten ranges read as the template" bash -c "nbdcopy '$URI' '$WORK/reopened.img' \
+  && cmp -n 1048576 '$WORK/reopened.img' '$WORK/template.img' \
+  && cmp -i 16777216 '$WORK/reopened.img' '$WORK/template.img'"
+check "the reopen used the live copy" grep -q 'copy=Live' "$WORK/server.log"
+stop_server
+check "--cache and its state file are kept at exit" test -e "$PCACHE" -a -e "$PCACHE.state"
 
 echo "nbd interop: $PASS passed, $FAIL failed"
 [ "$FAIL" = 0 ]

@@ -64,9 +64,11 @@ impl PersistedState {
             .open(path)
             .map_err(|e| BlockError::io("creating the overlay state file", e))?;
         let init = || -> io::Result<()> {
-            file.set_len(header.file_len())?;
-            // Reserve the blocks so later state writes cannot fail with ENOSPC (best effort).
-            sys::allocate(&file, 0, header.file_len())?;
+            // Real zeroes, not `fallocate`: later state writes can then neither fail with
+            // ENOSPC nor need a metadata change (unwritten-extent conversion), so a checkpoint's
+            // `fdatasync` of this file writes data only (one journal commit less per flush on
+            // ext4). Costs writing 2 bits a block twice (8 MiB for 1 TiB at 4 KiB blocks).
+            sys::write_zeroes(&file, 0, header.file_len())?;
             sys::pwrite_all(&file, &header.encode(), 0)?;
             if durable {
                 file.sync_all()?;

@@ -2,7 +2,10 @@
 //!
 //! The overlay's cache lives in a private temporary directory; on SIGINT/SIGTERM the server
 //! stops accepting, drains its connections (in-flight requests finish), removes its socket, and
-//! the overlay and its cache directory are deleted.
+//! the overlay and its cache directory are deleted. With `--cache PATH` the cache is created at
+//! PATH instead and kept at exit; with `--persist-state` its block state is kept beside it
+//! (`PATH.state`), so `--reopen` can serve it again after the server was killed (and, with
+//! `--durable`, after a power loss: see docs/overlay.md).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +13,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use nix::sys::signal::{SigSet, Signal};
-use rootfork_block::{BlockDevice, Overlay, OverlayOptions, TemplateFile, TemplatePath};
+use rootfork_block::{
+    BlockDevice, Durability, Overlay, OverlayOptions, TemplateFile, TemplatePath,
+};
 use rootfork_nbd::{Export, ServeOptions, Server};
 
 /// How long in-flight requests may take to finish at shutdown.
@@ -34,6 +39,37 @@ pub struct Args {
     /// Serve the template read-only, without an overlay.
     #[arg(long)]
     pub read_only: bool,
+    /// Create the overlay's cache at this path (it must not exist) and keep it at exit, instead
+    /// of a private temporary directory that is deleted.
+    #[arg(long, conflicts_with = "read_only")]
+    pub cache: Option<PathBuf>,
+    /// Keep the overlay's block state in `<cache>.state`: every acknowledged write survives the
+    /// server being killed.
+    #[arg(long, conflicts_with = "read_only")]
+    pub persist_state: bool,
+    /// Make FLUSH and FUA durable (fdatasync; with --persist-state also a state checkpoint, so
+    /// flushed writes survive a power loss).
+    #[arg(long, conflicts_with = "read_only")]
+    pub durable: bool,
+    /// Reopen the existing overlay at --cache (created with --persist-state) instead of creating
+    /// one, after the server that served it died.
+    #[arg(long, requires = "cache")]
+    pub reopen: bool,
+}
+
+impl Args {
+    fn overlay_options(&self) -> OverlayOptions {
+        OverlayOptions {
+            durability: if self.durable {
+                Durability::Durable
+            } else {
+                Durability::Ephemeral
+            },
+            keep_cache: self.cache.is_some(),
+            persist_state: self.persist_state || self.reopen,
+            ..OverlayOptions::default()
+        }
+    }
 }
 
 /// Runs the command.
@@ -56,11 +92,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device: Arc<dyn BlockDevice> = if args.read_only {
         base
     } else {
-        let cache = cache_dir.path().join("overlay.cache");
-        Arc::new(
-            Overlay::create(base, &cache, OverlayOptions::default())
-                .with_context(|| format!("creating the overlay cache {}", cache.display()))?,
-        )
+        let cache = match &args.cache {
+            Some(path) => path.clone(),
+            None => cache_dir.path().join("overlay.cache"),
+        };
+        let opts = args.overlay_options();
+        let overlay = if args.reopen {
+            let (overlay, report) = Overlay::reopen(base, &cache, opts)
+                .with_context(|| format!("reopening the overlay cache {}", cache.display()))?;
+            tracing::info!(
+                copy = ?report.copy,
+                blocks_data = report.blocks_data,
+                blocks_zero = report.blocks_zero,
+                generation = report.generation,
+                "reopened the overlay"
+            );
+            overlay
+        } else {
+            Overlay::create(base, &cache, opts)
+                .with_context(|| format!("creating the overlay cache {}", cache.display()))?
+        };
+        Arc::new(overlay)
     };
     let size = device.size();
 
