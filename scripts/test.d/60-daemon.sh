@@ -4,7 +4,9 @@
 # NBD clients read it (nbdinfo, nbdcopy + debugfs), pause/resume/delete (both metadata contexts
 # still see the changes after a resume: qemu-io writes, nbdinfo --map), import with --json,
 # device list without the nbd module, completions, config validation, JSON logs, a clear message
-# when the daemon is not running, and a clean SIGTERM (API socket, NBD sockets and caches gone).
+# when the daemon is not running, and restarts: after kill -9 and after SIGTERM a running socket
+# sandbox is served again at the same NBD URI with its flushed data, a paused one resumes with
+# its data (issue #12's "done when"); --delete-on-exit deletes everything.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -90,21 +92,46 @@ check "delete is idempotent" bash -c "'$BIN' sandbox delete second && '$BIN' san
 check "template delete" bash -c "'$BIN' template delete rnd | grep -q deleted"
 check "completions" bash -c "'$BIN' completions bash | grep -q _rootfork"
 
+# Restarts keep every sandbox (issue #12): a running socket sandbox is served again on the
+# same socket and export after a SIGKILL or a SIGTERM; a paused one resumes with its data.
+start_daemon() {
+  "$BIN" serve --log-format json --health-interval 1 >"$1" 2>&1 &
+  DPID=$!
+  for _ in $(seq 400); do "$BIN" sandbox list >/dev/null 2>&1 && break; sleep 0.05; done
+}
+uri_of() { "$BIN" sandbox get "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nbd_uri"])'; }
+export BIN; export -f uri_of
+"$BIN" sandbox create --template demo --id keep-a >/dev/null
+"$BIN" sandbox create --template demo --id keep-b >/dev/null
+UA=$(uri_of keep-a || true); UB=$(uri_of keep-b || true)
+check "B written and paused" bash -c "qemu-io -f raw -c 'write -P 0xb1 1M 64k' -c flush '$UB' && '$BIN' sandbox pause keep-b | grep -q 'state: *paused'"
+check "A written and flushed" qemu-io -f raw -c 'write -P 0xa1 1M 64k' -c flush "$UA"
+
+kill -KILL "$DPID"; wait "$DPID" 2>/dev/null || true; DPID=
+check "after kill -9 the running sandbox's overlay is on disk (cache and block state)" bash -c "ls .rootfork/cache | grep -q '^keep-a\..*\.cache$' && ls .rootfork/cache | grep -q '^keep-a\..*\.cache\.state$'"
+start_daemon daemon2.log
+check "after kill -9: list --json shows A running and B paused" bash -c "'$BIN' sandbox list --json | python3 -c 'import json,sys; s={x[\"id\"]: x[\"state\"] for x in json.load(sys.stdin)}; assert s[\"keep-a\"]==\"running\" and s[\"keep-b\"]==\"paused\" and s[\"first\"]==\"running\", s'"
+check "after kill -9: A is served at the same NBD URI and says it was adopted" bash -c "[ \"\$(uri_of keep-a)\" = '$UA' ] && '$BIN' sandbox get keep-a | grep -q adopted"
+check "after kill -9: A's URI serves the flushed data" qemu-io -f raw -c 'read -P 0xa1 1M 64k' "$UA"
+check "after kill -9: B resumes with its data" bash -c "'$BIN' sandbox resume keep-b >/dev/null && qemu-io -f raw -c 'read -P 0xb1 1M 64k' \"\$(uri_of keep-b)\""
+check "after kill -9: the first sandbox still holds hello.txt" bash -c "nbdcopy \"\$(uri_of first)\" disk2.img && debugfs -R 'cat /hello.txt' disk2.img 2>/dev/null | grep -q 'rootfork sandbox'"
+check "A written and flushed again, B written and paused again" bash -c "qemu-io -f raw -c 'write -P 0xa2 2M 64k' -c flush '$UA' && qemu-io -f raw -c 'write -P 0xb2 2M 64k' -c flush \"\$(uri_of keep-b)\" && '$BIN' sandbox pause keep-b >/dev/null"
+
 kill -TERM "$DPID"; wait "$DPID" || true; DPID=
-check "SIGTERM removes the API socket, NBD sockets and caches" bash -c "[ ! -e .rootfork/api.sock ] && [ -z \"\$(find .rootfork/nbd .rootfork/cache -mindepth 1)\" ]"
+check "SIGTERM removes the API socket and the NBD sockets" bash -c "[ ! -e .rootfork/api.sock ] && [ -z \"\$(find .rootfork/nbd -mindepth 1)\" ]"
+check "SIGTERM keeps the running sandboxes running in their records, their overlays on disk" bash -c "python3 -c 'import json; r=json.load(open(\".rootfork/sandboxes/keep-a.json\")); assert r[\"state\"]==\"running\" and r[\"served\"], r' && ls .rootfork/cache | grep -q '^keep-a\..*\.cache\.state$'"
 check "templates survive a restart" test -f .rootfork/templates/demo.img
-check "SIGTERM keeps the running sandbox as a paused one (its diff and record kept)" bash -c "ls .rootfork/paused | grep -q '^first\.' && test -f .rootfork/sandboxes/first.json"
-"$BIN" serve --log-format json --health-interval 1 >daemon2.log 2>&1 &
-DPID=$!
-for _ in $(seq 200); do [ -S .rootfork/api.sock ] && break; sleep 0.05; done
-check "after a restart the kept sandbox is paused" bash -c "'$BIN' sandbox get first | grep -q 'state: *paused'"
-check "it resumes with its disk: hello.txt is still there" bash -c "U=\$('$BIN' sandbox resume first | sed -n 's/^nbd uri: *//p') && nbdcopy \"\$U\" disk2.img && debugfs -R 'cat /hello.txt' disk2.img 2>/dev/null | grep -q 'rootfork sandbox'"
+start_daemon daemon3.log
+check "after SIGTERM: list --json shows A running and B paused" bash -c "'$BIN' sandbox list --json | python3 -c 'import json,sys; s={x[\"id\"]: x[\"state\"] for x in json.load(sys.stdin)}; assert s[\"keep-a\"]==\"running\" and s[\"keep-b\"]==\"paused\" and s[\"first\"]==\"running\", s'"
+check "after SIGTERM: A's same URI serves both flushed writes" bash -c "[ \"\$(uri_of keep-a)\" = '$UA' ] && qemu-io -f raw -c 'read -P 0xa1 1M 64k' -c 'read -P 0xa2 2M 64k' '$UA'"
+check "after SIGTERM: B resumes with its data" bash -c "'$BIN' sandbox resume keep-b >/dev/null && qemu-io -f raw -c 'read -P 0xb1 1M 64k' -c 'read -P 0xb2 2M 64k' \"\$(uri_of keep-b)\""
+check "after SIGTERM: the first sandbox still holds hello.txt" bash -c "nbdcopy \"\$(uri_of first)\" disk3.img && debugfs -R 'cat /hello.txt' disk3.img 2>/dev/null | grep -q 'rootfork sandbox'"
 kill -TERM "$DPID"; wait "$DPID" || true
-"$BIN" serve --delete-on-exit >daemon3.log 2>&1 &
+"$BIN" serve --delete-on-exit >daemon4.log 2>&1 &
 DPID=$!
-for _ in $(seq 200); do [ -S .rootfork/api.sock ] && break; sleep 0.05; done
+for _ in $(seq 400); do "$BIN" sandbox list >/dev/null 2>&1 && break; sleep 0.05; done
 kill -TERM "$DPID"; wait "$DPID" || true; DPID=
-check "--delete-on-exit is the throwaway mode: the sandbox restored at start is deleted at stop" bash -c "[ -z \"\$(find .rootfork/sandboxes .rootfork/paused -type f)\" ]"
+check "--delete-on-exit is the throwaway mode: the sandboxes adopted at start are deleted at stop" bash -c "[ -z \"\$(find .rootfork/sandboxes .rootfork/paused .rootfork/cache .rootfork/nbd -type f -o -type s)\" ]"
 
 # A sandbox with QEMU VMM settings: the daemon boots a TCG guest on the sandbox's disk.
 cd "$ROOT"

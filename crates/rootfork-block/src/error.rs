@@ -34,6 +34,23 @@ pub enum BlockError {
     /// The device has been shut down (for example while draining before export).
     #[error("the device is shut down")]
     Shutdown,
+    /// An overlay's persisted state file (`<cache>.state`) does not exist.
+    #[error("the overlay's state file {0} does not exist")]
+    StateMissing(std::path::PathBuf),
+    /// An overlay's persisted state file cannot be trusted: wrong magic, version or checksum,
+    /// impossible fields, or shorter than its map.
+    #[error("the overlay's state file is damaged: {0}")]
+    StateDamaged(&'static str),
+    /// An overlay's state file describes a different disk than the one it is reopened with.
+    #[error("the overlay's state file has {field} {in_file}, but the reopen asks for {requested}")]
+    StateMismatch {
+        /// Which property differs.
+        field: StateField,
+        /// The value recorded in the state file.
+        in_file: u64,
+        /// The value of the base and options the overlay is reopened with.
+        requested: u64,
+    },
     /// An I/O error from the storage underneath, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -43,6 +60,30 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+}
+
+/// A property of a disk recorded in an overlay's state file and checked on reopen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateField {
+    /// The overlay's block size.
+    BlockSize,
+    /// The overlay's size (the base's, or the grown disk's).
+    DeviceSize,
+    /// The base device's size.
+    BaseSize,
+    /// The cache file's length.
+    CacheSize,
+}
+
+impl std::fmt::Display for StateField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StateField::BlockSize => "block size",
+            StateField::DeviceSize => "device size",
+            StateField::BaseSize => "base size",
+            StateField::CacheSize => "cache size",
+        })
+    }
 }
 
 impl BlockError {
@@ -78,6 +119,9 @@ impl BlockError {
             BlockError::Unsupported(_) => libc::ENOTSUP,
             BlockError::InvalidArgument(_) => libc::EINVAL,
             BlockError::Shutdown => libc::ESHUTDOWN,
+            BlockError::StateMissing(_) => libc::ENOENT,
+            BlockError::StateDamaged(_) => libc::EUCLEAN,
+            BlockError::StateMismatch { .. } => libc::EINVAL,
             BlockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

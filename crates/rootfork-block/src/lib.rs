@@ -17,11 +17,12 @@ mod template;
 
 pub use device::{BlockDevice, BlockState, Extent};
 pub use diff::{DiffKind, DiffLayer, DiffMap, DiffRun};
-pub use error::{BlockError, Result};
+pub use error::{BlockError, Result, StateField};
 pub use grown::Grown;
 pub use layered::{BuildId, LayerError, LayeredTemplate, LocalStore};
 pub use overlay::{
-    Durability, Overlay, OverlayOptions, OverlayStats, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
+    state_path, Durability, Overlay, OverlayOptions, OverlayStats, ReopenReport, StateCopy,
+    MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
 };
 pub use status::{Contents, RangeStatus};
 pub use template::{TemplateFile, TemplatePath, TEMPLATE_BLOCK_SIZE};

@@ -92,6 +92,18 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     )
 }
 
+/// Allocates `len` bytes at `offset` (`fallocate` mode 0) so later writes there cannot fail with
+/// `ENOSPC`. File systems without `fallocate` are left alone (not an error).
+pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match fallocate_retry(file, FallocateFlags::empty(), offset, len) {
+        Err(e) if unsupported(&e) => Ok(()),
+        other => other,
+    }
+}
+
 /// Whether `e` is the "cannot punch holes here" class of error of [`punch_hole`].
 pub(crate) fn is_unsupported(e: &io::Error) -> bool {
     unsupported(e)

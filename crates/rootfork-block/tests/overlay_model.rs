@@ -100,6 +100,8 @@ fn run(bs: u32, size: u64, durability: Durability, ops: &[Op]) {
         keep_cache: false,
         quota: None,
         disk_size: None,
+        // The 4 KiB run also persists its state: that must not change what it reads.
+        persist_state: bs == 4096,
     };
     let ov = Overlay::create(base.clone(), &dir.path().join("cache"), opts).unwrap();
     let mut model = Model::new(&template, bs);

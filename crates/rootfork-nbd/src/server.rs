@@ -246,6 +246,32 @@ impl Server {
         }
     }
 
+    /// Stops serving for a hand-over to another server process (a daemon restart): stops the
+    /// listeners (removing Unix socket files) and stops reading requests on every connection
+    /// (the read half is shut down, so a client's next request fails to send and it reconnects),
+    /// answers every request already read, then closes the connections; after `grace` the
+    /// connections still open are closed as by [`Server::shutdown`]. Unlike a shutdown, no
+    /// request is answered `ESHUTDOWN`: a request the client sent but this server did not read
+    /// stays unanswered for the client to send again after reconnecting.
+    pub fn hand_over(&self, grace: Duration) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        for l in self.listeners.lock().drain(..) {
+            let _ = nix::unistd::write(&l.wake, &[1u8]);
+            let _ = l.thread.join();
+            if let Some(p) = l.path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        for c in self.inner.conns.lock().values() {
+            c.sock.shutdown(std::net::Shutdown::Read);
+        }
+        let deadline = Instant::now() + grace;
+        while self.connections() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.shutdown(Duration::ZERO);
+    }
+
     /// Graceful shutdown: stops the listeners (removing Unix socket files), drains every
     /// connection, waits up to `grace` for in-flight requests to finish, closes the connections
     /// and joins their threads.

@@ -2,8 +2,10 @@
 //! per-sandbox Unix socket, stopped on drop.
 //!
 //! [`ExportServer::shutdown`] is the graceful path (listener closed and socket file removed,
-//! connections drained, in-flight requests given a grace period); dropping stops the server
-//! with no grace so a dropped provider never leaves a listener or threads behind.
+//! connections drained, in-flight requests given a grace period); [`ExportServer::hand_over`]
+//! stops for a daemon restart (no request refused: the clients reconnect to the next server);
+//! dropping stops the server with no grace so a dropped provider never leaves a listener or
+//! threads behind.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -63,6 +65,17 @@ impl ExportServer {
     /// `rootfork_nbd::Server::oldest_request_age`); `None` when none is.
     pub(crate) fn oldest_request_age(&self) -> Option<Duration> {
         self.server.as_ref().and_then(Server::oldest_request_age)
+    }
+
+    /// Hand-over (blocking): stop listening and reading requests, answer the ones already read,
+    /// close (see `rootfork_nbd::Server::hand_over`). Returns the final counters.
+    pub(crate) fn hand_over(mut self) -> StatsSnapshot {
+        let mut stats = StatsSnapshot::default();
+        if let Some(s) = self.server.take() {
+            s.hand_over(GRACE);
+            stats = s.stats();
+        }
+        stats
     }
 
     /// Graceful shutdown (blocking): stop listening, drain, wait for in-flight requests, close.

@@ -5,16 +5,19 @@
 //! without the `nbd` kernel module. `path()` returns an [`NbdEndpoint`], which is not a file path,
 //! so it cannot be confused with the template's path or a device node.
 //!
-//! Attach (in the background): open the base read-only → create the overlay's cache file →
-//! bind the socket and start serving → ready. Close: stop accepting and drain the connections →
-//! flush the overlay → drop it (its cache file is removed unless kept) → remove the socket.
+//! Attach (in the background): open the base read-only → create the overlay's cache file (or,
+//! for a provider [reopening](SocketProvider::reopening_cache) a kept one, reopen it with its
+//! block state) → bind the socket and start serving → ready. Close: stop accepting and drain the
+//! connections → flush the overlay → drop it (its cache file is removed unless kept) → remove
+//! the socket. A [hand-over](SocketProvider::hand_over) stops the same way for a daemon restart,
+//! without refusing any request.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rootfork_block::{BlockDevice, Overlay, OverlayOptions};
+use rootfork_block::{BlockDevice, Overlay, OverlayOptions, ReopenReport};
 use rootfork_nbd::{ServeOptions, StatsSnapshot};
 use rootfork_vmm::qemu::NbdEndpoint;
 use tokio::task::JoinHandle;
@@ -69,6 +72,10 @@ pub struct SocketProvider {
     task: Option<JoinHandle<()>>,
     wrap: Option<DeviceWrapper>,
     serve: Box<ServeOptions>,
+    /// Reopen the kept cache file instead of creating one.
+    reopen: bool,
+    /// What the reopen found, once attached.
+    reopened: Arc<Mutex<Option<ReopenReport>>>,
 }
 
 impl std::fmt::Debug for SocketProvider {
@@ -91,7 +98,28 @@ impl SocketProvider {
             task: None,
             wrap: None,
             serve: Box::default(),
+            reopen: false,
+            reopened: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Reopens the overlay kept at the configured cache path (cache file and block state, as a
+    /// provider whose overlay kept them left them: [`SocketProvider::hand_over`], or a process
+    /// that died) instead of creating a new one: a restarted daemon serving a running sandbox's
+    /// disk again. The base must be the one the overlay was created over.
+    pub fn reopening_cache(mut self) -> Self {
+        self.reopen = true;
+        self
+    }
+
+    /// Whether this provider reopens a kept cache ([`SocketProvider::reopening_cache`]).
+    pub fn reopens_cache(&self) -> bool {
+        self.reopen
+    }
+
+    /// What reopening the kept cache found, once attached (`None` for a new cache).
+    pub fn reopen_report(&self) -> Option<ReopenReport> {
+        *lock(&self.reopened)
     }
 
     /// Serves the export with `opts` (connection limits, a shared connection budget, ...)
@@ -137,36 +165,77 @@ impl SocketProvider {
         lock(&self.closed_stats).clone()
     }
 
-    fn attach_blocking(config: &SocketConfig) -> Result<Arc<Overlay>> {
+    fn attach_blocking(
+        config: &SocketConfig,
+        reopen: bool,
+    ) -> Result<(Arc<Overlay>, Option<ReopenReport>)> {
         let base = config.base.open()?;
-        Ok(Arc::new(Overlay::create(
-            base,
-            &config.cache,
-            config.overlay,
-        )?))
+        if reopen {
+            let (overlay, report) = Overlay::reopen(base, &config.cache, config.overlay)?;
+            return Ok((Arc::new(overlay), Some(report)));
+        }
+        let overlay = Overlay::create(base, &config.cache, config.overlay)?;
+        Ok((Arc::new(overlay), None))
     }
 
-    /// Releases the live parts; returns the NBD server's final counters when graceful.
+    /// Releases the live parts; returns the NBD server's final counters unless abrupt.
     fn release(
         running: Option<Running>,
         socket: &Path,
-        graceful: bool,
+        how: Stop,
     ) -> Result<Option<StatsSnapshot>> {
         let Some(Running { overlay, server }) = running else {
             return Ok(None);
         };
-        // Drain first, so nothing writes while we flush.
-        let drained = if graceful {
-            server.shutdown().map(Some)
-        } else {
-            drop(server);
-            Ok(None)
+        // Stop the server first, so nothing writes while we flush.
+        let stopped = match how {
+            Stop::Graceful => server.shutdown().map(Some),
+            Stop::HandOver => Ok(Some(server.hand_over())),
+            Stop::Abrupt => {
+                drop(server);
+                Ok(None)
+            }
         };
         let flushed = overlay.flush().map_err(ProviderError::from);
         drop(overlay);
         let _ = std::fs::remove_file(socket);
-        flushed.and(drained)
+        flushed.and(stopped)
     }
+
+    /// Stops serving for a daemon restart: stops listening and reading requests, answers every
+    /// request already read (none is refused: clients reconnect to the next server and send
+    /// again what was not answered), flushes the overlay and closes it. The cache file stays
+    /// when the overlay keeps it ([`OverlayOptions::keep_cache`]), for the next daemon to
+    /// reopen. The provider is closed afterwards.
+    pub async fn hand_over(&mut self) -> Result<()> {
+        self.stop(Stop::HandOver).await
+    }
+
+    async fn stop(&mut self, how: Stop) -> Result<()> {
+        if !self.readiness.close_attach(&mut self.task).await {
+            return Ok(());
+        }
+        let running = lock(&self.running).take();
+        let socket = self.config.socket.clone();
+        let stats = tokio::task::spawn_blocking(move || Self::release(running, &socket, how))
+            .await
+            .map_err(|e| ProviderError::Task(e.to_string()))??;
+        if stats.is_some() {
+            *lock(&self.closed_stats) = stats;
+        }
+        Ok(())
+    }
+}
+
+/// How a provider stops serving.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// Drain (new requests refused), answer what is in flight, close.
+    Graceful,
+    /// Stop reading, answer what was read, close: for a daemon restart.
+    HandOver,
+    /// Close at once (a dropped provider).
+    Abrupt,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -191,12 +260,15 @@ impl Provider for SocketProvider {
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
         let wrap = self.wrap.clone();
         let serve = (*self.serve).clone();
+        let (reopen, reopened) = (self.reopen, self.reopened.clone());
         self.task = Some(tokio::spawn(async move {
             let attach = async {
                 let cfg = config.clone();
-                let overlay = tokio::task::spawn_blocking(move || Self::attach_blocking(&cfg))
-                    .await
-                    .map_err(|e| ProviderError::Task(e.to_string()))??;
+                let (overlay, report) =
+                    tokio::task::spawn_blocking(move || Self::attach_blocking(&cfg, reopen))
+                        .await
+                        .map_err(|e| ProviderError::Task(e.to_string()))??;
+                *lock(&reopened) = report;
                 let mut device: Arc<dyn BlockDevice> = overlay.clone();
                 if let Some(w) = &wrap {
                     device = (w.0)(device);
@@ -232,18 +304,7 @@ impl Provider for SocketProvider {
     }
 
     async fn close(&mut self) -> Result<()> {
-        if !self.readiness.close_attach(&mut self.task).await {
-            return Ok(());
-        }
-        let running = lock(&self.running).take();
-        let socket = self.config.socket.clone();
-        let stats = tokio::task::spawn_blocking(move || Self::release(running, &socket, true))
-            .await
-            .map_err(|e| ProviderError::Task(e.to_string()))??;
-        if stats.is_some() {
-            *lock(&self.closed_stats) = stats;
-        }
-        Ok(())
+        self.stop(Stop::Graceful).await
     }
 
     async fn export_diff(&mut self, data_out: &Path) -> Result<PausedDisk> {
@@ -277,7 +338,7 @@ impl Drop for SocketProvider {
         }
         let running = lock(&self.running).take();
         if running.is_some() {
-            if let Err(e) = Self::release(running, &self.config.socket, false) {
+            if let Err(e) = Self::release(running, &self.config.socket, Stop::Abrupt) {
                 tracing::warn!("releasing a dropped socket provider: {e}");
             }
         }

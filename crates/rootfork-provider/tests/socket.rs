@@ -1,5 +1,6 @@
 //! Socket provider: lifecycle, timeouts and cancellation, pause (export_diff) and resume over a
-//! diff layer, and the template staying read-only throughout.
+//! diff layer, the template staying read-only throughout, and a hand-over to a provider that
+//! reopens the kept overlay (a daemon restart).
 
 mod common;
 
@@ -332,4 +333,58 @@ async fn export_diff_then_resume_reads_back_what_was_written() {
         0,
         "the template was opened writable or modified"
     );
+}
+
+#[tokio::test]
+async fn a_handed_over_overlay_is_served_again_by_a_provider_reopening_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = make_template(dir.path(), 4);
+    let mut cfg = config(dir.path(), template_base(&tpl), "kept");
+    cfg.overlay = OverlayOptions {
+        keep_cache: true,
+        persist_state: true,
+        ..OverlayOptions::default()
+    };
+    let (sock, cache) = (cfg.socket.clone(), cfg.cache.clone());
+    let mut first = SocketProvider::new(cfg.clone());
+    first.start().unwrap();
+    let ep = first.path(Duration::from_secs(30), never()).await.unwrap();
+    first
+        .overlay()
+        .unwrap()
+        .write_at(&[0x77; 4096], 4096)
+        .unwrap();
+    first.hand_over().await.unwrap();
+    assert!(!sock.exists(), "the socket goes with the server");
+    assert!(cache.exists() && rootfork_block::state_path(&cache).exists());
+    assert!(first.overlay().is_none());
+
+    // The next provider reopens the same files and serves them at the same endpoint.
+    let mut second = SocketProvider::new(cfg.clone()).reopening_cache();
+    assert!(second.reopens_cache());
+    second.start().unwrap();
+    let again = second.path(Duration::from_secs(30), never()).await.unwrap();
+    assert_eq!(again.uri(), ep.uri());
+    let report = second.reopen_report().expect("a reopen report");
+    assert_eq!(report.blocks_data, 1);
+    let disk = tokio::task::spawn_blocking({
+        let (uri, d) = (again.uri(), dir.path().to_owned());
+        move || read_via_nbd(&uri, &d)
+    })
+    .await
+    .unwrap();
+    assert_eq!(&disk[4096..8192], &[0x77; 4096][..]);
+    assert_eq!(&disk[..4096], &std::fs::read(&tpl).unwrap()[..4096]);
+    second.close().await.unwrap();
+
+    // Reopening without the block state fails clearly and leaves the cache alone.
+    std::fs::remove_file(rootfork_block::state_path(&cache)).unwrap();
+    let mut third = SocketProvider::new(cfg).reopening_cache();
+    third.start().unwrap();
+    let e = third
+        .path(Duration::from_secs(30), never())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("state file"), "{e}");
+    assert!(cache.exists());
 }

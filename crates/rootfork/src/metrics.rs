@@ -56,6 +56,15 @@ pub struct CheckLabel {
     pub result: String,
 }
 
+/// Labels of a sandbox adoption at start.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdoptionLabel {
+    /// adopted | failed.
+    pub result: String,
+    /// Why it failed (`none` when adopted).
+    pub reason: String,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -123,6 +132,7 @@ pub struct Metrics {
     errors: Family<ErrorLabel, Counter>,
     health_checks: Family<CheckLabel, Counter>,
     recoveries: Family<CheckLabel, Counter>,
+    adoptions: Family<AdoptionLabel, Counter>,
     resource_used: Family<ResourceLabel, Gauge>,
     resource_limit: Family<ResourceLabel, Gauge>,
     nbd: NbdCollector,
@@ -161,6 +171,7 @@ impl Metrics {
             errors: Family::default(),
             health_checks: Family::default(),
             recoveries: Family::default(),
+            adoptions: Family::default(),
             resource_used: Family::default(),
             resource_limit: Family::default(),
             nbd: NbdCollector::default(),
@@ -216,6 +227,11 @@ impl Metrics {
             }));
         }
         r.register(
+            "adoptions",
+            "Running sandboxes of a previous daemon run served again at start (result adopted), or not (result failed, with the reason)",
+            m.adoptions.clone(),
+        );
+        r.register(
             "resource_used",
             "Limited resources in use: sandboxes (not deleted), fds (open file descriptors)",
             m.resource_used.clone(),
@@ -267,6 +283,22 @@ impl Metrics {
         self.recoveries
             .get_or_create(&CheckLabel {
                 result: outcome.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// Records a running sandbox of a previous run adopted at start (`failure`: `None`), or
+    /// not (the reason's label value).
+    pub fn adoption(&self, failure: Option<&str>) {
+        self.adoptions
+            .get_or_create(&AdoptionLabel {
+                result: if failure.is_some() {
+                    "failed"
+                } else {
+                    "adopted"
+                }
+                .into(),
+                reason: failure.unwrap_or("none").into(),
             })
             .inc();
     }

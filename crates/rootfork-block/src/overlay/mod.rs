@@ -9,12 +9,21 @@
 //! map's allocation. `export.rs` turns the data and zero blocks into a [`DiffMap`](crate::DiffMap);
 //! `status.rs` answers block status queries through the base.
 //!
-//! See `docs/overlay.md` for the design and the ordering rules that keep failed writes harmless.
+//! With [`OverlayOptions::persist_state`] the map is also kept in a state file beside the cache
+//! (`state_file.rs` format, `persist.rs` live copy and flush checkpoints, `reopen.rs`), so
+//! [`Overlay::reopen`] can serve the disk again after process death or power loss.
+//!
+//! See `docs/overlay.md` for the design and the ordering rules that keep failed writes harmless
+//! and crashes consistent.
 
+mod boot_id;
 mod export;
 mod options;
+mod persist;
 mod range_lock;
 mod read;
+mod reopen;
+mod state_file;
 mod state_map;
 mod stats;
 mod status;
@@ -28,13 +37,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub use options::{Durability, OverlayOptions, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+pub use reopen::{ReopenReport, StateCopy};
+pub use state_file::state_path;
 pub use stats::OverlayStats;
 
 use crate::device::{BlockDevice, Extent};
 use crate::error::{BlockError, Result};
 use crate::grown::Grown;
 use crate::status::RangeStatus;
+use persist::PersistedState;
 use range_lock::RangeLocks;
+use state_file::Header;
 use state_map::StateMap;
 use stats::Counters;
 
@@ -55,6 +68,8 @@ pub struct Overlay {
     counters: Counters,
     /// [`OverlayOptions::quota`] in blocks.
     quota_blocks: Option<u64>,
+    /// The persisted state map ([`OverlayOptions::persist_state`]).
+    persist: Option<PersistedState>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -75,18 +90,18 @@ impl Overlay {
     /// The cache is created with `O_EXCL` (an existing file is an error, never reused) and
     /// truncated to the device size, so it starts as one hole. Every block starts absent. With
     /// [`OverlayOptions::disk_size`] larger than the base, the base is [`Grown`] to it first.
+    /// With [`OverlayOptions::persist_state`] the state file [`state_path`]`(cache_path)` is
+    /// created beside it (also `O_EXCL`); with [`Durability::Durable`] too, both files and their
+    /// directory are synced before this returns.
     pub fn create(
         base: Arc<dyn BlockDevice>,
         cache_path: &Path,
         opts: OverlayOptions,
     ) -> Result<Overlay> {
         opts.validate()?;
-        let base: Arc<dyn BlockDevice> = match opts.disk_size {
-            Some(size) if size > base.size() => Arc::new(Grown::new(base, size)?),
-            _ => base,
-        };
+        let base_size = base.size();
+        let base = grow(base, &opts)?;
         let size = base.size();
-        let shift = opts.block_size.trailing_zeros();
         let blocks = size.div_ceil(u64::from(opts.block_size));
         let map = StateMap::new(blocks)?;
         let cache = OpenOptions::new()
@@ -101,21 +116,74 @@ impl Overlay {
             let _ = std::fs::remove_file(cache_path);
             return Err(BlockError::io("sizing the overlay cache", e));
         }
-        Ok(Overlay {
+        let persist = if opts.persist_state {
+            match Self::create_state(cache_path, &cache, &opts, size, base_size) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let _ = std::fs::remove_file(cache_path);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Self::assemble(base, cache, cache_path, &opts, map, persist))
+    }
+
+    /// Creates the state file of a new overlay (and syncs everything for a durable one).
+    fn create_state(
+        cache_path: &Path,
+        cache: &File,
+        opts: &OverlayOptions,
+        size: u64,
+        base_size: u64,
+    ) -> Result<PersistedState> {
+        let header = Header {
+            block_size: opts.block_size,
+            device_size: size,
+            base_size,
+            generation: 0,
+            boot_id: boot_id::current()?,
+        };
+        let durable = opts.durability == Durability::Durable;
+        let state_path = state_path(cache_path);
+        let persist = PersistedState::create(&state_path, header, durable)?;
+        if durable {
+            let synced = cache.sync_all().and_then(|()| sync_parent_dir(cache_path));
+            if let Err(e) = synced {
+                let _ = std::fs::remove_file(&state_path);
+                return Err(BlockError::io("syncing the new overlay cache", e));
+            }
+        }
+        Ok(persist)
+    }
+
+    /// An overlay from its parts.
+    fn assemble(
+        base: Arc<dyn BlockDevice>,
+        cache: File,
+        cache_path: &Path,
+        opts: &OverlayOptions,
+        map: StateMap,
+        persist: Option<PersistedState>,
+    ) -> Overlay {
+        let shift = opts.block_size.trailing_zeros();
+        Overlay {
+            size: base.size(),
             base,
             cache,
             cache_path: cache_path.to_path_buf(),
             keep_cache: opts.keep_cache,
             durability: opts.durability,
-            size,
             block_size: opts.block_size,
             shift,
-            locks: RangeLocks::new(blocks, shift),
+            locks: RangeLocks::new(map.blocks(), shift),
             map,
             frozen: AtomicBool::new(false),
             counters: Counters::default(),
             quota_blocks: opts.quota.map(|q| q >> shift),
-        })
+            persist,
+        }
     }
 
     /// The path of the cache file.
@@ -182,8 +250,28 @@ impl Drop for Overlay {
     fn drop(&mut self) {
         if !self.keep_cache {
             let _ = std::fs::remove_file(&self.cache_path);
+            if self.persist.is_some() {
+                let _ = std::fs::remove_file(state_path(&self.cache_path));
+            }
         }
     }
+}
+
+/// `base`, grown to [`OverlayOptions::disk_size`] when that is larger.
+fn grow(base: Arc<dyn BlockDevice>, opts: &OverlayOptions) -> Result<Arc<dyn BlockDevice>> {
+    Ok(match opts.disk_size {
+        Some(size) if size > base.size() => Arc::new(Grown::new(base, size)?),
+        _ => base,
+    })
+}
+
+/// `fsync` of the directory holding `path`, so a new file's name survives a power loss.
+fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 impl BlockDevice for Overlay {
@@ -215,12 +303,15 @@ impl BlockDevice for Overlay {
     }
 
     fn flush(&self) -> Result<()> {
-        match self.durability {
-            Durability::Durable => self
+        match (self.durability, &self.persist) {
+            (Durability::Durable, Some(persist)) => persist
+                .checkpoint(&self.map, &self.cache)
+                .map_err(|e| BlockError::io("checkpointing the overlay state", e)),
+            (Durability::Durable, None) => self
                 .cache
                 .sync_data()
                 .map_err(|e| BlockError::io("syncing the overlay cache", e)),
-            Durability::Ephemeral => Ok(()),
+            (Durability::Ephemeral, _) => Ok(()),
         }
     }
 

@@ -6,7 +6,9 @@ use crate::error::{BlockError, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
     /// `flush` is `fdatasync` of the cache file: after it returns, completed writes survive a
-    /// host crash (needed when the cache is kept for pause/resume).
+    /// host crash (needed when the cache is kept for pause/resume). With
+    /// [`OverlayOptions::persist_state`] it also makes a durable checkpoint of the block state,
+    /// so a power loss keeps every write acknowledged before the flush.
     Durable,
     /// `flush` is a no-op: the cache dies with the sandbox, so syncing it buys nothing.
     #[default]
@@ -29,6 +31,12 @@ pub struct OverlayOptions {
     /// The disk's size when larger than its base's: the tail reads as zeroes until written
     /// (`None`, or a size not larger than the base's: the base's size).
     pub disk_size: Option<u64>,
+    /// Keep the block state in a file beside the cache (`<cache>.state`,
+    /// [`state_path`](super::state_path)) so [`Overlay::reopen`](super::Overlay::reopen) can
+    /// serve the disk again after the process dies (every acknowledged write survives) and, with
+    /// [`Durability::Durable`], after a power loss (every write acknowledged before a completed
+    /// flush survives). Off by default: no state file, no extra system call on any write.
+    pub persist_state: bool,
 }
 
 impl Default for OverlayOptions {
@@ -39,6 +47,7 @@ impl Default for OverlayOptions {
             keep_cache: false,
             quota: None,
             disk_size: None,
+            persist_state: false,
         }
     }
 }

@@ -176,13 +176,22 @@ impl StateMap {
 
     /// Sets blocks `start..end` to `state` and returns how many of them were in each state
     /// before (indexed like [`StateMap::counts`]).
+    #[cfg(test)]
     pub(crate) fn set(&self, start: u64, end: u64, state: BlockState) -> [u64; 3] {
         self.set_slot(start, end, Slot::from(state))
     }
 
     /// Sets blocks `start..end` to `slot`; returns the same as [`StateMap::set`].
+    #[cfg(test)]
     pub(crate) fn set_slot(&self, start: u64, end: u64, slot: Slot) -> [u64; 3] {
+        self.apply(start, end, slot).0
+    }
+
+    /// Sets blocks `start..end` to `slot`; returns how many of them were in each state before
+    /// (indexed like [`StateMap::counts`]) and whether any word changed (a persisted map writes changed words only).
+    pub(crate) fn apply(&self, start: u64, end: u64, slot: Slot) -> ([u64; 3], bool) {
         debug_assert!(start <= end && end <= self.blocks);
+        let mut changed = false;
         let state = slot.state();
         let pat = pattern(slot);
         let mut before = [0u64; 3];
@@ -203,6 +212,7 @@ impl StateMap {
                     Some((w & !mask) | (pat & mask))
                 })
                 .unwrap_or_else(|w| w);
+            changed |= (old & mask) != (pat & mask);
             // Per field: the low bit set is data (or zeroed data), only the high bit zero.
             let (lo, hi) = (old & low, (old >> 1) & low);
             before[index(BlockState::Data)] += u64::from(lo.count_ones());
@@ -219,7 +229,51 @@ impl StateMap {
         if total > 0 {
             self.counts[index(state)].fetch_add(total, Ordering::Relaxed);
         }
-        before
+        (before, changed)
+    }
+
+    /// Number of words.
+    pub(crate) fn word_count(&self) -> usize {
+        self.words.len()
+    }
+
+    /// The current value of word `i` (blocks `32 i .. 32 i + 32`).
+    pub(crate) fn load_word(&self, i: usize) -> u64 {
+        self.words[i].load(Ordering::Acquire)
+    }
+
+    /// A map of `blocks` blocks whose words are `words` (little-endian u64s, as persisted).
+    /// Fields past the last block are cleared, so a hostile file cannot smuggle states in there.
+    pub(crate) fn from_le_words(blocks: u64, words: &[u8]) -> Result<StateMap> {
+        let map = StateMap::new(blocks)?;
+        if words.len() != map.words.len() * 8 {
+            return Err(BlockError::InvalidArgument(
+                "persisted state map has the wrong length",
+            ));
+        }
+        let mut counts = [0u64; 3];
+        for (i, chunk) in words.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            let mut w = u64::from_le_bytes(b);
+            let in_word = (blocks - i as u64 * BLOCKS_PER_WORD).min(BLOCKS_PER_WORD);
+            let low = if in_word == BLOCKS_PER_WORD {
+                LOW_BITS
+            } else {
+                LOW_BITS & ((1u64 << (2 * in_word)) - 1)
+            };
+            w &= low | (low << 1);
+            let (lo, hi) = (w & low, (w >> 1) & low);
+            counts[index(BlockState::Data)] += u64::from(lo.count_ones());
+            counts[index(BlockState::Zero)] += u64::from((hi & !lo).count_ones());
+            map.words[i].store(w, Ordering::Relaxed);
+        }
+        counts[index(BlockState::Absent)] =
+            blocks - counts[index(BlockState::Data)] - counts[index(BlockState::Zero)];
+        for (c, n) in map.counts.iter().zip(counts) {
+            c.store(n, Ordering::Relaxed);
+        }
+        Ok(map)
     }
 
     /// Blocks currently absent, data (zeroed data included) and zero.
@@ -374,6 +428,36 @@ mod tests {
         }
         let count = |s: BlockState| model.iter().filter(|m| m.state() == s).count() as u64;
         assert_eq!(map.counts(), (count(Absent), count(Data), count(Zero)));
+    }
+
+    #[test]
+    fn persisted_words_round_trip_and_hostile_tails_are_cleared() {
+        let map = StateMap::new(70).unwrap();
+        map.set(3, 40, Data);
+        map.set_slot(50, 60, Slot::ZeroedData);
+        map.set(65, 70, Zero);
+        let mut bytes: Vec<u8> = (0..map.word_count())
+            .flat_map(|i| map.load_word(i).to_le_bytes())
+            .collect();
+        // Garbage in the fields past block 70 (the last word holds blocks 64..96).
+        bytes[23] = 0xff;
+        let back = StateMap::from_le_words(70, &bytes).unwrap();
+        for b in 0..70 {
+            assert_eq!(back.slot(b), map.slot(b), "block {b}");
+        }
+        assert_eq!(back.counts(), map.counts());
+        assert_eq!(back.load_word(2), map.load_word(2));
+        assert!(StateMap::from_le_words(70, &bytes[..16]).is_err());
+    }
+
+    #[test]
+    fn apply_reports_whether_anything_changed() {
+        let map = StateMap::new(100).unwrap();
+        assert!(map.apply(10, 20, Slot::Data).1);
+        assert!(!map.apply(10, 20, Slot::Data).1);
+        assert!(!map.apply(12, 15, Slot::Data).1);
+        assert!(map.apply(12, 15, Slot::ZeroedData).1);
+        assert!(!map.apply(50, 60, Slot::Absent).1);
     }
 
     #[test]

@@ -14,11 +14,13 @@
 //!    that already held data keeps the data state; like a disk sector it may hold a mix of old
 //!    and new bytes after a failed overwrite.
 //!    A block zeroed in place (`NO_HOLE`, zeroed data) that a failed write touched becomes plain
-//!    data, so block status never calls a mix of bytes zeroes.
+//!    data, so block status never calls a mix of bytes zeroes. With a persisted state
+//!    (`persist.rs`) the changed map words are written to the state file's live copy after the
+//!    map changes and before the request returns.
 //! 3. Blocks are handled in ascending order and the request stops at the first failure: blocks
 //!    before it hold the new contents, the failed block and those after it their previous ones.
 
-use super::state_map::Slot;
+use super::state_map::{Slot, BLOCKS_PER_WORD};
 use super::Overlay;
 use crate::device::BlockState;
 use crate::error::{BlockError, Result};
@@ -178,8 +180,7 @@ impl Overlay {
             self.discard_failed(start, end);
             return Err(BlockError::io("writing the overlay cache", e));
         }
-        self.map.set(start, end, BlockState::Data);
-        Ok(())
+        self.set_state(start, end, Slot::Data)
     }
 
     /// Punches blocks `start..end` out of the cache, then marks them zero.
@@ -198,8 +199,7 @@ impl Overlay {
             }
             _ => {}
         }
-        self.map.set(start, end, BlockState::Zero);
-        Ok(())
+        self.set_state(start, end, Slot::Zero)
     }
 
     /// Zeroes blocks `start..end` in the cache keeping them allocated, then marks them zeroed
@@ -210,8 +210,23 @@ impl Overlay {
             self.discard_failed(start, end);
             return Err(BlockError::io("zeroing the overlay cache", e));
         }
-        self.map.set_slot(start, end, Slot::ZeroedData);
-        Ok(())
+        self.set_state(start, end, Slot::ZeroedData)
+    }
+
+    /// Sets blocks `start..end` (non-empty) to `slot` in the map and, when the state is
+    /// persisted and a word changed, in the state file's live copy: the state reaches the kernel
+    /// before the request is acknowledged.
+    fn set_state(&self, start: u64, end: u64, slot: Slot) -> Result<()> {
+        let (_, changed) = self.map.apply(start, end, slot);
+        match &self.persist {
+            Some(persist) if changed => {
+                let words = |b: u64| (b / BLOCKS_PER_WORD) as usize;
+                persist
+                    .record(&self.map, words(start), words(end - 1))
+                    .map_err(|e| BlockError::io("writing the overlay state file", e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// After a failed cache write to blocks `start..end`: deallocates whatever it left under the
@@ -224,7 +239,8 @@ impl Overlay {
             match slot {
                 Slot::Data => {}
                 Slot::ZeroedData => {
-                    self.map.set_slot(block, run_end, Slot::Data);
+                    // Best effort like the punch below: the request fails either way.
+                    let _ = self.set_state(block, run_end, Slot::Data);
                 }
                 Slot::Absent | Slot::Zero => {
                     let (from, to) = (self.block_start(block), self.block_start(run_end));

@@ -37,7 +37,8 @@ pub struct Args {
     /// Do not build the demo template on a first start.
     #[arg(long, env = "ROOTFORK_NO_DEMO")]
     pub no_demo: bool,
-    /// Delete every sandbox on SIGTERM (by default they are kept: running ones are paused).
+    /// Delete every sandbox on SIGTERM (by default they are kept: running socket sandboxes are
+    /// served again by the next start, the others paused).
     #[arg(long, env = "ROOTFORK_DELETE_ON_EXIT")]
     pub delete_on_exit: bool,
     /// Seconds between health checks [default: 5].

@@ -59,10 +59,10 @@ impl Dirs {
         }
     }
 
-    /// The directories whose contents belong to one daemon run (paused diffs outlive it: the
-    /// sandbox records say which are kept).
-    pub fn per_run(&self) -> [&Path; 4] {
-        [&self.nbd, &self.cache, &self.tmp, &self.vm]
+    /// The directories whose contents belong to one daemon run (paused diffs and overlay
+    /// caches outlive it: the sandbox records say which are kept).
+    pub fn per_run(&self) -> [&Path; 3] {
+        [&self.nbd, &self.tmp, &self.vm]
     }
 }
 
@@ -138,6 +138,12 @@ impl Core {
     /// A number not handed out before in this run.
     pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Hands out only numbers above `n` from now on (`n` names a file an adopted sandbox
+    /// still uses).
+    pub(crate) fn skip_seq_past(&self, n: u64) {
+        self.seq.fetch_max(n.saturating_add(1), Ordering::Relaxed);
     }
 
     /// Counts a failed operation under `op` (by errno) and passes the result on.

@@ -1,11 +1,16 @@
 //! A sandbox's disk: building its provider (socket or kernel) over a base image, bringing it up
 //! until the device is served, and retiring it (close, keep its final counters, report the
-//! release). Create, pause, resume and delete all go through these three.
+//! release, remove its files). Create, pause, resume and delete all go through these three; a
+//! start adopting a running socket sandbox builds its provider with [`adopted_provider`].
+//!
+//! A socket sandbox's overlay keeps its cache file (and its block state) when it is dropped, so
+//! that a daemon that dies or stops for a restart leaves them for the next one; the daemon
+//! removes them itself when it is done with a disk ([`retire`], [`discard`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rootfork_block::OverlayOptions;
+use rootfork_block::{Durability, OverlayOptions};
 use rootfork_kernel::AttachOptions;
 use rootfork_nbd::ServeOptions;
 use rootfork_provider::{
@@ -15,6 +20,7 @@ use rootfork_provider::{
 
 use crate::daemon::core::Core;
 use crate::daemon::model::Health;
+use crate::daemon::records::ServedDisk;
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::spec::SpecError;
 use crate::error::Result;
@@ -39,25 +45,16 @@ pub fn provider_for(
         ..OverlayOptions::default()
     };
     match sb.kind {
-        ProviderKind::Socket => {
-            let mut p = SocketProvider::new(SocketConfig {
+        ProviderKind::Socket => Ok(AnyProvider::Socket(socket_provider(
+            core,
+            SocketConfig {
                 base,
                 socket: next_socket(core),
                 export: sb.id.clone(),
                 cache,
-                overlay,
-            });
-            if let Some(w) = seams.socket_device_wrapper.clone() {
-                p = p.with_device_wrapper(w);
-            }
-            p = p.with_serve_options(ServeOptions {
-                max_connections: core.config.max_connections_per_export,
-                connection_budget: Some(core.nbd_connections.clone()),
-                byte_budget: Some(core.nbd_bytes.clone()),
-                ..ServeOptions::default()
-            });
-            Ok(AnyProvider::Socket(p))
-        }
+                overlay: kept_overlay(overlay),
+            },
+        ))),
         ProviderKind::Kernel => {
             let attacher = core.kernel.attacher()?;
             let config = &core.config;
@@ -95,12 +92,120 @@ pub fn provider_for(
     }
 }
 
+/// `opts` for an overlay that outlives the daemon process (a socket sandbox's): its cache file
+/// and block state are kept when it is dropped, every acknowledged write survives the process
+/// (`persist_state`), and a flush makes the writes before it survive a power loss too
+/// (`Durable`: the cache outlives the process, so a client's flush must mean what it says).
+fn kept_overlay(opts: OverlayOptions) -> OverlayOptions {
+    OverlayOptions {
+        keep_cache: true,
+        persist_state: true,
+        durability: Durability::Durable,
+        ..opts
+    }
+}
+
+/// A socket provider for `config` with the daemon's serve options and test seams.
+fn socket_provider(core: &Core, config: SocketConfig) -> SocketProvider {
+    let mut p = SocketProvider::new(config);
+    if let Some(w) = core.config.seams.socket_device_wrapper.clone() {
+        p = p.with_device_wrapper(w);
+    }
+    p.with_serve_options(ServeOptions {
+        max_connections: core.config.max_connections_per_export,
+        connection_budget: Some(core.nbd_connections.clone()),
+        byte_budget: Some(core.nbd_bytes.clone()),
+        ..ServeOptions::default()
+    })
+}
+
+/// The provider that serves a running socket sandbox's disk again after a restart: its overlay
+/// reopened from the cache file and block state `served` names, over `base`, on the same socket
+/// and export name.
+pub fn adopted_provider(
+    core: &Core,
+    sb: &Sandbox,
+    base: BaseImage,
+    served: &ServedDisk,
+) -> AnyProvider {
+    let p = socket_provider(
+        core,
+        SocketConfig {
+            base,
+            socket: served.socket.clone(),
+            export: served.export.clone(),
+            cache: served.cache.clone(),
+            overlay: kept_overlay(OverlayOptions {
+                block_size: served.block_size,
+                disk_size: Some(sb.disk_size),
+                quota: sb.quota,
+                ..OverlayOptions::default()
+            }),
+        },
+    );
+    AnyProvider::Socket(p.reopening_cache())
+}
+
+/// Where `provider` serves `sb`'s disk, when a restarted daemon can adopt it: socket sandboxes
+/// without a VM (a VM the daemon started does not outlive it).
+pub fn served_disk(sb: &Sandbox, provider: &AnyProvider) -> Option<ServedDisk> {
+    match provider {
+        AnyProvider::Socket(p) if sb.vm.is_none() => {
+            let c = p.config();
+            Some(ServedDisk {
+                cache: c.cache.clone(),
+                socket: c.socket.clone(),
+                export: c.export.clone(),
+                block_size: c.overlay.block_size,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The files an overlay on `cache` keeps: the cache file and its block state.
+pub fn overlay_files(cache: &Path) -> [PathBuf; 2] {
+    [cache.to_owned(), rootfork_block::state_path(cache)]
+}
+
+/// Removes the files of a socket provider's overlay (after it is closed).
+fn remove_files(provider: &AnyProvider) {
+    let AnyProvider::Socket(p) = provider else {
+        // A kernel provider's overlay removes its cache when dropped.
+        return;
+    };
+    for f in overlay_files(&p.config().cache) {
+        if let Err(e) = std::fs::remove_file(&f) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %f.display(), "removing an overlay file: {e}");
+            }
+        }
+    }
+}
+
+/// Closes a provider nobody will use again (a failed create or resume) and removes its files.
+pub async fn discard(provider: &mut AnyProvider) -> std::result::Result<(), ProviderError> {
+    let closed = provider.close().await;
+    remove_files(provider);
+    closed
+}
+
 fn next_socket(core: &Core) -> PathBuf {
     core.dirs.nbd.join(format!("{}.sock", core.next_seq()))
 }
 
+/// Closes a provider whose attach failed: a new overlay's files go, an adopted one's stay (the
+/// sandbox is marked failed with them kept).
+async fn close_failed(provider: &mut AnyProvider) -> std::result::Result<(), ProviderError> {
+    match provider {
+        AnyProvider::Socket(p) if p.reopens_cache() => provider.close().await,
+        _ => discard(provider).await,
+    }
+}
+
 /// Starts `provider` and waits for its device; records the device and the latency in `sb`'s
-/// status. On failure the provider is closed again.
+/// status. On failure the provider is closed again (its files removed, unless it was reopening
+/// an adopted sandbox's).
 pub async fn bring_up(core: &Core, sb: &Sandbox, mut provider: AnyProvider) -> Result<AnyProvider> {
     let started = Instant::now();
     if let AnyProvider::Socket(p) = &provider {
@@ -121,7 +226,7 @@ pub async fn bring_up(core: &Core, sb: &Sandbox, mut provider: AnyProvider) -> R
     let device = match r {
         Ok(d) => d,
         Err(e) => {
-            if let Err(ce) = provider.close().await {
+            if let Err(ce) = close_failed(&mut provider).await {
                 tracing::warn!(sandbox = %sb.id, "closing a provider that failed to attach: {ce}");
             }
             return Err(e.into());
@@ -154,16 +259,17 @@ pub async fn bring_up(core: &Core, sb: &Sandbox, mut provider: AnyProvider) -> R
     Ok(provider)
 }
 
-/// Closes `sb`'s provider for good: drains and releases the device, keeps the provider's final
-/// template-read and NBD counters for the metrics, and reports the release. The close's error
-/// is returned for the caller to judge; the counters are kept either way.
+/// Closes `sb`'s provider for good: drains and releases the device, removes its files, keeps
+/// the provider's final template-read and NBD counters for the metrics, and reports the
+/// release. The close's error is returned for the caller to judge; the counters are kept and
+/// the files removed either way.
 pub async fn retire(
     core: &Core,
     sb: &Sandbox,
     provider: &mut AnyProvider,
 ) -> std::result::Result<(), ProviderError> {
     let read = crate::daemon::sandbox::overlay_stats(provider).map_or(0, |s| s.bytes_read_base);
-    let closed = provider.close().await;
+    let closed = discard(provider).await;
     core.closed.add(read, provider);
     if sb.kind == ProviderKind::Socket {
         // The kernel pool reports its own releases.
@@ -171,4 +277,25 @@ pub async fn retire(
             .emit(EventBus::event(EventKind::Released).sandbox(&sb.id));
     }
     closed
+}
+
+/// Stops serving `sb`'s socket disk for a daemon restart (see [`SocketProvider::hand_over`]):
+/// its files stay for the next daemon. Counters are kept as by [`retire`].
+pub async fn hand_over(
+    core: &Core,
+    sb: &Sandbox,
+    provider: &mut AnyProvider,
+) -> std::result::Result<(), ProviderError> {
+    let AnyProvider::Socket(p) = provider else {
+        return Err(ProviderError::Unsupported {
+            op: "a hand-over to the next daemon",
+            kind: provider.kind().as_str(),
+        });
+    };
+    let read = p.overlay().map_or(0, |o| o.stats().bytes_read_base);
+    let stopped = p.hand_over().await;
+    core.closed.add(read, provider);
+    core.events
+        .emit(EventBus::event(EventKind::Released).sandbox(&sb.id));
+    stopped
 }

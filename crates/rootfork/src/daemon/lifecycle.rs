@@ -1,16 +1,16 @@
 //! A sandbox's birth and death: create (register, attach the disk, boot the VM; a failure leaves
-//! nothing behind) and delete (VM first, then the disk, then the paused diffs; the record stays
-//! as a tombstone for a while so late calls get a precise answer).
+//! nothing behind) and delete (its durable record first, then the VM, the disk, the paused diffs
+//! and kept overlay files; the sandbox stays as a tombstone for a while so late calls get a
+//! precise answer).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use rootfork_block::TemplatePath;
-use rootfork_provider::{BaseImage, Provider, ProviderKind};
+use rootfork_provider::{BaseImage, ProviderKind};
 
 use crate::daemon::core::Core;
 use crate::daemon::model::{SandboxInfo, SandboxState};
-use crate::daemon::records::RecordState;
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::spec::{SandboxSpec, SpecError};
 use crate::daemon::vm;
@@ -114,7 +114,7 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         let mut provider =
             disk::bring_up(core, &sb, disk::provider_for(core, &sb, base, 0)?).await?;
         let booted = match vm::boot(core, &sb, &provider).await {
-            Ok(vm) => match persist::save(core, &sb, &live, RecordState::Running) {
+            Ok(vm) => match persist::save_running(core, &sb, &live, &provider) {
                 Ok(()) => Ok(vm),
                 Err(e) => {
                     if let Some(v) = vm {
@@ -128,7 +128,7 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         match booted {
             Ok(vm) => Ok((provider, vm)),
             Err(e) => {
-                if let Err(ce) = provider.close().await {
+                if let Err(ce) = disk::discard(&mut provider).await {
                     tracing::warn!(sandbox = %sb.id, "closing after a failed create: {ce}");
                 }
                 Err(e)
@@ -176,6 +176,9 @@ pub async fn delete(core: &Core, id: &str) -> Result<bool> {
         return Ok(false);
     }
     core.set_state(&sb, SandboxState::Deleting, None);
+    // The record goes first: a daemon that dies during the delete leaves files no record
+    // owns, which the next start removes, rather than a record of a half-deleted sandbox.
+    persist::forget(core, id);
     if let Some(v) = live.vm.take() {
         // The VM goes first: the disk is closed under nobody.
         vm::stop(core, &sb, v).await;
@@ -191,12 +194,11 @@ pub async fn delete(core: &Core, id: &str) -> Result<bool> {
     for f in live.files.drain(..) {
         if let Err(e) = std::fs::remove_file(&f) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(file = %f.display(), "removing a paused diff: {e}");
+                tracing::warn!(file = %f.display(), "removing a sandbox file: {e}");
             }
         }
     }
     sb.update(|s| s.clear_device());
-    persist::forget(core, id);
     core.set_state(&sb, SandboxState::Deleted, None);
     drop(live);
     remember_deleted(core, sb);

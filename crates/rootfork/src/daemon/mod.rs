@@ -1,7 +1,7 @@
 //! The daemon: [`Daemon::start`] prepares the state directory, loads (or builds) templates,
 //! reclaims dead kernel devices, serves the gRPC API on its Unix socket (and TCP if asked), the
-//! metrics endpoint and the health checker; [`Daemon::shutdown`] stops them and deletes every
-//! sandbox.
+//! metrics endpoint and the health checker; [`Daemon::shutdown`] stops them and keeps every
+//! sandbox for the next start (or deletes them all with `delete_on_exit`).
 //!
 //! State directory layout (mode 0700):
 //!
@@ -17,10 +17,12 @@
 //! | `format` | the state directory's format version |
 //! | `api.token` | generated bearer token when TCP is on and no token file is given |
 //!
-//! Paused sandboxes survive a restart: each sandbox has a durable record in `sandboxes/`, a stop
-//! (SIGTERM) pauses the running ones, and a start restores every recorded sandbox (`persist.rs`).
-//! A start removes what a previous run left in `nbd/`, `cache/`, `tmp/` and `vm/`, and the
-//! diffs in `paused/` that no record names. The directory's format is versioned (`format`).
+//! Sandboxes survive a restart: each sandbox has a durable record in `sandboxes/`; a stop
+//! (SIGTERM) hands the running socket sandboxes over (flushed, files kept, still running) and
+//! pauses the others; a start restores every recorded sandbox and serves the running socket
+//! ones again on the same socket (`persist.rs`, `adopt.rs`). A start removes what a previous
+//! run left in `nbd/`, `tmp/` and `vm/`, and the files in `cache/` and `paused/` no record owns.
+//! The directory's format is versioned (`format`).
 //!
 //! The daemon by concern:
 //!
@@ -37,6 +39,7 @@
 //! | `disk.rs` | a sandbox's provider: build, bring up, retire |
 //! | `pause.rs` | pause and resume (`diffmerge.rs`: folding two diffs) |
 //! | `records.rs`, `persist.rs` | durable sandbox records; restore at start, keep at stop |
+//! | `adopt.rs` | serving a running socket sandbox of a previous run again at start |
 //! | `vm.rs` | booting and stopping the sandbox's QEMU |
 //! | `sandbox.rs` | one sandbox's record: identity, status, live resources |
 //! | `health.rs` | the periodic health check and recovery |
@@ -49,6 +52,7 @@
 //! The gRPC edge is `crate::service`: it turns wire messages into these types and back.
 
 mod actions;
+mod adopt;
 pub mod core;
 pub mod demo;
 pub mod diffmerge;
@@ -164,16 +168,18 @@ impl Daemon {
         if leftovers > 0 {
             tracing::info!(
                 leftovers,
-                "removed sockets, caches and diffs of a previous run"
+                "removed sockets and scratch files of a previous run"
             );
         }
+        std::fs::create_dir_all(&dirs.cache)
+            .map_err(io(format!("creating {}", dirs.cache.display())))?;
         let templates = TemplateStore::open(&dirs.templates)?;
         let records = records::Records::open(&dirs.sandboxes)
             .map_err(io(format!("opening {}", dirs.sandboxes.display())))?;
         std::fs::create_dir_all(&dirs.paused)
             .map_err(io(format!("creating {}", dirs.paused.display())))?;
         let core = Arc::new(Core::new(config.clone(), dirs.clone(), templates, records));
-        let restored = persist::restore(&core)?;
+        let restored = persist::restore(&core).await?;
         if restored > 0 {
             tracing::info!(restored, "restored the sandboxes of a previous run");
         }
@@ -326,8 +332,9 @@ impl Daemon {
         &self.core
     }
 
-    /// Stops serving, keeps every sandbox (running ones are paused; with `delete_on_exit` every
-    /// sandbox is deleted instead) and removes the API socket.
+    /// Stops serving and keeps every sandbox for the next start (running socket sandboxes are
+    /// handed over, the others paused; with `delete_on_exit` every sandbox is deleted instead),
+    /// then removes the API socket.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
@@ -343,8 +350,12 @@ impl Daemon {
         if self.core.config.delete_on_exit {
             self.core.delete_all().await;
         } else {
-            let kept = persist::keep_all(&self.core).await;
-            tracing::info!(kept, "sandboxes paused and kept for the next start");
+            let (handed_over, paused) = persist::keep_all(&self.core).await;
+            tracing::info!(
+                handed_over,
+                paused,
+                "sandboxes kept for the next start (running ones handed over, the rest paused)"
+            );
         }
         let _ = std::fs::remove_file(&self.api_socket);
         tracing::info!("rootfork daemon stopped");

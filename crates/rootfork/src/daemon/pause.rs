@@ -226,10 +226,10 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
         Err(e) => Err(e),
     };
     let r = match r {
-        Ok(mut p) => match persist::save(core, &sb, &live, RecordState::Running) {
+        Ok(mut p) => match persist::save_running(core, &sb, &live, &p) {
             Ok(()) => Ok(p),
             Err(e) => {
-                if let Err(ce) = p.close().await {
+                if let Err(ce) = disk::discard(&mut p).await {
                     tracing::warn!(sandbox = id, "closing after a failed record write: {ce}");
                 }
                 Err(e)

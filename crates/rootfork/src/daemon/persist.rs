@@ -1,27 +1,40 @@
 //! What outlives the daemon process. Every lifecycle change writes the sandbox's record
-//! (`records.rs`); a start restores every recorded sandbox; a stop (SIGTERM) pauses the running
-//! ones, so they come back paused with every byte they had, instead of being deleted.
+//! (`records.rs`); a start restores every recorded sandbox and adopts the running socket ones
+//! (`adopt.rs`); a stop (SIGTERM) hands the running socket sandboxes over to the next start
+//! (served until every request read is answered, flushed, their files kept, their records still
+//! saying running) and pauses the others.
 //!
-//! A running sandbox cannot be adopted across a restart yet (its overlay's block state lives in
-//! the daemon's memory): after a crash or SIGKILL it comes back at its last pause (paused, with a
+//! A running sandbox that cannot be adopted (kernel provider, a VM the daemon started, a record
+//! of an older daemon) comes back at its last pause after a crash or SIGKILL (paused, with a
 //! message saying that later writes were lost), or `FAILED` when it never paused.
+//!
+//! At start, files in `cache/` and `paused/` are removed only when provably orphaned: no record
+//! names them, and no record file of their sandbox was refused (a damaged or newer record may
+//! own them). Files whose names the daemon does not give are reported and kept.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use rootfork_provider::{PausedDisk, ProviderKind};
 
 use crate::daemon::core::Core;
 use crate::daemon::model::SandboxState;
 use crate::daemon::records::{
-    provider_kind, DiffRecord, RecordState, SandboxRecord, RECORD_VERSION,
+    provider_kind, DiffRecord, RecordState, SandboxRecord, ServedDisk, RECORD_VERSION,
 };
 use crate::daemon::sandbox::{Live, Sandbox};
-use crate::daemon::{pause, vm};
+use crate::daemon::{adopt, disk, pause, vm};
 use crate::error::{DaemonError, Result};
 use crate::events::{EventBus, EventKind};
 
-/// The record of `sb` in `state`.
-fn record_of(sb: &Sandbox, live: &Live, state: RecordState) -> SandboxRecord {
+/// The record of `sb` in `state`, served from `served` when running.
+fn record_of(
+    sb: &Sandbox,
+    live: &Live,
+    state: RecordState,
+    served: Option<ServedDisk>,
+) -> SandboxRecord {
     SandboxRecord {
         version: RECORD_VERSION,
         id: sb.id.clone(),
@@ -35,14 +48,32 @@ fn record_of(sb: &Sandbox, live: &Live, state: RecordState) -> SandboxRecord {
         paused: live.paused.as_ref().map(DiffRecord::of),
         pause_count: sb.status().pause_count,
         generation: live.generation,
+        served: served.filter(|_| state == RecordState::Running),
     }
 }
 
-/// Writes `sb`'s record (the caller holds its lifecycle lock).
+/// Writes `sb`'s record (the caller holds its lifecycle lock). A running sandbox's record
+/// written here does not say where its disk is served from ([`save_running`] does).
 pub fn save(core: &Core, sb: &Sandbox, live: &Live, state: RecordState) -> Result<()> {
+    write(core, &record_of(sb, live, state, None))
+}
+
+/// Writes the record of `sb` running on `provider` (the caller holds its lifecycle lock), with
+/// where its disk is served from when a restart can adopt it ([`disk::served_disk`]).
+pub fn save_running(
+    core: &Core,
+    sb: &Sandbox,
+    live: &Live,
+    provider: &rootfork_provider::AnyProvider,
+) -> Result<()> {
+    let served = disk::served_disk(sb, provider);
+    write(core, &record_of(sb, live, RecordState::Running, served))
+}
+
+fn write(core: &Core, rec: &SandboxRecord) -> Result<()> {
     core.records
-        .write(&record_of(sb, live, state))
-        .map_err(|e| DaemonError::io(format!("writing the record of sandbox {}", sb.id), e))
+        .write(rec)
+        .map_err(|e| DaemonError::io(format!("writing the record of sandbox {}", rec.id), e))
 }
 
 /// Removes `id`'s record (a delete's last step).
@@ -52,34 +83,70 @@ pub fn forget(core: &Core, id: &str) {
     }
 }
 
-/// Registers every recorded sandbox (at start, before the API listens), then removes paused
-/// diffs no record names. Returns how many were restored.
-pub fn restore(core: &Core) -> Result<usize> {
+/// What a start does with one record.
+enum Restored {
+    /// Registered as it was (paused, or failed / back at its last pause).
+    Done,
+    /// Registered; its disk is to be served again.
+    Adopt(Arc<Sandbox>, ServedDisk, Option<PausedDisk>),
+}
+
+/// Registers every recorded sandbox (at start, before the API listens), adopts the running
+/// socket ones, then removes the files in `cache/` and `paused/` that are provably orphaned.
+/// Returns how many were restored.
+pub async fn restore(core: &Core) -> Result<usize> {
     let loaded = core
         .records
         .load()
         .map_err(|e| DaemonError::io("reading the sandbox records", e))?;
-    for (path, why) in loaded.refused {
-        tracing::warn!(record = %path.display(), "ignoring a sandbox record: {why}");
+    let mut owners = Owners::default();
+    for (path, why) in &loaded.refused {
+        tracing::warn!(record = %path.display(), "ignoring a sandbox record (its files are kept): {why}");
+        if let Some(id) = path.file_stem().and_then(|s| s.to_str()) {
+            owners.refused.insert(id.to_owned());
+        }
     }
-    let mut kept: BTreeSet<PathBuf> = BTreeSet::new();
     let mut restored = 0;
+    let mut to_adopt = Vec::new();
     for rec in loaded.records {
         if let Some(d) = &rec.paused {
-            kept.insert(d.data.clone());
+            owners.named.insert(d.data.clone());
+        }
+        if let Some(s) = &rec.served {
+            owners.named.extend(disk::overlay_files(&s.cache));
         }
         match restore_one(core, &rec) {
-            Ok(()) => restored += 1,
+            Ok(Restored::Done) => restored += 1,
+            Ok(Restored::Adopt(sb, served, paused)) => {
+                restored += 1;
+                to_adopt.push((sb, served, paused));
+            }
             Err(why) => {
                 tracing::warn!(sandbox = %rec.id, "not restoring a recorded sandbox (its record is kept): {why}")
             }
         }
     }
-    remove_orphan_diffs(core, &kept);
+    let (mut adopted, mut failed) = (0, 0);
+    for (sb, served, paused) in to_adopt {
+        if adopt::adopt(core, &sb, &served, paused).await {
+            adopted += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    if adopted + failed > 0 {
+        tracing::info!(
+            adopted,
+            failed,
+            "adopted the running sandboxes of a previous run"
+        );
+    }
+    owners.remove_orphans(&core.dirs.paused);
+    owners.remove_orphans(&core.dirs.cache);
     Ok(restored)
 }
 
-fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<(), String> {
+fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored, String> {
     crate::names::sandbox_id(&rec.id).map_err(|e| e.to_string())?;
     let kind = provider_kind(&rec.provider)
         .ok_or_else(|| format!("unknown provider {:?}", rec.provider))?;
@@ -110,18 +177,36 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<(), Stri
         rec.disk_size,
         rec.quota,
     );
+    let adoptable = match (&rec.state, &rec.served) {
+        (RecordState::Running, Some(s)) if kind == ProviderKind::Socket && rec.vm.is_none() => {
+            Some(s.clone())
+        }
+        _ => None,
+    };
+    if rec.state == RecordState::Running && adoptable.is_none() {
+        core.metrics
+            .adoption(Some(adopt::not_adoptable_reason(kind, rec.vm.is_some())));
+    }
     let (state, message) = match (rec.state, &paused) {
+        // Its state and message are set by the adoption.
+        (RecordState::Running, _) if adoptable.is_some() => {
+            (SandboxState::Resuming, String::new())
+        }
         (RecordState::Paused, Some(_)) => (SandboxState::Paused, String::new()),
         (RecordState::Running, Some(p)) => (
             SandboxState::Paused,
             format!(
-                "the daemon stopped while this sandbox ran: it is back at its last pause ({} bytes of changes); writes after that pause were lost",
-                p.map.data_len()
+                "the daemon stopped while this sandbox ran: it is back at its last pause ({} bytes of changes); writes after that pause were lost ({})",
+                p.map.data_len(),
+                not_adopted_why(kind, rec.vm.is_some())
             ),
         ),
         (_, None) => (
             SandboxState::Failed,
-            "the daemon stopped while this sandbox ran and it had never paused: its disk was not kept (running sandboxes are not adopted across a restart yet); delete it".to_owned(),
+            format!(
+                "the daemon stopped while this sandbox ran and it had never paused: its disk was not kept ({}); delete it",
+                not_adopted_why(kind, rec.vm.is_some())
+            ),
         ),
     };
     {
@@ -142,6 +227,9 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<(), Stri
         s.paused_diff_bytes = paused.as_ref().map_or(0, |p| p.map.data_len());
     });
     core.sandboxes.write().insert(rec.id.clone(), sb.clone());
+    if let Some(served) = adoptable {
+        return Ok(Restored::Adopt(sb, served, paused));
+    }
     tracing::info!(sandbox = %rec.id, state = %state, "restored a recorded sandbox");
     let mut ev = EventBus::event(EventKind::Sandbox)
         .sandbox(&rec.id)
@@ -151,40 +239,100 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<(), Stri
         ev = ev.message(message);
     }
     core.events.emit(ev);
-    Ok(())
+    Ok(Restored::Done)
 }
 
-/// Removes files in `STATE/paused` that no record names (a pause interrupted before its record
-/// was written, or a delete interrupted after it): nothing else can own them, since the state
-/// directory's lock keeps other daemons out.
-fn remove_orphan_diffs(core: &Core, kept: &BTreeSet<PathBuf>) {
-    let Ok(dir) = std::fs::read_dir(&core.dirs.paused) else {
-        return;
-    };
-    let mut removed = 0;
-    for ent in dir.flatten() {
-        let p = ent.path();
-        if !kept.contains(&p) && std::fs::remove_file(&p).is_ok() {
-            removed += 1;
+/// Why a running sandbox of kind `kind` was not adopted.
+fn not_adopted_why(kind: ProviderKind, has_vm: bool) -> &'static str {
+    match (kind, has_vm) {
+        (ProviderKind::Kernel, _) => "kernel sandboxes are not adopted across a restart yet",
+        (_, true) => "a sandbox whose VM the daemon started is not adopted across a restart",
+        _ => "its record, from an older daemon, does not say where its disk was served from",
+    }
+}
+
+/// Which files in `cache/` and `paused/` a start must keep.
+#[derive(Debug, Default)]
+struct Owners {
+    /// Files the loaded records name.
+    named: BTreeSet<PathBuf>,
+    /// Sandbox ids with a record file that could not be read (it may own files).
+    refused: BTreeSet<String>,
+}
+
+/// The sandbox id in a file name the daemon gives (`ID.G.cache`, `ID.G.cache.state`,
+/// `ID.G.diff`: the id is what precedes the generation number).
+fn owner_id(name: &str) -> Option<&str> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let g = parts
+        .iter()
+        .rposition(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))?;
+    let kind = parts.get(g + 1)?;
+    if g == 0 || !matches!(*kind, "cache" | "diff") {
+        return None;
+    }
+    let id_len = parts[..g].iter().map(|p| p.len() + 1).sum::<usize>() - 1;
+    Some(&name[..id_len])
+}
+
+impl Owners {
+    /// Removes the files in `dir` no record owns: not named by a loaded record, and of a
+    /// sandbox without a refused record. Files named otherwise are reported and kept.
+    fn remove_orphans(&self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut removed = 0;
+        for ent in entries.flatten() {
+            let p = ent.path();
+            if self.named.contains(&p) {
+                continue;
+            }
+            let name = ent.file_name().to_string_lossy().into_owned();
+            match owner_id(&name) {
+                Some(id) if self.refused.contains(id) => {}
+                Some(_) => match std::fs::remove_file(&p) {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::warn!(file = %p.display(), "cannot remove an orphan: {e}"),
+                },
+                None => {
+                    tracing::warn!(file = %p.display(), "kept a file the daemon did not name (remove it by hand if it is not needed)")
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, dir = %dir.display(), "removed files no sandbox record owns");
         }
     }
-    if removed > 0 {
-        tracing::info!(removed, dir = %core.dirs.paused.display(), "removed paused diffs no sandbox record names");
-    }
 }
 
-/// SIGTERM: pauses every sandbox that holds a disk (its VM stopped first), so its record says
-/// paused and a restarted daemon can resume it. Returns how many were kept.
-pub async fn keep_all(core: &Core) -> usize {
+/// SIGTERM: keeps every sandbox for the next start. A running socket sandbox without a VM is
+/// handed over: its export stops reading requests, answers every one it read, its overlay is
+/// flushed and closed with its files kept, and its record still says running, so the next start
+/// serves it again. Every other sandbox that holds a disk (kernel provider, a VM the daemon
+/// started, a failed one) is paused as before (its VM stopped first). Returns how many were kept
+/// (handed over, paused).
+pub async fn keep_all(core: &Core) -> (usize, usize) {
     let all: Vec<Arc<Sandbox>> = core.sandboxes.read().values().cloned().collect();
-    let mut kept = 0;
+    let (mut handed, mut paused) = (0, 0);
     for sb in all {
         if !matches!(sb.state(), SandboxState::Running | SandboxState::Failed) {
             continue;
         }
         {
             let mut live = sb.live.lock().await;
-            if live.provider.is_none() {
+            let Some(provider) = live.provider.as_ref() else {
+                continue;
+            };
+            if sb.state() == SandboxState::Running && disk::served_disk(&sb, provider).is_some() {
+                let mut provider = live.provider.take().expect("checked above");
+                match disk::hand_over(core, &sb, &mut provider).await {
+                    Ok(()) => handed += 1,
+                    Err(e) => tracing::warn!(
+                        sandbox = %sb.id,
+                        "handing over at shutdown: {e} (its record says running; the next start reopens what was flushed)"
+                    ),
+                }
                 continue;
             }
             if let Some(v) = live.vm.take() {
@@ -194,7 +342,7 @@ pub async fn keep_all(core: &Core) -> usize {
             }
         }
         match pause::pause(core, &sb.id).await {
-            Ok(_) => kept += 1,
+            Ok(_) => paused += 1,
             Err(e) => {
                 tracing::warn!(sandbox = %sb.id, "could not pause at shutdown (its record says it was running): {e}")
             }
@@ -202,7 +350,7 @@ pub async fn keep_all(core: &Core) -> usize {
     }
     core.events
         .emit(EventBus::event(EventKind::Sandbox).message(format!(
-            "daemon stopping: {kept} sandbox(es) paused and kept"
+            "daemon stopping: {handed} running sandbox(es) handed over to the next start, {paused} paused; all kept"
         )));
-    kept
+    (handed, paused)
 }

@@ -1,7 +1,8 @@
 //! Durable sandbox records: `STATE/sandboxes/ID.json`, one per sandbox that is not deleted,
 //! written atomically (a temporary file, fsync, rename, fsync of the directory) at every
-//! lifecycle change, so a restart finds every paused sandbox with its diff, and knows which
-//! sandboxes were running when the daemon went away.
+//! lifecycle change, so a restart finds every paused sandbox with its diff, knows which
+//! sandboxes were running when the daemon went away, and for a running socket sandbox where its
+//! disk was served from ([`ServedDisk`]), so the next daemon can serve it again.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -51,6 +52,20 @@ pub struct DiffRecord {
     pub data: PathBuf,
 }
 
+/// Where a running socket sandbox's disk is served from: what a restarted daemon needs to
+/// reopen its overlay and serve it again at the same NBD URI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedDisk {
+    /// The overlay's cache file (its block state beside it, `rootfork_block` names it).
+    pub cache: PathBuf,
+    /// The Unix socket the export is served on.
+    pub socket: PathBuf,
+    /// The export name.
+    pub export: String,
+    /// The overlay's block size.
+    pub block_size: u32,
+}
+
 /// A sandbox as kept on disk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxRecord {
@@ -78,6 +93,11 @@ pub struct SandboxRecord {
     pub pause_count: u32,
     /// The next generation number for its file names.
     pub generation: u64,
+    /// While running on a socket provider that a restart can adopt: where its disk is served
+    /// from. Absent in records of older daemons and of sandboxes that cannot be adopted (kernel
+    /// provider, a VM the daemon started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<ServedDisk>,
 }
 
 impl DiffRecord {
@@ -275,6 +295,7 @@ mod tests {
             })),
             pause_count: 1,
             generation: 3,
+            served: None,
         }
     }
 
@@ -295,6 +316,28 @@ mod tests {
         r.remove("a").unwrap();
         r.remove("a").unwrap();
         assert_eq!(r.load().unwrap().records.len(), 1);
+    }
+
+    #[test]
+    fn a_served_disk_round_trips_and_records_without_one_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Records::open(dir.path()).unwrap();
+        let mut a = record("a");
+        a.state = RecordState::Running;
+        a.served = Some(ServedDisk {
+            cache: "/s/cache/a.3.cache".into(),
+            socket: "/s/nbd/7.sock".into(),
+            export: "a".into(),
+            block_size: 4096,
+        });
+        r.write(&a).unwrap();
+        // A record of a daemon from before adoption has no `served`.
+        let mut old = serde_json::to_value(record("b")).unwrap();
+        old.as_object_mut().unwrap().remove("served");
+        std::fs::write(dir.path().join("b.json"), old.to_string()).unwrap();
+        let l = r.load().unwrap();
+        assert!(l.refused.is_empty(), "{:?}", l.refused);
+        assert_eq!(l.records, vec![a, record("b")]);
     }
 
     #[test]

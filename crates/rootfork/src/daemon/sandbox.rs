@@ -18,7 +18,7 @@ pub struct Live {
     pub provider: Option<AnyProvider>,
     /// The last pause's export while paused.
     pub paused: Option<PausedDisk>,
-    /// Files to remove on delete (paused diffs).
+    /// Files to remove on delete (paused diffs; the kept overlay files of a failed adoption).
     pub files: Vec<std::path::PathBuf>,
     /// Generation counter for file names.
     pub generation: u64,

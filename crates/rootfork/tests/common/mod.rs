@@ -1,8 +1,11 @@
 //! Helpers shared by the daemon's integration tests: an in-process daemon in a temporary state
 //! directory, a client over its Unix socket, small templates and an NBD reader/writer
-//! (`/usr/bin/python3` with libnbd's bindings, installed by scripts/install-deps).
+//! (`/usr/bin/python3` with libnbd's bindings, installed by scripts/install-deps), and a Rust
+//! NBD client that keeps many requests in flight (`nbd_client.rs`).
 
 #![allow(dead_code)]
+
+pub mod nbd_client;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -93,10 +96,45 @@ pub async fn connect_when_up(api: &Path) -> Clients {
 pub struct ServeProcess(pub std::process::Child);
 
 impl ServeProcess {
+    /// `rootfork serve --no-demo` on `state` (kernel claim locks in `locks`), health checks
+    /// rare, logging warnings only.
+    pub fn spawn(state: &Path, locks: &Path) -> ServeProcess {
+        ServeProcess(
+            Command::new(env!("CARGO_BIN_EXE_rootfork"))
+                .args(["serve", "--no-demo", "--health-interval", "10"])
+                .arg("--state-dir")
+                .arg(state)
+                .arg("--nbd-lock-dir")
+                .arg(locks)
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .unwrap(),
+        )
+    }
+
     /// Kills it now (SIGKILL) and reaps it.
     pub fn kill9(mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+
+    /// Stops it with SIGTERM and waits for it to exit (up to a minute; then SIGKILL and fail).
+    pub fn terminate(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                assert!(status.success(), "rootfork serve exited with {status}");
+                return;
+            }
+            // Dropping `self` kills and reaps it.
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rootfork serve did not exit within a minute of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
