@@ -1,5 +1,6 @@
 //! The `rootfork` command: the daemon (`serve`), its clients (`template`, `sandbox`, `device`,
-//! `events`), shell completions, and direct NBD tools (`nbd serve|attach|list|reclaim`).
+//! `events`), shell completions, man pages (hidden `generate man`), and direct NBD tools
+//! (`nbd serve|attach|list|reclaim`).
 
 mod cmd;
 
@@ -37,6 +38,9 @@ enum Command {
     Events(cmd::events::Args),
     /// Print a shell completion script.
     Completions(cmd::completions::Args),
+    /// Generate packaging files from the CLI (man pages).
+    #[command(subcommand, hide = true)]
+    Generate(cmd::generate::Command),
     /// Serve or attach overlays over NBD directly, without the daemon.
     #[command(subcommand)]
     Nbd(NbdCommand),
@@ -84,6 +88,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Completions(args) => cmd::completions::run(args, Cli::command()),
+        Command::Generate(c) => cmd::generate::run(c, Cli::command()),
         Command::Template(c) => cmd::template::run(c.client, c.command),
         Command::Sandbox(c) => cmd::sandbox::run(c.client, c.command),
         Command::Device(c) => cmd::device::run(c.client, c.command),

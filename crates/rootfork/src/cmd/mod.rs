@@ -4,6 +4,7 @@ pub mod client_opts;
 pub mod completions;
 pub mod device;
 pub mod events;
+pub mod generate;
 pub mod nbd_attach;
 pub mod nbd_list;
 pub mod nbd_reclaim;

@@ -1,9 +1,12 @@
-//! `rootfork serve`: run the daemon until SIGINT or SIGTERM.
+//! `rootfork serve`: run the daemon until SIGINT or SIGTERM. Under systemd (`Type=notify`,
+//! `$NOTIFY_SOCKET` set) it sends `READY=1` once the API answers a call, `WATCHDOG=1` while the
+//! health loop makes progress (`WatchdogSec=`), and `STOPPING=1` when it begins to stop.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use rootfork::config::{Config, FileConfig, LogFormat, Overrides};
+use rootfork::daemon::notify::{self, Notifier, State};
 use rootfork::daemon::Daemon;
 
 /// Arguments of `rootfork serve` (each flag falls back to its environment variable, then to the
@@ -67,6 +70,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             nbd_lock_dir: args.nbd_lock_dir,
         },
     )?;
+    // Read, then clear, the notification variables while this is the only thread, so the VMs
+    // and tools the daemon starts do not inherit them.
+    let notifier = Notifier::from_env()?.map(std::sync::Arc::new);
+    let watchdog = notify::watchdog_period_from_env()?;
+    notify::forget_env();
+    let health_interval = config.health_interval;
     super::init_logging_as(config.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -78,10 +87,49 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let daemon = Daemon::start(config).await?;
+        let (stop_watchdog, watchdog_stop) = tokio::sync::watch::channel(false);
+        if let Some(n) = &notifier {
+            let templates = match notify::api_answers(daemon.api_socket()).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // Never READY: stop cleanly and let the service manager see the failure.
+                    daemon.shutdown().await;
+                    return Err(
+                        anyhow::Error::new(e).context("the API does not answer after start")
+                    );
+                }
+            };
+            let status = format!(
+                "serving the API on {} ({templates} templates)",
+                daemon.api_socket().display()
+            );
+            if let Err(e) = n.send(&[State::Ready, State::Status(&status)]) {
+                tracing::warn!("{e}");
+            }
+            if let Some(period) = watchdog {
+                tracing::info!(
+                    period_secs = period.as_secs_f64(),
+                    "watchdog keep-alives tied to the health loop"
+                );
+                tokio::spawn(notify::keep_alive(
+                    n.clone(),
+                    period,
+                    health_interval,
+                    daemon.health_heartbeat(),
+                    watchdog_stop,
+                ));
+            }
+        }
         tokio::select! {
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         }
+        if let Some(n) = &notifier {
+            if let Err(e) = n.send(&[State::Stopping, State::Status("stopping")]) {
+                tracing::warn!("{e}");
+            }
+        }
+        let _ = stop_watchdog.send(true);
         daemon.shutdown().await;
         Ok(())
     })

@@ -49,6 +49,7 @@
 //! | `limits.rs` | admission: `limits.max_sandboxes`, file descriptors (`RLIMIT_NOFILE`) |
 //! | `stats.rs` | metrics recording: closed-provider totals, the scrape snapshot |
 //! | `demo.rs` | the demo template of a first start |
+//! | `notify.rs` | systemd notifications: `READY=1`, `STOPPING=1`, the watchdog tied to the health loop |
 //!
 //! The gRPC edge is `crate::service`: it turns wire messages into these types and back.
 
@@ -64,6 +65,7 @@ pub mod kernel;
 mod lifecycle;
 pub mod limits;
 pub mod model;
+pub mod notify;
 mod pause;
 mod persist;
 pub mod records;
@@ -142,6 +144,7 @@ pub struct Daemon {
     api_socket: PathBuf,
     tcp: Option<SocketAddr>,
     metrics: Option<Bound>,
+    health_heartbeat: watch::Receiver<std::time::Instant>,
     _lock: nix::fcntl::Flock<File>,
 }
 
@@ -289,9 +292,11 @@ impl Daemon {
                 )));
             }
         }
+        let (heartbeat, health_heartbeat) = watch::channel(std::time::Instant::now());
         tasks.push(tokio::spawn(health::run(
             core.clone(),
             config.health_interval,
+            heartbeat,
             stop_rx,
         )));
 
@@ -315,6 +320,7 @@ impl Daemon {
             api_socket: sock,
             tcp,
             metrics,
+            health_heartbeat,
             _lock: lock,
         })
     }
@@ -332,6 +338,12 @@ impl Daemon {
     /// The metrics endpoint, if on.
     pub fn metrics_endpoint(&self) -> Option<&Bound> {
         self.metrics.as_ref()
+    }
+
+    /// When the health loop last showed progress (the end of a sandbox's check or of a round):
+    /// what the service watchdog's keep-alives are tied to (`notify.rs`).
+    pub fn health_heartbeat(&self) -> watch::Receiver<std::time::Instant> {
+        self.health_heartbeat.clone()
     }
 
     /// The shared state (for tests and embedding).

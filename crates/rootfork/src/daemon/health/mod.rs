@@ -44,7 +44,9 @@ mod check;
 mod probe;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use crate::daemon::core::Core;
 use crate::daemon::model::{Health, SandboxState};
@@ -60,11 +62,24 @@ pub const FAILS_TO_MARK_FAILED: u32 = 2;
 
 /// Runs one round over every sandbox.
 pub async fn round(core: &Core) {
+    round_beating(core, None).await
+}
+
+/// One round, stamping `heartbeat` with the time after every sandbox's check and at the end: the
+/// loop's sign of life for the service manager's watchdog (`notify.rs`). A check is bounded (probe
+/// timeout, retries; a busy sandbox is skipped), so only a hung loop leaves the stamp to age.
+async fn round_beating(core: &Core, heartbeat: Option<&watch::Sender<Instant>>) {
     let all: Vec<Arc<Sandbox>> = core.sandboxes.read().values().cloned().collect();
     for sb in all {
         if let Some(r) = check::check(core, &sb).await {
             core.metrics.health_check(r.is_ok());
         }
+        if let Some(b) = heartbeat {
+            b.send_replace(Instant::now());
+        }
+    }
+    if let Some(b) = heartbeat {
+        b.send_replace(Instant::now());
     }
 }
 
@@ -127,17 +142,19 @@ fn record(core: &Core, sb: &Sandbox, r: &Result<(), CheckFailure>) {
     }
 }
 
-/// The checker task: a round every `interval` until `stop` fires.
+/// The checker task: a round every `interval` until `stop` fires, stamping `heartbeat` as it
+/// goes (see [`round_beating`]).
 pub async fn run(
     core: Arc<Core>,
     interval: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    heartbeat: watch::Sender<Instant>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => round(&core).await,
+            _ = tick.tick() => round_beating(&core, Some(&heartbeat)).await,
             _ = stop.changed() => return,
         }
     }
