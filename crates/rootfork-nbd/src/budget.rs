@@ -2,6 +2,12 @@
 //! most `limit` connections open across all of them (a connection holds a [`Permit`] for its
 //! life; dropping it gives the place back), and [`ByteBudget`], at most `limit` buffer bytes in
 //! flight across all their connections (each connection's window charges it).
+//!
+//! A [`ConnectionBudget`] may also keep file descriptors free
+//! ([`ConnectionBudget::keeping_fds_free`]): a connection is refused while fewer than that many
+//! descriptors are left under the process's `RLIMIT_NOFILE`, whatever the count, so that clients
+//! cannot take the descriptors the rest of the process (an API, its files) needs, even when the
+//! count was sized for fewer sandboxes than the process serves.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,6 +17,26 @@ use std::sync::Arc;
 pub struct ConnectionBudget {
     limit: usize,
     used: AtomicUsize,
+    keep_free: Option<u64>,
+}
+
+/// Why a [`ConnectionBudget`] gave no place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortage {
+    /// Every place is taken.
+    Places,
+    /// Fewer file descriptors than the budget keeps free are left.
+    FileDescriptors,
+}
+
+impl Shortage {
+    /// The limit reached, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shortage::Places => "the shared connection budget",
+            Shortage::FileDescriptors => "the file descriptors kept free",
+        }
+    }
 }
 
 /// One connection's place in a [`ConnectionBudget`].
@@ -23,17 +49,35 @@ impl ConnectionBudget {
         Arc::new(ConnectionBudget {
             limit,
             used: AtomicUsize::new(0),
+            keep_free: None,
         })
     }
 
-    /// A place, if one is left.
-    pub fn try_take(self: &Arc<Self>) -> Option<Permit> {
+    /// A budget of `limit` connections that also refuses while fewer than `keep_free` file
+    /// descriptors are left in this process (see the module doc).
+    pub fn keeping_fds_free(limit: usize, keep_free: u64) -> Arc<ConnectionBudget> {
+        Arc::new(ConnectionBudget {
+            limit,
+            used: AtomicUsize::new(0),
+            keep_free: Some(keep_free),
+        })
+    }
+
+    /// A place, if one is left (and, with [`ConnectionBudget::keeping_fds_free`], enough file
+    /// descriptors are).
+    pub fn try_take(self: &Arc<Self>) -> Result<Permit, Shortage> {
+        if let Some(keep) = self.keep_free {
+            let (open, limit) = fd_usage();
+            if open.saturating_add(keep) > limit {
+                return Err(Shortage::FileDescriptors);
+            }
+        }
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.limit).then_some(n + 1)
             })
-            .ok()
             .map(|_| Permit(Arc::clone(self)))
+            .map_err(|_| Shortage::Places)
     }
 
     /// Places taken.
@@ -45,6 +89,17 @@ impl ConnectionBudget {
     pub fn limit(&self) -> usize {
         self.limit
     }
+}
+
+/// File descriptors open in this process (counted in `/proc/self/fd`, the directory's own
+/// descriptor excluded) and the soft `RLIMIT_NOFILE`. Unknown values read as none open and no
+/// limit, so a process without `/proc` is never refused for descriptors.
+pub fn fd_usage() -> (u64, u64) {
+    let open =
+        std::fs::read_dir("/proc/self/fd").map_or(0, |d| (d.count() as u64).saturating_sub(1));
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft);
+    (open, limit)
 }
 
 impl Drop for Permit {
@@ -111,12 +166,41 @@ mod tests {
         let b = ConnectionBudget::new(2);
         let p1 = b.try_take().unwrap();
         let p2 = b.try_take().unwrap();
-        assert!(b.try_take().is_none());
+        assert_eq!(b.try_take().unwrap_err(), Shortage::Places);
         assert_eq!(b.used(), 2);
         drop(p1);
         let _p3 = b.try_take().unwrap();
         drop(p2);
         assert_eq!(b.used(), 1);
+    }
+
+    #[test]
+    fn a_budget_keeping_fds_free_refuses_when_too_few_are_left() {
+        let (open, limit) = fd_usage();
+        assert!(open > 0 && open < limit, "{open} of {limit}");
+        // More kept free than the limit allows: refused whatever the count, nothing taken.
+        let b = ConnectionBudget::keeping_fds_free(10, limit);
+        assert_eq!(b.try_take().unwrap_err(), Shortage::FileDescriptors);
+        assert_eq!(b.used(), 0);
+        // Room for what is kept free: the count decides.
+        let b = ConnectionBudget::keeping_fds_free(1, limit - open - 1);
+        let _p = b.try_take().unwrap();
+        assert_eq!(b.try_take().unwrap_err(), Shortage::Places);
+    }
+
+    #[test]
+    fn fd_usage_counts_a_newly_opened_file() {
+        let before = fd_usage().0;
+        let files: Vec<_> = (0..8)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        // Other test threads open and close their own descriptors too, never these eight.
+        let (open, limit) = fd_usage();
+        assert!(
+            open >= 8 + 3 && open <= limit,
+            "{open} of {limit} (before: {before})"
+        );
+        drop(files);
     }
 
     #[test]

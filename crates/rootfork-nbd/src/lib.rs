@@ -64,7 +64,7 @@ pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
-pub use budget::{ByteBudget, ConnectionBudget, Permit};
+pub use budget::{fd_usage, ByteBudget, ConnectionBudget, Permit, Shortage};
 pub use conn::EndReason;
 pub use handshake::{Export, ExportSet, Session};
 pub use opts::{

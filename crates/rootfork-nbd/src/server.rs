@@ -418,14 +418,9 @@ fn accept_loop(inner: Arc<Inner>, l: Listener, wake: OwnedFd) {
         // than a handshake that never comes.
         let permit = match &inner.opts.connection_budget {
             Some(b) => match b.try_take() {
-                Some(p) => Some(p),
-                None => {
-                    refuse(
-                        &inner,
-                        &mut last_refusal_log,
-                        &peer,
-                        "the shared connection budget",
-                    );
+                Ok(p) => Some(p),
+                Err(short) => {
+                    refuse(&inner, &mut last_refusal_log, &peer, short.as_str());
                     continue;
                 }
             },

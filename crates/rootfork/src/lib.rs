@@ -12,5 +12,6 @@ pub mod metrics;
 pub mod metrics_http;
 pub mod names;
 pub mod nbd_metrics;
+pub mod paced_incoming;
 pub mod service;
 pub mod unix_listener;

@@ -12,9 +12,12 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 
 use crate::config::MetricsListen;
 use crate::daemon::core::Core;
+use crate::paced_incoming::PacedIncoming;
 
 /// Where the endpoint ended up.
 #[derive(Debug, Clone)]
@@ -80,13 +83,11 @@ pub async fn start(
         MetricsListen::Tcp(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await?;
             let bound = l.local_addr()?;
+            let mut incoming = PacedIncoming::new("metrics (tcp)", TcpListenerStream::new(l));
             let task = tokio::spawn(async move {
                 loop {
                     tokio::select! {
-                        r = l.accept() => match r {
-                            Ok((s, _)) => serve_conn(core.clone(), s),
-                            Err(e) => tracing::warn!("metrics accept: {e}"),
-                        },
+                        Some(Ok(s)) = incoming.next() => serve_conn(core.clone(), s),
                         _ = stop.changed() => return,
                     }
                 }
@@ -97,13 +98,11 @@ pub async fn start(
             let _ = std::fs::remove_file(path);
             let l = crate::unix_listener::bind_with_mode(path, 0o600)?;
             let p = path.clone();
+            let mut incoming = PacedIncoming::new("metrics (unix)", UnixListenerStream::new(l));
             let task = tokio::spawn(async move {
                 loop {
                     tokio::select! {
-                        r = l.accept() => match r {
-                            Ok((s, _)) => serve_conn(core.clone(), s),
-                            Err(e) => tracing::warn!("metrics accept: {e}"),
-                        },
+                        Some(Ok(s)) = incoming.next() => serve_conn(core.clone(), s),
                         _ = stop.changed() => {
                             let _ = std::fs::remove_file(&p);
                             return;

@@ -100,3 +100,96 @@ async fn three_hundred_connections_under_ulimit_256_leave_the_daemon_usable() {
     assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 2, 12), b"tpl block 2\n");
     assert!(delete(&mut c, "busy").await.unwrap());
 }
+
+/// A connection budget set larger than the open-file limit allows (`limits.max_connections =
+/// 1000` under `ulimit -n 256`): the daemon still refuses connections while fewer than 64
+/// descriptors are free, so the API keeps answering and a sandbox can still be made. Without
+/// that floor the held connections took every descriptor and the API's accept failed with
+/// EMFILE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_larger_than_the_fd_limit_still_leaves_the_api_its_descriptors() {
+    let dir = tempfile::Builder::new()
+        .prefix("rff")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let state = dir.path().join("s");
+    let api = state.join("api.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_connections = 1000\nmax_connections_per_export = 1000\n",
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let bin = env!("CARGO_BIN_EXE_rootfork");
+    let cmd = format!(
+        "ulimit -n 256 && exec {bin} serve --config {} --state-dir {} --no-demo --health-interval 0.5 --nbd-lock-dir {} 2>{}",
+        config.display(),
+        state.display(),
+        dir.path().join("locks").display(),
+        log.display()
+    );
+    let _serve = ServeProcess(
+        Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let mut c = connect_when_up(&api).await;
+    let src = make_template(dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "busy").await.unwrap();
+    let sock = PathBuf::from(sb.nbd_uri.split_once("socket=").unwrap().1);
+    // Each accepted connection costs the daemon two descriptors: 300 would need 600.
+    let held: Vec<UnixStream> = (0..300)
+        .map(|i| UnixStream::connect(&sock).unwrap_or_else(|e| panic!("connect {i}: {e}")))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        let mut fresh = tokio::time::timeout(
+            Duration::from_secs(5),
+            client::connect(&ApiTarget::Unix(api.clone())),
+        )
+        .await
+        .expect("a new API client connects within 5 s")
+        .unwrap();
+        let got = get_within_5s(&mut fresh, "busy").await;
+        assert_eq!(got.state, v1::SandboxState::Running as i32, "{got:?}");
+    }
+    // A create needs more free descriptors than a connection: it is refused, clearly.
+    let refused = create(&mut c, "tpl", "other").await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("file descriptors"),
+        "{refused:?}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("the file descriptors kept free"),
+        "no refusal for descriptors logged:\n{logged}"
+    );
+    assert!(!logged.contains("Too many open files"), "{logged}");
+    // Once the connections close, creates work again and the first sandbox serves its data.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let other = loop {
+        match create(&mut c, "tpl", "other").await {
+            Ok(sb) => break sb,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("still refused after the connections closed: {e:?}"),
+        }
+    };
+    assert_eq!(&nbd_read(&other.nbd_uri, 4096 * 3, 12), b"tpl block 3\n");
+    assert_eq!(&nbd_read(&sb.nbd_uri, 4096 * 2, 12), b"tpl block 2\n");
+    assert!(delete(&mut c, "other").await.unwrap());
+    assert!(delete(&mut c, "busy").await.unwrap());
+}

@@ -116,10 +116,12 @@ impl Core {
             events.clone(),
             config.seams.kernel_backend.clone(),
         );
-        let nbd_connections = rootfork_nbd::ConnectionBudget::new(
+        // Whatever the count, connections never take the descriptors kept for the daemon.
+        let nbd_connections = rootfork_nbd::ConnectionBudget::keeping_fds_free(
             config
                 .max_connections
                 .unwrap_or_else(crate::daemon::limits::default_connection_budget),
+            crate::daemon::limits::FD_RESERVE,
         );
         let nbd_bytes = rootfork_nbd::ByteBudget::new(config.max_inflight_bytes);
         // Fault injection needs a handle on each connection's socket, which a stocked device was

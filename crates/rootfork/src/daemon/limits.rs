@@ -4,7 +4,9 @@
 //! naming what ran out, instead of failing later in an accept, a socketpair or a cache open.
 //! NBD connections are bounded per export (`limits.max_connections_per_export`) and over every
 //! socket export together (`limits.max_connections`, by default a share of the open-file
-//! limit), so clients holding connections cannot use up the descriptors the API needs.
+//! limit), and a connection is refused while fewer than [`FD_RESERVE`] descriptors are left
+//! whatever the count, so clients holding connections cannot use up the descriptors the API
+//! needs.
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
@@ -87,9 +89,7 @@ pub fn default_connection_budget() -> usize {
 
 /// File descriptors open in this process and the soft limit.
 pub fn fds() -> (u64, u64) {
-    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _)| soft);
-    (open, limit)
+    rootfork_nbd::fd_usage()
 }
 
 /// `Ok` when one more sandbox fits next to `live` existing ones (call under the sandbox map's

@@ -89,6 +89,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
+use crate::paced_incoming::PacedIncoming;
+
 use self::core::{Core, Dirs};
 use self::state_dir::{clean_dir, lock_state, read_or_make_token};
 use self::templates::TemplateStore;
@@ -234,7 +236,7 @@ impl Daemon {
         {
             let (api, mut rx) = (api.clone(), stop_rx.clone());
             tasks.push(tokio::spawn(async move {
-                let incoming = UnixListenerStream::new(listener);
+                let incoming = PacedIncoming::new("api (unix)", UnixListenerStream::new(listener));
                 let stop = async move {
                     let _ = rx.changed().await;
                 };
@@ -260,7 +262,7 @@ impl Daemon {
             tcp = Some(bound);
             let mut rx = stop_rx.clone();
             tasks.push(tokio::spawn(async move {
-                let incoming = TcpListenerStream::new(l);
+                let incoming = PacedIncoming::new("api (tcp)", TcpListenerStream::new(l));
                 let stop = async move {
                     let _ = rx.changed().await;
                 };
