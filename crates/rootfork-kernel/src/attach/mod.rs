@@ -19,6 +19,7 @@
 //! the calling task, which is what keeps cancellation exact: a request is either not started or
 //! finished (and its guard armed) when the future can be dropped.
 
+mod adopt;
 mod error;
 mod guards;
 mod nbd_dispatch;
