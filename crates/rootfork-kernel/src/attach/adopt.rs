@@ -22,11 +22,12 @@ use super::guards::{Connected, Dispatches};
 use super::seams::Dispatcher;
 use super::wait::until;
 use super::{AttachError, AttachOptions, Attacher, Attachment, MAX_CONNECTIONS};
-use crate::pool::Lease;
 
 impl Attacher {
-    /// Serves slot `index` again: a device this instance connected for `opts.sandbox` whose
-    /// previous owner (an earlier process of this instance) is gone. `opts.connections` must be
+    /// Serves slot `index` again for `opts.sandbox`: a device this instance connected (with the
+    /// backend identifier naming `backend_sandbox`: the sandbox itself, or the warm slot it was
+    /// bound to) whose previous owner (an earlier process of this instance) is gone.
+    /// `opts.connections` must be
     /// the number of connections it was connected with (the kernel only takes a socket in place
     /// of a dead one). See the module docs.
     ///
@@ -39,10 +40,13 @@ impl Attacher {
         &self,
         dispatcher: &dyn Dispatcher,
         index: u32,
+        backend_sandbox: &str,
         opts: &AttachOptions,
     ) -> Result<Attachment, AttachError> {
         let started = Instant::now();
-        let r = self.adopt_inner(dispatcher, index, opts, started).await;
+        let r = self
+            .adopt_inner(dispatcher, index, backend_sandbox, opts, started)
+            .await;
         if let Err(e) = &r {
             self.pool.record_failure(e.errno());
         }
@@ -53,6 +57,7 @@ impl Attacher {
         &self,
         dispatcher: &dyn Dispatcher,
         index: u32,
+        backend_sandbox: &str,
         opts: &AttachOptions,
         started: Instant,
     ) -> Result<Attachment, AttachError> {
@@ -60,7 +65,7 @@ impl Attacher {
             return Err(AttachError::Invalid("connections must be 1..=64"));
         }
         let mut lease = self.pool.claim_own(index, &opts.sandbox)?;
-        let backend = self.check_own(&lease)?;
+        let backend = self.check_own(index, backend_sandbox)?;
         // Ours and connected: from here on a failure disconnects it.
         let connected = Connected::new(self.control.clone(), index);
         let st = self
@@ -120,7 +125,8 @@ impl Attacher {
         Ok(attachment)
     }
 
-    /// Disconnects slot `index`, a device this instance connected for `sandbox` that will not
+    /// Disconnects slot `index`, a device this instance connected with the backend identifier
+    /// naming `sandbox`, that will not
     /// be served again, waits for quiescence and releases the slot. The cache file its old claim
     /// named is kept (the caller decides about it).
     pub async fn disconnect_own(
@@ -130,7 +136,7 @@ impl Attacher {
         opts: &AttachOptions,
     ) -> Result<(), AttachError> {
         let lease = self.pool.claim_own(index, sandbox)?;
-        self.check_own(&lease)?;
+        self.check_own(index, sandbox)?;
         Connected::new(self.control.clone(), index)
             .disconnect()
             .map_err(|source| AttachError::Disconnect { index, source })?;
@@ -154,10 +160,9 @@ impl Attacher {
         }
     }
 
-    /// The backend identifier of `lease`'s device when it is connected with the one this
-    /// instance gives the lease's sandbox.
-    fn check_own(&self, lease: &Lease) -> Result<String, AttachError> {
-        let index = lease.index();
+    /// The backend identifier of slot `index` when it is connected with the one this instance
+    /// gives `sandbox`.
+    fn check_own(&self, index: u32, sandbox: &str) -> Result<String, AttachError> {
         let st = self
             .pool
             .sysfs()
@@ -166,12 +171,7 @@ impl Attacher {
         if !st.connected() {
             return Err(AttachError::NotConnected { index });
         }
-        let expected = self
-            .pool
-            .config()
-            .identity
-            .backend(lease.sandbox())
-            .to_string();
+        let expected = self.pool.config().identity.backend(sandbox).to_string();
         if st.backend.as_deref() != Some(expected.as_str()) {
             return Err(AttachError::BackendMismatch {
                 index,

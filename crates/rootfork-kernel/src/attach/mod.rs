@@ -367,6 +367,11 @@ impl Attachment {
         self.size
     }
 
+    /// The backend identifier the device was connected with.
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
     /// Claim-to-open latency of this attach.
     pub fn connect_latency(&self) -> Duration {
         self.connect_latency

@@ -40,7 +40,7 @@ fn a_handed_over_device_is_adopted_without_connect() {
         assert_eq!(own[0].sandbox, "sb");
         let b = env
             .attacher
-            .adopt(&env.dispatcher, i, &env.opts(2))
+            .adopt(&env.dispatcher, i, "sb", &env.opts(2))
             .await
             .unwrap();
         assert_eq!(b.index(), i);
@@ -68,7 +68,7 @@ fn another_sandboxs_or_a_live_or_an_idle_device_is_refused_untouched() {
         // Still held by this (live) process.
         let err = env
             .attacher
-            .adopt(&env.dispatcher, i, &env.opts(1))
+            .adopt(&env.dispatcher, i, "sb", &env.opts(1))
             .await
             .unwrap_err();
         assert!(
@@ -77,11 +77,9 @@ fn another_sandboxs_or_a_live_or_an_idle_device_is_refused_untouched() {
         );
         a.hand_over().await.unwrap();
         new_process(&env, i);
-        let mut other = env.opts(1);
-        other.sandbox = "another".into();
         let err = env
             .attacher
-            .adopt(&env.dispatcher, i, &other)
+            .adopt(&env.dispatcher, i, "another", &env.opts(1))
             .await
             .unwrap_err();
         assert!(
@@ -93,14 +91,14 @@ fn another_sandboxs_or_a_live_or_an_idle_device_is_refused_untouched() {
         // The refused claim was released: the right sandbox adopts it.
         let b = env
             .attacher
-            .adopt(&env.dispatcher, i, &env.opts(1))
+            .adopt(&env.dispatcher, i, "sb", &env.opts(1))
             .await
             .unwrap();
         b.close().await.unwrap();
         // A slot that is not connected.
         let err = env
             .attacher
-            .adopt(&env.dispatcher, i, &env.opts(1))
+            .adopt(&env.dispatcher, i, "sb", &env.opts(1))
             .await
             .unwrap_err();
         assert!(matches!(err, AttachError::NotConnected { .. }), "{err:?}");
@@ -119,7 +117,7 @@ fn a_resized_device_is_disconnected_and_released() {
         std::fs::write(env.sys.join(format!("block/nbd{i}/size")), "4096\n").unwrap();
         let err = env
             .attacher
-            .adopt(&env.dispatcher, i, &env.opts(1))
+            .adopt(&env.dispatcher, i, "sb", &env.opts(1))
             .await
             .unwrap_err();
         assert!(
