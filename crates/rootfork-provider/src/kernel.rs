@@ -132,6 +132,20 @@ struct Running {
     attachment: Option<Attachment>,
 }
 
+/// Everything the background attach of [`Provider::start`] uses.
+struct AttachPlan {
+    config: KernelConfig,
+    attacher: Attacher,
+    node_path: NodePath,
+    fault_injection: bool,
+    wrap: Option<DeviceWrapper>,
+    warm: Option<Arc<dyn WarmSource>>,
+    /// The slot to adopt and the sandbox its backend identifier names.
+    adopt: Option<(u32, String)>,
+    /// Where to put what reopening the kept overlay found.
+    reopened: Arc<Mutex<Option<ReopenReport>>>,
+}
+
 type ReconnectTask = JoinHandle<std::result::Result<usize, AttachError>>;
 
 /// A sandbox's `/dev/nbdN`.
@@ -400,17 +414,31 @@ impl KernelProvider {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn attach(
-        config: KernelConfig,
-        attacher: Attacher,
-        node_path: NodePath,
-        fault_injection: bool,
-        wrap: Option<DeviceWrapper>,
-        warm: Option<Arc<dyn WarmSource>>,
-        adopt: Option<(u32, String)>,
-        reopened: Arc<Mutex<Option<ReopenReport>>>,
-    ) -> Result<(Running, ReadyDevice)> {
+    /// What the background attach needs, taken from the provider at start.
+    fn plan(&self) -> AttachPlan {
+        AttachPlan {
+            config: self.config.clone(),
+            attacher: self.attacher.clone(),
+            node_path: self.node_path.clone(),
+            fault_injection: self.fault_injection,
+            wrap: self.wrap.clone(),
+            warm: self.warm.clone(),
+            adopt: self.adopt.clone(),
+            reopened: self.reopened.clone(),
+        }
+    }
+
+    async fn attach(plan: AttachPlan) -> Result<(Running, ReadyDevice)> {
+        let AttachPlan {
+            config,
+            attacher,
+            node_path,
+            fault_injection,
+            wrap,
+            warm,
+            adopt,
+            reopened,
+        } = plan;
         let cfg = config.clone();
         let reopen = adopt.is_some();
         let (overlay, report) =
@@ -484,28 +512,10 @@ impl Provider for KernelProvider {
     fn start(&mut self) -> Result<()> {
         self.config.overlay.validate()?;
         self.readiness.begin()?;
-        let (config, attacher, node_path) = (
-            self.config.clone(),
-            self.attacher.clone(),
-            self.node_path.clone(),
-        );
+        let plan = self.plan();
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
-        let (fault_injection, wrap, warm) =
-            (self.fault_injection, self.wrap.clone(), self.warm.clone());
-        let (adopt, reopened) = (self.adopt.clone(), self.reopened.clone());
         self.task = Some(tokio::spawn(async move {
-            let attached = Self::attach(
-                config,
-                attacher,
-                node_path,
-                fault_injection,
-                wrap,
-                warm,
-                adopt,
-                reopened,
-            )
-            .await;
-            match attached {
+            match Self::attach(plan).await {
                 Ok((r, ready)) => {
                     *lock(&running) = Some(r);
                     readiness.set(State::Ready(ready));
