@@ -378,6 +378,14 @@ if start_daemon && create k3; then
       echo "LATENCY kernel_restart_stall $sig n=$(wc -l < /tmp/$sig.ms) p50_ms=$(pct 50 /tmp/$sig.ms) max_ms=$(pct 100 /tmp/$sig.ms)"
     fi
   done
+  # The peer of the stalls, same run: the gap between two writes when nothing restarts (p50 over
+  # every gap, the restarts' among them).
+  awk 'NR > 2 { printf "%d\n", ($2 - prev) * 1000 } { prev = $2 }' /tmp/w.log > /tmp/gaps.ms
+  g50=$(pct 50 /tmp/gaps.ms)
+  echo "LATENCY kernel_write_gap n=$(wc -l < /tmp/gaps.ms) p50_ms=$g50"
+  for sig in KILL TERM; do
+    [ -s /tmp/$sig.ms ] && echo "LATENCY kernel_restart_stall $sig p50 / write gap p50: $(awk -v a=$(pct 50 /tmp/$sig.ms) -v b=$g50 'BEGIN { if (b < 1) b = 1; printf "%.1f", a / b }')"
+  done
   grep -q "adopted a connected nbd device" $LOG && pass "$t-logged" || fail "$t-logged" "no log line"
   grep -q "reclaimed an nbd slot" $LOG && fail "$t-not-reclaimed" "the start-up reclaim took an adopted device" || pass "$t-not-reclaimed"
   scrape && [ "$(metric 'rootfork_adoptions_total{result="adopted",reason="none"}')" = 1 ] && pass "$t-metric" \
