@@ -14,10 +14,10 @@
 //! An adoption that fails leaves the sandbox `FAILED`, with a message saying why and which files
 //! are kept; nothing is removed at start (a delete removes them, a later start tries again). A
 //! kernel sandbox's device that could not be adopted is disconnected and its slot released.
-//!
-//! [`KernelSide::own_devices`]: crate::daemon::kernel::KernelSide::own_devices
 //! Each adoption is reported in the log, as an event, in the sandbox's status message and in
 //! `rootfork_adoptions_total` (result, reason).
+//!
+//! [`KernelSide::own_devices`]: crate::daemon::kernel::KernelSide::own_devices
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -386,6 +386,34 @@ mod tests {
             reopen_reason(&attach(ProviderError::Exists("/s/nbd/1.sock".into()))),
             None
         );
+    }
+
+    #[test]
+    fn a_resized_kernel_device_is_told_apart() {
+        use rootfork_kernel::AttachError;
+        use rootfork_provider::ProviderError;
+        let e = DaemonError::from(ProviderError::AttachFailed(Arc::new(
+            ProviderError::Kernel(AttachError::SizeMismatch {
+                index: 3,
+                expected: 1 << 20,
+                got: 4096,
+            }),
+        )));
+        let r = resized(&e).unwrap();
+        assert!(matches!(
+            r,
+            AdoptError::DeviceResized {
+                index: 3,
+                expected: 1048576,
+                got: 4096
+            }
+        ));
+        assert_eq!(r.reason(), "device_resized");
+        assert_eq!(reopen_reason(&e), None);
+        let other = DaemonError::from(ProviderError::AttachFailed(Arc::new(
+            ProviderError::Kernel(AttachError::NotConnected { index: 3 }),
+        )));
+        assert!(resized(&other).is_none());
     }
 
     #[test]
