@@ -254,14 +254,7 @@ impl Server {
     /// request is answered `ESHUTDOWN`: a request the client sent but this server did not read
     /// stays unanswered for the client to send again after reconnecting.
     pub fn hand_over(&self, grace: Duration) {
-        self.inner.stopped.store(true, Ordering::SeqCst);
-        for l in self.listeners.lock().drain(..) {
-            let _ = nix::unistd::write(&l.wake, &[1u8]);
-            let _ = l.thread.join();
-            if let Some(p) = l.path {
-                let _ = std::fs::remove_file(p);
-            }
-        }
+        self.stop_listening();
         for c in self.inner.conns.lock().values() {
             c.sock.shutdown(std::net::Shutdown::Read);
         }
@@ -272,10 +265,9 @@ impl Server {
         self.shutdown(Duration::ZERO);
     }
 
-    /// Graceful shutdown: stops the listeners (removing Unix socket files), drains every
-    /// connection, waits up to `grace` for in-flight requests to finish, closes the connections
-    /// and joins their threads.
-    pub fn shutdown(&self, grace: Duration) {
+    /// Marks the server stopped, wakes and joins every listener thread and removes the Unix
+    /// socket files: no new connection is accepted from here on.
+    fn stop_listening(&self) {
         self.inner.stopped.store(true, Ordering::SeqCst);
         for l in self.listeners.lock().drain(..) {
             let _ = nix::unistd::write(&l.wake, &[1u8]);
@@ -284,6 +276,13 @@ impl Server {
                 let _ = std::fs::remove_file(p);
             }
         }
+    }
+
+    /// Graceful shutdown: stops the listeners (removing Unix socket files), drains every
+    /// connection, waits up to `grace` for in-flight requests to finish, closes the connections
+    /// and joins their threads.
+    pub fn shutdown(&self, grace: Duration) {
+        self.stop_listening();
         self.drain();
         let deadline = Instant::now() + grace;
         while self.in_flight() > 0 && Instant::now() < deadline {

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -140,16 +140,14 @@ async fn a_stop_keeps_running_sandboxes_running_at_the_same_uri() {
 /// (SIGKILL or SIGTERM) and started again on the same state directory: A runs at the same URI
 /// with the data, B is paused and resumes with its data.
 async fn both_sandboxes_come_back(stop: fn(ServeProcess)) {
-    let dir = tempfile::Builder::new()
-        .prefix("rfd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
-    let api: PathBuf = state.join("api.sock");
-    let serve = ServeProcess::spawn(&state, &locks);
-    let mut c = connect_when_up(&api).await;
-    let src = make_template(dir.path(), "src.img", 16);
-    import(&mut c, "tpl", &src).await.unwrap();
+    let ServedState {
+        dir: _dir,
+        state,
+        locks,
+        api,
+        serve,
+        client: mut c,
+    } = serve_with_template("rfd", 16).await;
     let a = create(&mut c, "tpl", "a").await.unwrap();
     let b = create(&mut c, "tpl", "b").await.unwrap();
     nbd_write(&b.nbd_uri, 0, 4096, 0xb1);
@@ -192,16 +190,14 @@ async fn after_sigterm_the_running_sandbox_is_served_again_and_the_paused_one_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_sigkill_a_resumed_sandbox_keeps_the_writes_after_its_pause() {
-    let dir = tempfile::Builder::new()
-        .prefix("rfk")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
-    let api: PathBuf = state.join("api.sock");
-    let serve = ServeProcess::spawn(&state, &locks);
-    let mut c = connect_when_up(&api).await;
-    let src = make_template(dir.path(), "src.img", 16);
-    import(&mut c, "tpl", &src).await.unwrap();
+    let ServedState {
+        dir: _dir,
+        state,
+        locks,
+        api,
+        serve,
+        client: mut c,
+    } = serve_with_template("rfk", 16).await;
     // again: paused, resumed, written after (its overlay lies over its pause's diff).
     let again = create(&mut c, "tpl", "again").await.unwrap();
     nbd_write(&again.nbd_uri, 0, 4096, 0x41);
@@ -244,16 +240,14 @@ async fn after_sigkill_a_resumed_sandbox_keeps_the_writes_after_its_pause() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_whose_block_state_is_lost_fails_with_its_files_kept() {
-    let dir = tempfile::Builder::new()
-        .prefix("rfs")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
-    let api: PathBuf = state.join("api.sock");
-    let serve = ServeProcess::spawn(&state, &locks);
-    let mut c = connect_when_up(&api).await;
-    let src = make_template(dir.path(), "src.img", 16);
-    import(&mut c, "tpl", &src).await.unwrap();
+    let ServedState {
+        dir: _dir,
+        state,
+        locks,
+        api,
+        serve,
+        client: mut c,
+    } = serve_with_template("rfs", 16).await;
     for id in ["lost", "bent", "fine"] {
         let s = create(&mut c, "tpl", id).await.unwrap();
         nbd_write(&s.nbd_uri, 0, 4096, 0x61);

@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,16 +95,14 @@ fn overwrite_until_cut(mut c: NbdClient, acked: &AtomicU64) -> HashMap<u64, Bloc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_in_flight_at_a_sigkill_are_found_after_the_restart() {
-    let dir = tempfile::Builder::new()
-        .prefix("rfi")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
-    let api: PathBuf = state.join("api.sock");
-    let serve = ServeProcess::spawn(&state, &locks);
-    let mut c = connect_when_up(&api).await;
-    let src = make_template(dir.path(), "src.img", BLOCKS);
-    import(&mut c, "tpl", &src).await.unwrap();
+    let ServedState {
+        dir: _dir,
+        state,
+        locks,
+        api,
+        serve,
+        client: mut c,
+    } = serve_with_template("rfi", BLOCKS).await;
     let sb = create(&mut c, "tpl", "busy").await.unwrap();
     let socket = state.join("nbd").join(
         sb.nbd_uri

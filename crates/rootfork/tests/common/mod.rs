@@ -147,6 +147,40 @@ impl Drop for ServeProcess {
     }
 }
 
+/// A `rootfork serve` process on a fresh state directory under /tmp (short paths: socket names
+/// stay below the Unix limit), with template `tpl` of `blocks` tagged blocks imported: where the
+/// restart tests start.
+pub struct ServedState {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub locks: PathBuf,
+    pub api: PathBuf,
+    pub serve: ServeProcess,
+    pub client: Clients,
+}
+
+/// Starts a [`ServedState`]; `prefix` names the temporary directory.
+pub async fn serve_with_template(prefix: &str, blocks: u64) -> ServedState {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
+    let api = state.join("api.sock");
+    let serve = ServeProcess::spawn(&state, &locks);
+    let mut client = connect_when_up(&api).await;
+    let src = make_template(dir.path(), "src.img", blocks);
+    import(&mut client, "tpl", &src).await.unwrap();
+    ServedState {
+        dir,
+        state,
+        locks,
+        api,
+        serve,
+        client,
+    }
+}
+
 /// A raw template whose block `n` starts with `tpl block n`.
 pub fn make_template(dir: &Path, name: &str, blocks: u64) -> PathBuf {
     let p = dir.join(name);
