@@ -10,7 +10,15 @@
 //!   kernel's page cache holds nothing the overlay lacks) → flush the overlay → freeze → export;
 //! * `close`: abandon an attach in progress (its guards unwind it) → [`Attachment::close`] (flush,
 //!   drain, disconnect, wait for quiescence, release the slot) → flush and drop the overlay;
-//! * drop: the attachment's own drop disconnects and releases without waiting.
+//! * drop: the attachment's own drop disconnects and releases without waiting;
+//! * [adopting](KernelProvider::adopting) a device a previous daemon process left connected:
+//!   reopen the kept overlay (cache file + block state) → `Attacher::adopt` (claim that slot
+//!   again, verify size and backend identifier, new sockets with `NBD_CMD_RECONFIGURE`, no
+//!   `CONNECT`) → ready;
+//! * [`KernelProvider::hand_over`], for a daemon restart: flush the device fd →
+//!   `Attachment::hand_over` (dispatchers stopped, the device left connected, the claim kept
+//!   until exit) → flush the overlay and close it with its files kept. The kernel holds the
+//!   guest's I/O meanwhile, for up to the device's `dead_conn_timeout`.
 //!
 //! While attached it reports its dispatcher's NBD counters ([`KernelProvider::nbd_stats`], one
 //! [`NbdDispatcher`] per attach, shared by every connection, kept as final counts after close),
@@ -36,10 +44,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rootfork_block::{BlockDevice, Overlay, OverlayOptions};
+use rootfork_block::{BlockDevice, Overlay, OverlayOptions, ReopenReport};
 use rootfork_kernel::{
-    device_path, peer_gone, AttachError, AttachOptions, Attacher, Attachment, ConnectionHealth,
-    Dispatch, Dispatcher, NbdDispatcher,
+    device_path, peer_gone, AttachError, AttachOptions, Attacher, Attachment, BackendId,
+    ConnectionHealth, Dispatch, Dispatcher, NbdDispatcher,
 };
 use rootfork_nbd::{ServeOptions, StatsSnapshot};
 use rootfork_vmm::{DevicePath, ReadyDevice};
@@ -124,6 +132,20 @@ struct Running {
     attachment: Option<Attachment>,
 }
 
+/// Everything the background attach of [`Provider::start`] uses.
+struct AttachPlan {
+    config: KernelConfig,
+    attacher: Attacher,
+    node_path: NodePath,
+    fault_injection: bool,
+    wrap: Option<DeviceWrapper>,
+    warm: Option<Arc<dyn WarmSource>>,
+    /// The slot to adopt and the sandbox its backend identifier names.
+    adopt: Option<(u32, String)>,
+    /// Where to put what reopening the kept overlay found.
+    reopened: Arc<Mutex<Option<ReopenReport>>>,
+}
+
 type ReconnectTask = JoinHandle<std::result::Result<usize, AttachError>>;
 
 /// A sandbox's `/dev/nbdN`.
@@ -142,6 +164,11 @@ pub struct KernelProvider {
     wrap: Option<DeviceWrapper>,
     /// Pre-connected devices to take before attaching cold.
     warm: Option<Arc<dyn WarmSource>>,
+    /// The slot of a device left connected by a previous process, to adopt instead of attaching,
+    /// and the sandbox its backend identifier names.
+    adopt: Option<(u32, String)>,
+    /// What reopening the kept overlay found, once adopted.
+    reopened: Arc<Mutex<Option<ReopenReport>>>,
 }
 
 impl std::fmt::Debug for KernelProvider {
@@ -172,7 +199,83 @@ impl KernelProvider {
             fault_injection: false,
             wrap: None,
             warm: None,
+            adopt: None,
+            reopened: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Serves the device of slot `index` again instead of attaching a new one: a device this
+    /// daemon instance connected before a restart, its overlay reopened from the kept cache file
+    /// and block state (`config.cache`). `config.attach.connections` must be the number it was
+    /// connected with, and `backend_sandbox` the sandbox its backend identifier names
+    /// ([`KernelProvider::backend_sandbox`] of the provider that attached it). See the module
+    /// docs.
+    pub fn adopting(mut self, index: u32, backend_sandbox: &str) -> Self {
+        self.adopt = Some((index, backend_sandbox.to_owned()));
+        self
+    }
+
+    /// The slot this provider adopts, if it adopts one ([`KernelProvider::adopting`]).
+    pub fn adopts(&self) -> Option<u32> {
+        self.adopt.as_ref().map(|(i, _)| *i)
+    }
+
+    /// While attached, the sandbox the device's backend identifier names: this provider's
+    /// sandbox, or the warm slot the device was connected as.
+    pub fn backend_sandbox(&self) -> Option<String> {
+        lock(&self.running)
+            .as_ref()
+            .and_then(|r| r.attachment.as_ref())
+            .and_then(|a| BackendId::parse(a.backend()))
+            .map(|b| b.sandbox)
+    }
+
+    /// What reopening the kept overlay found, once adopted (`None` for a new overlay).
+    pub fn reopen_report(&self) -> Option<ReopenReport> {
+        *lock(&self.reopened)
+    }
+
+    /// Stops serving for a daemon restart (see the module docs): the device stays connected and
+    /// its overlay's files stay for the next daemon process, which adopts it. Needs an overlay
+    /// that keeps its cache (`OverlayOptions::keep_cache`). The provider is closed afterwards.
+    pub async fn hand_over(&mut self) -> Result<()> {
+        if !self.config.overlay.keep_cache {
+            return Err(ProviderError::Unsupported {
+                op: "a hand-over to the next daemon",
+                kind: "kernel (its overlay does not keep its cache)",
+            });
+        }
+        if !self.readiness.close_attach(&mut self.task).await {
+            return Ok(());
+        }
+        self.settle_reconnect().await;
+        let Some(Running {
+            overlay,
+            serving,
+            attachment,
+            ..
+        }) = lock(&self.running).take()
+        else {
+            return Ok(());
+        };
+        let handle = tokio::runtime::Handle::current();
+        let r = tokio::task::spawn_blocking(move || {
+            let handed = match attachment {
+                Some(a) => handle
+                    .block_on(a.hand_over())
+                    .map_err(ProviderError::Kernel),
+                None => Ok(()),
+            };
+            // Every answered write is in the overlay now: make it durable, keep the files.
+            let flushed = overlay.flush().map_err(ProviderError::from);
+            drop(overlay);
+            handed.and(flushed)
+        })
+        .await
+        .map_err(|e| ProviderError::Task(e.to_string()))?;
+        *lock(&self.closed_stats) = Some(serving.dispatcher.stats());
+        drop(serving);
+        r
     }
 
     /// Takes a pre-connected device of the disk's size from `source` when it has one (then the
@@ -311,27 +414,54 @@ impl KernelProvider {
         }
     }
 
-    async fn attach(
-        config: KernelConfig,
-        attacher: Attacher,
-        node_path: NodePath,
-        fault_injection: bool,
-        wrap: Option<DeviceWrapper>,
-        warm: Option<Arc<dyn WarmSource>>,
-    ) -> Result<(Running, ReadyDevice)> {
+    /// What the background attach needs, taken from the provider at start.
+    fn plan(&self) -> AttachPlan {
+        AttachPlan {
+            config: self.config.clone(),
+            attacher: self.attacher.clone(),
+            node_path: self.node_path.clone(),
+            fault_injection: self.fault_injection,
+            wrap: self.wrap.clone(),
+            warm: self.warm.clone(),
+            adopt: self.adopt.clone(),
+            reopened: self.reopened.clone(),
+        }
+    }
+
+    async fn attach(plan: AttachPlan) -> Result<(Running, ReadyDevice)> {
+        let AttachPlan {
+            config,
+            attacher,
+            node_path,
+            fault_injection,
+            wrap,
+            warm,
+            adopt,
+            reopened,
+        } = plan;
         let cfg = config.clone();
-        let overlay = tokio::task::spawn_blocking(move || -> Result<Arc<Overlay>> {
-            let base = cfg.base.open()?;
-            Ok(Arc::new(Overlay::create(base, &cfg.cache, cfg.overlay)?))
-        })
-        .await
-        .map_err(|e| ProviderError::Task(e.to_string()))??;
+        let reopen = adopt.is_some();
+        let (overlay, report) =
+            tokio::task::spawn_blocking(move || -> Result<(Arc<Overlay>, Option<ReopenReport>)> {
+                let base = cfg.base.open()?;
+                if reopen {
+                    let (o, report) = Overlay::reopen(base, &cfg.cache, cfg.overlay)?;
+                    return Ok((Arc::new(o), Some(report)));
+                }
+                Ok((
+                    Arc::new(Overlay::create(base, &cfg.cache, cfg.overlay)?),
+                    None,
+                ))
+            })
+            .await
+            .map_err(|e| ProviderError::Task(e.to_string()))??;
+        *lock(&reopened) = report;
         let mut device: Arc<dyn BlockDevice> = overlay.clone();
         if let Some(w) = wrap {
             device = (w.0)(device);
         }
         let warm = warm
-            .filter(|_| !fault_injection)
+            .filter(|_| !fault_injection && adopt.is_none())
             .and_then(|source| source.take(device.size()));
         let (serving, attachment) = match warm {
             Some(w) => {
@@ -351,7 +481,10 @@ impl KernelProvider {
                 });
                 let mut opts = config.attach.clone();
                 opts.cache_path = Some(config.cache.clone());
-                let attachment = attacher.attach(&*serving, &opts).await?;
+                let attachment = match &adopt {
+                    Some((index, b)) => attacher.adopt(&*serving, *index, b, &opts).await?,
+                    None => attacher.attach(&*serving, &opts).await?,
+                };
                 (serving, attachment)
             }
         };
@@ -379,16 +512,10 @@ impl Provider for KernelProvider {
     fn start(&mut self) -> Result<()> {
         self.config.overlay.validate()?;
         self.readiness.begin()?;
-        let (config, attacher, node_path) = (
-            self.config.clone(),
-            self.attacher.clone(),
-            self.node_path.clone(),
-        );
+        let plan = self.plan();
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
-        let (fault_injection, wrap, warm) =
-            (self.fault_injection, self.wrap.clone(), self.warm.clone());
         self.task = Some(tokio::spawn(async move {
-            match Self::attach(config, attacher, node_path, fault_injection, wrap, warm).await {
+            match Self::attach(plan).await {
                 Ok((r, ready)) => {
                     *lock(&running) = Some(r);
                     readiness.set(State::Ready(ready));

@@ -2,7 +2,9 @@
 # /init of the daemon kernel-path VM: loads nbd.ko, runs `rootfork serve` and drives it with the
 # CLI through the kernel provider on real /dev/nbdN devices: device list, create, data through
 # the device, health, metrics, recovery of a killed connection with RECONFIGURE (through the
-# daemon's `debug.fault_injection` trigger), pause/resume, delete, SIGKILL + restart reclaim,
+# daemon's `debug.fault_injection` trigger), pause/resume, delete, SIGKILL and SIGTERM restarts
+# under a running writer with the kernel sandbox adopted (no EIO, data verified, the stall as
+# LATENCY lines; ADOPT_N restarts of each), an adoption refused for a damaged block state,
 # SIGTERM cleanup, the warm stock (`kernel.warm_slots`: stocked, taken, refilled, reclaimed after
 # SIGKILL, closed at SIGTERM; create-to-ready with and without it as LATENCY lines), a Firecracker
 # sandbox (rootfork-fc-double standing in for Firecracker) created, paused, resumed and deleted.
@@ -29,6 +31,7 @@ printf '[debug]\nfault_injection = true\n' > $CONF
 
 # Run by finish before the RESULT line: stop the daemon, show its log.
 before_finish() {
+  [ -n "$WPID" ] && { touch /tmp/w.stop; kill "$WPID" 2>/dev/null; wait "$WPID"; }
   [ -n "$DPID" ] && kill -0 "$DPID" 2>/dev/null && { kill -TERM "$DPID"; wait "$DPID"; }
   echo "--- daemon log (last 40 lines)"; tail -n 40 $LOG
 }
@@ -84,6 +87,9 @@ connected_to() { # connected_to N PID: sysfs pid is the connecting thread, of pr
 }
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+# pct P FILE: nearest-rank percentile.
+pct() { sort -n "$2" | awk -v p="$1" '{ v[NR] = $1 } END { r = int((p * NR + 99) / 100); if (r < 1) r = 1; print v[r] }'; }
 
 metric() { # metric NAME{LABELS}: its value in the last scrape (0 when absent)
   v=$(grep -F "$1 " /tmp/metrics | head -n1 | awk '{print $2}')
@@ -278,36 +284,140 @@ for n in $N1 $N2; do wait_quiescent $n 50 || { ok=0; echo "nbd$n: pid=$(cat /sys
 [ "$(field k1 state)" = deleted ] && pass "$t-tombstone" || fail "$t-tombstone" "k1 is $(field k1 state)"
 [ "$(sha256sum $TPL | cut -d' ' -f1)" = "$TSUM" ] && pass "$t-template-unchanged" || fail "$t-template-unchanged" "checksum"
 
-# --- 5. SIGKILL with a sandbox attached; the restarted daemon reclaims the dead device --------
-t=sigkill
-if create k3; then
-  N3=$N
-  dd if=/tmp/pat of=$DEV bs=4096 seek=8192 conv=fsync,notrunc 2>/dev/null
-  OLD=$DPID
+# --- 5. restarts under a running writer: SIGKILL and SIGTERM, the sandbox is adopted -----------
+# A kernel sandbox's device stays connected while the daemon is gone (the kernel holds its I/O
+# for dead_conn_timeout); the next start reopens its overlay and hands the device new sockets
+# with RECONFIGURE. A writer does 4 KiB O_DIRECT writes, cycling over 256 blocks, through
+# ADOPT_N SIGKILL restarts and ADOPT_N SIGTERM restarts: none may fail, every write lands, and
+# the longest gap between two completed writes around each restart is the stall (LATENCY lines).
+# The request timeout is 2 s here: a request in flight when the daemon dies is re-sent by the
+# kernel only when it times out.
+t=adopt
+ADOPT_N=${ADOPT_N:-3}
+RCONF=/tmp/rootfork-restart.toml
+printf '[debug]\nfault_injection = true\n[kernel]\nrequest_timeout_secs = 2\n' > $RCONF
+WBASE=4096 # the writer's first block (16 MiB into the disk)
+# writer DEV J: writes block J mod 256 with the (J/256)th pass's pattern (/tmp/wa, /tmp/wb
+# alternately), logging "J uptime" after each completed write, until /tmp/w.stop exists.
+writer() {
+  j=$2
+  while [ ! -e /tmp/w.stop ]; do
+    b=$((j % 256)); src=/tmp/wa; [ $((j / 256 % 2)) = 1 ] && src=/tmp/wb
+    if dd if=$src of=$1 bs=4096 skip=$b seek=$((WBASE + b)) count=1 oflag=direct conv=notrunc 2>/tmp/w.dderr; then
+      read up idle < /proc/uptime; echo "$j $up" >> /tmp/w.log
+    else
+      echo "write $j failed: $(cat /tmp/w.dderr)" >> /tmp/w.fail
+      return 1
+    fi
+    j=$((j+1))
+  done
+}
+last_write() { tail -n 1 /tmp/w.log | cut -d' ' -f1; }
+last_write_at() { tail -n 1 /tmp/w.log | cut -d' ' -f2; }
+# start_writer DEV: from the write after the last logged one; sets $WPID.
+start_writer() { rm -f /tmp/w.stop; j0=$(($(last_write) + 1)); writer $1 $j0 & WPID=$!; }
+stop_writer() { touch /tmp/w.stop; wait $WPID; WPID=; }
+# progress_after T: waits (up to 60 s) for a write completed after uptime T.
+progress_after() {
+  i=0
+  while [ $i -lt 600 ]; do
+    awk -v a=$(last_write_at) -v b=$1 'BEGIN {exit !(a > b)}' && return 0
+    [ -s /tmp/w.fail ] && return 1
+    sleep 0.1; i=$((i+1))
+  done
+  return 1
+}
+# stall T0 T1: the longest gap (ms) between consecutive completed writes overlapping [T0, T1].
+stall() {
+  awk -v a=$1 -v b=$2 'NR > 1 && $2 >= a && prev <= b { g = $2 - prev; if (g > m) m = g } { prev = $2 } END { printf "%d\n", m * 1000 }' /tmp/w.log
+}
+# restarts SIG NAME: ADOPT_N restarts of the daemon with SIG under the writer; stalls to /tmp/NAME.ms.
+restarts() {
+  rm -f /tmp/$2.ms; k=1
+  while [ $k -le $ADOPT_N ]; do
+    t0=$(now)
+    kill -$1 $DPID; wait $DPID 2>/dev/null; DPID=
+    start_daemon || { echo "restart $k: the daemon did not come back"; return 1; }
+    t1=$(now)
+    progress_after $t1 || { echo "restart $k: no write completed after the restart"; return 1; }
+    stall $t0 $t1 >> /tmp/$2.ms
+    k=$((k+1))
+  done
+}
+# writer_region_ok DEV: the writer's 256 blocks hold what its last logged write implies.
+writer_region_ok() {
+  J=$(last_write); P=$((J / 256)); r=$((J % 256))
+  cur=/tmp/wa; prev=/tmp/wb; [ $((P % 2)) = 1 ] && { cur=/tmp/wb; prev=/tmp/wa; }
+  dd if=$cur bs=4096 count=$((r + 1)) 2>/dev/null > /tmp/wexp
+  dd if=$prev bs=4096 skip=$((r + 1)) 2>/dev/null >> /tmp/wexp
+  drop_caches
+  dd if=$1 bs=4096 skip=$WBASE count=256 iflag=direct 2>/dev/null | cmp -s - /tmp/wexp
+}
+# same_device: nbd$N3 was never disconnected (sysfs `pid` is the thread that sent CONNECT, in the
+# first daemon; RECONFIGURE keeps it) and the daemon now running holds it for k3.
+same_device() {
+  [ "$(cat /sys/block/nbd$N3/pid 2>/dev/null)" = "$PID3" ] && [ "$(cat /sys/block/nbd$N3/size)" != 0 ] || return 1
+  rootfork device list > /tmp/dl 2>&1; grep "^$DEV3 " /tmp/dl | grep -q "connected *k3"
+}
+kill -TERM $DPID; wait $DPID; DPID=
+CONF=$RCONF
+if start_daemon && create k3; then
+  N3=$N; DEV3=$DEV; PID3=$(cat /sys/block/nbd$N3/pid)
+  dd if=/dev/urandom of=/tmp/wa bs=4096 count=256 2>/dev/null
+  dd if=/dev/urandom of=/tmp/wb bs=4096 count=256 2>/dev/null
+  # The region starts as the pass before the first (/tmp/wb), so every block is known.
+  dd if=/tmp/wb of=$DEV3 bs=4096 seek=$WBASE conv=fsync,notrunc 2>/dev/null
+  echo "-1 $(now)" > /tmp/w.log; rm -f /tmp/w.fail
+  for sig in KILL TERM; do
+    start_writer $DEV3
+    progress_after $(now) || fail "$t-$sig-writer-runs" "no write completed"
+    n0=$(last_write)
+    if restarts $sig $sig; then pass "$t-$sig-restarts"; else fail "$t-$sig-restarts" "see above"; fi
+    stop_writer
+    [ ! -s /tmp/w.fail ] && pass "$t-$sig-no-eio" || fail "$t-$sig-no-eio" "$(cat /tmp/w.fail)"
+    echo "NOTE $sig: $(( $(last_write) - n0 )) writes over $ADOPT_N restarts"
+    same_device && pass "$t-$sig-same-device" || { cat /tmp/dl; fail "$t-$sig-same-device" "nbd$N3 pid=$(cat /sys/block/nbd$N3/pid 2>/dev/null), first $PID3"; }
+    writer_region_ok $DEV3 && pass "$t-$sig-data" || fail "$t-$sig-data" "the writer's region differs after write $(last_write)"
+    m=$(rootfork sandbox get k3 2>&1 | sed -n 's/^message: *//p')
+    s=$(field k3 state)
+    case "$s $m" in "running adopted after a daemon restart"*) pass "$t-$sig-status";; *) fail "$t-$sig-status" "state $s, message: $m";; esac
+    if [ -s /tmp/$sig.ms ]; then
+      echo "LATENCY kernel_restart_stall $sig n=$(wc -l < /tmp/$sig.ms) p50_ms=$(pct 50 /tmp/$sig.ms) max_ms=$(pct 100 /tmp/$sig.ms)"
+    fi
+  done
+  # The peer of the stalls, same run: the gap between two writes when nothing restarts (p50 over
+  # every gap, the restarts' among them).
+  awk 'NR > 2 { printf "%d\n", ($2 - prev) * 1000 } { prev = $2 }' /tmp/w.log > /tmp/gaps.ms
+  g50=$(pct 50 /tmp/gaps.ms)
+  echo "LATENCY kernel_write_gap n=$(wc -l < /tmp/gaps.ms) p50_ms=$g50"
+  for sig in KILL TERM; do
+    [ -s /tmp/$sig.ms ] && echo "LATENCY kernel_restart_stall $sig p50 / write gap p50: $(awk -v a=$(pct 50 /tmp/$sig.ms) -v b=$g50 'BEGIN { if (b < 1) b = 1; printf "%.1f", a / b }')"
+  done
+  grep -q "adopted a connected nbd device" $LOG && pass "$t-logged" || fail "$t-logged" "no log line"
+  grep -q "reclaimed an nbd slot" $LOG && fail "$t-not-reclaimed" "the start-up reclaim took an adopted device" || pass "$t-not-reclaimed"
+  scrape && [ "$(metric 'rootfork_adoptions_total{result="adopted",reason="none"}')" = 1 ] && pass "$t-metric" \
+    || { grep adoptions /tmp/metrics; fail "$t-metric" "no adoption counted"; }
+  # A device whose overlay cannot be reopened: FAILED with its files kept, the device released.
   kill -KILL $DPID; wait $DPID 2>/dev/null; DPID=
-  [ -s /sys/block/nbd$N3/pid ] && pass "$t-left-connected" || fail "$t-left-connected" "the kernel already dropped nbd$N3"
-  [ -n "$(ls $STATE/cache)" ] && pass "$t-cache-leaked" || fail "$t-cache-leaked" "no leaked cache"
+  for f in $STATE/cache/k3.*.cache.state; do : > $f; done
   if start_daemon; then
-    pass "$t-restart"
-    wait_quiescent $N3 100 && pass "$t-reclaimed" || fail "$t-reclaimed" "nbd$N3 pid=$(cat /sys/block/nbd$N3/pid 2>/dev/null)"
-    # The start-up reclaim runs beside the API: its log line may follow the slot's quiescence.
-    i=0; while ! grep -q "reclaimed an nbd slot of a dead rootfork process" $LOG && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
-    grep -q "reclaimed an nbd slot of a dead rootfork process" $LOG && pass "$t-reclaim-logged" || fail "$t-reclaim-logged" "no log line"
-    [ -z "$(ls $STATE/cache)" ] && pass "$t-cache-removed" || fail "$t-cache-removed" "$(ls $STATE/cache)"
-    rootfork device list > /tmp/devices 2>&1; grep -q orphaned /tmp/devices && { rootfork device list; fail "$t-no-orphans" "orphaned slot listed"; } || pass "$t-no-orphans"
-    # A new kernel sandbox works and starts fresh (the dead sandbox's write is not there).
+    [ "$(field k3 state)" = failed ] && pass "$t-damaged-failed" || fail "$t-damaged-failed" "state $(field k3 state)"
+    wait_quiescent $N3 100 && pass "$t-damaged-device-released" || fail "$t-damaged-device-released" "nbd$N3 pid=$(cat /sys/block/nbd$N3/pid 2>/dev/null)"
+    [ -n "$(ls $STATE/cache)" ] && pass "$t-damaged-files-kept" || fail "$t-damaged-files-kept" "no files"
+    rootfork sandbox delete k3 >/dev/null 2>&1 && [ -z "$(ls $STATE/cache)" ] && pass "$t-damaged-delete" || fail "$t-damaged-delete" "$(ls $STATE/cache)"
+    # A new kernel sandbox works and starts fresh.
     if create k4; then
-      dd if=$DEV bs=4096 skip=8192 count=256 2>/dev/null | cmp -s - /tmp/pat && fail "$t-fresh-overlay" "old write visible" || pass "$t-fresh-overlay"
       dd if=$TPL bs=4096 skip=8192 count=256 2>/dev/null > /tmp/tmid
       dd if=$DEV bs=4096 skip=8192 count=256 2>/dev/null | cmp -s - /tmp/tmid && pass "$t-new-sandbox-reads-template" || fail "$t-new-sandbox-reads-template" "differs"
+      rootfork sandbox delete k4 >/dev/null 2>&1 || fail "$t-new-sandbox-delete" "delete"
     else
       fail "$t-new-sandbox" "create after restart failed"
     fi
   else
-    fail "$t-restart" "the daemon did not come back"
+    fail "$t-damaged-restart" "the daemon did not come back"
   fi
 else
-  fail "$t" "create failed"
+  fail "$t" "daemon or create failed"
 fi
 
 # --- 5b. Firecracker from the daemon: the double started with Firecracker's arguments -----------
@@ -362,10 +472,9 @@ else
   cat /tmp/fc1.create 2>/dev/null; fail "$t-create" "create failed"
 fi
 
-# --- 6. SIGTERM with a sandbox attached: clean shutdown releases it ---------------------------
+# --- 6. SIGTERM with no sandbox running: the daemon exits and removes its socket ---------------
 t=sigterm
 if [ -n "$DPID" ]; then
-  N4=$N
   kill -TERM $DPID
   i=0; while kill -0 $DPID 2>/dev/null && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
   if kill -0 $DPID 2>/dev/null; then
@@ -374,7 +483,6 @@ if [ -n "$DPID" ]; then
     wait $DPID && pass "$t-exits" || fail "$t-exits" "exit status $?"
   fi
   DPID=
-  wait_quiescent $N4 50 && pass "$t-released" || fail "$t-released" "nbd$N4"
   [ ! -e $ROOTFORK_API ] && pass "$t-socket-removed" || fail "$t-socket-removed" "$ROOTFORK_API"
 fi
 
@@ -396,8 +504,6 @@ warm_count() { rootfork device list > /tmp/wlist 2>&1; grep -c '^/dev/nbd[0-9]* 
 wait_warm() { w=0; while [ "$(warm_count)" -lt $1 ] && [ $w -lt 300 ]; do sleep 0.1; w=$((w+1)); done; [ "$(warm_count)" -ge $1 ]; }
 # ready_ms ID: the create's `ready in:` milliseconds.
 ready_ms() { awk '/^ready in:/ {print $3}' /tmp/$1.create; }
-# pct P FILE: nearest-rank percentile.
-pct() { sort -n "$2" | awk -v p="$1" '{ v[NR] = $1 } END { r = int((p * NR + 99) / 100); if (r < 1) r = 1; print v[r] }'; }
 # create_series NAME [WAIT]: WARM_N creates and deletes, `ready in` values to /tmp/NAME.ms;
 # with WAIT, waits for WAIT warm devices before each create.
 create_series() {

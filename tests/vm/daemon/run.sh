@@ -8,7 +8,8 @@
 #
 # Environment: ROOTFORK_VM_SKIP_BUILD=1 reuses the last static build (in $CARGO_TARGET_DIR);
 # ROOTFORK_VM_TIMEOUT (seconds, default 420) bounds the VM; WARM_N (default 10) creates with and
-# without the warm stock; ROOTFORK_VM_LOG keeps the serial log
+# without the warm stock; ADOPT_N (default 3) SIGKILL and as many SIGTERM restarts under a
+# running writer (scripts/bench-kernel-restart.sh runs 10 or more for the stall figures); ROOTFORK_VM_LOG keeps the serial log
 # at that path. The shared steps are in tests/vm/lib.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -23,4 +24,4 @@ vm_install_static "$WORK/tree" rootfork rootfork-fc-double
 # The daemon builds its demo template with mkfs.ext4 -d.
 vm_install_dynamic "$WORK/tree" /sbin/mke2fs
 ln -s mke2fs "$WORK/tree/sbin/mkfs.ext4"
-vm_run daemon-kernel-vm "$WORK/tree" tests/vm/daemon/init.sh "${ROOTFORK_VM_TIMEOUT:-420}" "WARM_N=${WARM_N:-10}"
+vm_run daemon-kernel-vm "$WORK/tree" tests/vm/daemon/init.sh "${ROOTFORK_VM_TIMEOUT:-420}" "WARM_N=${WARM_N:-10} ADOPT_N=${ADOPT_N:-3}"

@@ -128,6 +128,23 @@ pub enum AttachError {
         #[source]
         source: super::warm::BindError,
     },
+    /// The device to adopt is not connected (any more).
+    #[error("/dev/nbd{index} is not connected: nothing to adopt")]
+    NotConnected {
+        /// The slot.
+        index: u32,
+    },
+    /// The device to adopt was connected with another backend identifier (another sandbox,
+    /// instance or boot): it is not ours to serve.
+    #[error("/dev/nbd{index} has backend identifier {got:?}, expected {expected:?}")]
+    BackendMismatch {
+        /// The slot.
+        index: u32,
+        /// The identifier this instance gives the sandbox.
+        expected: String,
+        /// What sysfs shows.
+        got: Option<String>,
+    },
     /// The device did not become quiescent after disconnecting; the slot was released but the
     /// pool will not hand it out until it is.
     #[error("/dev/nbd{index} is not quiescent after disconnect: {why}")]
@@ -161,6 +178,8 @@ impl AttachError {
             | AttachError::Flush { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             AttachError::NotQuiescent { .. } => libc::EBUSY,
             AttachError::Bind { .. } => libc::EINVAL,
+            AttachError::NotConnected { .. } => libc::ENOTCONN,
+            AttachError::BackendMismatch { .. } => libc::EPERM,
         }
     }
 }

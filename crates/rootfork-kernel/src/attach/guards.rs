@@ -24,6 +24,11 @@ impl Connected {
         }
     }
 
+    /// Disarms the guard: the device stays connected (handed over to the next process).
+    pub(crate) fn disarm(mut self) {
+        self.armed = false;
+    }
+
     /// Disconnects now and disarms the guard.
     pub(crate) fn disconnect(mut self) -> Result<(), crate::netlink::NlError> {
         self.armed = false;

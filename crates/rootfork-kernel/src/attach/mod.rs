@@ -19,6 +19,7 @@
 //! the calling task, which is what keeps cancellation exact: a request is either not started or
 //! finished (and its guard armed) when the future can be dropped.
 
+mod adopt;
 mod error;
 mod guards;
 mod nbd_dispatch;
@@ -364,6 +365,11 @@ impl Attachment {
     /// The device size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The backend identifier the device was connected with.
+    pub fn backend(&self) -> &str {
+        &self.backend
     }
 
     /// Claim-to-open latency of this attach.

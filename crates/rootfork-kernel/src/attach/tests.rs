@@ -769,3 +769,6 @@ fn attach_and_close_futures_are_send() {
 
 #[path = "tests_reconnect.rs"]
 mod reconnect;
+
+#[path = "tests_adopt.rs"]
+mod adopt;

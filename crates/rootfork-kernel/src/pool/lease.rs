@@ -106,12 +106,19 @@ impl Lease {
     /// still be connected (its `DISCONNECT` failed), and a free lock would tell every other
     /// rootfork that its owner is gone. The slot stays listed as claimed; when this process
     /// exits, the lock goes and reclaim takes over.
-    pub fn retain(mut self) {
+    pub fn retain(self) {
+        tracing::warn!(
+            index = self.index,
+            "keeping the claim of a device that may still be connected until this process exits"
+        );
+        self.keep_until_exit();
+    }
+
+    /// Keeps the claim, as it stands (`claimed`, with its cache file and `dead_conn_timeout`),
+    /// until this process exits: a device handed over to the next process of this instance
+    /// ([`crate::Attachment::hand_over`]) looks to it exactly as after a crash.
+    pub(crate) fn keep_until_exit(mut self) {
         if let Some(lock) = self.lock.take() {
-            tracing::warn!(
-                index = self.index,
-                "keeping the claim of a device that may still be connected until this process exits"
-            );
             self.pool.shared.retained.lock().push(lock);
         }
     }

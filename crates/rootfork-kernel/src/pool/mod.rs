@@ -104,6 +104,13 @@ pub enum PoolError {
     /// Reading sysfs failed.
     #[error("nbd pool i/o")]
     Io(#[from] io::Error),
+    /// The slot asked for by [`DevicePool::claim_own`] is claimed by a live process (or by
+    /// this one).
+    #[error("/dev/nbd{index} is claimed by a live process")]
+    Held {
+        /// The slot.
+        index: u32,
+    },
 }
 
 impl PoolError {
@@ -114,6 +121,7 @@ impl PoolError {
             PoolError::Exhausted { .. } => libc::EBUSY,
             PoolError::Lock(e) => e.errno(),
             PoolError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            PoolError::Held { .. } => libc::EBUSY,
         }
     }
 }

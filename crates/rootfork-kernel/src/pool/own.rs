@@ -1,7 +1,10 @@
 //! "My instance's devices": what a restarted daemon needs to adopt the devices it attached
-//! before (in this boot), with their sandbox ids.
+//! before (in this boot), with their sandbox ids, and the claim it takes on one of them again
+//! ([`DevicePool::claim_own`]).
 
-use super::{DevicePool, PoolError};
+use std::sync::atomic::Ordering;
+
+use super::{DevicePool, Lease, LocalSlot, PoolError, PoolEvent};
 use crate::identity::BackendId;
 use crate::sysfs::vanishing;
 
@@ -44,5 +47,39 @@ impl DevicePool {
             });
         }
         Ok(out)
+    }
+}
+
+impl DevicePool {
+    /// Claims slot `index` again for `sandbox`, whatever its state: the claim of an orphaned
+    /// device of this instance, which the caller adopts (serves again) or disconnects. Unlike
+    /// [`DevicePool::claim`] it neither skips a connected slot nor removes the cache file the
+    /// dead claim names. [`PoolError::Held`] when a live process (or this one) holds it.
+    pub fn claim_own(&self, index: u32, sandbox: &str) -> Result<Lease, PoolError> {
+        if self.shared.local.lock().contains_key(&index) {
+            return Err(PoolError::Held { index });
+        }
+        let Some(mut lock) = self.shared.locks.try_lock(index)? else {
+            return Err(PoolError::Held { index });
+        };
+        let rec = self.claim_record(sandbox);
+        let since_ms = rec.since_ms;
+        lock.write(&rec)?;
+        self.shared.local.lock().insert(
+            index,
+            LocalSlot {
+                sandbox: sandbox.to_owned(),
+                since_ms,
+                connected: false,
+            },
+        );
+        let m = &self.shared.metrics;
+        m.claimed.fetch_add(1, Ordering::Relaxed);
+        m.claims_total.fetch_add(1, Ordering::Relaxed);
+        self.emit(PoolEvent::Claimed {
+            index,
+            sandbox: sandbox.to_owned(),
+        });
+        Ok(Lease::new(self.clone(), index, sandbox.to_owned(), lock))
     }
 }

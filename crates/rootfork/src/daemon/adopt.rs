@@ -1,13 +1,23 @@
-//! Adoption at start: a socket sandbox that was running when the previous daemon went away
-//! (SIGKILL, OOM, a crash, or a SIGTERM for a restart) is served again: its overlay is reopened
-//! from the cache file and block state its record names, over the same base (template, or
-//! template + its last pause's diff), on the same Unix socket and export name, so a client that
-//! reconnects (QEMU's NBD driver with `reconnect-delay`, a libnbd client retrying) carries on.
+//! Adoption at start: a sandbox that was running when the previous daemon went away (SIGKILL,
+//! OOM, a crash, or a SIGTERM for a restart) is served again: its overlay is reopened from the
+//! cache file and block state its record names, over the same base (template, or template + its
+//! last pause's diff), and
+//!
+//! * a socket sandbox's on the same Unix socket and export name, so a client that reconnects
+//!   (QEMU's NBD driver with `reconnect-delay`, a libnbd client retrying) carries on;
+//! * a kernel sandbox's on the same `/dev/nbdN`, which the kernel kept connected: the device must
+//!   be among this instance's own devices ([`KernelSide::own_devices`]), for that sandbox and
+//!   orphaned; its claim is taken again and it is handed new sockets with `NBD_CMD_RECONFIGURE`
+//!   (rootfork-kernel's `Attacher::adopt`). The kernel holds the guest's I/O meanwhile for up to
+//!   the device's `dead_conn_timeout`; a daemon down longer than that fails it.
 //!
 //! An adoption that fails leaves the sandbox `FAILED`, with a message saying why and which files
-//! are kept; nothing is removed at start (a delete removes them, a later start tries again).
+//! are kept; nothing is removed at start (a delete removes them, a later start tries again). A
+//! kernel sandbox's device that could not be adopted is disconnected and its slot released.
 //! Each adoption is reported in the log, as an event, in the sandbox's status message and in
 //! `rootfork_adoptions_total` (result, reason).
+//!
+//! [`KernelSide::own_devices`]: crate::daemon::kernel::KernelSide::own_devices
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +28,7 @@ use rootfork_provider::{AnyProvider, BaseImage, PausedDisk};
 use crate::daemon::core::Core;
 use crate::daemon::disk;
 use crate::daemon::model::SandboxState;
-use crate::daemon::records::ServedDisk;
+use crate::daemon::records::{Served, ServedDevice};
 use crate::daemon::sandbox::Sandbox;
 use crate::error::DaemonError;
 use crate::events::{EventBus, EventKind};
@@ -48,6 +58,20 @@ pub enum AdoptError {
     /// The reopened overlay could not be served.
     #[error("its disk could not be served again: {0}")]
     Serve(DaemonError),
+    /// The kernel device its record names is not one of this instance's connected devices for
+    /// the sandbox (disconnected meanwhile, or the host rebooted).
+    #[error("its device /dev/nbd{0} is no longer connected for it")]
+    DeviceMissing(u32),
+    /// The kernel device is connected with another size than the sandbox's disk.
+    #[error("its device /dev/nbd{index} has {got} bytes, its disk {expected}")]
+    DeviceResized {
+        /// The slot.
+        index: u32,
+        /// The disk size.
+        expected: u64,
+        /// What the kernel shows.
+        got: u64,
+    },
 }
 
 impl AdoptError {
@@ -59,17 +83,19 @@ impl AdoptError {
             AdoptError::StateMissing(_) => "state_missing",
             AdoptError::Reopen { reason, .. } => reason,
             AdoptError::Serve(_) => "serve_failed",
+            AdoptError::DeviceMissing(_) => "device_missing",
+            AdoptError::DeviceResized { .. } => "device_resized",
         }
     }
 }
 
 /// Why a running sandbox of a previous run is not even tried (it comes back at its last pause,
 /// or `FAILED`, as `persist.rs` says): the `reason` label of a failed adoption.
-pub fn not_adoptable_reason(kind: rootfork_provider::ProviderKind, has_vm: bool) -> &'static str {
-    match (kind, has_vm) {
-        (rootfork_provider::ProviderKind::Kernel, _) => "kernel_provider",
-        (_, true) => "vm_not_adopted",
-        _ => "no_served_disk",
+pub fn not_adoptable_reason(has_vm: bool) -> &'static str {
+    if has_vm {
+        "vm_not_adopted"
+    } else {
+        "no_served_disk"
     }
 }
 
@@ -130,47 +156,133 @@ fn describe(r: &ReopenReport) -> String {
     )
 }
 
-/// Serves `sb`'s disk again (its lifecycle lock is free: it is not published yet). `paused` is
-/// its last pause's diff, which its overlay lies over.
-async fn serve_again(
-    core: &Core,
-    sb: &Sandbox,
-    served: &ServedDisk,
-    paused: Option<PausedDisk>,
-) -> Result<AnyProvider, AdoptError> {
-    inside(&served.cache, &core.dirs.cache)?;
-    inside(&served.socket, &core.dirs.nbd)?;
-    if let Some(n) = socket_number(&served.socket) {
-        // New sandboxes must not be handed this socket's name.
-        core.skip_seq_past(n);
+/// When `e` says the adopted device has another size than the disk: the error.
+fn resized(e: &DaemonError) -> Option<AdoptError> {
+    use rootfork_kernel::AttachError;
+    use rootfork_provider::ProviderError;
+    let DaemonError::Provider(first) = e else {
+        return None;
+    };
+    let mut p: &ProviderError = first;
+    loop {
+        match p {
+            ProviderError::AttachFailed(inner) => p = &**inner,
+            ProviderError::Kernel(AttachError::SizeMismatch {
+                index,
+                expected,
+                got,
+            }) => {
+                return Some(AdoptError::DeviceResized {
+                    index: *index,
+                    expected: *expected,
+                    got: *got,
+                })
+            }
+            _ => return None,
+        }
     }
-    let [cache, state] = disk::overlay_files(&served.cache);
+}
+
+/// Checks that the overlay's files are where a record may name them, and there.
+fn check_files(core: &Core, cache: &Path) -> Result<(), AdoptError> {
+    inside(cache, &core.dirs.cache)?;
+    let [cache, state] = disk::overlay_files(cache);
     if !cache.exists() {
         return Err(AdoptError::CacheMissing(cache));
     }
     if !state.exists() {
         return Err(AdoptError::StateMissing(state));
     }
+    Ok(())
+}
+
+/// Checks that the device `served` names is this instance's, for that sandbox, and orphaned.
+fn check_device(core: &Core, served: &ServedDevice) -> Result<(), AdoptError> {
+    let own = core.kernel.own_devices().map_err(|e| {
+        AdoptError::Serve(DaemonError::KernelUnavailable(format!(
+            "listing this instance's nbd devices: {e}"
+        )))
+    })?;
+    own.iter()
+        .find(|d| d.index == served.device && d.sandbox == served.backend_sandbox && d.orphaned)
+        .map(|_| ())
+        .ok_or(AdoptError::DeviceMissing(served.device))
+}
+
+/// Serves `sb`'s disk again (its lifecycle lock is free: it is not published yet). `paused` is
+/// its last pause's diff, which its overlay lies over.
+async fn serve_again(
+    core: &Core,
+    sb: &Sandbox,
+    served: &Served,
+    paused: Option<PausedDisk>,
+) -> Result<AnyProvider, AdoptError> {
+    check_files(core, served.cache())?;
+    if let Served::Socket(s) = served {
+        inside(&s.socket, &core.dirs.nbd)?;
+        if let Some(n) = socket_number(&s.socket) {
+            // New sandboxes must not be handed this socket's name.
+            core.skip_seq_past(n);
+        }
+    }
     let template = TemplatePath::new(core.templates.image_path(&sb.template));
     let base = match paused {
         Some(paused) => BaseImage::Resumed { template, paused },
         None => BaseImage::Template(template),
     };
-    let provider = disk::adopted_provider(core, sb, base, served);
+    let provider = match served {
+        Served::Socket(s) => disk::adopted_provider(core, sb, base, s),
+        Served::Kernel(d) => {
+            check_device(core, d)?;
+            disk::adopted_kernel_provider(core, sb, base, d).map_err(AdoptError::Serve)?
+        }
+    };
     disk::bring_up(core, sb, provider)
         .await
-        .map_err(|e| match reopen_reason(&e) {
-            Some(reason) => AdoptError::Reopen { reason, source: e },
-            None => AdoptError::Serve(e),
+        .map_err(|e| match (reopen_reason(&e), resized(&e)) {
+            (Some(reason), _) => AdoptError::Reopen { reason, source: e },
+            (None, Some(r)) => r,
+            (None, None) => AdoptError::Serve(e),
         })
 }
 
-/// Adopts `sb`, a running socket sandbox of a previous run, and reports the outcome. Returns
-/// whether it is served again.
+/// Disconnects and releases the device of a kernel sandbox that was not adopted, if it is still
+/// connected for it and nobody holds it (its files are kept).
+async fn release_device(core: &Core, sb: &Sandbox, served: &ServedDevice) {
+    let still = core.kernel.own_devices().is_ok_and(|own| {
+        own.iter()
+            .any(|d| d.index == served.device && d.sandbox == served.backend_sandbox && d.orphaned)
+    });
+    if !still {
+        return;
+    }
+    let r = match core.kernel.attacher() {
+        Ok(a) => a
+            .disconnect_own(
+                served.device,
+                &served.backend_sandbox,
+                &rootfork_kernel::AttachOptions::default(),
+            )
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match r {
+        Ok(()) => {
+            tracing::info!(sandbox = %sb.id, index = served.device, "disconnected the device of a sandbox that was not adopted")
+        }
+        Err(e) => {
+            tracing::warn!(sandbox = %sb.id, index = served.device, "cannot disconnect the device of a sandbox that was not adopted (the start-up reclaim tries again): {e}")
+        }
+    }
+}
+
+/// Adopts `sb`, a running sandbox of a previous run, and reports the outcome. Returns whether
+/// it is served again.
 pub async fn adopt(
     core: &Core,
     sb: &Arc<Sandbox>,
-    served: &ServedDisk,
+    served: &Served,
     paused: Option<PausedDisk>,
 ) -> bool {
     let mut live = sb
@@ -181,26 +293,37 @@ pub async fn adopt(
         Ok(provider) => {
             let found = match &provider {
                 AnyProvider::Socket(p) => p.reopen_report().map(|r| describe(&r)),
-                _ => None,
+                AnyProvider::Kernel(p) => p.reopen_report().map(|r| describe(&r)),
+                AnyProvider::Direct(_) => None,
             };
             live.provider = Some(provider);
             drop(live);
+            let (where_, served_at) = match served {
+                Served::Socket(s) => ("at the same NBD URI", s.socket.display().to_string()),
+                Served::Kernel(d) => (
+                    "on the same device (the kernel kept it connected)",
+                    format!("/dev/nbd{}", d.device),
+                ),
+            };
             let message = format!(
-                "adopted after a daemon restart: its disk is served again at the same NBD URI{}",
+                "adopted after a daemon restart: its disk is served again {where_}{}",
                 found.map(|f| format!(" ({f})")).unwrap_or_default()
             );
-            tracing::info!(sandbox = %sb.id, socket = %served.socket.display(), "{message}");
+            tracing::info!(sandbox = %sb.id, served = %served_at, "{message}");
             core.metrics.adoption(None);
             core.set_state(sb, SandboxState::Running, Some(message));
             true
         }
         Err(e) => {
             // Nothing is removed at start: a delete removes the files, a later start tries again.
-            live.files.extend(disk::overlay_files(&served.cache));
+            live.files.extend(disk::overlay_files(served.cache()));
             drop(live);
+            if let Served::Kernel(d) = served {
+                release_device(core, sb, d).await;
+            }
             let message = format!(
                 "the daemon restarted while this sandbox ran and {e}; its files are kept ({}); delete it to remove them",
-                served.cache.display()
+                served.cache().display()
             );
             tracing::warn!(sandbox = %sb.id, reason = e.reason(), "not adopted: {message}");
             core.metrics.adoption(Some(e.reason()));
@@ -263,6 +386,34 @@ mod tests {
             reopen_reason(&attach(ProviderError::Exists("/s/nbd/1.sock".into()))),
             None
         );
+    }
+
+    #[test]
+    fn a_resized_kernel_device_is_told_apart() {
+        use rootfork_kernel::AttachError;
+        use rootfork_provider::ProviderError;
+        let e = DaemonError::from(ProviderError::AttachFailed(Arc::new(
+            ProviderError::Kernel(AttachError::SizeMismatch {
+                index: 3,
+                expected: 1 << 20,
+                got: 4096,
+            }),
+        )));
+        let r = resized(&e).unwrap();
+        assert!(matches!(
+            r,
+            AdoptError::DeviceResized {
+                index: 3,
+                expected: 1048576,
+                got: 4096
+            }
+        ));
+        assert_eq!(r.reason(), "device_resized");
+        assert_eq!(reopen_reason(&e), None);
+        let other = DaemonError::from(ProviderError::AttachFailed(Arc::new(
+            ProviderError::Kernel(AttachError::NotConnected { index: 3 }),
+        )));
+        assert!(resized(&other).is_none());
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! A sandbox's disk: building its provider (socket or kernel) over a base image, bringing it up
 //! until the device is served, and retiring it (close, keep its final counters, report the
 //! release, remove its files). Create, pause, resume and delete all go through these three; a
-//! start adopting a running socket sandbox builds its provider with [`adopted_provider`].
+//! start adopting a running sandbox builds its provider with [`adopted_provider`] (socket) or
+//! [`adopted_kernel_provider`] (kernel).
 //!
-//! A socket sandbox's overlay keeps its cache file (and its block state) when it is dropped, so
-//! that a daemon that dies or stops for a restart leaves them for the next one; the daemon
-//! removes them itself when it is done with a disk ([`retire`], [`discard`]).
+//! A socket sandbox's overlay, and a kernel sandbox's when the kernel holds I/O for a restart
+//! (`kernel.dead_conn_timeout_secs` not 0), keeps its cache file (and its block state) when it is
+//! dropped, so that a daemon that dies or stops for a restart leaves them for the next one; the
+//! daemon removes them itself when it is done with a disk ([`retire`], [`discard`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,7 +22,7 @@ use rootfork_provider::{
 
 use crate::daemon::core::Core;
 use crate::daemon::model::Health;
-use crate::daemon::records::ServedDisk;
+use crate::daemon::records::{Served, ServedDevice, ServedDisk};
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::spec::SpecError;
 use crate::error::Result;
@@ -38,7 +40,6 @@ pub fn provider_for(
         .dirs
         .cache
         .join(format!("{}.{generation}.cache", sb.id));
-    let seams = &core.config.seams;
     let overlay = OverlayOptions {
         disk_size: Some(sb.disk_size),
         quota: sb.quota,
@@ -56,43 +57,74 @@ pub fn provider_for(
             },
         ))),
         ProviderKind::Kernel => {
-            let attacher = core.kernel.attacher()?;
-            let config = &core.config;
-            let mut p = KernelProvider::new(
-                KernelConfig {
-                    base,
-                    cache,
-                    overlay,
-                    attach: AttachOptions {
-                        sandbox: sb.id.clone(),
-                        connections: config.kernel_connections,
-                        timeout: config.kernel_request_timeout,
-                        dead_conn_timeout: config.kernel_dead_conn_timeout,
-                        ..AttachOptions::default()
-                    },
-                    serve: ServeOptions {
-                        byte_budget: Some(core.nbd_bytes.clone()),
-                        ..ServeOptions::default()
-                    },
-                },
-                attacher,
-            );
-            if let Some(node_path) = core.kernel.node_path() {
-                p = p.with_node_path(node_path);
-            }
-            if config.fault_injection {
-                p = p.with_fault_injection();
-            }
-            if let Some(w) = seams.kernel_device_wrapper.clone() {
-                p = p.with_device_wrapper(w);
-            }
-            if let Some(stock) = &core.warm {
-                p = p.with_warm_source(stock.clone());
-            }
+            let overlay = if kernel_adoptable(core) {
+                kept_overlay(overlay)
+            } else {
+                overlay
+            };
+            let p = kernel_provider(
+                core,
+                sb,
+                base,
+                cache,
+                overlay,
+                core.config.kernel_connections,
+            )?;
             Ok(AnyProvider::Kernel(Box::new(p)))
         }
         ProviderKind::Direct => Err(SpecError::ProviderNotOffered.into()),
     }
+}
+
+/// Whether a running kernel sandbox can be adopted by the next daemon process: the kernel holds
+/// its I/O while no process serves it only with a `dead_conn_timeout`.
+pub fn kernel_adoptable(core: &Core) -> bool {
+    core.config.kernel_dead_conn_timeout.is_some()
+}
+
+/// A kernel provider for `sb` with the daemon's attach and serve options and test seams.
+fn kernel_provider(
+    core: &Core,
+    sb: &Sandbox,
+    base: BaseImage,
+    cache: PathBuf,
+    overlay: OverlayOptions,
+    connections: usize,
+) -> Result<KernelProvider> {
+    let attacher = core.kernel.attacher()?;
+    let config = &core.config;
+    let mut p = KernelProvider::new(
+        KernelConfig {
+            base,
+            cache,
+            overlay,
+            attach: AttachOptions {
+                sandbox: sb.id.clone(),
+                connections,
+                timeout: config.kernel_request_timeout,
+                dead_conn_timeout: config.kernel_dead_conn_timeout,
+                ..AttachOptions::default()
+            },
+            serve: ServeOptions {
+                byte_budget: Some(core.nbd_bytes.clone()),
+                ..ServeOptions::default()
+            },
+        },
+        attacher,
+    );
+    if let Some(node_path) = core.kernel.node_path() {
+        p = p.with_node_path(node_path);
+    }
+    if config.fault_injection {
+        p = p.with_fault_injection();
+    }
+    if let Some(w) = config.seams.kernel_device_wrapper.clone() {
+        p = p.with_device_wrapper(w);
+    }
+    if let Some(stock) = &core.warm {
+        p = p.with_warm_source(stock.clone());
+    }
+    Ok(p)
 }
 
 /// `opts` for an overlay that outlives the daemon process (a socket sandbox's): its cache file
@@ -149,18 +181,60 @@ pub fn adopted_provider(
     AnyProvider::Socket(p.reopening_cache())
 }
 
-/// Where `provider` serves `sb`'s disk, when a restarted daemon can adopt it: socket sandboxes
-/// without a VM (a VM the daemon started does not outlive it).
-pub fn served_disk(sb: &Sandbox, provider: &AnyProvider) -> Option<ServedDisk> {
+/// The provider that serves a running kernel sandbox's disk again after a restart: its overlay
+/// reopened from the cache file and block state `served` names, over `base`, on the same
+/// still-connected `/dev/nbdN` (adopted, see `KernelProvider::adopting`).
+pub fn adopted_kernel_provider(
+    core: &Core,
+    sb: &Sandbox,
+    base: BaseImage,
+    served: &ServedDevice,
+) -> Result<AnyProvider> {
+    let overlay = kept_overlay(OverlayOptions {
+        block_size: served.block_size,
+        disk_size: Some(sb.disk_size),
+        quota: sb.quota,
+        ..OverlayOptions::default()
+    });
+    let p = kernel_provider(
+        core,
+        sb,
+        base,
+        served.cache.clone(),
+        overlay,
+        served.connections,
+    )?;
+    Ok(AnyProvider::Kernel(Box::new(
+        p.adopting(served.device, &served.backend_sandbox),
+    )))
+}
+
+/// Where `provider` serves `sb`'s disk, when a restarted daemon can adopt it: sandboxes without
+/// a VM (a VM the daemon started does not outlive it), socket ones, and attached kernel ones whose
+/// overlay is kept (see [`kernel_adoptable`]).
+pub fn served_disk(sb: &Sandbox, provider: &AnyProvider) -> Option<Served> {
+    if sb.vm.is_some() {
+        return None;
+    }
     match provider {
-        AnyProvider::Socket(p) if sb.vm.is_none() => {
+        AnyProvider::Socket(p) => {
             let c = p.config();
-            Some(ServedDisk {
+            Some(Served::Socket(ServedDisk {
                 cache: c.cache.clone(),
                 socket: c.socket.clone(),
                 export: c.export.clone(),
                 block_size: c.overlay.block_size,
-            })
+            }))
+        }
+        AnyProvider::Kernel(p) if p.config().overlay.keep_cache => {
+            let c = p.config();
+            Some(Served::Kernel(ServedDevice {
+                cache: c.cache.clone(),
+                block_size: c.overlay.block_size,
+                device: p.index()?,
+                backend_sandbox: p.backend_sandbox()?,
+                connections: c.attach.connections,
+            }))
         }
         _ => None,
     }
@@ -171,13 +245,15 @@ pub fn overlay_files(cache: &Path) -> [PathBuf; 2] {
     [cache.to_owned(), rootfork_block::state_path(cache)]
 }
 
-/// Removes the files of a socket provider's overlay (after it is closed).
+/// Removes the files of a provider's kept overlay (after it is closed).
 fn remove_files(provider: &AnyProvider) {
-    let AnyProvider::Socket(p) = provider else {
-        // A kernel provider's overlay removes its cache when dropped.
-        return;
+    let cache = match provider {
+        AnyProvider::Socket(p) => &p.config().cache,
+        AnyProvider::Kernel(p) if p.config().overlay.keep_cache => &p.config().cache,
+        // Any other overlay removes its cache when dropped.
+        _ => return,
     };
-    for f in overlay_files(&p.config().cache) {
+    for f in overlay_files(cache) {
         if let Err(e) = std::fs::remove_file(&f) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(file = %f.display(), "removing an overlay file: {e}");
@@ -202,6 +278,7 @@ fn next_socket(core: &Core) -> PathBuf {
 async fn close_failed(provider: &mut AnyProvider) -> std::result::Result<(), ProviderError> {
     match provider {
         AnyProvider::Socket(p) if p.reopens_cache() => provider.close().await,
+        AnyProvider::Kernel(p) if p.adopts().is_some() => provider.close().await,
         _ => discard(provider).await,
     }
 }
@@ -289,16 +366,22 @@ pub async fn hand_over(
     sb: &Sandbox,
     provider: &mut AnyProvider,
 ) -> std::result::Result<(), ProviderError> {
-    let AnyProvider::Socket(p) = provider else {
-        return Err(ProviderError::Unsupported {
-            op: "a hand-over to the next daemon",
-            kind: provider.kind().as_str(),
-        });
+    let read = crate::daemon::sandbox::overlay_stats(provider).map_or(0, |s| s.bytes_read_base);
+    let stopped = match provider {
+        AnyProvider::Socket(p) => p.hand_over().await,
+        AnyProvider::Kernel(p) => p.hand_over().await,
+        _ => {
+            return Err(ProviderError::Unsupported {
+                op: "a hand-over to the next daemon",
+                kind: provider.kind().as_str(),
+            })
+        }
     };
-    let read = p.overlay().map_or(0, |o| o.stats().bytes_read_base);
-    let stopped = p.hand_over().await;
     core.closed.add(read, provider);
-    core.events
-        .emit(EventBus::event(EventKind::Released).sandbox(&sb.id));
+    if sb.kind == ProviderKind::Socket {
+        // The kernel pool reports its own releases (a handed-over device stays claimed).
+        core.events
+            .emit(EventBus::event(EventKind::Released).sandbox(&sb.id));
+    }
     stopped
 }

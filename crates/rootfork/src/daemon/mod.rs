@@ -207,6 +207,8 @@ impl Daemon {
         core.kernel.check_lock_dir().map_err(StartError::LockDir)?;
         {
             // In the background: reclaim waits for the kernel's teardowns, and the API need not.
+            // After `restore`: the devices of adopted kernel sandboxes are claimed again by now
+            // (reclaim passes over them), those that could not be adopted were released.
             let c = core.clone();
             drop(tokio::task::spawn_blocking(move || c.kernel.reclaim_dead()));
         }

@@ -1,12 +1,14 @@
 //! What outlives the daemon process. Every lifecycle change writes the sandbox's record
-//! (`records.rs`); a start restores every recorded sandbox and adopts the running socket ones
-//! (`adopt.rs`); a stop (SIGTERM) hands the running socket sandboxes over to the next start
-//! (served until every request read is answered, flushed, their files kept, their records still
-//! saying running) and pauses the others.
+//! (`records.rs`); a start restores every recorded sandbox and adopts the running ones without a
+//! VM (`adopt.rs`); a stop (SIGTERM) hands the running sandboxes without a VM over to the next
+//! start (socket: served until every request read is answered; kernel: the device fd flushed,
+//! the device left connected for the kernel to hold the guest's I/O; then the overlay flushed,
+//! its files kept, the record still saying running) and pauses the others.
 //!
-//! A running sandbox that cannot be adopted (kernel provider, a VM the daemon started, a record
-//! of an older daemon) comes back at its last pause after a crash or SIGKILL (paused, with a
-//! message saying that later writes were lost), or `FAILED` when it never paused.
+//! A running sandbox that cannot be adopted (a VM the daemon started, a kernel sandbox without a
+//! `dead_conn_timeout`, a record of an older daemon) comes back at its last pause after a crash
+//! or SIGKILL (paused, with a message saying that later writes were lost), or `FAILED` when it
+//! never paused.
 //!
 //! At start, files in `cache/` and `paused/` are removed only when provably orphaned: no record
 //! names them, and no record file of their sandbox was refused (a damaged or newer record may
@@ -21,7 +23,7 @@ use rootfork_provider::{PausedDisk, ProviderKind};
 use crate::daemon::core::Core;
 use crate::daemon::model::SandboxState;
 use crate::daemon::records::{
-    provider_kind, DiffRecord, RecordState, SandboxRecord, ServedDisk, RECORD_VERSION,
+    provider_kind, DiffRecord, RecordState, SandboxRecord, Served, RECORD_VERSION,
 };
 use crate::daemon::sandbox::{Live, Sandbox};
 use crate::daemon::{adopt, disk, pause, vm};
@@ -33,7 +35,7 @@ fn record_of(
     sb: &Sandbox,
     live: &Live,
     state: RecordState,
-    served: Option<ServedDisk>,
+    served: Option<Served>,
 ) -> SandboxRecord {
     SandboxRecord {
         version: RECORD_VERSION,
@@ -89,11 +91,11 @@ enum Restored {
     /// Registered as it was (paused, or failed / back at its last pause).
     Done,
     /// Registered; its disk is to be served again.
-    Adopt(Arc<Sandbox>, ServedDisk, Option<PausedDisk>),
+    Adopt(Arc<Sandbox>, Served, Option<PausedDisk>),
 }
 
 /// Registers every recorded sandbox (at start, before the API listens), adopts the running
-/// socket ones, then removes the files in `cache/` and `paused/` that are provably orphaned.
+/// ones, then removes the files in `cache/` and `paused/` that are provably orphaned.
 /// Returns how many were restored.
 pub async fn restore(core: &Core) -> Result<usize> {
     let loaded = core
@@ -114,7 +116,7 @@ pub async fn restore(core: &Core) -> Result<usize> {
             owners.named.insert(d.data.clone());
         }
         if let Some(s) = &rec.served {
-            owners.named.extend(disk::overlay_files(&s.cache));
+            owners.named.extend(disk::overlay_files(s.cache()));
         }
         if let Some(v) = &rec.vm_state {
             owners.named.extend(v.files().cloned());
@@ -182,14 +184,16 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
         rec.quota,
     );
     let adoptable = match (&rec.state, &rec.served) {
-        (RecordState::Running, Some(s)) if kind == ProviderKind::Socket && rec.vm.is_none() => {
-            Some(s.clone())
-        }
+        (RecordState::Running, Some(s)) if rec.vm.is_none() => match (kind, s) {
+            (ProviderKind::Socket, Served::Socket(_))
+            | (ProviderKind::Kernel, Served::Kernel(_)) => Some(s.clone()),
+            _ => None,
+        },
         _ => None,
     };
     if rec.state == RecordState::Running && adoptable.is_none() {
         core.metrics
-            .adoption(Some(adopt::not_adoptable_reason(kind, rec.vm.is_some())));
+            .adoption(Some(adopt::not_adoptable_reason(rec.vm.is_some())));
     }
     let (state, message) = match (rec.state, &paused) {
         // Its state and message are set by the adoption.
@@ -202,14 +206,14 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             format!(
                 "the daemon stopped while this sandbox ran: it is back at its last pause ({} bytes of changes); writes after that pause were lost ({})",
                 p.map.data_len(),
-                not_adopted_why(kind, rec.vm.is_some())
+                not_adopted_why(rec.vm.is_some())
             ),
         ),
         (_, None) => (
             SandboxState::Failed,
             format!(
                 "the daemon stopped while this sandbox ran and it had never paused: its disk was not kept ({}); delete it",
-                not_adopted_why(kind, rec.vm.is_some())
+                not_adopted_why(rec.vm.is_some())
             ),
         ),
     };
@@ -259,12 +263,12 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     Ok(Restored::Done)
 }
 
-/// Why a running sandbox of kind `kind` was not adopted.
-fn not_adopted_why(kind: ProviderKind, has_vm: bool) -> &'static str {
-    match (kind, has_vm) {
-        (ProviderKind::Kernel, _) => "kernel sandboxes are not adopted across a restart yet",
-        (_, true) => "a sandbox whose VM the daemon started is not adopted across a restart",
-        _ => "its record, from an older daemon, does not say where its disk was served from",
+/// Why a running sandbox was not adopted.
+fn not_adopted_why(has_vm: bool) -> &'static str {
+    if has_vm {
+        "a sandbox whose VM the daemon started is not adopted across a restart"
+    } else {
+        "its record does not say where its disk was served from (an older daemon's record, or a kernel sandbox without kernel.dead_conn_timeout_secs)"
     }
 }
 
@@ -323,11 +327,14 @@ impl Owners {
     }
 }
 
-/// SIGTERM: keeps every sandbox for the next start. A running socket sandbox without a VM is
-/// handed over: its export stops reading requests, answers every one it read, its overlay is
-/// flushed and closed with its files kept, and its record still says running, so the next start
-/// serves it again. Every other sandbox that holds a disk (kernel provider, a VM the daemon
-/// started, a failed one) is paused as before (its VM stopped first). Returns how many were kept
+/// SIGTERM: keeps every sandbox for the next start. A running sandbox without a VM whose record
+/// says where it is served ([`disk::served_disk`]) is handed over: a socket sandbox's export
+/// stops reading requests and answers every one it read; a kernel sandbox's device fd is
+/// flushed, its dispatchers stopped and the device left connected (the kernel holds the guest's
+/// I/O until the next start adopts it, up to its `dead_conn_timeout`); either way the overlay is
+/// flushed and closed with its files kept, and the record still says running, so the next start
+/// serves it again. Every other sandbox that holds a disk (a VM the daemon started, a failed
+/// one) is paused as before (its VM stopped first). Returns how many were kept
 /// (handed over, paused).
 pub async fn keep_all(core: &Core) -> (usize, usize) {
     let all: Vec<Arc<Sandbox>> = core.sandboxes.read().values().cloned().collect();

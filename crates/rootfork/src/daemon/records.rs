@@ -1,8 +1,9 @@
 //! Durable sandbox records: `STATE/sandboxes/ID.json`, one per sandbox that is not deleted,
 //! written atomically (a temporary file, fsync, rename, fsync of the directory) at every
 //! lifecycle change, so a restart finds every paused sandbox with its diff, knows which
-//! sandboxes were running when the daemon went away, and for a running socket sandbox where its
-//! disk was served from ([`ServedDisk`]), so the next daemon can serve it again.
+//! sandboxes were running when the daemon went away, and for a running sandbox where its disk was
+//! served from ([`Served`]: a socket sandbox's Unix socket, a kernel sandbox's `/dev/nbdN`), so
+//! the next daemon can serve it again.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -66,6 +67,45 @@ pub struct ServedDisk {
     pub block_size: u32,
 }
 
+/// Where a running kernel sandbox's disk is served: what a restarted daemon needs to reopen its
+/// overlay and hand the still-connected `/dev/nbdN` new sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedDevice {
+    /// The overlay's cache file (its block state beside it).
+    pub cache: PathBuf,
+    /// The overlay's block size.
+    pub block_size: u32,
+    /// The slot (`/dev/nbdN`).
+    pub device: u32,
+    /// The sandbox its backend identifier names (the sandbox itself, or the warm slot the
+    /// device was connected as).
+    pub backend_sandbox: String,
+    /// The connections it was connected with (the kernel takes a new socket only in place of
+    /// a dead one).
+    pub connections: usize,
+}
+
+/// Where a running sandbox's disk is served from (the `served` field of its record). A socket
+/// sandbox's is the object older daemons wrote; a kernel sandbox's has `device`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Served {
+    /// A kernel sandbox's `/dev/nbdN`.
+    Kernel(ServedDevice),
+    /// A socket sandbox's Unix socket.
+    Socket(ServedDisk),
+}
+
+impl Served {
+    /// The overlay's cache file.
+    pub fn cache(&self) -> &Path {
+        match self {
+            Served::Kernel(d) => &d.cache,
+            Served::Socket(d) => &d.cache,
+        }
+    }
+}
+
 /// A sandbox as kept on disk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxRecord {
@@ -93,11 +133,11 @@ pub struct SandboxRecord {
     pub pause_count: u32,
     /// The next generation number for its file names.
     pub generation: u64,
-    /// While running on a socket provider that a restart can adopt: where its disk is served
-    /// from. Absent in records of older daemons and of sandboxes that cannot be adopted (kernel
-    /// provider, a VM the daemon started).
+    /// While running on a provider that a restart can adopt: where its disk is served from.
+    /// Absent in records of older daemons and of sandboxes that cannot be adopted (a VM the
+    /// daemon started, a kernel sandbox without a `dead_conn_timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub served: Option<ServedDisk>,
+    pub served: Option<Served>,
     /// Paused with a running VM: its saved state (absent in records written before it existed).
     #[serde(default)]
     pub vm_state: Option<crate::daemon::snapshot::VmState>,
@@ -328,20 +368,30 @@ mod tests {
         let r = Records::open(dir.path()).unwrap();
         let mut a = record("a");
         a.state = RecordState::Running;
-        a.served = Some(ServedDisk {
+        a.served = Some(Served::Socket(ServedDisk {
             cache: "/s/cache/a.3.cache".into(),
             socket: "/s/nbd/7.sock".into(),
             export: "a".into(),
             block_size: 4096,
-        });
+        }));
         r.write(&a).unwrap();
+        let mut k = record("k");
+        k.state = RecordState::Running;
+        k.served = Some(Served::Kernel(ServedDevice {
+            cache: "/s/cache/k.1.cache".into(),
+            block_size: 4096,
+            device: 3,
+            backend_sandbox: "k".into(),
+            connections: 2,
+        }));
+        r.write(&k).unwrap();
         // A record of a daemon from before adoption has no `served`.
         let mut old = serde_json::to_value(record("b")).unwrap();
         old.as_object_mut().unwrap().remove("served");
         std::fs::write(dir.path().join("b.json"), old.to_string()).unwrap();
         let l = r.load().unwrap();
         assert!(l.refused.is_empty(), "{:?}", l.refused);
-        assert_eq!(l.records, vec![a, record("b")]);
+        assert_eq!(l.records, vec![a, record("b"), k]);
     }
 
     #[test]

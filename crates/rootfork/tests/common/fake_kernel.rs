@@ -4,6 +4,7 @@
 //! dialect on them.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -169,4 +170,45 @@ pub fn fake_kernel(root: &Path) -> (Arc<FakeKernel>, KernelBackend) {
         node_path: Arc::new(move |i| node_dir.join(format!("nbd{i}"))),
     };
     (kernel, backend)
+}
+
+/// One request in the kernel's NBD dialect (simple replies); returns (error, read payload).
+pub fn nbd_request(
+    s: &mut UnixStream,
+    cmd: u16,
+    cookie: u64,
+    offset: u64,
+    data: &[u8],
+    read_len: u32,
+) -> (u32, Vec<u8>) {
+    let len = if cmd == 1 {
+        data.len() as u32
+    } else {
+        read_len
+    };
+    let mut req = Vec::with_capacity(28 + data.len());
+    req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&cmd.to_be_bytes());
+    req.extend_from_slice(&cookie.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&len.to_be_bytes());
+    req.extend_from_slice(data);
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(reply[0..4].try_into().unwrap()),
+        0x6744_6698
+    );
+    assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), cookie);
+    let err = u32::from_be_bytes(reply[4..8].try_into().unwrap());
+    let n = if cmd == 0 && err == 0 {
+        read_len as usize
+    } else {
+        0
+    };
+    let mut payload = vec![0u8; n];
+    s.read_exact(&mut payload).unwrap();
+    (err, payload)
 }
