@@ -216,7 +216,8 @@ fn the_checker_finds_breaking_changes() {
     let base = compile(&baselines().pop().unwrap());
     assert!(breaking_changes(&base, &base).is_empty());
     // A method dropped, a field renumbered, an enum value renamed.
-    let cases: [(&str, fn(&str) -> String, &str); 3] = [
+    type Edit = fn(&str) -> String;
+    let cases: [(&str, Edit, &str); 3] = [
         (
             "method",
             |t| t.replacen("rpc DeleteSandbox(", "rpc RemoveSandbox(", 1),
