@@ -99,6 +99,7 @@ pub fn reclaim(
     let mut out = Vec::new();
     let mut work = Vec::new();
     for index in pool.sysfs().pool_indices()? {
+        let probe = pool.shared.probe.lock();
         if pool.shared.local.lock().contains_key(&index) {
             continue;
         }
@@ -163,6 +164,8 @@ pub fn reclaim(
                 continue;
             }
             tracing::info!(index, backend = ?st.backend, "reclaiming a rootfork device whose owner is gone");
+            // The slot's lock is held by `lock` from here on: other probes may go on.
+            drop(probe);
             match control.disconnect(index) {
                 // EINVAL: the kernel had already torn it down.
                 Ok(())
@@ -321,6 +324,42 @@ mod tests {
         force: false,
         quiesce_wait: Duration::from_millis(100),
     };
+
+    /// Claims of this process walk the slots beside a reclaim (the daemon's background start-up
+    /// reclaim beside its first creates): a claim's passing lock on a dead device's slot was
+    /// taken for a live owner's and the device left connected.
+    #[test]
+    fn a_reclaim_beside_claims_of_the_same_process_takes_every_dead_device() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        for round in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let sys = dir.path().join("sys");
+            let pool = pool(dir.path(), 8);
+            for i in 0..4 {
+                dead_claim(&pool, i, "me", |_| {});
+                let backend = format!("rootfork:boot1:me:d{i}");
+                fake::connect(&sys, i, 1, 4096, Some(backend.as_str()));
+            }
+            let kernel = kernel(dir.path());
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        while !stop.load(Ordering::Relaxed) {
+                            drop(pool.claim("beside"));
+                        }
+                    });
+                }
+                reclaim(&pool, &kernel, &FAST).unwrap();
+                stop.store(true, Ordering::Relaxed);
+            });
+            assert_eq!(
+                *kernel.disconnected.lock(),
+                BTreeSet::from([0, 1, 2, 3]),
+                "round {round}: a dead device was left connected"
+            );
+        }
+    }
 
     #[test]
     fn own_orphans_and_other_instances_dead_ones_are_reclaimed_live_ones_never() {

@@ -149,6 +149,11 @@ pub(crate) struct Shared {
     pub(crate) locks: LockDir,
     next: AtomicU32,
     pub(crate) local: Mutex<BTreeMap<u32, LocalSlot>>,
+    /// Held while this process probes a slot's claim lock (locks it, looks, and keeps it or lets
+    /// it go): a claim, a reclaim, a listing and an adoption of this process would otherwise
+    /// take each other's passing lock for a live owner's (a reclaim then left a dead device
+    /// connected; a claim counted the slot busy). Never held across a kernel call.
+    pub(crate) probe: Mutex<()>,
     /// Claims kept until the process exits ([`Lease::retain`]).
     pub(crate) retained: Mutex<Vec<SlotLock>>,
     pub(crate) metrics: Metrics,
@@ -173,6 +178,7 @@ impl DevicePool {
                 locks,
                 next: AtomicU32::new(0),
                 local: Mutex::new(BTreeMap::new()),
+                probe: Mutex::new(()),
                 retained: Mutex::new(Vec::new()),
                 metrics: Metrics::default(),
                 events: Events::default(),
@@ -315,6 +321,7 @@ impl DevicePool {
         for k in 0..n {
             let pos = (start + k) % n;
             let index = slots[pos];
+            let _probe = self.shared.probe.lock();
             if self.shared.local.lock().contains_key(&index) {
                 tally.busy += 1;
                 continue;

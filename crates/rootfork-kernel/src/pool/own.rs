@@ -37,8 +37,11 @@ impl DevicePool {
             let Some(b) = BackendId::parse(&raw).filter(|b| me.owns(b)) else {
                 continue;
             };
-            let orphaned = !self.shared.local.lock().contains_key(&index)
-                && self.shared.locks.try_lock(index)?.is_some();
+            let orphaned = {
+                let _probe = self.shared.probe.lock();
+                !self.shared.local.lock().contains_key(&index)
+                    && self.shared.locks.try_lock(index)?.is_some()
+            };
             out.push(OwnDevice {
                 index,
                 sandbox: b.sandbox,
@@ -56,6 +59,7 @@ impl DevicePool {
     /// [`DevicePool::claim`] it neither skips a connected slot nor removes the cache file the
     /// dead claim names. [`PoolError::Held`] when a live process (or this one) holds it.
     pub fn claim_own(&self, index: u32, sandbox: &str) -> Result<Lease, PoolError> {
+        let _probe = self.shared.probe.lock();
         if self.shared.local.lock().contains_key(&index) {
             return Err(PoolError::Held { index });
         }

@@ -106,7 +106,10 @@ impl DevicePool {
                 row.owner_pid = Some(r.pid);
                 row.since_ms = Some(r.since_ms);
             }
-            let held_elsewhere = self.shared.locks.try_lock(index)?.is_none();
+            let held_elsewhere = {
+                let _probe = self.shared.probe.lock();
+                self.shared.locks.try_lock(index)?.is_none()
+            };
             row.state = if held_elsewhere {
                 if sysfs.connected() {
                     SlotState::Connected

@@ -3,10 +3,10 @@
 //! Each run is its own rootfork instance (a random instance id in the backend identifier, unless
 //! `--instance` names one). On start it checks the lock and cache directories (this user's, not
 //! writable by others) and reclaims devices whose owner is gone, by the rule in
-//! `rootfork_kernel::reclaim`, on a thread of its own while the template is opened and the
-//! overlay created, and waits for it before claiming a slot (a claim holds each slot's lock while
-//! it looks at it, and a reclaim meeting that lock would take the slot for a live owner's). It
-//! creates the overlay
+//! `rootfork_kernel::reclaim`, on a thread of its own beside the attach (the claim passes over a
+//! dead device's slot anyway: it is not quiescent; only when no slot is left does the attach wait
+//! for the reclaim and try again), so the reclaim's walk over every slot overlaps the overlay's
+//! creation and the connect; the device is printed once both are done. It creates the overlay
 //! (cache file `<cache-dir>/attach-<instance>-<sandbox>.cache`, recorded in the slot's claim so a
 //! later reclaim can remove it after a crash), attaches it, prints the device path as the first
 //! line on stdout, and serves until signalled; then it flushes, detaches (waiting for the
@@ -24,8 +24,8 @@ use rootfork_kernel::identity::Identity;
 use rootfork_kernel::pool::PrivateDir;
 use rootfork_kernel::reclaim::ReclaimOptions;
 use rootfork_kernel::{
-    reclaim, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher, NbdNetlink, PoolConfig,
-    Reclaimed,
+    reclaim, AttachError, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher,
+    NbdNetlink, PoolConfig, PoolError, Reclaimed,
 };
 use rootfork_nbd::ServeOptions;
 
@@ -134,13 +134,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_time()
         .build()
         .context("starting the runtime")?;
-    // The reclaim must be over before the claim walks the slots: the claim holds each slot's
-    // lock while it looks at it, and a reclaim meeting that lock takes the slot for a live
-    // owner's and leaves a dead device connected.
+    let attachment = match rt.block_on(attacher.attach(&dispatcher, &opts)) {
+        // Every slot taken: the reclaim may free one.
+        Err(AttachError::Pool(PoolError::Exhausted { .. })) if reclaiming.is_some() => {
+            finish_reclaim(reclaiming.take())?;
+            rt.block_on(attacher.attach(&dispatcher, &opts))
+        }
+        other => other,
+    }
+    .context("attaching the overlay")?;
+    // Once the device is printed the reclaim is over (callers may rely on the dead devices being
+    // gone by then).
     finish_reclaim(reclaiming.take())?;
-    let attachment = rt
-        .block_on(attacher.attach(&dispatcher, &opts))
-        .context("attaching the overlay")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", attachment.device_path().display())?;
     out.flush()?;
