@@ -96,6 +96,13 @@ pub struct QemuConfig {
     pub read_only_root: bool,
     /// The file the guest's first serial port (`ttyS0`) is appended to.
     pub serial: PathBuf,
+    /// Adds a VM generation ID device (`-device vmgenid`) whose GUID QEMU draws afresh each
+    /// time the process starts (`guid=auto`). The GUID is not part of the migration stream
+    /// (only the guest address of its buffer is): a VM restored from a saved state gets the new
+    /// process's GUID written into its memory and an ACPI notification, and a Linux guest
+    /// reseeds its random number generator. A restore must use the setting of the saved VM
+    /// (the device is part of the machine).
+    pub vmgenid: bool,
 }
 
 impl QemuConfig {
@@ -112,6 +119,7 @@ impl QemuConfig {
             root,
             read_only_root: false,
             serial: serial.into(),
+            vmgenid: false,
         }
     }
 
@@ -179,6 +187,10 @@ impl QemuConfig {
         push(&blockdev);
         push("-device");
         push("virtio-blk-pci,drive=root");
+        if self.vmgenid {
+            push("-device");
+            push("vmgenid,guid=auto");
+        }
         a.push("-kernel".into());
         a.push(self.kernel.clone().into_os_string());
         if let Some(initrd) = &self.initrd {
@@ -264,6 +276,16 @@ mod tests {
         ));
         assert!(a.contains(&"kvm".to_string()));
         assert!(!a.contains(&"-initrd".to_string()));
+    }
+
+    #[test]
+    fn a_generation_id_device_is_added_only_when_asked() {
+        let mut c = nbd_config();
+        assert!(!strs(&c.args().unwrap()).iter().any(|s| s.contains("vmgenid")));
+        c.vmgenid = true;
+        let a = strs(&c.args().unwrap());
+        let at = a.iter().position(|s| s == "vmgenid,guid=auto").unwrap();
+        assert_eq!(a[at - 1], "-device");
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct QemuProcess {
     exit: Option<QemuExit>,
     /// The QMP session of a VM started paused (kept for pause and continue).
     qmp: Option<Qmp>,
+    /// Whether its machine has a VM generation ID device ([`QemuConfig::vmgenid`]).
+    vmgenid: bool,
 }
 
 /// What [`QemuProcess::save_state`] wrote.
@@ -219,6 +221,7 @@ impl QemuProcess {
         let mut cmd = qemu.command();
         cmd.args(args);
         let mut vm = Self::spawn_command(cmd, log, Some(config.serial.clone()))?;
+        vm.vmgenid = config.vmgenid;
         match Qmp::connect(qmp_socket, QMP_TIMEOUT) {
             Ok(q) => {
                 vm.qmp = Some(q);
@@ -256,7 +259,14 @@ impl QemuProcess {
             log: log.to_owned(),
             exit: None,
             qmp: None,
+            vmgenid: false,
         })
+    }
+
+    /// Whether the VM has a VM generation ID device (its saved state restores only into a
+    /// machine that has one too).
+    pub fn has_vmgenid(&self) -> bool {
+        self.vmgenid
     }
 
     /// The process id.

@@ -69,14 +69,17 @@ async fn ready_device(provider: &AnyProvider) -> Result<rootfork_vmm::ReadyDevic
 /// The kernel command line when the spec gives none.
 pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 root=/dev/vda rw panic=-1";
 
-/// The QEMU configuration of `spec` on `disk`.
+/// The QEMU configuration of `spec` on `disk`; `vmgenid`: with a VM generation ID device
+/// (every boot has one; a restore has one when the saved machine had).
 fn qemu_config(
     spec: &VmSpec,
     kernel: PathBuf,
     disk: RootDisk,
     console: &std::path::Path,
+    vmgenid: bool,
 ) -> QemuConfig {
     let mut cfg = QemuConfig::new(kernel, disk, console);
+    cfg.vmgenid = vmgenid;
     cfg.initrd.clone_from(&spec.initrd);
     cfg.append = spec
         .kernel_args
@@ -120,7 +123,7 @@ pub async fn restore(
     state: &VmState,
 ) -> Result<RunningVm> {
     match &state.memory {
-        None => launch(core, sb, provider, Some(state.path.clone()))
+        None => launch(core, sb, provider, Some(state))
             .await
             .map(RunningVm::Qemu),
         Some(memory) => {
@@ -137,12 +140,15 @@ pub async fn restore(
     }
 }
 
-/// Starts QEMU on `provider`'s device: booting, or restored from `state`.
+/// Starts QEMU on `provider`'s device: booting, or restored from `state`. Either way the
+/// machine gets a VM generation ID with a GUID of its own (unless `state` was saved from a
+/// machine without the device): a restored guest, a fork's above all, is told it is a new
+/// generation and reseeds its random number generator.
 async fn launch(
     core: &Core,
     sb: &Sandbox,
     provider: &AnyProvider,
-    state: Option<PathBuf>,
+    state: Option<&VmState>,
 ) -> Result<QemuProcess> {
     let Some(spec) = sb.vm.as_ref().filter(|v| v.boots_qemu()) else {
         return Err(DaemonError::NoVm(sb.id.clone()));
@@ -160,7 +166,9 @@ async fn launch(
     let console = dir.join(format!("{}.console", sb.id));
     let log = dir.join(format!("{}.qemu.log", sb.id));
     let qmp = dir.join(format!("{n}.qmp"));
-    let cfg = qemu_config(spec, kernel, device.into_root_disk(), &console);
+    let vmgenid = state.is_none_or(|s| s.vmgenid);
+    let cfg = qemu_config(spec, kernel, device.into_root_disk(), &console, vmgenid);
+    let state = state.map(|s| s.path.clone());
     let template = template_identity(core, sb)?;
     let qemu = QemuBinary::from_env();
     let restoring = state.is_some();
