@@ -103,7 +103,15 @@ pub struct QemuConfig {
     /// reseeds its random number generator. A restore must use the setting of the saved VM
     /// (the device is part of the machine).
     pub vmgenid: bool,
+    /// The root disk's serial number (`virtio-blk-pci,serial=`), which a Linux guest reads as
+    /// `/sys/block/vda/serial`: at most [`DISK_SERIAL_MAX`] bytes of `[A-Za-z0-9._~-]`. It is
+    /// a property of the device, not migrated state: the guest reads it from the device at each
+    /// read, so a VM restored with another serial sees the new one.
+    pub disk_serial: Option<String>,
 }
+
+/// The most bytes of a virtio-blk serial a guest can read (`VIRTIO_BLK_ID_BYTES`).
+pub const DISK_SERIAL_MAX: usize = 20;
 
 impl QemuConfig {
     /// A config with q35, 256 MiB, one vCPU, a read-write root and TCG.
@@ -120,6 +128,7 @@ impl QemuConfig {
             read_only_root: false,
             serial: serial.into(),
             vmgenid: false,
+            disk_serial: None,
         }
     }
 
@@ -164,6 +173,15 @@ impl QemuConfig {
         if self.read_only_root {
             blockdev.push_str(",read-only=on");
         }
+        let mut disk = String::from("virtio-blk-pci,drive=root");
+        if let Some(serial) = &self.disk_serial {
+            let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-');
+            if serial.is_empty() || serial.len() > DISK_SERIAL_MAX || !serial.chars().all(ok) {
+                return Err(QemuError::InvalidConfig(format!("disk serial {serial:?}")));
+            }
+            disk.push_str(",serial=");
+            disk.push_str(serial);
+        }
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
         push("-accel");
@@ -186,7 +204,7 @@ impl QemuConfig {
         push("-blockdev");
         push(&blockdev);
         push("-device");
-        push("virtio-blk-pci,drive=root");
+        push(&disk);
         if self.vmgenid {
             push("-device");
             push("vmgenid,guid=auto");
@@ -276,6 +294,19 @@ mod tests {
         ));
         assert!(a.contains(&"kvm".to_string()));
         assert!(!a.contains(&"-initrd".to_string()));
+    }
+
+    #[test]
+    fn the_disk_serial_is_passed_when_given_and_checked() {
+        let mut c = nbd_config();
+        assert!(strs(&c.args().unwrap()).contains(&"virtio-blk-pci,drive=root".to_string()));
+        c.disk_serial = Some("sb-1.fork~0_a".into());
+        assert!(strs(&c.args().unwrap())
+            .contains(&"virtio-blk-pci,drive=root,serial=sb-1.fork~0_a".to_string()));
+        for bad in ["", "a,b", "x y", &"x".repeat(DISK_SERIAL_MAX + 1)] {
+            c.disk_serial = Some(bad.into());
+            assert!(matches!(c.args(), Err(QemuError::InvalidConfig(_))), "{bad:?}");
+        }
     }
 
     #[test]
