@@ -141,16 +141,28 @@ async fn the_parent_diff_goes_with_its_last_user() {
     let f0 = resume(&mut c, "f-0").await.unwrap();
     assert_eq!(nbd_read(&f0.nbd_uri, BLOCK, 4096), vec![0xAA; 4096]);
     assert_eq!(nbd_read(&f0.nbd_uri, 3 * BLOCK, 4096), vec![0x30; 4096]);
-    // The last user's delete removes it.
-    assert!(delete(&mut c, "f-1").await.unwrap());
-    let now = diffs(&d);
-    assert!(!now.contains(&parent_diff[0]), "{now:?}");
-    assert_eq!(now.len(), 1, "{now:?}");
-    assert!(delete(&mut c, "f-0").await.unwrap());
-    assert!(diffs(&d).is_empty());
-    // A new sandbox with the parent's id starts clean.
+    // A new sandbox with the parent's id starts clean, and its pause does not take the name
+    // of the old parent's diff, which f-1 still reads.
     let p = create(&mut c, "tpl", "p").await.unwrap();
     assert_eq!(&nbd_read(&p.nbd_uri, BLOCK, 12), b"tpl block 1\n");
+    nbd_write(&p.nbd_uri, BLOCK, 4096, 0xBB);
+    pause(&mut c, "p").await.unwrap();
+    assert_eq!(diffs(&d).len(), 3, "{:?}", diffs(&d));
+    pause(&mut c, "f-1").await.unwrap();
+    let f1 = resume(&mut c, "f-1").await.unwrap();
+    assert_eq!(nbd_read(&f1.nbd_uri, BLOCK, 4096), vec![0xAA; 4096]);
+    let p = resume(&mut c, "p").await.unwrap();
+    assert_eq!(nbd_read(&p.nbd_uri, BLOCK, 4096), vec![0xBB; 4096]);
+    assert!(delete(&mut c, "p").await.unwrap());
+    // f-1's pause folded the old parent's diff into its own and let go of it: it was the last
+    // user, so the diff is gone.
+    let now = diffs(&d);
+    assert!(!now.contains(&parent_diff[0]), "{now:?}");
+    assert_eq!(now.len(), 2, "{now:?}");
+    for id in ["f-0", "f-1"] {
+        assert!(delete(&mut c, id).await.unwrap());
+    }
+    assert!(diffs(&d).is_empty());
     d.daemon.shutdown().await;
 }
 

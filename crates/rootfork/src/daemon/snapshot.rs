@@ -58,7 +58,7 @@ pub fn space_needed(spec: Option<&VmSpec>) -> u64 {
 }
 
 /// A file of the next generation of `id` with extension `ext` in the pause directory
-/// (generations never repeat, and a name an existing file has is skipped: a deleted sandbox's
+/// (generations never repeat, and a name a shared file has is skipped: a deleted sandbox's
 /// diff may live on for its forks while a new sandbox has its id).
 pub(crate) fn next_file(core: &Core, id: &str, live: &mut Live, ext: &str) -> PathBuf {
     loop {
@@ -67,7 +67,7 @@ pub(crate) fn next_file(core: &Core, id: &str, live: &mut Live, ext: &str) -> Pa
             .paused
             .join(format!("{id}.{}.{ext}", live.generation));
         live.generation += 1;
-        if !p.exists() {
+        if core.shared.users(&p).is_empty() {
             return p;
         }
     }
