@@ -197,7 +197,10 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
         let dev = identity(Path::new(&f.device_path));
         assert_ne!(dev, first_device);
         devices.push(dev);
-        assert_eq!(calls(&r[1 + k]), ["PUT /snapshot/load 204", "PATCH /vm 204"]);
+        assert_eq!(
+            calls(&r[1 + k]),
+            ["PUT /snapshot/load 204", "PATCH /vm 204"]
+        );
         assert_eq!(drive_opens(&r[1 + k]), [(stable.to_owned(), dev.0, dev.1)]);
     }
     assert_ne!(devices[0], devices[1]);

@@ -92,8 +92,14 @@ async fn forks_start_from_the_pause_and_see_only_their_own_writes() {
         nbd_write(&f.nbd_uri, BLOCK, 4096, 0x20 + k as u8);
     }
     for (k, f) in forks.iter().enumerate() {
-        assert_eq!(nbd_read(&f.nbd_uri, 2 * BLOCK, 4096), vec![0x10 + k as u8; 4096]);
-        assert_eq!(nbd_read(&f.nbd_uri, BLOCK, 4096), vec![0x20 + k as u8; 4096]);
+        assert_eq!(
+            nbd_read(&f.nbd_uri, 2 * BLOCK, 4096),
+            vec![0x10 + k as u8; 4096]
+        );
+        assert_eq!(
+            nbd_read(&f.nbd_uri, BLOCK, 4096),
+            vec![0x20 + k as u8; 4096]
+        );
     }
     // The parent is still paused with its own data only; the template never changed.
     assert_eq!(state_of(&get(&mut c, "p").await), v1::SandboxState::Paused);
@@ -109,7 +115,10 @@ async fn forks_start_from_the_pause_and_see_only_their_own_writes() {
     let grand = fork(&mut c, "p-fork-1", 1, "g").await.unwrap();
     assert_eq!(grand[0].id, "g-0");
     assert_eq!(nbd_read(&grand[0].nbd_uri, BLOCK, 4096), vec![0x21; 4096]);
-    assert_eq!(nbd_read(&grand[0].nbd_uri, 2 * BLOCK, 4096), vec![0x11; 4096]);
+    assert_eq!(
+        nbd_read(&grand[0].nbd_uri, 2 * BLOCK, 4096),
+        vec![0x11; 4096]
+    );
     for id in ["p", "p-fork-0", "p-fork-1", "p-fork-2", "g-0"] {
         assert!(delete(&mut c, id).await.unwrap());
     }
@@ -213,10 +222,18 @@ async fn the_users_of_a_diff_are_counted_again_after_a_restart() {
     assert_eq!(files(&paused), parent_diff);
     for f in &forks {
         let again = get(&mut c, &f.id).await;
-        assert_eq!(state_of(&again), v1::SandboxState::Running, "{}", again.message);
+        assert_eq!(
+            state_of(&again),
+            v1::SandboxState::Running,
+            "{}",
+            again.message
+        );
         assert_eq!(nbd_read(&again.nbd_uri, BLOCK, 4096), vec![0xAA; 4096]);
     }
-    assert_eq!(nbd_read(&forks[0].nbd_uri, 2 * BLOCK, 4096), vec![0x01; 4096]);
+    assert_eq!(
+        nbd_read(&forks[0].nbd_uri, 2 * BLOCK, 4096),
+        vec![0x01; 4096]
+    );
     // Counted from the records: the parent's delete keeps what the forks use.
     assert!(delete(&mut c, "p").await.unwrap());
     assert_eq!(files(&paused), parent_diff);

@@ -421,7 +421,9 @@ async fn forks_of_a_paused_vm_continue_apart() {
         );
         assert!(!text.contains("Linux version"), "{} booted:\n{text}", f.id);
         assert!(
-            text.contains(&format!("ROOTFORK-COUNTER-DONE lines={FORK_COUNT_TO} boot={boot}")),
+            text.contains(&format!(
+                "ROOTFORK-COUNTER-DONE lines={FORK_COUNT_TO} boot={boot}"
+            )),
             "{}:\n{text}",
             f.id
         );
@@ -439,7 +441,9 @@ async fn forks_of_a_paused_vm_continue_apart() {
         // to the files and to the console).
         let split = parents.lines().count() as u32;
         assert!(split == last || split == last + 1, "{}: {parents}", f.id);
-        let want: String = (1..=FORK_COUNT_TO).map(|i| format!("count {i}\n")).collect();
+        let want: String = (1..=FORK_COUNT_TO)
+            .map(|i| format!("count {i}\n"))
+            .collect();
         assert_eq!(format!("{parents}{own}"), want, "{}", f.id);
         for (j, other) in forks.iter().enumerate() {
             let has = names.contains(&format!("by-{}.log", other.id));

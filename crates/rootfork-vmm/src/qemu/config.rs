@@ -305,14 +305,19 @@ mod tests {
             .contains(&"virtio-blk-pci,drive=root,serial=sb-1.fork~0_a".to_string()));
         for bad in ["", "a,b", "x y", &"x".repeat(DISK_SERIAL_MAX + 1)] {
             c.disk_serial = Some(bad.into());
-            assert!(matches!(c.args(), Err(QemuError::InvalidConfig(_))), "{bad:?}");
+            assert!(
+                matches!(c.args(), Err(QemuError::InvalidConfig(_))),
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn a_generation_id_device_is_added_only_when_asked() {
         let mut c = nbd_config();
-        assert!(!strs(&c.args().unwrap()).iter().any(|s| s.contains("vmgenid")));
+        assert!(!strs(&c.args().unwrap())
+            .iter()
+            .any(|s| s.contains("vmgenid")));
         c.vmgenid = true;
         let a = strs(&c.args().unwrap());
         let at = a.iter().position(|s| s == "vmgenid,guid=auto").unwrap();

@@ -138,7 +138,10 @@ async fn fork_one(
     limits::admit_fds()?;
     limits::admit_disk(
         core,
-        parent.quota.unwrap_or(parent.disk_size).min(parent.disk_size),
+        parent
+            .quota
+            .unwrap_or(parent.disk_size)
+            .min(parent.disk_size),
     )?;
     let sb = Sandbox::new(
         fid.to_owned(),

@@ -84,7 +84,10 @@ mod tests {
         s.share(p, "a", "a-fork-0");
         s.share(p, "a", "a-fork-1");
         assert_eq!(s.users(p), ["a", "a-fork-0", "a-fork-1"]);
-        assert!(!s.release(p, "a"), "the parent goes first: the forks keep it");
+        assert!(
+            !s.release(p, "a"),
+            "the parent goes first: the forks keep it"
+        );
         assert!(!s.release(p, "a-fork-1"));
         // A user releasing twice does not count for another.
         assert!(!s.release(p, "a-fork-1"));
