@@ -242,6 +242,9 @@ async fn a_running_vm_pauses_and_resumes_with_its_memory() {
     let resumed = resume(&mut c, "vm-c").await.unwrap();
     assert_eq!(resumed.state, v1::SandboxState::Running as i32);
     assert!(resumed.vm_pid > 0 && resumed.vm_pid != sb.vm_pid);
+    assert!(!sb.vm_generation_id.is_empty());
+    assert!(!resumed.vm_generation_id.is_empty());
+    assert_ne!(resumed.vm_generation_id, sb.vm_generation_id);
     assert_eq!(resumed.vm_state_bytes, 0);
     assert!(state_files().is_empty(), "the used VM state was kept");
     let text = wait_console(&console, 180, |t| t.contains("ROOTFORK-COUNTER-DONE")).await;
@@ -397,6 +400,15 @@ async fn forks_of_a_paused_vm_continue_apart() {
     pids.dedup();
     assert_eq!(pids.len(), 3, "{forks:?}");
     assert!(pids.iter().all(|p| *p > 0 && *p != sb.vm_pid));
+    // Each VM has a generation ID of its own (QEMU draws it at start; it is not migrated).
+    let mut genids: Vec<&str> = std::iter::once(&sb)
+        .chain(&forks)
+        .map(|s| s.vm_generation_id.as_str())
+        .collect();
+    assert!(genids.iter().all(|g| g.len() == 36), "{genids:?}");
+    genids.sort_unstable();
+    genids.dedup();
+    assert_eq!(genids.len(), 4, "{genids:?}");
     // The parent goes while its forks run: they keep their layers and go on.
     assert!(delete(&mut c, "vm-f").await.unwrap());
 

@@ -269,6 +269,19 @@ impl QemuProcess {
         self.vmgenid
     }
 
+    /// The GUID of the VM's generation ID device (`query-vm-generation-id`), `None` when it
+    /// has none. QEMU draws it when the process starts: a VM restored from a saved state has a
+    /// GUID of its own, not the saved VM's.
+    pub fn generation_id(&mut self) -> Result<Option<String>, QemuError> {
+        if !self.vmgenid {
+            return Ok(None);
+        }
+        let qmp = self.monitor()?;
+        qmp.set_timeout(QMP_TIMEOUT)?;
+        let r = qmp.execute("query-vm-generation-id", None)?;
+        Ok(r.get("guid").and_then(|g| g.as_str()).map(str::to_owned))
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.pid

@@ -155,6 +155,9 @@ fn show(opts: &ClientOpts, s: &v1::Sandbox) {
             );
         }
     }
+    if s.vm_pid != 0 && !s.vm_generation_id.is_empty() {
+        println!("vm genid:  {}", s.vm_generation_id);
+    }
     if s.vm_state_bytes > 0 {
         println!(
             "vm state:  {} saved by the pause (a resume continues the VM)",

@@ -196,20 +196,28 @@ async fn launch(
     let template = template_identity(core, sb)?;
     let qemu = QemuBinary::from_env();
     let restoring = state.is_some();
-    let vm = tokio::task::spawn_blocking(move || {
+    let (vm, genid) = tokio::task::spawn_blocking(move || {
         let r = match &state {
             None => QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &[template]),
             Some(state) => QemuProcess::spawn_restored(&qemu, &cfg, &log, &qmp, &[template], state),
         };
         let _ = std::fs::remove_file(&qmp);
-        r
+        r.map(|mut vm| {
+            let genid = vm.generation_id();
+            (vm, genid)
+        })
     })
     .await
     .map_err(|e| DaemonError::task("starting the VM", e))??;
+    let genid = genid.unwrap_or_else(|e| {
+        tracing::warn!(sandbox = %sb.id, "reading the VM generation ID: {e}");
+        None
+    });
     let pid = vm.pid();
     sb.update(|s| {
         s.vm_pid = pid;
         s.vm_console = console.display().to_string();
+        s.vm_generation_id = genid.unwrap_or_default();
     });
     if restoring {
         tracing::info!(sandbox = %sb.id, pid, "restored QEMU from its saved state on the sandbox's disk");
@@ -228,7 +236,10 @@ pub async fn halt(sb: &Sandbox, vm: RunningVm) {
         }
         RunningVm::Firecracker(f) => firecracker::stop(*f).await,
     }
-    sb.update(|s| s.vm_pid = 0);
+    sb.update(|s| {
+        s.vm_pid = 0;
+        s.vm_generation_id.clear();
+    });
 }
 
 /// Kills the sandbox's VM and removes its console and log (the disk is closed after this, under
