@@ -136,6 +136,7 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
             "PUT /boot-source 204",
             "PUT /drives/rootfs 204",
             "PUT /machine-config 204",
+            "PUT /entropy 204",
             "PUT /actions 204"
         ]
     );
@@ -170,7 +171,7 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
     assert_eq!(p.vm_state_bytes, bytes);
     let r = reports(&d.state());
     assert_eq!(
-        calls(&r[0])[4..],
+        calls(&r[0])[5..],
         ["PATCH /vm 204", "PUT /snapshot/create 204"]
     );
 
