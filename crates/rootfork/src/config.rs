@@ -174,6 +174,14 @@ pub struct LimitsFile {
     pub max_inflight_bytes: Option<usize>,
 }
 
+/// The `[vmm]` table: the VMMs the daemon launches.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmFile {
+    /// The Firecracker binary (a path, or a name looked up on `PATH`).
+    pub firecracker_bin: Option<PathBuf>,
+}
+
 /// The `[debug]` table (testing aids, all off by default).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,6 +227,9 @@ pub struct FileConfig {
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// `[vmm]`.
+    #[serde(default)]
+    pub vmm: VmmFile,
 }
 
 impl FileConfig {
@@ -263,6 +274,8 @@ pub struct Overrides {
     pub health_interval_secs: Option<f64>,
     /// `--nbd-lock-dir` / `ROOTFORK_NBD_LOCK_DIR`.
     pub nbd_lock_dir: Option<PathBuf>,
+    /// `--firecracker-bin` / `ROOTFORK_FIRECRACKER_BIN`.
+    pub firecracker_bin: Option<PathBuf>,
 }
 
 /// The resolved, validated configuration.
@@ -295,6 +308,9 @@ pub struct Config {
     pub stuck_request: Duration,
     /// Kernel slot lock directory.
     pub nbd_lock_dir: PathBuf,
+    /// The Firecracker binary the daemon launches (`vmm.firecracker_bin`; default `firecracker`
+    /// on `PATH`).
+    pub firecracker_bin: PathBuf,
     /// Kernel connections per device.
     pub kernel_connections: usize,
     /// Kernel request timeout.
@@ -611,6 +627,10 @@ impl Config {
                 .nbd_lock_dir
                 .or(file.kernel.lock_dir)
                 .unwrap_or_else(|| PathBuf::from("/run/rootfork/nbd")),
+            firecracker_bin: ov
+                .firecracker_bin
+                .or(file.vmm.firecracker_bin)
+                .unwrap_or_else(|| PathBuf::from("firecracker")),
             kernel_connections,
             kernel_request_timeout,
             kernel_dead_conn_timeout: (dead_conn_secs != 0)
@@ -773,6 +793,28 @@ mod tests {
             .to_string();
             assert!(e.contains("kernel.dead_conn_timeout_secs"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_firecracker_binary_comes_from_the_flag_then_the_file_then_path() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.firecracker_bin, PathBuf::from("firecracker"));
+        let from_file = || file("[vmm]\nfirecracker_bin = \"/opt/fc/firecracker\"").unwrap();
+        let c = Config::resolve(from_file(), Overrides::default()).unwrap();
+        assert_eq!(c.firecracker_bin, PathBuf::from("/opt/fc/firecracker"));
+        let c = Config::resolve(
+            from_file(),
+            Overrides {
+                firecracker_bin: Some(PathBuf::from("/usr/local/bin/fc")),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.firecracker_bin, PathBuf::from("/usr/local/bin/fc"));
+        assert!(
+            file("[vmm]\nqemu = \"x\"").is_err(),
+            "unknown keys are refused"
+        );
     }
 
     #[test]
