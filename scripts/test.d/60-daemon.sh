@@ -88,6 +88,7 @@ check "after resume rootfork:overlay flags the zeroes written before the pause" 
 check "after resume rootfork:overlay leaves the template unflagged" grep -Eq "^ *0 +1048576 +0( |$)" overlay-after.txt
 check "after resume base:allocation reports the paused zero run as hole,zero" grep -Eq "^ *2097152 +1048576 +3 " map-after.txt
 check "after resume the changes read back" qemu-io -f raw -c 'read -P 0x5a 1M 64k' -c 'read -P 0 2M 1M' "$U2"
+check "fork a paused sandbox: two running forks read its changes, the parent resumes" bash -c "'$BIN' sandbox pause second >/dev/null && '$BIN' sandbox fork second --count 2 --json >forks.json && python3 -c 'import json; f=json.load(open(\"forks.json\")); assert [x[\"id\"] for x in f]==[\"second-fork-0\",\"second-fork-1\"] and all(x[\"state\"]==\"running\" for x in f), f' && qemu-io -f raw -c 'read -P 0x5a 1M 64k' \"\$(python3 -c 'import json; print(json.load(open(\"forks.json\"))[1][\"nbd_uri\"])')\" && ! '$BIN' sandbox fork second --count 1 2>err.txt && grep -q ALREADY_EXISTS err.txt && '$BIN' sandbox delete second-fork-0 >/dev/null && '$BIN' sandbox delete second-fork-1 >/dev/null && '$BIN' sandbox resume second | grep -q 'state: *running'"
 check "template in use cannot be deleted" bash -c "! '$BIN' template delete rnd 2>err.txt && grep -q FAILED_PRECONDITION err.txt"
 check "list shows both" bash -c "[ \"\$('$BIN' sandbox list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')\" = 2 ]"
 check "delete is idempotent" bash -c "'$BIN' sandbox delete second && '$BIN' sandbox delete second | grep -q 'did not exist'"
@@ -156,7 +157,7 @@ check "--delete-on-exit is the throwaway mode: the sandboxes adopted at start ar
 cd "$ROOT"
 if eval "$(tests/vm/assets.sh)" && export MODDIR QEMU QEMU_MODULE_DIR KERNEL && tests/boot/build-assets.sh "${ROOTFORK_BOOT_ASSETS:-$ROOT/build/boot}" >"$WORK/assets.log" 2>&1; then
   export QEMU QEMU_MODULE_DIR KERNEL ROOTFORK_BOOT_ASSETS=${ROOTFORK_BOOT_ASSETS:-$ROOT/build/boot}
-  check "daemon boots QEMU on a sandbox's disk; a running VM pauses and resumes live (cargo test --test vm_boot)" \
+  check "daemon boots QEMU on a sandbox's disk; a running VM pauses and resumes live; three forks of it continue apart (cargo test --test vm_boot)" \
     cargo test -q -p rootfork --test vm_boot -- --ignored
 else
   bad "boot assets (tests/vm/assets.sh, tests/boot/build-assets.sh)"; tail -20 "$WORK/assets.log" || true

@@ -3,7 +3,7 @@
 #   template.ext4   a 64 MiB ext4 root: busybox-static and an /init that writes /hello-<vmid>
 #                   (vmid = rootfork.vmid= on the kernel command line), syncs, prints each hello
 #                   file's content and a marker line listing them, and powers off; with
-#                   rootfork.counter=N it runs the pause/resume counter instead (see /init);
+#                   rootfork.counter=N it runs the pause/resume/fork counter instead (see /init);
 #   initrd.cpio.gz  busybox + the cloud kernel's virtio modules; mounts /dev/vda and switches root.
 # Needs MODDIR (from `eval "$(tests/vm/assets.sh)"`), busybox-static, cpio, e2fsprogs.
 set -euo pipefail
@@ -50,18 +50,23 @@ cat > "$W/root/init" <<'EOI'
 B=/bin/busybox
 $B mount -t proc proc /proc
 VMID=$($B sed -n 's/.*rootfork.vmid=\([A-Za-z0-9_-]*\).*/\1/p' /proc/cmdline)
-# rootfork.counter=N: the pause/resume guest. Appends "count I" to /counter.log, then prints
-# "ROOTFORK-COUNT I boot=<boot id>" on the console, every 100 ms, I = 1..N; then syncs, prints
-# ROOTFORK-COUNTER-DONE with the file's line count and powers off. A resume that lost the
-# guest's memory would show a new boot id or a count starting again at 1.
+# rootfork.counter=N: the pause/resume guest. Appends "count I" to /counter.log and to
+# /by-<disk serial>.log (the daemon gives each sandbox's disk its id as serial, read from the
+# device each time: a fork restored from its parent's memory reads its own), then prints
+# "ROOTFORK-COUNT I boot=<boot id> disk=<serial>" on the console, every 100 ms, I = 1..N; then
+# syncs, prints ROOTFORK-COUNTER-DONE with the file's line count and powers off. A resume that
+# lost the guest's memory would show a new boot id or a count starting again at 1.
 N=$($B sed -n 's/.*rootfork.counter=\([0-9]*\).*/\1/p' /proc/cmdline)
 if [ -n "$N" ]; then
+  $B mount -t sysfs sysfs /sys
   BOOT=$($B cat /proc/sys/kernel/random/boot_id)
   i=0
   while [ "$i" -lt "$N" ]; do
     i=$((i+1))
+    DISK=$($B cat /sys/block/vda/serial 2>/dev/null)
     echo "count $i" >> /counter.log
-    echo "ROOTFORK-COUNT $i boot=$BOOT"
+    echo "count $i" >> "/by-${DISK:-none}.log"
+    echo "ROOTFORK-COUNT $i boot=$BOOT disk=${DISK:-none}"
     $B usleep 100000
   done
   $B sync

@@ -16,6 +16,8 @@ pub enum Operation {
     Pause,
     /// Resume (needs `paused`).
     Resume,
+    /// Fork (needs `paused`).
+    Fork,
 }
 
 impl std::fmt::Display for Operation {
@@ -23,6 +25,7 @@ impl std::fmt::Display for Operation {
         f.write_str(match self {
             Operation::Pause => "pause",
             Operation::Resume => "resume",
+            Operation::Fork => "fork",
         })
     }
 }
@@ -75,6 +78,9 @@ pub enum DaemonError {
     /// An unusable import source.
     #[error(transparent)]
     Import(#[from] ImportError),
+    /// A malformed fork request.
+    #[error(transparent)]
+    Fork(#[from] crate::daemon::fork::ForkError),
     /// Unknown template.
     #[error("template {0:?} not found")]
     TemplateNotFound(String),
@@ -179,7 +185,10 @@ impl DaemonError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            DaemonError::Name(_) | DaemonError::Spec(_) | DaemonError::Import(_)
+            DaemonError::Name(_)
+                | DaemonError::Spec(_)
+                | DaemonError::Import(_)
+                | DaemonError::Fork(_)
         )
     }
 
@@ -191,9 +200,10 @@ impl DaemonError {
             DaemonError::Import(
                 ImportError::OutsideImportDirs(_) | ImportError::BlockDeviceRefused(_),
             ) => Code::PermissionDenied,
-            DaemonError::Name(_) | DaemonError::Spec(_) | DaemonError::Import(_) => {
-                Code::InvalidArgument
-            }
+            DaemonError::Name(_)
+            | DaemonError::Spec(_)
+            | DaemonError::Import(_)
+            | DaemonError::Fork(_) => Code::InvalidArgument,
             DaemonError::TemplateNotFound(_) | DaemonError::SandboxNotFound(_) => Code::NotFound,
             DaemonError::TemplateExists(_) | DaemonError::SandboxExists(_) => Code::AlreadyExists,
             DaemonError::TemplateInUse { .. }
@@ -230,7 +240,10 @@ impl DaemonError {
             DaemonError::Import(
                 ImportError::OutsideImportDirs(_) | ImportError::BlockDeviceRefused(_),
             ) => libc::EACCES,
-            DaemonError::Name(_) | DaemonError::Spec(_) | DaemonError::Import(_) => libc::EINVAL,
+            DaemonError::Name(_)
+            | DaemonError::Spec(_)
+            | DaemonError::Import(_)
+            | DaemonError::Fork(_) => libc::EINVAL,
             DaemonError::TemplateNotFound(_) | DaemonError::SandboxNotFound(_) => libc::ENOENT,
             DaemonError::TemplateExists(_) | DaemonError::SandboxExists(_) => libc::EEXIST,
             DaemonError::TemplateInUse { .. }

@@ -6,7 +6,8 @@
 //! diff; a resume launches a new process that loads the snapshot with the stable path now on the
 //! new device, has its fds checked and is `Resumed`; delete stops it and removes the files. The
 //! double's report (its stdout, in each run directory's `vmm.log`) shows every drive opened at
-//! the stable path as the sandbox's device, and the template never opened.
+//! the stable path as the sandbox's device, and the template never opened. A fork of the paused
+//! sandbox launches one process per fork, each loading the same snapshot onto its own device.
 
 mod common;
 
@@ -137,6 +138,7 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
             "PUT /boot-source 204",
             "PUT /drives/rootfs 204",
             "PUT /machine-config 204",
+            "PUT /entropy 204",
             "PUT /actions 204"
         ]
     );
@@ -171,9 +173,41 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
     assert_eq!(p.vm_state_bytes, bytes);
     let r = reports(&d.state());
     assert_eq!(
-        calls(&r[0])[4..],
+        calls(&r[0])[5..],
         ["PATCH /vm 204", "PUT /snapshot/create 204"]
     );
+
+    // Fork: two new processes load the one snapshot, each with the stable path on a device of
+    // its own.
+    let forks = c
+        .sandboxes
+        .fork_sandbox(v1::ForkSandboxRequest {
+            id: "fc".into(),
+            count: 2,
+            id_prefix: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes;
+    assert_eq!(forks.len(), 2);
+    let r = reports(&d.state());
+    assert_eq!(r.len(), 3);
+    let mut devices = Vec::new();
+    for (k, f) in forks.iter().enumerate() {
+        assert_eq!(f.state, v1::SandboxState::Running as i32, "{f:?}");
+        assert!(f.vm_pid > 0 && f.vm_pid != sb.vm_pid);
+        let dev = identity(Path::new(&f.device_path));
+        assert_ne!(dev, first_device);
+        devices.push(dev);
+        assert_eq!(
+            calls(&r[1 + k]),
+            ["PUT /snapshot/load 204", "PATCH /vm 204"]
+        );
+        assert_eq!(drive_opens(&r[1 + k]), [(stable.to_owned(), dev.0, dev.1)]);
+    }
+    assert_ne!(devices[0], devices[1]);
+    assert_ne!(forks[0].vm_pid, forks[1].vm_pid);
 
     // Resume: a new process loads the snapshot; the stable path now resolves to the new device.
     let sb2 = resume(&mut c, "fc").await.unwrap();
@@ -182,10 +216,10 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
     assert_eq!(sb2.vm_state_bytes, 0);
     let second_device = identity(Path::new(&sb2.device_path));
     let r = reports(&d.state());
-    assert_eq!(r.len(), 2);
-    assert_eq!(calls(&r[1]), ["PUT /snapshot/load 204", "PATCH /vm 204"]);
+    assert_eq!(r.len(), 4);
+    assert_eq!(calls(&r[3]), ["PUT /snapshot/load 204", "PATCH /vm 204"]);
     assert_eq!(
-        drive_opens(&r[1]),
+        drive_opens(&r[3]),
         [(stable.to_owned(), second_device.0, second_device.1)]
     );
     assert!(
@@ -218,6 +252,11 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
                     .unwrap_or(true)
             }
     );
+    // The forks still use the parent's diff; the last one's delete removes it.
+    assert!(!d.files("paused").is_empty());
+    for f in &forks {
+        assert!(delete(&mut c, &f.id).await.unwrap());
+    }
     assert!(d.files("paused").is_empty(), "{:?}", d.files("paused"));
     assert_eq!(
         get(&mut c, "fc").await.state,

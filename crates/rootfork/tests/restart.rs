@@ -321,7 +321,7 @@ async fn a_newer_state_directory_is_refused() {
     d.shutdown().await;
     assert_eq!(
         std::fs::read_to_string(state.join("format")).unwrap(),
-        "rootfork-state 2\n"
+        "rootfork-state 3\n"
     );
     std::fs::write(state.join("format"), "rootfork-state 99\n").unwrap();
     let mut config = Config::with_state_dir(&state).unwrap();
@@ -336,10 +336,11 @@ async fn a_newer_state_directory_is_refused() {
 }
 
 /// A format-1 directory (a daemon from before running overlays were kept) is migrated: its
-/// template and its paused sandbox are there with their data, and it is marked 2, which a
-/// format-1 daemon refuses (so a downgrade cannot drop the kept overlays' block state).
+/// template and its paused sandbox are there with their data, and it is marked with the current
+/// format, which older daemons refuse (so a downgrade cannot drop the kept overlays' block state
+/// or a diff that forks share).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_format_1_state_directory_is_migrated_to_2() {
+async fn a_format_1_state_directory_is_migrated_to_the_current_format() {
     let dir = tempfile::Builder::new()
         .prefix("rfv")
         .tempdir_in("/tmp")
@@ -359,7 +360,7 @@ async fn a_format_1_state_directory_is_migrated_to_2() {
     let d = start(&state, &locks).await;
     assert_eq!(
         std::fs::read_to_string(state.join("format")).unwrap(),
-        "rootfork-state 2\n"
+        "rootfork-state 3\n"
     );
     let mut c = connect_when_up(d.api_socket()).await;
     let resumed = resume(&mut c, "kept").await.unwrap();

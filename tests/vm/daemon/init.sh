@@ -433,14 +433,14 @@ if [ -n "$DPID" ] && rootfork sandbox create --template demo --id fc1 --provider
   FDEV=$(awk '/^device:/ {print $2}' /tmp/fc1.create)
   FR1=$(newest_fc_log)
   c=$(fc_calls $FR1)
-  [ "$c" = "PUT /boot-source;PUT /drives/rootfs;PUT /machine-config;PUT /actions;" ] && pass "$t-boot-calls" || fail "$t-boot-calls" "$c"
+  [ "$c" = "PUT /boot-source;PUT /drives/rootfs;PUT /machine-config;PUT /entropy;PUT /actions;" ] && pass "$t-boot-calls" || fail "$t-boot-calls" "$c"
   grep '"event":"open"' $FR1 | grep '"drive_id":"rootfs"' > /tmp/fc1.opens
   [ "$(wc -l < /tmp/fc1.opens)" = 1 ] && grep -q '"path":"/fc-vm/rootfs.ext4"' /tmp/fc1.opens && grep -q "\"resolved\":\"$FDEV\"" /tmp/fc1.opens \
     && pass "$t-drive-is-the-device" || fail "$t-drive-is-the-device" "device $FDEV, opens: $(cat /tmp/fc1.opens)"
   if rootfork sandbox pause fc1 >/tmp/fc1.pause 2>&1; then
     pass "$t-pause"
     c=$(fc_calls $FR1)
-    [ "$c" = "PUT /boot-source;PUT /drives/rootfs;PUT /machine-config;PUT /actions;PATCH /vm;PUT /snapshot/create;" ] && pass "$t-pause-calls" || fail "$t-pause-calls" "$c"
+    [ "$c" = "PUT /boot-source;PUT /drives/rootfs;PUT /machine-config;PUT /entropy;PUT /actions;PATCH /vm;PUT /snapshot/create;" ] && pass "$t-pause-calls" || fail "$t-pause-calls" "$c"
     ls $STATE/paused/fc1.*.fcstate $STATE/paused/fc1.*.fcmem >/dev/null 2>&1 && pass "$t-snapshot-files" || fail "$t-snapshot-files" "$(ls $STATE/paused)"
     if rootfork sandbox resume fc1 >/tmp/fc1.resume 2>&1; then
       pass "$t-resume"

@@ -236,6 +236,11 @@ impl FirecrackerClient {
         self.send(Method::PUT, "/machine-config", cfg).await
     }
 
+    /// `PUT /entropy` (pre-boot).
+    pub async fn put_entropy(&self, device: &EntropyDevice) -> Result<(), ApiError> {
+        self.send(Method::PUT, "/entropy", device).await
+    }
+
     /// `GET /machine-config`.
     pub async fn get_machine_config(&self) -> Result<MachineConfiguration, ApiError> {
         self.get("/machine-config").await

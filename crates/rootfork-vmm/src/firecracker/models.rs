@@ -61,6 +61,14 @@ pub struct RateLimiter {
     pub ops: Option<TokenBucket>,
 }
 
+/// `PUT /entropy`: a virtio-rng device feeding the guest host entropy (pre-boot only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct EntropyDevice {
+    /// Its rate limiter.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
 /// `PUT /drives/{drive_id}`.
 ///
 /// Build the root drive's body with [`crate::RootDrive`] via

@@ -138,6 +138,8 @@ pub struct ColdBootConfig {
     pub mmds_config: Option<MmdsConfig>,
     /// MMDS contents.
     pub mmds_data: Option<serde_json::Value>,
+    /// A virtio-rng device (`PUT /entropy`, after the machine configuration).
+    pub entropy: Option<EntropyDevice>,
 }
 
 impl ColdBootConfig {
@@ -169,6 +171,7 @@ impl ColdBootConfig {
             metrics: None,
             mmds_config: None,
             mmds_data: None,
+            entropy: None,
         }
     }
 }
@@ -419,6 +422,9 @@ impl FirecrackerVm {
             .await?;
         self.root = Some(root);
         self.client.put_machine_config(&config.machine).await?;
+        if let Some(e) = &config.entropy {
+            self.client.put_entropy(e).await?;
+        }
         for iface in &config.network_interfaces {
             self.client.put_network_interface(iface).await?;
         }

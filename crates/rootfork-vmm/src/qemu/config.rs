@@ -96,7 +96,22 @@ pub struct QemuConfig {
     pub read_only_root: bool,
     /// The file the guest's first serial port (`ttyS0`) is appended to.
     pub serial: PathBuf,
+    /// Adds a VM generation ID device (`-device vmgenid`) whose GUID QEMU draws afresh each
+    /// time the process starts (`guid=auto`). The GUID is not part of the migration stream
+    /// (only the guest address of its buffer is): a VM restored from a saved state gets the new
+    /// process's GUID written into its memory and an ACPI notification, and a Linux guest
+    /// reseeds its random number generator. A restore must use the setting of the saved VM
+    /// (the device is part of the machine).
+    pub vmgenid: bool,
+    /// The root disk's serial number (`virtio-blk-pci,serial=`), which a Linux guest reads as
+    /// `/sys/block/vda/serial`: at most [`DISK_SERIAL_MAX`] bytes of `[A-Za-z0-9._~-]`. It is
+    /// a property of the device, not migrated state: the guest reads it from the device at each
+    /// read, so a VM restored with another serial sees the new one.
+    pub disk_serial: Option<String>,
 }
+
+/// The most bytes of a virtio-blk serial a guest can read (`VIRTIO_BLK_ID_BYTES`).
+pub const DISK_SERIAL_MAX: usize = 20;
 
 impl QemuConfig {
     /// A config with q35, 256 MiB, one vCPU, a read-write root and TCG.
@@ -112,6 +127,8 @@ impl QemuConfig {
             root,
             read_only_root: false,
             serial: serial.into(),
+            vmgenid: false,
+            disk_serial: None,
         }
     }
 
@@ -156,6 +173,15 @@ impl QemuConfig {
         if self.read_only_root {
             blockdev.push_str(",read-only=on");
         }
+        let mut disk = String::from("virtio-blk-pci,drive=root");
+        if let Some(serial) = &self.disk_serial {
+            let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-');
+            if serial.is_empty() || serial.len() > DISK_SERIAL_MAX || !serial.chars().all(ok) {
+                return Err(QemuError::InvalidConfig(format!("disk serial {serial:?}")));
+            }
+            disk.push_str(",serial=");
+            disk.push_str(serial);
+        }
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
         push("-accel");
@@ -178,7 +204,11 @@ impl QemuConfig {
         push("-blockdev");
         push(&blockdev);
         push("-device");
-        push("virtio-blk-pci,drive=root");
+        push(&disk);
+        if self.vmgenid {
+            push("-device");
+            push("vmgenid,guid=auto");
+        }
         a.push("-kernel".into());
         a.push(self.kernel.clone().into_os_string());
         if let Some(initrd) = &self.initrd {
@@ -264,6 +294,34 @@ mod tests {
         ));
         assert!(a.contains(&"kvm".to_string()));
         assert!(!a.contains(&"-initrd".to_string()));
+    }
+
+    #[test]
+    fn the_disk_serial_is_passed_when_given_and_checked() {
+        let mut c = nbd_config();
+        assert!(strs(&c.args().unwrap()).contains(&"virtio-blk-pci,drive=root".to_string()));
+        c.disk_serial = Some("sb-1.fork~0_a".into());
+        assert!(strs(&c.args().unwrap())
+            .contains(&"virtio-blk-pci,drive=root,serial=sb-1.fork~0_a".to_string()));
+        for bad in ["", "a,b", "x y", &"x".repeat(DISK_SERIAL_MAX + 1)] {
+            c.disk_serial = Some(bad.into());
+            assert!(
+                matches!(c.args(), Err(QemuError::InvalidConfig(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_generation_id_device_is_added_only_when_asked() {
+        let mut c = nbd_config();
+        assert!(!strs(&c.args().unwrap())
+            .iter()
+            .any(|s| s.contains("vmgenid")));
+        c.vmgenid = true;
+        let a = strs(&c.args().unwrap());
+        let at = a.iter().position(|s| s == "vmgenid,guid=auto").unwrap();
+        assert_eq!(a[at - 1], "-device");
     }
 
     #[test]

@@ -26,7 +26,7 @@ mod snapshot;
 pub mod verify;
 
 pub use accel::{probe_kvm, Accel, AccelPolicy};
-pub use config::{QemuBinary, QemuConfig};
+pub use config::{QemuBinary, QemuConfig, DISK_SERIAL_MAX};
 pub use disk::{NbdEndpoint, RootDisk};
 pub use error::QemuError;
 pub use process::{QemuExit, QemuProcess, SavedState};

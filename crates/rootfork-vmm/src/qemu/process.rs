@@ -46,6 +46,8 @@ pub struct QemuProcess {
     exit: Option<QemuExit>,
     /// The QMP session of a VM started paused (kept for pause and continue).
     qmp: Option<Qmp>,
+    /// Whether its machine has a VM generation ID device ([`QemuConfig::vmgenid`]).
+    vmgenid: bool,
 }
 
 /// What [`QemuProcess::save_state`] wrote.
@@ -219,6 +221,7 @@ impl QemuProcess {
         let mut cmd = qemu.command();
         cmd.args(args);
         let mut vm = Self::spawn_command(cmd, log, Some(config.serial.clone()))?;
+        vm.vmgenid = config.vmgenid;
         match Qmp::connect(qmp_socket, QMP_TIMEOUT) {
             Ok(q) => {
                 vm.qmp = Some(q);
@@ -256,7 +259,27 @@ impl QemuProcess {
             log: log.to_owned(),
             exit: None,
             qmp: None,
+            vmgenid: false,
         })
+    }
+
+    /// Whether the VM has a VM generation ID device (its saved state restores only into a
+    /// machine that has one too).
+    pub fn has_vmgenid(&self) -> bool {
+        self.vmgenid
+    }
+
+    /// The GUID of the VM's generation ID device (`query-vm-generation-id`), `None` when it
+    /// has none. QEMU draws it when the process starts: a VM restored from a saved state has a
+    /// GUID of its own, not the saved VM's.
+    pub fn generation_id(&mut self) -> Result<Option<String>, QemuError> {
+        if !self.vmgenid {
+            return Ok(None);
+        }
+        let qmp = self.monitor()?;
+        qmp.set_timeout(QMP_TIMEOUT)?;
+        let r = qmp.execute("query-vm-generation-id", None)?;
+        Ok(r.get("guid").and_then(|g| g.as_str()).map(str::to_owned))
     }
 
     /// The process id.

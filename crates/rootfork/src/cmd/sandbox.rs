@@ -1,4 +1,4 @@
-//! `rootfork sandbox create | get | list | pause | resume | delete`.
+//! `rootfork sandbox create | get | list | pause | resume | fork | delete`.
 
 use std::path::PathBuf;
 
@@ -80,6 +80,18 @@ pub enum Command {
         /// Sandbox id.
         id: String,
     },
+    /// Start new sandboxes from a paused one: each gets its own overlay over the paused disk
+    /// and, when the pause saved a running VM, its own VM continuing from that snapshot.
+    Fork {
+        /// The paused sandbox.
+        id: String,
+        /// How many forks (1 to 64).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Name the forks PREFIX-0, PREFIX-1, ... [default: ID-fork].
+        #[arg(long)]
+        id_prefix: Option<String>,
+    },
     /// Delete a sandbox (succeeds if it does not exist).
     Delete {
         /// Sandbox id.
@@ -142,6 +154,9 @@ fn show(opts: &ClientOpts, s: &v1::Sandbox) {
                 s.vm_pid, s.vm_console
             );
         }
+    }
+    if s.vm_pid != 0 && !s.vm_generation_id.is_empty() {
+        println!("vm genid:  {}", s.vm_generation_id);
     }
     if s.vm_state_bytes > 0 {
         println!(
@@ -272,6 +287,33 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
                     .map_err(status)?
                     .into_inner();
                 show(&opts, &s);
+            }
+            Command::Fork {
+                id,
+                count,
+                id_prefix,
+            } => {
+                let r = sb
+                    .fork_sandbox(v1::ForkSandboxRequest {
+                        id,
+                        count,
+                        id_prefix: id_prefix.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if opts.json {
+                    print_json(&serde_json::Value::Array(
+                        r.sandboxes.iter().map(sandbox_json).collect(),
+                    ));
+                } else {
+                    for (i, s) in r.sandboxes.iter().enumerate() {
+                        if i > 0 {
+                            println!();
+                        }
+                        show(&opts, s);
+                    }
+                }
             }
             Command::Delete { id } => {
                 let r = sb

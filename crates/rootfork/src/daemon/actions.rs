@@ -7,6 +7,7 @@
 //! | templates: import, list, delete | `templates/` |
 //! | sandboxes: create, delete | `lifecycle.rs` (disk: `disk.rs`, VM: `vm.rs`) |
 //! | pause, resume | `pause.rs` (diff fold: `diffmerge.rs`) |
+//! | fork | `fork.rs` (shared layers: `shared.rs`) |
 //! | get, list | `sandbox.rs` (the record's view) |
 //! | devices | `kernel.rs` |
 //! | metrics text | `stats.rs` |
@@ -16,7 +17,7 @@ use std::path::Path;
 use crate::daemon::core::Core;
 use crate::daemon::model::{Caller, DeviceList, SandboxInfo, TemplateInfo};
 use crate::daemon::spec::SandboxSpec;
-use crate::daemon::{lifecycle, pause, stats, templates};
+use crate::daemon::{fork, lifecycle, pause, stats, templates};
 use crate::error::Result;
 use crate::names;
 
@@ -80,6 +81,19 @@ impl Core {
     pub async fn resume_sandbox(&self, id: &str) -> Result<SandboxInfo> {
         let r = pause::resume(self, id).await;
         self.recorded("resume_sandbox", r)
+    }
+
+    /// Starts `count` forks of the paused sandbox `id` (named `PREFIX-0`.. with `prefix`, by
+    /// default `ID-fork`), each on its own overlay over the parent's layers and with its own VM
+    /// restored from the parent's snapshot. All or nothing.
+    pub async fn fork_sandbox(
+        &self,
+        id: &str,
+        count: u32,
+        prefix: Option<&str>,
+    ) -> Result<Vec<SandboxInfo>> {
+        let r = fork::fork(self, id, count, prefix).await;
+        self.recorded("fork_sandbox", r)
     }
 
     /// Deletes a sandbox and everything it holds. `Ok(false)` when there was nothing to delete.

@@ -20,6 +20,7 @@ use crate::daemon::lifecycle::Tombstones;
 use crate::daemon::model::SandboxState;
 use crate::daemon::records::Records;
 use crate::daemon::sandbox::Sandbox;
+use crate::daemon::shared::SharedFiles;
 use crate::daemon::stats::ClosedTotals;
 use crate::daemon::templates::TemplateStore;
 use crate::daemon::warm::WarmStock;
@@ -82,6 +83,8 @@ pub struct Core {
     pub(crate) tombstones: Tombstones,
     /// Durable sandbox records.
     pub(crate) records: Records,
+    /// The users of files several sandboxes share (a parent's paused diff and its forks).
+    pub shared: SharedFiles,
     /// The event feed.
     pub events: Arc<EventBus>,
     /// Metrics.
@@ -138,6 +141,7 @@ impl Core {
             sandboxes: Default::default(),
             tombstones: Default::default(),
             records,
+            shared: SharedFiles::default(),
             events,
             metrics: Metrics::new(),
             kernel,

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rootfork_vmm::firecracker::models::SnapshotCreateParams;
+use rootfork_vmm::firecracker::models::{EntropyDevice, SnapshotCreateParams};
 use rootfork_vmm::firecracker::{
     ColdBootConfig, FirecrackerVm, LaunchConfig, ResumeConfig, TemplateIdentity, VmmCommand,
 };
@@ -73,6 +73,9 @@ pub async fn boot(
         spec.memory_mib.map_or(DEFAULT_MEMORY_MIB, u64::from),
     );
     cfg.boot_source.initrd_path = spec.initrd.as_ref().map(|p| p.display().to_string());
+    // Host entropy for the guest: Firecracker's API has no VM generation ID to tell a fork's
+    // guest to reseed; a virtio-rng device lets it draw fresh randomness (docs/daemon.md, Fork).
+    cfg.entropy = Some(EntropyDevice::default());
     let mut vm = FirecrackerVm::launch(&command(core), &launch_config(core))
         .await
         .map_err(fc_err)?;

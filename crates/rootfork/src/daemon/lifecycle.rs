@@ -1,7 +1,8 @@
 //! A sandbox's birth and death: create (register, attach the disk, boot the VM; a failure leaves
 //! nothing behind) and delete (its durable record first, then the VM, the disk, the paused diffs
-//! and kept overlay files; the sandbox stays as a tombstone for a while so late calls get a
-//! precise answer).
+//! and kept overlay files, each only when no other sandbox still uses it (`shared.rs`); the
+//! sandbox stays as a tombstone for a while so late calls get a precise answer). A fork
+//! (`fork.rs`) registers and unregisters its sandboxes with the same helpers.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::spec::{SandboxSpec, SpecError};
 use crate::daemon::vm;
-use crate::daemon::{disk, limits, persist};
+use crate::daemon::{disk, limits, persist, shared};
 use crate::error::{DaemonError, Result};
 use crate::events::{EventBus, EventKind};
 use crate::names;
@@ -91,24 +92,7 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         .live
         .try_lock()
         .expect("nobody else holds the lock of a sandbox not yet published");
-    {
-        let templates = core.templates.map.lock();
-        if !templates.contains_key(&spec.template) {
-            return Err(DaemonError::TemplateNotFound(spec.template));
-        }
-        let mut map = core.sandboxes.write();
-        if map.get(&id).is_some_and(|s| s.is_live()) {
-            return Err(DaemonError::SandboxExists(id));
-        }
-        limits::admit_count(core, map.values().filter(|s| s.is_live()).count())?;
-        map.insert(id.clone(), sb.clone());
-    }
-    core.events.emit(
-        EventBus::event(EventKind::Sandbox)
-            .sandbox(&id)
-            .template(&sb.template)
-            .state(SandboxState::Creating),
-    );
+    register(core, &sb)?;
     let base = BaseImage::Template(TemplatePath::new(core.templates.image_path(&sb.template)));
     let r = async {
         let mut provider =
@@ -147,22 +131,52 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
             Ok(sb.info())
         }
         Err(e) => {
-            // A failed create changes nothing: forget the sandbox entirely.
-            sb.update(|s| s.state = SandboxState::Deleted);
             drop(live);
-            let mut map = core.sandboxes.write();
-            if map.get(&id).is_some_and(|s| Arc::ptr_eq(s, &sb)) {
-                map.remove(&id);
-            }
-            drop(map);
-            core.events.emit(
-                EventBus::event(EventKind::Error)
-                    .sandbox(&id)
-                    .message(format!("create failed: {e}")),
-            );
+            unregister(core, &sb, &format!("create failed: {e}"));
             Err(e)
         }
     }
+}
+
+/// Publishes the new sandbox `sb` (state `Creating`, its lifecycle lock held by the caller):
+/// its template must still exist, its id must not name a live sandbox, and the sandbox count
+/// must stay within `limits.max_sandboxes`.
+pub(crate) fn register(core: &Core, sb: &Arc<Sandbox>) -> Result<()> {
+    {
+        let templates = core.templates.map.lock();
+        if !templates.contains_key(&sb.template) {
+            return Err(DaemonError::TemplateNotFound(sb.template.clone()));
+        }
+        let mut map = core.sandboxes.write();
+        if map.get(&sb.id).is_some_and(|s| s.is_live()) {
+            return Err(DaemonError::SandboxExists(sb.id.clone()));
+        }
+        limits::admit_count(core, map.values().filter(|s| s.is_live()).count())?;
+        map.insert(sb.id.clone(), sb.clone());
+    }
+    core.events.emit(
+        EventBus::event(EventKind::Sandbox)
+            .sandbox(&sb.id)
+            .template(&sb.template)
+            .state(SandboxState::Creating),
+    );
+    Ok(())
+}
+
+/// Forgets a [`register`]ed sandbox whose start failed (it holds nothing any more), as if it
+/// had never been, and reports `why` on the event feed.
+pub(crate) fn unregister(core: &Core, sb: &Arc<Sandbox>, why: &str) {
+    sb.update(|s| s.state = SandboxState::Deleted);
+    let mut map = core.sandboxes.write();
+    if map.get(&sb.id).is_some_and(|s| Arc::ptr_eq(s, sb)) {
+        map.remove(&sb.id);
+    }
+    drop(map);
+    core.events.emit(
+        EventBus::event(EventKind::Error)
+            .sandbox(&sb.id)
+            .message(why.to_owned()),
+    );
 }
 
 /// Deletes a sandbox and everything it holds. `Ok(false)` when there was nothing to delete.
@@ -191,12 +205,9 @@ pub async fn delete(core: &Core, id: &str) -> Result<bool> {
         }
     }
     live.paused = None;
+    // A file a fork still uses (its parent's paused diff) stays until its last user goes.
     for f in live.files.drain(..) {
-        if let Err(e) = std::fs::remove_file(&f) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(file = %f.display(), "removing a sandbox file: {e}");
-            }
-        }
+        shared::release_and_remove(&core.shared, &f, id);
     }
     sb.update(|s| s.clear_device());
     core.set_state(&sb, SandboxState::Deleted, None);

@@ -12,7 +12,7 @@
 //! | `templates/NAME.img`, `NAME.json` | templates (images 0444) and their records |
 //! | `nbd/N.sock` | per-sandbox NBD sockets (socket provider) |
 //! | `cache/ID.G.cache` | overlay cache files |
-//! | `paused/ID.G.diff` | paused sandboxes' exported changes |
+//! | `paused/ID.G.diff` | paused sandboxes' exported changes (also read by their forks) |
 //! | `paused/ID.G.vmstate` | paused sandboxes' VM memory and device state (a QEMU VM paused live) |
 //! | `sandboxes/ID.json` | sandbox records (written atomically at every lifecycle change) |
 //! | `format` | the state directory's format version |
@@ -39,6 +39,8 @@
 //! | `lifecycle.rs` | sandbox create and delete, tombstones |
 //! | `disk.rs` | a sandbox's provider: build, bring up, retire |
 //! | `pause.rs` | pause and resume (`diffmerge.rs`: folding two diffs) |
+//! | `fork.rs` | fork: new sandboxes from a paused one's layers and VM snapshot |
+//! | `shared.rs` | files several sandboxes use (a parent's diff and its forks), counted from the records |
 //! | `records.rs`, `persist.rs` | durable sandbox records; restore at start, keep at stop |
 //! | `adopt.rs` | serving a running socket sandbox of a previous run again at start |
 //! | `vm.rs` | booting, restoring and stopping the sandbox's VM (QEMU, or Firecracker: `firecracker.rs`) |
@@ -60,6 +62,7 @@ pub mod demo;
 pub mod diffmerge;
 mod disk;
 mod firecracker;
+pub mod fork;
 pub mod health;
 pub mod kernel;
 mod lifecycle;
@@ -70,6 +73,7 @@ mod pause;
 mod persist;
 pub mod records;
 pub mod sandbox;
+pub mod shared;
 pub mod snapshot;
 pub mod spec;
 mod state_dir;

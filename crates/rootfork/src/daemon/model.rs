@@ -112,6 +112,8 @@ pub struct Status {
     pub vm_state_bytes: u64,
     /// Kernel provider: devices repaired by a health-check reconnect.
     pub recoveries: u32,
+    /// The VM generation ID (GUID) of the last QEMU VM started for it; empty: none.
+    pub vm_generation_id: String,
 }
 
 impl Status {
@@ -133,6 +135,7 @@ impl Status {
             vm_console: String::new(),
             vm_state_bytes: 0,
             recoveries: 0,
+            vm_generation_id: String::new(),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::daemon::core::Core;
 use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::records::RecordState;
 use crate::daemon::sandbox::{overlay_of, Live, Sandbox};
-use crate::daemon::{disk, persist, snapshot, vm};
+use crate::daemon::{disk, persist, shared, snapshot, vm};
 use crate::error::{DaemonError, Operation, Result};
 use crate::names;
 
@@ -32,12 +32,7 @@ fn expect_state(sb: &Sandbox, op: Operation, want: &[SandboxState]) -> Result<()
 
 /// A new diff file name of `sb` (generations never repeat within the sandbox).
 fn next_diff(core: &Core, id: &str, live: &mut Live) -> PathBuf {
-    let p = core
-        .dirs
-        .paused
-        .join(format!("{id}.{}.diff", live.generation));
-    live.generation += 1;
-    p
+    snapshot::next_file(core, id, live, "diff")
 }
 
 /// Pauses a running sandbox, or a failed one that still holds its disk (so its data is saved):
@@ -143,10 +138,9 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
         tracing::warn!(sandbox = id, "closing after pause: {e}");
     }
     if let Some(old) = old {
-        // The folded diff replaces both.
-        for f in [&old.data, &data] {
-            let _ = std::fs::remove_file(f);
-        }
+        // The folded diff replaces both (the old one stays while forks read it).
+        let _ = std::fs::remove_file(&data);
+        shared::release_and_remove(&core.shared, &old.data, id);
         live.files.retain(|f| f != &old.data);
     }
     let bytes = paused.map.data_len();
@@ -292,7 +286,7 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
             live.vm = vm;
             if let Some(v) = vm_state {
                 for f in v.files() {
-                    snapshot::remove(f);
+                    shared::release_and_remove(&core.shared, f, id);
                     live.files.retain(|x| x != f);
                 }
                 sb.update(|s| s.vm_state_bytes = 0);

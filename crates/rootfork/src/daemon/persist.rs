@@ -112,14 +112,20 @@ pub async fn restore(core: &Core) -> Result<usize> {
     let mut restored = 0;
     let mut to_adopt = Vec::new();
     for rec in loaded.records {
+        // Every file a record names counts that sandbox as a user (a fork's record names its
+        // parent's diff): the users of shared files are rebuilt from the records alone.
         if let Some(d) = &rec.paused {
             owners.named.insert(d.data.clone());
+            core.shared.add(&d.data, &rec.id);
         }
         if let Some(s) = &rec.served {
             owners.named.extend(disk::overlay_files(s.cache()));
         }
         if let Some(v) = &rec.vm_state {
             owners.named.extend(v.files().cloned());
+            for f in v.files() {
+                core.shared.add(f, &rec.id);
+            }
         }
         match restore_one(core, &rec) {
             Ok(Restored::Done) => restored += 1,

@@ -28,6 +28,10 @@ pub struct VmState {
     pub memory: Option<PathBuf>,
     /// The files' total size.
     pub bytes: u64,
+    /// QEMU: the saved machine has a VM generation ID device (a restore must add one too,
+    /// and gets a fresh GUID); absent in records written before the device was added.
+    #[serde(default)]
+    pub vmgenid: bool,
 }
 
 impl VmState {
@@ -53,14 +57,20 @@ pub fn space_needed(spec: Option<&VmSpec>) -> u64 {
     (mib << 20).saturating_add(DEVICE_STATE_BYTES)
 }
 
-/// A file of the next generation of `id` with extension `ext` (generations never repeat).
-fn next_file(core: &Core, id: &str, live: &mut Live, ext: &str) -> PathBuf {
-    let p = core
-        .dirs
-        .paused
-        .join(format!("{id}.{}.{ext}", live.generation));
-    live.generation += 1;
-    p
+/// A file of the next generation of `id` with extension `ext` in the pause directory
+/// (generations never repeat, and a name a shared file has is skipped: a deleted sandbox's
+/// diff may live on for its forks while a new sandbox has its id).
+pub(crate) fn next_file(core: &Core, id: &str, live: &mut Live, ext: &str) -> PathBuf {
+    loop {
+        let p = core
+            .dirs
+            .paused
+            .join(format!("{id}.{}.{ext}", live.generation));
+        live.generation += 1;
+        if core.shared.users(&p).is_empty() {
+            return p;
+        }
+    }
 }
 
 /// Stops `sb`'s running VM and writes its state; `None` when no VM runs. The VM stays in
@@ -82,6 +92,7 @@ pub async fn save(core: &Core, sb: &Sandbox, live: &mut Live) -> Result<Option<V
                 path: files.state,
                 memory: Some(files.memory),
                 bytes,
+                vmgenid: false,
             }));
         }
         Some(RunningVm::Qemu(q)) => q,
@@ -99,6 +110,7 @@ pub async fn save(core: &Core, sb: &Sandbox, live: &mut Live) -> Result<Option<V
         sb.update(|s| s.vm_pid = 0);
         DaemonError::task("saving the VM's state", e)
     })?;
+    let vmgenid = vm.has_vmgenid();
     live.vm = Some(RunningVm::Qemu(vm));
     let saved = saved?;
     tracing::info!(
@@ -111,6 +123,7 @@ pub async fn save(core: &Core, sb: &Sandbox, live: &mut Live) -> Result<Option<V
         path,
         memory: None,
         bytes: saved.bytes,
+        vmgenid,
     }))
 }
 

@@ -87,7 +87,10 @@ pub(super) fn read_or_make_token(path: &Path, generated: bool) -> Result<String,
 ///   state, named by the record's `served`), which a format-1 daemon would neither adopt nor
 ///   keep (it removes the block state as an orphan). A format-1 directory needs no conversion;
 ///   marking it 2 is the migration, and it makes a format-1 daemon (a downgrade) refuse it.
-pub const FORMAT_VERSION: u32 = 2;
+/// - 3: 2, plus forks: a fork's record names its parent's paused diff, a file several records
+///   share and that goes with its last user (`shared.rs`); a format-2 daemon would remove it
+///   with whichever of them it deleted first. No conversion; the mark makes a downgrade refuse.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Refuses a state directory of a newer format; marks an older or unmarked one as this format
 /// (after migrating it, which no format before this one needs beyond the mark).

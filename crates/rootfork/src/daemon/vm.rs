@@ -10,7 +10,7 @@ use rootfork_block::TemplatePath;
 use rootfork_provider::ProviderDevice;
 use rootfork_provider::{AnyProvider, Provider};
 use rootfork_vmm::firecracker::{FirecrackerVm, TemplateIdentity};
-use rootfork_vmm::qemu::{QemuBinary, QemuConfig, QemuProcess, RootDisk};
+use rootfork_vmm::qemu::{QemuBinary, QemuConfig, QemuProcess, RootDisk, DISK_SERIAL_MAX};
 
 use crate::daemon::core::Core;
 use crate::daemon::firecracker::{self, SnapshotFiles};
@@ -69,14 +69,34 @@ async fn ready_device(provider: &AnyProvider) -> Result<rootfork_vmm::ReadyDevic
 /// The kernel command line when the spec gives none.
 pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 root=/dev/vda rw panic=-1";
 
-/// The QEMU configuration of `spec` on `disk`.
+/// The root disk's serial number of sandbox `id`, which its guest reads as
+/// `/sys/block/vda/serial` (a fork restored from its parent's memory reads its own): the id
+/// when it fits in [`DISK_SERIAL_MAX`] bytes, else its first 11 bytes, `~` and 8 hex digits of
+/// a hash of the whole id (FNV-1a, 32 bits).
+pub fn disk_serial(id: &str) -> String {
+    if id.len() <= DISK_SERIAL_MAX {
+        return id.to_owned();
+    }
+    let hash = id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    // Sandbox ids are ASCII: any byte is a char boundary.
+    format!("{}~{hash:08x}", &id[..11])
+}
+
+/// The QEMU configuration of `spec` on `disk`; `vmgenid`: with a VM generation ID device
+/// (every boot has one; a restore has one when the saved machine had).
 fn qemu_config(
     spec: &VmSpec,
     kernel: PathBuf,
     disk: RootDisk,
     console: &std::path::Path,
+    vmgenid: bool,
+    id: &str,
 ) -> QemuConfig {
     let mut cfg = QemuConfig::new(kernel, disk, console);
+    cfg.vmgenid = vmgenid;
+    cfg.disk_serial = Some(disk_serial(id));
     cfg.initrd.clone_from(&spec.initrd);
     cfg.append = spec
         .kernel_args
@@ -120,7 +140,7 @@ pub async fn restore(
     state: &VmState,
 ) -> Result<RunningVm> {
     match &state.memory {
-        None => launch(core, sb, provider, Some(state.path.clone()))
+        None => launch(core, sb, provider, Some(state))
             .await
             .map(RunningVm::Qemu),
         Some(memory) => {
@@ -137,12 +157,15 @@ pub async fn restore(
     }
 }
 
-/// Starts QEMU on `provider`'s device: booting, or restored from `state`.
+/// Starts QEMU on `provider`'s device: booting, or restored from `state`. Either way the
+/// machine gets a VM generation ID with a GUID of its own (unless `state` was saved from a
+/// machine without the device): a restored guest, a fork's above all, is told it is a new
+/// generation and reseeds its random number generator.
 async fn launch(
     core: &Core,
     sb: &Sandbox,
     provider: &AnyProvider,
-    state: Option<PathBuf>,
+    state: Option<&VmState>,
 ) -> Result<QemuProcess> {
     let Some(spec) = sb.vm.as_ref().filter(|v| v.boots_qemu()) else {
         return Err(DaemonError::NoVm(sb.id.clone()));
@@ -160,24 +183,41 @@ async fn launch(
     let console = dir.join(format!("{}.console", sb.id));
     let log = dir.join(format!("{}.qemu.log", sb.id));
     let qmp = dir.join(format!("{n}.qmp"));
-    let cfg = qemu_config(spec, kernel, device.into_root_disk(), &console);
+    let vmgenid = state.is_none_or(|s| s.vmgenid);
+    let cfg = qemu_config(
+        spec,
+        kernel,
+        device.into_root_disk(),
+        &console,
+        vmgenid,
+        &sb.id,
+    );
+    let state = state.map(|s| s.path.clone());
     let template = template_identity(core, sb)?;
     let qemu = QemuBinary::from_env();
     let restoring = state.is_some();
-    let vm = tokio::task::spawn_blocking(move || {
+    let (vm, genid) = tokio::task::spawn_blocking(move || {
         let r = match &state {
             None => QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &[template]),
             Some(state) => QemuProcess::spawn_restored(&qemu, &cfg, &log, &qmp, &[template], state),
         };
         let _ = std::fs::remove_file(&qmp);
-        r
+        r.map(|mut vm| {
+            let genid = vm.generation_id();
+            (vm, genid)
+        })
     })
     .await
     .map_err(|e| DaemonError::task("starting the VM", e))??;
+    let genid = genid.unwrap_or_else(|e| {
+        tracing::warn!(sandbox = %sb.id, "reading the VM generation ID: {e}");
+        None
+    });
     let pid = vm.pid();
     sb.update(|s| {
         s.vm_pid = pid;
         s.vm_console = console.display().to_string();
+        s.vm_generation_id = genid.unwrap_or_default();
     });
     if restoring {
         tracing::info!(sandbox = %sb.id, pid, "restored QEMU from its saved state on the sandbox's disk");
@@ -196,7 +236,10 @@ pub async fn halt(sb: &Sandbox, vm: RunningVm) {
         }
         RunningVm::Firecracker(f) => firecracker::stop(*f).await,
     }
-    sb.update(|s| s.vm_pid = 0);
+    sb.update(|s| {
+        s.vm_pid = 0;
+        s.vm_generation_id.clear();
+    });
 }
 
 /// Kills the sandbox's VM and removes its console and log (the disk is closed after this, under
@@ -205,5 +248,21 @@ pub async fn stop(core: &Core, sb: &Sandbox, vm: RunningVm) {
     halt(sb, vm).await;
     for ext in ["console", "qemu.log"] {
         let _ = std::fs::remove_file(core.dirs.vm.join(format!("{}.{ext}", sb.id)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_serials_are_the_id_or_a_hashed_short_form() {
+        assert_eq!(disk_serial("vm-c-fork-0"), "vm-c-fork-0");
+        let a = disk_serial("a-sandbox-with-a-long-name-fork-0");
+        let b = disk_serial("a-sandbox-with-a-long-name-fork-1");
+        assert_eq!(a.len(), DISK_SERIAL_MAX);
+        assert!(a.starts_with("a-sandbox-w~"), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, disk_serial("a-sandbox-with-a-long-name-fork-0"));
     }
 }

@@ -149,6 +149,7 @@ impl From<SandboxInfo> for v1::Sandbox {
             disk_size_bytes: i.disk_size,
             quota_bytes: i.quota.unwrap_or(0),
             vm_state_bytes: s.vm_state_bytes,
+            vm_generation_id: s.vm_generation_id,
         }
     }
 }

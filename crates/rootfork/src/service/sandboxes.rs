@@ -1,4 +1,4 @@
-//! `rootfork.v1.Sandboxes`: create, get, list, pause, resume, delete. Operations that change a
+//! `rootfork.v1.Sandboxes`: create, get, list, pause, resume, delete, fork. Operations that change a
 //! sandbox run in a task of their own, so a client that goes away mid-call never leaves one half
 //! done.
 
@@ -81,5 +81,21 @@ impl sandboxes_server::Sandboxes for Api {
         let id = req.into_inner().id;
         let deleted = detached("delete", async move { core.delete_sandbox(&id).await }).await?;
         Ok(Response::new(v1::DeleteSandboxResponse { deleted }))
+    }
+
+    async fn fork_sandbox(
+        &self,
+        req: Request<v1::ForkSandboxRequest>,
+    ) -> Result<Response<v1::ForkSandboxResponse>, Status> {
+        let core = self.core.clone();
+        let r = req.into_inner();
+        let forks = detached("fork", async move {
+            let prefix = Some(r.id_prefix.as_str()).filter(|p| !p.is_empty());
+            core.fork_sandbox(&r.id, r.count, prefix).await
+        })
+        .await?;
+        Ok(Response::new(v1::ForkSandboxResponse {
+            sandboxes: forks.into_iter().map(Into::into).collect(),
+        }))
     }
 }
