@@ -96,6 +96,10 @@ pub struct QemuConfig {
     pub read_only_root: bool,
     /// The file the guest's first serial port (`ttyS0`) is appended to.
     pub serial: PathBuf,
+    /// For an NBD root: how long QEMU holds the guest's I/O while the connection is down and
+    /// it reconnects to the same socket (`reconnect-delay`, seconds; a restarting server's
+    /// gap). `None` or 0: I/O on a lost connection fails at once.
+    pub nbd_reconnect_delay_secs: Option<u32>,
 }
 
 impl QemuConfig {
@@ -112,6 +116,7 @@ impl QemuConfig {
             root,
             read_only_root: false,
             serial: serial.into(),
+            nbd_reconnect_delay_secs: None,
         }
     }
 
@@ -155,6 +160,11 @@ impl QemuConfig {
         let mut blockdev = self.root.blockdev("root")?;
         if self.read_only_root {
             blockdev.push_str(",read-only=on");
+        }
+        if let (RootDisk::Nbd(_), Some(secs)) = (&self.root, self.nbd_reconnect_delay_secs) {
+            if secs > 0 {
+                blockdev.push_str(&format!(",reconnect-delay={secs}"));
+            }
         }
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
@@ -221,6 +231,21 @@ mod tests {
         c.initrd = Some("/k/initrd.gz".into());
         c.append = "console=ttyS0 root=/dev/vda rw".into();
         c
+    }
+
+    #[test]
+    fn an_nbd_root_may_wait_for_its_server_to_come_back() {
+        let mut c = nbd_config();
+        c.nbd_reconnect_delay_secs = Some(120);
+        let a = strs(&c.args().unwrap());
+        let i = a.iter().position(|s| s == "-blockdev").unwrap();
+        assert_eq!(
+            a[i + 1],
+            "driver=nbd,node-name=root,server.type=unix,server.path=/run/rf/sb1.sock,export=sb1,reconnect-delay=120"
+        );
+        c.nbd_reconnect_delay_secs = Some(0);
+        let a = strs(&c.args().unwrap());
+        assert!(!a.iter().any(|s| s.contains("reconnect-delay")), "{a:?}");
     }
 
     #[test]
