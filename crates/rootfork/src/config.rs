@@ -147,6 +147,20 @@ pub struct KernelFile {
 /// The most `kernel.warm_slots`.
 pub const MAX_WARM_SLOTS: usize = 8;
 
+/// The `[vm]` table: VMs the daemon starts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmFile {
+    /// How long a QEMU VM on a socket sandbox holds its disk I/O while the daemon is away (a
+    /// restart) and its NBD client reconnects, seconds (QEMU's `reconnect-delay`); 0 turns it
+    /// off (I/O fails at once when the daemon goes).
+    pub nbd_reconnect_delay_secs: Option<u32>,
+}
+
+/// The default of `vm.nbd_reconnect_delay_secs`: room for a daemon restart (an upgrade, a
+/// crash and the service manager's restart delay).
+pub const DEFAULT_NBD_RECONNECT_DELAY_SECS: u32 = 120;
+
 /// The `[templates]` table.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,6 +233,9 @@ pub struct FileConfig {
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// `[vm]`.
+    #[serde(default)]
+    pub vm: VmFile,
 }
 
 impl FileConfig {
@@ -303,6 +320,8 @@ pub struct Config {
     pub kernel_dead_conn_timeout: Option<Duration>,
     /// Pre-connected kernel devices kept ready per disk size (`kernel.warm_slots`; 0: none).
     pub kernel_warm_slots: usize,
+    /// How long a QEMU VM's NBD client waits for a restarting daemon (`None`: not at all).
+    pub vm_nbd_reconnect_delay: Option<u32>,
     /// Fault injection triggers (`debug.fault_injection`; testing only).
     pub fault_injection: bool,
     /// `templates.allow_block_devices`.
@@ -530,6 +549,16 @@ impl Config {
                 ),
             ));
         }
+        let reconnect_secs = file
+            .vm
+            .nbd_reconnect_delay_secs
+            .unwrap_or(DEFAULT_NBD_RECONNECT_DELAY_SECS);
+        if reconnect_secs > 3600 {
+            return Err(invalid(
+                "vm.nbd_reconnect_delay_secs",
+                format!("{reconnect_secs} is outside 0..=3600 (0 turns it off)"),
+            ));
+        }
         let kernel_warm_slots = file.kernel.warm_slots.unwrap_or(0);
         if kernel_warm_slots > MAX_WARM_SLOTS {
             return Err(invalid(
@@ -616,6 +645,7 @@ impl Config {
             kernel_dead_conn_timeout: (dead_conn_secs != 0)
                 .then(|| Duration::from_secs(dead_conn_secs)),
             kernel_warm_slots,
+            vm_nbd_reconnect_delay: (reconnect_secs != 0).then_some(reconnect_secs),
             seams: Seams::default(),
             fault_injection: file.debug.fault_injection.unwrap_or(false),
             state_dir,
@@ -773,6 +803,28 @@ mod tests {
             .to_string();
             assert!(e.contains("kernel.dead_conn_timeout_secs"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn nbd_reconnect_delay_defaults_on_is_bounded_and_zero_turns_it_off() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(
+            c.vm_nbd_reconnect_delay,
+            Some(DEFAULT_NBD_RECONNECT_DELAY_SECS)
+        );
+        let c = Config::resolve(
+            file("[vm]\nnbd_reconnect_delay_secs = 0").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.vm_nbd_reconnect_delay, None);
+        let e = Config::resolve(
+            file("[vm]\nnbd_reconnect_delay_secs = 3601").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("vm.nbd_reconnect_delay_secs"), "{e}");
     }
 
     #[test]

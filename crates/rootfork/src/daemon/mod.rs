@@ -76,6 +76,7 @@ mod state_dir;
 mod stats;
 pub mod templates;
 mod vm;
+mod vm_adopt;
 pub mod warm;
 
 use std::fs::File;
