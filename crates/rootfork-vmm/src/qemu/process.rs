@@ -487,7 +487,9 @@ impl QemuProcess {
                         elapsed: self.started.elapsed(),
                     })
                 }
-                Ok(false) => tracing::warn!(pid, "an adopted qemu outlived SIGKILL by {KILL_TIMEOUT:?}"),
+                Ok(false) => {
+                    tracing::warn!(pid, "an adopted qemu outlived SIGKILL by {KILL_TIMEOUT:?}")
+                }
                 Err(e) => tracing::warn!(pid, "waiting for an adopted qemu: {e}"),
             }
         }

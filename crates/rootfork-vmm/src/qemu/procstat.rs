@@ -37,9 +37,12 @@ pub fn parse_stat(stat: &str) -> Result<StatFields, String> {
         .first()
         .and_then(|s| s.chars().next())
         .ok_or_else(|| "no state field".to_owned())?;
-    let start = rest
-        .get(22 - 3)
-        .ok_or_else(|| format!("{} fields after the command name, fewer than 20", rest.len()))?;
+    let start = rest.get(22 - 3).ok_or_else(|| {
+        format!(
+            "{} fields after the command name, fewer than 20",
+            rest.len()
+        )
+    })?;
     let start_time = start
         .parse()
         .map_err(|_| format!("start time {start:?} is not a number"))?;
@@ -162,7 +165,10 @@ mod tests {
                 expected,
                 found,
             }) => {
-                assert_eq!((pid, expected, found), (me.pid, me.start_time + 1, me.start_time));
+                assert_eq!(
+                    (pid, expected, found),
+                    (me.pid, me.start_time + 1, me.start_time)
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -398,7 +398,10 @@ fn vm_failed(core: &Core, sb: &Sandbox, served: &Served, e: &vm_adopt::VmAdoptEr
             .sandbox(&sb.id)
             .message(format!("VM adoption failed: {e}")),
     );
-    sb.update(|s| s.vm_pid = 0);
+    sb.update(|s| {
+        s.vm_pid = 0;
+        s.vm_lost = true;
+    });
     core.set_state(sb, SandboxState::Failed, Some(message));
 }
 

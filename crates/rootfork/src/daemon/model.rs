@@ -112,6 +112,9 @@ pub struct Status {
     pub vm_state_bytes: u64,
     /// Kernel provider: devices repaired by a health-check reconnect.
     pub recoveries: u32,
+    /// Its VM was lost across a daemon restart (gone, or its pid another process's): it stays
+    /// `FAILED` however healthy its disk, until it is paused or deleted.
+    pub vm_lost: bool,
 }
 
 impl Status {
@@ -133,6 +136,7 @@ impl Status {
             vm_console: String::new(),
             vm_state_bytes: 0,
             recoveries: 0,
+            vm_lost: false,
         }
     }
 

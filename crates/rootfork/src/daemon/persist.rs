@@ -192,7 +192,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
         rec.quota,
     );
     let adoptable = match (&rec.state, &rec.served) {
-        (RecordState::Running, Some(s)) if rec.vm.as_ref().is_none_or(|v| v.boots_qemu()) => match (kind, s) {
+        (RecordState::Running, Some(s)) if !runs_firecracker(rec) => match (kind, s) {
             (ProviderKind::Socket, Served::Socket(_))
             | (ProviderKind::Kernel, Served::Kernel(_)) => Some(s.clone()),
             _ => None,
@@ -201,7 +201,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     };
     if rec.state == RecordState::Running && adoptable.is_none() {
         core.metrics
-            .adoption(Some(adopt::not_adoptable_reason(rec.vm.is_some())));
+            .adoption(Some(adopt::not_adoptable_reason(runs_firecracker(rec))));
     }
     let (state, message) = match (rec.state, &paused) {
         // Its state and message are set by the adoption.
@@ -214,14 +214,14 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             format!(
                 "the daemon stopped while this sandbox ran: it is back at its last pause ({} bytes of changes); writes after that pause were lost ({})",
                 p.map.data_len(),
-                not_adopted_why(rec.vm.is_some())
+                not_adopted_why(runs_firecracker(rec))
             ),
         ),
         (_, None) => (
             SandboxState::Failed,
             format!(
                 "the daemon stopped while this sandbox ran and it had never paused: its disk was not kept ({}); delete it",
-                not_adopted_why(rec.vm.is_some())
+                not_adopted_why(runs_firecracker(rec))
             ),
         ),
     };
@@ -269,6 +269,11 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     }
     core.events.emit(ev);
     Ok(Restored::Done)
+}
+
+/// Whether `rec`'s VM is a Firecracker VM the daemon ran (it does not outlive the daemon).
+fn runs_firecracker(rec: &SandboxRecord) -> bool {
+    rec.vm.as_ref().is_some_and(|v| v.runs_firecracker())
 }
 
 /// Why a running sandbox was not adopted.

@@ -1,0 +1,216 @@
+//! VMs that outlive the daemon. A QEMU VM the daemon started keeps running when the daemon is
+//! SIGKILLed or stopped with SIGTERM, and the next start adopts it by pid and start time.
+//!
+//! Without a VM (runs everywhere): a record naming a stand-in process (a long-running process
+//! whose command line names the recorded QMP socket, like QEMU's) is adopted with its sandbox; a
+//! record whose start time does not match the process holding the pid (a reused pid) leaves the
+//! sandbox `FAILED` with its disk still served, the process untouched, and the sandbox pausable;
+//! a delete kills an adopted process.
+//!
+//! With a real TCG guest (ignored; run by scripts/test.d/60-daemon.sh with QEMU, KERNEL and
+//! ROOTFORK_BOOT_ASSETS set): `rootfork serve` as a subprocess boots the counter guest on a socket
+//! sandbox; through a SIGKILL and a SIGTERM restart the same QEMU keeps counting and is adopted
+//! (same pid, RUNNING, no reboot); a pause of the adopted VM saves its memory over the
+//! reconnected QMP socket; resumed, the guest counts to its end in the same boot and its file on
+//! the root disk holds every line written across the gaps. A second guest, adopted, is killed by
+//! its delete.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rootfork::api::v1;
+use rootfork::config::Config;
+use rootfork::daemon::Daemon;
+use rootfork_vmm::qemu::ProcessIdentity;
+
+async fn start(state: &Path, locks: &Path) -> Daemon {
+    let mut config = Config::with_state_dir(state).unwrap();
+    config.demo_template = false;
+    config.nbd_lock_dir = locks.to_owned();
+    config.health_interval = Duration::from_secs(3600);
+    Daemon::start(config).await.unwrap()
+}
+
+fn state_of(s: &v1::Sandbox) -> v1::SandboxState {
+    v1::SandboxState::try_from(s.state).unwrap()
+}
+
+/// A stand-in for a QEMU the daemon started: a long-running process whose command line names
+/// `marker` (the recorded QMP socket). Killed and reaped on drop.
+struct Fake(Child);
+
+impl Fake {
+    fn spawn(marker: &Path) -> Fake {
+        std::fs::write(marker, b"").unwrap();
+        Fake(Command::new("tail").arg("-f").arg(marker).spawn().unwrap())
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Makes `id`'s record say it runs a QEMU VM, the process `vm_process` names.
+fn record_vm(state: &Path, id: &str, vm_process: serde_json::Value) {
+    let path = state.join("sandboxes").join(format!("{id}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(rec["state"], "running", "{rec}");
+    assert!(rec["served"].is_object(), "{rec}");
+    rec["vm"] = serde_json::json!({
+        "kind": "Qemu",
+        "kernel": "/nonexistent/vmlinuz",
+        "initrd": null,
+        "kernel_args": null,
+        "memory_mib": null,
+        "vcpus": null,
+    });
+    rec["vm_process"] = vm_process;
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+}
+
+fn vm_process(state: &Path, id: &str, fake: &Fake, marker: &Path, skew: u64) -> serde_json::Value {
+    let me = ProcessIdentity::of(fake.pid()).unwrap();
+    let vm = state.join("vm");
+    serde_json::json!({
+        "pid": me.pid,
+        "start_time": me.start_time + skew,
+        "qmp": marker,
+        "console": vm.join(format!("{id}.console")),
+        "log": vm.join(format!("{id}.qemu.log")),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_vm_is_adopted_by_pid_and_start_time_and_a_reused_pid_is_refused() {
+    let dir = tempfile::Builder::new()
+        .prefix("rfv")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
+    let d = start(&state, &locks).await;
+    let mut c = connect_when_up(d.api_socket()).await;
+    let src = make_template(dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let ours = create(&mut c, "tpl", "ours").await.unwrap();
+    nbd_write(&ours.nbd_uri, 4096, 4096, 0x31);
+    let reused = create(&mut c, "tpl", "reused").await.unwrap();
+    nbd_write(&reused.nbd_uri, 4096, 4096, 0x32);
+    d.shutdown().await;
+
+    let vm_dir = state.join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let (m1, m2) = (vm_dir.join("901.qmp"), vm_dir.join("902.qmp"));
+    let (mut f1, f2) = (Fake::spawn(&m1), Fake::spawn(&m2));
+    record_vm(&state, "ours", vm_process(&state, "ours", &f1, &m1, 0));
+    // The pid is held by a process started at another time than the recorded one.
+    record_vm(&state, "reused", vm_process(&state, "reused", &f2, &m2, 1));
+
+    let d = start(&state, &locks).await;
+    let mut c = connect_when_up(d.api_socket()).await;
+    let m = d.core().render_metrics();
+    for line in [
+        r#"rootfork_adoptions_total{result="adopted",reason="none"} 1"#,
+        r#"rootfork_adoptions_total{result="failed",reason="vm_pid_reused"} 1"#,
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
+    let got = get(&mut c, "ours").await;
+    assert_eq!(state_of(&got), v1::SandboxState::Running, "{}", got.message);
+    assert_eq!(got.vm_pid, f1.pid());
+    assert!(
+        got.message.contains("adopted") && got.message.contains(&f1.pid().to_string()),
+        "{}",
+        got.message
+    );
+    assert_eq!(nbd_read(&ours.nbd_uri, 4096, 4096), vec![0x31; 4096]);
+
+    let bad = get(&mut c, "reused").await;
+    assert_eq!(state_of(&bad), v1::SandboxState::Failed, "{}", bad.message);
+    assert_eq!(bad.vm_pid, 0);
+    assert!(
+        bad.message.contains("another process") && bad.message.contains("pause it"),
+        "{}",
+        bad.message
+    );
+    // Its disk is still served, the process holding the pid is left alone, and it pauses.
+    assert_eq!(nbd_read(&reused.nbd_uri, 4096, 4096), vec![0x32; 4096]);
+    assert!(Path::new(&format!("/proc/{}", f2.pid())).exists());
+    let paused = pause(&mut c, "reused").await.unwrap();
+    assert_eq!(state_of(&paused), v1::SandboxState::Paused);
+    assert!(
+        ProcessIdentity::of(f2.pid()).is_ok(),
+        "the pause killed a process that was not the VM"
+    );
+
+    // A delete kills the adopted VM before its disk goes.
+    assert!(delete(&mut c, "ours").await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = f1.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the adopted VM outlived its delete"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    assert!(!m1.exists(), "the adopted VM's QMP socket was kept");
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_vm_that_is_gone_fails_its_sandbox_with_the_disk_kept() {
+    let dir = tempfile::Builder::new()
+        .prefix("rfg")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
+    let d = start(&state, &locks).await;
+    let mut c = connect_when_up(d.api_socket()).await;
+    let src = make_template(dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "gone").await.unwrap();
+    nbd_write(&sb.nbd_uri, 8192, 4096, 0x41);
+    d.shutdown().await;
+    let vm_dir = state.join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let marker = vm_dir.join("903.qmp");
+    let fake = Fake::spawn(&marker);
+    record_vm(
+        &state,
+        "gone",
+        vm_process(&state, "gone", &fake, &marker, 0),
+    );
+    drop(fake);
+
+    let d = start(&state, &locks).await;
+    let mut c = connect_when_up(d.api_socket()).await;
+    let m = d.core().render_metrics();
+    let line = r#"rootfork_adoptions_total{result="failed",reason="vm_gone"} 1"#;
+    assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    let got = get(&mut c, "gone").await;
+    assert_eq!(state_of(&got), v1::SandboxState::Failed, "{}", got.message);
+    assert!(got.message.contains("is gone"), "{}", got.message);
+    assert_eq!(nbd_read(&sb.nbd_uri, 8192, 4096), vec![0x41; 4096]);
+    let paused = pause(&mut c, "gone").await.unwrap();
+    assert_eq!(state_of(&paused), v1::SandboxState::Paused);
+    let resumed = resume(&mut c, "gone").await.unwrap();
+    assert_eq!(nbd_read(&resumed.nbd_uri, 8192, 4096), vec![0x41; 4096]);
+    assert!(delete(&mut c, "gone").await.unwrap());
+    d.shutdown().await;
+}
