@@ -214,3 +214,259 @@ async fn a_recorded_vm_that_is_gone_fails_its_sandbox_with_the_disk_kept() {
     assert!(delete(&mut c, "gone").await.unwrap());
     d.shutdown().await;
 }
+
+/// Kills, when dropped, every process whose command line names `dir` (the daemon and the
+/// QEMUs it started: they outlive a SIGKILLed daemon, and their arguments name the state
+/// directory), so no VM survives a failing test.
+struct KillUnder(PathBuf);
+
+impl KillUnder {
+    fn pids(&self) -> Vec<u32> {
+        use std::os::unix::ffi::OsStrExt;
+        let needle = self.0.as_os_str().as_bytes();
+        let me = std::process::id();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| *pid != me)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+            })
+            .collect()
+    }
+}
+
+impl Drop for KillUnder {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Whether the process `id` names still runs (the same one: pid and start time).
+fn runs(id: &ProcessIdentity) -> bool {
+    id.check(None).is_ok()
+}
+
+/// The counter values the guest printed (`ROOTFORK-COUNT I boot=B`), with their boot ids.
+fn counts(console: &str) -> Vec<(u32, String)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("ROOTFORK-COUNT ")?;
+            let (n, boot) = rest.split_once(" boot=")?;
+            Some((n.parse().ok()?, boot.trim().to_owned()))
+        })
+        .collect()
+}
+
+/// Polls the console file until `done(text)` or the deadline; returns the text.
+async fn wait_console(console: &Path, secs: u64, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if done(&text) || Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the guest on `console` printed `more` counts beyond what it has now, and checks
+/// it did (in the same boot).
+async fn counts_on(console: &Path, more: usize, what: &str) {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let (seen, boot) = {
+        let c = counts(&text);
+        (c.len(), c.first().map(|x| x.1.clone()))
+    };
+    let text = wait_console(console, 120, |t| counts(t).len() >= seen + more).await;
+    let c = counts(&text);
+    assert!(
+        c.len() >= seen + more,
+        "{what}: the guest stopped counting at {}:\n{text}",
+        c.len()
+    );
+    assert!(
+        c.iter().all(|(_, b)| Some(b) == boot.as_ref()),
+        "{what}: a second boot"
+    );
+}
+
+fn need(k: &str) -> PathBuf {
+    PathBuf::from(std::env::var_os(k).unwrap_or_else(|| panic!("{k} is not set")))
+}
+
+/// A counter guest's create request (`rootfork.counter=to`).
+fn counter(id: &str, to: u32) -> v1::CreateSandboxRequest {
+    let assets = need("ROOTFORK_BOOT_ASSETS");
+    v1::CreateSandboxRequest {
+        template: "counter".into(),
+        id: id.into(),
+        provider: v1::ProviderKind::Socket as i32,
+        vmm: Some(v1::VmmSettings {
+            kind: v1::vmm_settings::Kind::Qemu as i32,
+            kernel: need("KERNEL").display().to_string(),
+            initrd: assets.join("initrd.cpio.gz").display().to_string(),
+            kernel_args: format!("console=ttyS0 root=/dev/vda rw panic=-1 rootfork.counter={to}"),
+            memory_mib: 256,
+            vcpus: 1,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A `rootfork serve` subprocess on `state` and its client.
+async fn serve(state: &Path, locks: &Path) -> (ServeProcess, rootfork::client::Clients) {
+    let s = ServeProcess::spawn(state, locks);
+    let c = connect_when_up(&state.join("api.sock")).await;
+    (s, c)
+}
+
+/// Checks that `id` was adopted with its VM, the same process.
+async fn adopted(c: &mut rootfork::client::Clients, id: &str, vm: &ProcessIdentity, what: &str) {
+    let got = get(c, id).await;
+    assert_eq!(
+        state_of(&got),
+        v1::SandboxState::Running,
+        "{what}: {}",
+        got.message
+    );
+    assert_eq!(got.vm_pid, vm.pid, "{what}: another VM");
+    assert!(
+        got.message.contains("adopted") && got.message.contains(&format!("pid {}", vm.pid)),
+        "{what}: {}",
+        got.message
+    );
+}
+
+/// The counter guest A runs to this (every 100 ms), through the restarts and a pause.
+const COUNT_A: u32 = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots TCG VMs; run by scripts/test.d/60-daemon.sh"]
+async fn qemu_vms_run_through_daemon_restarts_and_are_adopted() {
+    let dir = tempfile::Builder::new()
+        .prefix("rfq")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
+    // Dropped last: kills whatever still runs under the state directory.
+    let _reaper = KillUnder(state.clone());
+    let tpl = need("ROOTFORK_BOOT_ASSETS").join("template.ext4");
+    let (srv, mut c) = serve(&state, &locks).await;
+    import(&mut c, "counter", &tpl).await.unwrap();
+    let a = c
+        .sandboxes
+        .create_sandbox(counter("vm-a", COUNT_A))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = c
+        .sandboxes
+        .create_sandbox(counter("vm-b", 100_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let (qa, qb) = (
+        ProcessIdentity::of(a.vm_pid).unwrap(),
+        ProcessIdentity::of(b.vm_pid).unwrap(),
+    );
+    let (ca, cb) = (PathBuf::from(&a.vm_console), PathBuf::from(&b.vm_console));
+    let text = wait_console(&ca, 180, |t| counts(t).len() >= 3).await;
+    assert!(counts(&text).len() >= 3, "guest A never counted:\n{text}");
+    let text = wait_console(&cb, 180, |t| counts(t).len() >= 3).await;
+    assert!(counts(&text).len() >= 3, "guest B never counted:\n{text}");
+
+    // SIGKILL: the VMs run on and keep counting with no daemon; the next one adopts them.
+    srv.kill9();
+    assert!(runs(&qa) && runs(&qb), "a VM died with the daemon");
+    counts_on(&ca, 3, "without a daemon").await;
+    let (srv, mut c) = serve(&state, &locks).await;
+    adopted(&mut c, "vm-a", &qa, "after SIGKILL").await;
+    adopted(&mut c, "vm-b", &qb, "after SIGKILL").await;
+    counts_on(&ca, 3, "after SIGKILL").await;
+    counts_on(&cb, 2, "after SIGKILL").await;
+
+    // SIGTERM: the same, the VMs handed over.
+    srv.terminate();
+    assert!(runs(&qa) && runs(&qb), "a VM was stopped with the daemon");
+    counts_on(&ca, 3, "after SIGTERM, without a daemon").await;
+    let (srv, mut c) = serve(&state, &locks).await;
+    adopted(&mut c, "vm-a", &qa, "after SIGTERM").await;
+    adopted(&mut c, "vm-b", &qb, "after SIGTERM").await;
+    counts_on(&ca, 3, "after SIGTERM").await;
+
+    // The adopted VM pauses live (its state saved over the reconnected QMP socket) and resumes.
+    let paused = pause(&mut c, "vm-a").await.unwrap();
+    assert_eq!(
+        state_of(&paused),
+        v1::SandboxState::Paused,
+        "{}",
+        paused.message
+    );
+    assert!(paused.vm_state_bytes > 0, "no VM state saved");
+    assert!(!runs(&qa), "the adopted VM outlived its pause");
+    let at_pause = std::fs::read_to_string(&ca).unwrap();
+    let last = counts(&at_pause).last().unwrap().0;
+    assert!(last < COUNT_A, "guest A finished before its pause: {last}");
+    let resumed = resume(&mut c, "vm-a").await.unwrap();
+    assert_eq!(state_of(&resumed), v1::SandboxState::Running);
+    let qa2 = ProcessIdentity::of(resumed.vm_pid).unwrap();
+    let text = wait_console(&ca, 180, |t| t.contains("ROOTFORK-COUNTER-DONE")).await;
+    // One boot, counting on through both restarts and the pause, every line in its file.
+    let all = counts(&text);
+    let values: Vec<u32> = all.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        values,
+        (1..=COUNT_A).collect::<Vec<_>>(),
+        "console:\n{text}"
+    );
+    assert!(all.iter().all(|(_, b)| *b == all[0].1), "a second boot id");
+    assert_eq!(
+        text.matches("Linux version").count(),
+        1,
+        "rebooted:\n{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while runs(&qa2) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!runs(&qa2), "guest A did not power off");
+    let img = dir.path().join("a.img");
+    let st = Command::new("nbdcopy")
+        .arg(&resumed.nbd_uri)
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /counter.log"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let want: String = (1..=COUNT_A).map(|i| format!("count {i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), want);
+
+    // A delete kills the adopted VM.
+    assert!(runs(&qb));
+    assert!(delete(&mut c, "vm-b").await.unwrap());
+    assert!(!runs(&qb), "the adopted VM outlived its delete");
+    assert!(delete(&mut c, "vm-a").await.unwrap());
+    srv.terminate();
+    assert!(
+        std::fs::read_dir(state.join("vm"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "files left in vm/"
+    );
+}

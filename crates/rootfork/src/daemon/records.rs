@@ -229,6 +229,18 @@ pub struct Loaded {
     pub refused: Vec<(PathBuf, String)>,
 }
 
+impl Loaded {
+    /// The files in `STATE/vm/` that running records' VMs use (QMP socket, console, log).
+    pub fn vm_files(&self) -> std::collections::BTreeSet<PathBuf> {
+        self.records
+            .iter()
+            .filter(|r| r.state == RecordState::Running)
+            .filter_map(|r| r.vm_process.as_ref())
+            .flat_map(|v| [v.qmp.clone(), v.console.clone(), v.log.clone()])
+            .collect()
+    }
+}
+
 /// Records in one directory.
 #[derive(Debug, Clone)]
 pub struct Records {
