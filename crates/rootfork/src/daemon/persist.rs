@@ -99,7 +99,15 @@ enum Restored {
     /// Registered as it was (paused, or failed / back at its last pause).
     Done,
     /// Registered; its disk is to be served again (and its VM adopted).
-    Adopt(Arc<Sandbox>, Served, Option<PausedDisk>, Option<VmProcess>),
+    Adopt(Box<ToAdopt>),
+}
+
+/// A sandbox to adopt: it, where its disk was served, its last pause's diff, its VM.
+struct ToAdopt {
+    sb: Arc<Sandbox>,
+    served: Served,
+    paused: Option<PausedDisk>,
+    vm: Option<VmProcess>,
 }
 
 /// Registers every recorded sandbox (at start, before the API listens), adopts the running
@@ -131,9 +139,9 @@ pub async fn restore(core: &Core) -> Result<usize> {
         }
         match restore_one(core, &rec) {
             Ok(Restored::Done) => restored += 1,
-            Ok(Restored::Adopt(sb, served, paused, vm)) => {
+            Ok(Restored::Adopt(a)) => {
                 restored += 1;
-                to_adopt.push((sb, served, paused, vm));
+                to_adopt.push(*a);
             }
             Err(why) => {
                 tracing::warn!(sandbox = %rec.id, "not restoring a recorded sandbox (its record is kept): {why}")
@@ -141,8 +149,8 @@ pub async fn restore(core: &Core) -> Result<usize> {
         }
     }
     let (mut adopted, mut failed) = (0, 0);
-    for (sb, served, paused, vm) in to_adopt {
-        if adopt::adopt(core, &sb, &served, paused, vm.as_ref()).await {
+    for a in to_adopt {
+        if adopt::adopt(core, &a.sb, &a.served, a.paused, a.vm.as_ref()).await {
             adopted += 1;
         } else {
             failed += 1;
@@ -257,7 +265,12 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     });
     core.sandboxes.write().insert(rec.id.clone(), sb.clone());
     if let Some(served) = adoptable {
-        return Ok(Restored::Adopt(sb, served, paused, rec.vm_process.clone()));
+        return Ok(Restored::Adopt(Box::new(ToAdopt {
+            sb,
+            served,
+            paused,
+            vm: rec.vm_process.clone(),
+        })));
     }
     tracing::info!(sandbox = %rec.id, state = %state, "restored a recorded sandbox");
     let mut ev = EventBus::event(EventKind::Sandbox)
