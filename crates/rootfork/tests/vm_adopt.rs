@@ -114,6 +114,10 @@ async fn a_recorded_vm_is_adopted_by_pid_and_start_time_and_a_reused_pid_is_refu
     let (m1, m2) = (vm_dir.join("901.qmp"), vm_dir.join("902.qmp"));
     let (mut f1, f2) = (Fake::spawn(&m1), Fake::spawn(&m2));
     record_vm(&state, "ours", vm_process(&state, "ours", &f1, &m1, 0));
+    // What a running VM writes to in vm/ outlives the start's clean-up of that directory.
+    let console = vm_dir.join("ours.console");
+    std::fs::write(&console, b"before the restart\n").unwrap();
+    std::fs::write(vm_dir.join("leftover.console"), b"").unwrap();
     // The pid is held by a process started at another time than the recorded one.
     record_vm(&state, "reused", vm_process(&state, "reused", &f2, &m2, 1));
 
@@ -135,6 +139,16 @@ async fn a_recorded_vm_is_adopted_by_pid_and_start_time_and_a_reused_pid_is_refu
         got.message
     );
     assert_eq!(nbd_read(&ours.nbd_uri, 4096, 4096), vec![0x31; 4096]);
+    assert_eq!(got.vm_console, console.display().to_string());
+    assert_eq!(std::fs::read(&console).unwrap(), b"before the restart\n");
+    assert!(
+        m1.exists(),
+        "the adopted VM's QMP socket was removed at start"
+    );
+    assert!(
+        !vm_dir.join("leftover.console").exists(),
+        "a file no record names was kept in vm/"
+    );
 
     let bad = get(&mut c, "reused").await;
     assert_eq!(state_of(&bad), v1::SandboxState::Failed, "{}", bad.message);
