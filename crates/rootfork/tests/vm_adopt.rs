@@ -229,6 +229,34 @@ async fn a_recorded_vm_that_is_gone_fails_its_sandbox_with_the_disk_kept() {
     d.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_whose_vm_had_exited_is_adopted_without_one() {
+    let dir = tempfile::Builder::new()
+        .prefix("rfe")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
+    let d = start(&state, &locks).await;
+    let mut c = connect_when_up(d.api_socket()).await;
+    let src = make_template(dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "exited").await.unwrap();
+    nbd_write(&sb.nbd_uri, 4096, 4096, 0x51);
+    d.shutdown().await;
+    // A QEMU sandbox whose VM a health round reaped: its record names no VM process.
+    record_vm(&state, "exited", serde_json::Value::Null);
+
+    let d = start(&state, &locks).await;
+    let mut c = connect_when_up(d.api_socket()).await;
+    let got = get(&mut c, "exited").await;
+    assert_eq!(state_of(&got), v1::SandboxState::Running, "{}", got.message);
+    assert_eq!(got.vm_pid, 0);
+    assert!(got.message.contains("adopted"), "{}", got.message);
+    assert_eq!(nbd_read(&sb.nbd_uri, 4096, 4096), vec![0x51; 4096]);
+    assert!(delete(&mut c, "exited").await.unwrap());
+    d.shutdown().await;
+}
+
 /// Kills, when dropped, every process whose command line names `dir` (the daemon and the
 /// QEMUs it started: they outlive a SIGKILLed daemon, and their arguments name the state
 /// directory), so no VM survives a failing test.

@@ -307,7 +307,7 @@ pub async fn adopt(
         Ok(provider) => {
             let adopted_vm = if has_qemu(sb) {
                 match vm_adopt::adopt(core, sb, vm).await {
-                    Ok(v) => Some(v),
+                    Ok(v) => v,
                     Err(e) => {
                         live.provider = Some(provider);
                         drop(live);

@@ -16,10 +16,6 @@ use crate::daemon::vm::RunningVm;
 /// Why a running sandbox's VM was not adopted.
 #[derive(Debug, thiserror::Error)]
 pub enum VmAdoptError {
-    /// The record names no VM process (the VM was not running, or could not be recorded, when
-    /// the record was written).
-    #[error("its record names no running VM process")]
-    NotRecorded,
     /// The record names a file outside the state directory's `vm/`.
     #[error("its record names {0}, outside this state directory's vm/")]
     OutsideStateDir(std::path::PathBuf),
@@ -40,7 +36,6 @@ impl VmAdoptError {
     /// The `reason` label of `rootfork_adoptions_total`.
     pub fn reason(&self) -> &'static str {
         match self {
-            VmAdoptError::NotRecorded => "vm_not_recorded",
             VmAdoptError::OutsideStateDir(_) => "record_invalid",
             VmAdoptError::Refused { source, .. } => match source {
                 QemuError::ProcessGone(_) => "vm_gone",
@@ -84,19 +79,22 @@ async fn take(core: &Core, rec: &VmProcess) -> Result<QemuProcess, VmAdoptError>
     .map_err(|source| VmAdoptError::Refused { pid, source })
 }
 
-/// Adopts the VM `rec` names as `sb`'s.
+/// Adopts the VM `rec` names as `sb`'s; `None` when the record names none (its VM had exited
+/// before the daemon went: the disk is adopted alone, as it was served alone).
 pub async fn adopt(
     core: &Core,
     sb: &Sandbox,
     rec: Option<&VmProcess>,
-) -> Result<RunningVm, VmAdoptError> {
-    let rec = rec.ok_or(VmAdoptError::NotRecorded)?;
+) -> Result<Option<RunningVm>, VmAdoptError> {
+    let Some(rec) = rec else {
+        return Ok(None);
+    };
     let q = take(core, rec).await?;
     sb.update(|s| {
         s.vm_pid = rec.pid;
         s.vm_console = rec.console.display().to_string();
     });
-    Ok(RunningVm::Qemu(q))
+    Ok(Some(RunningVm::Qemu(q)))
 }
 
 /// Kills the VM `rec` names if it is still the process recorded (its sandbox's disk could not
@@ -160,6 +158,9 @@ mod tests {
             .reason(),
             "vm_not_ours"
         );
-        assert_eq!(VmAdoptError::NotRecorded.reason(), "vm_not_recorded");
+        assert_eq!(
+            VmAdoptError::OutsideStateDir("/x".into()).reason(),
+            "record_invalid"
+        );
     }
 }
