@@ -1,7 +1,7 @@
 //! VMs that outlive the daemon. A QEMU VM the daemon started keeps running when the daemon is
 //! SIGKILLed or stopped with SIGTERM, and the next start adopts it by pid and start time.
 //!
-//! Without a VM (runs everywhere): a record naming a stand-in process (a long-running process
+//! Without a VM (runs everywhere): a record naming a stand-in process (`common::Fake`: a process
 //! whose command line names the recorded QMP socket, like QEMU's) is adopted with its sandbox; a
 //! record whose start time does not match the process holding the pid (a reused pid) leaves the
 //! sandbox `FAILED` with its disk still served, the process untouched, and the sandbox pausable;
@@ -18,7 +18,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -37,59 +37,6 @@ async fn start(state: &Path, locks: &Path) -> Daemon {
 
 fn state_of(s: &v1::Sandbox) -> v1::SandboxState {
     v1::SandboxState::try_from(s.state).unwrap()
-}
-
-/// A stand-in for a QEMU the daemon started: a long-running process whose command line names
-/// `marker` (the recorded QMP socket). Killed and reaped on drop.
-struct Fake(Child);
-
-impl Fake {
-    fn spawn(marker: &Path) -> Fake {
-        std::fs::write(marker, b"").unwrap();
-        Fake(Command::new("tail").arg("-f").arg(marker).spawn().unwrap())
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Makes `id`'s record say it runs a QEMU VM, the process `vm_process` names.
-fn record_vm(state: &Path, id: &str, vm_process: serde_json::Value) {
-    let path = state.join("sandboxes").join(format!("{id}.json"));
-    let mut rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(rec["state"], "running", "{rec}");
-    assert!(rec["served"].is_object(), "{rec}");
-    rec["vm"] = serde_json::json!({
-        "kind": "Qemu",
-        "kernel": "/nonexistent/vmlinuz",
-        "initrd": null,
-        "kernel_args": null,
-        "memory_mib": null,
-        "vcpus": null,
-    });
-    rec["vm_process"] = vm_process;
-    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
-}
-
-fn vm_process(state: &Path, id: &str, fake: &Fake, marker: &Path, skew: u64) -> serde_json::Value {
-    let me = ProcessIdentity::of(fake.pid()).unwrap();
-    let vm = state.join("vm");
-    serde_json::json!({
-        "pid": me.pid,
-        "start_time": me.start_time + skew,
-        "qmp": marker,
-        "console": vm.join(format!("{id}.console")),
-        "log": vm.join(format!("{id}.qemu.log")),
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
