@@ -147,17 +147,7 @@ pub struct KernelFile {
 /// The most `kernel.warm_slots`.
 pub const MAX_WARM_SLOTS: usize = 8;
 
-/// The `[vm]` table: VMs the daemon starts.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmFile {
-    /// How long a QEMU VM on a socket sandbox holds its disk I/O while the daemon is away (a
-    /// restart) and its NBD client reconnects, seconds (QEMU's `reconnect-delay`); 0 turns it
-    /// off (I/O fails at once when the daemon goes).
-    pub nbd_reconnect_delay_secs: Option<u32>,
-}
-
-/// The default of `vm.nbd_reconnect_delay_secs`: room for a daemon restart (an upgrade, a
+/// The default of `vmm.nbd_reconnect_delay_secs`: room for a daemon restart (an upgrade, a
 /// crash and the service manager's restart delay).
 pub const DEFAULT_NBD_RECONNECT_DELAY_SECS: u32 = 120;
 
@@ -186,6 +176,18 @@ pub struct LimitsFile {
     pub disk_overcommit: Option<f64>,
     /// The most NBD buffer bytes (write payloads, read replies) in flight over every sandbox.
     pub max_inflight_bytes: Option<usize>,
+}
+
+/// The `[vmm]` table: the VMMs the daemon launches.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmFile {
+    /// The Firecracker binary (a path, or a name looked up on `PATH`).
+    pub firecracker_bin: Option<PathBuf>,
+    /// How long a QEMU VM on a socket sandbox holds its disk I/O while the daemon is away (a
+    /// restart) and its NBD client reconnects, seconds (QEMU's `reconnect-delay`); 0 turns it
+    /// off (I/O fails at once when the daemon goes).
+    pub nbd_reconnect_delay_secs: Option<u32>,
 }
 
 /// The `[debug]` table (testing aids, all off by default).
@@ -233,9 +235,9 @@ pub struct FileConfig {
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
-    /// `[vm]`.
+    /// `[vmm]`.
     #[serde(default)]
-    pub vm: VmFile,
+    pub vmm: VmmFile,
 }
 
 impl FileConfig {
@@ -280,6 +282,8 @@ pub struct Overrides {
     pub health_interval_secs: Option<f64>,
     /// `--nbd-lock-dir` / `ROOTFORK_NBD_LOCK_DIR`.
     pub nbd_lock_dir: Option<PathBuf>,
+    /// `--firecracker-bin` / `ROOTFORK_FIRECRACKER_BIN`.
+    pub firecracker_bin: Option<PathBuf>,
 }
 
 /// The resolved, validated configuration.
@@ -312,6 +316,9 @@ pub struct Config {
     pub stuck_request: Duration,
     /// Kernel slot lock directory.
     pub nbd_lock_dir: PathBuf,
+    /// The Firecracker binary the daemon launches (`vmm.firecracker_bin`; default `firecracker`
+    /// on `PATH`).
+    pub firecracker_bin: PathBuf,
     /// Kernel connections per device.
     pub kernel_connections: usize,
     /// Kernel request timeout.
@@ -321,7 +328,7 @@ pub struct Config {
     /// Pre-connected kernel devices kept ready per disk size (`kernel.warm_slots`; 0: none).
     pub kernel_warm_slots: usize,
     /// How long a QEMU VM's NBD client waits for a restarting daemon (`None`: not at all).
-    pub vm_nbd_reconnect_delay: Option<u32>,
+    pub vmm_nbd_reconnect_delay: Option<u32>,
     /// Fault injection triggers (`debug.fault_injection`; testing only).
     pub fault_injection: bool,
     /// `templates.allow_block_devices`.
@@ -550,12 +557,12 @@ impl Config {
             ));
         }
         let reconnect_secs = file
-            .vm
+            .vmm
             .nbd_reconnect_delay_secs
             .unwrap_or(DEFAULT_NBD_RECONNECT_DELAY_SECS);
         if reconnect_secs > 3600 {
             return Err(invalid(
-                "vm.nbd_reconnect_delay_secs",
+                "vmm.nbd_reconnect_delay_secs",
                 format!("{reconnect_secs} is outside 0..=3600 (0 turns it off)"),
             ));
         }
@@ -640,12 +647,16 @@ impl Config {
                 .nbd_lock_dir
                 .or(file.kernel.lock_dir)
                 .unwrap_or_else(|| PathBuf::from("/run/rootfork/nbd")),
+            firecracker_bin: ov
+                .firecracker_bin
+                .or(file.vmm.firecracker_bin)
+                .unwrap_or_else(|| PathBuf::from("firecracker")),
             kernel_connections,
             kernel_request_timeout,
             kernel_dead_conn_timeout: (dead_conn_secs != 0)
                 .then(|| Duration::from_secs(dead_conn_secs)),
             kernel_warm_slots,
-            vm_nbd_reconnect_delay: (reconnect_secs != 0).then_some(reconnect_secs),
+            vmm_nbd_reconnect_delay: (reconnect_secs != 0).then_some(reconnect_secs),
             seams: Seams::default(),
             fault_injection: file.debug.fault_injection.unwrap_or(false),
             state_dir,
@@ -806,25 +817,47 @@ mod tests {
     }
 
     #[test]
+    fn the_firecracker_binary_comes_from_the_flag_then_the_file_then_path() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.firecracker_bin, PathBuf::from("firecracker"));
+        let from_file = || file("[vmm]\nfirecracker_bin = \"/opt/fc/firecracker\"").unwrap();
+        let c = Config::resolve(from_file(), Overrides::default()).unwrap();
+        assert_eq!(c.firecracker_bin, PathBuf::from("/opt/fc/firecracker"));
+        let c = Config::resolve(
+            from_file(),
+            Overrides {
+                firecracker_bin: Some(PathBuf::from("/usr/local/bin/fc")),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.firecracker_bin, PathBuf::from("/usr/local/bin/fc"));
+        assert!(
+            file("[vmm]\nqemu = \"x\"").is_err(),
+            "unknown keys are refused"
+        );
+    }
+
+    #[test]
     fn nbd_reconnect_delay_defaults_on_is_bounded_and_zero_turns_it_off() {
         let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
         assert_eq!(
-            c.vm_nbd_reconnect_delay,
+            c.vmm_nbd_reconnect_delay,
             Some(DEFAULT_NBD_RECONNECT_DELAY_SECS)
         );
         let c = Config::resolve(
-            file("[vm]\nnbd_reconnect_delay_secs = 0").unwrap(),
+            file("[vmm]\nnbd_reconnect_delay_secs = 0").unwrap(),
             Overrides::default(),
         )
         .unwrap();
-        assert_eq!(c.vm_nbd_reconnect_delay, None);
+        assert_eq!(c.vmm_nbd_reconnect_delay, None);
         let e = Config::resolve(
-            file("[vm]\nnbd_reconnect_delay_secs = 3601").unwrap(),
+            file("[vmm]\nnbd_reconnect_delay_secs = 3601").unwrap(),
             Overrides::default(),
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("vm.nbd_reconnect_delay_secs"), "{e}");
+        assert!(e.contains("vmm.nbd_reconnect_delay_secs"), "{e}");
     }
 
     #[test]

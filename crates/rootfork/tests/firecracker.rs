@@ -1,5 +1,5 @@
 //! Firecracker sandboxes from the daemon, with the API double (`rootfork-fc-double`) as the
-//! Firecracker binary (`ROOTFORK_FIRECRACKER_BIN`) and the fake kernel's device nodes as the
+//! Firecracker binary (`vmm.firecracker_bin`) and the fake kernel's device nodes as the
 //! sandbox's `/dev/nbdN` (the real device is the daemon kernel VM suite's job). Create launches
 //! the binary with Firecracker's own arguments and configures the root drive with the stable path
 //! only; a pause is `PATCH /vm Paused` + `PUT /snapshot/create` writing real files next to the
@@ -80,11 +80,13 @@ fn identity(p: &Path) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
     let double = rootfork_fc_double::binary_path().expect("building the Firecracker double");
-    // The only test in this binary: nothing else reads the environment concurrently.
-    std::env::set_var("ROOTFORK_FIRECRACKER_BIN", &double);
     let root = tempfile::tempdir().unwrap();
     let (_kernel, backend) = fake_kernel(root.path());
-    let d = TestDaemon::start_with(false, |c| c.seams.kernel_backend = Some(backend)).await;
+    let d = TestDaemon::start_with(false, |c| {
+        c.seams.kernel_backend = Some(backend);
+        c.firecracker_bin = double.clone();
+    })
+    .await;
     let mut c = d.client().await;
     let src = make_template(d.dir.path(), "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();

@@ -321,11 +321,51 @@ async fn a_newer_state_directory_is_refused() {
     d.shutdown().await;
     assert_eq!(
         std::fs::read_to_string(state.join("format")).unwrap(),
-        "rootfork-state 1\n"
+        "rootfork-state 2\n"
     );
     std::fs::write(state.join("format"), "rootfork-state 99\n").unwrap();
     let mut config = Config::with_state_dir(&state).unwrap();
     config.demo_template = false;
     let e = Daemon::start(config).await.unwrap_err();
     assert!(e.to_string().contains("format 99"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(state.join("format")).unwrap(),
+        "rootfork-state 99\n",
+        "a refused directory is left as it was"
+    );
+}
+
+/// A format-1 directory (a daemon from before running overlays were kept) is migrated: its
+/// template and its paused sandbox are there with their data, and it is marked 2, which a
+/// format-1 daemon refuses (so a downgrade cannot drop the kept overlays' block state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_state_directory_is_migrated_to_2() {
+    let dir = tempfile::Builder::new()
+        .prefix("rfv")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let state = dir.path().join("s");
+    let locks = dir.path().join("locks");
+    let d = start(&state, &locks).await;
+    let mut c = connect_when_up(d.api_socket()).await;
+    let src = make_template(dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "kept").await.unwrap();
+    nbd_write(&sb.nbd_uri, 4096 * 5, 4096, 0x1f);
+    pause(&mut c, "kept").await.unwrap();
+    drop(c);
+    d.shutdown().await;
+    std::fs::write(state.join("format"), "rootfork-state 1\n").unwrap();
+    let d = start(&state, &locks).await;
+    assert_eq!(
+        std::fs::read_to_string(state.join("format")).unwrap(),
+        "rootfork-state 2\n"
+    );
+    let mut c = connect_when_up(d.api_socket()).await;
+    let resumed = resume(&mut c, "kept").await.unwrap();
+    assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 5, 4096), vec![0x1f; 4096]);
+    assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 3, 12), b"tpl block 3\n");
+    assert!(delete(&mut c, "kept").await.unwrap());
+    drop(c);
+    d.shutdown().await;
 }

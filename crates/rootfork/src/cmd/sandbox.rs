@@ -31,7 +31,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Provider::Socket)]
         provider: Provider,
         /// VMM: qemu (the daemon boots QEMU on the disk) or firecracker (with --kernel and
-        /// --provider kernel the daemon launches $ROOTFORK_FIRECRACKER_BIN on the device;
+        /// --provider kernel the daemon launches vmm.firecracker_bin on the device;
         /// without a kernel, recorded only).
         #[arg(long)]
         vmm: Option<String>,

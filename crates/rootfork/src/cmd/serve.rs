@@ -47,6 +47,9 @@ pub struct Args {
     /// Host-wide nbd slot lock directory [default: /run/rootfork/nbd].
     #[arg(long, env = "ROOTFORK_NBD_LOCK_DIR")]
     pub nbd_lock_dir: Option<PathBuf>,
+    /// The Firecracker binary for `--vmm firecracker` sandboxes [default: firecracker on PATH].
+    #[arg(long, env = "ROOTFORK_FIRECRACKER_BIN")]
+    pub firecracker_bin: Option<PathBuf>,
 }
 
 /// Runs the daemon.
@@ -68,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             delete_on_exit: args.delete_on_exit,
             health_interval_secs: args.health_interval,
             nbd_lock_dir: args.nbd_lock_dir,
+            firecracker_bin: args.firecracker_bin,
         },
     )?;
     // Read, then clear, the notification variables while this is the only thread, so the VMs

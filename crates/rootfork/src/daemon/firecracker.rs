@@ -6,8 +6,8 @@
 //! resume launches a new process, points the stable path at the new device, `PUT /snapshot/load`,
 //! checks the fds and `PATCH /vm Resumed`.
 //!
-//! The binary is `$ROOTFORK_FIRECRACKER_BIN`, else `firecracker` on `PATH`; it is started with
-//! Firecracker's own arguments (`--api-sock`, `--id`).
+//! The binary is `vmm.firecracker_bin` (`--firecracker-bin`, `$ROOTFORK_FIRECRACKER_BIN`), else
+//! `firecracker` on `PATH`; it is started with Firecracker's own arguments (`--api-sock`, `--id`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,11 +32,10 @@ const DEFAULT_MEMORY_MIB: u64 = 256;
 /// How long a stopped VMM gets between `SIGTERM` and `SIGKILL`.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
-/// The Firecracker binary: `$ROOTFORK_FIRECRACKER_BIN`, else `firecracker` on `PATH`.
-fn command() -> VmmCommand {
-    VmmCommand::new(
-        std::env::var_os("ROOTFORK_FIRECRACKER_BIN").unwrap_or_else(|| "firecracker".into()),
-    )
+/// The Firecracker binary: `vmm.firecracker_bin` (`--firecracker-bin`,
+/// `$ROOTFORK_FIRECRACKER_BIN`), else `firecracker` on `PATH`.
+fn command(core: &Core) -> VmmCommand {
+    VmmCommand::new(core.config.firecracker_bin.clone())
 }
 
 /// Where each launch's run directory (`api.sock`, `rootfs.link`, `vmm.log`) goes.
@@ -74,7 +73,7 @@ pub async fn boot(
         spec.memory_mib.map_or(DEFAULT_MEMORY_MIB, u64::from),
     );
     cfg.boot_source.initrd_path = spec.initrd.as_ref().map(|p| p.display().to_string());
-    let mut vm = FirecrackerVm::launch(&command(), &launch_config(core))
+    let mut vm = FirecrackerVm::launch(&command(core), &launch_config(core))
         .await
         .map_err(fc_err)?;
     if let Err(e) = vm.configure_and_start(device, templates, &cfg).await {
@@ -140,7 +139,7 @@ pub async fn restore(
     templates: &[TemplateIdentity],
     files: &SnapshotFiles,
 ) -> Result<FirecrackerVm> {
-    let mut vm = FirecrackerVm::launch(&command(), &launch_config(core))
+    let mut vm = FirecrackerVm::launch(&command(core), &launch_config(core))
         .await
         .map_err(fc_err)?;
     let cfg = ResumeConfig::from_files(

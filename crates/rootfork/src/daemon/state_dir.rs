@@ -87,10 +87,16 @@ pub(super) fn read_or_make_token(path: &Path, generated: bool) -> Result<String,
     Ok(token)
 }
 
-/// The state directory format this daemon writes: 1 = templates, sandbox records, paused diffs.
-pub const FORMAT_VERSION: u32 = 1;
+/// The state directory format this daemon writes:
+/// - 1: templates, sandbox records, paused diffs;
+/// - 2: 1, plus running sandboxes' overlays kept across a restart (the cache file and its block
+///   state, named by the record's `served`), which a format-1 daemon would neither adopt nor
+///   keep (it removes the block state as an orphan). A format-1 directory needs no conversion;
+///   marking it 2 is the migration, and it makes a format-1 daemon (a downgrade) refuse it.
+pub const FORMAT_VERSION: u32 = 2;
 
-/// Refuses a state directory of a newer format; marks an unmarked (older) one as this format.
+/// Refuses a state directory of a newer format; marks an older or unmarked one as this format
+/// (after migrating it, which no format before this one needs beyond the mark).
 pub(super) fn check_format(state: &Path) -> Result<(), StartError> {
     let path = state.join("format");
     match std::fs::read_to_string(&path) {
@@ -110,18 +116,26 @@ pub(super) fn check_format(state: &Path) -> Result<(), StartError> {
                     supported: FORMAT_VERSION,
                 });
             }
+            if v < FORMAT_VERSION {
+                mark_format(state, &path)?;
+                tracing::info!(dir = %state.display(), from = v, to = FORMAT_VERSION, "migrated the state directory's format");
+            }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // A new directory, or one of a daemon from before the format was versioned (it
-            // had templates only; nothing to migrate).
-            let tmp = state.join(".format.tmp");
-            std::fs::write(&tmp, format!("rootfork-state {FORMAT_VERSION}\n"))
-                .and_then(|()| File::open(&tmp)?.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .and_then(|()| File::open(state)?.sync_all())
-                .map_err(io(format!("writing {}", path.display())))
-        }
+        // A new directory, or one of a daemon from before the format was versioned (it had
+        // templates only; nothing to migrate).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => mark_format(state, &path),
         Err(e) => Err(io(format!("reading {}", path.display()))(e)),
     }
+}
+
+/// Writes `path` naming [`FORMAT_VERSION`], atomically (temp file, fsync, rename, fsync of the
+/// directory).
+fn mark_format(state: &Path, path: &Path) -> Result<(), StartError> {
+    let tmp = state.join(".format.tmp");
+    std::fs::write(&tmp, format!("rootfork-state {FORMAT_VERSION}\n"))
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| File::open(state)?.sync_all())
+        .map_err(io(format!("writing {}", path.display())))
 }

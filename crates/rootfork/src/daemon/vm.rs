@@ -6,7 +6,7 @@
 //! A QEMU VM outlives the daemon process: it runs in its own session, its QMP socket stays in
 //! `STATE/vm/`, and its record names it ([`process_record`]), so a daemon that stops for a
 //! restart lets it run on ([`release`]) and the next one adopts it (`vm_adopt.rs`). Its NBD
-//! client (a socket sandbox's) waits `vm.nbd_reconnect_delay_secs` for the disk to come back.
+//! client (a socket sandbox's) waits `vmm.nbd_reconnect_delay_secs` for the disk to come back.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -201,7 +201,7 @@ async fn launch(
     let log = dir.join(format!("{}.qemu.log", sb.id));
     let qmp = dir.join(format!("{n}.qmp"));
     let mut cfg = qemu_config(spec, kernel, device.into_root_disk(), &console);
-    cfg.nbd_reconnect_delay_secs = core.config.vm_nbd_reconnect_delay;
+    cfg.nbd_reconnect_delay_secs = core.config.vmm_nbd_reconnect_delay;
     let template = template_identity(core, sb)?;
     let qemu = QemuBinary::from_env();
     let restoring = state.is_some();
