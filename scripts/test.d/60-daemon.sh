@@ -6,7 +6,8 @@
 # device list without the nbd module, completions, config validation, JSON logs, a clear message
 # when the daemon is not running, and restarts: after kill -9 and after SIGTERM a running socket
 # sandbox is served again at the same NBD URI with its flushed data, a paused one resumes with
-# its data (issue #12's "done when"); --delete-on-exit deletes everything.
+# its data (issue #12's "done when"), and QEMU VMs the daemon started run on and are adopted;
+# --delete-on-exit deletes everything.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -159,6 +160,8 @@ if eval "$(tests/vm/assets.sh)" && export MODDIR QEMU QEMU_MODULE_DIR KERNEL && 
   export QEMU QEMU_MODULE_DIR KERNEL ROOTFORK_BOOT_ASSETS=${ROOTFORK_BOOT_ASSETS:-$ROOT/build/boot}
   check "daemon boots QEMU on a sandbox's disk; a running VM pauses and resumes live; three forks of it continue apart (cargo test --test vm_boot)" \
     cargo test -q -p rootfork --test vm_boot -- --ignored
+  check "QEMU VMs run through a SIGKILL and a SIGTERM restart of the daemon and are adopted by pid; an adopted VM pauses live and is killed by its delete (cargo test --test vm_adopt)" \
+    cargo test -q -p rootfork --test vm_adopt -- --ignored qemu_vms_run_through_daemon_restarts_and_are_adopted
 else
   bad "boot assets (tests/vm/assets.sh, tests/boot/build-assets.sh)"; tail -20 "$WORK/assets.log" || true
 fi

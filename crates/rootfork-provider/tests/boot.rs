@@ -119,9 +119,8 @@ async fn boot_disk(env: &Env, dir: &Path, vmid: &str, root: RootDisk) -> Boot {
         )
     });
     assert!(
-        exit.status.success(),
-        "{vmid}: qemu exited with {}\n{}\n{console}",
-        exit.status,
+        exit.status.is_some_and(|s| s.success()),
+        "{vmid}: qemu exited with {exit}\n{}\n{console}",
         vm.log()
     );
     Boot {

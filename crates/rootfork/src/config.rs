@@ -147,6 +147,10 @@ pub struct KernelFile {
 /// The most `kernel.warm_slots`.
 pub const MAX_WARM_SLOTS: usize = 8;
 
+/// The default of `vmm.nbd_reconnect_delay_secs`: room for a daemon restart (an upgrade, a
+/// crash and the service manager's restart delay).
+pub const DEFAULT_NBD_RECONNECT_DELAY_SECS: u32 = 120;
+
 /// The `[templates]` table.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,6 +184,10 @@ pub struct LimitsFile {
 pub struct VmmFile {
     /// The Firecracker binary (a path, or a name looked up on `PATH`).
     pub firecracker_bin: Option<PathBuf>,
+    /// How long a QEMU VM on a socket sandbox holds its disk I/O while the daemon is away (a
+    /// restart) and its NBD client reconnects, seconds (QEMU's `reconnect-delay`); 0 turns it
+    /// off (I/O fails at once when the daemon goes).
+    pub nbd_reconnect_delay_secs: Option<u32>,
 }
 
 /// The `[debug]` table (testing aids, all off by default).
@@ -319,6 +327,8 @@ pub struct Config {
     pub kernel_dead_conn_timeout: Option<Duration>,
     /// Pre-connected kernel devices kept ready per disk size (`kernel.warm_slots`; 0: none).
     pub kernel_warm_slots: usize,
+    /// How long a QEMU VM's NBD client waits for a restarting daemon (`None`: not at all).
+    pub vmm_nbd_reconnect_delay: Option<u32>,
     /// Fault injection triggers (`debug.fault_injection`; testing only).
     pub fault_injection: bool,
     /// `templates.allow_block_devices`.
@@ -546,6 +556,16 @@ impl Config {
                 ),
             ));
         }
+        let reconnect_secs = file
+            .vmm
+            .nbd_reconnect_delay_secs
+            .unwrap_or(DEFAULT_NBD_RECONNECT_DELAY_SECS);
+        if reconnect_secs > 3600 {
+            return Err(invalid(
+                "vmm.nbd_reconnect_delay_secs",
+                format!("{reconnect_secs} is outside 0..=3600 (0 turns it off)"),
+            ));
+        }
         let kernel_warm_slots = file.kernel.warm_slots.unwrap_or(0);
         if kernel_warm_slots > MAX_WARM_SLOTS {
             return Err(invalid(
@@ -636,6 +656,7 @@ impl Config {
             kernel_dead_conn_timeout: (dead_conn_secs != 0)
                 .then(|| Duration::from_secs(dead_conn_secs)),
             kernel_warm_slots,
+            vmm_nbd_reconnect_delay: (reconnect_secs != 0).then_some(reconnect_secs),
             seams: Seams::default(),
             fault_injection: file.debug.fault_injection.unwrap_or(false),
             state_dir,
@@ -815,6 +836,28 @@ mod tests {
             file("[vmm]\nqemu = \"x\"").is_err(),
             "unknown keys are refused"
         );
+    }
+
+    #[test]
+    fn nbd_reconnect_delay_defaults_on_is_bounded_and_zero_turns_it_off() {
+        let c = Config::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(
+            c.vmm_nbd_reconnect_delay,
+            Some(DEFAULT_NBD_RECONNECT_DELAY_SECS)
+        );
+        let c = Config::resolve(
+            file("[vmm]\nnbd_reconnect_delay_secs = 0").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.vmm_nbd_reconnect_delay, None);
+        let e = Config::resolve(
+            file("[vmm]\nnbd_reconnect_delay_secs = 3601").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("vmm.nbd_reconnect_delay_secs"), "{e}");
     }
 
     #[test]

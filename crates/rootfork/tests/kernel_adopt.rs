@@ -3,8 +3,10 @@
 //! kernel sandbox over — its device stays connected, its overlay files stay, its record names the
 //! device — and the next start adopts it: the same slot handed new sockets with RECONFIGURE (no
 //! CONNECT, no DISCONNECT), the data written before the stop read back through them. A sandbox
-//! whose device is gone is FAILED with its files kept. The real driver is the VM suite
-//! (tests/vm/daemon, section 5).
+//! whose device is gone is FAILED with its files kept. A kernel sandbox whose record names a
+//! running QEMU (a stand-in process, see `common::Fake`) has it adopted with the device, and a
+//! delete kills it; when the device is gone, the VM is killed with the sandbox FAILED. The real
+//! driver is the VM suite (tests/vm/daemon, section 5).
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::fake_kernel::{fake_kernel, nbd_request, FakeKernel};
-use common::{delete, get, import, make_template};
+use common::{delete, get, import, make_template, record_vm, vm_process, Fake};
 use rootfork::api::v1;
 use rootfork::config::Config;
 use rootfork::daemon::kernel::KernelBackend;
@@ -165,6 +167,90 @@ async fn a_kernel_sandbox_whose_device_is_gone_fails_with_its_files_kept() {
     );
     assert!(delete(&mut c, "k1").await.unwrap());
     assert_eq!(std::fs::read_dir(state.join("cache")).unwrap().count(), 0);
+    drop(c);
+    d.shutdown().await;
+}
+
+/// Waits (bounded) for the stand-in to be killed; its exit status.
+fn killed(f: &mut Fake) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = f.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM was not killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_sandboxs_qemu_is_adopted_with_its_device_and_killed_by_delete() {
+    use std::os::unix::process::ExitStatusExt;
+    let root = tempfile::tempdir().unwrap();
+    let (state, locks) = (root.path().join("s"), root.path().join("locks"));
+    let (k, backend) = fake_kernel(root.path());
+    let i = run_and_stop(&state, &locks, root.path(), &backend, &k).await;
+    std::fs::create_dir_all(state.join("vm")).unwrap();
+    let marker = state.join("vm").join("911.qmp");
+    let mut vm = Fake::spawn(&marker);
+    record_vm(&state, "k1", vm_process(&state, "k1", &vm, &marker, 0));
+    sockets_die(&k, i);
+
+    let d = start(&state, &locks, &backend).await;
+    let mut c = client(&d).await;
+    let sb = get(&mut c, "k1").await;
+    assert_eq!(sb.state, v1::SandboxState::Running as i32, "{sb:?}");
+    assert_eq!(sb.vm_pid, vm.pid());
+    assert!(
+        sb.message.contains(&format!(
+            "its VM (QEMU pid {}) ran on and is adopted",
+            vm.pid()
+        )),
+        "{}",
+        sb.message
+    );
+    assert_eq!(k.reconfigured.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        request(&k, i, 0, 8192, Vec::new()).await.1,
+        vec![0x5A; 4096]
+    );
+    assert!(delete(&mut c, "k1").await.unwrap());
+    assert_eq!(killed(&mut vm).signal(), Some(9));
+    assert!(k.quiescent(i));
+    drop(c);
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_whose_kernel_device_is_gone_is_killed_and_its_sandbox_fails() {
+    use std::os::unix::process::ExitStatusExt;
+    let root = tempfile::tempdir().unwrap();
+    let (state, locks) = (root.path().join("s"), root.path().join("locks"));
+    let (k, backend) = fake_kernel(root.path());
+    let i = run_and_stop(&state, &locks, root.path(), &backend, &k).await;
+    std::fs::create_dir_all(state.join("vm")).unwrap();
+    let marker = state.join("vm").join("912.qmp");
+    let mut vm = Fake::spawn(&marker);
+    record_vm(&state, "k1", vm_process(&state, "k1", &vm, &marker, 0));
+    rootfork_kernel::NbdControl::disconnect(&*k, i).unwrap();
+
+    let d = start(&state, &locks, &backend).await;
+    let mut c = client(&d).await;
+    let sb = get(&mut c, "k1").await;
+    assert_eq!(sb.state, v1::SandboxState::Failed as i32, "{sb:?}");
+    assert!(
+        sb.message.contains("no longer connected")
+            && sb
+                .message
+                .contains(&format!("its VM (QEMU pid {}) was stopped", vm.pid())),
+        "{}",
+        sb.message
+    );
+    assert_eq!(killed(&mut vm).signal(), Some(9));
+    assert!(delete(&mut c, "k1").await.unwrap());
     drop(c);
     d.shutdown().await;
 }

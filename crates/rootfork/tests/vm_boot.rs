@@ -53,6 +53,17 @@ async fn daemon_boots_qemu_on_the_sandbox_disk() {
         .unwrap()
         .into_inner();
     assert!(sb.vm_pid > 0);
+    // The record names the running VM (pid, QMP socket) for a restarted daemon to adopt.
+    let record = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.state().join("sandboxes/vm-d.json")).unwrap())
+            .unwrap()
+    };
+    let rec = record();
+    assert_eq!(rec["vm_process"]["pid"], sb.vm_pid, "{rec}");
+    assert!(
+        Path::new(rec["vm_process"]["qmp"].as_str().unwrap()).exists(),
+        "{rec}"
+    );
     let console = PathBuf::from(&sb.vm_console);
     let deadline = Instant::now() + Duration::from_secs(180);
     let text = loop {
@@ -82,6 +93,9 @@ async fn daemon_boots_qemu_on_the_sandbox_disk() {
     };
     assert_eq!(got.vm_pid, 0, "QEMU not reaped after the guest powered off");
     assert!(got.message.contains("VM exited"), "{}", got.message);
+    // ... and no longer once the VM is reaped: a restart adopts the disk alone.
+    let rec = record();
+    assert!(rec.get("vm_process").is_none(), "{rec}");
     assert_eq!(got.state, v1::SandboxState::Running as i32);
     // The guest's file is in the sandbox's overlay.
     let img = d.dir.path().join("disk.img");

@@ -108,6 +108,10 @@ pub struct QemuConfig {
     /// a property of the device, not migrated state: the guest reads it from the device at each
     /// read, so a VM restored with another serial sees the new one.
     pub disk_serial: Option<String>,
+    /// For an NBD root: how long QEMU holds the guest's I/O while the connection is down and
+    /// it reconnects to the same socket (`reconnect-delay`, seconds; a restarting server's
+    /// gap). `None` or 0: I/O on a lost connection fails at once.
+    pub nbd_reconnect_delay_secs: Option<u32>,
 }
 
 /// The most bytes of a virtio-blk serial a guest can read (`VIRTIO_BLK_ID_BYTES`).
@@ -129,6 +133,7 @@ impl QemuConfig {
             serial: serial.into(),
             vmgenid: false,
             disk_serial: None,
+            nbd_reconnect_delay_secs: None,
         }
     }
 
@@ -181,6 +186,11 @@ impl QemuConfig {
             }
             disk.push_str(",serial=");
             disk.push_str(serial);
+        }
+        if let (RootDisk::Nbd(_), Some(secs)) = (&self.root, self.nbd_reconnect_delay_secs) {
+            if secs > 0 {
+                blockdev.push_str(&format!(",reconnect-delay={secs}"));
+            }
         }
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: &str| a.push(s.into());
@@ -251,6 +261,21 @@ mod tests {
         c.initrd = Some("/k/initrd.gz".into());
         c.append = "console=ttyS0 root=/dev/vda rw".into();
         c
+    }
+
+    #[test]
+    fn an_nbd_root_may_wait_for_its_server_to_come_back() {
+        let mut c = nbd_config();
+        c.nbd_reconnect_delay_secs = Some(120);
+        let a = strs(&c.args().unwrap());
+        let i = a.iter().position(|s| s == "-blockdev").unwrap();
+        assert_eq!(
+            a[i + 1],
+            "driver=nbd,node-name=root,server.type=unix,server.path=/run/rf/sb1.sock,export=sb1,reconnect-delay=120"
+        );
+        c.nbd_reconnect_delay_secs = Some(0);
+        let a = strs(&c.args().unwrap());
+        assert!(!a.iter().any(|s| s.contains("reconnect-delay")), "{a:?}");
     }
 
     #[test]

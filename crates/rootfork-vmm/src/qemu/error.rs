@@ -52,6 +52,36 @@ pub enum QemuError {
     /// or [`super::QemuProcess::spawn_restored`]).
     #[error("the VM has no QMP monitor")]
     NoMonitor,
+    /// The process a record names no longer runs (it exited, or is a zombie).
+    #[error("process {0} is gone")]
+    ProcessGone(u32),
+    /// The recorded pid belongs to a process started at another time: the pid was reused.
+    #[error("pid {pid} is another process now (started at tick {found}, the recorded one at {expected})")]
+    PidReused {
+        /// The pid.
+        pid: u32,
+        /// The recorded start time.
+        expected: u64,
+        /// The start time of the process that holds the pid now.
+        found: u64,
+    },
+    /// The process holding the pid is not the VM the daemon started (its command line does not
+    /// name the VM's QMP socket).
+    #[error("process {pid} is not the VM the daemon started (its command line does not name {})", qmp.display())]
+    NotOurVm {
+        /// The pid.
+        pid: u32,
+        /// The QMP socket the VM was started with.
+        qmp: PathBuf,
+    },
+    /// `/proc/PID/stat` could not be parsed.
+    #[error("/proc/{pid}/stat: {why}")]
+    ProcStat {
+        /// The pid.
+        pid: u32,
+        /// What was wrong.
+        why: String,
+    },
     /// The VM did not exit within the allowed time (it has been killed).
     #[error("QEMU did not exit within {0:?}")]
     Timeout(Duration),

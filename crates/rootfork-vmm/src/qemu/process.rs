@@ -1,15 +1,24 @@
 //! A running QEMU as an RAII guard: killed and reaped on drop, with timed waits; started after
 //! a check of what it opened, either booting or restored from a saved state, and able to save
 //! its state to a file.
+//!
+//! QEMU runs in its own session (no controlling terminal, no signal sent to the daemon's process
+//! group reaches it, no parent-death signal), so it outlives a daemon that dies or hands it over
+//! ([`QemuProcess::release`]); its QMP socket stays where it was created. A later daemon takes it
+//! back with [`QemuProcess::adopt`] by pid and start time: it is no longer that daemon's child,
+//! so it is watched and killed through a pidfd, and QMP is reconnected when first needed.
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::config::{QemuBinary, QemuConfig};
 use super::error::QemuError;
+use super::procstat::ProcessIdentity;
 use super::qmp::Qmp;
 use super::snapshot;
 use super::verify::verify_root;
@@ -25,13 +34,29 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often waits poll the child.
 const POLL: Duration = Duration::from_millis(10);
 
+/// How long a `SIGKILL`ed adopted VM may take to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How a VM ended.
 #[derive(Debug, Clone, Copy)]
 pub struct QemuExit {
-    /// QEMU's exit status.
-    pub status: ExitStatus,
-    /// Time from spawn to exit.
+    /// QEMU's exit status; `None` for an adopted VM (its parent, not this process, reaps it).
+    pub status: Option<ExitStatus>,
+    /// Time from spawn (or adoption) to exit.
     pub elapsed: Duration,
+}
+
+impl std::fmt::Display for QemuExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(s) => write!(f, "{s} after {:?}", self.elapsed),
+            None => write!(
+                f,
+                "exit status unknown (an adopted VM), seen {:?} after adoption",
+                self.elapsed
+            ),
+        }
+    }
 }
 
 /// A QEMU child process. Dropping it kills (`SIGKILL`) and reaps the process, so a test or a
@@ -39,6 +64,8 @@ pub struct QemuExit {
 #[derive(Debug)]
 pub struct QemuProcess {
     child: Option<Child>,
+    /// An adopted VM's pidfd (it is not this process's child).
+    adopted: Option<OwnedFd>,
     pid: u32,
     started: Instant,
     console: Option<PathBuf>,
@@ -48,6 +75,8 @@ pub struct QemuProcess {
     qmp: Option<Qmp>,
     /// Whether its machine has a VM generation ID device ([`QemuConfig::vmgenid`]).
     vmgenid: bool,
+    /// Where QMP listens (kept, so an adopting daemon can reconnect).
+    qmp_socket: Option<PathBuf>,
 }
 
 /// What [`QemuProcess::save_state`] wrote.
@@ -191,9 +220,92 @@ impl QemuProcess {
         qmp.execute("cont", None).map(|_| ())
     }
 
-    /// The QMP session.
+    /// The QMP session, connected again to the kept socket if there is none (an adopted VM).
     fn monitor(&mut self) -> Result<&mut Qmp, QemuError> {
+        if self.qmp.is_none() {
+            let Some(socket) = self.qmp_socket.as_deref() else {
+                return Err(QemuError::NoMonitor);
+            };
+            self.qmp = Some(Qmp::connect(socket, QMP_TIMEOUT)?);
+        }
         self.qmp.as_mut().ok_or(QemuError::NoMonitor)
+    }
+
+    /// Takes back a VM that a previous daemon process started (with
+    /// [`spawn_verified`](Self::spawn_verified) or [`spawn_restored`](Self::spawn_restored))
+    /// and that outlived it: `identity` is what [`identity`](Self::identity) returned then,
+    /// `qmp_socket` the QMP socket it was started with. The process must still run, have been
+    /// started at the recorded time (a reused pid is refused) and name `qmp_socket` on its
+    /// command line. It is watched and killed through a pidfd from then on (dropping the
+    /// returned value kills it, as for a spawned one); QMP is connected when first used.
+    pub fn adopt(
+        identity: ProcessIdentity,
+        qmp_socket: &Path,
+        console: Option<PathBuf>,
+        log: &Path,
+    ) -> Result<Self, QemuError> {
+        let pid = identity.pid;
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or(QemuError::ProcessGone(pid))?;
+        // The pidfd first, the check after: a process that passes the check (started at the
+        // recorded time) held the pid before the pidfd was opened, so the pidfd is its (the pid
+        // cannot have passed to the recorded process after the open).
+        let pidfd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::SRCH) => return Err(QemuError::ProcessGone(pid)),
+            Err(e) => {
+                return Err(QemuError::io(
+                    format!("pidfd_open({pid})"),
+                    std::io::Error::from(e),
+                ))
+            }
+        };
+        identity.check(Some(qmp_socket))?;
+        // Whether it was started with a VM generation ID device (`-device vmgenid,…`), which its
+        // saved state would need on a restore.
+        let vmgenid = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            c.split(|b| *b == 0)
+                .any(|arg| arg.starts_with(b"vmgenid,") || arg == b"vmgenid")
+        });
+        Ok(QemuProcess {
+            child: None,
+            adopted: Some(pidfd),
+            pid,
+            started: Instant::now(),
+            console,
+            log: log.to_owned(),
+            exit: None,
+            qmp: None,
+            vmgenid,
+            qmp_socket: Some(qmp_socket.to_owned()),
+        })
+    }
+
+    /// The process's pid and start time, by which a later daemon can [`adopt`](Self::adopt) it.
+    pub fn identity(&self) -> Result<ProcessIdentity, QemuError> {
+        ProcessIdentity::of(self.pid)
+    }
+
+    /// Where QMP listens, when the VM has a monitor.
+    pub fn qmp_socket(&self) -> Option<&Path> {
+        self.qmp_socket.as_deref()
+    }
+
+    /// QEMU's own log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Lets the VM run on without this guard: it is neither killed nor reaped (a daemon
+    /// stopping for a restart hands it to the next one, which [`adopt`](Self::adopt)s it). The
+    /// QMP session is closed; the socket stays.
+    pub fn release(mut self) {
+        self.qmp = None;
+        // Dropping a `Child` neither kills nor waits for it.
+        self.child = None;
+        self.adopted = None;
     }
 
     /// Spawns `config` paused (`-S`) with QMP on `qmp_socket` and `extra` arguments, and waits
@@ -225,6 +337,7 @@ impl QemuProcess {
         match Qmp::connect(qmp_socket, QMP_TIMEOUT) {
             Ok(q) => {
                 vm.qmp = Some(q);
+                vm.qmp_socket = Some(qmp_socket.to_owned());
                 Ok(vm)
             }
             Err(e) => {
@@ -234,7 +347,8 @@ impl QemuProcess {
         }
     }
 
-    /// Spawns an already prepared QEMU command (stdin closed, output to `log`).
+    /// Spawns an already prepared QEMU command (stdin closed, output to `log`) in a session of
+    /// its own, so that it can outlive this process.
     pub(crate) fn spawn_command(
         mut cmd: Command,
         log: &Path,
@@ -246,6 +360,15 @@ impl QemuProcess {
             .try_clone()
             .map_err(|e| QemuError::io(format!("duplicating log file {}", log.display()), e))?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: the closure runs in the forked child before exec and only calls `setsid`,
+        // which is async-signal-safe and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
         let binary = PathBuf::from(cmd.get_program());
         let started = Instant::now();
         let child = cmd
@@ -254,12 +377,14 @@ impl QemuProcess {
         Ok(QemuProcess {
             pid: child.id(),
             child: Some(child),
+            adopted: None,
             started,
             console,
             log: log.to_owned(),
             exit: None,
             qmp: None,
             vmgenid: false,
+            qmp_socket: None,
         })
     }
 
@@ -312,13 +437,25 @@ impl QemuProcess {
         if let Some(exit) = self.exit {
             return Ok(Some(exit));
         }
+        if let Some(pidfd) = &self.adopted {
+            if !exited(pidfd, Duration::ZERO)? {
+                return Ok(None);
+            }
+            let exit = QemuExit {
+                status: None,
+                elapsed: self.started.elapsed(),
+            };
+            self.exit = Some(exit);
+            self.adopted = None;
+            return Ok(Some(exit));
+        }
         let Some(child) = self.child.as_mut() else {
             return Ok(None);
         };
         match child.try_wait() {
             Ok(Some(status)) => {
                 let exit = QemuExit {
-                    status,
+                    status: Some(status),
                     elapsed: self.started.elapsed(),
                 };
                 self.exit = Some(exit);
@@ -364,8 +501,28 @@ impl QemuProcess {
         }
     }
 
-    /// Kills the VM (`SIGKILL`) and reaps it. Idempotent.
+    /// Kills the VM (`SIGKILL`) and reaps it (an adopted one: waits until it is gone, up to
+    /// [`KILL_TIMEOUT`]). Idempotent.
     pub fn kill(&mut self) {
+        if let Some(pidfd) = self.adopted.take() {
+            let pid = self.pid;
+            match rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
+                Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+                Err(e) => tracing::warn!(pid, "killing an adopted qemu: {e}"),
+            }
+            match exited(&pidfd, KILL_TIMEOUT) {
+                Ok(true) => {
+                    self.exit = Some(QemuExit {
+                        status: None,
+                        elapsed: self.started.elapsed(),
+                    })
+                }
+                Ok(false) => {
+                    tracing::warn!(pid, "an adopted qemu outlived SIGKILL by {KILL_TIMEOUT:?}")
+                }
+                Err(e) => tracing::warn!(pid, "waiting for an adopted qemu: {e}"),
+            }
+        }
         if let Some(mut child) = self.child.take() {
             if let Err(e) = child.kill() {
                 tracing::debug!(pid = self.pid, "kill: {e}");
@@ -373,7 +530,7 @@ impl QemuProcess {
             match child.wait() {
                 Ok(status) => {
                     self.exit = Some(QemuExit {
-                        status,
+                        status: Some(status),
                         elapsed: self.started.elapsed(),
                     });
                 }
@@ -400,6 +557,32 @@ fn with_log(e: QemuError, vm: &QemuProcess) -> QemuError {
         QemuError::Qmp(m) => QemuError::Qmp(format!("{m}; qemu log: {log}")),
         QemuError::Migration(m) => QemuError::Migration(format!("{m}; qemu log: {log}")),
         other => other,
+    }
+}
+
+/// Whether the process behind `pidfd` has exited, waiting up to `timeout` (a pidfd turns
+/// readable when its process exits, whoever reaps it).
+fn exited(pidfd: &OwnedFd, timeout: Duration) -> Result<bool, QemuError> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = Timespec {
+            tv_sec: left.as_secs() as _,
+            tv_nsec: left.subsec_nanos() as _,
+        };
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) if Instant::now() < deadline => continue,
+            Err(rustix::io::Errno::INTR) => return Ok(false),
+            Err(e) => {
+                return Err(QemuError::io(
+                    "polling a VM's pidfd",
+                    std::io::Error::from(e),
+                ))
+            }
+        }
     }
 }
 
@@ -453,12 +636,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = sleeper("0", dir.path());
         let exit = p.wait_timeout(Duration::from_secs(10)).unwrap();
-        assert!(exit.status.success());
+        assert!(exit.status.unwrap().success());
         // Waiting again returns the same exit.
         assert!(p
             .wait_timeout(Duration::from_millis(1))
             .unwrap()
             .status
+            .unwrap()
             .success());
     }
 
@@ -470,6 +654,101 @@ mod tests {
             p.wait_timeout_async(Duration::from_millis(50)).await,
             Err(QemuError::Timeout(_))
         ));
+    }
+
+    /// A long-running process whose command line names `marker` (a file it follows).
+    fn marked(dir: &Path) -> (QemuProcess, PathBuf) {
+        let marker = dir.join("7.qmp");
+        std::fs::write(&marker, b"").unwrap();
+        let mut cmd = Command::new("tail");
+        cmd.arg("-f").arg(&marker);
+        (
+            QemuProcess::spawn_command(cmd, &dir.join("log"), None).unwrap(),
+            marker,
+        )
+    }
+
+    fn reap(pid: u32) {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+    }
+
+    #[test]
+    fn a_spawned_process_runs_in_its_own_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, _) = marked(dir.path());
+        let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
+        assert_eq!(nix::unistd::getsid(Some(pid)).unwrap(), pid);
+    }
+
+    #[test]
+    fn a_released_process_runs_on_and_is_adopted_then_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, marker) = marked(dir.path());
+        let pid = p.pid();
+        let id = p.identity().unwrap();
+        p.release();
+        assert!(alive(pid), "release killed {pid}");
+        let mut a = QemuProcess::adopt(id, &marker, None, &dir.path().join("log")).unwrap();
+        assert_eq!(a.pid(), pid);
+        assert_eq!(a.qmp_socket(), Some(marker.as_path()));
+        assert!(a.try_exit().unwrap().is_none());
+        a.kill();
+        let exit = a.try_exit().unwrap().expect("killed");
+        assert!(exit.status.is_none());
+        // It was this test's child: a zombie until reaped here.
+        reap(pid);
+        assert!(!alive(pid));
+    }
+
+    #[test]
+    fn adoption_refuses_another_start_time_or_another_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, marker) = marked(dir.path());
+        let id = p.identity().unwrap();
+        let log = dir.path().join("log");
+        let older = ProcessIdentity {
+            start_time: id.start_time.saturating_sub(1),
+            ..id
+        };
+        assert!(matches!(
+            QemuProcess::adopt(older, &marker, None, &log),
+            Err(QemuError::PidReused { .. })
+        ));
+        assert!(matches!(
+            QemuProcess::adopt(id, &dir.path().join("8.qmp"), None, &log),
+            Err(QemuError::NotOurVm { .. })
+        ));
+        let pid = p.pid();
+        drop(p);
+        assert!(matches!(
+            QemuProcess::adopt(id, &marker, None, &log),
+            Err(QemuError::ProcessGone(x)) if x == pid
+        ));
+    }
+
+    #[test]
+    fn an_adopted_process_that_exits_is_seen_exited_and_dropping_one_kills_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, marker) = marked(dir.path());
+        let pid = p.pid();
+        let id = p.identity().unwrap();
+        p.release();
+        let mut a = QemuProcess::adopt(id, &marker, None, &dir.path().join("log")).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let exit = a.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert!(exit.status.is_none());
+        reap(pid);
+        let (p, marker) = marked(dir.path());
+        let pid = p.pid();
+        let id = p.identity().unwrap();
+        p.release();
+        drop(QemuProcess::adopt(id, &marker, None, &dir.path().join("log")).unwrap());
+        reap(pid);
+        assert!(!alive(pid));
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //!   (rootfork-kernel's `Attacher::adopt`). The kernel holds the guest's I/O meanwhile for up to
 //!   the device's `dead_conn_timeout`; a daemon down longer than that fails it.
 //!
+//! A sandbox with a QEMU VM the daemon started has its VM adopted too, once its disk is served
+//! again (`vm_adopt.rs`: by pid and start time). A VM that is gone or is not the recorded
+//! process leaves the sandbox `FAILED` with its disk served, so it can still be paused; a VM
+//! whose disk could not be served again is killed.
+//!
 //! An adoption that fails leaves the sandbox `FAILED`, with a message saying why and which files
 //! are kept; nothing is removed at start (a delete removes them, a later start tries again). A
 //! kernel sandbox's device that could not be adopted is disconnected and its slot released.
@@ -28,8 +33,10 @@ use rootfork_provider::{AnyProvider, BaseImage, PausedDisk};
 use crate::daemon::core::Core;
 use crate::daemon::disk;
 use crate::daemon::model::SandboxState;
-use crate::daemon::records::{Served, ServedDevice};
+use crate::daemon::records::{Served, ServedDevice, VmProcess};
 use crate::daemon::sandbox::Sandbox;
+use crate::daemon::vm::RunningVm;
+use crate::daemon::vm_adopt;
 use crate::error::DaemonError;
 use crate::events::{EventBus, EventKind};
 
@@ -90,7 +97,8 @@ impl AdoptError {
 }
 
 /// Why a running sandbox of a previous run is not even tried (it comes back at its last pause,
-/// or `FAILED`, as `persist.rs` says): the `reason` label of a failed adoption.
+/// or `FAILED`, as `persist.rs` says): the `reason` label of a failed adoption. `has_vm`: its VM
+/// is one the daemon does not adopt (Firecracker).
 pub fn not_adoptable_reason(has_vm: bool) -> &'static str {
     if has_vm {
         "vm_not_adopted"
@@ -277,13 +285,19 @@ async fn release_device(core: &Core, sb: &Sandbox, served: &ServedDevice) {
     }
 }
 
-/// Adopts `sb`, a running sandbox of a previous run, and reports the outcome. Returns whether
-/// it is served again.
+/// Whether `sb` runs a VM that is adopted with it (QEMU).
+fn has_qemu(sb: &Sandbox) -> bool {
+    sb.vm.as_ref().is_some_and(|v| v.boots_qemu())
+}
+
+/// Adopts `sb`, a running sandbox of a previous run, and its VM (`vm`: the QEMU process its
+/// record names), and reports the outcome. Returns whether it runs again.
 pub async fn adopt(
     core: &Core,
     sb: &Arc<Sandbox>,
     served: &Served,
     paused: Option<PausedDisk>,
+    vm: Option<&VmProcess>,
 ) -> bool {
     let mut live = sb
         .live
@@ -291,6 +305,26 @@ pub async fn adopt(
         .expect("nobody else holds the lock of a sandbox not yet published");
     match serve_again(core, sb, served, paused).await {
         Ok(provider) => {
+            let adopted_vm = if has_qemu(sb) {
+                match vm_adopt::adopt(core, sb, vm).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        live.provider = Some(provider);
+                        drop(live);
+                        vm_failed(core, sb, served, &e);
+                        return false;
+                    }
+                }
+            } else {
+                None
+            };
+            let vm_said = match &adopted_vm {
+                Some(RunningVm::Qemu(q)) => {
+                    format!("; its VM (QEMU pid {}) ran on and is adopted", q.pid())
+                }
+                _ => String::new(),
+            };
+            live.vm = adopted_vm;
             let found = match &provider {
                 AnyProvider::Socket(p) => p.reopen_report().map(|r| describe(&r)),
                 AnyProvider::Kernel(p) => p.reopen_report().map(|r| describe(&r)),
@@ -306,7 +340,7 @@ pub async fn adopt(
                 ),
             };
             let message = format!(
-                "adopted after a daemon restart: its disk is served again {where_}{}",
+                "adopted after a daemon restart: its disk is served again {where_}{}{vm_said}",
                 found.map(|f| format!(" ({f})")).unwrap_or_default()
             );
             tracing::info!(sandbox = %sb.id, served = %served_at, "{message}");
@@ -318,12 +352,20 @@ pub async fn adopt(
             // Nothing is removed at start: a delete removes the files, a later start tries again.
             live.files.extend(disk::overlay_files(served.cache()));
             drop(live);
+            // Its VM would only see I/O errors: it is stopped (before the device goes).
+            let killed = match vm.filter(|_| has_qemu(sb)) {
+                Some(rec) => vm_adopt::kill_recorded(core, rec).await,
+                None => None,
+            };
             if let Served::Kernel(d) = served {
                 release_device(core, sb, d).await;
             }
             let message = format!(
-                "the daemon restarted while this sandbox ran and {e}; its files are kept ({}); delete it to remove them",
-                served.cache().display()
+                "the daemon restarted while this sandbox ran and {e}; its files are kept ({}){}; delete it to remove them",
+                served.cache().display(),
+                killed
+                    .map(|pid| format!("; its VM (QEMU pid {pid}) was stopped"))
+                    .unwrap_or_default()
             );
             tracing::warn!(sandbox = %sb.id, reason = e.reason(), "not adopted: {message}");
             core.metrics.adoption(Some(e.reason()));
@@ -337,6 +379,30 @@ pub async fn adopt(
             false
         }
     }
+}
+
+/// Reports a sandbox whose disk is served again but whose VM was not adopted: `FAILED`, its disk
+/// kept served so it can still be paused.
+fn vm_failed(core: &Core, sb: &Sandbox, served: &Served, e: &vm_adopt::VmAdoptError) {
+    let message = format!(
+        "the daemon restarted while this sandbox ran: its disk is served again ({}) but {e}; pause it to keep its disk, or delete it",
+        match served {
+            Served::Socket(s) => s.socket.display().to_string(),
+            Served::Kernel(d) => format!("/dev/nbd{}", d.device),
+        }
+    );
+    tracing::warn!(sandbox = %sb.id, reason = e.reason(), "VM not adopted: {message}");
+    core.metrics.adoption(Some(e.reason()));
+    core.events.emit(
+        EventBus::event(EventKind::Error)
+            .sandbox(&sb.id)
+            .message(format!("VM adoption failed: {e}")),
+    );
+    sb.update(|s| {
+        s.vm_pid = 0;
+        s.vm_lost = true;
+    });
+    core.set_state(sb, SandboxState::Failed, Some(message));
 }
 
 #[cfg(test)]

@@ -190,6 +190,9 @@ impl Core {
     pub(crate) fn set_state(&self, sb: &Sandbox, state: SandboxState, message: Option<String>) {
         sb.update(|s| {
             s.state = state;
+            if matches!(state, SandboxState::Paused | SandboxState::Deleted) {
+                s.vm_lost = false;
+            }
             if let Some(m) = &message {
                 s.message.clone_from(m);
             }

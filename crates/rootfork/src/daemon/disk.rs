@@ -210,10 +210,11 @@ pub fn adopted_kernel_provider(
 }
 
 /// Where `provider` serves `sb`'s disk, when a restarted daemon can adopt it: sandboxes without
-/// a VM (a VM the daemon started does not outlive it), socket ones, and attached kernel ones whose
-/// overlay is kept (see [`kernel_adoptable`]).
+/// a VM the daemon runs or with a QEMU one (it outlives the daemon; a Firecracker VM does not),
+/// socket ones, and
+/// attached kernel ones whose overlay is kept (see [`kernel_adoptable`]).
 pub fn served_disk(sb: &Sandbox, provider: &AnyProvider) -> Option<Served> {
-    if sb.vm.is_some() {
+    if sb.vm.as_ref().is_some_and(|v| v.runs_firecracker()) {
         return None;
     }
     match provider {

@@ -174,7 +174,7 @@ async fn fork_one(
             None => Ok(None),
         };
         let started = match started {
-            Ok(vm) => match persist::save_running(core, &sb, &live, &provider) {
+            Ok(vm) => match persist::save_running(core, &sb, &live, &provider, vm.as_ref()) {
                 Ok(()) => Ok(vm),
                 Err(e) => {
                     if let Some(v) = vm {

@@ -98,7 +98,7 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         let mut provider =
             disk::bring_up(core, &sb, disk::provider_for(core, &sb, base, 0)?).await?;
         let booted = match vm::boot(core, &sb, &provider).await {
-            Ok(vm) => match persist::save_running(core, &sb, &live, &provider) {
+            Ok(vm) => match persist::save_running(core, &sb, &live, &provider, vm.as_ref()) {
                 Ok(()) => Ok(vm),
                 Err(e) => {
                     if let Some(v) = vm {

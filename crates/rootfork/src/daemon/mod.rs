@@ -80,6 +80,7 @@ mod state_dir;
 mod stats;
 pub mod templates;
 mod vm;
+mod vm_adopt;
 pub mod warm;
 
 use std::fs::File;
@@ -175,9 +176,14 @@ impl Daemon {
         state_dir::check_format(&state)?;
         limits::raise_nofile();
         let dirs = Dirs::new(&state);
+        let records = records::Records::open(&dirs.sandboxes)
+            .map_err(io(format!("opening {}", dirs.sandboxes.display())))?;
+        // A running sandbox's QEMU outlived the previous run: its QMP socket, console and log
+        // stay for the adoption.
+        let vm_files = records.load().map(|l| l.vm_files()).unwrap_or_default();
         let mut leftovers = 0;
         for d in dirs.per_run() {
-            leftovers += clean_dir(d)?;
+            leftovers += clean_dir(d, &vm_files)?;
         }
         if leftovers > 0 {
             tracing::info!(
@@ -188,8 +194,6 @@ impl Daemon {
         std::fs::create_dir_all(&dirs.cache)
             .map_err(io(format!("creating {}", dirs.cache.display())))?;
         let templates = TemplateStore::open(&dirs.templates)?;
-        let records = records::Records::open(&dirs.sandboxes)
-            .map_err(io(format!("opening {}", dirs.sandboxes.display())))?;
         std::fs::create_dir_all(&dirs.paused)
             .map_err(io(format!("creating {}", dirs.paused.display())))?;
         let core = Arc::new(Core::new(config.clone(), dirs.clone(), templates, records));

@@ -114,6 +114,9 @@ pub struct Status {
     pub recoveries: u32,
     /// The VM generation ID (GUID) of the last QEMU VM started for it; empty: none.
     pub vm_generation_id: String,
+    /// Its VM was lost across a daemon restart (gone, or its pid another process's): it stays
+    /// `FAILED` however healthy its disk, until it is paused or deleted.
+    pub vm_lost: bool,
 }
 
 impl Status {
@@ -136,6 +139,7 @@ impl Status {
             vm_state_bytes: 0,
             recoveries: 0,
             vm_generation_id: String::new(),
+            vm_lost: false,
         }
     }
 

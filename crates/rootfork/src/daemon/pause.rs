@@ -264,8 +264,9 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
             };
             // The record of a running sandbox names no VM state: it is used up.
             live.vm_state = None;
-            let saved =
-                restored.and_then(|vm| persist::save_running(core, &sb, &live, &p).map(|()| vm));
+            let saved = restored.and_then(|vm| {
+                persist::save_running(core, &sb, &live, &p, vm.as_ref()).map(|()| vm)
+            });
             match saved {
                 Ok(vm) => Ok((p, vm)),
                 Err(e) => {

@@ -1,12 +1,12 @@
 //! What outlives the daemon process. Every lifecycle change writes the sandbox's record
-//! (`records.rs`); a start restores every recorded sandbox and adopts the running ones without a
-//! VM (`adopt.rs`); a stop (SIGTERM) hands the running sandboxes without a VM over to the next
-//! start (socket: served until every request read is answered; kernel: the device fd flushed,
-//! the device left connected for the kernel to hold the guest's I/O; then the overlay flushed,
-//! its files kept, the record still saying running) and pauses the others.
+//! (`records.rs`); a start restores every recorded sandbox and adopts the running ones, with
+//! their QEMU VMs (`adopt.rs`); a stop (SIGTERM) hands the running sandboxes over to the next
+//! start (a QEMU VM left running; socket: served until every request read is answered; kernel:
+//! the device fd flushed, the device left connected for the kernel to hold the guest's I/O; then
+//! the overlay flushed, its files kept, the record still saying running) and pauses the others.
 //!
-//! A running sandbox that cannot be adopted (a VM the daemon started, a kernel sandbox without a
-//! `dead_conn_timeout`, a record of an older daemon) comes back at its last pause after a crash
+//! A running sandbox that cannot be adopted (a Firecracker VM the daemon started, a kernel
+//! sandbox without a `dead_conn_timeout`, a record of an older daemon) comes back at its last pause after a crash
 //! or SIGKILL (paused, with a message saying that later writes were lost), or `FAILED` when it
 //! never paused.
 //!
@@ -23,19 +23,20 @@ use rootfork_provider::{PausedDisk, ProviderKind};
 use crate::daemon::core::Core;
 use crate::daemon::model::SandboxState;
 use crate::daemon::records::{
-    provider_kind, DiffRecord, RecordState, SandboxRecord, Served, RECORD_VERSION,
+    provider_kind, DiffRecord, RecordState, SandboxRecord, Served, VmProcess, RECORD_VERSION,
 };
 use crate::daemon::sandbox::{Live, Sandbox};
 use crate::daemon::{adopt, disk, pause, vm};
 use crate::error::{DaemonError, Result};
 use crate::events::{EventBus, EventKind};
 
-/// The record of `sb` in `state`, served from `served` when running.
+/// The record of `sb` in `state`, served from `served` with its VM `vm_process` when running.
 fn record_of(
     sb: &Sandbox,
     live: &Live,
     state: RecordState,
     served: Option<Served>,
+    vm_process: Option<VmProcess>,
 ) -> SandboxRecord {
     SandboxRecord {
         version: RECORD_VERSION,
@@ -50,6 +51,7 @@ fn record_of(
         paused: live.paused.as_ref().map(DiffRecord::of),
         pause_count: sb.status().pause_count,
         generation: live.generation,
+        vm_process: vm_process.filter(|_| state == RecordState::Running && served.is_some()),
         served: served.filter(|_| state == RecordState::Running),
         vm_state: live.vm_state.clone(),
     }
@@ -58,19 +60,25 @@ fn record_of(
 /// Writes `sb`'s record (the caller holds its lifecycle lock). A running sandbox's record
 /// written here does not say where its disk is served from ([`save_running`] does).
 pub fn save(core: &Core, sb: &Sandbox, live: &Live, state: RecordState) -> Result<()> {
-    write(core, &record_of(sb, live, state, None))
+    write(core, &record_of(sb, live, state, None, None))
 }
 
-/// Writes the record of `sb` running on `provider` (the caller holds its lifecycle lock), with
-/// where its disk is served from when a restart can adopt it ([`disk::served_disk`]).
+/// Writes the record of `sb` running on `provider` with `vm` (the caller holds its lifecycle
+/// lock), with where its disk is served from when a restart can adopt it
+/// ([`disk::served_disk`]) and which process its VM is ([`vm::process_record`]).
 pub fn save_running(
     core: &Core,
     sb: &Sandbox,
     live: &Live,
     provider: &rootfork_provider::AnyProvider,
+    vm: Option<&vm::RunningVm>,
 ) -> Result<()> {
     let served = disk::served_disk(sb, provider);
-    write(core, &record_of(sb, live, RecordState::Running, served))
+    let vm_process = vm.and_then(vm::process_record);
+    write(
+        core,
+        &record_of(sb, live, RecordState::Running, served, vm_process),
+    )
 }
 
 fn write(core: &Core, rec: &SandboxRecord) -> Result<()> {
@@ -90,8 +98,16 @@ pub fn forget(core: &Core, id: &str) {
 enum Restored {
     /// Registered as it was (paused, or failed / back at its last pause).
     Done,
-    /// Registered; its disk is to be served again.
-    Adopt(Arc<Sandbox>, Served, Option<PausedDisk>),
+    /// Registered; its disk is to be served again (and its VM adopted).
+    Adopt(Box<ToAdopt>),
+}
+
+/// A sandbox to adopt: it, where its disk was served, its last pause's diff, its VM.
+struct ToAdopt {
+    sb: Arc<Sandbox>,
+    served: Served,
+    paused: Option<PausedDisk>,
+    vm: Option<VmProcess>,
 }
 
 /// Registers every recorded sandbox (at start, before the API listens), adopts the running
@@ -129,9 +145,9 @@ pub async fn restore(core: &Core) -> Result<usize> {
         }
         match restore_one(core, &rec) {
             Ok(Restored::Done) => restored += 1,
-            Ok(Restored::Adopt(sb, served, paused)) => {
+            Ok(Restored::Adopt(a)) => {
                 restored += 1;
-                to_adopt.push((sb, served, paused));
+                to_adopt.push(*a);
             }
             Err(why) => {
                 tracing::warn!(sandbox = %rec.id, "not restoring a recorded sandbox (its record is kept): {why}")
@@ -139,8 +155,8 @@ pub async fn restore(core: &Core) -> Result<usize> {
         }
     }
     let (mut adopted, mut failed) = (0, 0);
-    for (sb, served, paused) in to_adopt {
-        if adopt::adopt(core, &sb, &served, paused).await {
+    for a in to_adopt {
+        if adopt::adopt(core, &a.sb, &a.served, a.paused, a.vm.as_ref()).await {
             adopted += 1;
         } else {
             failed += 1;
@@ -190,7 +206,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
         rec.quota,
     );
     let adoptable = match (&rec.state, &rec.served) {
-        (RecordState::Running, Some(s)) if rec.vm.is_none() => match (kind, s) {
+        (RecordState::Running, Some(s)) if !runs_firecracker(rec) => match (kind, s) {
             (ProviderKind::Socket, Served::Socket(_))
             | (ProviderKind::Kernel, Served::Kernel(_)) => Some(s.clone()),
             _ => None,
@@ -199,7 +215,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     };
     if rec.state == RecordState::Running && adoptable.is_none() {
         core.metrics
-            .adoption(Some(adopt::not_adoptable_reason(rec.vm.is_some())));
+            .adoption(Some(adopt::not_adoptable_reason(runs_firecracker(rec))));
     }
     let (state, message) = match (rec.state, &paused) {
         // Its state and message are set by the adoption.
@@ -212,14 +228,14 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             format!(
                 "the daemon stopped while this sandbox ran: it is back at its last pause ({} bytes of changes); writes after that pause were lost ({})",
                 p.map.data_len(),
-                not_adopted_why(rec.vm.is_some())
+                not_adopted_why(runs_firecracker(rec))
             ),
         ),
         (_, None) => (
             SandboxState::Failed,
             format!(
                 "the daemon stopped while this sandbox ran and it had never paused: its disk was not kept ({}); delete it",
-                not_adopted_why(rec.vm.is_some())
+                not_adopted_why(runs_firecracker(rec))
             ),
         ),
     };
@@ -255,7 +271,12 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     });
     core.sandboxes.write().insert(rec.id.clone(), sb.clone());
     if let Some(served) = adoptable {
-        return Ok(Restored::Adopt(sb, served, paused));
+        return Ok(Restored::Adopt(Box::new(ToAdopt {
+            sb,
+            served,
+            paused,
+            vm: rec.vm_process.clone(),
+        })));
     }
     tracing::info!(sandbox = %rec.id, state = %state, "restored a recorded sandbox");
     let mut ev = EventBus::event(EventKind::Sandbox)
@@ -269,10 +290,15 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     Ok(Restored::Done)
 }
 
+/// Whether `rec`'s VM is a Firecracker VM the daemon ran (it does not outlive the daemon).
+fn runs_firecracker(rec: &SandboxRecord) -> bool {
+    rec.vm.as_ref().is_some_and(|v| v.runs_firecracker())
+}
+
 /// Why a running sandbox was not adopted.
 fn not_adopted_why(has_vm: bool) -> &'static str {
     if has_vm {
-        "a sandbox whose VM the daemon started is not adopted across a restart"
+        "a sandbox whose Firecracker VM the daemon started is not adopted across a restart"
     } else {
         "its record does not say where its disk was served from (an older daemon's record, or a kernel sandbox without kernel.dead_conn_timeout_secs)"
     }
@@ -333,14 +359,15 @@ impl Owners {
     }
 }
 
-/// SIGTERM: keeps every sandbox for the next start. A running sandbox without a VM whose record
-/// says where it is served ([`disk::served_disk`]) is handed over: a socket sandbox's export
+/// SIGTERM: keeps every sandbox for the next start. A running sandbox whose record says where it
+/// is served ([`disk::served_disk`]) is handed over: its QEMU VM, if any, runs on (the next
+/// start adopts it); a socket sandbox's export
 /// stops reading requests and answers every one it read; a kernel sandbox's device fd is
 /// flushed, its dispatchers stopped and the device left connected (the kernel holds the guest's
 /// I/O until the next start adopts it, up to its `dead_conn_timeout`); either way the overlay is
 /// flushed and closed with its files kept, and the record still says running, so the next start
-/// serves it again. Every other sandbox that holds a disk (a VM the daemon started, a failed
-/// one) is paused as before (its VM stopped first). Returns how many were kept
+/// serves it again. Every other sandbox that holds a disk (a Firecracker VM the daemon started,
+/// a failed one) is paused as before (its VM stopped first). Returns how many were kept
 /// (handed over, paused).
 pub async fn keep_all(core: &Core) -> (usize, usize) {
     let all: Vec<Arc<Sandbox>> = core.sandboxes.read().values().cloned().collect();
@@ -356,6 +383,9 @@ pub async fn keep_all(core: &Core) -> (usize, usize) {
             };
             if sb.state() == SandboxState::Running && disk::served_disk(&sb, provider).is_some() {
                 let mut provider = live.provider.take().expect("checked above");
+                if let Some(v) = live.vm.take() {
+                    vm::release(&sb, v).await;
+                }
                 match disk::hand_over(core, &sb, &mut provider).await {
                     Ok(()) => handed += 1,
                     Err(e) => tracing::warn!(

@@ -2,8 +2,9 @@
 //! written atomically (a temporary file, fsync, rename, fsync of the directory) at every
 //! lifecycle change, so a restart finds every paused sandbox with its diff, knows which
 //! sandboxes were running when the daemon went away, and for a running sandbox where its disk was
-//! served from ([`Served`]: a socket sandbox's Unix socket, a kernel sandbox's `/dev/nbdN`), so
-//! the next daemon can serve it again.
+//! served from ([`Served`]: a socket sandbox's Unix socket, a kernel sandbox's `/dev/nbdN`) and
+//! which QEMU process runs its VM ([`VmProcess`]), so the next daemon can serve it again and
+//! adopt the VM.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -85,6 +86,22 @@ pub struct ServedDevice {
     pub connections: usize,
 }
 
+/// The QEMU process a running sandbox's VM is (the `vm_process` field of its record): what a
+/// restarted daemon needs to adopt it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (`/proc/PID/stat` field 22): a reused pid has another.
+    pub start_time: u64,
+    /// Its QMP socket (in `STATE/vm/`; its command line names it).
+    pub qmp: PathBuf,
+    /// The guest's console file.
+    pub console: PathBuf,
+    /// QEMU's own log file.
+    pub log: PathBuf,
+}
+
 /// Where a running sandbox's disk is served from (the `served` field of its record). A socket
 /// sandbox's is the object older daemons wrote; a kernel sandbox's has `device`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +155,9 @@ pub struct SandboxRecord {
     /// daemon started, a kernel sandbox without a `dead_conn_timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served: Option<Served>,
+    /// While running with a QEMU VM the daemon started and a restart can adopt: that process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_process: Option<VmProcess>,
     /// Paused with a running VM: its saved state (absent in records written before it existed).
     #[serde(default)]
     pub vm_state: Option<crate::daemon::snapshot::VmState>,
@@ -207,6 +227,18 @@ pub struct Loaded {
     pub records: Vec<SandboxRecord>,
     /// Unreadable, newer or misnamed record files.
     pub refused: Vec<(PathBuf, String)>,
+}
+
+impl Loaded {
+    /// The files in `STATE/vm/` that running records' VMs use (QMP socket, console, log).
+    pub fn vm_files(&self) -> std::collections::BTreeSet<PathBuf> {
+        self.records
+            .iter()
+            .filter(|r| r.state == RecordState::Running)
+            .filter_map(|r| r.vm_process.as_ref())
+            .flat_map(|v| [v.qmp.clone(), v.console.clone(), v.log.clone()])
+            .collect()
+    }
 }
 
 /// Records in one directory.
@@ -339,6 +371,7 @@ mod tests {
             pause_count: 1,
             generation: 3,
             served: None,
+            vm_process: None,
             vm_state: None,
         }
     }
@@ -374,6 +407,13 @@ mod tests {
             export: "a".into(),
             block_size: 4096,
         }));
+        a.vm_process = Some(VmProcess {
+            pid: 4242,
+            start_time: 987654,
+            qmp: "/s/vm/3.qmp".into(),
+            console: "/s/vm/a.console".into(),
+            log: "/s/vm/a.qemu.log".into(),
+        });
         r.write(&a).unwrap();
         let mut k = record("k");
         k.state = RecordState::Running;

@@ -1,13 +1,16 @@
 //! The state directory at start: its lock (one daemon per directory), removing what a previous
-//! run left in the per-run directories, and the TCP bearer token file.
+//! run left in the per-run directories (except the files of VMs that outlived it, which the next
+//! start adopts), and the TCP bearer token file.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{io, StartError};
 
-pub(super) fn clean_dir(dir: &Path) -> Result<usize, StartError> {
+/// Empties `dir` but for the files in `keep`; returns how many entries were removed.
+pub(super) fn clean_dir(dir: &Path, keep: &BTreeSet<PathBuf>) -> Result<usize, StartError> {
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let mut n = 0;
     for ent in std::fs::read_dir(dir)
@@ -15,6 +18,9 @@ pub(super) fn clean_dir(dir: &Path) -> Result<usize, StartError> {
         .flatten()
     {
         let p = ent.path();
+        if keep.contains(&p) {
+            continue;
+        }
         let r = if p.is_dir() {
             std::fs::remove_dir_all(&p)
         } else {

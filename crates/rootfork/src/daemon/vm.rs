@@ -2,6 +2,11 @@
 //! device (`firecracker.rs`), when its [`VmSpec`] asks for it (after checking that the process
 //! opened no template), restoring it there from a paused sandbox's saved state (`snapshot.rs`
 //! writes it), and stopping it before the disk goes.
+//!
+//! A QEMU VM outlives the daemon process: it runs in its own session, its QMP socket stays in
+//! `STATE/vm/`, and its record names it ([`process_record`]), so a daemon that stops for a
+//! restart lets it run on ([`release`]) and the next one adopts it (`vm_adopt.rs`). Its NBD
+//! client (a socket sandbox's) waits `vmm.nbd_reconnect_delay_secs` for the disk to come back.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +19,7 @@ use rootfork_vmm::qemu::{QemuBinary, QemuConfig, QemuProcess, RootDisk, DISK_SER
 
 use crate::daemon::core::Core;
 use crate::daemon::firecracker::{self, SnapshotFiles};
+use crate::daemon::records::VmProcess;
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::snapshot::VmState;
 use crate::daemon::spec::{SpecError, VmSpec};
@@ -41,11 +47,45 @@ impl RunningVm {
     pub fn exited(&mut self) -> Option<String> {
         match self {
             RunningVm::Qemu(q) => match q.try_exit() {
-                Ok(Some(exit)) => Some(format!("{} after {:?}", exit.status, exit.elapsed)),
+                Ok(Some(exit)) => Some(exit.to_string()),
                 _ => None,
             },
             RunningVm::Firecracker(f) => f.check_running().err().map(|e| e.to_string()),
         }
+    }
+}
+
+/// What `vm`'s record says of it, when a restarted daemon can adopt it (a QEMU VM with its QMP
+/// socket, still running).
+pub fn process_record(vm: &RunningVm) -> Option<VmProcess> {
+    let RunningVm::Qemu(q) = vm else {
+        return None;
+    };
+    let id = match q.identity() {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(pid = q.pid(), "the VM cannot be recorded for adoption: {e}");
+            return None;
+        }
+    };
+    Some(VmProcess {
+        pid: id.pid,
+        start_time: id.start_time,
+        qmp: q.qmp_socket()?.to_owned(),
+        console: q.console_path()?.to_owned(),
+        log: q.log_path().to_owned(),
+    })
+}
+
+/// Lets `vm` run on after this daemon process (a stop for a restart: the next start adopts it).
+/// A Firecracker VM is not adopted: it is stopped.
+pub async fn release(sb: &Sandbox, vm: RunningVm) {
+    match vm {
+        RunningVm::Qemu(q) => {
+            tracing::info!(sandbox = %sb.id, pid = q.pid(), "the VM runs on for the next daemon to adopt");
+            q.release();
+        }
+        RunningVm::Firecracker(f) => firecracker::stop(*f).await,
     }
 }
 
@@ -184,7 +224,7 @@ async fn launch(
     let log = dir.join(format!("{}.qemu.log", sb.id));
     let qmp = dir.join(format!("{n}.qmp"));
     let vmgenid = state.is_none_or(|s| s.vmgenid);
-    let cfg = qemu_config(
+    let mut cfg = qemu_config(
         spec,
         kernel,
         device.into_root_disk(),
@@ -192,16 +232,20 @@ async fn launch(
         vmgenid,
         &sb.id,
     );
+    cfg.nbd_reconnect_delay_secs = core.config.vmm_nbd_reconnect_delay;
     let state = state.map(|s| s.path.clone());
     let template = template_identity(core, sb)?;
     let qemu = QemuBinary::from_env();
     let restoring = state.is_some();
     let (vm, genid) = tokio::task::spawn_blocking(move || {
+        // The QMP socket stays while the VM runs (a restarted daemon reconnects to it).
         let r = match &state {
             None => QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &[template]),
             Some(state) => QemuProcess::spawn_restored(&qemu, &cfg, &log, &qmp, &[template], state),
         };
-        let _ = std::fs::remove_file(&qmp);
+        if r.is_err() {
+            let _ = std::fs::remove_file(&qmp);
+        }
         r.map(|mut vm| {
             let genid = vm.generation_id();
             (vm, genid)
@@ -232,7 +276,14 @@ async fn launch(
 pub async fn halt(sb: &Sandbox, vm: RunningVm) {
     match vm {
         RunningVm::Qemu(mut q) => {
-            tokio::task::spawn_blocking(move || q.kill()).await.ok();
+            tokio::task::spawn_blocking(move || {
+                q.kill();
+                if let Some(s) = q.qmp_socket() {
+                    let _ = std::fs::remove_file(s);
+                }
+            })
+            .await
+            .ok();
         }
         RunningVm::Firecracker(f) => firecracker::stop(*f).await,
     }

@@ -333,3 +333,64 @@ pub fn nbd_write(uri: &str, offset: u64, len: u32, byte: u8) {
         &[uri, &offset.to_string(), &len.to_string(), &byte.to_string()],
     );
 }
+
+/// A stand-in for a QEMU the daemon started: a long-running process whose command line names
+/// `marker` (the recorded QMP socket). Killed and reaped on drop.
+pub struct Fake(pub std::process::Child);
+
+impl Fake {
+    pub fn spawn(marker: &Path) -> Fake {
+        std::fs::write(marker, b"").unwrap();
+        Fake(Command::new("tail").arg("-f").arg(marker).spawn().unwrap())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Makes `id`'s record say it runs a QEMU VM, the process `vm_process` names.
+pub fn record_vm(state: &Path, id: &str, vm_process: serde_json::Value) {
+    let path = state.join("sandboxes").join(format!("{id}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(rec["state"], "running", "{rec}");
+    assert!(rec["served"].is_object(), "{rec}");
+    rec["vm"] = serde_json::json!({
+        "kind": "Qemu",
+        "kernel": "/nonexistent/vmlinuz",
+        "initrd": null,
+        "kernel_args": null,
+        "memory_mib": null,
+        "vcpus": null,
+    });
+    rec["vm_process"] = vm_process;
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+}
+
+/// The `vm_process` of a record naming `fake` (its start time off by `skew`), its QMP socket
+/// `marker`, console and log in `STATE/vm/`.
+pub fn vm_process(
+    state: &Path,
+    id: &str,
+    fake: &Fake,
+    marker: &Path,
+    skew: u64,
+) -> serde_json::Value {
+    let me = rootfork_vmm::qemu::ProcessIdentity::of(fake.pid()).unwrap();
+    let vm = state.join("vm");
+    serde_json::json!({
+        "pid": me.pid,
+        "start_time": me.start_time + skew,
+        "qmp": marker,
+        "console": vm.join(format!("{id}.console")),
+        "log": vm.join(format!("{id}.qemu.log")),
+    })
+}

@@ -185,7 +185,7 @@ pub(super) async fn check(core: &Core, sb: &Sandbox) -> Option<Result<(), CheckF
 }
 
 /// A VM that has exited (the guest powered off, or QEMU died) is reaped and reported; the disk
-/// stays served.
+/// stays served, and the record no longer names the VM (a restart adopts the disk alone).
 fn reap_exited_vm(core: &Core, sb: &Sandbox, live: &mut Live) {
     let Some(vm) = live.vm.as_mut() else {
         return;
@@ -193,6 +193,13 @@ fn reap_exited_vm(core: &Core, sb: &Sandbox, live: &mut Live) {
     if let Some(how) = vm.exited() {
         let msg = format!("the VM exited ({how})");
         live.vm = None;
+        if sb.state() == SandboxState::Running {
+            if let Some(p) = live.provider.as_ref() {
+                if let Err(e) = crate::daemon::persist::save_running(core, sb, live, p, None) {
+                    tracing::warn!(sandbox = %sb.id, "rewriting the record of a sandbox whose VM exited: {e}");
+                }
+            }
+        }
         sb.update(|s| {
             s.vm_pid = 0;
             s.message.clone_from(&msg);

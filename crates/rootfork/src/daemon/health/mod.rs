@@ -86,7 +86,7 @@ async fn round_beating(core: &Core, heartbeat: Option<&watch::Sender<Instant>>) 
 /// Records a (confirmed) verdict; the caller holds the sandbox's lifecycle lock.
 ///
 /// A pass makes the sandbox `HEALTHY` (an event when it was not) and a `FAILED` one `RUNNING`
-/// again; a failure makes it `DEGRADED`, and the [`FAILS_TO_MARK_FAILED`]th in a row `FAILED`
+/// again (not one whose VM was lost across a restart: its disk is fine, its guest is gone); a failure makes it `DEGRADED`, and the [`FAILS_TO_MARK_FAILED`]th in a row `FAILED`
 /// (health and state).
 fn record(core: &Core, sb: &Sandbox, r: &Result<(), CheckFailure>) {
     let before = sb.status().health;
@@ -104,7 +104,7 @@ fn record(core: &Core, sb: &Sandbox, r: &Result<(), CheckFailure>) {
                         .message("recovered"),
                 );
             }
-            if sb.state() == SandboxState::Failed {
+            if sb.state() == SandboxState::Failed && !sb.status().vm_lost {
                 tracing::info!(sandbox = %sb.id, "health check passes again: running");
                 core.metrics.recovery(Recovery::Revived);
                 core.set_state(
