@@ -14,10 +14,11 @@ use rootfork_provider::{BaseImage, PausedDisk, ProviderKind};
 
 use crate::daemon::core::Core;
 use crate::daemon::lifecycle::{self, register, unregister};
+use crate::daemon::limits;
 use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::snapshot::VmState;
-use crate::daemon::{disk, limits, persist, vm};
+use crate::daemon::start::{self, VmStart};
 use crate::error::{DaemonError, Operation, Result};
 use crate::names::{self, NameError};
 
@@ -166,35 +167,15 @@ async fn fork_one(
         template: TemplatePath::new(core.templates.image_path(&sb.template)),
         paused: paused.clone(),
     };
-    let r = async {
-        let mut provider =
-            disk::bring_up(core, &sb, disk::provider_for(core, &sb, base, 0)?).await?;
-        let started = match vm_state {
-            Some(v) => vm::restore(core, &sb, &provider, v).await.map(Some),
-            None => Ok(None),
-        };
-        let started = match started {
-            Ok(vm) => match persist::save_running(core, &sb, &live, &provider, vm.as_ref()) {
-                Ok(()) => Ok(vm),
-                Err(e) => {
-                    if let Some(v) = vm {
-                        vm::stop(core, &sb, v).await;
-                    }
-                    Err(e)
-                }
-            },
-            Err(e) => Err(e),
-        };
-        match started {
-            Ok(vm) => Ok((provider, vm)),
-            Err(e) => {
-                if let Err(ce) = disk::discard(&mut provider).await {
-                    tracing::warn!(sandbox = %sb.id, "closing after a failed fork: {ce}");
-                }
-                Err(e)
-            }
-        }
-    }
+    let r = start::serve_and_start(
+        core,
+        &sb,
+        &live,
+        base,
+        0,
+        VmStart::Restore(vm_state),
+        "fork",
+    )
     .await;
     match r {
         Ok((provider, vm)) => {

@@ -14,6 +14,7 @@ use crate::daemon::core::Core;
 use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::spec::{SandboxSpec, SpecError};
+use crate::daemon::start::{self, VmStart};
 use crate::daemon::vm;
 use crate::daemon::{disk, limits, persist, shared};
 use crate::error::{DaemonError, Result};
@@ -94,32 +95,7 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         .expect("nobody else holds the lock of a sandbox not yet published");
     register(core, &sb)?;
     let base = BaseImage::Template(TemplatePath::new(core.templates.image_path(&sb.template)));
-    let r = async {
-        let mut provider =
-            disk::bring_up(core, &sb, disk::provider_for(core, &sb, base, 0)?).await?;
-        let booted = match vm::boot(core, &sb, &provider).await {
-            Ok(vm) => match persist::save_running(core, &sb, &live, &provider, vm.as_ref()) {
-                Ok(()) => Ok(vm),
-                Err(e) => {
-                    if let Some(v) = vm {
-                        vm::stop(core, &sb, v).await;
-                    }
-                    Err(e)
-                }
-            },
-            Err(e) => Err(e),
-        };
-        match booted {
-            Ok(vm) => Ok((provider, vm)),
-            Err(e) => {
-                if let Err(ce) = disk::discard(&mut provider).await {
-                    tracing::warn!(sandbox = %sb.id, "closing after a failed create: {ce}");
-                }
-                Err(e)
-            }
-        }
-    }
-    .await;
+    let r = start::serve_and_start(core, &sb, &live, base, 0, VmStart::Boot, "create").await;
     match r {
         Ok((provider, vm)) => {
             live.provider = Some(provider);

@@ -76,6 +76,7 @@ pub mod sandbox;
 pub mod shared;
 pub mod snapshot;
 pub mod spec;
+mod start;
 mod state_dir;
 mod stats;
 pub mod templates;

@@ -14,6 +14,7 @@ use crate::daemon::core::Core;
 use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::records::RecordState;
 use crate::daemon::sandbox::{overlay_of, Live, Sandbox};
+use crate::daemon::start::{self, VmStart};
 use crate::daemon::{disk, persist, shared, snapshot, vm};
 use crate::error::{DaemonError, Operation, Result};
 use crate::names;
@@ -251,36 +252,22 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
     };
     let generation = live.generation;
     live.generation += 1;
-    let r = match disk::provider_for(core, &sb, base, generation) {
-        Ok(p) => disk::bring_up(core, &sb, p).await,
-        Err(e) => Err(e),
-    };
-    let vm_state = live.vm_state.clone();
-    let r = match r {
-        Ok(mut p) => {
-            let restored = match &vm_state {
-                Some(v) => vm::restore(core, &sb, &p, v).await.map(Some),
-                None => Ok(None),
-            };
-            // The record of a running sandbox names no VM state: it is used up.
-            live.vm_state = None;
-            let saved = restored.and_then(|vm| {
-                persist::save_running(core, &sb, &live, &p, vm.as_ref()).map(|()| vm)
-            });
-            match saved {
-                Ok(vm) => Ok((p, vm)),
-                Err(e) => {
-                    live.vm_state.clone_from(&vm_state);
-                    sb.update(|s| s.vm_pid = 0);
-                    if let Err(ce) = disk::discard(&mut p).await {
-                        tracing::warn!(sandbox = id, "closing after a failed resume: {ce}");
-                    }
-                    Err(e)
-                }
-            }
-        }
-        Err(e) => Err(e),
-    };
+    let vm_state = live.vm_state.take();
+    // The record of a running sandbox names no VM state: it is used up.
+    let r = start::serve_and_start(
+        core,
+        &sb,
+        &live,
+        base,
+        generation,
+        VmStart::Restore(vm_state.as_ref()),
+        "resume",
+    )
+    .await;
+    if r.is_err() {
+        live.vm_state.clone_from(&vm_state);
+        sb.update(|s| s.vm_pid = 0);
+    }
     match r {
         Ok((p, vm)) => {
             live.provider = Some(p);
