@@ -372,32 +372,40 @@ impl DevicePool {
                     backend: None,
                 });
             }
-            let rec = self.claim_record(sandbox);
-            let since_ms = rec.since_ms;
-            lock.write(&rec)?;
-            self.shared.local.lock().insert(
-                index,
-                LocalSlot {
-                    sandbox: sandbox.to_owned(),
-                    since_ms,
-                    connected: false,
-                },
-            );
+            let lease = self.take_claim(index, lock, sandbox)?;
             self.shared.next.store(pos as u32 + 1, Ordering::Relaxed);
-            m.claimed.fetch_add(1, Ordering::Relaxed);
-            m.claims_total.fetch_add(1, Ordering::Relaxed);
-            self.emit(PoolEvent::Claimed {
-                index,
-                sandbox: sandbox.to_owned(),
-            });
-            return Ok(Some(Lease::new(
-                self.clone(),
-                index,
-                sandbox.to_owned(),
-                lock,
-            )));
+            return Ok(Some(lease));
         }
         Ok(None)
+    }
+
+    /// Makes slot `index`, whose lock this process holds, `sandbox`'s: the claim record
+    /// written, the slot known as this process's, counted and reported.
+    pub(crate) fn take_claim(
+        &self,
+        index: u32,
+        mut lock: SlotLock,
+        sandbox: &str,
+    ) -> Result<Lease, PoolError> {
+        let rec = self.claim_record(sandbox);
+        let since_ms = rec.since_ms;
+        lock.write(&rec)?;
+        self.shared.local.lock().insert(
+            index,
+            LocalSlot {
+                sandbox: sandbox.to_owned(),
+                since_ms,
+                connected: false,
+            },
+        );
+        let m = &self.shared.metrics;
+        m.claimed.fetch_add(1, Ordering::Relaxed);
+        m.claims_total.fetch_add(1, Ordering::Relaxed);
+        self.emit(PoolEvent::Claimed {
+            index,
+            sandbox: sandbox.to_owned(),
+        });
+        Ok(Lease::new(self.clone(), index, sandbox.to_owned(), lock))
     }
 
     /// The pool's metrics, with `ready` counted from a fresh scan.

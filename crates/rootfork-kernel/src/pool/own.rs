@@ -2,9 +2,7 @@
 //! before (in this boot), with their sandbox ids, and the claim it takes on one of them again
 //! ([`DevicePool::claim_own`]).
 
-use std::sync::atomic::Ordering;
-
-use super::{DevicePool, Lease, LocalSlot, PoolError, PoolEvent};
+use super::{DevicePool, Lease, PoolError};
 use crate::identity::BackendId;
 use crate::sysfs::vanishing;
 
@@ -63,27 +61,9 @@ impl DevicePool {
         if self.shared.local.lock().contains_key(&index) {
             return Err(PoolError::Held { index });
         }
-        let Some(mut lock) = self.shared.locks.try_lock(index)? else {
+        let Some(lock) = self.shared.locks.try_lock(index)? else {
             return Err(PoolError::Held { index });
         };
-        let rec = self.claim_record(sandbox);
-        let since_ms = rec.since_ms;
-        lock.write(&rec)?;
-        self.shared.local.lock().insert(
-            index,
-            LocalSlot {
-                sandbox: sandbox.to_owned(),
-                since_ms,
-                connected: false,
-            },
-        );
-        let m = &self.shared.metrics;
-        m.claimed.fetch_add(1, Ordering::Relaxed);
-        m.claims_total.fetch_add(1, Ordering::Relaxed);
-        self.emit(PoolEvent::Claimed {
-            index,
-            sandbox: sandbox.to_owned(),
-        });
-        Ok(Lease::new(self.clone(), index, sandbox.to_owned(), lock))
+        self.take_claim(index, lock, sandbox)
     }
 }
