@@ -156,14 +156,26 @@ async fn wait_console(console: &Path, secs: u64, done: impl Fn(&str) -> bool) ->
 /// The guest counts to this (every 100 ms) and powers off.
 const COUNT_TO: u32 = 100;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots a TCG VM; run by scripts/test.d/60-daemon.sh"]
-async fn a_running_vm_pauses_and_resumes_with_its_memory() {
+/// A daemon running the counter guest (`tests/boot`'s initramfs with `rootfork.counter=N`) in a
+/// socket sandbox `id`, counting on its console.
+struct CounterGuest {
+    d: TestDaemon,
+    c: rootfork::client::Clients,
+    /// The imported template's source file, and its bytes before.
+    tpl: PathBuf,
+    before: Vec<u8>,
+    console: PathBuf,
+    sb: v1::Sandbox,
+}
+
+/// Starts a daemon (health rounds every `health`), imports the boot assets' template and
+/// creates sandbox `id` whose QEMU guest counts to `count_to`; returns once it has counted 3.
+async fn counter_guest(id: &str, count_to: u32, health: Duration) -> CounterGuest {
     let need =
         |k: &str| PathBuf::from(std::env::var_os(k).unwrap_or_else(|| panic!("{k} is not set")));
     let assets = need("ROOTFORK_BOOT_ASSETS");
     let kernel = need("KERNEL");
-    let d = TestDaemon::start_with(false, |c| c.health_interval = Duration::from_millis(200)).await;
+    let d = TestDaemon::start_with(false, |c| c.health_interval = health).await;
     let mut c = d.client().await;
     let tpl = assets.join("template.ext4");
     let before = std::fs::read(&tpl).unwrap();
@@ -172,14 +184,14 @@ async fn a_running_vm_pauses_and_resumes_with_its_memory() {
         .sandboxes
         .create_sandbox(v1::CreateSandboxRequest {
             template: "counter".into(),
-            id: "vm-c".into(),
+            id: id.into(),
             provider: v1::ProviderKind::Socket as i32,
             vmm: Some(v1::VmmSettings {
                 kind: v1::vmm_settings::Kind::Qemu as i32,
                 kernel: kernel.display().to_string(),
                 initrd: assets.join("initrd.cpio.gz").display().to_string(),
                 kernel_args: format!(
-                    "console=ttyS0 root=/dev/vda rw panic=-1 rootfork.counter={COUNT_TO}"
+                    "console=ttyS0 root=/dev/vda rw panic=-1 rootfork.counter={count_to}"
                 ),
                 memory_mib: 256,
                 vcpus: 1,
@@ -192,6 +204,27 @@ async fn a_running_vm_pauses_and_resumes_with_its_memory() {
     let console = PathBuf::from(&sb.vm_console);
     let text = wait_console(&console, 180, |t| counts(t).len() >= 3).await;
     assert!(counts(&text).len() >= 3, "the guest never counted:\n{text}");
+    CounterGuest {
+        d,
+        c,
+        tpl,
+        before,
+        console,
+        sb,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a TCG VM; run by scripts/test.d/60-daemon.sh"]
+async fn a_running_vm_pauses_and_resumes_with_its_memory() {
+    let CounterGuest {
+        d,
+        mut c,
+        tpl,
+        before,
+        console,
+        sb,
+    } = counter_guest("vm-c", COUNT_TO, Duration::from_millis(200)).await;
 
     // A pause that fails after the VM's state was written (its diff cannot be created: a
     // directory stands where the export writes; generation 1 is the state file, 2 the diff)
@@ -348,39 +381,14 @@ fn disk_files(uri: &str, img: &Path, file: &str) -> (Vec<String>, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots a TCG VM; run by scripts/test.d/60-daemon.sh"]
 async fn forks_of_a_paused_vm_continue_apart() {
-    let need =
-        |k: &str| PathBuf::from(std::env::var_os(k).unwrap_or_else(|| panic!("{k} is not set")));
-    let assets = need("ROOTFORK_BOOT_ASSETS");
-    let kernel = need("KERNEL");
-    let d = TestDaemon::start_with(false, |c| c.health_interval = Duration::from_secs(5)).await;
-    let mut c = d.client().await;
-    let tpl = assets.join("template.ext4");
-    let before = std::fs::read(&tpl).unwrap();
-    import(&mut c, "counter", &tpl).await.unwrap();
-    let sb = c
-        .sandboxes
-        .create_sandbox(v1::CreateSandboxRequest {
-            template: "counter".into(),
-            id: "vm-f".into(),
-            provider: v1::ProviderKind::Socket as i32,
-            vmm: Some(v1::VmmSettings {
-                kind: v1::vmm_settings::Kind::Qemu as i32,
-                kernel: kernel.display().to_string(),
-                initrd: assets.join("initrd.cpio.gz").display().to_string(),
-                kernel_args: format!(
-                    "console=ttyS0 root=/dev/vda rw panic=-1 rootfork.counter={FORK_COUNT_TO}"
-                ),
-                memory_mib: 256,
-                vcpus: 1,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let console = PathBuf::from(&sb.vm_console);
-    let text = wait_console(&console, 180, |t| counts(t).len() >= 3).await;
-    assert!(counts(&text).len() >= 3, "the guest never counted:\n{text}");
+    let CounterGuest {
+        d,
+        mut c,
+        tpl,
+        before,
+        console,
+        sb,
+    } = counter_guest("vm-f", FORK_COUNT_TO, Duration::from_secs(5)).await;
     pause(&mut c, "vm-f").await.unwrap();
     let at_pause = counts(&std::fs::read_to_string(&console).unwrap());
     let (last, boot, disk) = at_pause.last().unwrap().clone();
