@@ -13,6 +13,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::fake_kernel::fake_kernel;
 use common::{delete, get, import, make_template, pause, resume, TestDaemon};
@@ -263,4 +264,73 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
         v1::SandboxState::Deleted as i32
     );
     d.daemon.shutdown().await;
+}
+
+/// The Firecracker process starts while the sandbox's device is still being attached: with the
+/// fake kernel's connect held, the VMM's API socket appears in its run directory; once the
+/// connect goes through the create finishes with that same process as the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firecracker_is_launched_while_the_device_attaches() {
+    let double = rootfork_fc_double::binary_path().expect("building the Firecracker double");
+    let root = tempfile::tempdir().unwrap();
+    let (kernel, backend) = fake_kernel(root.path());
+    let d = TestDaemon::start_with(false, |c| {
+        c.seams.kernel_backend = Some(backend);
+        c.firecracker_bin = double.clone();
+    })
+    .await;
+    let mut c = d.client().await;
+    let src = make_template(d.dir.path(), "src.img", 16);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let vmlinux = d.dir.path().join("vmlinux");
+    std::fs::write(&vmlinux, b"not a kernel; the double only opens it").unwrap();
+    let (release, held) = std::sync::mpsc::channel();
+    *kernel.hold_connect.lock().unwrap() = Some(held);
+    let mut creator = c.clone();
+    let create = tokio::spawn(async move {
+        creator
+            .sandboxes
+            .create_sandbox(v1::CreateSandboxRequest {
+                template: "tpl".into(),
+                id: "fc-early".into(),
+                provider: v1::ProviderKind::Kernel as i32,
+                vmm: Some(v1::VmmSettings {
+                    kind: v1::vmm_settings::Kind::Firecracker as i32,
+                    kernel: vmlinux.display().to_string(),
+                    memory_mib: 128,
+                    vcpus: 1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+    });
+    let fc_dir = d.state().join("vm/fc");
+    let api_socket = || {
+        std::fs::read_dir(&fc_dir).ok().and_then(|dirs| {
+            dirs.filter_map(|e| e.ok().map(|e| e.path().join("api.sock")))
+                .find(|p| p.exists())
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let socket = loop {
+        if let Some(s) = api_socket() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Firecracker API socket while the attach was held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        !create.is_finished(),
+        "the create finished with its connect held"
+    );
+    release.send(()).unwrap();
+    let sb = create.await.unwrap().unwrap().into_inner();
+    assert!(sb.vm_pid > 0, "{sb:?}");
+    assert!(socket.exists());
+    assert_eq!(calls(&reports(&d.state())[0]).len(), 5);
+    assert!(delete(&mut c, "fc-early").await.unwrap());
 }

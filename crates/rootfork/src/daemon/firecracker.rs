@@ -49,13 +49,24 @@ fn fc_err(e: rootfork_vmm::firecracker::VmError) -> DaemonError {
     DaemonError::Firecracker(Box::new(e))
 }
 
-/// Cold boots `spec` on `device`.
+/// Launches a Firecracker process and waits for its API socket; nothing is configured yet, so
+/// this can run while the sandbox's device is still being attached (see `start.rs`).
+pub fn launch(core: &Core) -> impl std::future::Future<Output = Result<FirecrackerVm>> + 'static {
+    let (command, config) = (command(core), launch_config(core));
+    async move {
+        FirecrackerVm::launch(&command, &config)
+            .await
+            .map_err(fc_err)
+    }
+}
+
+/// Cold boots `spec` on `device` in `vm`, a process [`launch`] started.
 pub async fn boot(
-    core: &Core,
     sb: &Sandbox,
     spec: &VmSpec,
     device: &ReadyDevice,
     templates: &[TemplateIdentity],
+    mut vm: FirecrackerVm,
 ) -> Result<FirecrackerVm> {
     let Some(kernel) = spec.kernel.as_ref() else {
         return Err(DaemonError::NoVm(sb.id.clone()));
@@ -76,9 +87,6 @@ pub async fn boot(
     // Host entropy for the guest: Firecracker's API has no VM generation ID to tell a fork's
     // guest to reseed; a virtio-rng device lets it draw fresh randomness (docs/daemon.md, Fork).
     cfg.entropy = Some(EntropyDevice::default());
-    let mut vm = FirecrackerVm::launch(&command(core), &launch_config(core))
-        .await
-        .map_err(fc_err)?;
     if let Err(e) = vm.configure_and_start(device, templates, &cfg).await {
         stop(vm).await;
         return Err(fc_err(e));
@@ -133,18 +141,15 @@ fn sizes(files: &SnapshotFiles) -> Result<u64> {
     Ok(len(&files.state)? + len(&files.memory)?)
 }
 
-/// Launches a new Firecracker and restores the snapshot on `device`: the stable path now
-/// resolves to it, `PUT /snapshot/load`, fd check, `PATCH /vm Resumed`.
+/// Restores the snapshot on `device` in `vm`, a process [`launch`] started: the stable path
+/// now resolves to the device, `PUT /snapshot/load`, fd check, `PATCH /vm Resumed`.
 pub async fn restore(
-    core: &Core,
     sb: &Sandbox,
     device: &ReadyDevice,
     templates: &[TemplateIdentity],
     files: &SnapshotFiles,
+    mut vm: FirecrackerVm,
 ) -> Result<FirecrackerVm> {
-    let mut vm = FirecrackerVm::launch(&command(core), &launch_config(core))
-        .await
-        .map_err(fc_err)?;
     let cfg = ResumeConfig::from_files(
         files.state.display().to_string(),
         files.memory.display().to_string(),

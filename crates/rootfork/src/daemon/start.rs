@@ -1,10 +1,12 @@
 //! Starting a sandbox on a new disk, the step create, resume and fork share: build the provider
 //! over the base image, serve the disk, start the VM (boot it, restore it from a saved state, or
-//! none) and write the record of a running sandbox. All or nothing: on a failure at any step the
+//! none) and write the record of a running sandbox. A Firecracker process is launched while the
+//! disk is attached, so its start-up overlaps the attach. All or nothing: on a failure at any step the
 //! VM started is stopped and the disk discarded (its files removed), so the caller only rolls
 //! back its own bookkeeping.
 
 use rootfork_provider::{AnyProvider, BaseImage};
+use rootfork_vmm::firecracker::FirecrackerVm;
 
 use crate::daemon::core::Core;
 use crate::daemon::sandbox::{Live, Sandbox};
@@ -34,11 +36,56 @@ pub async fn serve_and_start(
     vm_start: VmStart<'_>,
     what: &str,
 ) -> Result<(AnyProvider, Option<RunningVm>)> {
-    let mut provider =
-        disk::bring_up(core, sb, disk::provider_for(core, sb, base, generation)?).await?;
+    let disk =
+        async { disk::bring_up(core, sb, disk::provider_for(core, sb, base, generation)?).await };
+    // A Firecracker process starts while the device is attached (it needs the device only when
+    // its drive is configured); QEMU is started on the ready device.
+    let restoring = match vm_start {
+        VmStart::Boot => None,
+        VmStart::Restore(state) => Some(state),
+    };
+    let (disk, launched) = match vm::prelaunch(core, sb, restoring) {
+        Some(launch) => {
+            let (disk, launched) = tokio::join!(disk, launch);
+            (disk, Some(launched))
+        }
+        None => (disk.await, None),
+    };
+    let (provider, launched) = match (disk, launched) {
+        (Ok(p), Some(Ok(vm))) => (p, Some(vm)),
+        (Ok(p), None) => (p, None),
+        (Ok(mut p), Some(Err(e))) => {
+            if let Err(ce) = disk::discard(&mut p).await {
+                tracing::warn!(sandbox = %sb.id, "closing the disk after a failed {what}: {ce}");
+            }
+            return Err(e);
+        }
+        (Err(e), launched) => {
+            if let Some(Ok(vm)) = launched {
+                crate::daemon::firecracker::stop(vm).await;
+            }
+            return Err(e);
+        }
+    };
+    finish(core, sb, live, provider, vm_start, launched, what).await
+}
+
+/// Starts the VM on the served disk (in `launched` when one was started ahead) and records the
+/// sandbox running; on failure stops what started and discards the disk.
+async fn finish(
+    core: &Core,
+    sb: &Sandbox,
+    live: &Live,
+    mut provider: AnyProvider,
+    vm_start: VmStart<'_>,
+    launched: Option<FirecrackerVm>,
+    what: &str,
+) -> Result<(AnyProvider, Option<RunningVm>)> {
     let started = match vm_start {
-        VmStart::Boot => vm::boot(core, sb, &provider).await,
-        VmStart::Restore(Some(state)) => vm::restore(core, sb, &provider, state).await.map(Some),
+        VmStart::Boot => vm::boot(core, sb, &provider, launched).await,
+        VmStart::Restore(Some(state)) => vm::restore(core, sb, &provider, state, launched)
+            .await
+            .map(Some),
         VmStart::Restore(None) => Ok(None),
     };
     let recorded = match started {

@@ -151,8 +151,29 @@ fn qemu_config(
     cfg
 }
 
+/// A Firecracker process started ahead of the disk ([`firecracker::launch`]), when the VM
+/// `sb` is about to get needs one: booted (`restoring` = `None`) from a Firecracker spec, or
+/// restored from a Firecracker snapshot. `None` for QEMU or no VM.
+pub fn prelaunch(
+    core: &Core,
+    sb: &Sandbox,
+    restoring: Option<Option<&VmState>>,
+) -> Option<impl std::future::Future<Output = Result<FirecrackerVm>> + 'static> {
+    let firecracker = match restoring {
+        None => sb.vm.as_ref().is_some_and(VmSpec::runs_firecracker),
+        Some(state) => state.is_some_and(|s| s.memory.is_some()),
+    };
+    firecracker.then(|| firecracker::launch(core))
+}
+
 /// Boots the sandbox's VM on its served disk when its VM spec asks for one; `None` otherwise.
-pub async fn boot(core: &Core, sb: &Sandbox, provider: &AnyProvider) -> Result<Option<RunningVm>> {
+/// A Firecracker VM runs in `launched` ([`prelaunch`]), or in a process launched now.
+pub async fn boot(
+    core: &Core,
+    sb: &Sandbox,
+    provider: &AnyProvider,
+    launched: Option<FirecrackerVm>,
+) -> Result<Option<RunningVm>> {
     let Some(spec) = sb.vm.as_ref() else {
         return Ok(None);
     };
@@ -164,7 +185,11 @@ pub async fn boot(core: &Core, sb: &Sandbox, provider: &AnyProvider) -> Result<O
     if spec.runs_firecracker() {
         let device = ready_device(provider).await?;
         let template = template_identity(core, sb)?;
-        let vm = firecracker::boot(core, sb, spec, &device, &[template]).await?;
+        let launched = match launched {
+            Some(vm) => vm,
+            None => firecracker::launch(core).await?,
+        };
+        let vm = firecracker::boot(sb, spec, &device, &[template], launched).await?;
         sb.update(|s| s.vm_pid = vm.pid().unwrap_or(0));
         return Ok(Some(RunningVm::Firecracker(Box::new(vm))));
     }
@@ -173,11 +198,14 @@ pub async fn boot(core: &Core, sb: &Sandbox, provider: &AnyProvider) -> Result<O
 
 /// Starts the sandbox's VM on its served disk from the state a pause saved (the same machine,
 /// a new disk with the same data): the guest continues where it stopped.
+/// A Firecracker snapshot is restored in `launched` ([`prelaunch`]), or in a process launched
+/// now.
 pub async fn restore(
     core: &Core,
     sb: &Sandbox,
     provider: &AnyProvider,
     state: &VmState,
+    launched: Option<FirecrackerVm>,
 ) -> Result<RunningVm> {
     match &state.memory {
         None => launch(core, sb, provider, Some(state))
@@ -190,7 +218,11 @@ pub async fn restore(
                 state: state.path.clone(),
                 memory: memory.clone(),
             };
-            let vm = firecracker::restore(core, sb, &device, &[template], &files).await?;
+            let launched = match launched {
+                Some(vm) => vm,
+                None => firecracker::launch(core).await?,
+            };
+            let vm = firecracker::restore(sb, &device, &[template], &files, launched).await?;
             sb.update(|s| s.vm_pid = vm.pid().unwrap_or(0));
             Ok(RunningVm::Firecracker(Box::new(vm)))
         }

@@ -26,6 +26,9 @@ pub struct FakeKernel {
     pub dead_conn_timeout: Mutex<Option<Option<u64>>>,
     pub refuse_reconfigure: AtomicBool,
     pub reconfigured: AtomicUsize,
+    /// When set, the next connect waits for a message on it (at most 30 s): an attach held
+    /// in the kernel.
+    pub hold_connect: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 impl FakeKernel {
@@ -66,6 +69,10 @@ fn take_refs(fds: &[i32]) -> Vec<OwnedFd> {
 
 impl NbdControl for FakeKernel {
     fn connect(&self, req: &ConnectRequest) -> Result<u32, NlError> {
+        let hold = self.hold_connect.lock().unwrap().take();
+        if let Some(rx) = hold {
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(30));
+        }
         let i = req.index.expect("rootfork names the slot");
         let refs = take_refs(&req.sockets);
         let d = self.slot(i);
@@ -161,6 +168,7 @@ pub fn fake_kernel(root: &Path) -> (Arc<FakeKernel>, KernelBackend) {
         dead_conn_timeout: Mutex::new(None),
         refuse_reconfigure: AtomicBool::new(false),
         reconfigured: AtomicUsize::new(0),
+        hold_connect: Mutex::new(None),
     });
     let node_dir = nodes.clone();
     let backend = KernelBackend {
