@@ -195,7 +195,7 @@ async fn an_adopted_vm_that_exits_is_seen_and_dropping_one_kills_it() {
 }
 
 #[tokio::test]
-async fn adoption_refuses_a_reused_pid_another_vm_another_device_and_a_gone_process() {
+async fn adoption_refuses_a_reused_pid_another_vm_a_gone_process_and_kills_one_on_another_device() {
     let dir = tempfile::tempdir().unwrap();
     let dev = LoopDevice::new(dir.path(), "overlay", 8 * MIB, b"sandbox");
     let other = LoopDevice::new(dir.path(), "other", 8 * MIB, b"other");
@@ -229,13 +229,15 @@ async fn adoption_refuses_a_reused_pid_another_vm_another_device_and_a_gone_proc
         matches!(r, Err(VmError::Adopt(IdentityError::NotOurs { .. }))),
         "{r:?}"
     );
-    // Its link resolves to another device than the one handed over: refused, left running.
+    assert!(alive(identity.pid), "a refused process that is not ours is left alone");
+    // Its link resolves to another device than the one handed over: refused and killed (it is
+    // the recorded VM, but nothing vouches for its disk); the link is left as it was.
     let r = adopt(identity, run_dir.clone(), other.ready()).await;
     assert!(
         matches!(r, Err(VmError::Link(LinkError::Mismatch { .. }))),
         "{r:?}"
     );
-    assert!(alive(identity.pid));
+    assert!(!alive(identity.pid));
     assert_eq!(
         std::fs::read_link(run_dir.join("rootfs.link")).unwrap(),
         dev.path

@@ -325,8 +325,8 @@ impl FirecrackerVm {
     /// refused) and name `dir`'s `api.sock` on its command line; the host link its stable path
     /// resolves through must still resolve to `device`; its API must answer (a new client on
     /// the kept socket) with a started instance; and its open descriptors must hold `device`
-    /// and none of `templates` (the check a launch makes). A VM failing the last two checks is
-    /// killed. From then on it is watched and killed through a pidfd; dropping the returned
+    /// and none of `templates` (the check a launch makes). A VM that is the recorded process
+    /// but fails one of the last three checks is killed. From then on it is watched and killed through a pidfd; dropping the returned
     /// value kills it, [`release`](Self::release) lets it run on again.
     pub async fn adopt(
         identity: ProcessIdentity,
@@ -338,14 +338,9 @@ impl FirecrackerVm {
     ) -> Result<Self, VmError> {
         let socket = dir.join("api.sock");
         let process = VmmProcess::adopt(identity, &socket, &dir.join("vmm.log"))?;
-        let link = match HostLink::existing(dir.join("rootfs.link"), device) {
-            Ok(l) => l,
-            Err(e) => {
-                // The VM runs on: it is still the recorded one, only not on this device.
-                process.release();
-                return Err(e.into());
-            }
-        };
+        // A link resolving elsewhere: `process` is dropped, which kills the VM (it is the recorded
+        // one, but nothing vouches for the disk it runs on).
+        let link = HostLink::existing(dir.join("rootfs.link"), device)?;
         let mut vm = FirecrackerVm {
             process: Some(process),
             client: FirecrackerClient::new(socket).with_timeout(api_timeout),
