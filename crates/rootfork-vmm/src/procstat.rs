@@ -149,12 +149,7 @@ impl ProcessIdentity {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(IdentityError::Gone(pid))
                 }
-                Err(e) => {
-                    return Err(IdentityError::io(
-                        format!("reading /proc/{pid}/cmdline"),
-                        e,
-                    ))
-                }
+                Err(e) => return Err(IdentityError::io(format!("reading /proc/{pid}/cmdline"), e)),
             };
             if !names(&cmdline, marker) {
                 return Err(IdentityError::NotOurs {

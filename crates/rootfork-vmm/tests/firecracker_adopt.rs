@@ -201,20 +201,21 @@ async fn adoption_refuses_a_reused_pid_another_vm_a_gone_process_and_kills_one_o
     let other = LoopDevice::new(dir.path(), "other", 8 * MIB, b"other");
     let (_t, template) = template(dir.path());
     let (identity, run_dir, _reaper) = released(dir.path(), "vm_refuse", &dev, &template).await;
-    let adopt = |id: ProcessIdentity, run: std::path::PathBuf, device: rootfork_vmm::ReadyDevice| {
-        let template = template.clone();
-        async move {
-            FirecrackerVm::adopt(
-                id,
-                &run,
-                stable(),
-                &device,
-                &[template],
-                Duration::from_secs(10),
-            )
-            .await
-        }
-    };
+    let adopt =
+        |id: ProcessIdentity, run: std::path::PathBuf, device: rootfork_vmm::ReadyDevice| {
+            let template = template.clone();
+            async move {
+                FirecrackerVm::adopt(
+                    id,
+                    &run,
+                    stable(),
+                    &device,
+                    &[template],
+                    Duration::from_secs(10),
+                )
+                .await
+            }
+        };
     let older = ProcessIdentity {
         start_time: identity.start_time.saturating_sub(1),
         ..identity
@@ -229,7 +230,10 @@ async fn adoption_refuses_a_reused_pid_another_vm_a_gone_process_and_kills_one_o
         matches!(r, Err(VmError::Adopt(IdentityError::NotOurs { .. }))),
         "{r:?}"
     );
-    assert!(alive(identity.pid), "a refused process that is not ours is left alone");
+    assert!(
+        alive(identity.pid),
+        "a refused process that is not ours is left alone"
+    );
     // Its link resolves to another device than the one handed over: refused and killed (it is
     // the recorded VM, but nothing vouches for its disk); the link is left as it was.
     let r = adopt(identity, run_dir.clone(), other.ready()).await;

@@ -162,14 +162,18 @@ async fn a_firecracker_vm_runs_on_across_a_stop_and_is_adopted_paused_and_delete
     assert_eq!(got.vm_pid, pid);
     assert_eq!(got.device_path, sb.device_path);
     assert!(
-        got.message
-            .contains(&format!("its VM (Firecracker pid {pid}) ran on and is adopted")),
+        got.message.contains(&format!(
+            "its VM (Firecracker pid {pid}) ran on and is adopted"
+        )),
         "{}",
         got.message
     );
     assert_eq!(k.reconfigured.load(Ordering::SeqCst), 1);
     // The adoption asked the kept API socket what the instance is doing.
-    assert_eq!(calls(&run_dir).last().map(String::as_str), Some("GET / 200"));
+    assert_eq!(
+        calls(&run_dir).last().map(String::as_str),
+        Some("GET / 200")
+    );
     let m = d.core().render_metrics();
     assert!(
         m.contains("rootfork_adoptions_total{result=\"adopted\",reason=\"none\"} 1"),

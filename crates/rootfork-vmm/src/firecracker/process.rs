@@ -403,7 +403,11 @@ mod tests {
             .arg("trap '' TERM; exec sleep 30");
         let p = VmmProcess::spawn(&cmd, None, &dir.path().join("log")).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let status = p.shutdown(Duration::from_millis(100)).await.unwrap().unwrap();
+        let status = p
+            .shutdown(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
 
         let p = VmmProcess::spawn(

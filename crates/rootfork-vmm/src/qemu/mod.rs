@@ -27,11 +27,11 @@ pub mod qmp;
 mod snapshot;
 pub mod verify;
 
+pub use crate::procstat::ProcessIdentity;
 pub use accel::{probe_kvm, Accel, AccelPolicy};
 pub use config::{QemuBinary, QemuConfig, DISK_SERIAL_MAX};
 pub use disk::{NbdEndpoint, RootDisk};
 pub use error::QemuError;
 pub use process::{QemuExit, QemuProcess, SavedState};
-pub use crate::procstat::ProcessIdentity;
 pub use qmp::Qmp;
 pub use verify::verify_root;

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use super::config::{QemuBinary, QemuConfig};
 use super::error::QemuError;
-use crate::procstat::{pidfd_exited, pidfd_signal, ProcessIdentity};
 use super::qmp::Qmp;
 use super::snapshot;
 use super::verify::verify_root;
 use crate::firecracker::TemplateIdentity;
+use crate::procstat::{pidfd_exited, pidfd_signal, ProcessIdentity};
 
 /// How long QEMU may take to initialise and greet on QMP.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);

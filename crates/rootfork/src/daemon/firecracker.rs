@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use rootfork_vmm::firecracker::models::{EntropyDevice, SnapshotCreateParams};
 use rootfork_vmm::firecracker::{
-    ColdBootConfig, FirecrackerClient, FirecrackerVm, LaunchConfig, ResumeConfig,
-    TemplateIdentity, VmError, VmmCommand, DEFAULT_STABLE_DRIVE_PATH,
+    ColdBootConfig, FirecrackerClient, FirecrackerVm, LaunchConfig, ResumeConfig, TemplateIdentity,
+    VmError, VmmCommand, DEFAULT_STABLE_DRIVE_PATH,
 };
 use rootfork_vmm::{ProcessIdentity, ReadyDevice, StableDrivePath};
 

@@ -220,8 +220,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
         _ => None,
     };
     if rec.state == RecordState::Running && adoptable.is_none() {
-        core.metrics
-            .adoption(Some(adopt::not_adoptable_reason()));
+        core.metrics.adoption(Some(adopt::not_adoptable_reason()));
     }
     let (state, message) = match (rec.state, &paused) {
         // Its state and message are set by the adoption.

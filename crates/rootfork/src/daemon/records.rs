@@ -495,7 +495,10 @@ mod tests {
         std::fs::write(dir.path().join("b.json"), old.to_string()).unwrap();
         let l = r.load().unwrap();
         assert!(l.refused.is_empty(), "{:?}", l.refused);
-        assert!(matches!(l.records[0].recorded_vm(), Some(RecordedVm::Qemu(_))));
+        assert!(matches!(
+            l.records[0].recorded_vm(),
+            Some(RecordedVm::Qemu(_))
+        ));
         assert!(matches!(
             l.records[2].recorded_vm(),
             Some(RecordedVm::Firecracker(ref f)) if f.pid == 77

@@ -82,7 +82,10 @@ pub fn process_record(vm: &RunningVm) -> Option<RecordedVm> {
             let id = match f.identity() {
                 Ok(id) => id,
                 Err(e) => {
-                    tracing::warn!(pid = f.pid().unwrap_or(0), "the VM cannot be recorded for adoption: {e}");
+                    tracing::warn!(
+                        pid = f.pid().unwrap_or(0),
+                        "the VM cannot be recorded for adoption: {e}"
+                    );
                     return None;
                 }
             };

@@ -156,7 +156,8 @@ async fn take_fc(
     let device = vm::ready_device(provider)
         .await
         .map_err(|e| VmAdoptError::Device(e.to_string()))?;
-    let template = vm::template_identity(core, sb).map_err(|e| VmAdoptError::Device(e.to_string()))?;
+    let template =
+        vm::template_identity(core, sb).map_err(|e| VmAdoptError::Device(e.to_string()))?;
     firecracker::adopt(
         ProcessIdentity {
             pid: rec.pid,
@@ -286,7 +287,10 @@ mod tests {
             pid: 9,
             source: Box::new(source),
         };
-        assert_eq!(refused(VmError::Adopt(IdentityError::Gone(9))).reason(), "vm_gone");
+        assert_eq!(
+            refused(VmError::Adopt(IdentityError::Gone(9))).reason(),
+            "vm_gone"
+        );
         assert_eq!(
             refused(VmError::Adopt(IdentityError::PidReused {
                 pid: 9,
