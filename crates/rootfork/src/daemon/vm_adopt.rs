@@ -43,9 +43,10 @@ pub enum VmAdoptError {
         /// Why.
         source: Box<VmError>,
     },
-    /// The adopted disk is not a device a Firecracker VM can hold.
+    /// The adopted disk is not a device a Firecracker VM can hold, or the template to check
+    /// its descriptors against cannot be read.
     #[error("its device cannot be checked against its VM: {0}")]
-    Device(String),
+    Device(Box<crate::error::DaemonError>),
     /// The blocking task checking the process failed.
     #[error("checking its VM failed: {0}")]
     Task(String),
@@ -93,24 +94,19 @@ fn check_paths(rec: &VmProcess, dir: &Path) -> Result<(), VmAdoptError> {
 /// Checks that a Firecracker record's run directory is `STATE/vm/fc/rf-N` and its API socket
 /// the one in it; returns `N`.
 fn check_fc_paths(rec: &FcProcess, vm_dir: &Path) -> Result<u64, VmAdoptError> {
-    let n = rec
-        .run_dir
+    let outside = |p: &Path| VmAdoptError::OutsideStateDir(p.to_owned());
+    if rec.run_dir.parent() != Some(vm_dir.join("fc").as_path()) {
+        return Err(outside(&rec.run_dir));
+    }
+    if rec.api_socket != rec.run_dir.join("api.sock") {
+        return Err(outside(&rec.api_socket));
+    }
+    rec.run_dir
         .file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("rf-"))
-        .and_then(|n| n.parse().ok());
-    match n {
-        Some(n)
-            if rec.run_dir.parent() == Some(&vm_dir.join("fc"))
-                && rec.api_socket == rec.run_dir.join("api.sock") =>
-        {
-            Ok(n)
-        }
-        _ if rec.run_dir.parent() != Some(&vm_dir.join("fc")) => {
-            Err(VmAdoptError::OutsideStateDir(rec.run_dir.clone()))
-        }
-        _ => Err(VmAdoptError::OutsideStateDir(rec.api_socket.clone())),
-    }
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| outside(&rec.run_dir))
 }
 
 /// Takes the process `rec` names back (blocking checks run off the runtime).
@@ -155,9 +151,9 @@ async fn take_fc(
     core.skip_seq_past(n);
     let device = vm::ready_device(provider)
         .await
-        .map_err(|e| VmAdoptError::Device(e.to_string()))?;
+        .map_err(|e| VmAdoptError::Device(Box::new(e)))?;
     let template =
-        vm::template_identity(core, sb).map_err(|e| VmAdoptError::Device(e.to_string()))?;
+        vm::template_identity(core, sb).map_err(|e| VmAdoptError::Device(Box::new(e)))?;
     firecracker::adopt(
         ProcessIdentity {
             pid: rec.pid,
