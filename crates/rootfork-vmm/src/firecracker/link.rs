@@ -209,4 +209,36 @@ mod tests {
         }
         assert!(std::fs::symlink_metadata(&link_path).is_err());
     }
+
+    #[test]
+    fn an_existing_link_is_taken_back_only_on_its_device_and_a_released_one_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, other) = (dir.path().join("disk"), dir.path().join("other"));
+        std::fs::write(&disk, b"d").unwrap();
+        std::fs::write(&other, b"o").unwrap();
+        let dev = ReadyDevice::verify(DevicePath::new(&disk)).unwrap();
+        let odev = ReadyDevice::verify(DevicePath::new(&other)).unwrap();
+        let link_path = dir.path().join("rootfs.link");
+        let mut link = HostLink::create(&link_path).unwrap();
+        link.point_at(&dev).unwrap();
+        link.release();
+        assert_eq!(std::fs::read_link(&link_path).unwrap(), disk);
+
+        // Resolving elsewhere: refused, and the link is left as it was.
+        assert!(matches!(
+            HostLink::existing(&link_path, &odev),
+            Err(LinkError::Mismatch { .. })
+        ));
+        assert_eq!(std::fs::read_link(&link_path).unwrap(), disk);
+        assert!(matches!(
+            HostLink::existing(dir.path().join("missing.link"), &dev),
+            Err(LinkError::Io { op: "read", .. })
+        ));
+
+        let link = HostLink::existing(&link_path, &dev).unwrap();
+        assert_eq!(link.target(), disk);
+        assert!(!link.is_parked());
+        drop(link);
+        assert!(std::fs::symlink_metadata(&link_path).is_err());
+    }
 }

@@ -421,6 +421,62 @@ mod tests {
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
 
+    /// Reaps `pid` (a released process is still this test's child) and says whether it is gone.
+    fn reaped(pid: u32) -> bool {
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
+        !Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    /// Kills and reaps a released process however the test ends.
+    struct Reaper(u32);
+
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+            reaped(self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_released_process_runs_on_in_its_own_session_and_is_adopted_by_its_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("api.sock");
+        std::fs::write(&marker, b"").unwrap();
+        // `tail -f` on a file named like the API socket: its command line names it.
+        let cmd = VmmCommand::new("tail").arg("-f").arg(&marker);
+        let log = dir.path().join("log");
+        let p = VmmProcess::spawn(&cmd, None, &log).unwrap();
+        let pid = p.pid();
+        let sid = nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).unwrap();
+        assert_eq!(sid.as_raw() as u32, pid, "not in a session of its own");
+        let _reaper = Reaper(pid);
+        let id = p.identity().unwrap();
+        p.release();
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+
+        let other = ProcessIdentity {
+            start_time: id.start_time + 1,
+            ..id
+        };
+        assert!(matches!(
+            VmmProcess::adopt(other, &marker, &log),
+            Err(IdentityError::PidReused { .. })
+        ));
+        assert!(matches!(
+            VmmProcess::adopt(id, &dir.path().join("other.sock"), &log),
+            Err(IdentityError::NotOurs { .. })
+        ));
+        let mut a = VmmProcess::adopt(id, &marker, &log).unwrap();
+        assert_eq!(a.pid(), pid);
+        a.check_running().unwrap();
+        assert_eq!(a.shutdown(Duration::from_secs(5)).await.unwrap(), None);
+        assert!(reaped(pid));
+        assert!(matches!(
+            VmmProcess::adopt(id, &marker, &log),
+            Err(IdentityError::Gone(p)) if p == pid
+        ));
+    }
+
     #[tokio::test]
     async fn missing_program_is_a_spawn_error() {
         let dir = tempfile::tempdir().unwrap();
