@@ -10,8 +10,10 @@ mod attachment;
 mod drive;
 pub mod firecracker;
 mod identity;
+pub mod procstat;
 pub mod qemu;
 
 pub use attachment::block_attachment;
 pub use drive::{DevicePath, DriveAccess, DriveError, ReadyDevice, RootDrive, StableDrivePath};
 pub use identity::{FileIdentity, FileKind};
+pub use procstat::{IdentityError, ProcessIdentity};

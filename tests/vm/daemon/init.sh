@@ -7,7 +7,8 @@
 # LATENCY lines; ADOPT_N restarts of each), an adoption refused for a damaged block state,
 # SIGTERM cleanup, the warm stock (`kernel.warm_slots`: stocked, taken, refilled, reclaimed after
 # SIGKILL, closed at SIGTERM; create-to-ready with and without it as LATENCY lines), a Firecracker
-# sandbox (rootfork-fc-double standing in for Firecracker) created, paused, resumed and deleted.
+# sandbox (rootfork-fc-double standing in for Firecracker) created, paused, resumed, adopted with
+# its VM across a SIGTERM and a SIGKILL restart of the daemon (same pid), and deleted.
 # Prints `PASS <name>` / `FAIL <name>: <why>` lines and a final `RESULT pass=N fail=M`, then
 # powers off. The host side is run.sh.
 # The shared helpers (setup, counting, RESULT, power-off) are /lib/guest-lib.sh
@@ -423,6 +424,9 @@ fi
 # --- 5b. Firecracker from the daemon: the double started with Firecracker's arguments -----------
 # Its report (JSON lines on its stdout: STATE/vm/fc/rf-N/vmm.log) says which API calls it got
 # and what it opened; `resolved` is the opened descriptor's /proc/self/fd link.
+fc_pid() { rootfork sandbox get fc1 2>&1 | sed -n 's/^vm: *firecracker pid \([0-9]*\).*/\1/p'; }
+# pid_runs PID: the process exists and is not a zombie (an orphaned VMM is reaped by this init).
+pid_runs() { [ -n "$1" ] && [ -r /proc/$1/stat ] && ! grep -q ') Z ' /proc/$1/stat; }
 newest_fc_log() { echo "$STATE/vm/fc/rf-$(ls $STATE/vm/fc | sed -n 's/^rf-//p' | sort -n | tail -n1)/vmm.log"; }
 fc_calls() { grep '"event":"request"' "$1" | sed -n 's/.*"method":"\([A-Z]*\)".*"path":"\([^"]*\)".*/\1 \2/p' | tr '\n' ';'; }
 t=firecracker
@@ -453,6 +457,21 @@ if [ -n "$DPID" ] && rootfork sandbox create --template demo --id fc1 --provider
       grep -q '"path":"/fc-vm/rootfs.ext4"' /tmp/fc2.opens && grep -q "\"resolved\":\"$FDEV2\"" /tmp/fc2.opens \
         && pass "$t-resumed-drive-is-the-new-device" || fail "$t-resumed-drive-is-the-new-device" "device $FDEV2, opens: $(cat /tmp/fc2.opens)"
       ls $STATE/paused/fc1.*.fc* >/dev/null 2>&1 && fail "$t-snapshot-used-up" "$(ls $STATE/paused)" || pass "$t-snapshot-used-up"
+      # The resumed VM runs on through a SIGTERM and a SIGKILL restart of the daemon and is
+      # adopted by pid and start time: the same pid, running, on the same device.
+      FP=$(fc_pid)
+      for sig in TERM KILL; do
+        kill -$sig $DPID; wait $DPID 2>/dev/null; DPID=
+        pid_runs "$FP" && pass "$t-$sig-vm-runs-on" || fail "$t-$sig-vm-runs-on" "pid '$FP' is gone"
+        if start_daemon; then
+          s=$(field fc1 state); fp=$(fc_pid)
+          [ "$s" = running ] && [ -n "$fp" ] && [ "$fp" = "$FP" ] && [ "$(field fc1 device)" = "$FDEV2" ] \
+            && pass "$t-$sig-adopted" \
+            || fail "$t-$sig-adopted" "state $s, pid '$fp' (was '$FP'): $(rootfork sandbox get fc1 2>&1 | sed -n 's/^message: *//p')"
+        else
+          fail "$t-$sig-restart" "the daemon did not come back"
+        fi
+      done
     else
       cat /tmp/fc1.resume; fail "$t-resume" "resume failed"
     fi
@@ -465,6 +484,7 @@ if [ -n "$DPID" ] && rootfork sandbox create --template demo --id fc1 --provider
     pass "$t-delete"
     [ -n "$FN" ] && wait_quiescent $FN 50 && pass "$t-delete-released" || fail "$t-delete-released" "nbd$FN"
     pgrep -f rootfork-fc-double >/dev/null 2>&1 && fail "$t-vmm-stopped" "$(pgrep -fl rootfork-fc-double)" || pass "$t-vmm-stopped"
+    [ -n "$FP" ] && pid_runs "$FP" && fail "$t-adopted-vm-killed" "pid $FP still runs" || pass "$t-adopted-vm-killed"
   else
     fail "$t-delete" "delete failed"
   fi

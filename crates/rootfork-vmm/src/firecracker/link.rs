@@ -46,11 +46,13 @@ pub enum LinkError {
     },
 }
 
-/// The per-instance symlink; removed on drop.
+/// The per-instance symlink; removed on drop (unless [`release`](HostLink::release)d).
 #[derive(Debug)]
 pub struct HostLink {
     path: PathBuf,
     target: PathBuf,
+    /// Left in place on drop: a released VM still resolves its drive through it.
+    kept: bool,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -79,7 +81,52 @@ impl HostLink {
         Ok(HostLink {
             path,
             target: PathBuf::from(PARKED_TARGET),
+            kept: false,
         })
+    }
+
+    /// Takes back the link at `path` that an earlier process created for a VM that outlived
+    /// it, checking that it still resolves to `device` (the VM's drive must stay that device):
+    /// nothing is changed on disk.
+    pub fn existing(path: impl Into<PathBuf>, device: &ReadyDevice) -> Result<Self, LinkError> {
+        let path = path.into();
+        let target = std::fs::read_link(&path).map_err(|source| LinkError::Io {
+            path: path.clone(),
+            op: "read",
+            source,
+        })?;
+        // Kept until checked: a link that resolves elsewhere is not this value's to remove.
+        let mut link = HostLink {
+            path,
+            target,
+            kept: true,
+        };
+        link.check(device, "stat")?;
+        link.kept = false;
+        Ok(link)
+    }
+
+    /// Leaves the link in place when this value goes (the VM using it runs on).
+    pub fn release(mut self) {
+        self.kept = true;
+    }
+
+    /// Checks that the link resolves to `device`.
+    fn check(&self, device: &ReadyDevice, op: &'static str) -> Result<(), LinkError> {
+        let found = FileIdentity::of(&self.path).map_err(|source| LinkError::Io {
+            path: self.path.clone(),
+            op,
+            source,
+        })?;
+        if !found.same_disk(device.identity()) {
+            return Err(LinkError::Mismatch {
+                path: self.path.clone(),
+                device: device.path().to_owned(),
+                expected: *device.identity(),
+                found,
+            });
+        }
+        Ok(())
     }
 
     /// The link's own path (what the stable drive path points at).
@@ -105,20 +152,7 @@ impl HostLink {
             source,
         })?;
         self.target = device.path().to_owned();
-        let found = FileIdentity::of(&self.path).map_err(|source| LinkError::Io {
-            path: self.path.clone(),
-            op: "stat after retarget",
-            source,
-        })?;
-        if !found.same_disk(device.identity()) {
-            return Err(LinkError::Mismatch {
-                path: self.path.clone(),
-                device: device.path().to_owned(),
-                expected: *device.identity(),
-                found,
-            });
-        }
-        Ok(())
+        self.check(device, "stat after retarget")
     }
 
     /// Parks the link on `/dev/null` again (after a pause, before the device is released).
@@ -135,6 +169,9 @@ impl HostLink {
 
 impl Drop for HostLink {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -170,6 +207,38 @@ mod tests {
                 .collect();
             assert_eq!(names.len(), 2, "{names:?}");
         }
+        assert!(std::fs::symlink_metadata(&link_path).is_err());
+    }
+
+    #[test]
+    fn an_existing_link_is_taken_back_only_on_its_device_and_a_released_one_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, other) = (dir.path().join("disk"), dir.path().join("other"));
+        std::fs::write(&disk, b"d").unwrap();
+        std::fs::write(&other, b"o").unwrap();
+        let dev = ReadyDevice::verify(DevicePath::new(&disk)).unwrap();
+        let odev = ReadyDevice::verify(DevicePath::new(&other)).unwrap();
+        let link_path = dir.path().join("rootfs.link");
+        let mut link = HostLink::create(&link_path).unwrap();
+        link.point_at(&dev).unwrap();
+        link.release();
+        assert_eq!(std::fs::read_link(&link_path).unwrap(), disk);
+
+        // Resolving elsewhere: refused, and the link is left as it was.
+        assert!(matches!(
+            HostLink::existing(&link_path, &odev),
+            Err(LinkError::Mismatch { .. })
+        ));
+        assert_eq!(std::fs::read_link(&link_path).unwrap(), disk);
+        assert!(matches!(
+            HostLink::existing(dir.path().join("missing.link"), &dev),
+            Err(LinkError::Io { op: "read", .. })
+        ));
+
+        let link = HostLink::existing(&link_path, &dev).unwrap();
+        assert_eq!(link.target(), disk);
+        assert!(!link.is_parked());
+        drop(link);
         assert!(std::fs::symlink_metadata(&link_path).is_err());
     }
 }

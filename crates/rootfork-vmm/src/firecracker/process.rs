@@ -2,10 +2,17 @@
 //!
 //! [`VmmProcess`] is an RAII guard: dropping it kills and reaps the process; the normal path is
 //! [`VmmProcess::shutdown`], which asks politely (`SIGTERM`) and waits before killing.
+//!
+//! The VMM runs in a session of its own (no controlling terminal, no signal sent to the daemon's
+//! process group reaches it, no parent-death signal), so it outlives a daemon that dies or hands
+//! it over ([`VmmProcess::release`]). A later daemon takes it back with [`VmmProcess::adopt`]
+//! by pid and start time; it is no longer that daemon's child, so it is watched and signalled
+//! through a pidfd.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -15,6 +22,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::namespace::NamespacePlan;
+use crate::procstat::{pidfd_exited, pidfd_signal, IdentityError, ProcessIdentity};
+
+/// How long a `SIGKILL`ed adopted VMM may take to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors launching or stopping the VMM process.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +66,19 @@ pub enum ProcessError {
         /// How long we waited.
         waited: Duration,
     },
+    /// An adopted process (not this process's child: its exit status is unknown) has exited.
+    #[error("the adopted VMM (pid {pid}) has exited; log {log}: {tail}")]
+    AdoptedExited {
+        /// The pid.
+        pid: u32,
+        /// The log path.
+        log: PathBuf,
+        /// The end of its log.
+        tail: String,
+    },
+    /// Watching or signalling an adopted process through its pidfd failed.
+    #[error(transparent)]
+    Pidfd(#[from] IdentityError),
     /// Waiting for or signalling the process failed.
     #[error("cannot signal or reap pid {pid}: {source}")]
     Wait {
@@ -103,6 +127,8 @@ impl VmmCommand {
 #[derive(Debug)]
 pub struct VmmProcess {
     child: Option<Child>,
+    /// An adopted process's pidfd (it is not this process's child).
+    adopted: Option<OwnedFd>,
     pid: u32,
     log: PathBuf,
 }
@@ -131,12 +157,17 @@ impl VmmProcess {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        if let Some(plan) = plan {
-            // SAFETY: the hook runs in the forked child before exec; `NamespacePlan::enter` only
-            // makes system calls on data prepared before the fork (no allocation, no locks).
-            unsafe {
-                command.pre_exec(move || plan.enter());
-            }
+        // SAFETY: the hook runs in the forked child before exec; `setsid` and
+        // `NamespacePlan::enter` only make system calls on data prepared before the fork (no
+        // allocation, no locks).
+        unsafe {
+            command.pre_exec(move || {
+                nix::unistd::setsid().map_err(io::Error::from)?;
+                match &plan {
+                    Some(plan) => plan.enter(),
+                    None => Ok(()),
+                }
+            });
         }
         let child = command.spawn().map_err(|source| ProcessError::Spawn {
             program: cmd.program.clone(),
@@ -145,8 +176,40 @@ impl VmmProcess {
         Ok(VmmProcess {
             pid: child.id(),
             child: Some(child),
+            adopted: None,
             log: log.to_owned(),
         })
+    }
+
+    /// Takes back a VMM a previous daemon process started and [`release`](Self::release)d (or
+    /// that outlived it): it must still run, have been started at `identity`'s time (a reused
+    /// pid is refused) and name `marker` (its API socket) on its command line. From then on it
+    /// is watched and killed through a pidfd; dropping the returned guard kills it.
+    pub fn adopt(
+        identity: ProcessIdentity,
+        marker: &Path,
+        log: &Path,
+    ) -> Result<Self, IdentityError> {
+        let pidfd = identity.open_checked(Some(marker))?;
+        Ok(VmmProcess {
+            child: None,
+            adopted: Some(pidfd),
+            pid: identity.pid,
+            log: log.to_owned(),
+        })
+    }
+
+    /// The process's pid and start time, by which a later daemon can [`adopt`](Self::adopt) it.
+    pub fn identity(&self) -> Result<ProcessIdentity, IdentityError> {
+        ProcessIdentity::of(self.pid)
+    }
+
+    /// Lets the process run on without this guard: it is neither killed nor reaped (a daemon
+    /// stopping for a restart hands it to the next one, which [`adopt`](Self::adopt)s it).
+    pub fn release(mut self) {
+        // Dropping a `Child` neither kills nor waits for it.
+        self.child = None;
+        self.adopted = None;
     }
 
     /// The process id (whose `/proc/<pid>/fd` is verified).
@@ -171,6 +234,17 @@ impl VmmProcess {
 
     /// `Err(Exited)` if the process has exited.
     pub fn check_running(&mut self) -> Result<(), ProcessError> {
+        if let Some(pidfd) = &self.adopted {
+            return if pidfd_exited(pidfd, Duration::ZERO)? {
+                Err(ProcessError::AdoptedExited {
+                    pid: self.pid,
+                    log: self.log.clone(),
+                    tail: self.log_tail(),
+                })
+            } else {
+                Ok(())
+            };
+        }
         let child = self.child.as_mut().expect("child present until shutdown");
         match child.try_wait() {
             Ok(None) => Ok(()),
@@ -208,8 +282,13 @@ impl VmmProcess {
         }
     }
 
-    /// Stops the process: `SIGTERM`, up to `grace` to exit, then `SIGKILL`; reaps it.
-    pub async fn shutdown(mut self, grace: Duration) -> Result<ExitStatus, ProcessError> {
+    /// Stops the process: `SIGTERM`, up to `grace` to exit, then `SIGKILL`; reaps it. The exit
+    /// status is `None` for an adopted process (its parent, not this process, reaps it).
+    pub async fn shutdown(mut self, grace: Duration) -> Result<Option<ExitStatus>, ProcessError> {
+        if let Some(pidfd) = self.adopted.take() {
+            stop_adopted(&pidfd, grace).await?;
+            return Ok(None);
+        }
         let mut child = self.child.take().expect("child present until shutdown");
         let pid = self.pid;
         let wait_err = |source| ProcessError::Wait { pid, source };
@@ -218,7 +297,7 @@ impl VmmProcess {
             let start = Instant::now();
             while start.elapsed() < grace {
                 if let Some(status) = child.try_wait().map_err(wait_err)? {
-                    return Ok(status);
+                    return Ok(Some(status));
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -227,12 +306,44 @@ impl VmmProcess {
         tokio::task::spawn_blocking(move || child.wait())
             .await
             .map_err(|e| wait_err(io::Error::other(e)))?
+            .map(Some)
             .map_err(wait_err)
     }
 }
 
+/// `SIGTERM` through `pidfd`, up to `grace` to exit, then `SIGKILL` and up to [`KILL_TIMEOUT`].
+async fn stop_adopted(pidfd: &OwnedFd, grace: Duration) -> Result<(), IdentityError> {
+    use rustix::process::Signal;
+    pidfd_signal(pidfd, Signal::TERM)?;
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if pidfd_exited(pidfd, Duration::ZERO)? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pidfd_signal(pidfd, Signal::KILL)?;
+    let start = Instant::now();
+    while start.elapsed() < KILL_TIMEOUT {
+        if pidfd_exited(pidfd, Duration::ZERO)? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Err(IdentityError::Io {
+        context: format!("an adopted VMM outlived SIGKILL by {KILL_TIMEOUT:?}"),
+        source: io::Error::from(io::ErrorKind::TimedOut),
+    })
+}
+
 impl Drop for VmmProcess {
     fn drop(&mut self) {
+        if let Some(pidfd) = self.adopted.take() {
+            let _ = pidfd_signal(&pidfd, rustix::process::Signal::KILL);
+            if !matches!(pidfd_exited(&pidfd, KILL_TIMEOUT), Ok(true)) {
+                tracing::warn!(pid = self.pid, "an adopted VMM outlived SIGKILL");
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -283,7 +394,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cmd = VmmCommand::new("/bin/sleep").arg("30");
         let p = VmmProcess::spawn(&cmd, None, &dir.path().join("log")).unwrap();
-        let status = p.shutdown(Duration::from_secs(2)).await.unwrap();
+        let status = p.shutdown(Duration::from_secs(2)).await.unwrap().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGTERM));
 
         // A process ignoring SIGTERM is killed after the grace period.
@@ -292,7 +403,11 @@ mod tests {
             .arg("trap '' TERM; exec sleep 30");
         let p = VmmProcess::spawn(&cmd, None, &dir.path().join("log")).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let status = p.shutdown(Duration::from_millis(100)).await.unwrap();
+        let status = p
+            .shutdown(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
 
         let p = VmmProcess::spawn(
@@ -304,6 +419,62 @@ mod tests {
         let pid = p.pid();
         drop(p);
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    /// Reaps `pid` (a released process is still this test's child) and says whether it is gone.
+    fn reaped(pid: u32) -> bool {
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
+        !Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    /// Kills and reaps a released process however the test ends.
+    struct Reaper(u32);
+
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+            reaped(self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_released_process_runs_on_in_its_own_session_and_is_adopted_by_its_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("api.sock");
+        std::fs::write(&marker, b"").unwrap();
+        // `tail -f` on a file named like the API socket: its command line names it.
+        let cmd = VmmCommand::new("tail").arg("-f").arg(&marker);
+        let log = dir.path().join("log");
+        let p = VmmProcess::spawn(&cmd, None, &log).unwrap();
+        let pid = p.pid();
+        let sid = nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).unwrap();
+        assert_eq!(sid.as_raw() as u32, pid, "not in a session of its own");
+        let _reaper = Reaper(pid);
+        let id = p.identity().unwrap();
+        p.release();
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+
+        let other = ProcessIdentity {
+            start_time: id.start_time + 1,
+            ..id
+        };
+        assert!(matches!(
+            VmmProcess::adopt(other, &marker, &log),
+            Err(IdentityError::PidReused { .. })
+        ));
+        assert!(matches!(
+            VmmProcess::adopt(id, &dir.path().join("other.sock"), &log),
+            Err(IdentityError::NotOurs { .. })
+        ));
+        let mut a = VmmProcess::adopt(id, &marker, &log).unwrap();
+        assert_eq!(a.pid(), pid);
+        a.check_running().unwrap();
+        assert_eq!(a.shutdown(Duration::from_secs(5)).await.unwrap(), None);
+        assert!(reaped(pid));
+        assert!(matches!(
+            VmmProcess::adopt(id, &marker, &log),
+            Err(IdentityError::Gone(p)) if p == pid
+        ));
     }
 
     #[tokio::test]

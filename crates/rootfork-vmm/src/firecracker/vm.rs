@@ -11,6 +11,12 @@
 //!
 //! If verification fails the process is killed at once, so a VMM that opened the wrong disk can
 //! never run the guest.
+//!
+//! Adoption ([`FirecrackerVm::adopt`]): a VM launched by an earlier process that
+//! [`release`](FirecrackerVm::release)d it (or died) is taken back by pid and start time
+//! (`crate::procstat`), its command line naming its API socket; the host link must still
+//! resolve to the device, `GET /` must show a started instance, and `/proc/<pid>/fd` is verified
+//! as at a launch.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -25,6 +31,7 @@ use super::namespace::{NamespaceError, NamespacePlan};
 use super::process::{ProcessError, VmmCommand, VmmProcess};
 use super::verify::{verify_opened, OpenedFile, TemplateIdentity, VerifyError};
 use crate::drive::{DriveAccess, DriveError, ReadyDevice, RootDrive, StableDrivePath};
+use crate::procstat::ProcessIdentity;
 
 /// Errors of the VM flow.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +66,17 @@ pub enum VmError {
     /// The VMM opened the wrong file; the process has been killed.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// The recorded VMM process is gone, is another process now, or could not be checked.
+    #[error("the VMM was not adopted: {0}")]
+    Adopt(#[from] crate::procstat::IdentityError),
+    /// An adopted VMM's instance is not running a guest.
+    #[error("the adopted VMM (pid {pid}) is {state:?}, not running a guest")]
+    NotRunning {
+        /// The pid.
+        pid: u32,
+        /// What its API says.
+        state: crate::firecracker::models::InstanceState,
+    },
     /// The call is not valid in the VM's current state.
     #[error("{op} is not allowed while the VM is {state:?}")]
     State {
@@ -109,7 +127,8 @@ impl LaunchConfig {
         }
     }
 
-    fn vm_dir(&self) -> PathBuf {
+    /// The VM's own run directory (`<run_dir>/<vm_id>`).
+    pub fn vm_dir(&self) -> PathBuf {
         self.run_dir.join(&self.vm_id)
     }
 }
@@ -225,6 +244,8 @@ enum Binding {
 pub struct FirecrackerVm {
     process: Option<VmmProcess>,
     client: FirecrackerClient,
+    /// The run directory (`api.sock`, `rootfs.link`, `vmm.log`); namespace mode only.
+    dir: Option<PathBuf>,
     binding: Binding,
     stable: StableDrivePath,
     phase: VmPhase,
@@ -261,6 +282,7 @@ impl FirecrackerVm {
         Ok(FirecrackerVm {
             process: Some(process),
             client: FirecrackerClient::new(socket).with_timeout(config.api_timeout),
+            dir: Some(dir),
             binding: Binding::Link(link),
             stable: config.stable.clone(),
             phase: VmPhase::Launched,
@@ -284,6 +306,7 @@ impl FirecrackerVm {
         Ok(FirecrackerVm {
             process: Some(process),
             client: FirecrackerClient::new(socket),
+            dir: None,
             binding: Binding::Jail {
                 root: jailer.chroot_root(),
                 owner: jailer.owner,
@@ -294,6 +317,91 @@ impl FirecrackerVm {
             root: None,
             opened: None,
         })
+    }
+
+    /// Takes back a VM that an earlier process [`launch`](Self::launch)ed in `dir` (its run
+    /// directory, `config.vm_dir()` then) and that outlived it, running a guest on `device`:
+    /// the process must still run, have been started at `identity`'s time (a reused pid is
+    /// refused) and name `dir`'s `api.sock` on its command line; the host link its stable path
+    /// resolves through must still resolve to `device`; its API must answer (a new client on
+    /// the kept socket) with a started instance; and its open descriptors must hold `device`
+    /// and none of `templates` (the check a launch makes). A VM that is the recorded process
+    /// but fails one of the last three checks is killed. From then on it is watched and killed through a pidfd; dropping the returned
+    /// value kills it, [`release`](Self::release) lets it run on again.
+    pub async fn adopt(
+        identity: ProcessIdentity,
+        dir: &Path,
+        stable: StableDrivePath,
+        device: &ReadyDevice,
+        templates: &[TemplateIdentity],
+        api_timeout: Duration,
+    ) -> Result<Self, VmError> {
+        let socket = dir.join("api.sock");
+        let process = VmmProcess::adopt(identity, &socket, &dir.join("vmm.log"))?;
+        // A link resolving elsewhere: `process` is dropped, which kills the VM (it is the recorded
+        // one, but nothing vouches for the disk it runs on).
+        let link = HostLink::existing(dir.join("rootfs.link"), device)?;
+        let mut vm = FirecrackerVm {
+            process: Some(process),
+            client: FirecrackerClient::new(socket).with_timeout(api_timeout),
+            dir: Some(dir.to_owned()),
+            binding: Binding::Link(link),
+            stable: stable.clone(),
+            phase: VmPhase::Failed,
+            root: None,
+            opened: None,
+        };
+        let info = vm.client.describe_instance().await?;
+        vm.phase = match info.state {
+            InstanceState::Running => VmPhase::Running,
+            InstanceState::Paused => VmPhase::Paused,
+            state => {
+                return Err(VmError::NotRunning {
+                    pid: identity.pid,
+                    state,
+                })
+            }
+        };
+        let phase = vm.phase;
+        vm.verify(device, templates)?;
+        vm.phase = phase;
+        vm.root = Some(RootDrive::new(device, stable));
+        Ok(vm)
+    }
+
+    /// The VMM process's pid and start time, by which a later process can
+    /// [`adopt`](Self::adopt) it.
+    pub fn identity(&self) -> Result<ProcessIdentity, VmError> {
+        match &self.process {
+            Some(p) => Ok(p.identity()?),
+            None => Err(VmError::State {
+                op: "identity",
+                state: self.phase,
+            }),
+        }
+    }
+
+    /// The run directory (`api.sock`, `rootfs.link`, `vmm.log`) of a VM launched in its own
+    /// mount namespace; `None` under the jailer.
+    pub fn run_dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Lets the VM run on without this value: the process is neither killed nor reaped, and
+    /// its host link and API socket stay (a daemon stopping for a restart hands it to the next
+    /// one, which [`adopt`](Self::adopt)s it).
+    /// (Under the jailer the device node in the chroot is removed; the VMM keeps the device
+    /// it opened.)
+    pub fn release(self) {
+        let FirecrackerVm {
+            process, binding, ..
+        } = self;
+        if let Some(p) = process {
+            p.release();
+        }
+        if let Binding::Link(link) = binding {
+            link.release();
+        }
     }
 
     /// The API client.
@@ -537,7 +645,7 @@ impl FirecrackerVm {
     /// jail node.
     pub async fn shutdown(mut self, grace: Duration) -> Result<Option<ExitStatus>, VmError> {
         let status = match self.process.take() {
-            Some(p) => Some(p.shutdown(grace).await?),
+            Some(p) => p.shutdown(grace).await?,
             None => None,
         };
         Ok(status)

@@ -95,3 +95,24 @@ impl QemuError {
         }
     }
 }
+
+impl From<crate::procstat::IdentityError> for QemuError {
+    fn from(e: crate::procstat::IdentityError) -> Self {
+        use crate::procstat::IdentityError as E;
+        match e {
+            E::Gone(pid) => QemuError::ProcessGone(pid),
+            E::PidReused {
+                pid,
+                expected,
+                found,
+            } => QemuError::PidReused {
+                pid,
+                expected,
+                found,
+            },
+            E::NotOurs { pid, marker } => QemuError::NotOurVm { pid, qmp: marker },
+            E::Stat { pid, why } => QemuError::ProcStat { pid, why },
+            E::Io { context, source } => QemuError::Io { context, source },
+        }
+    }
+}

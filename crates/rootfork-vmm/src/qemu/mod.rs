@@ -8,8 +8,8 @@
 //! - [`process`]: the running QEMU as an RAII guard (killed and reaped on drop) with timed waits;
 //!   [`QemuProcess::spawn_verified`] starts it paused and lets the guest run only after
 //!   [`verify`] has checked what the process opened (over [`qmp`]);
-//! - [`procstat`]: a process's pid and start time, by which a restarted daemon adopts a VM it
-//!   started ([`QemuProcess::adopt`]);
+//! - a process's pid and start time (the crate's `procstat`, shared with Firecracker), by which
+//!   a restarted daemon adopts a VM it started ([`QemuProcess::adopt`]);
 //! - `snapshot`: the guest's memory and device state to a file and back (a migration stream
 //!   over a descriptor passed through QMP): [`QemuProcess::save_state`] and
 //!   [`QemuProcess::spawn_restored`].
@@ -23,16 +23,15 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod process;
-pub mod procstat;
 pub mod qmp;
 mod snapshot;
 pub mod verify;
 
+pub use crate::procstat::ProcessIdentity;
 pub use accel::{probe_kvm, Accel, AccelPolicy};
 pub use config::{QemuBinary, QemuConfig, DISK_SERIAL_MAX};
 pub use disk::{NbdEndpoint, RootDisk};
 pub use error::QemuError;
 pub use process::{QemuExit, QemuProcess, SavedState};
-pub use procstat::ProcessIdentity;
 pub use qmp::Qmp;
 pub use verify::verify_root;

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use super::config::{QemuBinary, QemuConfig};
 use super::error::QemuError;
-use super::procstat::ProcessIdentity;
 use super::qmp::Qmp;
 use super::snapshot;
 use super::verify::verify_root;
 use crate::firecracker::TemplateIdentity;
+use crate::procstat::{pidfd_exited, pidfd_signal, ProcessIdentity};
 
 /// How long QEMU may take to initialise and greet on QMP.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -245,24 +245,7 @@ impl QemuProcess {
         log: &Path,
     ) -> Result<Self, QemuError> {
         let pid = identity.pid;
-        let raw = i32::try_from(pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-            .ok_or(QemuError::ProcessGone(pid))?;
-        // The pidfd first, the check after: a process that passes the check (started at the
-        // recorded time) held the pid before the pidfd was opened, so the pidfd is its (the pid
-        // cannot have passed to the recorded process after the open).
-        let pidfd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::SRCH) => return Err(QemuError::ProcessGone(pid)),
-            Err(e) => {
-                return Err(QemuError::io(
-                    format!("pidfd_open({pid})"),
-                    std::io::Error::from(e),
-                ))
-            }
-        };
-        identity.check(Some(qmp_socket))?;
+        let pidfd = identity.open_checked(Some(qmp_socket))?;
         // Whether it was started with a VM generation ID device (`-device vmgenid,…`), which its
         // saved state would need on a restore.
         let vmgenid = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
@@ -285,7 +268,7 @@ impl QemuProcess {
 
     /// The process's pid and start time, by which a later daemon can [`adopt`](Self::adopt) it.
     pub fn identity(&self) -> Result<ProcessIdentity, QemuError> {
-        ProcessIdentity::of(self.pid)
+        Ok(ProcessIdentity::of(self.pid)?)
     }
 
     /// Where QMP listens, when the VM has a monitor.
@@ -506,9 +489,8 @@ impl QemuProcess {
     pub fn kill(&mut self) {
         if let Some(pidfd) = self.adopted.take() {
             let pid = self.pid;
-            match rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
-                Ok(()) | Err(rustix::io::Errno::SRCH) => {}
-                Err(e) => tracing::warn!(pid, "killing an adopted qemu: {e}"),
+            if let Err(e) = pidfd_signal(&pidfd, rustix::process::Signal::KILL) {
+                tracing::warn!(pid, "killing an adopted qemu: {e}");
             }
             match exited(&pidfd, KILL_TIMEOUT) {
                 Ok(true) => {
@@ -560,30 +542,9 @@ fn with_log(e: QemuError, vm: &QemuProcess) -> QemuError {
     }
 }
 
-/// Whether the process behind `pidfd` has exited, waiting up to `timeout` (a pidfd turns
-/// readable when its process exits, whoever reaps it).
+/// Whether the process behind `pidfd` has exited, waiting up to `timeout`.
 fn exited(pidfd: &OwnedFd, timeout: Duration) -> Result<bool, QemuError> {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ts = Timespec {
-            tv_sec: left.as_secs() as _,
-            tv_nsec: left.subsec_nanos() as _,
-        };
-        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
-        match poll(&mut fds, Some(&ts)) {
-            Ok(n) => return Ok(n > 0),
-            Err(rustix::io::Errno::INTR) if Instant::now() < deadline => continue,
-            Err(rustix::io::Errno::INTR) => return Ok(false),
-            Err(e) => {
-                return Err(QemuError::io(
-                    "polling a VM's pidfd",
-                    std::io::Error::from(e),
-                ))
-            }
-        }
-    }
+    Ok(pidfd_exited(pidfd, timeout)?)
 }
 
 fn read_lossy(p: &Path) -> String {

@@ -11,8 +11,9 @@
 //!   (rootfork-kernel's `Attacher::adopt`). The kernel holds the guest's I/O meanwhile for up to
 //!   the device's `dead_conn_timeout`; a daemon down longer than that fails it.
 //!
-//! A sandbox with a QEMU VM the daemon started has its VM adopted too, once its disk is served
-//! again (`vm_adopt.rs`: by pid and start time). A VM that is gone or is not the recorded
+//! A sandbox with a VM the daemon started (QEMU, or Firecracker on a kernel sandbox's device)
+//! has its VM adopted too, once its disk is served again (`vm_adopt.rs`: by pid and start time;
+//! a Firecracker VM's drive must still resolve to the adopted device and be held open by it). A VM that is gone or is not the recorded
 //! process leaves the sandbox `FAILED` with its disk served, so it can still be paused; a VM
 //! whose disk could not be served again is killed.
 //!
@@ -33,7 +34,7 @@ use rootfork_provider::{AnyProvider, BaseImage, PausedDisk};
 use crate::daemon::core::Core;
 use crate::daemon::disk;
 use crate::daemon::model::SandboxState;
-use crate::daemon::records::{Served, ServedDevice, VmProcess};
+use crate::daemon::records::{RecordedVm, Served, ServedDevice};
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::vm::RunningVm;
 use crate::daemon::vm_adopt;
@@ -97,14 +98,9 @@ impl AdoptError {
 }
 
 /// Why a running sandbox of a previous run is not even tried (it comes back at its last pause,
-/// or `FAILED`, as `persist.rs` says): the `reason` label of a failed adoption. `has_vm`: its VM
-/// is one the daemon does not adopt (Firecracker).
-pub fn not_adoptable_reason(has_vm: bool) -> &'static str {
-    if has_vm {
-        "vm_not_adopted"
-    } else {
-        "no_served_disk"
-    }
+/// or `FAILED`, as `persist.rs` says): the `reason` label of a failed adoption.
+pub fn not_adoptable_reason() -> &'static str {
+    "no_served_disk"
 }
 
 /// `path` when its parent is `dir` exactly.
@@ -285,19 +281,21 @@ async fn release_device(core: &Core, sb: &Sandbox, served: &ServedDevice) {
     }
 }
 
-/// Whether `sb` runs a VM that is adopted with it (QEMU).
-fn has_qemu(sb: &Sandbox) -> bool {
-    sb.vm.as_ref().is_some_and(|v| v.boots_qemu())
+/// Whether `sb` runs a VM that is adopted with it (QEMU or Firecracker).
+fn has_vm(sb: &Sandbox) -> bool {
+    sb.vm
+        .as_ref()
+        .is_some_and(|v| v.boots_qemu() || v.runs_firecracker())
 }
 
-/// Adopts `sb`, a running sandbox of a previous run, and its VM (`vm`: the QEMU process its
-/// record names), and reports the outcome. Returns whether it runs again.
+/// Adopts `sb`, a running sandbox of a previous run, and its VM (`vm`: the process its record
+/// names), and reports the outcome. Returns whether it runs again.
 pub async fn adopt(
     core: &Core,
     sb: &Arc<Sandbox>,
     served: &Served,
     paused: Option<PausedDisk>,
-    vm: Option<&VmProcess>,
+    vm: Option<&RecordedVm>,
 ) -> bool {
     let mut live = sb
         .live
@@ -305,8 +303,8 @@ pub async fn adopt(
         .expect("nobody else holds the lock of a sandbox not yet published");
     match serve_again(core, sb, served, paused).await {
         Ok(provider) => {
-            let adopted_vm = if has_qemu(sb) {
-                match vm_adopt::adopt(core, sb, vm).await {
+            let adopted_vm = if has_vm(sb) {
+                match vm_adopt::adopt(core, sb, &provider, vm).await {
                     Ok(v) => v,
                     Err(e) => {
                         live.provider = Some(provider);
@@ -322,7 +320,11 @@ pub async fn adopt(
                 Some(RunningVm::Qemu(q)) => {
                     format!("; its VM (QEMU pid {}) ran on and is adopted", q.pid())
                 }
-                _ => String::new(),
+                Some(RunningVm::Firecracker(f)) => format!(
+                    "; its VM (Firecracker pid {}) ran on and is adopted",
+                    f.pid().unwrap_or(0)
+                ),
+                None => String::new(),
             };
             live.vm = adopted_vm;
             let found = match &provider {
@@ -353,8 +355,10 @@ pub async fn adopt(
             live.files.extend(disk::overlay_files(served.cache()));
             drop(live);
             // Its VM would only see I/O errors: it is stopped (before the device goes).
-            let killed = match vm.filter(|_| has_qemu(sb)) {
-                Some(rec) => vm_adopt::kill_recorded(core, rec).await,
+            let killed = match vm.filter(|_| has_vm(sb)) {
+                Some(rec) => vm_adopt::kill_recorded(core, rec)
+                    .await
+                    .map(|pid| (rec, pid)),
                 None => None,
             };
             if let Served::Kernel(d) = served {
@@ -364,7 +368,13 @@ pub async fn adopt(
                 "the daemon restarted while this sandbox ran and {e}; its files are kept ({}){}; delete it to remove them",
                 served.cache().display(),
                 killed
-                    .map(|pid| format!("; its VM (QEMU pid {pid}) was stopped"))
+                    .map(|(rec, pid)| format!(
+                        "; its VM ({} pid {pid}) was stopped",
+                        match rec {
+                            RecordedVm::Qemu(_) => "QEMU",
+                            RecordedVm::Firecracker(_) => "Firecracker",
+                        }
+                    ))
                     .unwrap_or_default()
             );
             tracing::warn!(sandbox = %sb.id, reason = e.reason(), "not adopted: {message}");

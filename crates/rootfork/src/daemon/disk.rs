@@ -209,14 +209,10 @@ pub fn adopted_kernel_provider(
     )))
 }
 
-/// Where `provider` serves `sb`'s disk, when a restarted daemon can adopt it: sandboxes without
-/// a VM the daemon runs or with a QEMU one (it outlives the daemon; a Firecracker VM does not),
-/// socket ones, and
-/// attached kernel ones whose overlay is kept (see [`kernel_adoptable`]).
-pub fn served_disk(sb: &Sandbox, provider: &AnyProvider) -> Option<Served> {
-    if sb.vm.as_ref().is_some_and(|v| v.runs_firecracker()) {
-        return None;
-    }
+/// Where `provider` serves `sb`'s disk, when a restarted daemon can adopt it (with its VM, QEMU
+/// or Firecracker, which outlives the daemon): socket ones, and attached kernel ones whose
+/// overlay is kept (see [`kernel_adoptable`]).
+pub fn served_disk(provider: &AnyProvider) -> Option<Served> {
     match provider {
         AnyProvider::Socket(p) => {
             let c = p.config();

@@ -6,6 +6,12 @@
 //! resume launches a new process, points the stable path at the new device, `PUT /snapshot/load`,
 //! checks the fds and `PATCH /vm Resumed`.
 //!
+//! The VMM runs in a session of its own and outlives the daemon: a stop for a restart releases
+//! it (its run directory `STATE/vm/fc/rf-N/` with the API socket and the host link stays), and
+//! the next daemon adopts it ([`adopt`], from `vm_adopt.rs`) by pid and start time once the
+//! kernel device is adopted, checking that the host link still resolves to that device and that
+//! the process holds it open.
+//!
 //! The binary is `vmm.firecracker_bin` (`--firecracker-bin`, `$ROOTFORK_FIRECRACKER_BIN`), else
 //! `firecracker` on `PATH`; it is started with Firecracker's own arguments (`--api-sock`, `--id`).
 
@@ -14,9 +20,10 @@ use std::time::Duration;
 
 use rootfork_vmm::firecracker::models::{EntropyDevice, SnapshotCreateParams};
 use rootfork_vmm::firecracker::{
-    ColdBootConfig, FirecrackerVm, LaunchConfig, ResumeConfig, TemplateIdentity, VmmCommand,
+    ColdBootConfig, FirecrackerClient, FirecrackerVm, LaunchConfig, ResumeConfig, TemplateIdentity,
+    VmError, VmmCommand, DEFAULT_STABLE_DRIVE_PATH,
 };
-use rootfork_vmm::ReadyDevice;
+use rootfork_vmm::{ProcessIdentity, ReadyDevice, StableDrivePath};
 
 use crate::daemon::core::Core;
 use crate::daemon::sandbox::Sandbox;
@@ -160,6 +167,26 @@ pub async fn restore(
     }
     tracing::info!(sandbox = %sb.id, pid = vm.pid().unwrap_or(0), "restored Firecracker from its snapshot on the sandbox's new device");
     Ok(vm)
+}
+
+/// Takes back the VM `identity` names, launched by an earlier daemon in `run_dir` and running
+/// on `device` (the kernel sandbox's adopted device): see [`FirecrackerVm::adopt`].
+pub async fn adopt(
+    identity: ProcessIdentity,
+    run_dir: &Path,
+    device: &ReadyDevice,
+    templates: &[TemplateIdentity],
+) -> std::result::Result<FirecrackerVm, VmError> {
+    let stable = StableDrivePath::new(DEFAULT_STABLE_DRIVE_PATH).map_err(VmError::Drive)?;
+    FirecrackerVm::adopt(
+        identity,
+        run_dir,
+        stable,
+        device,
+        templates,
+        FirecrackerClient::DEFAULT_TIMEOUT,
+    )
+    .await
 }
 
 /// Stops the VMM (`SIGTERM`, then `SIGKILL`) and removes its stable-path link.

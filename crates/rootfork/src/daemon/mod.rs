@@ -179,8 +179,8 @@ impl Daemon {
         let dirs = Dirs::new(&state);
         let records = records::Records::open(&dirs.sandboxes)
             .map_err(io(format!("opening {}", dirs.sandboxes.display())))?;
-        // A running sandbox's QEMU outlived the previous run: its QMP socket, console and log
-        // stay for the adoption.
+        // A running sandbox's VM outlived the previous run: its QMP socket, console and log
+        // (QEMU) or its run directory in `vm/fc/` (Firecracker) stay for the adoption.
         let vm_files = records.load().map(|l| l.vm_files()).unwrap_or_default();
         let mut leftovers = 0;
         for d in dirs.per_run() {
@@ -364,8 +364,8 @@ impl Daemon {
         &self.core
     }
 
-    /// Stops serving and keeps every sandbox for the next start (running socket sandboxes are
-    /// handed over, the others paused; with `delete_on_exit` every sandbox is deleted instead),
+    /// Stops serving and keeps every sandbox for the next start (running sandboxes that can be
+    /// adopted are handed over with their VMs left running, the others paused; with `delete_on_exit` every sandbox is deleted instead),
     /// then removes the API socket.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

@@ -1,13 +1,12 @@
 //! What outlives the daemon process. Every lifecycle change writes the sandbox's record
 //! (`records.rs`); a start restores every recorded sandbox and adopts the running ones, with
-//! their QEMU VMs (`adopt.rs`); a stop (SIGTERM) hands the running sandboxes over to the next
-//! start (a QEMU VM left running; socket: served until every request read is answered; kernel:
+//! their QEMU or Firecracker VMs (`adopt.rs`); a stop (SIGTERM) hands the running sandboxes over
+//! to the next start (a VM left running; socket: served until every request read is answered; kernel:
 //! the device fd flushed, the device left connected for the kernel to hold the guest's I/O; then
 //! the overlay flushed, its files kept, the record still saying running) and pauses the others.
 //!
-//! A running sandbox that cannot be adopted (a Firecracker VM the daemon started, a kernel
-//! sandbox without a `dead_conn_timeout`, a record of an older daemon) comes back at its last pause after a crash
-//! or SIGKILL (paused, with a message saying that later writes were lost), or `FAILED` when it
+//! A running sandbox that cannot be adopted (a kernel sandbox without a `dead_conn_timeout`, a
+//! record of an older daemon) comes back at its last pause after a crash or SIGKILL (paused, with a message saying that later writes were lost), or `FAILED` when it
 //! never paused.
 //!
 //! At start, files in `cache/` and `paused/` are removed only when provably orphaned: no record
@@ -23,21 +22,27 @@ use rootfork_provider::{PausedDisk, ProviderKind};
 use crate::daemon::core::Core;
 use crate::daemon::model::SandboxState;
 use crate::daemon::records::{
-    provider_kind, DiffRecord, RecordState, SandboxRecord, Served, VmProcess, RECORD_VERSION,
+    provider_kind, DiffRecord, RecordState, RecordedVm, SandboxRecord, Served, RECORD_VERSION,
 };
 use crate::daemon::sandbox::{Live, Sandbox};
 use crate::daemon::{adopt, disk, pause, vm};
 use crate::error::{DaemonError, Result};
 use crate::events::{EventBus, EventKind};
 
-/// The record of `sb` in `state`, served from `served` with its VM `vm_process` when running.
+/// The record of `sb` in `state`, served from `served` with its VM process `vm` when running.
 fn record_of(
     sb: &Sandbox,
     live: &Live,
     state: RecordState,
     served: Option<Served>,
-    vm_process: Option<VmProcess>,
+    vm: Option<RecordedVm>,
 ) -> SandboxRecord {
+    let vm = vm.filter(|_| state == RecordState::Running && served.is_some());
+    let (vm_process, fc_process) = match vm {
+        Some(RecordedVm::Qemu(q)) => (Some(q), None),
+        Some(RecordedVm::Firecracker(f)) => (None, Some(f)),
+        None => (None, None),
+    };
     SandboxRecord {
         version: RECORD_VERSION,
         id: sb.id.clone(),
@@ -51,7 +56,8 @@ fn record_of(
         paused: live.paused.as_ref().map(DiffRecord::of),
         pause_count: sb.status().pause_count,
         generation: live.generation,
-        vm_process: vm_process.filter(|_| state == RecordState::Running && served.is_some()),
+        vm_process,
+        fc_process,
         served: served.filter(|_| state == RecordState::Running),
         vm_state: live.vm_state.clone(),
     }
@@ -73,7 +79,7 @@ pub fn save_running(
     provider: &rootfork_provider::AnyProvider,
     vm: Option<&vm::RunningVm>,
 ) -> Result<()> {
-    let served = disk::served_disk(sb, provider);
+    let served = disk::served_disk(provider);
     let vm_process = vm.and_then(vm::process_record);
     write(
         core,
@@ -107,7 +113,7 @@ struct ToAdopt {
     sb: Arc<Sandbox>,
     served: Served,
     paused: Option<PausedDisk>,
-    vm: Option<VmProcess>,
+    vm: Option<RecordedVm>,
 }
 
 /// Registers every recorded sandbox (at start, before the API listens), adopts the running
@@ -206,7 +212,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
         rec.quota,
     );
     let adoptable = match (&rec.state, &rec.served) {
-        (RecordState::Running, Some(s)) if !runs_firecracker(rec) => match (kind, s) {
+        (RecordState::Running, Some(s)) => match (kind, s) {
             (ProviderKind::Socket, Served::Socket(_))
             | (ProviderKind::Kernel, Served::Kernel(_)) => Some(s.clone()),
             _ => None,
@@ -214,8 +220,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
         _ => None,
     };
     if rec.state == RecordState::Running && adoptable.is_none() {
-        core.metrics
-            .adoption(Some(adopt::not_adoptable_reason(runs_firecracker(rec))));
+        core.metrics.adoption(Some(adopt::not_adoptable_reason()));
     }
     let (state, message) = match (rec.state, &paused) {
         // Its state and message are set by the adoption.
@@ -228,14 +233,14 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             format!(
                 "the daemon stopped while this sandbox ran: it is back at its last pause ({} bytes of changes); writes after that pause were lost ({})",
                 p.map.data_len(),
-                not_adopted_why(runs_firecracker(rec))
+                NOT_ADOPTED_WHY
             ),
         ),
         (_, None) => (
             SandboxState::Failed,
             format!(
                 "the daemon stopped while this sandbox ran and it had never paused: its disk was not kept ({}); delete it",
-                not_adopted_why(runs_firecracker(rec))
+                NOT_ADOPTED_WHY
             ),
         ),
     };
@@ -275,7 +280,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             sb,
             served,
             paused,
-            vm: rec.vm_process.clone(),
+            vm: rec.recorded_vm(),
         })));
     }
     tracing::info!(sandbox = %rec.id, state = %state, "restored a recorded sandbox");
@@ -290,19 +295,8 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     Ok(Restored::Done)
 }
 
-/// Whether `rec`'s VM is a Firecracker VM the daemon ran (it does not outlive the daemon).
-fn runs_firecracker(rec: &SandboxRecord) -> bool {
-    rec.vm.as_ref().is_some_and(|v| v.runs_firecracker())
-}
-
 /// Why a running sandbox was not adopted.
-fn not_adopted_why(has_vm: bool) -> &'static str {
-    if has_vm {
-        "a sandbox whose Firecracker VM the daemon started is not adopted across a restart"
-    } else {
-        "its record does not say where its disk was served from (an older daemon's record, or a kernel sandbox without kernel.dead_conn_timeout_secs)"
-    }
-}
+const NOT_ADOPTED_WHY: &str = "its record does not say where its disk was served from (an older daemon's record, or a kernel sandbox without kernel.dead_conn_timeout_secs)";
 
 /// Which files in `cache/` and `paused/` a start must keep.
 #[derive(Debug, Default)]
@@ -360,14 +354,14 @@ impl Owners {
 }
 
 /// SIGTERM: keeps every sandbox for the next start. A running sandbox whose record says where it
-/// is served ([`disk::served_disk`]) is handed over: its QEMU VM, if any, runs on (the next
-/// start adopts it); a socket sandbox's export
+/// is served ([`disk::served_disk`]) is handed over: its VM (QEMU or Firecracker), if any, runs
+/// on (the next start adopts it); a socket sandbox's export
 /// stops reading requests and answers every one it read; a kernel sandbox's device fd is
 /// flushed, its dispatchers stopped and the device left connected (the kernel holds the guest's
 /// I/O until the next start adopts it, up to its `dead_conn_timeout`); either way the overlay is
 /// flushed and closed with its files kept, and the record still says running, so the next start
-/// serves it again. Every other sandbox that holds a disk (a Firecracker VM the daemon started,
-/// a failed one) is paused as before (its VM stopped first). Returns how many were kept
+/// serves it again. Every other sandbox that holds a disk (a kernel sandbox without a
+/// `dead_conn_timeout`, a failed one) is paused as before (its VM stopped first). Returns how many were kept
 /// (handed over, paused).
 pub async fn keep_all(core: &Core) -> (usize, usize) {
     let all: Vec<Arc<Sandbox>> = core.sandboxes.read().values().cloned().collect();
@@ -381,7 +375,7 @@ pub async fn keep_all(core: &Core) -> (usize, usize) {
             let Some(provider) = live.provider.as_ref() else {
                 continue;
             };
-            if sb.state() == SandboxState::Running && disk::served_disk(&sb, provider).is_some() {
+            if sb.state() == SandboxState::Running && disk::served_disk(provider).is_some() {
                 let mut provider = live.provider.take().expect("checked above");
                 if let Some(v) = live.vm.take() {
                     vm::release(&sb, v).await;

@@ -3,8 +3,8 @@
 //! lifecycle change, so a restart finds every paused sandbox with its diff, knows which
 //! sandboxes were running when the daemon went away, and for a running sandbox where its disk was
 //! served from ([`Served`]: a socket sandbox's Unix socket, a kernel sandbox's `/dev/nbdN`) and
-//! which QEMU process runs its VM ([`VmProcess`]), so the next daemon can serve it again and
-//! adopt the VM.
+//! which QEMU or Firecracker process runs its VM ([`VmProcess`], [`FcProcess`]), so the next
+//! daemon can serve it again and adopt the VM.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -102,6 +102,39 @@ pub struct VmProcess {
     pub log: PathBuf,
 }
 
+/// The Firecracker process a running kernel sandbox's VM is (the `fc_process` field of its
+/// record): what a restarted daemon needs to adopt it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FcProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (`/proc/PID/stat` field 22): a reused pid has another.
+    pub start_time: u64,
+    /// Its API socket (in its run directory; its command line names it).
+    pub api_socket: PathBuf,
+    /// Its run directory in `STATE/vm/fc/` (`api.sock`, `rootfs.link`, `vmm.log`).
+    pub run_dir: PathBuf,
+}
+
+/// The VM process a running sandbox's record names, of either kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordedVm {
+    /// A QEMU process.
+    Qemu(VmProcess),
+    /// A Firecracker process.
+    Firecracker(FcProcess),
+}
+
+impl RecordedVm {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        match self {
+            RecordedVm::Qemu(q) => q.pid,
+            RecordedVm::Firecracker(f) => f.pid,
+        }
+    }
+}
+
 /// Where a running sandbox's disk is served from (the `served` field of its record). A socket
 /// sandbox's is the object older daemons wrote; a kernel sandbox's has `device`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,9 +191,24 @@ pub struct SandboxRecord {
     /// While running with a QEMU VM the daemon started and a restart can adopt: that process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_process: Option<VmProcess>,
+    /// While running with a Firecracker VM the daemon started and a restart can adopt: that
+    /// process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fc_process: Option<FcProcess>,
     /// Paused with a running VM: its saved state (absent in records written before it existed).
     #[serde(default)]
     pub vm_state: Option<crate::daemon::snapshot::VmState>,
+}
+
+impl SandboxRecord {
+    /// The VM process it names, of either kind.
+    pub fn recorded_vm(&self) -> Option<RecordedVm> {
+        match (&self.vm_process, &self.fc_process) {
+            (Some(q), _) => Some(RecordedVm::Qemu(q.clone())),
+            (None, Some(f)) => Some(RecordedVm::Firecracker(f.clone())),
+            (None, None) => None,
+        }
+    }
 }
 
 impl DiffRecord {
@@ -230,13 +278,22 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// The files in `STATE/vm/` that running records' VMs use (QMP socket, console, log).
+    /// The files in `STATE/vm/` that running records' VMs use (QMP socket, console, log; a
+    /// Firecracker VM's run directory).
     pub fn vm_files(&self) -> std::collections::BTreeSet<PathBuf> {
-        self.records
-            .iter()
-            .filter(|r| r.state == RecordState::Running)
+        let running = || {
+            self.records
+                .iter()
+                .filter(|r| r.state == RecordState::Running)
+        };
+        running()
             .filter_map(|r| r.vm_process.as_ref())
             .flat_map(|v| [v.qmp.clone(), v.console.clone(), v.log.clone()])
+            .chain(
+                running()
+                    .filter_map(|r| r.fc_process.as_ref())
+                    .map(|f| f.run_dir.clone()),
+            )
             .collect()
     }
 }
@@ -372,6 +429,7 @@ mod tests {
             generation: 3,
             served: None,
             vm_process: None,
+            fc_process: None,
             vm_state: None,
         }
     }
@@ -424,6 +482,12 @@ mod tests {
             backend_sandbox: "k".into(),
             connections: 2,
         }));
+        k.fc_process = Some(FcProcess {
+            pid: 77,
+            start_time: 1234,
+            api_socket: "/s/vm/fc/rf-4/api.sock".into(),
+            run_dir: "/s/vm/fc/rf-4".into(),
+        });
         r.write(&k).unwrap();
         // A record of a daemon from before adoption has no `served`.
         let mut old = serde_json::to_value(record("b")).unwrap();
@@ -431,6 +495,15 @@ mod tests {
         std::fs::write(dir.path().join("b.json"), old.to_string()).unwrap();
         let l = r.load().unwrap();
         assert!(l.refused.is_empty(), "{:?}", l.refused);
+        assert!(matches!(
+            l.records[0].recorded_vm(),
+            Some(RecordedVm::Qemu(_))
+        ));
+        assert!(matches!(
+            l.records[2].recorded_vm(),
+            Some(RecordedVm::Firecracker(ref f)) if f.pid == 77
+        ));
+        assert!(l.vm_files().contains(Path::new("/s/vm/fc/rf-4")));
         assert_eq!(l.records, vec![a, record("b"), k]);
     }
 

@@ -21,6 +21,12 @@ pub(super) fn clean_dir(dir: &Path, keep: &BTreeSet<PathBuf>) -> Result<usize, S
         if keep.contains(&p) {
             continue;
         }
+        if p.is_dir() && keep.iter().any(|k| k.starts_with(&p)) {
+            // A directory holding something kept (`vm/fc/`, a Firecracker VM's run directory
+            // in it): cleaned inside.
+            n += clean_dir(&p, keep)?;
+            continue;
+        }
         let r = if p.is_dir() {
             std::fs::remove_dir_all(&p)
         } else {

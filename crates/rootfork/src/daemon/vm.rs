@@ -3,10 +3,13 @@
 //! opened no template), restoring it there from a paused sandbox's saved state (`snapshot.rs`
 //! writes it), and stopping it before the disk goes.
 //!
-//! A QEMU VM outlives the daemon process: it runs in its own session, its QMP socket stays in
+//! A VM outlives the daemon process: it runs in its own session, its QMP socket (QEMU) or run
+//! directory with its API socket and host link (Firecracker, `STATE/vm/fc/rf-N/`) stays in
 //! `STATE/vm/`, and its record names it ([`process_record`]), so a daemon that stops for a
-//! restart lets it run on ([`release`]) and the next one adopts it (`vm_adopt.rs`). Its NBD
-//! client (a socket sandbox's) waits `vmm.nbd_reconnect_delay_secs` for the disk to come back.
+//! restart lets it run on ([`release`]) and the next one adopts it (`vm_adopt.rs`). A QEMU NBD
+//! client (a socket sandbox's) waits `vmm.nbd_reconnect_delay_secs` for the disk to come back;
+//! a kernel sandbox's device (QEMU's or Firecracker's) stays connected, the kernel holding its
+//! I/O until the next daemon adopts it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +22,7 @@ use rootfork_vmm::qemu::{QemuBinary, QemuConfig, QemuProcess, RootDisk, DISK_SER
 
 use crate::daemon::core::Core;
 use crate::daemon::firecracker::{self, SnapshotFiles};
-use crate::daemon::records::VmProcess;
+use crate::daemon::records::{FcProcess, RecordedVm, VmProcess};
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::snapshot::VmState;
 use crate::daemon::spec::{SpecError, VmSpec};
@@ -56,47 +59,64 @@ impl RunningVm {
 }
 
 /// What `vm`'s record says of it, when a restarted daemon can adopt it (a QEMU VM with its QMP
-/// socket, still running).
-pub fn process_record(vm: &RunningVm) -> Option<VmProcess> {
-    let RunningVm::Qemu(q) = vm else {
-        return None;
-    };
-    let id = match q.identity() {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::warn!(pid = q.pid(), "the VM cannot be recorded for adoption: {e}");
-            return None;
+/// socket, or a Firecracker VM in its run directory, still running).
+pub fn process_record(vm: &RunningVm) -> Option<RecordedVm> {
+    match vm {
+        RunningVm::Qemu(q) => {
+            let id = match q.identity() {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(pid = q.pid(), "the VM cannot be recorded for adoption: {e}");
+                    return None;
+                }
+            };
+            Some(RecordedVm::Qemu(VmProcess {
+                pid: id.pid,
+                start_time: id.start_time,
+                qmp: q.qmp_socket()?.to_owned(),
+                console: q.console_path()?.to_owned(),
+                log: q.log_path().to_owned(),
+            }))
         }
-    };
-    Some(VmProcess {
-        pid: id.pid,
-        start_time: id.start_time,
-        qmp: q.qmp_socket()?.to_owned(),
-        console: q.console_path()?.to_owned(),
-        log: q.log_path().to_owned(),
-    })
+        RunningVm::Firecracker(f) => {
+            let id = match f.identity() {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(
+                        pid = f.pid().unwrap_or(0),
+                        "the VM cannot be recorded for adoption: {e}"
+                    );
+                    return None;
+                }
+            };
+            let run_dir = f.run_dir()?.to_owned();
+            Some(RecordedVm::Firecracker(FcProcess {
+                pid: id.pid,
+                start_time: id.start_time,
+                api_socket: run_dir.join("api.sock"),
+                run_dir,
+            }))
+        }
+    }
 }
 
 /// Lets `vm` run on after this daemon process (a stop for a restart: the next start adopts it).
-/// A Firecracker VM is not adopted: it is stopped.
 pub async fn release(sb: &Sandbox, vm: RunningVm) {
+    tracing::info!(sandbox = %sb.id, pid = vm.pid(), "the VM runs on for the next daemon to adopt");
     match vm {
-        RunningVm::Qemu(q) => {
-            tracing::info!(sandbox = %sb.id, pid = q.pid(), "the VM runs on for the next daemon to adopt");
-            q.release();
-        }
-        RunningVm::Firecracker(f) => firecracker::stop(*f).await,
+        RunningVm::Qemu(q) => q.release(),
+        RunningVm::Firecracker(f) => f.release(),
     }
 }
 
 /// The template `sb` is forked from, as the VMM verification compares it.
-fn template_identity(core: &Core, sb: &Sandbox) -> Result<TemplateIdentity> {
+pub(crate) fn template_identity(core: &Core, sb: &Sandbox) -> Result<TemplateIdentity> {
     TemplateIdentity::of(&TemplatePath::new(core.templates.image_path(&sb.template)))
         .map_err(|e| DaemonError::io("stat template", e))
 }
 
 /// The provider's device, which Firecracker needs to be a block device (or file).
-async fn ready_device(provider: &AnyProvider) -> Result<rootfork_vmm::ReadyDevice> {
+pub async fn ready_device(provider: &AnyProvider) -> Result<rootfork_vmm::ReadyDevice> {
     match provider
         .path(Duration::ZERO, std::future::ready(()))
         .await?

@@ -1,10 +1,68 @@
 //! A process's identity that outlives the daemon which started it: its pid and its start time
 //! (field 22 of `/proc/PID/stat`, in clock ticks after boot). A later daemon adopting a VM by
-//! pid checks both, so a pid the kernel handed to another process meanwhile is refused.
+//! pid checks both, so a pid the kernel handed to another process meanwhile is refused. Shared
+//! by both VMMs (QEMU's [`QemuProcess::adopt`], Firecracker's [`FirecrackerVm::adopt`]), with
+//! the pidfd an adopted process is watched and killed through.
+//!
+//! [`QemuProcess::adopt`]: crate::qemu::QemuProcess::adopt
+//! [`FirecrackerVm::adopt`]: crate::firecracker::FirecrackerVm::adopt
 
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use super::error::QemuError;
+/// Why a recorded process is not (or no longer) the one recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// No process has the pid any more (or it is a zombie).
+    #[error("process {0} is gone")]
+    Gone(u32),
+    /// The recorded pid belongs to a process started at another time: the pid was reused.
+    #[error("pid {pid} is another process now (started at tick {found}, the recorded one at {expected})")]
+    PidReused {
+        /// The pid.
+        pid: u32,
+        /// The recorded start time.
+        expected: u64,
+        /// The start time of the process that holds the pid now.
+        found: u64,
+    },
+    /// The process holding the pid does not name the recorded marker (a QMP or API socket) on
+    /// its command line: it is not the VM the daemon started.
+    #[error("pid {pid} is not the VM started with {}", marker.display())]
+    NotOurs {
+        /// The pid.
+        pid: u32,
+        /// The marker its command line lacks.
+        marker: PathBuf,
+    },
+    /// `/proc/PID/stat` could not be parsed.
+    #[error("/proc/{pid}/stat: {why}")]
+    Stat {
+        /// The pid.
+        pid: u32,
+        /// What was wrong.
+        why: String,
+    },
+    /// Reading `/proc` or using the pidfd failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl IdentityError {
+    fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        IdentityError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
 
 /// A process as the daemon recorded it: a pid is reused, a pid and a start time are not (for as
 /// long as the host runs).
@@ -50,22 +108,22 @@ pub fn parse_stat(stat: &str) -> Result<StatFields, String> {
 }
 
 /// The fields of a live process `pid` (`Ok(None)`: no such process, or it is a zombie).
-pub fn stat_of(pid: u32) -> Result<Option<StatFields>, QemuError> {
+pub fn stat_of(pid: u32) -> Result<Option<StatFields>, IdentityError> {
     let path = format!("/proc/{pid}/stat");
     match std::fs::read_to_string(&path) {
         Ok(s) => {
-            let f = parse_stat(&s).map_err(|why| QemuError::ProcStat { pid, why })?;
+            let f = parse_stat(&s).map_err(|why| IdentityError::Stat { pid, why })?;
             Ok((f.state != 'Z' && f.state != 'X').then_some(f))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(QemuError::io(format!("reading {path}"), e)),
+        Err(e) => Err(IdentityError::io(format!("reading {path}"), e)),
     }
 }
 
 impl ProcessIdentity {
     /// The identity of the live process `pid`.
-    pub fn of(pid: u32) -> Result<ProcessIdentity, QemuError> {
-        let f = stat_of(pid)?.ok_or(QemuError::ProcessGone(pid))?;
+    pub fn of(pid: u32) -> Result<ProcessIdentity, IdentityError> {
+        let f = stat_of(pid)?.ok_or(IdentityError::Gone(pid))?;
         Ok(ProcessIdentity {
             pid,
             start_time: f.start_time,
@@ -74,12 +132,12 @@ impl ProcessIdentity {
 
     /// Checks that `self.pid` is still the process recorded: alive, started at the recorded
     /// time, and (when `marker` is given) with `marker` among its command line's arguments
-    /// (the daemon passes the VM's QMP socket, which names no other process's).
-    pub fn check(&self, marker: Option<&Path>) -> Result<(), QemuError> {
+    /// (the daemon passes the VM's QMP or API socket, which names no other process's).
+    pub fn check(&self, marker: Option<&Path>) -> Result<(), IdentityError> {
         let pid = self.pid;
-        let now = stat_of(pid)?.ok_or(QemuError::ProcessGone(pid))?;
+        let now = stat_of(pid)?.ok_or(IdentityError::Gone(pid))?;
         if now.start_time != self.start_time {
-            return Err(QemuError::PidReused {
+            return Err(IdentityError::PidReused {
                 pid,
                 expected: self.start_time,
                 found: now.start_time,
@@ -89,18 +147,79 @@ impl ProcessIdentity {
             let cmdline = match std::fs::read(format!("/proc/{pid}/cmdline")) {
                 Ok(c) => c,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(QemuError::ProcessGone(pid))
+                    return Err(IdentityError::Gone(pid))
                 }
-                Err(e) => return Err(QemuError::io(format!("reading /proc/{pid}/cmdline"), e)),
+                Err(e) => return Err(IdentityError::io(format!("reading /proc/{pid}/cmdline"), e)),
             };
             if !names(&cmdline, marker) {
-                return Err(QemuError::NotOurVm {
+                return Err(IdentityError::NotOurs {
                     pid,
-                    qmp: marker.to_owned(),
+                    marker: marker.to_owned(),
                 });
             }
         }
         Ok(())
+    }
+
+    /// Opens a pidfd on the recorded process and checks it is that process
+    /// ([`check`](Self::check)): the pidfd first, the check after, so a process that passes the
+    /// check (started at the recorded time) held the pid before the pidfd was opened and the
+    /// pidfd is its (the pid cannot have passed to the recorded process after the open).
+    pub fn open_checked(&self, marker: Option<&Path>) -> Result<OwnedFd, IdentityError> {
+        let pid = self.pid;
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or(IdentityError::Gone(pid))?;
+        let pidfd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::SRCH) => return Err(IdentityError::Gone(pid)),
+            Err(e) => {
+                return Err(IdentityError::io(
+                    format!("pidfd_open({pid})"),
+                    std::io::Error::from(e),
+                ))
+            }
+        };
+        self.check(marker)?;
+        Ok(pidfd)
+    }
+}
+
+/// Whether the process behind `pidfd` has exited, waiting up to `timeout` (a pidfd turns
+/// readable when its process exits, whoever reaps it).
+pub fn pidfd_exited(pidfd: &OwnedFd, timeout: Duration) -> Result<bool, IdentityError> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = Timespec {
+            tv_sec: left.as_secs() as _,
+            tv_nsec: left.subsec_nanos() as _,
+        };
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) if Instant::now() < deadline => continue,
+            Err(rustix::io::Errno::INTR) => return Ok(false),
+            Err(e) => {
+                return Err(IdentityError::io(
+                    "polling a VM's pidfd",
+                    std::io::Error::from(e),
+                ))
+            }
+        }
+    }
+}
+
+/// Sends `signal` to the process behind `pidfd` (one that is already gone is not an error).
+pub fn pidfd_signal(pidfd: &OwnedFd, signal: rustix::process::Signal) -> Result<(), IdentityError> {
+    match rustix::process::pidfd_send_signal(pidfd, signal) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(IdentityError::io(
+            "signalling a VM through its pidfd",
+            std::io::Error::from(e),
+        )),
     }
 }
 
@@ -160,7 +279,7 @@ mod tests {
             ..me
         };
         match recorded.check(None) {
-            Err(QemuError::PidReused {
+            Err(IdentityError::PidReused {
                 pid,
                 expected,
                 found,
@@ -180,7 +299,7 @@ mod tests {
         let marker = Path::new("/nonexistent/rootfork-test/77.qmp");
         assert!(matches!(
             me.check(Some(marker)),
-            Err(QemuError::NotOurVm { .. })
+            Err(IdentityError::NotOurs { .. })
         ));
     }
 
@@ -192,7 +311,7 @@ mod tests {
         let recorded = ProcessIdentity { pid, start_time: 1 };
         assert!(matches!(
             recorded.check(None),
-            Err(QemuError::ProcessGone(p)) if p == pid
+            Err(IdentityError::Gone(p)) if p == pid
         ));
     }
 
