@@ -235,6 +235,16 @@ impl KernelProvider {
         *lock(&self.reopened)
     }
 
+    /// Ends the attach (waiting for one under way), lets a reconnect in progress settle, and
+    /// takes what runs; `None` when nothing does (never attached, or already closed).
+    async fn stop_running(&mut self) -> Option<Running> {
+        if !self.readiness.close_attach(&mut self.task).await {
+            return None;
+        }
+        self.settle_reconnect().await;
+        lock(&self.running).take()
+    }
+
     /// Stops serving for a daemon restart (see the module docs): the device stays connected and
     /// its overlay's files stay for the next daemon process, which adopts it. Needs an overlay
     /// that keeps its cache (`OverlayOptions::keep_cache`). The provider is closed afterwards.
@@ -245,16 +255,12 @@ impl KernelProvider {
                 kind: "kernel (its overlay does not keep its cache)",
             });
         }
-        if !self.readiness.close_attach(&mut self.task).await {
-            return Ok(());
-        }
-        self.settle_reconnect().await;
         let Some(Running {
             overlay,
             serving,
             attachment,
             ..
-        }) = lock(&self.running).take()
+        }) = self.stop_running().await
         else {
             return Ok(());
         };
@@ -542,16 +548,12 @@ impl Provider for KernelProvider {
     }
 
     async fn close(&mut self) -> Result<()> {
-        if !self.readiness.close_attach(&mut self.task).await {
-            return Ok(());
-        }
-        self.settle_reconnect().await;
         let Some(Running {
             overlay,
             serving,
             attachment,
             ..
-        }) = lock(&self.running).take()
+        }) = self.stop_running().await
         else {
             return Ok(());
         };

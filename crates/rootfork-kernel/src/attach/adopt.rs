@@ -81,16 +81,7 @@ impl Attacher {
                 got: st.size_sectors * 512,
             });
         }
-        if let Some(cache) = &opts.cache_path {
-            lease
-                .set_cache_path(cache)
-                .map_err(|source| AttachError::Sysfs { index, source })?;
-        }
-        if opts.dead_conn_timeout.is_some() {
-            lease
-                .set_dead_conn_timeout(opts.dead_conn_timeout)
-                .map_err(|source| AttachError::Sysfs { index, source })?;
-        }
+        super::record_in_claim(&mut lease, opts)?;
         let file = self
             .nodes
             .open(index)

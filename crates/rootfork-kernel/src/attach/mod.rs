@@ -200,16 +200,7 @@ impl Attacher {
                 Err(e) => return Err(e.into()),
             };
             let index = lease.index();
-            if let Some(cache) = &opts.cache_path {
-                lease
-                    .set_cache_path(cache)
-                    .map_err(|source| AttachError::Sysfs { index, source })?;
-            }
-            if opts.dead_conn_timeout.is_some() {
-                lease
-                    .set_dead_conn_timeout(opts.dead_conn_timeout)
-                    .map_err(|source| AttachError::Sysfs { index, source })?;
-            }
+            record_in_claim(&mut lease, opts)?;
             stage_boundary().await;
 
             // 2. Socketpairs, 3. dispatchers on our ends.
@@ -518,4 +509,21 @@ impl Drop for Attachment {
         drop(self.dispatches.take());
         drop(self.lease.take());
     }
+}
+
+/// Records what a later reclaim or adoption needs in `lease`'s claim: the overlay's cache file
+/// and the device's `dead_conn_timeout`, when `opts` has them.
+pub(crate) fn record_in_claim(lease: &mut Lease, opts: &AttachOptions) -> Result<(), AttachError> {
+    let index = lease.index();
+    if let Some(cache) = &opts.cache_path {
+        lease
+            .set_cache_path(cache)
+            .map_err(|source| AttachError::Sysfs { index, source })?;
+    }
+    if opts.dead_conn_timeout.is_some() {
+        lease
+            .set_dead_conn_timeout(opts.dead_conn_timeout)
+            .map_err(|source| AttachError::Sysfs { index, source })?;
+    }
+    Ok(())
 }

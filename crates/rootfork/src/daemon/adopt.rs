@@ -122,28 +122,31 @@ fn socket_number(socket: &Path) -> Option<u64> {
         .ok()
 }
 
-/// When `e` is an overlay error (the reopen failed rather than the serving): the `reason` label.
-fn reopen_reason(e: &DaemonError) -> Option<&'static str> {
-    use rootfork_block::BlockError;
+/// The provider error under `e`, through any `AttachFailed` wrappers.
+fn root_provider_error(e: &DaemonError) -> Option<&rootfork_provider::ProviderError> {
     use rootfork_provider::ProviderError;
     let DaemonError::Provider(first) = e else {
         return None;
     };
     let mut p: &ProviderError = first;
-    loop {
-        match p {
-            ProviderError::AttachFailed(inner) => p = &**inner,
-            ProviderError::Block(b) => {
-                return Some(match b {
-                    BlockError::StateMissing(_) => "state_missing",
-                    BlockError::StateDamaged(_) => "state_damaged",
-                    BlockError::StateMismatch { .. } => "state_mismatch",
-                    _ => "reopen_failed",
-                })
-            }
-            _ => return None,
-        }
+    while let ProviderError::AttachFailed(inner) = p {
+        p = inner;
     }
+    Some(p)
+}
+
+/// When `e` is an overlay error (the reopen failed rather than the serving): the `reason` label.
+fn reopen_reason(e: &DaemonError) -> Option<&'static str> {
+    use rootfork_block::BlockError;
+    let rootfork_provider::ProviderError::Block(b) = root_provider_error(e)? else {
+        return None;
+    };
+    Some(match b {
+        BlockError::StateMissing(_) => "state_missing",
+        BlockError::StateDamaged(_) => "state_damaged",
+        BlockError::StateMismatch { .. } => "state_mismatch",
+        _ => "reopen_failed",
+    })
 }
 
 /// What a reopen found, for the status message.
@@ -163,28 +166,19 @@ fn describe(r: &ReopenReport) -> String {
 /// When `e` says the adopted device has another size than the disk: the error.
 fn resized(e: &DaemonError) -> Option<AdoptError> {
     use rootfork_kernel::AttachError;
-    use rootfork_provider::ProviderError;
-    let DaemonError::Provider(first) = e else {
+    let rootfork_provider::ProviderError::Kernel(AttachError::SizeMismatch {
+        index,
+        expected,
+        got,
+    }) = root_provider_error(e)?
+    else {
         return None;
     };
-    let mut p: &ProviderError = first;
-    loop {
-        match p {
-            ProviderError::AttachFailed(inner) => p = &**inner,
-            ProviderError::Kernel(AttachError::SizeMismatch {
-                index,
-                expected,
-                got,
-            }) => {
-                return Some(AdoptError::DeviceResized {
-                    index: *index,
-                    expected: *expected,
-                    got: *got,
-                })
-            }
-            _ => return None,
-        }
-    }
+    Some(AdoptError::DeviceResized {
+        index: *index,
+        expected: *expected,
+        got: *got,
+    })
 }
 
 /// Checks that the overlay's files are where a record may name them, and there.
