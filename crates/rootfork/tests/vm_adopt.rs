@@ -39,10 +39,16 @@ fn state_of(s: &v1::Sandbox) -> v1::SandboxState {
     v1::SandboxState::try_from(s.state).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_recorded_vm_is_adopted_by_pid_and_start_time_and_a_reused_pid_is_refused() {
+/// A stopped daemon's state directory holding socket sandboxes `ids` over a 16-block template,
+/// sandbox `k` with 4 KiB of `bytes[k]` written at `at`: what the tests then record a VM for.
+async fn stopped_with_sandboxes(
+    prefix: &str,
+    ids: &[&str],
+    at: u64,
+    bytes: &[u8],
+) -> (tempfile::TempDir, PathBuf, PathBuf, Vec<v1::Sandbox>) {
     let dir = tempfile::Builder::new()
-        .prefix("rfv")
+        .prefix(prefix)
         .tempdir_in("/tmp")
         .unwrap();
     let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
@@ -50,11 +56,21 @@ async fn a_recorded_vm_is_adopted_by_pid_and_start_time_and_a_reused_pid_is_refu
     let mut c = connect_when_up(d.api_socket()).await;
     let src = make_template(dir.path(), "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();
-    let ours = create(&mut c, "tpl", "ours").await.unwrap();
-    nbd_write(&ours.nbd_uri, 4096, 4096, 0x31);
-    let reused = create(&mut c, "tpl", "reused").await.unwrap();
-    nbd_write(&reused.nbd_uri, 4096, 4096, 0x32);
+    let mut made = Vec::new();
+    for (id, b) in ids.iter().zip(bytes) {
+        let sb = create(&mut c, "tpl", id).await.unwrap();
+        nbd_write(&sb.nbd_uri, at, 4096, *b);
+        made.push(sb);
+    }
     d.shutdown().await;
+    (dir, state, locks, made)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_vm_is_adopted_by_pid_and_start_time_and_a_reused_pid_is_refused() {
+    let (_dir, state, locks, made) =
+        stopped_with_sandboxes("rfv", &["ours", "reused"], 4096, &[0x31, 0x32]).await;
+    let (ours, reused) = (&made[0], &made[1]);
 
     let vm_dir = state.join("vm");
     std::fs::create_dir_all(&vm_dir).unwrap();
@@ -136,18 +152,9 @@ async fn a_recorded_vm_is_adopted_by_pid_and_start_time_and_a_reused_pid_is_refu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorded_vm_that_is_gone_fails_its_sandbox_with_the_disk_kept() {
-    let dir = tempfile::Builder::new()
-        .prefix("rfg")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
-    let d = start(&state, &locks).await;
-    let mut c = connect_when_up(d.api_socket()).await;
-    let src = make_template(dir.path(), "src.img", 16);
-    import(&mut c, "tpl", &src).await.unwrap();
-    let sb = create(&mut c, "tpl", "gone").await.unwrap();
-    nbd_write(&sb.nbd_uri, 8192, 4096, 0x41);
-    d.shutdown().await;
+    let (_dir, state, locks, mut made) =
+        stopped_with_sandboxes("rfg", &["gone"], 8192, &[0x41]).await;
+    let sb = made.remove(0);
     let vm_dir = state.join("vm");
     std::fs::create_dir_all(&vm_dir).unwrap();
     let marker = vm_dir.join("903.qmp");
@@ -178,18 +185,9 @@ async fn a_recorded_vm_that_is_gone_fails_its_sandbox_with_the_disk_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_whose_vm_had_exited_is_adopted_without_one() {
-    let dir = tempfile::Builder::new()
-        .prefix("rfe")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
-    let d = start(&state, &locks).await;
-    let mut c = connect_when_up(d.api_socket()).await;
-    let src = make_template(dir.path(), "src.img", 16);
-    import(&mut c, "tpl", &src).await.unwrap();
-    let sb = create(&mut c, "tpl", "exited").await.unwrap();
-    nbd_write(&sb.nbd_uri, 4096, 4096, 0x51);
-    d.shutdown().await;
+    let (_dir, state, locks, mut made) =
+        stopped_with_sandboxes("rfe", &["exited"], 4096, &[0x51]).await;
+    let sb = made.remove(0);
     // A QEMU sandbox whose VM a health round reaped: its record names no VM process.
     record_vm(&state, "exited", serde_json::Value::Null);
 
