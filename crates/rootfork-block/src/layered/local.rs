@@ -49,8 +49,10 @@ impl Default for BuildOptions {
 
 /// A diff to turn into a layer: ascending, non-overlapping runs and the file holding their data.
 pub struct LayerDiff<'a> {
-    /// Size of the device the diff was taken from (must equal the parent's). The diff's own
-    /// block size does not matter: runs are byte ranges, and the layer keeps its parent's.
+    /// Size of the device the diff was taken from: the parent's, or larger when the sandbox's
+    /// disk grew past its template (the bytes past the parent's end read as zeros unless the
+    /// diff writes them); never smaller. The diff's own block size does not matter: runs are
+    /// byte ranges, and the layer keeps its parent's.
     pub size: u64,
     /// `(offset, len, source)` runs, ascending; data sources are offsets into `data`.
     pub runs: Vec<(u64, u64, DiffSource)>,
@@ -270,6 +272,7 @@ impl LocalStore {
             },
         )?;
         validate_diff(diff)?;
+        let parent_mapping = pmap.mapping.grown(diff.size);
         let id = BuildId::random();
         let chunk_size = pmap.header.chunk_size;
         let mut pending = PendingBuild::create(&self.root, id, chunk_size)?;
@@ -306,10 +309,11 @@ impl LocalStore {
                 id,
                 parent: Some(pmap.header.id),
                 data_len,
+                size: diff.size,
                 ..pmap.header.clone()
             },
             lineage,
-            mapping: pmap.mapping.overlay(&own),
+            mapping: parent_mapping.overlay(&own),
             chunk_crcs,
         };
         pending.commit(&map)?;

@@ -126,6 +126,22 @@ impl Mapping {
         self.size
     }
 
+    /// This mapping over a device of `size` bytes (at least its own): the bytes past its end
+    /// are zeros.
+    pub fn grown(&self, size: u64) -> Mapping {
+        let mut m = self.clone();
+        if size > m.size {
+            m.runs.push(MapRun {
+                offset: m.size,
+                len: size - m.size,
+                kind: RunKind::Zero,
+            });
+            m.size = size;
+            m.normalise();
+        }
+        m
+    }
+
     /// The runs, ascending.
     pub fn runs(&self) -> &[MapRun] {
         &self.runs

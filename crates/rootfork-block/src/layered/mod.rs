@@ -10,6 +10,7 @@
 //! Design notes and measured numbers: `docs/template-store.md`.
 
 mod error;
+mod flatten;
 pub mod format;
 mod id;
 mod local;

@@ -165,12 +165,15 @@ fn check_ancestor(top: &BuildMap, index: usize, found: &BuildMap) -> LayerResult
             ),
         });
     }
-    check_geometry(&top.header, &found.header)
+    check_geometry(&found.header, &top.header)
 }
 
-/// Checks that two builds describe the same device geometry.
-pub(crate) fn check_geometry(expected: &BuildHeader, found: &BuildHeader) -> LayerResult<()> {
-    if expected.size != found.size || expected.block_size != found.block_size {
+/// Checks that a child build (or a diff) fits over its ancestor: the same block size, and a
+/// device at least as large (a layer may grow the device: the bytes past the ancestor's end
+/// read as zeros until written; it never shrinks it).
+pub(crate) fn check_geometry(ancestor: &BuildHeader, child: &BuildHeader) -> LayerResult<()> {
+    let (expected, found) = (ancestor, child);
+    if expected.size > found.size || expected.block_size != found.block_size {
         return Err(LayerError::Geometry {
             expected_size: expected.size,
             expected_block_size: expected.block_size,

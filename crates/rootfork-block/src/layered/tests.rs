@@ -152,6 +152,100 @@ fn layers_merge_and_resolve() {
         .all(|&b| b == 0));
 }
 
+#[test]
+fn a_layer_grows_the_device_with_zeros_past_the_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = sample_image(256 * 1024);
+    let path = dir.path().join("img");
+    write_sparse(&path, &img);
+    let store = LocalStore::new(dir.path().join("store"));
+    let base = store.import_image(&path, opts()).unwrap();
+    let grown = img.len() as u64 + 16 * BS;
+    // One write straddling the old end, one past it.
+    let (runs, data) = data_diff(
+        &[
+            (img.len() as u64 - BS, vec![3u8; 2 * BS as usize]),
+            (grown - BS, vec![4u8; BS as usize]),
+        ],
+        &[],
+    );
+    let l1 = store
+        .create_layer(
+            &base.header.id,
+            &LayerDiff {
+                size: grown,
+                runs,
+                data: &data,
+            },
+        )
+        .unwrap();
+    assert_eq!(l1.header.size, grown);
+    let mut model = img.clone();
+    model.resize(grown as usize, 0);
+    let end = img.len();
+    model[end - BS as usize..end + BS as usize].fill(3);
+    model[grown as usize - BS as usize..].fill(4);
+    assert_eq!(read_all(&store.open(&l1.header.id).unwrap()), model);
+    // A layer over the grown one keeps its size; it opens with the smaller base below.
+    let (runs, data) = data_diff(&[(0, vec![8u8; BS as usize])], &[]);
+    let l2 = store
+        .create_layer(
+            &l1.header.id,
+            &LayerDiff {
+                size: grown,
+                runs,
+                data: &data,
+            },
+        )
+        .unwrap();
+    model[..BS as usize].fill(8);
+    assert_eq!(read_all(&store.open(&l2.header.id).unwrap()), model);
+}
+
+#[test]
+fn flattening_a_chain_serves_the_same_bytes_from_one_layer_over_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = sample_image(256 * 1024);
+    let path = dir.path().join("img");
+    write_sparse(&path, &model);
+    let store = LocalStore::new(dir.path().join("store"));
+    let base = store.import_image(&path, opts()).unwrap();
+    let mut top = base.header.id;
+    for g in 1..=5u8 {
+        let at = u64::from(g) * 7 * BS;
+        let (runs, data) = data_diff(
+            &[(at, vec![g; 3 * BS as usize])],
+            &[((u64::from(g) * 5 + 30) * BS, BS)],
+        );
+        let layer = store
+            .create_layer(
+                &top,
+                &LayerDiff {
+                    size: model.len() as u64,
+                    runs,
+                    data: &data,
+                },
+            )
+            .unwrap();
+        model[at as usize..(at + 3 * BS) as usize].fill(g);
+        let z = ((u64::from(g) * 5 + 30) * BS) as usize;
+        model[z..z + BS as usize].fill(0);
+        top = layer.header.id;
+    }
+    let flat = store.flatten(&top, &base.header.id).unwrap();
+    assert_eq!(flat.header.generation, 1);
+    assert_eq!(flat.lineage, vec![flat.header.id, base.header.id]);
+    let t = store.open(&flat.header.id).unwrap();
+    assert_eq!(read_all(&t), model);
+    // Only what the layers decided was copied: the base's own data stays in the base.
+    assert!(flat.header.data_len <= 5 * 3 * BS);
+    // Not an ancestor: refused.
+    assert!(matches!(
+        store.flatten(&base.header.id, &top),
+        Err(LayerError::InvalidDiff(_))
+    ));
+}
+
 fn store_with_layer() -> (tempfile::TempDir, LocalStore, BuildMap, BuildMap) {
     let dir = tempfile::tempdir().unwrap();
     let img = sample_image(256 * 1024);
@@ -310,7 +404,8 @@ fn bad_diffs_and_geometry_are_refused_without_leftovers() {
             Err(LayerError::InvalidDiff(_))
         ));
     }
-    for sz in [size + 4096, size - 4096] {
+    // Smaller than the parent: a layer never shrinks the device.
+    for sz in [size - 4096] {
         let diff = LayerDiff {
             size: sz,
             runs: vec![],
