@@ -55,6 +55,10 @@ pub enum ProviderError {
     /// The block layer (template, overlay, diff) failed.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// The layered build a sandbox is stacked on could not be opened (missing, damaged, or not
+    /// of the chain its map names).
+    #[error("opening the layered base: {0}")]
+    Layer(#[from] rootfork_block::layered::LayerError),
     /// The device could not be verified as ready.
     #[error(transparent)]
     Drive(#[from] DriveError),
@@ -96,6 +100,13 @@ impl ProviderError {
             ProviderError::Exists(_) => libc::EEXIST,
             ProviderError::InvalidArgument(_) | ProviderError::Endpoint(_) => libc::EINVAL,
             ProviderError::Block(e) => e.errno(),
+            ProviderError::Layer(rootfork_block::layered::LayerError::Io { source, .. }) => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            ProviderError::Layer(rootfork_block::layered::LayerError::MissingBuild(_)) => {
+                libc::ENOENT
+            }
+            ProviderError::Layer(_) => libc::EIO,
             ProviderError::Drive(_) => libc::ENODEV,
             ProviderError::Kernel(e) => e.errno(),
             ProviderError::Nbd(rootfork_nbd::ServerError::AddressInUse(_)) => libc::EADDRINUSE,

@@ -28,7 +28,7 @@ pub use copy::CopyMethod;
 pub use direct::DirectProvider;
 pub use error::{ProviderError, Result};
 pub use kernel::{KernelConfig, KernelProvider, NodePath};
-pub use pause::{BaseImage, PausedDisk};
+pub use pause::{BaseImage, BuildSource, PausedDisk};
 pub use provider::{Provider, ProviderKind};
 pub use readiness::{Readiness, State};
 pub use socket::{DeviceWrapper, SocketConfig, SocketProvider};

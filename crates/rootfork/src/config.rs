@@ -161,6 +161,20 @@ pub struct TemplatesFile {
     pub import_dirs: Option<Vec<PathBuf>>,
 }
 
+/// The `[store]` table: the build store under the state directory.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    /// The most layers a paused sandbox's chain keeps over its template; a pause that would
+    /// make it deeper flattens the chain into one layer.
+    pub max_layers: Option<u64>,
+}
+
+/// The most `store.max_layers`.
+pub const MAX_STORE_LAYERS: u64 = 64;
+/// The default `store.max_layers`.
+pub const DEFAULT_STORE_LAYERS: u64 = 4;
+
 /// The `[limits]` table.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,6 +249,9 @@ pub struct FileConfig {
     /// `[limits]`.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// `[store]`.
+    #[serde(default)]
+    pub store: StoreFile,
     /// `[vmm]`.
     #[serde(default)]
     pub vmm: VmmFile,
@@ -327,6 +344,8 @@ pub struct Config {
     pub kernel_dead_conn_timeout: Option<Duration>,
     /// Pre-connected kernel devices kept ready per disk size (`kernel.warm_slots`; 0: none).
     pub kernel_warm_slots: usize,
+    /// The deepest chain of layers a pause leaves (`store.max_layers`).
+    pub store_max_layers: u64,
     /// How long a QEMU VM's NBD client waits for a restarting daemon (`None`: not at all).
     pub vmm_nbd_reconnect_delay: Option<u32>,
     /// Fault injection triggers (`debug.fault_injection`; testing only).
@@ -573,6 +592,13 @@ impl Config {
                 format!("{kernel_warm_slots} is outside 0..={MAX_WARM_SLOTS}"),
             ));
         }
+        let store_max_layers = file.store.max_layers.unwrap_or(DEFAULT_STORE_LAYERS);
+        if !(1..=MAX_STORE_LAYERS).contains(&store_max_layers) {
+            return Err(invalid(
+                "store.max_layers",
+                format!("{store_max_layers} is outside 1..={MAX_STORE_LAYERS}"),
+            ));
+        }
         let tcp_import_dirs = file.templates.import_dirs.unwrap_or_default();
         if let Some(d) = tcp_import_dirs.iter().find(|d| !d.is_absolute()) {
             return Err(invalid(
@@ -656,6 +682,7 @@ impl Config {
             kernel_dead_conn_timeout: (dead_conn_secs != 0)
                 .then(|| Duration::from_secs(dead_conn_secs)),
             kernel_warm_slots,
+            store_max_layers,
             vmm_nbd_reconnect_delay: (reconnect_secs != 0).then_some(reconnect_secs),
             seams: Seams::default(),
             fault_injection: file.debug.fault_injection.unwrap_or(false),

@@ -145,6 +145,10 @@ pub enum DaemonError {
     /// Launching, pausing or restoring the sandbox's Firecracker failed.
     #[error("firecracker: {0}")]
     Firecracker(Box<rootfork_vmm::firecracker::VmError>),
+    /// Writing or reading a build of the store (a template's base build, a pause's layer)
+    /// failed: I/O, or a build that is missing or damaged.
+    #[error("build store: {0}")]
+    Layer(#[source] rootfork_block::layered::LayerError),
     /// A blocking task of the operation panicked or was cancelled.
     #[error("{what}: {reason}")]
     TaskFailed {
@@ -229,6 +233,7 @@ impl DaemonError {
                 _ => Code::Internal,
             },
             DaemonError::Firecracker(_)
+            | DaemonError::Layer(_)
             | DaemonError::TaskFailed { .. }
             | DaemonError::Io { .. } => Code::Internal,
         }
@@ -266,7 +271,11 @@ impl DaemonError {
             | DaemonError::Vm(_)
             | DaemonError::Firecracker(_)
             | DaemonError::TaskFailed { .. } => libc::EIO,
-            DaemonError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            DaemonError::Io { source, .. }
+            | DaemonError::Layer(rootfork_block::layered::LayerError::Io { source, .. }) => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            DaemonError::Layer(_) => libc::EIO,
         }
     }
 }

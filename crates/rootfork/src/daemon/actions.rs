@@ -6,7 +6,7 @@
 //! |---|---|
 //! | templates: import, list, delete | `templates/` |
 //! | sandboxes: create, delete | `lifecycle.rs` (disk: `disk.rs`, VM: `vm.rs`) |
-//! | pause, resume | `pause.rs` (diff fold: `diffmerge.rs`) |
+//! | pause, resume | `pause.rs` (layers: `builds.rs`) |
 //! | fork | `fork.rs` (shared layers: `shared.rs`) |
 //! | get, list | `sandbox.rs` (the record's view) |
 //! | devices | `kernel.rs` |

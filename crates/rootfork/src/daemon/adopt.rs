@@ -28,8 +28,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rootfork_block::{ReopenReport, StateCopy, TemplatePath};
-use rootfork_provider::{AnyProvider, BaseImage, PausedDisk};
+use rootfork_block::{ReopenReport, StateCopy};
+use rootfork_provider::AnyProvider;
+
+use crate::daemon::builds::Layer;
 
 use crate::daemon::core::Core;
 use crate::daemon::disk;
@@ -207,13 +209,13 @@ fn check_device(core: &Core, served: &ServedDevice) -> Result<(), AdoptError> {
         .ok_or(AdoptError::DeviceMissing(served.device))
 }
 
-/// Serves `sb`'s disk again (its lifecycle lock is free: it is not published yet). `paused` is
-/// its last pause's diff, which its overlay lies over.
+/// Serves `sb`'s disk again (its lifecycle lock is free: it is not published yet). `layer` is
+/// the build its overlay lies over (`None`: its template's base build).
 async fn serve_again(
     core: &Core,
     sb: &Sandbox,
     served: &Served,
-    paused: Option<PausedDisk>,
+    layer: Option<Layer>,
 ) -> Result<AnyProvider, AdoptError> {
     check_files(core, served.cache())?;
     if let Served::Socket(s) = served {
@@ -223,11 +225,14 @@ async fn serve_again(
             core.skip_seq_past(n);
         }
     }
-    let template = TemplatePath::new(core.templates.image_path(&sb.template));
-    let base = match paused {
-        Some(paused) => BaseImage::Resumed { template, paused },
-        None => BaseImage::Template(template),
+    let top = match layer {
+        Some(l) => l.id,
+        None => core
+            .templates
+            .build(&sb.template)
+            .ok_or_else(|| AdoptError::Serve(DaemonError::TemplateNotFound(sb.template.clone())))?,
     };
+    let base = core.builds.base(top);
     let provider = match served {
         Served::Socket(s) => disk::adopted_provider(core, sb, base, s),
         Served::Kernel(d) => {
@@ -288,14 +293,14 @@ pub async fn adopt(
     core: &Core,
     sb: &Arc<Sandbox>,
     served: &Served,
-    paused: Option<PausedDisk>,
+    layer: Option<Layer>,
     vm: Option<&RecordedVm>,
 ) -> bool {
     let mut live = sb
         .live
         .try_lock()
         .expect("nobody else holds the lock of a sandbox not yet published");
-    match serve_again(core, sb, served, paused).await {
+    match serve_again(core, sb, served, layer).await {
         Ok(provider) => {
             let adopted_vm = if has_vm(sb) {
                 match vm_adopt::adopt(core, sb, &provider, vm).await {

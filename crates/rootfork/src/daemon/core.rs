@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::daemon::builds::Builds;
 use crate::daemon::kernel::KernelSide;
 use crate::daemon::lifecycle::Tombstones;
 use crate::daemon::model::SandboxState;
@@ -31,13 +32,16 @@ use crate::metrics::Metrics;
 /// Directories under the state directory.
 #[derive(Debug, Clone)]
 pub struct Dirs {
-    /// Template images and records.
+    /// Template records.
     pub templates: PathBuf,
+    /// The build store: templates' base builds and pauses' layers.
+    pub store: PathBuf,
     /// Per-sandbox NBD sockets.
     pub nbd: PathBuf,
     /// Overlay cache files.
     pub cache: PathBuf,
-    /// Paused sandboxes' diffs.
+    /// Paused sandboxes' VM states (and the diffs of daemons before the build store, migrated
+    /// at start).
     pub paused: PathBuf,
     /// Scratch space.
     pub tmp: PathBuf,
@@ -52,6 +56,7 @@ impl Dirs {
     pub fn new(state: &Path) -> Dirs {
         Dirs {
             templates: state.join("templates"),
+            store: state.join("store"),
             nbd: state.join("nbd"),
             cache: state.join("cache"),
             paused: state.join("paused"),
@@ -77,6 +82,8 @@ pub struct Core {
     pub dirs: Dirs,
     /// Templates.
     pub templates: TemplateStore,
+    /// The build store and which builds are in use.
+    pub builds: Builds,
     /// Sandboxes by id (live ones and recent tombstones).
     pub sandboxes: parking_lot::RwLock<BTreeMap<String, Arc<Sandbox>>>,
     /// Deleted sandboxes kept for late calls.
@@ -134,9 +141,11 @@ impl Core {
         }
         let warm = (config.kernel_warm_slots > 0 && !config.fault_injection)
             .then(|| WarmStock::new(config.kernel_warm_slots));
+        let builds = Builds::new(&dirs.store, config.store_max_layers);
         Core {
             config,
             dirs,
+            builds,
             templates,
             sandboxes: Default::default(),
             tombstones: Default::default(),

@@ -1,6 +1,6 @@
 //! Fork: `count` new sandboxes from one paused sandbox. Each fork serves an overlay of its own
-//! over the parent's layers (the template and the parent's paused diff, read-only and shared:
-//! `shared.rs` counts their users) and, when the parent's pause saved a running VM, runs a VM of
+//! over the parent's layer in the build store (immutable, so shared as it is: each fork's record
+//! names it, which keeps it from collection while any of them uses it; `builds.rs`) and, when the parent's pause saved a running VM, runs a VM of
 //! its own restored from that snapshot (`vm::restore`; QEMU gives each a fresh VM generation
 //! ID). A fork's writes go to its own overlay only, so no fork sees another's or the parent's.
 //!
@@ -9,9 +9,9 @@
 
 use std::sync::Arc;
 
-use rootfork_block::TemplatePath;
-use rootfork_provider::{BaseImage, PausedDisk, ProviderKind};
+use rootfork_provider::ProviderKind;
 
+use crate::daemon::builds::Layer;
 use crate::daemon::core::Core;
 use crate::daemon::lifecycle::{self, register, unregister};
 use crate::daemon::limits;
@@ -82,7 +82,7 @@ pub async fn fork(
             state: parent.state(),
         });
     }
-    let Some(paused) = plive.paused.clone() else {
+    let Some(paused) = plive.layer.clone() else {
         return Err(DaemonError::NoPausedDisk(id.into()));
     };
     if parent.kind == ProviderKind::Kernel {
@@ -132,7 +132,7 @@ pub async fn fork(
 async fn fork_one(
     core: &Core,
     parent: &Sandbox,
-    paused: &PausedDisk,
+    paused: &Layer,
     vm_state: Option<&VmState>,
     fid: &str,
 ) -> Result<Arc<Sandbox>> {
@@ -157,16 +157,12 @@ async fn fork_one(
         .try_lock()
         .expect("nobody else holds the lock of a sandbox not yet published");
     register(core, &sb)?;
-    // The fork's record names the parent's diff as its own paused layer: that makes it a user
-    // (here, and after a restart), and its delete releases it.
-    core.shared.share(&paused.data, &parent.id, fid);
-    live.paused = Some(paused.clone());
-    live.files.push(paused.data.clone());
+    // The fork's record names the parent's layer as its own: that makes it a user (here, and
+    // after a restart), and it is collected only once no record uses it.
+    live.layer = Some(paused.clone());
+    core.builds.track(fid, Some(paused.id));
     live.generation = 1;
-    let base = BaseImage::Resumed {
-        template: TemplatePath::new(core.templates.image_path(&sb.template)),
-        paused: paused.clone(),
-    };
+    let base = core.builds.base(paused.id);
     let r = start::serve_and_start(
         core,
         &sb,
@@ -187,11 +183,11 @@ async fn fork_one(
             Ok(sb)
         }
         Err(e) => {
-            live.paused = None;
+            live.layer = None;
             live.files.clear();
             drop(live);
-            // The parent still uses the diff: this never removes it.
-            crate::daemon::shared::release_and_remove(&core.shared, &paused.data, fid);
+            // The parent still uses the layer: this never removes it.
+            core.builds.track(fid, None);
             if sb.vm.is_some() {
                 // A VM that failed to start may have left its console and log.
                 for ext in ["console", "qemu.log"] {

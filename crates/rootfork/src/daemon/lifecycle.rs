@@ -7,8 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use rootfork_block::TemplatePath;
-use rootfork_provider::{BaseImage, ProviderKind};
+use rootfork_provider::ProviderKind;
 
 use crate::daemon::core::Core;
 use crate::daemon::model::{SandboxInfo, SandboxState};
@@ -94,7 +93,13 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         .try_lock()
         .expect("nobody else holds the lock of a sandbox not yet published");
     register(core, &sb)?;
-    let base = BaseImage::Template(TemplatePath::new(core.templates.image_path(&sb.template)));
+    // Registered, the sandbox counts as a user of its template, which can no longer go.
+    let Some(template_build) = core.templates.build(&sb.template) else {
+        drop(live);
+        unregister(core, &sb, "its template is gone");
+        return Err(DaemonError::TemplateNotFound(sb.template.clone()));
+    };
+    let base = core.builds.base(template_build);
     let r = start::serve_and_start(core, &sb, &live, base, 0, VmStart::Boot, "create").await;
     match r {
         Ok((provider, vm)) => {
@@ -180,8 +185,11 @@ pub async fn delete(core: &Core, id: &str) -> Result<bool> {
                 .error("delete_sandbox", DaemonError::from(e).errno());
         }
     }
-    live.paused = None;
-    // A file a fork still uses (its parent's paused diff) stays until its last user goes.
+    live.layer = None;
+    // Its layer goes with the next collection unless a fork (or its parent) still uses it.
+    core.builds.track(id, None);
+    core.builds.collect_soon();
+    // A file a fork still uses (its parent's VM state) stays until its last user goes.
     for f in live.files.drain(..) {
         shared::release_and_remove(&core.shared, &f, id);
     }

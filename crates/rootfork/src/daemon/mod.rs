@@ -38,9 +38,11 @@
 //! | `templates/` | the template store and import / list / delete |
 //! | `lifecycle.rs` | sandbox create and delete, tombstones |
 //! | `disk.rs` | a sandbox's provider: build, bring up, retire |
-//! | `pause.rs` | pause and resume (`diffmerge.rs`: folding two diffs) |
+//! | `pause.rs` | pause and resume (as layers of the build store) |
+//! | `builds.rs` | the build store: templates as base builds, pauses as layers, collection of unused builds |
+//! | `migrate.rs` | older records' paused diffs turned into layers at start |
 //! | `fork.rs` | fork: new sandboxes from a paused one's layers and VM snapshot |
-//! | `shared.rs` | files several sandboxes use (a parent's diff and its forks), counted from the records |
+//! | `shared.rs` | files several sandboxes use (a parent's VM state and its forks), counted from the records |
 //! | `records.rs`, `persist.rs` | durable sandbox records; restore at start, keep at stop |
 //! | `adopt.rs` | serving a running socket sandbox of a previous run again at start |
 //! | `vm.rs` | booting, restoring and stopping the sandbox's VM (QEMU, or Firecracker: `firecracker.rs`) |
@@ -57,9 +59,9 @@
 
 mod actions;
 mod adopt;
+pub mod builds;
 pub mod core;
 pub mod demo;
-pub mod diffmerge;
 mod disk;
 mod firecracker;
 pub mod fork;
@@ -67,6 +69,7 @@ pub mod health;
 pub mod kernel;
 mod lifecycle;
 pub mod limits;
+mod migrate;
 pub mod model;
 pub mod notify;
 mod pause;
@@ -194,7 +197,10 @@ impl Daemon {
         }
         std::fs::create_dir_all(&dirs.cache)
             .map_err(io(format!("creating {}", dirs.cache.display())))?;
-        let templates = TemplateStore::open(&dirs.templates)?;
+        let templates = TemplateStore::open(
+            &dirs.templates,
+            &rootfork_block::layered::LocalStore::new(&dirs.store),
+        )?;
         std::fs::create_dir_all(&dirs.paused)
             .map_err(io(format!("creating {}", dirs.paused.display())))?;
         let core = Arc::new(Core::new(config.clone(), dirs.clone(), templates, records));
@@ -283,6 +289,12 @@ impl Daemon {
             }));
             tracing::info!(%bound, token_file = %token_file.display(), "API also on TCP (bearer token required)");
         }
+
+        // Unused builds are removed in the background after pauses and deletes.
+        tasks.push(tokio::spawn(builds::collector(
+            core.clone(),
+            stop_rx.clone(),
+        )));
 
         let metrics = match metrics_http::start(&config.metrics, core.clone(), stop_rx.clone())
             .await

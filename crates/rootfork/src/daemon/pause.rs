@@ -1,19 +1,21 @@
 //! Pause and resume of a sandbox: its VM and its disk. A pause of a sandbox whose QEMU VM runs
 //! first stops the guest and saves its memory and device state (`snapshot.rs`); then it
-//! flushes, freezes and exports the overlay's changes, stops the VM and releases the device; a
-//! sandbox that was resumed from an earlier pause has its new changes folded with the old diff
-//! into one diff against the template (`diffmerge.rs`). A resume serves a fresh overlay over
-//! template + diff and, when the pause saved a VM, restores the VM on it: the guest continues.
+//! flushes, freezes and exports the overlay's changes as a layer of the build store over the
+//! build the overlay sat on (`builds.rs`), stops the VM and releases the device. A resume serves
+//! a fresh overlay over that layer and, when the pause saved a VM, restores the VM on it: the
+//! guest continues.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use rootfork_block::{BlockDevice, Overlay, TemplatePath};
-use rootfork_provider::{BaseImage, PausedDisk, Provider};
+use rootfork_block::layered::{BuildId, LayerResult, LocalStore};
+use rootfork_block::{BlockDevice, Overlay};
+use rootfork_provider::{PausedDisk, Provider};
 
+use crate::daemon::builds::Layer;
 use crate::daemon::core::Core;
 use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::records::RecordState;
-use crate::daemon::sandbox::{overlay_of, Live, Sandbox};
+use crate::daemon::sandbox::{overlay_of, Sandbox};
 use crate::daemon::start::{self, VmStart};
 use crate::daemon::{disk, persist, shared, snapshot, vm};
 use crate::error::{DaemonError, Operation, Result};
@@ -31,20 +33,16 @@ fn expect_state(sb: &Sandbox, op: Operation, want: &[SandboxState]) -> Result<()
     }
 }
 
-/// A new diff file name of `sb` (generations never repeat within the sandbox).
-fn next_diff(core: &Core, id: &str, live: &mut Live) -> PathBuf {
-    snapshot::next_file(core, id, live, "diff")
-}
-
 /// Pauses a running sandbox, or a failed one that still holds its disk (so its data is saved):
-/// stop its VM and save the VM's state (when one runs), flush, freeze, export its changes
-/// (folded with an earlier pause's), and only once they are all on disk stop the VM and release
-/// the device.
+/// stop its VM and save the VM's state (when one runs), flush, freeze, export its changes and
+/// write them as a layer over the build its overlay sat on (flattening the chain into one layer
+/// over the template's base build when it would grow deeper than `store.max_layers`), and only
+/// once they are all on disk and the record names the layer stop the VM and release the device.
 ///
 /// Failure-atomic: a pause refused for lack of space changes nothing, and one that fails after
-/// the VM stopped or the disk froze (no space after all, an I/O error, a failed migration or
-/// fold) removes what it wrote, thaws the overlay, lets the guest continue and leaves the
-/// sandbox in the state it had, its disk served and writable.
+/// the VM stopped or the disk froze (no space after all, an I/O error, a failed migration)
+/// thaws the overlay, lets the guest continue and leaves the sandbox in the state it had, its
+/// disk served and writable; a layer it wrote is named by no record and collected.
 pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     names::sandbox_id(id)?;
     let sb = core.find(id)?;
@@ -58,11 +56,21 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     let Some(overlay) = live.provider.as_ref().and_then(overlay_of) else {
         return Err(DaemonError::NoDevice(id.into()));
     };
-    let mut needed = space_needed(&overlay, live.paused.as_ref());
+    let parent = match &live.layer {
+        Some(l) => l.id,
+        None => core
+            .templates
+            .build(&sb.template)
+            .ok_or_else(|| DaemonError::TemplateNotFound(sb.template.clone()))?,
+    };
+    let store_dir = core.builds.store().root().to_owned();
+    std::fs::create_dir_all(&store_dir)
+        .map_err(|e| DaemonError::io(format!("creating {}", store_dir.display()), e))?;
+    let mut needed = space_needed(&overlay, live.layer.as_ref(), core.builds.max_layers());
     if live.vm.is_some() {
         needed = needed.saturating_add(snapshot::space_needed(sb.vm.as_ref()));
     }
-    check_space(&core.dirs.paused, needed)?;
+    check_space(&store_dir, needed)?;
     core.set_state(&sb, SandboxState::Pausing, None);
     // The VM first: once its state is saved the guest is stopped and QEMU has flushed and let
     // go of the disk, so the export below sees every write the guest made.
@@ -71,29 +79,30 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
         Err(e) => {
             tracing::warn!(sandbox = id, "pause failed, the VM runs on: {e}");
             core.set_state(&sb, before, Some(format!("pause failed: {e}")));
-            return Err(no_space_if_enospc(e, &core.dirs.paused, needed));
+            return Err(no_space_if_enospc(e, &store_dir, needed));
         }
     };
-    let data = next_diff(core, id, &mut live);
-    let folded_out = next_diff(core, id, &mut live);
+    // No collection until the record names the new layer.
+    let pin = core.builds.pin().await;
+    let scratch = store_dir.join(format!(".export-{}", BuildId::random()));
     let provider = live.provider.as_mut().expect("checked above");
-    let saved = match provider.export_diff(&data).await {
+    let saved = match provider.export_diff(&scratch).await {
         // The export removes what it wrote when it fails.
         Err(e) => Err(DaemonError::from(e)),
-        Ok(new) => match live.paused.clone() {
-            None => Ok(new),
-            // A sandbox resumed from a pause exported its changes relative to template + the
-            // old diff: fold the two into one diff relative to the template.
-            Some(old) => {
-                let r = fold(&old, &new, &folded_out).await;
-                if r.is_err() {
-                    for f in [&data, &folded_out] {
-                        let _ = std::fs::remove_file(f);
-                    }
-                }
-                r
-            }
-        },
+        Ok(diff) => {
+            let (store, max, base) = (
+                core.builds.store().clone(),
+                core.builds.max_layers(),
+                core.templates.build(&sb.template),
+            );
+            let r =
+                tokio::task::spawn_blocking(move || write_layer(&store, parent, base, max, &diff))
+                    .await
+                    .map_err(|e| DaemonError::task("writing the layer", e))
+                    .and_then(|r| r.map_err(DaemonError::Layer));
+            let _ = std::fs::remove_file(&scratch);
+            r
+        }
     };
     let undo = |e: DaemonError, overlay: &Overlay| {
         overlay.thaw();
@@ -101,34 +110,39 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
         core.set_state(&sb, before, Some(format!("pause failed: {e}")));
         e
     };
-    let paused = match saved {
-        Ok(p) => p,
+    let layer = match saved {
+        Ok(l) => l,
         Err(e) => {
-            let e = undo(no_space_if_enospc(e, &core.dirs.paused, needed), &overlay);
+            drop(pin);
+            core.builds.collect_soon();
+            let e = undo(no_space_if_enospc(e, &store_dir, needed), &overlay);
             if let Some(v) = vm_state {
                 snapshot::discard(&sb, &mut live, v).await;
             }
             return Err(e);
         }
     };
-    // The record says paused, with the new diff and VM state, before the device goes: a crash
+    // The record says paused, with the new layer and VM state, before the device goes: a crash
     // from here on finds the pause complete.
-    let old = live.paused.replace(paused.clone());
+    let old = live.layer.replace(layer.clone());
     live.vm_state.clone_from(&vm_state);
     sb.update(|s| s.pause_count += 1);
     if let Err(e) = persist::save(core, &sb, &live, RecordState::Paused) {
-        live.paused = old;
+        live.layer = old;
         live.vm_state = None;
         sb.update(|s| s.pause_count -= 1);
-        for f in [&data, &folded_out] {
-            let _ = std::fs::remove_file(f);
-        }
+        drop(pin);
+        core.builds.collect_soon();
         let e = undo(e, &overlay);
         if let Some(v) = vm_state {
             snapshot::discard(&sb, &mut live, v).await;
         }
         return Err(e);
     }
+    core.builds.track(id, Some(layer.id));
+    drop(pin);
+    // The chain below may have been flattened away.
+    core.builds.collect_soon();
     // Every byte of the pause is on disk: the VM (stopped, its state saved) and the device can
     // go. The console stays for the restored VM to go on writing.
     if let Some(v) = live.vm.take() {
@@ -138,14 +152,7 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     if let Err(e) = disk::retire(core, &sb, &mut provider).await {
         tracing::warn!(sandbox = id, "closing after pause: {e}");
     }
-    if let Some(old) = old {
-        // The folded diff replaces both (the old one stays while forks read it).
-        let _ = std::fs::remove_file(&data);
-        shared::release_and_remove(&core.shared, &old.data, id);
-        live.files.retain(|f| f != &old.data);
-    }
-    let bytes = paused.map.data_len();
-    live.files.push(paused.data.clone());
+    let bytes = layer.diff_bytes;
     if let Some(v) = &vm_state {
         live.files.extend(v.files().cloned());
     }
@@ -161,6 +168,8 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     drop(live);
     tracing::info!(
         sandbox = id,
+        layer = %layer.id,
+        generation = layer.generation,
         diff_bytes = bytes,
         vm_state_bytes = state_bytes,
         "sandbox paused"
@@ -168,16 +177,38 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     Ok(sb.info())
 }
 
-/// Bytes a pause may write: the overlay's data, and with an earlier pause's diff to fold, the
-/// folded diff too (at most both).
-fn space_needed(overlay: &Overlay, old: Option<&PausedDisk>) -> u64 {
+/// Writes an exported diff as a layer over `parent`; when that makes the chain deeper than
+/// `max_layers`, flattens it into one layer over the template's base build `base`.
+fn write_layer(
+    store: &LocalStore,
+    parent: BuildId,
+    base: Option<BuildId>,
+    max_layers: u64,
+    diff: &PausedDisk,
+) -> LayerResult<Layer> {
+    let map = store.create_layer_from_export(&parent, &diff.map, &diff.data)?;
+    match base {
+        Some(base) if map.header.generation > max_layers => {
+            let flat = store.flatten(&map.header.id, &base)?;
+            tracing::info!(layers = map.header.generation, build = %flat.header.id, "flattened a chain of layers");
+            Layer::of(store, &flat)
+        }
+        _ => Layer::of(store, &map),
+    }
+}
+
+/// Bytes a pause may write: the overlay's data as a new layer, and when the chain is flattened,
+/// the whole chain's changes once more.
+fn space_needed(overlay: &Overlay, layer: Option<&Layer>, max_layers: u64) -> u64 {
     let new = overlay
         .stats()
         .blocks_data
         .saturating_mul(u64::from(overlay.block_size()));
-    match old {
-        Some(old) => new.saturating_mul(2).saturating_add(old.map.data_len()),
-        None => new,
+    match layer {
+        Some(l) if l.generation + 1 > max_layers => {
+            new.saturating_mul(2).saturating_add(l.diff_bytes)
+        }
+        _ => new,
     }
 }
 
@@ -219,22 +250,6 @@ fn no_space_if_enospc(e: DaemonError, dir: &Path, needed: u64) -> DaemonError {
     e
 }
 
-/// Folds the diff `new` (relative to template + `old`) and `old` into one diff at `out`,
-/// relative to the template.
-async fn fold(old: &PausedDisk, new: &PausedDisk, out: &Path) -> Result<PausedDisk> {
-    let (o, n, out2) = (old.clone(), new.clone(), out.to_owned());
-    let map = tokio::task::spawn_blocking(move || {
-        crate::daemon::diffmerge::merge(&o.map, &o.data, &n.map, &n.data, &out2)
-    })
-    .await
-    .map_err(|e| DaemonError::task("merging the paused diffs", e))?
-    .map_err(|e| DaemonError::io("merging the paused diffs", e))?;
-    Ok(PausedDisk {
-        map,
-        data: out.to_owned(),
-    })
-}
-
 /// Resumes a paused sandbox on a fresh overlay over its template and paused changes, and
 /// restores its VM there when the pause saved one. A failure leaves it paused as it was.
 pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
@@ -242,14 +257,11 @@ pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
     let sb = core.find(id)?;
     let mut live = sb.live.lock().await;
     expect_state(&sb, Operation::Resume, &[SandboxState::Paused])?;
-    let Some(paused) = live.paused.clone() else {
+    let Some(layer) = live.layer.clone() else {
         return Err(DaemonError::NoPausedDisk(id.into()));
     };
     core.set_state(&sb, SandboxState::Resuming, None);
-    let base = BaseImage::Resumed {
-        template: TemplatePath::new(core.templates.image_path(&sb.template)),
-        paused,
-    };
+    let base = core.builds.base(layer.id);
     let generation = live.generation;
     live.generation += 1;
     let vm_state = live.vm_state.take();

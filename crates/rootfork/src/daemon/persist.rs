@@ -11,21 +11,25 @@
 //!
 //! At start, files in `cache/` and `paused/` are removed only when provably orphaned: no record
 //! names them, and no record file of their sandbox was refused (a damaged or newer record may
-//! own them). Files whose names the daemon does not give are reported and kept.
+//! own them). Files whose names the daemon does not give are reported and kept. Builds of the
+//! store that no template and no record uses are removed too, unless a record could not be read.
+//! The records of daemons before the build store (a paused diff each) are migrated first
+//! (`migrate.rs`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rootfork_provider::{PausedDisk, ProviderKind};
+use rootfork_provider::ProviderKind;
 
+use crate::daemon::builds::Layer;
 use crate::daemon::core::Core;
 use crate::daemon::model::SandboxState;
 use crate::daemon::records::{
-    provider_kind, DiffRecord, RecordState, RecordedVm, SandboxRecord, Served, RECORD_VERSION,
+    provider_kind, RecordState, RecordedVm, SandboxRecord, Served, RECORD_VERSION,
 };
 use crate::daemon::sandbox::{Live, Sandbox};
-use crate::daemon::{adopt, disk, pause, vm};
+use crate::daemon::{adopt, disk, migrate, pause, vm};
 use crate::error::{DaemonError, Result};
 use crate::events::{EventBus, EventKind};
 
@@ -53,7 +57,8 @@ fn record_of(
         quota: sb.quota,
         created_unix_ms: sb.created_unix_ms,
         state,
-        paused: live.paused.as_ref().map(DiffRecord::of),
+        paused: None,
+        layer: live.layer.as_ref().map(|l| l.id.to_string()),
         pause_count: sb.status().pause_count,
         generation: live.generation,
         vm_process,
@@ -108,11 +113,11 @@ enum Restored {
     Adopt(Box<ToAdopt>),
 }
 
-/// A sandbox to adopt: it, where its disk was served, its last pause's diff, its VM.
+/// A sandbox to adopt: it, where its disk was served, the layer it was stacked on, its VM.
 struct ToAdopt {
     sb: Arc<Sandbox>,
     served: Served,
-    paused: Option<PausedDisk>,
+    layer: Option<Layer>,
     vm: Option<RecordedVm>,
 }
 
@@ -120,7 +125,7 @@ struct ToAdopt {
 /// ones, then removes the files in `cache/` and `paused/` that are provably orphaned.
 /// Returns how many were restored.
 pub async fn restore(core: &Core) -> Result<usize> {
-    let loaded = core
+    let mut loaded = core
         .records
         .load()
         .map_err(|e| DaemonError::io("reading the sandbox records", e))?;
@@ -131,14 +136,22 @@ pub async fn restore(core: &Core) -> Result<usize> {
             owners.refused.insert(id.to_owned());
         }
     }
+    migrate::diffs_to_layers(core, &mut loaded.records);
+    // Whether every build a record may use is known: else nothing is collected.
+    let mut builds_known = loaded.refused.is_empty();
     let mut restored = 0;
     let mut to_adopt = Vec::new();
     for rec in loaded.records {
-        // Every file a record names counts that sandbox as a user (a fork's record names its
-        // parent's diff): the users of shared files are rebuilt from the records alone.
+        // Every file a record names counts that sandbox as a user (forks name their parent's
+        // VM state): the users of shared files are rebuilt from the records alone. A diff
+        // named by a record that could not be migrated is kept.
         if let Some(d) = &rec.paused {
             owners.named.insert(d.data.clone());
-            core.shared.add(&d.data, &rec.id);
+        }
+        match rec.layer.as_deref().map(str::parse) {
+            None => {}
+            Some(Ok(id)) => core.builds.track(&rec.id, Some(id)),
+            Some(Err(_)) => builds_known = false,
         }
         if let Some(s) = &rec.served {
             owners.named.extend(disk::overlay_files(s.cache()));
@@ -162,7 +175,7 @@ pub async fn restore(core: &Core) -> Result<usize> {
     }
     let (mut adopted, mut failed) = (0, 0);
     for a in to_adopt {
-        if adopt::adopt(core, &a.sb, &a.served, a.paused, a.vm.as_ref()).await {
+        if adopt::adopt(core, &a.sb, &a.served, a.layer, a.vm.as_ref()).await {
             adopted += 1;
         } else {
             failed += 1;
@@ -177,6 +190,13 @@ pub async fn restore(core: &Core) -> Result<usize> {
     }
     owners.remove_orphans(&core.dirs.paused);
     owners.remove_orphans(&core.dirs.cache);
+    if builds_known {
+        core.builds.collect(core.templates.builds()).await;
+    } else {
+        tracing::warn!(
+            "not removing unused builds: a sandbox record could not be read, and it may use some"
+        );
+    }
     Ok(restored)
 }
 
@@ -187,19 +207,18 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     if core.templates.get(&rec.template).is_none() {
         return Err(format!("its template {:?} is missing", rec.template));
     }
-    let paused = match &rec.paused {
-        Some(d) => {
-            let p = d.to_paused();
-            let len = std::fs::metadata(&p.data)
-                .map_err(|e| format!("its diff {}: {e}", p.data.display()))?
-                .len();
-            if len < p.map.data_len() {
-                return Err(format!(
-                    "its diff {} is {len} bytes, shorter than its map says",
-                    p.data.display()
-                ));
-            }
-            Some(p)
+    if rec.paused.is_some() {
+        return Err("its paused diff could not be migrated to a layer".into());
+    }
+    let layer = match &rec.layer {
+        Some(l) => {
+            let id = l
+                .parse()
+                .map_err(|e| format!("its layer {l:?} is not a build id: {e}"))?;
+            Some(
+                Layer::load(core.builds.store(), &id)
+                    .map_err(|e| format!("its layer {id}: {e}"))?,
+            )
         }
         None => None,
     };
@@ -222,7 +241,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
     if rec.state == RecordState::Running && adoptable.is_none() {
         core.metrics.adoption(Some(adopt::not_adoptable_reason()));
     }
-    let (state, message) = match (rec.state, &paused) {
+    let (state, message) = match (rec.state, &layer) {
         // Its state and message are set by the adoption.
         (RecordState::Running, _) if adoptable.is_some() => {
             (SandboxState::Resuming, String::new())
@@ -232,7 +251,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             SandboxState::Paused,
             format!(
                 "the daemon stopped while this sandbox ran: it is back at its last pause ({} bytes of changes); writes after that pause were lost ({})",
-                p.map.data_len(),
+                p.diff_bytes,
                 NOT_ADOPTED_WHY
             ),
         ),
@@ -250,10 +269,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             .try_lock()
             .expect("nobody else holds the lock of a sandbox not yet published");
         live.generation = rec.generation;
-        if let Some(p) = &paused {
-            live.files.push(p.data.clone());
-        }
-        live.paused = paused.clone();
+        live.layer = layer.clone();
         // A VM state goes with the pause it was saved by: only a paused record's is used.
         if let Some(v) = rec
             .vm_state
@@ -271,7 +287,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
         s.state = state;
         s.message.clone_from(&message);
         s.pause_count = rec.pause_count;
-        s.paused_diff_bytes = paused.as_ref().map_or(0, |p| p.map.data_len());
+        s.paused_diff_bytes = layer.as_ref().map_or(0, |p| p.diff_bytes);
         s.vm_state_bytes = vm_state_bytes;
     });
     core.sandboxes.write().insert(rec.id.clone(), sb.clone());
@@ -279,7 +295,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
         return Ok(Restored::Adopt(Box::new(ToAdopt {
             sb,
             served,
-            paused,
+            layer,
             vm: rec.recorded_vm(),
         })));
     }

@@ -1,6 +1,7 @@
 //! Durable sandbox records: `STATE/sandboxes/ID.json`, one per sandbox that is not deleted,
 //! written atomically (a temporary file, fsync, rename, fsync of the directory) at every
-//! lifecycle change, so a restart finds every paused sandbox with its diff, knows which
+//! lifecycle change, so a restart finds every paused sandbox with its layer (a build of the
+//! store, `builds.rs`), knows which
 //! sandboxes were running when the daemon went away, and for a running sandbox where its disk was
 //! served from ([`Served`]: a socket sandbox's Unix socket, a kernel sandbox's `/dev/nbdN`) and
 //! which QEMU or Firecracker process runs its VM ([`VmProcess`], [`FcProcess`]), so the next
@@ -177,8 +178,14 @@ pub struct SandboxRecord {
     pub created_unix_ms: i64,
     /// Where it stood.
     pub state: RecordState,
-    /// Its last pause's diff (a running sandbox resumed from a pause is stacked on it).
+    /// Its last pause's diff, in records of daemons before the build store (state format 3 and
+    /// older); migrated to a layer at start, never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<DiffRecord>,
+    /// Its layer in the build store (a build id): paused, its disk; running, what its overlay is
+    /// stacked on. Absent: its template's base build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
     /// Pauses so far.
     pub pause_count: u32,
     /// The next generation number for its file names.
@@ -425,6 +432,7 @@ mod tests {
                 },
                 data: "/s/paused/a.1.diff".into(),
             })),
+            layer: Some("0123456789abcdef0123456789abcdef".into()),
             pause_count: 1,
             generation: 3,
             served: None,

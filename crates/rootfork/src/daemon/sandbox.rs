@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use rootfork_provider::{AnyProvider, PausedDisk, ProviderKind};
+use rootfork_provider::{AnyProvider, ProviderKind};
+
+use crate::daemon::builds::Layer;
 
 use crate::daemon::model::{SandboxInfo, SandboxState, Status};
 use crate::daemon::spec::VmSpec;
@@ -16,9 +18,10 @@ use crate::events::now_unix_ms;
 pub struct Live {
     /// The provider while the disk is served.
     pub provider: Option<AnyProvider>,
-    /// The last pause's export while paused.
-    pub paused: Option<PausedDisk>,
-    /// Files to remove on delete (paused diffs; the kept overlay files of a failed adoption).
+    /// Its layer in the build store: while paused, its disk as the last pause saved it; while
+    /// running, what its overlay is stacked on (`None`: its template's base build).
+    pub layer: Option<Layer>,
+    /// Files to remove on delete (VM states; the kept overlay files of a failed adoption).
     pub files: Vec<std::path::PathBuf>,
     /// Generation counter for file names.
     pub generation: u64,

@@ -109,10 +109,14 @@ pub async fn release(sb: &Sandbox, vm: RunningVm) {
     }
 }
 
-/// The template `sb` is forked from, as the VMM verification compares it.
+/// The template `sb` is forked from, as the VMM verification compares it: its base build's data
+/// file, which a VMM must never have open.
 pub(crate) fn template_identity(core: &Core, sb: &Sandbox) -> Result<TemplateIdentity> {
-    TemplateIdentity::of(&TemplatePath::new(core.templates.image_path(&sb.template)))
-        .map_err(|e| DaemonError::io("stat template", e))
+    let data = core
+        .templates
+        .data_path(&sb.template)
+        .ok_or_else(|| DaemonError::TemplateNotFound(sb.template.clone()))?;
+    TemplateIdentity::of(&TemplatePath::new(data)).map_err(|e| DaemonError::io("stat template", e))
 }
 
 /// The provider's device, which Firecracker needs to be a block device (or file).

@@ -1,4 +1,4 @@
-//! Templates: the store of read-only images (`store.rs`) and the operations on it (import, list,
+//! Templates: the store of read-only base builds (`store.rs`) and the operations on it (import, list,
 //! delete), which keep a template's sandbox count exact against concurrent creates.
 
 mod store;
@@ -42,6 +42,8 @@ pub fn import(
         allowed_dirs: (caller == Caller::Remote).then_some(&core.config.tcp_import_dirs[..]),
     };
     let (mut file, size) = store.begin_import(name, source, &policy)?;
+    // The new build is not collected before its record names it.
+    let _pin = core.builds.pin_blocking();
     let r = detect_format(&mut file)
         .map_err(|e| DaemonError::io("reading the source", e))
         .and_then(|format| {
@@ -81,6 +83,7 @@ pub fn delete(core: &Core, name: &str) -> Result<bool> {
     map.remove(name);
     drop(map);
     core.templates.remove_files(name);
+    core.builds.collect_soon();
     tracing::info!(template = name, "deleted a template");
     core.events.emit(
         EventBus::event(EventKind::Template)

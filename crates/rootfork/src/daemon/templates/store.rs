@@ -1,14 +1,20 @@
-//! The template store: read-only images under `STATE/templates/NAME.img` with a `NAME.json`
-//! record each. Imports copy into a hidden temporary file (holes stay holes), fsync, make it
-//! read-only and rename it into place, so a crash never leaves half a template under a name.
+//! The template store: each template a base build of the layered format in the daemon's build
+//! store (`STATE/store/<build id>`, see `builds.rs`) with a `STATE/templates/NAME.json` record
+//! naming it. An import copies the source into a hidden temporary image (holes stay holes),
+//! imports that as a build (written to a pending directory, fsynced, renamed into place), then
+//! writes the record atomically, so a crash never leaves half a template under a name (a build
+//! no record names is collected at the next start). Templates of older daemons, raw images at
+//! `STATE/templates/NAME.img`, are imported as builds when the store opens (the image is
+//! removed once the record names the build).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use rootfork_block::layered::{BuildId, BuildOptions, BuildResolver, LocalStore};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::model::{TemplateFormat, TemplateInfo};
@@ -34,6 +40,17 @@ pub struct TemplateMeta {
     pub created_unix_ms: i64,
     /// Where it came from.
     pub source: String,
+    /// Its base build (absent in the records of daemons before the build store: their image is
+    /// `NAME.img`, imported when the store opens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+}
+
+impl TemplateMeta {
+    /// Its base build.
+    pub fn build_id(&self) -> Option<BuildId> {
+        self.build.as_deref().and_then(|b| b.parse().ok())
+    }
 }
 
 /// What an import may read.
@@ -49,6 +66,7 @@ pub struct ImportPolicy<'a> {
 #[derive(Debug)]
 pub struct TemplateStore {
     dir: PathBuf,
+    builds: LocalStore,
     /// Name → record. Also the lock that orders template deletion against sandbox creation.
     pub(crate) map: parking_lot::Mutex<BTreeMap<String, TemplateMeta>>,
     importing: parking_lot::Mutex<std::collections::BTreeSet<String>>,
@@ -68,9 +86,10 @@ pub fn detect_format(file: &mut File) -> std::io::Result<TemplateFormat> {
 }
 
 impl TemplateStore {
-    /// Opens (creating) the store in `dir`, loading every complete template and removing
-    /// leftovers of interrupted imports.
-    pub fn open(dir: &Path) -> Result<TemplateStore> {
+    /// Opens (creating) the store in `dir` over the build store `builds`, loading every
+    /// complete template, removing leftovers of interrupted imports and importing the raw images
+    /// of older daemons as builds.
+    pub fn open(dir: &Path, builds: &LocalStore) -> Result<TemplateStore> {
         std::fs::create_dir_all(dir)
             .map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
         let mut map = BTreeMap::new();
@@ -89,33 +108,54 @@ impl TemplateStore {
             };
             let meta: Option<TemplateMeta> = std::fs::read(&p)
                 .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            let img = dir.join(format!("{name}.img"));
-            match meta {
-                Some(m)
-                    if m.name == name
-                        && names::template_name(name).is_ok()
-                        && std::fs::metadata(&img)
-                            .map(|md| md.len() == m.size_bytes)
-                            .unwrap_or(false) =>
-                {
-                    map.insert(m.name.clone(), m);
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .filter(|m: &TemplateMeta| m.name == name && names::template_name(name).is_ok());
+            let Some(mut meta) = meta else {
+                tracing::warn!(record = %p.display(), "ignoring a template record that cannot be read");
+                continue;
+            };
+            if meta.build.is_none() {
+                if let Err(e) = migrate_image(dir, builds, &mut meta) {
+                    tracing::warn!(record = %p.display(), "ignoring a template whose image could not be imported as a build (kept as it was): {e}");
+                    continue;
                 }
-                _ => {
-                    tracing::warn!(record = %p.display(), "ignoring a template record whose image is missing or does not match")
-                }
+            }
+            let fits = meta.build_id().is_some_and(|id| {
+                builds
+                    .map(&id)
+                    .is_ok_and(|m| m.header.size == meta.size_bytes && m.header.generation == 0)
+            });
+            if fits {
+                map.insert(meta.name.clone(), meta);
+            } else {
+                tracing::warn!(record = %p.display(), "ignoring a template record whose build is missing or does not match");
             }
         }
         Ok(TemplateStore {
             dir: dir.to_owned(),
+            builds: builds.clone(),
             map: parking_lot::Mutex::new(map),
             importing: Default::default(),
         })
     }
 
-    /// The image path of a template (whether or not it exists).
-    pub fn image_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.img"))
+    /// A template's base build.
+    pub fn build(&self, name: &str) -> Option<BuildId> {
+        self.map.lock().get(name).and_then(TemplateMeta::build_id)
+    }
+
+    /// Every template's base build.
+    pub fn builds(&self) -> Vec<BuildId> {
+        self.map
+            .lock()
+            .values()
+            .filter_map(TemplateMeta::build_id)
+            .collect()
+    }
+
+    /// The data file of a template's base build (what a VMM must never open).
+    pub fn data_path(&self, name: &str) -> Option<PathBuf> {
+        self.build(name).map(|id| self.builds.data_path(&id))
     }
 
     /// Whether there are no templates.
@@ -135,10 +175,17 @@ impl TemplateStore {
 
     /// What `list` shows of a record, used by `sandboxes` sandboxes.
     pub fn info(&self, m: &TemplateMeta, sandboxes: u32) -> TemplateInfo {
-        let path = self.image_path(&m.name);
-        let allocated = std::fs::metadata(&path)
-            .map(|md| md.blocks() * 512)
-            .unwrap_or(0);
+        let path = m
+            .build_id()
+            .map(|id| self.builds.build_dir(&id))
+            .unwrap_or_default();
+        let allocated = m.build_id().map_or(0, |id| {
+            [self.builds.data_path(&id), self.builds.map_path(&id)]
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|md| md.blocks() * 512)
+                .sum()
+        });
         TemplateInfo {
             name: m.name.clone(),
             size_bytes: m.size_bytes,
@@ -261,7 +308,8 @@ impl TemplateStore {
         Ok(tmp)
     }
 
-    /// Moves a finished temporary image into place and records it.
+    /// Imports a finished temporary image as a base build and records it; the temporary image
+    /// is removed either way.
     pub fn finish_import(
         &self,
         name: &str,
@@ -273,33 +321,24 @@ impl TemplateStore {
             let size = std::fs::metadata(tmp)
                 .map_err(|e| DaemonError::io("stat import", e))?
                 .len();
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o444))
-                .map_err(|e| DaemonError::io("making the template read-only", e))?;
+            let build = self
+                .builds
+                .import_image(tmp, BuildOptions::default())
+                .map_err(DaemonError::Layer)?;
             let meta = TemplateMeta {
                 name: name.to_owned(),
                 size_bytes: size,
                 format: format.as_str().to_owned(),
                 created_unix_ms: now_unix_ms(),
                 source: source.to_owned(),
+                build: Some(build.header.id.to_string()),
             };
-            let img = self.image_path(name);
-            std::fs::rename(tmp, &img)
-                .map_err(|e| DaemonError::io("moving the template into place", e))?;
-            let rec = self.dir.join(format!("{name}.json"));
-            let rec_tmp = self.dir.join(format!(".import-{name}.json"));
-            write_durably(
-                &rec_tmp,
-                &serde_json::to_vec_pretty(&meta).unwrap_or_default(),
-            )
-            .and_then(|()| std::fs::rename(&rec_tmp, &rec))
-            .and_then(|()| sync_dir(&self.dir))
-            .map_err(|e| DaemonError::io("writing the template record", e))?;
+            write_record(&self.dir, &meta)
+                .map_err(|e| DaemonError::io("writing the template record", e))?;
             self.map.lock().insert(name.to_owned(), meta.clone());
             Ok(meta)
         })();
-        if r.is_err() {
-            let _ = std::fs::remove_file(tmp);
-        }
+        let _ = std::fs::remove_file(tmp);
         self.importing.lock().remove(name);
         r
     }
@@ -310,21 +349,61 @@ impl TemplateStore {
         self.importing.lock().remove(name);
     }
 
-    /// Removes a template's files (the record first, so a crash in between leaves an image no
-    /// record names, which the next start ignores); the caller has removed it from the map under
-    /// the lock.
+    /// Removes a template's record; its build goes with the next collection of unused builds.
+    /// The caller has removed it from the map under the lock.
     pub fn remove_files(&self, name: &str) {
-        for p in [self.dir.join(format!("{name}.json")), self.image_path(name)] {
-            if let Err(e) = std::fs::remove_file(&p) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(file = %p.display(), "removing template file: {e}");
-                }
+        let p = self.dir.join(format!("{name}.json"));
+        if let Err(e) = std::fs::remove_file(&p) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %p.display(), "removing template file: {e}");
             }
         }
         if let Err(e) = sync_dir(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), "syncing the template directory: {e}");
         }
     }
+}
+
+/// Writes a template's record atomically (temporary file, fsync, rename, fsync of the directory).
+fn write_record(dir: &Path, meta: &TemplateMeta) -> std::io::Result<()> {
+    let rec = dir.join(format!("{}.json", meta.name));
+    let rec_tmp = dir.join(format!(".import-{}.json", meta.name));
+    write_durably(
+        &rec_tmp,
+        &serde_json::to_vec_pretty(meta).unwrap_or_default(),
+    )?;
+    std::fs::rename(&rec_tmp, &rec)?;
+    sync_dir(dir)
+}
+
+/// Imports an older daemon's raw image `NAME.img` as a base build and rewrites the record to
+/// name it; the image is removed once the record is durable (a crash before leaves the image
+/// and an unnamed build, and the next start imports again).
+fn migrate_image(dir: &Path, builds: &LocalStore, meta: &mut TemplateMeta) -> Result<()> {
+    let img = dir.join(format!("{}.img", meta.name));
+    let len = std::fs::metadata(&img)
+        .map_err(|e| DaemonError::io(format!("stat {}", img.display()), e))?
+        .len();
+    if len != meta.size_bytes {
+        return Err(DaemonError::io(
+            format!(
+                "{} is {len} bytes, its record says {}",
+                img.display(),
+                meta.size_bytes
+            ),
+            std::io::ErrorKind::InvalidData.into(),
+        ));
+    }
+    let build = builds
+        .import_image(&img, BuildOptions::default())
+        .map_err(DaemonError::Layer)?;
+    meta.build = Some(build.header.id.to_string());
+    write_record(dir, meta).map_err(|e| DaemonError::io("writing the template record", e))?;
+    if let Err(e) = std::fs::remove_file(&img) {
+        tracing::warn!(image = %img.display(), "removing a migrated template image: {e}");
+    }
+    tracing::info!(template = %meta.name, build = %build.header.id, "imported an older daemon's template image as a build");
+    Ok(())
 }
 
 /// Writes `bytes` to a new file at `path` and waits until they are on stable storage.
