@@ -56,6 +56,7 @@ async fn lifecycle_end_to_end() {
 
     // A write lands in the overlay only; pause keeps it, resume serves it again.
     nbd_write(&sb.nbd_uri, 4096 * 5, 4096, 0xAB);
+    let builds = d.builds();
     let paused = pause(&mut c, "alpha").await.unwrap();
     assert_eq!(paused.state, v1::SandboxState::Paused as i32);
     assert!(paused.nbd_uri.is_empty());
@@ -64,9 +65,13 @@ async fn lifecycle_end_to_end() {
     assert_eq!(resumed.state, v1::SandboxState::Running as i32);
     assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 5, 4), vec![0xAB; 4]);
     assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 6, 12), b"tpl block 6\n");
-    // The template file is untouched.
-    let tpl_img = std::fs::read(&t.path).unwrap();
-    assert_eq!(tpl_img, std::fs::read(&src).unwrap());
+    // The template's base build is untouched, and the pause's layer is a build of its own.
+    assert_eq!(
+        template_bytes(&d.state(), "tpl"),
+        std::fs::read(&src).unwrap()
+    );
+    assert!(t.path.ends_with(&d.template_build("tpl")), "{}", t.path);
+    assert_eq!(d.builds().len(), builds.len() + 1, "{:?}", d.builds());
 
     // A second sandbox does not see the first one's write.
     let beta = create(&mut c, "tpl", "").await.unwrap();
@@ -675,13 +680,14 @@ async fn client_says_when_the_daemon_is_not_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_resume_three_times_keeps_every_write() {
-    let d = TestDaemon::start(false).await;
+async fn pause_resume_five_times_keeps_every_write_in_a_bounded_chain() {
+    // At most two layers: the third pause flattens the chain into one layer over the template.
+    let d = TestDaemon::start_with(false, |c| c.store_max_layers = 2).await;
     let mut c = d.client().await;
     let src = make_template(d.dir.path(), "src.img", 32);
     import(&mut c, "tpl", &src).await.unwrap();
     let mut sb = create(&mut c, "tpl", "p").await.unwrap();
-    for round in 0..3u8 {
+    for round in 0..5u8 {
         // Each round overwrites block 2 and writes a block of its own.
         nbd_write(&sb.nbd_uri, 2 * 4096, 4096, 0x10 + round);
         nbd_write(
@@ -690,16 +696,24 @@ async fn pause_resume_three_times_keeps_every_write() {
             4096,
             0x20 + round,
         );
-        c.sandboxes
+        let paused = c
+            .sandboxes
             .pause_sandbox(v1::PauseSandboxRequest { id: "p".into() })
             .await
-            .unwrap();
-        assert_eq!(
-            d.files("paused").len(),
-            1,
-            "one diff per paused sandbox: {:?}",
-            d.files("paused")
-        );
+            .unwrap()
+            .into_inner();
+        // Layers 1, 2, then flattened to 1, 2, 1: the template's build and the chain's, the
+        // flattened-away ones collected.
+        let depth = [1, 2, 1, 2, 1][round as usize];
+        let builds = d.builds_settle_count(1 + depth).await;
+        assert_eq!(builds.len(), 1 + depth, "round {round}: {builds:?}");
+        // What the chain holds: the first round's two blocks, then one new block per round
+        // (block 2 is rewritten each time; a flattened chain holds it once).
+        let expected = match depth {
+            1 => 4096 * (u64::from(round) + 2),
+            _ => 4096 * (u64::from(round) + 2) + 4096,
+        };
+        assert_eq!(paused.paused_diff_bytes, expected, "round {round}");
         sb = c
             .sandboxes
             .resume_sandbox(v1::ResumeSandboxRequest { id: "p".into() })
@@ -716,11 +730,13 @@ async fn pause_resume_three_times_keeps_every_write() {
         }
         assert_eq!(&nbd_read(&sb.nbd_uri, 3 * 4096, 12), b"tpl block 3\n");
     }
-    assert_eq!(sb.pause_count, 3);
+    assert_eq!(sb.pause_count, 5);
     assert!(delete(&mut c, "p").await.unwrap());
     assert!(d.files("paused").is_empty());
+    let base = d.template_build("tpl");
+    assert_eq!(d.builds_settle(&[base.clone()]).await, vec![base]);
     assert_eq!(
-        std::fs::read(d.state().join("templates/tpl.img")).unwrap(),
+        template_bytes(&d.state(), "tpl"),
         std::fs::read(&src).unwrap()
     );
     d.daemon.shutdown().await;

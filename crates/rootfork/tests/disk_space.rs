@@ -79,11 +79,11 @@ async fn a_pause_without_room_changes_nothing_and_succeeds_once_there_is_room() 
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(
         e.message()
-            .contains(&state.join("paused").display().to_string()),
+            .contains(&state.join("store").display().to_string()),
         "{e:?}"
     );
     assert!(e.message().contains("25165824 bytes needed"), "{e:?}");
-    // Nothing changed: running, served, writable, every byte readable, no diff left behind.
+    // Nothing changed: running, served, writable, every byte readable, no layer left behind.
     let got = get(&mut c, "full").await;
     assert_eq!(got.state, v1::SandboxState::Running as i32);
     assert_eq!(got.nbd_uri, sb.nbd_uri);
@@ -95,10 +95,7 @@ async fn a_pause_without_room_changes_nothing_and_succeeds_once_there_is_room() 
             vec![mib as u8 + 1; 4096]
         );
     }
-    assert!(std::fs::read_dir(state.join("paused"))
-        .unwrap()
-        .next()
-        .is_none());
+    assert_eq!(d.files("store"), vec![d.template_build("tpl")]);
     // With room, the same pause succeeds and the resumed disk has every byte.
     fs.resize(128);
     let p = pause(&mut c, "full").await.unwrap();
@@ -120,19 +117,18 @@ async fn a_pause_failing_after_the_freeze_thaws_the_disk() {
     import(&mut c, "tpl", &src).await.unwrap();
     let sb = create(&mut c, "tpl", "thaw").await.unwrap();
     nbd_write(&sb.nbd_uri, 4096, 4096, 0x11);
-    // Something already stands where the pause's diff goes: the export cannot create it.
-    let planted = d.state().join("paused").join("thaw.1.diff");
+    // Something already stands where the pause's export goes: the export cannot create it.
+    let planted = d.state().join("store").join(".export-thaw.1");
     std::fs::create_dir(&planted).unwrap();
     let e = pause(&mut c, "thaw").await.unwrap_err();
     assert_eq!(e.code(), Code::Internal, "{e:?}");
     let got = get(&mut c, "thaw").await;
     assert_eq!(got.state, v1::SandboxState::Running as i32);
     assert!(got.message.starts_with("pause failed"), "{}", got.message);
-    // Thawed: writes work again, old data intact; the planted entry is not ours to remove.
+    // Thawed: writes work again, old data intact.
     nbd_write(&sb.nbd_uri, 8192, 4096, 0x22);
     assert_eq!(nbd_read(&sb.nbd_uri, 4096, 4096), vec![0x11; 4096]);
     assert_eq!(nbd_read(&sb.nbd_uri, 8192, 4096), vec![0x22; 4096]);
-    assert!(planted.is_dir());
     // The next pause (new file names) succeeds with both writes.
     let p = pause(&mut c, "thaw").await.unwrap();
     assert_eq!(p.paused_diff_bytes, 8192);

@@ -92,7 +92,12 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
     let mut c = d.client().await;
     let src = make_template(d.dir.path(), "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();
-    let template = identity(&d.state().join("templates/tpl.img"));
+    let template = identity(
+        &d.state()
+            .join("store")
+            .join(d.template_build("tpl"))
+            .join("data"),
+    );
     let kernel = d.dir.path().join("vmlinux");
     std::fs::write(&kernel, b"not a kernel; the double only opens it").unwrap();
     let settings = v1::VmmSettings {
@@ -149,7 +154,7 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
         [(stable.to_owned(), first_device.0, first_device.1)]
     );
 
-    // Pause: Paused, then a snapshot in real files next to the diff.
+    // Pause: Paused, then a snapshot in real files in `paused/`.
     let p = pause(&mut c, "fc").await.unwrap();
     assert_eq!(p.state, v1::SandboxState::Paused as i32);
     assert_eq!(p.vm_pid, 0);
@@ -253,12 +258,14 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
                     .unwrap_or(true)
             }
     );
-    // The forks still use the parent's diff; the last one's delete removes it.
-    assert!(!d.files("paused").is_empty());
+    // The forks still use the parent's layer; it is collected after the last one's delete.
+    let base = d.template_build("tpl");
+    assert!(d.builds().len() > 1, "{:?}", d.builds());
     for f in &forks {
         assert!(delete(&mut c, &f.id).await.unwrap());
     }
     assert!(d.files("paused").is_empty(), "{:?}", d.files("paused"));
+    assert_eq!(d.builds_settle(&[base.clone()]).await, vec![base]);
     assert_eq!(
         get(&mut c, "fc").await.state,
         v1::SandboxState::Deleted as i32

@@ -1,7 +1,7 @@
 //! `ForkSandbox` on the socket provider, without VMs (an in-process daemon): forks of a paused
-//! sandbox read its paused changes and see only their own writes; the parent's paused diff is
-//! shared and goes with its last user, whoever is deleted first, also across a restart (the
-//! users are counted from the records); a fork that fails half-way deletes the forks it made and
+//! sandbox read its paused changes and see only their own writes; the parent's layer is shared
+//! (no build written for a fork) and collected after its last user, whoever is deleted first,
+//! also across a restart (the users are known from the records); a fork that fails half-way deletes the forks it made and
 //! leaves the parent as it was; bad requests get precise statuses.
 
 mod common;
@@ -54,11 +54,17 @@ async fn live_ids(c: &mut Clients) -> Vec<String> {
     v
 }
 
-/// The `.diff` files in `paused/`.
-fn diffs(d: &TestDaemon) -> Vec<String> {
-    d.files("paused")
+/// The layers in the build store: every build but the template's.
+fn layers(d: &TestDaemon) -> Vec<String> {
+    layers_in(&d.state())
+}
+
+/// The layers in the build store of `state`.
+fn layers_in(state: &Path) -> Vec<String> {
+    let base = template_build(state, "tpl");
+    builds_in(state)
         .into_iter()
-        .filter(|f| f.ends_with(".diff"))
+        .filter(|b| *b != base)
         .collect()
 }
 
@@ -78,8 +84,12 @@ async fn paused_parent(f: impl FnOnce(&mut Config)) -> (TestDaemon, Clients) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forks_start_from_the_pause_and_see_only_their_own_writes() {
     let (d, mut c) = paused_parent(|_| {}).await;
-    let template = std::fs::read(d.state().join("templates/tpl.img")).unwrap();
+    let template = template_files(&d.state(), "tpl");
+    let parent_layer = layers(&d);
+    assert_eq!(parent_layer.len(), 1, "{parent_layer:?}");
     let forks = fork(&mut c, "p", 3, "").await.unwrap();
+    // The forks read the parent's layer as it is: no build is written for them.
+    assert_eq!(layers(&d), parent_layer);
     let ids: Vec<&str> = forks.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["p-fork-0", "p-fork-1", "p-fork-2"]);
     for (k, f) in forks.iter().enumerate() {
@@ -106,10 +116,7 @@ async fn forks_start_from_the_pause_and_see_only_their_own_writes() {
     let p = resume(&mut c, "p").await.unwrap();
     assert_eq!(nbd_read(&p.nbd_uri, BLOCK, 4096), vec![0xAA; 4096]);
     assert_eq!(&nbd_read(&p.nbd_uri, 2 * BLOCK, 12), b"tpl block 2\n");
-    assert_eq!(
-        std::fs::read(d.state().join("templates/tpl.img")).unwrap(),
-        template
-    );
+    assert_eq!(template_files(&d.state(), "tpl"), template);
     // A paused fork forks too, with its own prefix.
     pause(&mut c, "p-fork-1").await.unwrap();
     let grand = fork(&mut c, "p-fork-1", 1, "g").await.unwrap();
@@ -125,53 +132,51 @@ async fn forks_start_from_the_pause_and_see_only_their_own_writes() {
     for sub in ["cache", "paused", "sandboxes"] {
         assert!(d.files(sub).is_empty(), "{sub}: {:?}", d.files(sub));
     }
+    assert!(layers(&d).is_empty(), "{:?}", layers(&d));
     d.daemon.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_parent_diff_goes_with_its_last_user() {
+async fn the_parent_layer_stays_while_a_fork_uses_it() {
     let (d, mut c) = paused_parent(|_| {}).await;
-    let parent_diff = diffs(&d);
-    assert_eq!(parent_diff.len(), 1, "{parent_diff:?}");
+    let parent_layer = layers(&d);
+    assert_eq!(parent_layer.len(), 1, "{parent_layer:?}");
     let forks = fork(&mut c, "p", 2, "f").await.unwrap();
-    // The parent goes first: its diff stays for the forks.
+    // The parent goes first: its layer stays for the forks.
     assert!(delete(&mut c, "p").await.unwrap());
-    assert_eq!(diffs(&d), parent_diff);
+    assert_eq!(layers(&d), parent_layer);
     for f in &forks {
         assert_eq!(nbd_read(&f.nbd_uri, BLOCK, 4096), vec![0xAA; 4096]);
     }
-    // A fork's pause folds the parent's diff into one of its own, reading it by name, and
-    // lets go of it; the other fork still holds it.
+    // A fork's pause writes a layer of its own over the parent's.
     nbd_write(&forks[0].nbd_uri, 3 * BLOCK, 4096, 0x30);
     pause(&mut c, "f-0").await.unwrap();
-    let now = diffs(&d);
+    let now = layers(&d);
     assert_eq!(now.len(), 2, "{now:?}");
-    assert!(now.contains(&parent_diff[0]));
+    assert!(now.contains(&parent_layer[0]));
     let f0 = resume(&mut c, "f-0").await.unwrap();
     assert_eq!(nbd_read(&f0.nbd_uri, BLOCK, 4096), vec![0xAA; 4096]);
     assert_eq!(nbd_read(&f0.nbd_uri, 3 * BLOCK, 4096), vec![0x30; 4096]);
-    // A new sandbox with the parent's id starts clean, and its pause does not take the name
-    // of the old parent's diff, which f-1 still reads.
+    // A new sandbox with the parent's id starts clean, over the template.
     let p = create(&mut c, "tpl", "p").await.unwrap();
     assert_eq!(&nbd_read(&p.nbd_uri, BLOCK, 12), b"tpl block 1\n");
     nbd_write(&p.nbd_uri, BLOCK, 4096, 0xBB);
     pause(&mut c, "p").await.unwrap();
-    assert_eq!(diffs(&d).len(), 3, "{:?}", diffs(&d));
+    assert_eq!(layers(&d).len(), 3, "{:?}", layers(&d));
     pause(&mut c, "f-1").await.unwrap();
     let f1 = resume(&mut c, "f-1").await.unwrap();
     assert_eq!(nbd_read(&f1.nbd_uri, BLOCK, 4096), vec![0xAA; 4096]);
     let p = resume(&mut c, "p").await.unwrap();
     assert_eq!(nbd_read(&p.nbd_uri, BLOCK, 4096), vec![0xBB; 4096]);
     assert!(delete(&mut c, "p").await.unwrap());
-    // f-1's pause folded the old parent's diff into its own and let go of it: it was the last
-    // user, so the diff is gone.
-    let now = diffs(&d);
-    assert!(!now.contains(&parent_diff[0]), "{now:?}");
-    assert_eq!(now.len(), 2, "{now:?}");
-    for id in ["f-0", "f-1"] {
-        assert!(delete(&mut c, id).await.unwrap());
-    }
-    assert!(diffs(&d).is_empty());
+    // The new p's layer is gone; the old parent's stays under both forks' layers.
+    let now = layers(&d);
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert!(now.contains(&parent_layer[0]));
+    assert!(delete(&mut c, "f-0").await.unwrap());
+    assert!(layers(&d).contains(&parent_layer[0]));
+    assert!(delete(&mut c, "f-1").await.unwrap());
+    assert!(layers(&d).is_empty(), "{:?}", layers(&d));
     d.daemon.shutdown().await;
 }
 
@@ -183,27 +188,13 @@ async fn start(state: &Path, locks: &Path) -> Daemon {
     Daemon::start(config).await.unwrap()
 }
 
-fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".diff"))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_users_of_a_diff_are_counted_again_after_a_restart() {
+async fn the_users_of_a_layer_are_known_again_after_a_restart() {
     let dir = tempfile::Builder::new()
         .prefix("rff")
         .tempdir_in("/tmp")
         .unwrap();
     let (state, locks) = (dir.path().join("s"), dir.path().join("locks"));
-    let paused = state.join("paused");
     let d = start(&state, &locks).await;
     let mut c = connect_when_up(d.api_socket()).await;
     let src = make_template(dir.path(), "src.img", 16);
@@ -211,15 +202,15 @@ async fn the_users_of_a_diff_are_counted_again_after_a_restart() {
     let p = create(&mut c, "tpl", "p").await.unwrap();
     nbd_write(&p.nbd_uri, BLOCK, 4096, 0xAA);
     pause(&mut c, "p").await.unwrap();
-    let parent_diff = files(&paused);
+    let parent_layer = layers_in(&state);
     let forks = fork(&mut c, "p", 2, "").await.unwrap();
     nbd_write(&forks[0].nbd_uri, 2 * BLOCK, 4096, 0x01);
     d.shutdown().await;
 
-    // The forks are adopted over the parent's diff, which the start kept.
+    // The forks are adopted over the parent's layer, which the start kept.
     let d = start(&state, &locks).await;
     let mut c = connect_when_up(d.api_socket()).await;
-    assert_eq!(files(&paused), parent_diff);
+    assert_eq!(layers_in(&state), parent_layer);
     for f in &forks {
         let again = get(&mut c, &f.id).await;
         assert_eq!(
@@ -236,19 +227,19 @@ async fn the_users_of_a_diff_are_counted_again_after_a_restart() {
     );
     // Counted from the records: the parent's delete keeps what the forks use.
     assert!(delete(&mut c, "p").await.unwrap());
-    assert_eq!(files(&paused), parent_diff);
+    assert_eq!(layers_in(&state), parent_layer);
     assert!(delete(&mut c, "p-fork-0").await.unwrap());
-    assert_eq!(files(&paused), parent_diff);
+    assert_eq!(layers_in(&state), parent_layer);
     d.shutdown().await;
 
-    // With the parent's record gone, the fork's record alone keeps the diff.
+    // With the parent's record gone, the fork's record alone keeps the layer.
     let d = start(&state, &locks).await;
     let mut c = connect_when_up(d.api_socket()).await;
-    assert_eq!(files(&paused), parent_diff);
+    assert_eq!(layers_in(&state), parent_layer);
     let f1 = get(&mut c, "p-fork-1").await;
     assert_eq!(nbd_read(&f1.nbd_uri, BLOCK, 4096), vec![0xAA; 4096]);
     assert!(delete(&mut c, "p-fork-1").await.unwrap());
-    assert!(files(&paused).is_empty(), "{:?}", files(&paused));
+    assert!(layers_in(&state).is_empty(), "{:?}", layers_in(&state));
     d.shutdown().await;
 }
 
@@ -256,7 +247,7 @@ async fn the_users_of_a_diff_are_counted_again_after_a_restart() {
 async fn a_fork_that_fails_half_way_deletes_the_forks_it_made() {
     // Room for the parent and two forks: the third fork is refused after two were made.
     let (d, mut c) = paused_parent(|cfg| cfg.max_sandboxes = 3).await;
-    let before = d.files("paused");
+    let before = (d.files("paused"), d.builds());
     let e = fork(&mut c, "p", 3, "").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert_eq!(live_ids(&mut c).await, ["p"]);
@@ -265,7 +256,7 @@ async fn a_fork_that_fails_half_way_deletes_the_forks_it_made() {
     }
     assert_eq!(d.files("sandboxes"), ["p.json"]);
     assert!(d.files("cache").is_empty(), "{:?}", d.files("cache"));
-    assert_eq!(d.files("paused"), before);
+    assert_eq!((d.files("paused"), d.builds()), before);
     // The parent is as it was: paused, and it resumes with its data.
     let p = get(&mut c, "p").await;
     assert_eq!(state_of(&p), v1::SandboxState::Paused);

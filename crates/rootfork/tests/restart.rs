@@ -215,6 +215,18 @@ async fn after_sigkill_a_resumed_sandbox_keeps_the_writes_after_its_pause() {
     for o in &orphans {
         std::fs::write(o, b"x").unwrap();
     }
+    // A build no template or record uses (a pause that died before its record) is collected;
+    // so is an interrupted build.
+    let orphan_builds = [
+        state.join("store").join("0123456789abcdef0123456789abcdef"),
+        state
+            .join("store")
+            .join(".pending-0123456789abcdef0123456789abcdee"),
+    ];
+    for b in &orphan_builds {
+        std::fs::create_dir_all(b).unwrap();
+        std::fs::write(b.join("data"), b"x").unwrap();
+    }
     // A file the daemon never names is reported and kept.
     let stranger = state.join("cache").join("notes.txt");
     std::fs::write(&stranger, b"mine").unwrap();
@@ -227,11 +239,11 @@ async fn after_sigkill_a_resumed_sandbox_keeps_the_writes_after_its_pause() {
     assert_eq!(nbd_read(&again.nbd_uri, 0, 4096), vec![0x41; 4096]);
     assert_eq!(nbd_read(&again.nbd_uri, 4096, 4096), vec![0x42; 4096]);
     assert_eq!(&nbd_read(&again.nbd_uri, 8192, 12), b"tpl block 2\n");
-    for o in &orphans {
+    for o in orphans.iter().chain(&orphan_builds) {
         assert!(!o.exists(), "{}", o.display());
     }
     assert!(stranger.exists());
-    // A pause folds the diff it lay over with the adopted overlay's changes.
+    // A pause writes a layer over the one the adopted overlay lay over.
     pause(&mut c, "again").await.unwrap();
     let again = resume(&mut c, "again").await.unwrap();
     assert_eq!(nbd_read(&again.nbd_uri, 0, 4096), vec![0x41; 4096]);
@@ -321,7 +333,7 @@ async fn a_newer_state_directory_is_refused() {
     d.shutdown().await;
     assert_eq!(
         std::fs::read_to_string(state.join("format")).unwrap(),
-        "rootfork-state 3\n"
+        "rootfork-state 4\n"
     );
     std::fs::write(state.join("format"), "rootfork-state 99\n").unwrap();
     let mut config = Config::with_state_dir(&state).unwrap();
@@ -335,38 +347,93 @@ async fn a_newer_state_directory_is_refused() {
     );
 }
 
-/// A format-1 directory (a daemon from before running overlays were kept) is migrated: its
-/// template and its paused sandbox are there with their data, and it is marked with the current
-/// format, which older daemons refuse (so a downgrade cannot drop the kept overlays' block state
-/// or a diff that forks share).
+/// A format-3 directory (a daemon from before the build store: template images in `templates/`,
+/// paused diffs in `paused/`, here one diff two records share, as a parent and its fork do) is
+/// migrated at start: the template becomes a base build, the diff one layer both records name,
+/// the image and the diff are removed, and the directory is marked with the current format,
+/// which older daemons refuse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_format_1_state_directory_is_migrated_to_the_current_format() {
+async fn a_format_3_state_directory_is_migrated_to_the_build_store() {
     let dir = tempfile::Builder::new()
         .prefix("rfv")
         .tempdir_in("/tmp")
         .unwrap();
     let state = dir.path().join("s");
     let locks = dir.path().join("locks");
-    let d = start(&state, &locks).await;
-    let mut c = connect_when_up(d.api_socket()).await;
+    for sub in ["templates", "paused", "sandboxes"] {
+        std::fs::create_dir_all(state.join(sub)).unwrap();
+    }
+    std::fs::write(state.join("format"), "rootfork-state 3\n").unwrap();
     let src = make_template(dir.path(), "src.img", 16);
-    import(&mut c, "tpl", &src).await.unwrap();
-    let sb = create(&mut c, "tpl", "kept").await.unwrap();
-    nbd_write(&sb.nbd_uri, 4096 * 5, 4096, 0x1f);
-    pause(&mut c, "kept").await.unwrap();
-    drop(c);
-    d.shutdown().await;
-    std::fs::write(state.join("format"), "rootfork-state 1\n").unwrap();
+    std::fs::copy(&src, state.join("templates/tpl.img")).unwrap();
+    std::fs::write(
+        state.join("templates/tpl.json"),
+        serde_json::json!({
+            "name": "tpl", "size_bytes": 16 * 4096, "format": "raw",
+            "created_unix_ms": 1, "source": src.display().to_string(),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    // The diff: block 5 is 0x1f, block 7 reads as zeroes.
+    let diff = state.join("paused/kept.1.diff");
+    std::fs::write(&diff, vec![0x1f; 4096]).unwrap();
+    for id in ["kept", "kept-fork-0"] {
+        let rec = serde_json::json!({
+            "version": 1, "id": id, "template": "tpl", "provider": "socket", "vm": null,
+            "disk_size": 16 * 4096, "quota": null, "created_unix_ms": 1, "state": "paused",
+            "paused": {
+                "size": 16 * 4096, "block_size": 4096,
+                "runs": [
+                    {"offset": 5 * 4096, "len": 4096, "data_offset": 0},
+                    {"offset": 7 * 4096, "len": 4096, "data_offset": null},
+                ],
+                "data": diff,
+            },
+            "pause_count": 1, "generation": 2, "vm_state": null,
+        });
+        std::fs::write(
+            state.join("sandboxes").join(format!("{id}.json")),
+            rec.to_string(),
+        )
+        .unwrap();
+    }
     let d = start(&state, &locks).await;
     assert_eq!(
         std::fs::read_to_string(state.join("format")).unwrap(),
-        "rootfork-state 3\n"
+        "rootfork-state 4\n"
     );
+    assert!(!state.join("templates/tpl.img").exists());
+    assert!(!diff.exists(), "the migrated diff is removed");
+    // The base build and one layer, shared by both records.
+    let base = template_build(&state, "tpl");
+    let builds = builds_in(&state);
+    assert_eq!(builds.len(), 2, "{builds:?}");
+    let layers: Vec<String> = ["kept", "kept-fork-0"]
+        .iter()
+        .map(|id| {
+            let r: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(state.join("sandboxes").join(format!("{id}.json"))).unwrap(),
+            )
+            .unwrap();
+            assert!(r.get("paused").is_none(), "{r}");
+            r["layer"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(layers[0], layers[1]);
+    assert!(builds.contains(&base) && builds.contains(&layers[0]));
+    assert_eq!(template_bytes(&state, "tpl"), std::fs::read(&src).unwrap());
     let mut c = connect_when_up(d.api_socket()).await;
-    let resumed = resume(&mut c, "kept").await.unwrap();
-    assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 5, 4096), vec![0x1f; 4096]);
-    assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 3, 12), b"tpl block 3\n");
+    for id in ["kept", "kept-fork-0"] {
+        let resumed = resume(&mut c, id).await.unwrap();
+        assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 5, 4096), vec![0x1f; 4096]);
+        assert_eq!(nbd_read(&resumed.nbd_uri, 4096 * 7, 4096), vec![0; 4096]);
+        assert_eq!(&nbd_read(&resumed.nbd_uri, 4096 * 3, 12), b"tpl block 3\n");
+    }
     assert!(delete(&mut c, "kept").await.unwrap());
+    assert!(delete(&mut c, "kept-fork-0").await.unwrap());
+    // With both gone only the template's base build stays (collected in the background).
+    assert_eq!(builds_settle(&state, &[base.clone()]).await, vec![base]);
     drop(c);
     d.shutdown().await;
 }

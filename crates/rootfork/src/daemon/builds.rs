@@ -178,11 +178,31 @@ impl Builds {
     }
 
     /// Removes every build that neither `roots` (the templates' base builds) nor a tracked
-    /// sandbox's chain uses. Returns how many were removed. Builds whose maps cannot be read are
-    /// kept, as is everything when a used build's lineage cannot be read (what it references is
-    /// unknown).
+    /// sandbox's chain uses, once no build is being written. Returns how many were removed.
     pub async fn collect(&self, roots: impl IntoIterator<Item = BuildId>) -> usize {
-        let _exclusive = self.pins.write().await;
+        let exclusive = self.pins.write().await;
+        self.collect_holding(roots, exclusive).await
+    }
+
+    /// [`Builds::collect`] at once when no build is being written, else by the collector task
+    /// later (a delete or pause does not wait for another sandbox's pause to finish writing).
+    pub async fn collect_or_defer(&self, roots: impl IntoIterator<Item = BuildId>) {
+        match self.pins.try_write() {
+            Ok(exclusive) => {
+                self.collect_holding(roots, exclusive).await;
+            }
+            Err(_) => self.collect_soon(),
+        }
+    }
+
+    /// The collection, under the exclusive side of the pins. Builds whose maps cannot be read
+    /// are kept, as is everything when a used build's lineage cannot be read (what it
+    /// references is unknown).
+    async fn collect_holding(
+        &self,
+        roots: impl IntoIterator<Item = BuildId>,
+        _exclusive: tokio::sync::RwLockWriteGuard<'_, ()>,
+    ) -> usize {
         let mut used: BTreeSet<BuildId> = roots.into_iter().collect();
         let tops: Vec<BuildId> = self.uses.lock().values().copied().collect();
         for top in tops {

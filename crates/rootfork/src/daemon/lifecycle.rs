@@ -188,7 +188,7 @@ pub async fn delete(core: &Core, id: &str) -> Result<bool> {
     live.layer = None;
     // Its layer goes with the next collection unless a fork (or its parent) still uses it.
     core.builds.track(id, None);
-    core.builds.collect_soon();
+    core.builds.collect_or_defer(core.templates.builds()).await;
     // A file a fork still uses (its parent's VM state) stays until its last user goes.
     for f in live.files.drain(..) {
         shared::release_and_remove(&core.shared, &f, id);

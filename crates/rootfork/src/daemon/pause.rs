@@ -84,7 +84,9 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     };
     // No collection until the record names the new layer.
     let pin = core.builds.pin().await;
-    let scratch = store_dir.join(format!(".export-{}", BuildId::random()));
+    // (Named by sandbox and generation, like every file the daemon gives a sandbox.)
+    let scratch = store_dir.join(format!(".export-{id}.{}", live.generation));
+    live.generation += 1;
     let provider = live.provider.as_mut().expect("checked above");
     let saved = match provider.export_diff(&scratch).await {
         // The export removes what it wrote when it fails.
@@ -142,7 +144,7 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     core.builds.track(id, Some(layer.id));
     drop(pin);
     // The chain below may have been flattened away.
-    core.builds.collect_soon();
+    core.builds.collect_or_defer(core.templates.builds()).await;
     // Every byte of the pause is on disk: the VM (stopped, its state saved) and the device can
     // go. The console stays for the restored VM to go on writing.
     if let Some(v) = live.vm.take() {

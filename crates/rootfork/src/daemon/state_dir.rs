@@ -102,7 +102,12 @@ pub(super) fn read_or_make_token(path: &Path, generated: bool) -> Result<String,
 /// - 3: 2, plus forks: a fork's record names its parent's paused diff, a file several records
 ///   share and that goes with its last user (`shared.rs`); a format-2 daemon would remove it
 ///   with whichever of them it deleted first. No conversion; the mark makes a downgrade refuse.
-pub const FORMAT_VERSION: u32 = 3;
+/// - 4: the build store (`store/`): templates are base builds named by their records (no
+///   `templates/NAME.img`), a paused sandbox's disk is a layer named by its record's `layer`
+///   (no `paused/*.diff`). Migrated at start, by content (so a start interrupted midway goes on
+///   where it stopped): the template store imports each image as a build, then every record's
+///   diff becomes a layer (`migrate.rs`); a format-3 daemon would find no template image.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Refuses a state directory of a newer format; marks an older or unmarked one as this format
 /// (after migrating it, which no format before this one needs beyond the mark).

@@ -76,6 +76,93 @@ impl TestDaemon {
         v.sort();
         v
     }
+
+    /// The builds in the state directory's build store.
+    pub fn builds(&self) -> Vec<String> {
+        builds_in(&self.state())
+    }
+
+    /// The base build of template `name`.
+    pub fn template_build(&self, name: &str) -> String {
+        template_build(&self.state(), name)
+    }
+
+    /// Waits until the store holds `n` builds (20 s at most), and returns them.
+    pub async fn builds_settle_count(&self, n: usize) -> Vec<String> {
+        for _ in 0..200 {
+            if self.builds().len() == n {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        self.builds()
+    }
+
+    /// Waits until the store holds exactly `want` builds (the collection of unused builds runs
+    /// in the background after a pause or delete; 20 s at most), and returns them.
+    pub async fn builds_settle(&self, want: &[String]) -> Vec<String> {
+        builds_settle(&self.state(), want).await
+    }
+}
+
+/// The builds in the build store of state directory `state`.
+pub fn builds_in(state: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(state.join("store"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The base build of template `name` in state directory `state` (from its record).
+pub fn template_build(state: &Path, name: &str) -> String {
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(state.join("templates").join(format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    rec["build"]
+        .as_str()
+        .expect("the record names a build")
+        .to_owned()
+}
+
+/// Waits until the store of `state` holds exactly the builds `want` (sorted; 20 s at most).
+pub async fn builds_settle(state: &Path, want: &[String]) -> Vec<String> {
+    let mut want = want.to_vec();
+    want.sort();
+    for _ in 0..200 {
+        if builds_in(state) == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    builds_in(state)
+}
+
+/// The bytes template `name` of state directory `state` serves (read through its base build).
+pub fn template_bytes(state: &Path, name: &str) -> Vec<u8> {
+    use rootfork_block::BlockDevice;
+    let store = rootfork_block::layered::LocalStore::new(state.join("store"));
+    let t = store
+        .open(&template_build(state, name).parse().unwrap())
+        .unwrap();
+    let mut out = vec![0u8; t.size() as usize];
+    t.read_at(&mut out, 0).unwrap();
+    out
+}
+
+/// The files of template `name`'s base build (data, map), to check nothing rewrote them.
+pub fn template_files(state: &Path, name: &str) -> (Vec<u8>, Vec<u8>) {
+    let dir = state.join("store").join(template_build(state, name));
+    (
+        std::fs::read(dir.join("data")).unwrap(),
+        std::fs::read(dir.join("map")).unwrap(),
+    )
 }
 
 /// A client of the API at `api`, once the daemon answers there (30 s at most).
