@@ -90,6 +90,7 @@ check "after resume rootfork:overlay leaves the template unflagged" grep -Eq "^ 
 check "after resume base:allocation reports the paused zero run as hole,zero" grep -Eq "^ *2097152 +1048576 +3 " map-after.txt
 check "after resume the changes read back" qemu-io -f raw -c 'read -P 0x5a 1M 64k' -c 'read -P 0 2M 1M' "$U2"
 check "fork a paused sandbox: two running forks read its changes, the parent resumes" bash -c "'$BIN' sandbox pause second >/dev/null && '$BIN' sandbox fork second --count 2 --json >forks.json && python3 -c 'import json; f=json.load(open(\"forks.json\")); assert [x[\"id\"] for x in f]==[\"second-fork-0\",\"second-fork-1\"] and all(x[\"state\"]==\"running\" for x in f), f' && qemu-io -f raw -c 'read -P 0x5a 1M 64k' \"\$(python3 -c 'import json; print(json.load(open(\"forks.json\"))[1][\"nbd_uri\"])')\" && ! '$BIN' sandbox fork second --count 1 2>err.txt && grep -q ALREADY_EXISTS err.txt && '$BIN' sandbox delete second-fork-0 >/dev/null && '$BIN' sandbox delete second-fork-1 >/dev/null && '$BIN' sandbox resume second | grep -q 'state: *running'"
+check "template export writes the template's bytes to a raw image (zeroes as holes)" bash -c "'$BIN' template export rnd exported.raw | grep -q 'exported template rnd' && cmp img.raw exported.raw && ! '$BIN' template export rnd exported.raw 2>err.txt && grep -q 'creating' err.txt"
 check "template in use cannot be deleted" bash -c "! '$BIN' template delete rnd 2>err.txt && grep -q FAILED_PRECONDITION err.txt"
 check "list shows both" bash -c "[ \"\$('$BIN' sandbox list --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')\" = 2 ]"
 check "delete is idempotent" bash -c "'$BIN' sandbox delete second && '$BIN' sandbox delete second | grep -q 'did not exist'"
@@ -134,7 +135,7 @@ kill -TERM "$DPID"; wait "$DPID" || true; DPID=
 echo "write -P 0xa4 4M 64k" >&3
 check "SIGTERM removes the API socket and the NBD sockets" bash -c "[ ! -e .rootfork/api.sock ] && [ -z \"\$(find .rootfork/nbd -mindepth 1)\" ]"
 check "SIGTERM keeps the running sandboxes running in their records, their overlays on disk" bash -c "python3 -c 'import json; r=json.load(open(\".rootfork/sandboxes/keep-a.json\")); assert r[\"state\"]==\"running\" and r[\"served\"], r' && ls .rootfork/cache | grep -q '^keep-a\..*\.cache\.state$'"
-check "templates survive a restart" test -f .rootfork/templates/demo.img
+check "templates survive a restart: the record names a base build in the store" python3 -c 'import json,os; b=json.load(open(".rootfork/templates/demo.json"))["build"]; assert os.path.isfile(".rootfork/store/%s/data" % b) and os.path.isfile(".rootfork/store/%s/map" % b), b'
 start_daemon daemon3.log
 check "after SIGTERM: list --json shows A running and B paused" bash -c "'$BIN' sandbox list --json | python3 -c 'import json,sys; s={x[\"id\"]: x[\"state\"] for x in json.load(sys.stdin)}; assert s[\"keep-a\"]==\"running\" and s[\"keep-b\"]==\"paused\" and s[\"first\"]==\"running\", s'"
 check "after SIGTERM: A's same URI serves both flushed writes" bash -c "[ \"\$(uri_of keep-a)\" = '$UA' ] && qemu-io -f raw -c 'read -P 0xa1 1M 64k' -c 'read -P 0xa2 2M 64k' '$UA'"

@@ -734,7 +734,10 @@ async fn pause_resume_five_times_keeps_every_write_in_a_bounded_chain() {
     assert!(delete(&mut c, "p").await.unwrap());
     assert!(d.files("paused").is_empty());
     let base = d.template_build("tpl");
-    assert_eq!(d.builds_settle(&[base.clone()]).await, vec![base]);
+    assert_eq!(
+        d.builds_settle(std::slice::from_ref(&base)).await,
+        vec![base]
+    );
     assert_eq!(
         template_bytes(&d.state(), "tpl"),
         std::fs::read(&src).unwrap()

@@ -265,7 +265,10 @@ async fn the_daemon_runs_firecracker_on_a_kernel_sandbox() {
         assert!(delete(&mut c, &f.id).await.unwrap());
     }
     assert!(d.files("paused").is_empty(), "{:?}", d.files("paused"));
-    assert_eq!(d.builds_settle(&[base.clone()]).await, vec![base]);
+    assert_eq!(
+        d.builds_settle(std::slice::from_ref(&base)).await,
+        vec![base]
+    );
     assert_eq!(
         get(&mut c, "fc").await.state,
         v1::SandboxState::Deleted as i32

@@ -433,7 +433,10 @@ async fn a_format_3_state_directory_is_migrated_to_the_build_store() {
     assert!(delete(&mut c, "kept").await.unwrap());
     assert!(delete(&mut c, "kept-fork-0").await.unwrap());
     // With both gone only the template's base build stays (collected in the background).
-    assert_eq!(builds_settle(&state, &[base.clone()]).await, vec![base]);
+    assert_eq!(
+        builds_settle(&state, std::slice::from_ref(&base)).await,
+        vec![base]
+    );
     drop(c);
     d.shutdown().await;
 }

@@ -405,17 +405,15 @@ fn bad_diffs_and_geometry_are_refused_without_leftovers() {
         ));
     }
     // Smaller than the parent: a layer never shrinks the device.
-    for sz in [size - 4096] {
-        let diff = LayerDiff {
-            size: sz,
-            runs: vec![],
-            data: &data,
-        };
-        assert!(matches!(
-            store.create_layer(&base.header.id, &diff),
-            Err(LayerError::Geometry { .. })
-        ));
-    }
+    let diff = LayerDiff {
+        size: size - 4096,
+        runs: vec![],
+        data: &data,
+    };
+    assert!(matches!(
+        store.create_layer(&base.header.id, &diff),
+        Err(LayerError::Geometry { .. })
+    ));
     let names: Vec<_> = fs::read_dir(store.root())
         .unwrap()
         .map(|e| e.unwrap().file_name())

@@ -1,4 +1,4 @@
-//! `rootfork template import NAME FILE | list | delete NAME`.
+//! `rootfork template import NAME FILE | list | export NAME FILE | delete NAME`.
 
 use std::path::PathBuf;
 
@@ -21,6 +21,14 @@ pub enum Command {
     },
     /// List templates.
     List,
+    /// Write a template's bytes to a new raw image file (zeroes as holes). Reads the daemon's
+    /// build store directly, read-only: for the host the daemon runs on.
+    Export {
+        /// Template name.
+        name: String,
+        /// The image file to create (must not exist).
+        file: PathBuf,
+    },
     /// Delete a template no sandbox uses (succeeds if it does not exist).
     Delete {
         /// Template name.
@@ -115,6 +123,28 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
                     );
                 }
             }
+            Command::Export { name, file } => {
+                let r = c
+                    .templates
+                    .list_templates(v1::ListTemplatesRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                let t = r
+                    .templates
+                    .iter()
+                    .find(|t| t.name == name)
+                    .with_context(|| format!("template {name:?} not found"))?;
+                let build = PathBuf::from(&t.path);
+                let written = tokio::task::spawn_blocking(move || export(&build, &file))
+                    .await
+                    .context("the export task failed")??;
+                if opts.json {
+                    print_json(&serde_json::json!({"name": name, "bytes": written}));
+                } else {
+                    println!("exported template {name} ({})", output::bytes(written));
+                }
+            }
             Command::Delete { name } => {
                 let r = c
                     .templates
@@ -133,6 +163,56 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Writes the build at `build` (a directory of the daemon's build store) to the new file `out`
+/// as a raw image: data runs written, zero runs left as holes. Returns the image size.
+fn export(build: &std::path::Path, out: &std::path::Path) -> anyhow::Result<u64> {
+    use rootfork_block::layered::{LocalStore, RunKind};
+    use rootfork_block::BlockDevice;
+    use std::os::unix::fs::FileExt;
+    let (Some(store), Some(id)) = (build.parent(), build.file_name()) else {
+        anyhow::bail!(
+            "the daemon named no build for the template ({})",
+            build.display()
+        );
+    };
+    let id = id
+        .to_string_lossy()
+        .parse()
+        .with_context(|| format!("{} is not a build", build.display()))?;
+    let tpl = LocalStore::new(store).open(&id).with_context(|| {
+        format!(
+            "opening build {} (export reads the daemon's store: run it on the daemon's host, with access to its state directory)",
+            build.display()
+        )
+    })?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    let size = tpl.size();
+    f.set_len(size)
+        .with_context(|| format!("sizing {}", out.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for run in tpl.mapping().runs() {
+        if run.kind == RunKind::Zero {
+            continue;
+        }
+        let mut done = 0u64;
+        while done < run.len {
+            let n = ((run.len - done) as usize).min(buf.len());
+            tpl.read_at(&mut buf[..n], run.offset + done)
+                .with_context(|| format!("reading the template at {}", run.offset + done))?;
+            f.write_all_at(&buf[..n], run.offset + done)
+                .with_context(|| format!("writing {}", out.display()))?;
+            done += n as u64;
+        }
+    }
+    f.sync_all()
+        .with_context(|| format!("syncing {}", out.display()))?;
+    Ok(size)
 }
 
 fn fmt_format(f: i32) -> String {
