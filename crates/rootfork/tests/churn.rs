@@ -1,6 +1,7 @@
 //! Churn: 200 sandboxes created and deleted on one template, 8 at a time, through the API; then
 //! nothing may be left behind — file descriptors (`/proc/self/fd`), sockets among them, threads
-//! (`/proc/self/task`), NBD socket files, cache files, paused diffs, kernel slots, live sandboxes.
+//! (`/proc/self/task`), NBD socket files, cache files, paused files, layers of the build store,
+//! kernel slots, live sandboxes.
 //!
 //! This file holds one test so that it owns its process's fd and thread counts.
 
@@ -115,6 +116,8 @@ fn churn_200_sandboxes_8_at_a_time_leaks_nothing() {
         assert!(live.sandboxes.is_empty(), "sandboxes left: {}", live.sandboxes.len());
         let t = c.templates.list_templates(v1::ListTemplatesRequest {}).await.unwrap().into_inner();
         assert_eq!(t.templates[0].sandboxes, 0);
+        let tb = d.template_build(&t.templates[0].name);
+        assert_eq!(d.builds_settle(std::slice::from_ref(&tb)).await, vec![tb], "layers left");
         let m = d.daemon.core().kernel.pool().metrics();
         assert_eq!(m.claimed, 0, "kernel slots still claimed");
         d.daemon.shutdown().await;
