@@ -26,6 +26,7 @@ use super::scope::RequestScope;
 use super::source::BuildData;
 use crate::device::{BlockDevice, BlockState, Extent};
 use crate::error::{BlockError, Result};
+use crate::status::{self, Contents, RangeStatus};
 
 /// Finds builds by id: a local store directory, an object store, or a test fixture.
 pub trait BuildResolver {
@@ -125,6 +126,9 @@ impl CheckedData {
 pub struct LayeredTemplate {
     top: BuildMap,
     builds: Vec<Option<CheckedData>>,
+    /// The base build's mapping when the top is a layer: what "unchanged" means for the
+    /// `changed` flag of [`BlockDevice::block_status`].
+    base: Option<Mapping>,
 }
 
 impl std::fmt::Debug for LayeredTemplate {
@@ -252,7 +256,17 @@ impl LayeredTemplate {
                 }
             });
         }
-        Ok(LayeredTemplate { top, builds })
+        let last = top.lineage.len() - 1;
+        let base = match (last, maps.get(last)) {
+            (0, _) => None,
+            (_, Some(Some(m))) => Some(m.mapping.clone()),
+            _ => {
+                let m = resolver.map(&top.lineage[last])?;
+                check_ancestor(&top, last, &m)?;
+                Some(m.mapping)
+            }
+        };
+        Ok(LayeredTemplate { top, builds, base })
     }
 
     /// The top build's map (its header, lineage and merged mapping).
@@ -305,6 +319,33 @@ impl BlockDevice for LayeredTemplate {
             }
         }
         Ok(())
+    }
+
+    /// A layer's own data and zero runs are changes relative to the template at the bottom of
+    /// its chain (its base build), except zero runs where the base reads zeroes too; the base's
+    /// own data is unchanged; bytes past the base's end (a grown device) count as changed, as
+    /// they do over a grown template file.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<RangeStatus>> {
+        self.check_range(offset, len)?;
+        let base_index = self.top.lineage.len() as u32 - 1;
+        let mut out = Vec::new();
+        for run in self.top.mapping.lookup(offset, len) {
+            match (run.kind, &self.base) {
+                (RunKind::Data { build, .. }, _) => {
+                    status::push(&mut out, run.len, Contents::Data, build < base_index)
+                }
+                (RunKind::Zero, None) => status::push(&mut out, run.len, Contents::Hole, false),
+                (RunKind::Zero, Some(base)) => {
+                    let inside = run.len.min(base.size().saturating_sub(run.offset));
+                    for b in base.lookup(run.offset, inside) {
+                        let changed = b.kind != RunKind::Zero;
+                        status::push(&mut out, b.len, Contents::Hole, changed);
+                    }
+                    status::push(&mut out, run.len - inside, Contents::Hole, true);
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

@@ -203,6 +203,74 @@ fn a_layer_grows_the_device_with_zeros_past_the_parent() {
 }
 
 #[test]
+fn block_status_flags_what_the_layers_changed_against_the_base() {
+    use crate::status::{Contents, RangeStatus};
+    let dir = tempfile::tempdir().unwrap();
+    // sample_image: block 1 (mod 3) and blocks 40..60 are zero, the rest data.
+    let img = sample_image(256 * 1024);
+    let path = dir.path().join("img");
+    write_sparse(&path, &img);
+    let store = LocalStore::new(dir.path().join("store"));
+    let base = store.import_image(&path, opts()).unwrap();
+    let status = |t: &LayeredTemplate, block: u64| -> RangeStatus {
+        t.block_status(block * BS, BS).unwrap()[0]
+    };
+    let bt = store.open(&base.header.id).unwrap();
+    assert!(!status(&bt, 0).changed && status(&bt, 0).contents == Contents::Data);
+    assert!(!status(&bt, 1).changed && status(&bt, 1).contents == Contents::Hole);
+    // Data over block 3, zeroes over block 0 (data in the base) and block 4 (zero in the base),
+    // and the device grown by two blocks.
+    let grown = img.len() as u64 + 2 * BS;
+    let (runs, data) = data_diff(
+        &[(3 * BS, vec![7u8; BS as usize])],
+        &[(0, BS), (4 * BS, BS)],
+    );
+    let l1 = store
+        .create_layer(
+            &base.header.id,
+            &LayerDiff {
+                size: grown,
+                runs,
+                data: &data,
+            },
+        )
+        .unwrap();
+    // One more layer on top: the base's view goes through the whole chain.
+    let (runs, data) = data_diff(&[(6 * BS, vec![8u8; BS as usize])], &[]);
+    let l2 = store
+        .create_layer(
+            &l1.header.id,
+            &LayerDiff {
+                size: grown,
+                runs,
+                data: &data,
+            },
+        )
+        .unwrap();
+    let t = store.open(&l2.header.id).unwrap();
+    let want = [
+        (0, Contents::Hole, true),
+        (1, Contents::Hole, false),
+        (2, Contents::Data, false),
+        (3, Contents::Data, true),
+        (4, Contents::Hole, false),
+        (6, Contents::Data, true),
+        (grown / BS - 1, Contents::Hole, true),
+    ];
+    for (block, contents, changed) in want {
+        let s = status(&t, block);
+        assert_eq!(
+            (s.contents, s.changed),
+            (contents, changed),
+            "block {block}"
+        );
+    }
+    // The runs cover the whole device, in order.
+    let all = t.block_status(0, grown).unwrap();
+    assert_eq!(all.iter().map(|r| r.len).sum::<u64>(), grown);
+}
+
+#[test]
 fn flattening_a_chain_serves_the_same_bytes_from_one_layer_over_the_base() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = sample_image(256 * 1024);
