@@ -64,6 +64,17 @@ pub enum LayerError {
         /// The id in its header.
         found: BuildId,
     },
+    /// A layer over this parent would pass the deepest lineage a map may hold
+    /// ([`MAX_GENERATIONS`](super::format::MAX_GENERATIONS)): it could never be opened.
+    #[error("build {parent} is generation {generation}: a layer over it would pass the {limit} generations a chain may have (flatten it first)")]
+    TooManyGenerations {
+        /// The parent.
+        parent: BuildId,
+        /// Its generation.
+        generation: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A layer's recorded ancestry does not match the builds in the store.
     #[error("layer {layer}: ancestor {ancestor} does not match (expected generation {expected_generation} with lineage {expected_lineage}, found {found})")]
     WrongParent {

@@ -14,7 +14,7 @@ use super::id::BuildId;
 use super::local::{LayerDiff, LocalStore};
 use super::mapping::{DiffSource, RunKind};
 use super::source::BuildData;
-use super::template::LayeredTemplate;
+use super::template::{BuildResolver, LayeredTemplate};
 use crate::device::BlockDevice;
 
 /// A layered template read as a diff's data: data offsets are device offsets.
@@ -37,7 +37,18 @@ impl LocalStore {
     /// Writes the template whose top build is `top` as a single layer over `onto`, one of its
     /// ancestors (e.g. the template's base build): the new layer's generation is `onto`'s + 1.
     pub fn flatten(&self, top: &BuildId, onto: &BuildId) -> LayerResult<BuildMap> {
-        let tpl = self.open(top)?;
+        self.flatten_over(self, top, onto)
+    }
+
+    /// [`LocalStore::flatten`] of a chain found through `builds` (which may hold some of it
+    /// elsewhere); the new layer is written here.
+    pub fn flatten_over(
+        &self,
+        builds: &dyn BuildResolver,
+        top: &BuildId,
+        onto: &BuildId,
+    ) -> LayerResult<BuildMap> {
+        let tpl = LayeredTemplate::open(builds, top)?;
         let lineage = &tpl.build_map().lineage;
         let Some(k) = lineage.iter().position(|b| b == onto) else {
             return Err(LayerError::InvalidDiff(format!(
@@ -57,7 +68,8 @@ impl LocalStore {
                 RunKind::Data { .. } => None,
             })
             .collect();
-        self.create_layer(
+        self.create_layer_over(
+            builds,
             onto,
             &LayerDiff {
                 size: tpl.size(),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use nix::unistd::{lseek, Whence};
 
 use super::error::{LayerError, LayerResult};
-use super::format::{BuildHeader, BuildMap};
+use super::format::{BuildHeader, BuildMap, MAX_GENERATIONS};
 use super::id::BuildId;
 use super::mapping::{DiffSource, MapRun, Mapping, RunKind};
 use super::source::{BuildData, FileData};
@@ -262,8 +262,27 @@ impl LocalStore {
     /// Writes `diff` as a new layer over build `parent` and returns its map. The parent (and its
     /// ancestry) must open cleanly and have the diff's geometry.
     pub fn create_layer(&self, parent: &BuildId, diff: &LayerDiff<'_>) -> LayerResult<BuildMap> {
-        let parent_tpl = self.open(parent)?;
+        self.create_layer_over(self, parent, diff)
+    }
+
+    /// [`LocalStore::create_layer`] over a parent found through `builds` (which may hold it
+    /// elsewhere, e.g. in object storage): the new layer is written here; its map names the
+    /// parent's chain, wherever that is.
+    pub fn create_layer_over(
+        &self,
+        builds: &dyn BuildResolver,
+        parent: &BuildId,
+        diff: &LayerDiff<'_>,
+    ) -> LayerResult<BuildMap> {
+        let parent_tpl = LayeredTemplate::open(builds, parent)?;
         let pmap = parent_tpl.build_map();
+        if pmap.header.generation + 1 >= MAX_GENERATIONS {
+            return Err(LayerError::TooManyGenerations {
+                parent: *parent,
+                generation: pmap.header.generation,
+                limit: MAX_GENERATIONS,
+            });
+        }
         check_geometry(
             &pmap.header,
             &BuildHeader {

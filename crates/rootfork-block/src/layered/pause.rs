@@ -13,6 +13,7 @@ use super::id::BuildId;
 use super::local::{LayerDiff, LocalStore};
 use super::mapping::DiffSource;
 use super::source::FileData;
+use super::template::BuildResolver;
 use crate::device::BlockDevice;
 use crate::diff::{DiffKind, DiffMap};
 use crate::overlay::Overlay;
@@ -40,9 +41,21 @@ impl LocalStore {
         diff: &DiffMap,
         data: &Path,
     ) -> LayerResult<BuildMap> {
+        self.create_layer_from_export_over(self, parent, diff, data)
+    }
+
+    /// [`LocalStore::create_layer_from_export`] over a parent found through `builds`.
+    pub fn create_layer_from_export_over(
+        &self,
+        builds: &dyn BuildResolver,
+        parent: &BuildId,
+        diff: &DiffMap,
+        data: &Path,
+    ) -> LayerResult<BuildMap> {
         let data = FileData::open(data)
             .map_err(|e| LayerError::io(format!("opening diff data {}", data.display()), e))?;
-        self.create_layer(
+        self.create_layer_over(
+            builds,
             parent,
             &LayerDiff {
                 size: diff.size,

@@ -588,3 +588,85 @@ fn concurrent_reads_verify_once_and_agree() {
         th.join().unwrap();
     }
 }
+
+/// A resolver holding maps in memory, for a chain too deep to write.
+struct Maps(Vec<BuildMap>);
+
+impl BuildResolver for Maps {
+    fn map(&self, id: &BuildId) -> LayerResult<BuildMap> {
+        self.0
+            .iter()
+            .find(|m| m.header.id == *id)
+            .cloned()
+            .ok_or(LayerError::MissingBuild(*id))
+    }
+
+    fn data(&self, _map: &BuildMap) -> LayerResult<std::sync::Arc<dyn BuildData>> {
+        Ok(std::sync::Arc::new(MemData(Vec::new())))
+    }
+}
+
+#[test]
+fn a_layer_past_the_generation_limit_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path().join("store"));
+    let size = 16 * BS;
+    let deepest = format::MAX_GENERATIONS - 1;
+    let lineage: Vec<BuildId> = (0..=deepest).map(|_| BuildId::random()).collect();
+    let top = BuildMap {
+        header: BuildHeader {
+            block_size: BS as u32,
+            size,
+            generation: deepest,
+            id: lineage[0],
+            parent: Some(lineage[1]),
+            data_len: 0,
+            chunk_size: opts().chunk_size,
+        },
+        lineage,
+        mapping: Mapping::new(
+            size,
+            vec![MapRun {
+                offset: 0,
+                len: size,
+                kind: RunKind::Zero,
+            }],
+        )
+        .unwrap(),
+        chunk_crcs: Vec::new(),
+    };
+    let id = top.header.id;
+    let base_id = *top.lineage.last().unwrap();
+    let base = BuildMap {
+        header: BuildHeader {
+            generation: 0,
+            id: base_id,
+            parent: None,
+            ..top.header.clone()
+        },
+        lineage: vec![base_id],
+        mapping: top.mapping.clone(),
+        chunk_crcs: Vec::new(),
+    };
+    let builds = Maps(vec![top, base]);
+    // The deepest chain a map may hold still opens...
+    assert!(LayeredTemplate::open(&builds, &id).is_ok());
+    // ... and a layer over it is refused, leaving nothing behind.
+    let data = MemData(vec![1; BS as usize]);
+    let e = store
+        .create_layer_over(
+            &builds,
+            &id,
+            &LayerDiff {
+                size,
+                runs: vec![(0, BS, DiffSource::Data(0))],
+                data: &data,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, LayerError::TooManyGenerations { generation, .. } if generation == deepest),
+        "{e}"
+    );
+    assert!(!store.root().exists() || fs::read_dir(store.root()).unwrap().next().is_none());
+}
