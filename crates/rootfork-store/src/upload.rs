@@ -150,11 +150,15 @@ async fn put_file(
 impl RemoteStore {
     /// Uploads the template whose top build is `top` — the top build and every ancestor its
     /// mapping references that is not in the store yet, base first (ancestors whose bytes were
-    /// all overwritten are never read, so they are not needed). The local chain must open
-    /// cleanly first.
+    /// all overwritten are never read, so they are not needed). A chain held locally must open
+    /// cleanly first; ancestors `local` does not hold (a layer written over a chain read from
+    /// this store) must already be in the store.
     pub fn upload(&self, local: &LocalStore, top: &BuildId) -> Result<UploadReport, StoreError> {
-        local.open(top)?;
         let top_map = local.map(top)?;
+        let here = |id: &BuildId| local.map_path(id).is_file();
+        if top_map.lineage.iter().all(here) {
+            local.open(top)?;
+        }
         let mut needed = vec![false; top_map.lineage.len()];
         needed[0] = true;
         for r in top_map.mapping.runs() {
@@ -168,13 +172,26 @@ impl RemoteStore {
             .zip(&needed)
             .filter_map(|(id, &n)| n.then_some(*id))
             .collect();
-        // Every map, read before anything is sent.
+        // Every local map, read before anything is sent.
         let maps = lineage
             .iter()
-            .map(|id| local.map(id))
+            .map(|id| here(id).then(|| local.map(id)).transpose())
             .collect::<Result<Vec<_>, _>>()?;
         let mut report = UploadReport::default();
         for (id, map) in lineage.iter().zip(maps).rev() {
+            let Some(map) = map else {
+                // Not here: it must be in the store already.
+                let store = self.inner.store.clone();
+                let key = self.key(id, MAP_FILE);
+                if !self
+                    .bridge()
+                    .run(async move { exists(&store, &key).await })??
+                {
+                    return Err(rootfork_block::layered::LayerError::MissingBuild(*id).into());
+                }
+                report.skipped.push(*id);
+                continue;
+            };
             let store = self.inner.store.clone();
             let map_key = self.key(id, MAP_FILE);
             let data_key = self.key(id, DATA_FILE);

@@ -168,7 +168,14 @@ pub struct StoreFile {
     /// The most layers a paused sandbox's chain keeps over its template; a pause that would
     /// make it deeper flattens the chain into one layer.
     pub max_layers: Option<u64>,
+    /// Object storage shared with other hosts: `s3://BUCKET/PREFIX` or a directory.
+    pub url: Option<String>,
+    /// The chunk cache for builds read from the object store, bytes (shared by every sandbox).
+    pub cache_bytes: Option<u64>,
 }
+
+/// The default `store.cache_bytes`: 4 GiB.
+pub const DEFAULT_STORE_CACHE_BYTES: u64 = 4 << 30;
 
 /// The most `store.max_layers`.
 pub const MAX_STORE_LAYERS: u64 = 64;
@@ -301,6 +308,8 @@ pub struct Overrides {
     pub nbd_lock_dir: Option<PathBuf>,
     /// `--firecracker-bin` / `ROOTFORK_FIRECRACKER_BIN`.
     pub firecracker_bin: Option<PathBuf>,
+    /// `--store` / `ROOTFORK_STORE`.
+    pub store: Option<String>,
 }
 
 /// The resolved, validated configuration.
@@ -346,6 +355,10 @@ pub struct Config {
     pub kernel_warm_slots: usize,
     /// The deepest chain of layers a pause leaves (`store.max_layers`).
     pub store_max_layers: u64,
+    /// Object storage shared with other hosts (`store.url`, `--store`, `ROOTFORK_STORE`).
+    pub store_url: Option<crate::daemon::remote::StoreUrl>,
+    /// The chunk cache's budget (`store.cache_bytes`).
+    pub store_cache_bytes: u64,
     /// How long a QEMU VM's NBD client waits for a restarting daemon (`None`: not at all).
     pub vmm_nbd_reconnect_delay: Option<u32>,
     /// Fault injection triggers (`debug.fault_injection`; testing only).
@@ -599,6 +612,21 @@ impl Config {
                 format!("{store_max_layers} is outside 1..={MAX_STORE_LAYERS}"),
             ));
         }
+        let store_url = ov
+            .store
+            .or(file.store.url)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                crate::daemon::remote::StoreUrl::parse(&u).map_err(|e| invalid("store.url", e))
+            })
+            .transpose()?;
+        let store_cache_bytes = file.store.cache_bytes.unwrap_or(DEFAULT_STORE_CACHE_BYTES);
+        if store_cache_bytes < 64 << 20 {
+            return Err(invalid(
+                "store.cache_bytes",
+                format!("{store_cache_bytes} is below 64 MiB"),
+            ));
+        }
         let tcp_import_dirs = file.templates.import_dirs.unwrap_or_default();
         if let Some(d) = tcp_import_dirs.iter().find(|d| !d.is_absolute()) {
             return Err(invalid(
@@ -683,6 +711,8 @@ impl Config {
                 .then(|| Duration::from_secs(dead_conn_secs)),
             kernel_warm_slots,
             store_max_layers,
+            store_url,
+            store_cache_bytes,
             vmm_nbd_reconnect_delay: (reconnect_secs != 0).then_some(reconnect_secs),
             seams: Seams::default(),
             fault_injection: file.debug.fault_injection.unwrap_or(false),

@@ -149,6 +149,25 @@ pub enum DaemonError {
     /// failed: I/O, or a build that is missing or damaged.
     #[error("build store: {0}")]
     Layer(#[source] rootfork_block::layered::LayerError),
+    /// Another host holds the sandbox in the object store.
+    #[error("sandbox {id:?} is held by host {host} in the object store: it {state}")]
+    HeldElsewhere {
+        /// The sandbox.
+        id: String,
+        /// The holder's host name.
+        host: String,
+        /// What it does there.
+        state: &'static str,
+    },
+    /// The object store cannot be reached, or the sandbox is not there yet.
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// The sandbox cannot move to this host.
+    #[error("{0}")]
+    NoMove(String),
+    /// The call needs an object store and the daemon has none.
+    #[error("this daemon has no object store (start it with --store)")]
+    NoStore,
     /// A blocking task of the operation panicked or was cancelled.
     #[error("{what}: {reason}")]
     TaskFailed {
@@ -214,7 +233,11 @@ impl DaemonError {
             | DaemonError::WrongState { .. }
             | DaemonError::NoVm(_)
             | DaemonError::NoDevice(_)
-            | DaemonError::NoPausedDisk(_) => Code::FailedPrecondition,
+            | DaemonError::NoPausedDisk(_)
+            | DaemonError::HeldElsewhere { .. }
+            | DaemonError::NoMove(_)
+            | DaemonError::NoStore => Code::FailedPrecondition,
+            DaemonError::StoreUnavailable(_) => Code::Unavailable,
             DaemonError::KernelUnavailable(_) => Code::Unavailable,
             DaemonError::ResourceExhausted(_) | DaemonError::NoSpace { .. } => {
                 Code::ResourceExhausted
@@ -255,7 +278,11 @@ impl DaemonError {
             | DaemonError::WrongState { .. }
             | DaemonError::NoVm(_)
             | DaemonError::NoDevice(_)
-            | DaemonError::NoPausedDisk(_) => libc::EBUSY,
+            | DaemonError::NoPausedDisk(_)
+            | DaemonError::HeldElsewhere { .. }
+            | DaemonError::NoMove(_) => libc::EBUSY,
+            DaemonError::NoStore => libc::ENOTSUP,
+            DaemonError::StoreUnavailable(_) => libc::EAGAIN,
             DaemonError::KernelUnavailable(_) => libc::ENODEV,
             DaemonError::ResourceExhausted(crate::daemon::limits::Exhausted::Sandboxes {
                 ..

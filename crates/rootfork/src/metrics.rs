@@ -56,6 +56,13 @@ pub struct CheckLabel {
     pub result: String,
 }
 
+/// Labels of an upload to the object store.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UploadLabel {
+    /// ok | failed.
+    pub result: String,
+}
+
 /// Labels of a sandbox adoption at start.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdoptionLabel {
@@ -133,6 +140,8 @@ pub struct Metrics {
     health_checks: Family<CheckLabel, Counter>,
     recoveries: Family<CheckLabel, Counter>,
     adoptions: Family<AdoptionLabel, Counter>,
+    store_uploads: Family<UploadLabel, Counter>,
+    store_upload_bytes: Counter,
     resource_used: Family<ResourceLabel, Gauge>,
     resource_limit: Family<ResourceLabel, Gauge>,
     nbd: NbdCollector,
@@ -172,6 +181,8 @@ impl Metrics {
             health_checks: Family::default(),
             recoveries: Family::default(),
             adoptions: Family::default(),
+            store_uploads: Family::default(),
+            store_upload_bytes: Counter::default(),
             resource_used: Family::default(),
             resource_limit: Family::default(),
             nbd: NbdCollector::default(),
@@ -232,6 +243,16 @@ impl Metrics {
             m.adoptions.clone(),
         );
         r.register(
+            "store_uploads",
+            "Paused sandboxes' uploads to the object store (--store): result ok, or failed (each failed attempt; it is retried)",
+            m.store_uploads.clone(),
+        );
+        r.register(
+            "store_upload_bytes",
+            "Bytes of builds uploaded to the object store",
+            m.store_upload_bytes.clone(),
+        );
+        r.register(
             "resource_used",
             "Limited resources in use: sandboxes (not deleted), fds (open file descriptors)",
             m.resource_used.clone(),
@@ -285,6 +306,17 @@ impl Metrics {
                 result: outcome.as_str().into(),
             })
             .inc();
+    }
+
+    /// Records an upload to the object store (`ok`: done, with `bytes` sent; else a failed
+    /// attempt).
+    pub fn store_upload(&self, ok: bool, bytes: u64) {
+        self.store_uploads
+            .get_or_create(&UploadLabel {
+                result: if ok { "ok" } else { "failed" }.into(),
+            })
+            .inc();
+        self.store_upload_bytes.inc_by(bytes);
     }
 
     /// Records a running sandbox of a previous run adopted at start (`failure`: `None`), or

@@ -213,6 +213,7 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
                 .sandboxes
                 .list_sandboxes(v1::ListSandboxesRequest {
                     include_deleted: true,
+                    paused_in_store: false,
                 })
                 .await
                 .unwrap()
@@ -369,7 +370,10 @@ async fn bad_input_gets_exact_codes_and_changes_nothing() {
     );
     let resume = c
         .sandboxes
-        .resume_sandbox(v1::ResumeSandboxRequest { id: "live".into() })
+        .resume_sandbox(v1::ResumeSandboxRequest {
+            id: "live".into(),
+            wait: false,
+        })
         .await;
     assert_eq!(
         code(resume.map(|r| r.into_inner())),
@@ -716,7 +720,10 @@ async fn pause_resume_five_times_keeps_every_write_in_a_bounded_chain() {
         assert_eq!(paused.paused_diff_bytes, expected, "round {round}");
         sb = c
             .sandboxes
-            .resume_sandbox(v1::ResumeSandboxRequest { id: "p".into() })
+            .resume_sandbox(v1::ResumeSandboxRequest {
+                id: "p".into(),
+                wait: false,
+            })
             .await
             .unwrap()
             .into_inner();

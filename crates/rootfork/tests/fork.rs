@@ -42,6 +42,7 @@ async fn live_ids(c: &mut Clients) -> Vec<String> {
         .sandboxes
         .list_sandboxes(v1::ListSandboxesRequest {
             include_deleted: false,
+            paused_in_store: false,
         })
         .await
         .unwrap()

@@ -77,6 +77,7 @@ async fn limits_refuse_a_create_with_what_ran_out_and_a_delete_makes_room() {
         .sandboxes
         .list_sandboxes(v1::ListSandboxesRequest {
             include_deleted: false,
+            paused_in_store: false,
         })
         .await
         .unwrap()

@@ -53,7 +53,7 @@ pub fn sandbox_json(s: &Sandbox) -> Value {
         "recoveries": s.recoveries,
         "disk_size_bytes": s.disk_size_bytes, "quota_bytes": s.quota_bytes,
         "vm_pid": s.vm_pid, "vm_console": s.vm_console, "vm_state_bytes": s.vm_state_bytes,
-        "vm_generation_id": s.vm_generation_id,
+        "vm_generation_id": s.vm_generation_id, "store_status": s.store_status,
         "vmm": s.vmm.as_ref().map(|v| json!({
             "kind": v1::vmm_settings::Kind::try_from(v.kind).map(|k| enum_name(k.as_str_name(), "KIND_")).unwrap_or_default(),
             "kernel": v.kernel, "initrd": v.initrd, "kernel_args": v.kernel_args,

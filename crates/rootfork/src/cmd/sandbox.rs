@@ -69,6 +69,10 @@ pub enum Command {
         /// Include recently deleted ones.
         #[arg(long)]
         all: bool,
+        /// List the sandboxes in the object store (`serve --store`) instead: what this host
+        /// could resume, and who holds each (MESSAGE).
+        #[arg(long, conflicts_with = "all")]
+        paused_in_store: bool,
     },
     /// Pause: flush, freeze and export the disk's changes, release the device.
     Pause {
@@ -77,8 +81,12 @@ pub enum Command {
     },
     /// Resume a paused sandbox on a fresh overlay.
     Resume {
-        /// Sandbox id.
+        /// Sandbox id (one this host paused, or one paused in the object store by another host).
         id: String,
+        /// When another host is still uploading it to the object store, wait (up to 10 minutes)
+        /// instead of failing with UNAVAILABLE.
+        #[arg(long)]
+        wait: bool,
     },
     /// Start new sandboxes from a paused one: each gets its own overlay over the paused disk
     /// and, when the pause saved a running VM, its own VM continuing from that snapshot.
@@ -130,6 +138,9 @@ fn show(opts: &ClientOpts, s: &v1::Sandbox) {
             s.pause_count,
             output::bytes(s.paused_diff_bytes)
         );
+    }
+    if !s.store_status.is_empty() {
+        println!("store:     {}", s.store_status);
     }
     if s.recoveries > 0 {
         println!(
@@ -233,10 +244,14 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
                     .into_inner();
                 show(&opts, &s);
             }
-            Command::List { all } => {
+            Command::List {
+                all,
+                paused_in_store,
+            } => {
                 let r = sb
                     .list_sandboxes(v1::ListSandboxesRequest {
                         include_deleted: all,
+                        paused_in_store,
                     })
                     .await
                     .map_err(status)?
@@ -264,6 +279,23 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
                             ]
                         })
                         .collect();
+                    if paused_in_store {
+                        let rows: Vec<Vec<String>> = r
+                            .sandboxes
+                            .iter()
+                            .map(|s| {
+                                vec![
+                                    s.id.clone(),
+                                    s.template.clone(),
+                                    output::state(s.state),
+                                    s.pause_count.to_string(),
+                                    s.message.clone(),
+                                ]
+                            })
+                            .collect();
+                        table(&["ID", "TEMPLATE", "STATE", "PAUSES", "MESSAGE"], &rows);
+                        return Ok(());
+                    }
                     table(
                         &[
                             "ID", "TEMPLATE", "PROVIDER", "STATE", "HEALTH", "AGE", "DISK",
@@ -280,9 +312,9 @@ pub fn run(opts: ClientOpts, cmd: Command) -> anyhow::Result<()> {
                     .into_inner();
                 show(&opts, &s);
             }
-            Command::Resume { id } => {
+            Command::Resume { id, wait } => {
                 let s = sb
-                    .resume_sandbox(v1::ResumeSandboxRequest { id })
+                    .resume_sandbox(v1::ResumeSandboxRequest { id, wait })
                     .await
                     .map_err(status)?
                     .into_inner();

@@ -50,6 +50,11 @@ pub struct Args {
     /// The Firecracker binary for `--vmm firecracker` sandboxes [default: firecracker on PATH].
     #[arg(long, env = "ROOTFORK_FIRECRACKER_BIN")]
     pub firecracker_bin: Option<PathBuf>,
+    /// Object storage shared with other hosts, where pauses are uploaded so any host can resume
+    /// them: `s3://BUCKET/PREFIX` (credentials from the AWS_* variables) or a directory
+    /// (`file:///DIR` or a path) [default: none, everything stays on this host].
+    #[arg(long, env = "ROOTFORK_STORE")]
+    pub store: Option<String>,
 }
 
 /// Runs the daemon.
@@ -72,6 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             health_interval_secs: args.health_interval,
             nbd_lock_dir: args.nbd_lock_dir,
             firecracker_bin: args.firecracker_bin,
+            store: args.store,
         },
     )?;
     // Read, then clear, the notification variables while this is the only thread, so the VMs

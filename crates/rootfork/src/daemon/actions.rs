@@ -62,6 +62,12 @@ impl Core {
         self.recorded("get_sandbox", r)
     }
 
+    /// The sandboxes the object store holds (`--store`), with their holders.
+    pub async fn list_store_sandboxes(&self) -> Result<Vec<SandboxInfo>> {
+        let r = crate::daemon::remote::list_in_store(self).await;
+        self.recorded("list_sandboxes", r)
+    }
+
     /// Every sandbox (deleted ones only if asked).
     pub fn list_sandboxes(&self, include_deleted: bool) -> Vec<SandboxInfo> {
         let all: Vec<_> = self.sandboxes.read().values().cloned().collect();
@@ -78,8 +84,8 @@ impl Core {
     }
 
     /// Resumes a paused sandbox on a fresh overlay over its template and paused changes.
-    pub async fn resume_sandbox(&self, id: &str) -> Result<SandboxInfo> {
-        let r = pause::resume(self, id).await;
+    pub async fn resume_sandbox(&self, id: &str, wait: bool) -> Result<SandboxInfo> {
+        let r = pause::resume(self, id, wait).await;
         self.recorded("resume_sandbox", r)
     }
 

@@ -21,6 +21,7 @@ use rootfork_block::layered::{
     BuildData, BuildId, BuildMap, BuildResolver, FileData, LayerError, LayerResult, LocalStore,
 };
 use rootfork_provider::{BaseImage, BuildSource};
+use rootfork_store::RemoteStore;
 
 use crate::daemon::core::Core;
 
@@ -41,7 +42,7 @@ pub struct Layer {
 impl Layer {
     /// The layer a map describes; `diff_bytes` counts the data of every build of its lineage
     /// but the last (the base), read from their maps.
-    pub fn of(store: &LocalStore, map: &BuildMap) -> LayerResult<Layer> {
+    pub fn of(store: &dyn BuildResolver, map: &BuildMap) -> LayerResult<Layer> {
         let mut diff_bytes = map.header.data_len;
         let above_base = map.lineage.len().saturating_sub(1);
         for id in map.lineage.iter().take(above_base).skip(1) {
@@ -56,26 +57,44 @@ impl Layer {
     }
 
     /// The layer of build `id`.
-    pub fn load(store: &LocalStore, id: &BuildId) -> LayerResult<Layer> {
+    pub fn load(store: &dyn BuildResolver, id: &BuildId) -> LayerResult<Layer> {
         Layer::of(store, &store.map(id)?)
     }
 }
 
-/// The local store as a resolver whose builds' data files are opened once and shared by every
-/// sandbox reading them (all the sandboxes of a template read one open base build).
+/// The builds a sandbox reads: the local store first, whose data files are opened once and
+/// shared by every sandbox reading them (all the sandboxes of a template read one open base
+/// build), then the object store (`--store`) for builds this host does not have, read lazily
+/// through the chunk cache.
 #[derive(Debug)]
 struct SharedFiles {
     store: LocalStore,
     open: parking_lot::Mutex<BTreeMap<BuildId, Weak<FileData>>>,
+    remote: Option<RemoteStore>,
+}
+
+impl SharedFiles {
+    /// Whether build `id` is here (its map is: a local build is published map last).
+    fn is_local(&self, id: &BuildId) -> bool {
+        self.store.map_path(id).is_file()
+    }
 }
 
 impl BuildResolver for SharedFiles {
     fn map(&self, id: &BuildId) -> LayerResult<BuildMap> {
-        self.store.map(id)
+        match &self.remote {
+            Some(remote) if !self.is_local(id) => remote.map(id),
+            _ => self.store.map(id),
+        }
     }
 
     fn data(&self, map: &BuildMap) -> LayerResult<Arc<dyn BuildData>> {
         let id = map.header.id;
+        if let Some(remote) = &self.remote {
+            if !self.is_local(&id) {
+                return remote.data(map);
+            }
+        }
         let mut open = self.open.lock();
         if let Some(d) = open.get(&id).and_then(Weak::upgrade) {
             return Ok(d);
@@ -108,13 +127,14 @@ pub struct Builds {
 }
 
 impl Builds {
-    /// The store in `dir`.
-    pub fn new(dir: &Path, max_layers: u64) -> Builds {
+    /// The store in `dir`, over the object store `remote` when there is one.
+    pub fn new(dir: &Path, max_layers: u64, remote: Option<RemoteStore>) -> Builds {
         let store = LocalStore::new(dir);
         Builds {
             shared: Arc::new(SharedFiles {
                 store: store.clone(),
                 open: Default::default(),
+                remote,
             }),
             store,
             uses: Default::default(),
@@ -127,6 +147,21 @@ impl Builds {
     /// The local store.
     pub fn store(&self) -> &LocalStore {
         &self.store
+    }
+
+    /// Where builds are found: here, then in the object store.
+    pub fn resolver(&self) -> &dyn BuildResolver {
+        self.shared.as_ref()
+    }
+
+    /// [`Builds::resolver`], to move into a blocking task.
+    pub fn resolver_arc(&self) -> Arc<dyn BuildResolver + Send + Sync> {
+        self.shared.clone()
+    }
+
+    /// The object store, when `--store` names one.
+    pub fn remote(&self) -> Option<&RemoteStore> {
+        self.shared.remote.as_ref()
     }
 
     /// The deepest chain a pause leaves before flattening.
@@ -142,9 +177,9 @@ impl Builds {
         }
     }
 
-    /// Whether build `id` is in the store (its map is there).
+    /// Whether build `id` is in the local store (its map is there).
     pub fn exists(&self, id: &BuildId) -> bool {
-        self.store.map_path(id).is_file()
+        self.shared.is_local(id)
     }
 
     /// A build's data file (what the VMM check compares against, and what `list` sizes).
@@ -206,7 +241,7 @@ impl Builds {
         let mut used: BTreeSet<BuildId> = roots.into_iter().collect();
         let tops: Vec<BuildId> = self.uses.lock().values().copied().collect();
         for top in tops {
-            match self.store.map(&top) {
+            match self.resolver().map(&top) {
                 Ok(m) => used.extend(m.lineage.iter().copied()),
                 Err(e) => {
                     tracing::warn!(build = %top, "not collecting builds: a sandbox's layer cannot be read: {e}");

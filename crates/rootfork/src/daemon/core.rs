@@ -36,6 +36,8 @@ pub struct Dirs {
     pub templates: PathBuf,
     /// The build store: templates' base builds and pauses' layers.
     pub store: PathBuf,
+    /// The chunk cache of builds read from the object store (`--store`).
+    pub chunk_cache: PathBuf,
     /// Per-sandbox NBD sockets.
     pub nbd: PathBuf,
     /// Overlay cache files.
@@ -57,6 +59,7 @@ impl Dirs {
         Dirs {
             templates: state.join("templates"),
             store: state.join("store"),
+            chunk_cache: state.join("chunk-cache"),
             nbd: state.join("nbd"),
             cache: state.join("cache"),
             paused: state.join("paused"),
@@ -84,6 +87,8 @@ pub struct Core {
     pub templates: TemplateStore,
     /// The build store and which builds are in use.
     pub builds: Builds,
+    /// The object store shared with other hosts (`--store`).
+    pub remote: Option<crate::daemon::remote::Remote>,
     /// Sandboxes by id (live ones and recent tombstones).
     pub sandboxes: parking_lot::RwLock<BTreeMap<String, Arc<Sandbox>>>,
     /// Deleted sandboxes kept for late calls.
@@ -112,7 +117,13 @@ pub struct Core {
 
 impl Core {
     /// Shared state over an opened template store.
-    pub fn new(config: Config, dirs: Dirs, templates: TemplateStore, records: Records) -> Core {
+    pub fn new(
+        config: Config,
+        dirs: Dirs,
+        builds: Builds,
+        templates: TemplateStore,
+        records: Records,
+    ) -> Core {
         let events = Arc::new(EventBus::default());
         if config.fault_injection {
             tracing::warn!(
@@ -141,8 +152,29 @@ impl Core {
         }
         let warm = (config.kernel_warm_slots > 0 && !config.fault_injection)
             .then(|| WarmStock::new(config.kernel_warm_slots));
-        let builds = Builds::new(&dirs.store, config.store_max_layers);
+        let remote = builds.remote().map(|store| {
+            let prefix = match &config.store_url {
+                Some(u) => u.backend().1,
+                None => String::new(),
+            };
+            let id = rootfork_kernel::identity::load_or_create_instance_id(
+                &config.state_dir.join("nbd-instance-id"),
+            )
+            .unwrap_or_else(|e| {
+                tracing::warn!("no instance id for the object store's holder records: {e}");
+                format!("unknown-{}", std::process::id())
+            });
+            crate::daemon::remote::Remote::new(
+                store.clone(),
+                &prefix,
+                crate::daemon::remote::Holder {
+                    id,
+                    host: crate::daemon::remote::host_name(),
+                },
+            )
+        });
         Core {
+            remote,
             config,
             dirs,
             builds,

@@ -186,6 +186,8 @@ pub async fn delete(core: &Core, id: &str) -> Result<bool> {
         }
     }
     live.layer = None;
+    let link = std::mem::take(&mut live.store);
+    crate::daemon::remote::release_on_delete(core, &sb, &link).await;
     // Its layer goes with the next collection unless a fork (or its parent) still uses it.
     core.builds.track(id, None);
     core.builds.collect_or_defer(core.templates.builds()).await;

@@ -32,11 +32,12 @@ pub fn diffs_to_layers(core: &Core, records: &mut [SandboxRecord]) {
                     continue;
                 };
                 let paused = diff.to_paused();
-                match core
-                    .builds
-                    .store()
-                    .create_layer_from_export(&base, &paused.map, &paused.data)
-                {
+                match core.builds.store().create_layer_from_export_over(
+                    core.builds.resolver(),
+                    &base,
+                    &paused.map,
+                    &paused.data,
+                ) {
                     Ok(map) => {
                         done.insert(diff.data.clone(), map.header.id);
                         map.header.id

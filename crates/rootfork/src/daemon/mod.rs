@@ -75,6 +75,7 @@ pub mod notify;
 mod pause;
 mod persist;
 pub mod records;
+pub mod remote;
 pub mod sandbox;
 pub mod shared;
 pub mod snapshot;
@@ -140,6 +141,15 @@ pub enum StartError {
     /// The nbd lock directory cannot be trusted or used.
     #[error("the nbd lock directory: {0}")]
     LockDir(#[source] rootfork_kernel::PoolError),
+    /// The object store (`--store`) cannot be used.
+    #[error("the object store {url}: {source}")]
+    Store {
+        /// The store's URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: rootfork_store::StoreError,
+    },
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -197,13 +207,21 @@ impl Daemon {
         }
         std::fs::create_dir_all(&dirs.cache)
             .map_err(io(format!("creating {}", dirs.cache.display())))?;
-        let templates = TemplateStore::open(
-            &dirs.templates,
-            &rootfork_block::layered::LocalStore::new(&dirs.store),
-        )?;
+        let remote = match &config.store_url {
+            Some(url) => Some(remote::connect(url, &dirs, config.store_cache_bytes)?),
+            None => None,
+        };
+        let builds = builds::Builds::new(&dirs.store, config.store_max_layers, remote);
+        let templates = TemplateStore::open(&dirs.templates, builds.store(), builds.resolver())?;
         std::fs::create_dir_all(&dirs.paused)
             .map_err(io(format!("creating {}", dirs.paused.display())))?;
-        let core = Arc::new(Core::new(config.clone(), dirs.clone(), templates, records));
+        let core = Arc::new(Core::new(
+            config.clone(),
+            dirs.clone(),
+            builds,
+            templates,
+            records,
+        ));
         let restored = persist::restore(&core).await?;
         if restored > 0 {
             tracing::info!(restored, "restored the sandboxes of a previous run");
@@ -291,6 +309,11 @@ impl Daemon {
         }
 
         // Unused builds are removed in the background after pauses and deletes.
+        // Pauses go up to the object store in the background (with --store).
+        tasks.push(tokio::spawn(remote::uploader(
+            core.clone(),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(builds::collector(
             core.clone(),
             stop_rx.clone(),

@@ -117,6 +117,8 @@ pub struct Status {
     /// Its VM was lost across a daemon restart (gone, or its pid another process's): it stays
     /// `FAILED` however healthy its disk, until it is paused or deleted.
     pub vm_lost: bool,
+    /// With an object store: where the sandbox stands there (see `remote/`); empty: nowhere.
+    pub store_status: String,
 }
 
 impl Status {
@@ -140,6 +142,7 @@ impl Status {
             recoveries: 0,
             vm_generation_id: String::new(),
             vm_lost: false,
+            store_status: String::new(),
         }
     }
 

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use rootfork_block::layered::{BuildId, LayerResult, LocalStore};
+use rootfork_block::layered::{BuildId, BuildResolver, LayerResult, LocalStore};
 use rootfork_block::{BlockDevice, Overlay};
 use rootfork_provider::{PausedDisk, Provider};
 
@@ -17,7 +17,7 @@ use crate::daemon::model::{SandboxInfo, SandboxState};
 use crate::daemon::records::RecordState;
 use crate::daemon::sandbox::{overlay_of, Sandbox};
 use crate::daemon::start::{self, VmStart};
-use crate::daemon::{disk, persist, shared, snapshot, vm};
+use crate::daemon::{disk, persist, remote, shared, snapshot, vm};
 use crate::error::{DaemonError, Operation, Result};
 use crate::names;
 
@@ -92,16 +92,18 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
         // The export removes what it wrote when it fails.
         Err(e) => Err(DaemonError::from(e)),
         Ok(diff) => {
-            let (store, max, base) = (
-                core.builds.store().clone(),
+            let (builds, max, base) = (
+                core.builds.resolver_arc(),
                 core.builds.max_layers(),
                 core.templates.build(&sb.template),
             );
-            let r =
-                tokio::task::spawn_blocking(move || write_layer(&store, parent, base, max, &diff))
-                    .await
-                    .map_err(|e| DaemonError::task("writing the layer", e))
-                    .and_then(|r| r.map_err(DaemonError::Layer));
+            let store = core.builds.store().clone();
+            let r = tokio::task::spawn_blocking(move || {
+                write_layer(&store, builds.as_ref(), parent, base, max, &diff)
+            })
+            .await
+            .map_err(|e| DaemonError::task("writing the layer", e))
+            .and_then(|r| r.map_err(DaemonError::Layer));
             let _ = std::fs::remove_file(&scratch);
             r
         }
@@ -127,10 +129,17 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     // The record says paused, with the new layer and VM state, before the device goes: a crash
     // from here on finds the pause complete.
     let old = live.layer.replace(layer.clone());
+    let old_link = live.store.clone();
+    if core.remote.is_some() {
+        // Uploaded in the background; the record keeps it pending until then.
+        live.store.pending = Some(layer.id.to_string());
+        live.store.published = false;
+    }
     live.vm_state.clone_from(&vm_state);
     sb.update(|s| s.pause_count += 1);
     if let Err(e) = persist::save(core, &sb, &live, RecordState::Paused) {
         live.layer = old;
+        live.store = old_link;
         live.vm_state = None;
         sb.update(|s| s.pause_count -= 1);
         drop(pin);
@@ -167,6 +176,9 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
         s.clear_device();
     });
     core.set_state(&sb, SandboxState::Paused, None);
+    if live.store.pending.is_some() {
+        remote::enqueue(core, &sb);
+    }
     drop(live);
     tracing::info!(
         sandbox = id,
@@ -183,19 +195,20 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
 /// `max_layers`, flattens it into one layer over the template's base build `base`.
 fn write_layer(
     store: &LocalStore,
+    builds: &dyn BuildResolver,
     parent: BuildId,
     base: Option<BuildId>,
     max_layers: u64,
     diff: &PausedDisk,
 ) -> LayerResult<Layer> {
-    let map = store.create_layer_from_export(&parent, &diff.map, &diff.data)?;
+    let map = store.create_layer_from_export_over(builds, &parent, &diff.map, &diff.data)?;
     match base {
         Some(base) if map.header.generation > max_layers => {
-            let flat = store.flatten(&map.header.id, &base)?;
+            let flat = store.flatten_over(builds, &map.header.id, &base)?;
             tracing::info!(layers = map.header.generation, build = %flat.header.id, "flattened a chain of layers");
-            Layer::of(store, &flat)
+            Layer::of(builds, &flat)
         }
-        _ => Layer::of(store, &map),
+        _ => Layer::of(builds, &map),
     }
 }
 
@@ -253,12 +266,22 @@ fn no_space_if_enospc(e: DaemonError, dir: &Path, needed: u64) -> DaemonError {
 }
 
 /// Resumes a paused sandbox on a fresh overlay over its template and paused changes, and
-/// restores its VM there when the pause saved one. A failure leaves it paused as it was.
-pub async fn resume(core: &Core, id: &str) -> Result<SandboxInfo> {
+/// restores its VM there when the pause saved one. A failure leaves it paused as it was. With
+/// an object store, a sandbox this host does not know is taken over from the store when it is
+/// paused there (`wait`: one still being uploaded by another host is waited for), and one this
+/// host paused is resumed only while the store still names this host as its holder.
+pub async fn resume(core: &Core, id: &str, wait: bool) -> Result<SandboxInfo> {
     names::sandbox_id(id)?;
-    let sb = core.find(id)?;
+    let sb = match core.find(id) {
+        Ok(sb) if sb.is_live() => sb,
+        found => match remote::resume_from_store(core, id, wait).await? {
+            Some(sb) => sb,
+            None => found?,
+        },
+    };
     let mut live = sb.live.lock().await;
     expect_state(&sb, Operation::Resume, &[SandboxState::Paused])?;
+    remote::claim_for_resume(core, &sb, &mut live).await?;
     let Some(layer) = live.layer.clone() else {
         return Err(DaemonError::NoPausedDisk(id.into()));
     };

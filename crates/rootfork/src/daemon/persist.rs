@@ -65,6 +65,7 @@ fn record_of(
         fc_process,
         served: served.filter(|_| state == RecordState::Running),
         vm_state: live.vm_state.clone(),
+        store: live.store.clone(),
     }
 }
 
@@ -190,6 +191,19 @@ pub async fn restore(core: &Core) -> Result<usize> {
     }
     owners.remove_orphans(&core.dirs.paused);
     owners.remove_orphans(&core.dirs.cache);
+    // Pauses whose upload to the object store had not finished are uploaded again.
+    let pending: Vec<_> = core
+        .sandboxes
+        .read()
+        .values()
+        .filter(|s| s.state() == SandboxState::Paused)
+        .cloned()
+        .collect();
+    for sb in pending {
+        if sb.live.try_lock().is_ok_and(|l| l.store.pending.is_some()) {
+            crate::daemon::remote::enqueue(core, &sb);
+        }
+    }
     if builds_known {
         core.builds.collect(core.templates.builds()).await;
     } else {
@@ -216,7 +230,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
                 .parse()
                 .map_err(|e| format!("its layer {l:?} is not a build id: {e}"))?;
             Some(
-                Layer::load(core.builds.store(), &id)
+                Layer::load(core.builds.resolver(), &id)
                     .map_err(|e| format!("its layer {id}: {e}"))?,
             )
         }
@@ -270,6 +284,7 @@ fn restore_one(core: &Core, rec: &SandboxRecord) -> std::result::Result<Restored
             .expect("nobody else holds the lock of a sandbox not yet published");
         live.generation = rec.generation;
         live.layer = layer.clone();
+        live.store = rec.store.clone();
         // A VM state goes with the pause it was saved by: only a paused record's is used.
         if let Some(v) = rec
             .vm_state

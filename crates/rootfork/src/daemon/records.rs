@@ -205,6 +205,12 @@ pub struct SandboxRecord {
     /// Paused with a running VM: its saved state (absent in records written before it existed).
     #[serde(default)]
     pub vm_state: Option<crate::daemon::snapshot::VmState>,
+    /// With an object store: where it stands there (absent: nowhere).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::daemon::remote::StoreLink::is_nowhere"
+    )]
+    pub store: crate::daemon::remote::StoreLink,
 }
 
 impl SandboxRecord {
@@ -439,6 +445,7 @@ mod tests {
             vm_process: None,
             fc_process: None,
             vm_state: None,
+            store: Default::default(),
         }
     }
 

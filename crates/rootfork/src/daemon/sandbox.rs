@@ -29,6 +29,8 @@ pub struct Live {
     pub vm: Option<crate::daemon::vm::RunningVm>,
     /// While paused: the VM's saved memory and device state (a VM paused live).
     pub vm_state: Option<crate::daemon::snapshot::VmState>,
+    /// Where it stands in the object store (`--store`).
+    pub store: crate::daemon::remote::StoreLink,
 }
 
 /// A sandbox.

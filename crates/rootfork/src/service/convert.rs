@@ -150,6 +150,7 @@ impl From<SandboxInfo> for v1::Sandbox {
             quota_bytes: i.quota.unwrap_or(0),
             vm_state_bytes: s.vm_state_bytes,
             vm_generation_id: s.vm_generation_id,
+            store_status: s.store_status,
         }
     }
 }

@@ -47,7 +47,12 @@ impl sandboxes_server::Sandboxes for Api {
         &self,
         req: Request<v1::ListSandboxesRequest>,
     ) -> Result<Response<v1::ListSandboxesResponse>, Status> {
-        let all = self.core.list_sandboxes(req.into_inner().include_deleted);
+        let req = req.into_inner();
+        let all = if req.paused_in_store {
+            self.core.list_store_sandboxes().await?
+        } else {
+            self.core.list_sandboxes(req.include_deleted)
+        };
         Ok(Response::new(v1::ListSandboxesResponse {
             sandboxes: all.into_iter().map(Into::into).collect(),
         }))
@@ -68,8 +73,11 @@ impl sandboxes_server::Sandboxes for Api {
         req: Request<v1::ResumeSandboxRequest>,
     ) -> Result<Response<v1::Sandbox>, Status> {
         let core = self.core.clone();
-        let id = req.into_inner().id;
-        let sb = detached("resume", async move { core.resume_sandbox(&id).await }).await?;
+        let req = req.into_inner();
+        let sb = detached("resume", async move {
+            core.resume_sandbox(&req.id, req.wait).await
+        })
+        .await?;
         Ok(Response::new(sb.into()))
     }
 

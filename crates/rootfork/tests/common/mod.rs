@@ -351,7 +351,10 @@ pub async fn pause(c: &mut Clients, id: &str) -> Result<v1::Sandbox, tonic::Stat
 
 pub async fn resume(c: &mut Clients, id: &str) -> Result<v1::Sandbox, tonic::Status> {
     c.sandboxes
-        .resume_sandbox(v1::ResumeSandboxRequest { id: id.into() })
+        .resume_sandbox(v1::ResumeSandboxRequest {
+            id: id.into(),
+            wait: false,
+        })
         .await
         .map(|r| r.into_inner())
 }

@@ -86,10 +86,15 @@ pub fn detect_format(file: &mut File) -> std::io::Result<TemplateFormat> {
 }
 
 impl TemplateStore {
-    /// Opens (creating) the store in `dir` over the build store `builds`, loading every
-    /// complete template, removing leftovers of interrupted imports and importing the raw images
-    /// of older daemons as builds.
-    pub fn open(dir: &Path, builds: &LocalStore) -> Result<TemplateStore> {
+    /// Opens (creating) the store in `dir` over the build store `builds` (where imports go) and
+    /// `resolver` (where a template's base build is found: here, or in the object store),
+    /// loading every complete template, removing leftovers of interrupted imports and importing
+    /// the raw images of older daemons as builds.
+    pub fn open(
+        dir: &Path,
+        builds: &LocalStore,
+        resolver: &dyn BuildResolver,
+    ) -> Result<TemplateStore> {
         std::fs::create_dir_all(dir)
             .map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
         let mut map = BTreeMap::new();
@@ -121,7 +126,7 @@ impl TemplateStore {
                 }
             }
             let fits = meta.build_id().is_some_and(|id| {
-                builds
+                resolver
                     .map(&id)
                     .is_ok_and(|m| m.header.size == meta.size_bytes && m.header.generation == 0)
             });
@@ -341,6 +346,41 @@ impl TemplateStore {
         let _ = std::fs::remove_file(tmp);
         self.importing.lock().remove(name);
         r
+    }
+
+    /// Records the template a sandbox taken over from the object store was forked from, when
+    /// this host has none of that name (its base build stays in the store, read lazily). A
+    /// template of that name with another base build is a conflict.
+    pub fn adopt_from_store(&self, t: &crate::daemon::remote::TemplateManifest) -> Result<()> {
+        names::template_name(&t.name)?;
+        let mut map = self.map.lock();
+        if let Some(have) = map.get(&t.name) {
+            if have.build.as_deref() == Some(t.build.as_str()) {
+                return Ok(());
+            }
+            return Err(DaemonError::NoMove(format!(
+                "template {:?} here is another image (build {}) than the sandbox's (build {})",
+                t.name,
+                have.build.as_deref().unwrap_or("none"),
+                t.build
+            )));
+        }
+        if self.importing.lock().contains(&t.name) {
+            return Err(DaemonError::TemplateExists(t.name.clone()));
+        }
+        let meta = TemplateMeta {
+            name: t.name.clone(),
+            size_bytes: t.size_bytes,
+            format: t.format.clone(),
+            created_unix_ms: now_unix_ms(),
+            source: "object store".into(),
+            build: Some(t.build.clone()),
+        };
+        write_record(&self.dir, &meta)
+            .map_err(|e| DaemonError::io("writing the template record", e))?;
+        map.insert(meta.name.clone(), meta);
+        tracing::info!(template = %t.name, build = %t.build, "recorded a template from the object store");
+        Ok(())
     }
 
     /// Gives up a reserved import.
