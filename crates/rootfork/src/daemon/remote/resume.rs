@@ -29,6 +29,12 @@ pub async fn claim_for_resume(core: &Core, sb: &Sandbox, live: &mut Live) -> Res
         return Ok(());
     }
     match remote.manifest(&sb.id).await {
+        Ok(Some(m)) if m.holder != remote.holder.id && m.state == Held::Paused && !m.vm_state => {
+            // Another host took it over and paused it again: this host's copy is stale; it
+            // takes the store's over instead.
+            take_back(core, remote, sb, live, m).await?;
+            return Ok(());
+        }
         Ok(Some(m)) if m.holder != remote.holder.id => {
             sb.update(|s| s.store_status = format!("held by {}", m.holder_host));
             return Err(held_elsewhere(&m));
@@ -43,6 +49,47 @@ pub async fn claim_for_resume(core: &Core, sb: &Sandbox, live: &mut Live) -> Res
         .map_err(|e| unavailable("marking it running in the object store", e))?;
     live.store.published = false;
     sb.update(|s| s.store_status = "running here (held in the store)".into());
+    Ok(())
+}
+
+/// Replaces `sb`'s stale local pause with the one the store holds (`m`, paused by another
+/// host), taking it over.
+async fn take_back(
+    core: &Core,
+    remote: &Remote,
+    sb: &Sandbox,
+    live: &mut Live,
+    m: SandboxManifest,
+) -> Result<()> {
+    let layer_id = m
+        .layer
+        .as_deref()
+        .and_then(|l| l.parse().ok())
+        .ok_or_else(|| DaemonError::NoMove(format!("its manifest names no layer: {m:?}")))?;
+    let builds = core.builds.resolver_arc();
+    let layer = tokio::task::spawn_blocking(move || Layer::load(builds.as_ref(), &layer_id))
+        .await
+        .map_err(|e| DaemonError::task("reading the layer's map", e))?
+        .map_err(DaemonError::Layer)?;
+    let claim = SandboxManifest {
+        state: Held::Running,
+        holder: remote.holder.id.clone(),
+        holder_host: remote.holder.host.clone(),
+        updated_unix_ms: crate::events::now_unix_ms(),
+        ..m.clone()
+    };
+    take_over(core, remote, claim).await?;
+    live.layer = Some(layer.clone());
+    live.vm_state = None;
+    live.store.published = false;
+    core.builds.track(&sb.id, Some(layer.id));
+    sb.update(|s| {
+        s.pause_count = m.pause_count;
+        s.paused_diff_bytes = layer.diff_bytes;
+        s.vm_state_bytes = 0;
+        s.store_status = format!("taken back from host {}", m.holder_host);
+    });
+    tracing::info!(sandbox = %sb.id, from = %m.holder_host, layer = %layer.id, "took a sandbox back from the object store (this host's pause of it was older)");
     Ok(())
 }
 
