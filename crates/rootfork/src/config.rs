@@ -172,6 +172,11 @@ pub struct StoreFile {
     pub url: Option<String>,
     /// The chunk cache for builds read from the object store, bytes (shared by every sandbox).
     pub cache_bytes: Option<u64>,
+    /// Collect the object store's unreferenced builds every this many seconds (0: never; see
+    /// `rootfork store gc`).
+    pub gc_interval_secs: Option<u64>,
+    /// A collection keeps unreferenced builds younger than this many seconds.
+    pub gc_min_age_secs: Option<u64>,
 }
 
 /// The default `store.cache_bytes`: 4 GiB.
@@ -359,6 +364,10 @@ pub struct Config {
     pub store_url: Option<crate::daemon::remote::StoreUrl>,
     /// The chunk cache's budget (`store.cache_bytes`).
     pub store_cache_bytes: u64,
+    /// How often the daemon collects the object store (`store.gc_interval_secs`; `None`: never).
+    pub store_gc_interval: Option<Duration>,
+    /// The youngest unreferenced build a collection removes (`store.gc_min_age_secs`).
+    pub store_gc_min_age: Duration,
     /// How long a QEMU VM's NBD client waits for a restarting daemon (`None`: not at all).
     pub vmm_nbd_reconnect_delay: Option<u32>,
     /// Fault injection triggers (`debug.fault_injection`; testing only).
@@ -627,6 +636,17 @@ impl Config {
                 format!("{store_cache_bytes} is below 64 MiB"),
             ));
         }
+        let store_gc_interval = match file.store.gc_interval_secs.unwrap_or(0) {
+            0 => None,
+            s if s < 60 => {
+                return Err(invalid(
+                    "store.gc_interval_secs",
+                    format!("{s} is below 60 (0 turns it off)"),
+                ))
+            }
+            s => Some(Duration::from_secs(s)),
+        };
+        let store_gc_min_age = Duration::from_secs(file.store.gc_min_age_secs.unwrap_or(3600));
         let tcp_import_dirs = file.templates.import_dirs.unwrap_or_default();
         if let Some(d) = tcp_import_dirs.iter().find(|d| !d.is_absolute()) {
             return Err(invalid(
@@ -713,6 +733,8 @@ impl Config {
             store_max_layers,
             store_url,
             store_cache_bytes,
+            store_gc_interval,
+            store_gc_min_age,
             vmm_nbd_reconnect_delay: (reconnect_secs != 0).then_some(reconnect_secs),
             seams: Seams::default(),
             fault_injection: file.debug.fault_injection.unwrap_or(false),

@@ -36,6 +36,9 @@ enum Command {
     Device(Client<cmd::device::Command>),
     /// Follow the daemon's events.
     Events(cmd::events::Args),
+    /// The object store shared by daemons (`serve --store`).
+    #[command(subcommand)]
+    Store(cmd::store::Command),
     /// Print a shell completion script.
     Completions(cmd::completions::Args),
     /// Generate packaging files from the CLI (man pages).
@@ -93,6 +96,7 @@ fn main() -> std::process::ExitCode {
         Command::Sandbox(c) => cmd::sandbox::run(c.client, c.command),
         Command::Device(c) => cmd::device::run(c.client, c.command),
         Command::Events(a) => cmd::events::run(a),
+        Command::Store(c) => cmd::store::run(c),
         Command::Nbd(n) => {
             cmd::init_logging();
             match n {

@@ -230,3 +230,85 @@ async fn without_a_store_the_store_calls_say_so() {
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     d.daemon.shutdown().await;
 }
+
+/// The builds (ids) in a `file://` store: directories holding a map (the local file system
+/// store leaves a removed build's empty directory behind).
+fn store_builds(store: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(store)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("map").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 32)
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_gc_removes_exactly_the_builds_no_manifest_references() {
+    let shared = tempfile::tempdir().unwrap();
+    let store = shared.path().join("store");
+    let a = TestDaemon::start_with(false, with_store(&store)).await;
+    let mut c = a.client().await;
+    let src = make_template(shared.path(), "src.img", 64);
+    import(&mut c, "tpl", &src).await.unwrap();
+    for id in ["kept", "dropped"] {
+        let sb = create(&mut c, "tpl", id).await.unwrap();
+        nbd_write(&sb.nbd_uri, 8192, 4096, 0x42);
+        pause(&mut c, id).await.unwrap();
+        assert_eq!(
+            store_status(&mut c, id, "in the store").await,
+            "in the store"
+        );
+    }
+    let before = store_builds(&store);
+    // The template's base build and two layers.
+    assert_eq!(before.len(), 3, "{before:?}");
+    let layer_of = |id: &str| {
+        let r: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(store.join("sandboxes").join(format!("{id}.json"))).unwrap(),
+        )
+        .unwrap();
+        r["layer"].as_str().unwrap().to_owned()
+    };
+    let dropped = layer_of("dropped");
+    assert!(delete(&mut c, "dropped").await.unwrap());
+    assert!(!store.join("sandboxes/dropped.json").exists());
+    let remote = a.daemon.core().remote.as_ref().unwrap();
+    // Young builds are kept.
+    let r = remote
+        .collect(Duration::from_secs(3600), false)
+        .await
+        .unwrap();
+    assert_eq!((r.removed.len(), r.young), (0, 1), "{r:?}");
+    // A dry run reports it and removes nothing.
+    let r = remote.collect(Duration::ZERO, true).await.unwrap();
+    assert_eq!(
+        r.removed.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        [dropped.clone()]
+    );
+    assert_eq!(store_builds(&store), before);
+    // Then exactly that build goes; the other sandbox still resumes from the store's chain.
+    let r = remote.collect(Duration::ZERO, false).await.unwrap();
+    assert_eq!(r.removed.len(), 1, "{r:?}");
+    let after = store_builds(&store);
+    assert_eq!(
+        after,
+        before
+            .iter()
+            .filter(|b| **b != dropped)
+            .cloned()
+            .collect::<Vec<_>>()
+    );
+    let b = TestDaemon::start_with(false, with_store(&store)).await;
+    let mut cb = b.client().await;
+    let r = resume(&mut cb, "kept").await.unwrap();
+    assert_eq!(nbd_read(&r.nbd_uri, 8192, 4096), vec![0x42; 4096]);
+    assert_eq!(&nbd_read(&r.nbd_uri, 4096 * 3, 12), b"tpl block 3\n");
+    // Running on B, its chain is still referenced (the manifest names the layer it runs on).
+    let r = remote.collect(Duration::ZERO, false).await.unwrap();
+    assert!(r.removed.is_empty(), "{r:?}");
+    a.daemon.shutdown().await;
+    b.daemon.shutdown().await;
+}

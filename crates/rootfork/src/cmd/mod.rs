@@ -12,6 +12,7 @@ pub mod nbd_serve;
 pub mod output;
 pub mod sandbox;
 pub mod serve;
+pub mod store;
 pub mod template;
 
 /// Logs to stderr; `RUST_LOG` picks the level (default `info`).

@@ -314,6 +314,10 @@ impl Daemon {
             core.clone(),
             stop_rx.clone(),
         )));
+        tasks.push(tokio::spawn(remote::gc::periodic(
+            core.clone(),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(builds::collector(
             core.clone(),
             stop_rx.clone(),

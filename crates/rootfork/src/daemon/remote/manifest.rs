@@ -55,7 +55,8 @@ pub struct SandboxManifest {
     pub created_unix_ms: i64,
     /// Its state in the store.
     pub state: Held,
-    /// The layer its last pause left (a build id), complete in the store when `paused`.
+    /// The layer its last pause left (a build id), complete in the store when `paused`; while
+    /// `running`, the layer it runs on (the store keeps that chain: its holder may read it).
     pub layer: Option<String>,
     /// Pauses so far.
     pub pause_count: u32,
@@ -139,9 +140,21 @@ impl Keys {
         self.key(&format!("templates/{name}.json"))
     }
 
-    /// The directory of template manifests.
-    pub fn templates(&self) -> ObjectPath {
-        self.key("templates")
+    /// The prefix every key starts with (`None`: the store's root).
+    pub fn root(&self) -> Option<ObjectPath> {
+        (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()))
+    }
+
+    /// `key` without the prefix.
+    pub fn relative(&self, key: &ObjectPath) -> String {
+        let k = key.as_ref();
+        if self.prefix.is_empty() {
+            return k.to_owned();
+        }
+        k.strip_prefix(&self.prefix)
+            .and_then(|r| r.strip_prefix('/'))
+            .unwrap_or(k)
+            .to_owned()
     }
 }
 

@@ -10,12 +10,13 @@
 //! host at a time: a host resumes a sandbox it once held only when the store still names it as
 //! the holder.
 
+pub mod gc;
 mod manifest;
 mod resume;
 mod upload;
 mod url;
 
-pub use manifest::{Held, ManifestError, SandboxManifest, TemplateManifest};
+pub use manifest::{Held, Keys, ManifestError, SandboxManifest, TemplateManifest};
 pub use resume::{claim_for_resume, list_in_store, resume_from_store};
 pub use upload::{enqueue, release_on_delete, uploader};
 pub use url::StoreUrl;
@@ -29,8 +30,6 @@ use crate::daemon::core::{Core, Dirs};
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::StartError;
 use crate::error::DaemonError;
-
-use self::manifest::Keys;
 
 /// Where a sandbox stands in the object store, as its record keeps it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +199,15 @@ impl Remote {
             Ok(out)
         })
         .await
+    }
+
+    /// Collects the store's unreferenced builds ([`gc::collect`]).
+    pub async fn collect(
+        &self,
+        min_age: Duration,
+        dry_run: bool,
+    ) -> Result<gc::GcReport, gc::GcError> {
+        gc::collect(&self.store, &self.keys, min_age, dry_run).await
     }
 
     /// Queues sandbox `id`'s pending upload.

@@ -42,7 +42,9 @@ pub async fn claim_for_resume(core: &Core, sb: &Sandbox, live: &mut Live) -> Res
         Ok(_) => {}
         Err(e) => return Err(unavailable("checking who holds it in the object store", e)),
     }
-    let running = manifest_of(core, remote, sb, Held::Running, None, false)?;
+    // (Naming the layer it runs on: the store keeps that chain while it runs.)
+    let on = live.layer.as_ref().map(|l| l.id.to_string());
+    let running = manifest_of(core, remote, sb, Held::Running, on, false)?;
     remote
         .put_manifest(running)
         .await

@@ -135,7 +135,8 @@ async fn upload_one(core: &Core, remote: &Remote, id: &str) -> Result<(), String
     if !waits_at(&sb, &live.store, &layer) {
         // Resumed here (or paused again) meanwhile: this host holds it running.
         if sb.state() != SandboxState::Paused && sb.state() != SandboxState::Deleted {
-            let m = manifest_of(core, remote, &sb, Held::Running, None, false)
+            let on = live.layer.as_ref().map(|l| l.id.to_string());
+            let m = manifest_of(core, remote, &sb, Held::Running, on, false)
                 .map_err(|e| e.to_string())?;
             remote.put_manifest(m).await.map_err(|e| e.to_string())?;
         }
