@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Template store against a real S3-compatible server: installs s3s-fs (crates.io) into
 # build/tools if missing, starts it on loopback, and runs rootfork-store's S3 tests
-# (crates/rootfork-store/tests/s3.rs, marked #[ignore] for plain `cargo test`) with --ignored.
+# (crates/rootfork-store/tests/s3.rs, marked #[ignore] for plain `cargo test`) with --ignored,
+# then the daemon's (crates/rootfork/tests/store_s3.rs: two `rootfork serve --store s3://…`
+# hosts moving a sandbox).
 # Those tests fail, not skip, if the server or its variables are missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,7 +44,8 @@ export ROOTFORK_S3_PID=$pid
 export ROOTFORK_S3_ROOT="$work/s3"
 export ROOTFORK_S3S_FS="$S3S"
 
-if cargo test -p rootfork-store --test s3 -- --ignored --test-threads=1; then
+if cargo test -p rootfork-store --test s3 -- --ignored --test-threads=1 \
+  && cargo test -p rootfork --test store_s3 -- --ignored --test-threads=1; then
   echo "40-store-s3: PASS"
 else
   echo "40-store-s3: FAIL (server log: last lines below)"

@@ -116,15 +116,22 @@ pub async fn resume_from_store(core: &Core, id: &str, wait: bool) -> Result<Opti
         return Ok(None);
     };
     let started = Instant::now();
+    let waiting = |started: Instant| wait && started.elapsed() < RESUME_WAIT;
     let m = loop {
         let m = match remote.manifest(id).await {
             Ok(Some(m)) => m,
+            // With `wait`, a sandbox whose pause has not reached the store yet (no manifest, or
+            // the store not answering) is waited for too.
+            Ok(None) | Err(_) if waiting(started) => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
             Ok(None) => return Ok(None),
             Err(e) => return Err(unavailable("reading its manifest in the object store", e)),
         };
         match m.state {
             Held::Paused => break m,
-            Held::Uploading if wait && started.elapsed() < RESUME_WAIT => {
+            Held::Uploading if waiting(started) => {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
             Held::Uploading => {
