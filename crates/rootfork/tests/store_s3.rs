@@ -32,7 +32,7 @@ impl Host {
     fn start(dir: &Path, name: &str, prefix: &str) -> Host {
         let state = dir.join(name);
         let serve = Command::new(env!("CARGO_BIN_EXE_rootfork"))
-            .args(["serve", "--no-demo", "--health-interval", "60"])
+            .args(["serve", "--no-demo", "--health-interval", "10"])
             .arg("--state-dir")
             .arg(&state)
             .arg("--nbd-lock-dir")
@@ -46,12 +46,14 @@ impl Host {
             .env("RUST_LOG", "warn")
             .spawn()
             .unwrap();
-        let host = Host {
+        let mut host = Host {
             state,
             serve: Some(serve),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while host.cli(&["sandbox", "list"]).0 != 0 {
+            let exited = host.serve.as_mut().and_then(|c| c.try_wait().unwrap());
+            assert!(exited.is_none(), "{name} exited: {exited:?}");
             assert!(Instant::now() < deadline, "{name} did not come up");
             std::thread::sleep(Duration::from_millis(100));
         }
