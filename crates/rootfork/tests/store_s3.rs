@@ -74,10 +74,10 @@ impl Host {
         )
     }
 
-    /// The CLI's JSON output for `args` (which must succeed).
+    /// The CLI's JSON output for `args` (which must succeed; `--json` goes after the group).
     fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
+        let mut all = vec![args[0], "--json"];
+        all.extend_from_slice(&args[1..]);
         let (code, out, err) = self.cli(&all);
         assert_eq!(code, 0, "rootfork {args:?}: {err}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
@@ -202,7 +202,7 @@ fn a_pause_returns_while_the_store_is_down_and_uploads_once_it_is_back() {
     assert_ne!(status, "in the store");
     // B's resume waits for the upload (the server comes back meanwhile).
     let waiter = {
-        let args = ["sandbox", "resume", "late", "--wait", "--json"];
+        let args = ["sandbox", "--json", "resume", "late", "--wait"];
         let api = b.state.join("api.sock");
         std::thread::spawn(move || {
             Command::new(env!("CARGO_BIN_EXE_rootfork"))
