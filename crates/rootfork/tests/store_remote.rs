@@ -316,3 +316,61 @@ async fn store_gc_removes_exactly_the_builds_no_manifest_references() {
     a.daemon.shutdown().await;
     b.daemon.shutdown().await;
 }
+
+/// An in-process daemon on `state` with the object store `store`.
+async fn daemon_on(state: &Path, store: &Path) -> rootfork::daemon::Daemon {
+    let mut config = Config::with_state_dir(state).unwrap();
+    config.demo_template = false;
+    config.nbd_lock_dir = state.join("locks");
+    with_store(store)(&mut config);
+    rootfork::daemon::Daemon::start(config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_that_keeps_failing_is_retried_and_finished_after_a_restart() {
+    let dir = tempfile::Builder::new()
+        .prefix("rfu")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (state, store) = (dir.path().join("s"), dir.path().join("store"));
+    let a = daemon_on(&state, &store).await;
+    let mut c = connect_when_up(a.api_socket()).await;
+    let src = make_template(dir.path(), "src.img", 64);
+    import(&mut c, "tpl", &src).await.unwrap();
+    let sb = create(&mut c, "tpl", "late").await.unwrap();
+    nbd_write(&sb.nbd_uri, 8192, 4096, 0x3c);
+    // A file where the manifests go: every manifest write fails.
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(store.join("sandboxes"), b"in the way").unwrap();
+    let p = pause(&mut c, "late").await.unwrap();
+    assert_eq!(state_of(&p), v1::SandboxState::Paused);
+    let mut status = String::new();
+    for _ in 0..300 {
+        status = get(&mut c, "late").await.store_status;
+        if status.starts_with("upload failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(status.starts_with("upload failed"), "{status}");
+    drop(c);
+    a.shutdown().await;
+    // The record keeps the upload pending; the next start finishes it.
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("sandboxes/late.json")).unwrap()).unwrap();
+    assert!(rec["store"]["pending"].is_string(), "{rec}");
+    std::fs::remove_file(store.join("sandboxes")).unwrap();
+    let a = daemon_on(&state, &store).await;
+    let mut c = connect_when_up(a.api_socket()).await;
+    assert_eq!(
+        store_status(&mut c, "late", "in the store").await,
+        "in the store"
+    );
+    let b = TestDaemon::start_with(false, with_store(&store)).await;
+    let mut cb = b.client().await;
+    let r = resume(&mut cb, "late").await.unwrap();
+    assert_eq!(nbd_read(&r.nbd_uri, 8192, 4096), vec![0x3c; 4096]);
+    drop(c);
+    a.shutdown().await;
+    b.daemon.shutdown().await;
+}
