@@ -290,7 +290,7 @@ async fn store_gc_removes_exactly_the_builds_no_manifest_references() {
     let r = remote.collect(Duration::ZERO, true).await.unwrap();
     assert_eq!(
         r.removed.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
-        [dropped.clone()]
+        std::slice::from_ref(&dropped)
     );
     assert_eq!(store_builds(&store), before);
     // Then exactly that build goes; the other sandbox still resumes from the store's chain.
