@@ -126,9 +126,19 @@ impl CheckedData {
 pub struct LayeredTemplate {
     top: BuildMap,
     builds: Vec<Option<CheckedData>>,
-    /// The base build's mapping when the top is a layer: what "unchanged" means for the
-    /// `changed` flag of [`BlockDevice::block_status`].
-    base: Option<Mapping>,
+    /// What "unchanged" means for the `changed` flag of [`BlockDevice::block_status`].
+    base: BaseView,
+}
+
+/// The base build of a layered template, as its block status needs it.
+enum BaseView {
+    /// The top is the base build: nothing is changed.
+    Top,
+    /// The base build's mapping.
+    Known(Mapping),
+    /// The base build's map cannot be read (a store holding only what the top references):
+    /// every run a layer decided counts as changed.
+    Unknown,
 }
 
 impl std::fmt::Debug for LayeredTemplate {
@@ -258,13 +268,17 @@ impl LayeredTemplate {
         }
         let last = top.lineage.len() - 1;
         let base = match (last, maps.get(last)) {
-            (0, _) => None,
-            (_, Some(Some(m))) => Some(m.mapping.clone()),
-            _ => {
-                let m = resolver.map(&top.lineage[last])?;
-                check_ancestor(&top, last, &m)?;
-                Some(m.mapping)
-            }
+            (0, _) => BaseView::Top,
+            (_, Some(Some(m))) => BaseView::Known(m.mapping.clone()),
+            // Unreferenced, so not needed to read: only to tell zeroes it had from zeroes a
+            // layer wrote. A store may not hold it.
+            _ => match resolver.map(&top.lineage[last]) {
+                Ok(m) => {
+                    check_ancestor(&top, last, &m)?;
+                    BaseView::Known(m.mapping)
+                }
+                Err(_) => BaseView::Unknown,
+            },
         };
         Ok(LayeredTemplate { top, builds, base })
     }
@@ -334,8 +348,13 @@ impl BlockDevice for LayeredTemplate {
                 (RunKind::Data { build, .. }, _) => {
                     status::push(&mut out, run.len, Contents::Data, build < base_index)
                 }
-                (RunKind::Zero, None) => status::push(&mut out, run.len, Contents::Hole, false),
-                (RunKind::Zero, Some(base)) => {
+                (RunKind::Zero, BaseView::Top) => {
+                    status::push(&mut out, run.len, Contents::Hole, false)
+                }
+                (RunKind::Zero, BaseView::Unknown) => {
+                    status::push(&mut out, run.len, Contents::Hole, true)
+                }
+                (RunKind::Zero, BaseView::Known(base)) => {
                     let inside = run.len.min(base.size().saturating_sub(run.offset));
                     for b in base.lookup(run.offset, inside) {
                         let changed = b.kind != RunKind::Zero;
