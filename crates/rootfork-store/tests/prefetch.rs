@@ -310,3 +310,27 @@ fn readahead_follows_sequential_reads_only() {
     assert_eq!(off.stats().readahead, 0);
     assert_eq!(faulty.ranges.load(Ordering::SeqCst), 6);
 }
+
+#[test]
+fn dropping_the_store_during_a_prefetch_neither_hangs_nor_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, base, img) = uploaded(dir.path(), 8);
+    let (first, _) = store_over(&dir.path().join("first"), &store, false, None);
+    let (t, log) = first.open_recording(&base).unwrap();
+    for c in 0..6 {
+        read_chunk(&t, &img, c);
+    }
+    let trace = log.trace();
+    let (remote, faulty) = store_over(&dir.path().join("second"), &store, true, None);
+    faulty.delay_ms.store(100, Ordering::SeqCst);
+    let handle = remote.prefetch(&trace);
+    wait_until("a prefetch GET started", || {
+        faulty.ranges.load(Ordering::SeqCst) >= 1
+    });
+    // The task keeps the store alive until it ends; dropping the caller's side is harmless and
+    // the handle still reports the end.
+    drop(remote);
+    let r = handle.wait();
+    assert!(r.finished);
+    assert_eq!(r.fetched + r.skipped + r.failed + r.cancelled, 6, "{r:?}");
+}
