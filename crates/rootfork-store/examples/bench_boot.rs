@@ -85,12 +85,7 @@ fn config(cache: &Path, chunk: u64, readahead: bool) -> StoreConfig {
     }
 }
 
-fn open_store(
-    cache: &Path,
-    chunk: u64,
-    latency: Option<Duration>,
-    readahead: bool,
-) -> RemoteStore {
+fn open_store(cache: &Path, chunk: u64, latency: Option<Duration>, readahead: bool) -> RemoteStore {
     let cfg = config(cache, chunk, readahead);
     let store = cfg.object_store().expect("S3 client");
     let plain = ObjectStoreSource(store.clone());
@@ -254,7 +249,10 @@ fn main() {
     for &chunk in &chunks {
         let mut modes: Vec<(String, Option<Duration>)> = vec![("".into(), None)];
         if (chunk == 4 << 20 || chunk == 1 << 20) && !latency.is_zero() {
-            modes.push((format!(", +{} ms/request", latency.as_millis()), Some(latency)));
+            modes.push((
+                format!(", +{} ms/request", latency.as_millis()),
+                Some(latency),
+            ));
         }
         let label = format!("{} KiB", chunk >> 10);
         for (suffix, lat) in modes {

@@ -237,7 +237,12 @@ impl Fetcher {
     /// A freshly claimed leader re-checks the cache: a fetch that finished between the caller's
     /// cache lookup and its claim left the chunk there, and fetching it again would be a second
     /// GET for one chunk. Returns the chunk's bytes if so.
-    fn cached_after_claim(&self, key: &ChunkKey, range: &Range<u64>, verify: &Verify) -> Option<Bytes> {
+    fn cached_after_claim(
+        &self,
+        key: &ChunkKey,
+        range: &Range<u64>,
+        verify: &Verify,
+    ) -> Option<Bytes> {
         match self.cached(key, range, verify)? {
             ChunkData::Memory(b) => Some(b),
             ChunkData::Cached(c) => {
@@ -251,7 +256,14 @@ impl Fetcher {
     /// Fetches chunk `key` into the cache ahead of demand, unless it is cached or already being
     /// fetched. Runs on the store's runtime (an `async` task; it never blocks on the bridge). A
     /// demand read of the same chunk meanwhile joins this fetch. Failures are not cached.
-    pub async fn fill(&self, key: ChunkKey, object: &str, range: Range<u64>, verify: &Verify, why: Ahead) -> Fill {
+    pub async fn fill(
+        &self,
+        key: ChunkKey,
+        object: &str,
+        range: Range<u64>,
+        verify: &Verify,
+        why: Ahead,
+    ) -> Fill {
         if self.present(&key) {
             return Fill::Present;
         }

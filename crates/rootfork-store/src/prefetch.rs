@@ -229,7 +229,10 @@ async fn resolve(inner: &Arc<Inner>, build: BuildId, prefix_key: String) -> Opti
     if map.header.id != build {
         return None;
     }
-    Some(inner.build_info(&map, format!("{prefix_key}{}", rootfork_block::layered::DATA_FILE)))
+    Some(inner.build_info(
+        &map,
+        format!("{prefix_key}{}", rootfork_block::layered::DATA_FILE),
+    ))
 }
 
 /// The prefetch task.
@@ -243,10 +246,9 @@ async fn run(
     // The builds, then the plan: the store's chunks covering each trace entry, in order, once.
     let mut infos: HashMap<BuildId, Option<Arc<BuildInfo>>> = HashMap::new();
     for c in &trace.chunks {
-        if !infos.contains_key(&c.build) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = infos.entry(c.build) {
             let prefix_key = object_dir(&inner.prefix, &c.build);
-            let info = resolve(&inner, c.build, prefix_key).await;
-            infos.insert(c.build, info);
+            slot.insert(resolve(&inner, c.build, prefix_key).await);
         }
     }
     let mut plan = Vec::new();

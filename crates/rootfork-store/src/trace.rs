@@ -152,9 +152,9 @@ impl BootTrace {
         let mut seen = HashSet::with_capacity(nentries as usize);
         for i in 0..nentries as usize {
             let o = base + i * ENTRY_LEN;
-            let &(build, chunk_size) = builds
-                .get(u32_at(o) as usize)
-                .ok_or(TraceError::Malformed("entry names a build outside the table"))?;
+            let &(build, chunk_size) = builds.get(u32_at(o) as usize).ok_or(
+                TraceError::Malformed("entry names a build outside the table"),
+            )?;
             let key = ChunkKey {
                 build,
                 chunk_size,
@@ -207,7 +207,9 @@ impl AccessLog {
             log: self.clone(),
             build,
             chunk_size,
-            seen: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            seen: (0..chunks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 }
@@ -281,7 +283,10 @@ mod tests {
         assert_eq!(BootTrace::decode(&v), Err(TraceError::BadMagic));
         let mut v = bytes.clone();
         v[8] = 2;
-        assert_eq!(BootTrace::decode(&v), Err(TraceError::UnsupportedVersion(2)));
+        assert_eq!(
+            BootTrace::decode(&v),
+            Err(TraceError::UnsupportedVersion(2))
+        );
         let mut v = bytes.clone();
         let last = v.len() - 6;
         v[last] ^= 0x10;

@@ -247,7 +247,11 @@ fn prefetch_stays_within_half_the_cache_and_can_be_cancelled() {
     remote.open(&base).unwrap();
     let report = remote.prefetch(&trace).wait();
     assert_eq!((report.fetched, report.over_budget), (4, 6));
-    assert_eq!(remote.stats().evictions, 0, "nothing it fetched was evicted");
+    assert_eq!(
+        remote.stats().evictions,
+        0,
+        "nothing it fetched was evicted"
+    );
     assert_eq!(remote.cache().len(), 4);
 
     // Cancelled while the first fetch runs: the rest never starts.
