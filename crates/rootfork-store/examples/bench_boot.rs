@@ -4,7 +4,10 @@
 //! through nbdkit's log filter) and starts the S3 server. Compares, in one run and against the
 //! same server: fetching the whole raw image, fetching the whole build data, lazy cold reads at
 //! several chunk sizes (optionally with injected per-request latency), and warm reads (after a
-//! restart, with the cache re-verified, and in-process).
+//! restart, with the cache re-verified, and in-process). For fast cold starts it also compares,
+//! per chunk size and latency: lazy cold without readahead (recording the boot trace), lazy cold
+//! with readahead, and a cold start that fetches the stored boot trace and prefetches it in the
+//! background before replaying.
 //!
 //! Usage: `bench_boot IMAGE TRACE` with `ROOTFORK_S3_*` set as in `tests/s3.rs`.
 //! Optional: `BENCH_CHUNKS` (comma-separated KiB, default `4096,1024,256`), `BENCH_RUNS`
@@ -58,7 +61,7 @@ impl<S: ObjectSource> ObjectSource for Latency<S> {
     }
 }
 
-fn config(cache: &Path, chunk: u64) -> StoreConfig {
+fn config(cache: &Path, chunk: u64, readahead: bool) -> StoreConfig {
     StoreConfig {
         backend: Backend::S3(S3Config {
             endpoint: Some(env("ROOTFORK_S3_ENDPOINT")),
@@ -71,6 +74,7 @@ fn config(cache: &Path, chunk: u64) -> StoreConfig {
         prefix: "bench".into(),
         fetch: FetchPolicy {
             chunk_size: chunk,
+            readahead,
             ..FetchPolicy::default()
         },
         cache: CacheConfig {
@@ -81,8 +85,8 @@ fn config(cache: &Path, chunk: u64) -> StoreConfig {
     }
 }
 
-fn open_store(cache: &Path, chunk: u64, latency: Option<Duration>) -> RemoteStore {
-    let cfg = config(cache, chunk);
+fn open_store(cache: &Path, chunk: u64, latency: Option<Duration>, readahead: bool) -> RemoteStore {
+    let cfg = config(cache, chunk, readahead);
     let store = cfg.object_store().expect("S3 client");
     let plain = ObjectStoreSource(store.clone());
     let source: Arc<dyn ObjectSource> = match latency {
@@ -159,7 +163,7 @@ fn main() {
     };
     let base: BuildId = local.import_image(image, opts).unwrap().header.id;
     let data_len = local.map(&base).unwrap().header.data_len;
-    let uploader = open_store(&work.path().join("upload-cache"), chunks[0], None);
+    let uploader = open_store(&work.path().join("upload-cache"), chunks[0], None, false);
     uploader.upload(&local, &base).unwrap();
     let raw_key = format!("bench/raw/{base}");
     {
@@ -241,35 +245,39 @@ fn main() {
             times,
         });
     }
-    for (i, &chunk) in chunks.iter().enumerate() {
-        let mut modes: Vec<(String, Option<Duration>)> = vec![("lazy cold".into(), None)];
-        if i == 0 && !latency.is_zero() {
+    let mut notes = Vec::new();
+    for &chunk in &chunks {
+        let mut modes: Vec<(String, Option<Duration>)> = vec![("".into(), None)];
+        if (chunk == 4 << 20 || chunk == 1 << 20) && !latency.is_zero() {
             modes.push((
-                format!("lazy cold, +{} ms/request", latency.as_millis()),
+                format!(", +{} ms/request", latency.as_millis()),
                 Some(latency),
             ));
         }
-        for (mode, lat) in modes {
+        let label = format!("{} KiB", chunk >> 10);
+        for (suffix, lat) in modes {
+            let tag = format!("{chunk}-{}", lat.is_some());
+            // Lazy cold without readahead (the first run's reads are the boot trace), then warm.
             let (mut times, mut req, mut bytes) = (Vec::new(), 0, 0);
             let (mut warm_restart, mut warm_proc) = (Vec::new(), Vec::new());
             let mut warm_fetch = (0, 0);
+            let mut boot_trace = None;
             for run in 0..runs {
-                let cache = work
-                    .path()
-                    .join(format!("cache-{chunk}-{}-{run}", lat.is_some()));
+                let cache = work.path().join(format!("cache-{tag}-{run}"));
                 {
-                    let rs = open_store(&cache, chunk, lat);
+                    let rs = open_store(&cache, chunk, lat, false);
                     let s0 = rs.stats();
                     let t = Instant::now();
-                    let tpl = rs.open(&base).unwrap();
+                    let (tpl, log) = rs.open_recording(&base).unwrap();
                     replay(&tpl, &trace);
                     times.push(t.elapsed());
                     (req, bytes) = delta(s0, rs.stats());
+                    boot_trace.get_or_insert_with(|| log.trace());
                     let t = Instant::now();
                     replay(&tpl, &trace);
                     warm_proc.push(t.elapsed());
                 }
-                let rs = open_store(&cache, chunk, lat);
+                let rs = open_store(&cache, chunk, lat, false);
                 let s0 = rs.stats();
                 let t = Instant::now();
                 let tpl = rs.open(&base).unwrap();
@@ -277,14 +285,78 @@ fn main() {
                 warm_restart.push(t.elapsed());
                 warm_fetch = delta(s0, rs.stats());
             }
-            let label = format!("{} KiB", chunk >> 10);
             rows.push(Row {
-                mode: mode.clone(),
+                mode: format!("lazy cold{suffix}"),
                 chunk: label.clone(),
                 requests: req,
                 bytes,
                 times,
             });
+            // Lazy cold with readahead.
+            let (mut times, mut req, mut bytes) = (Vec::new(), 0, 0);
+            for run in 0..runs {
+                let cache = work.path().join(format!("cache-ra-{tag}-{run}"));
+                let rs = open_store(&cache, chunk, lat, true);
+                let s0 = rs.stats();
+                let t = Instant::now();
+                let tpl = rs.open(&base).unwrap();
+                replay(&tpl, &trace);
+                times.push(t.elapsed());
+                rs.wait_background();
+                (req, bytes) = delta(s0, rs.stats());
+            }
+            rows.push(Row {
+                mode: format!("lazy cold, readahead{suffix}"),
+                chunk: label.clone(),
+                requests: req,
+                bytes,
+                times,
+            });
+            // Cold start with the boot trace: fetch it and start the prefetch while the template
+            // opens, then replay.
+            let boot_trace = boot_trace.expect("at least one run");
+            uploader.put_boot_trace(&base, &boot_trace).unwrap();
+            let (mut times, mut req, mut bytes) = (Vec::new(), 0, 0);
+            let mut last = None;
+            for run in 0..runs {
+                let cache = work.path().join(format!("cache-pf-{tag}-{run}"));
+                let rs = open_store(&cache, chunk, lat, true);
+                let s0 = rs.stats();
+                let t = Instant::now();
+                // The trace GET and the template's map GET are independent: run them side by
+                // side, as a daemon creating a sandbox would.
+                let (tpl, handle) = std::thread::scope(|s| {
+                    let opening = s.spawn(|| rs.open(&base).unwrap());
+                    let bt = rs.boot_trace(&base).unwrap();
+                    let handle = rs.prefetch(&bt);
+                    (opening.join().unwrap(), handle)
+                });
+                replay(&tpl, &trace);
+                times.push(t.elapsed());
+                let report = handle.wait();
+                rs.wait_background();
+                (req, bytes) = delta(s0, rs.stats());
+                last = Some((report, rs.stats()));
+            }
+            rows.push(Row {
+                mode: format!("cold + boot-trace prefetch, readahead{suffix}"),
+                chunk: label.clone(),
+                requests: req,
+                bytes,
+                times,
+            });
+            if let Some((r, s)) = last {
+                notes.push(format!(
+                    "{label}{suffix}: boot trace {} chunks; prefetch fetched {}, skipped {}, failed {}; \
+                     {} demand reads served by prefetched chunks, {} by readahead",
+                    boot_trace.chunks.len(),
+                    r.fetched,
+                    r.skipped,
+                    r.failed,
+                    s.prefetch_hits,
+                    s.readahead_hits
+                ));
+            }
             if lat.is_none() {
                 rows.push(Row {
                     mode: "warm, same process".into(),
@@ -295,7 +367,7 @@ fn main() {
                 });
                 rows.push(Row {
                     mode: "warm, restarted (cache re-verified; maps refetched)".into(),
-                    chunk: label,
+                    chunk: label.clone(),
                     requests: warm_fetch.0,
                     bytes: warm_fetch.1,
                     times: warm_restart,
@@ -325,6 +397,10 @@ fn main() {
         );
     }
     println!(
-        "\n(requests and bytes include the build map fetched at open; medians of {runs} runs)"
+        "\n(requests and bytes include the build map fetched at open, and for the prefetch rows the \
+         boot-trace GET and the map fetched by the prefetch; medians of {runs} runs)"
     );
+    for n in notes {
+        println!("{n}");
+    }
 }

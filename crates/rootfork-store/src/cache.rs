@@ -199,6 +199,11 @@ impl ChunkCache {
         Some(out)
     }
 
+    /// Whether `key` is cached (without touching its recency).
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.index.lock().entries.contains_key(key)
+    }
+
     /// Records that `key` passed verification.
     pub fn mark_verified(&self, key: &ChunkKey) {
         if let Some(e) = self.index.lock().entries.get_mut(key) {

@@ -57,6 +57,12 @@ pub struct FetchPolicy {
     pub backoff_initial: Duration,
     /// Largest backoff delay.
     pub backoff_max: Duration,
+    /// Read ahead on sequential access: a read in chunk `k` right after a read in chunk `k - 1`
+    /// of the same build fetches chunk `k + 1` in the background (default on).
+    pub readahead: bool,
+    /// Most readahead fetches in flight at once, over the whole store (default 2); a sequential
+    /// step finding this many running reads ahead nothing.
+    pub readahead_inflight: usize,
 }
 
 impl Default for FetchPolicy {
@@ -67,6 +73,8 @@ impl Default for FetchPolicy {
             retries: 4,
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_secs(1),
+            readahead: true,
+            readahead_inflight: 2,
         }
     }
 }
@@ -107,6 +115,11 @@ impl StoreConfig {
         }
         if f.timeout.is_zero() {
             return Err(StoreError::Config("fetch timeout must not be zero".into()));
+        }
+        if f.readahead && f.readahead_inflight == 0 {
+            return Err(StoreError::Config(
+                "readahead needs at least one fetch in flight (or turn it off)".into(),
+            ));
         }
         if self.cache.budget < f.chunk_size {
             return Err(StoreError::Config(format!(

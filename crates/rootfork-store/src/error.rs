@@ -99,6 +99,9 @@ pub enum StoreError {
     /// A build is malformed, mismatched or missing.
     #[error(transparent)]
     Layer(#[from] LayerError),
+    /// A boot trace is damaged or of an unknown version.
+    #[error("boot trace: {0}")]
+    Trace(#[from] crate::trace::TraceError),
     /// A local I/O error.
     #[error("{context}: {source}")]
     Io {

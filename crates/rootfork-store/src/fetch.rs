@@ -7,6 +7,11 @@
 //! once however many readers want it. Failures (not found, timeout, transport errors, checksum
 //! mismatches) are published to the waiters of that one flight and never cached: the next read
 //! starts a new fetch.
+//!
+//! Chunks can also be fetched *ahead* of demand ([`Fetcher::fill`], used by prefetch and
+//! readahead): such a fetch takes the same single-flight slot, so a demand read arriving while it
+//! runs waits for it instead of fetching again, and a demand read that finds it (in the cache or
+//! in flight) counts as a prefetch or readahead hit.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -118,6 +123,26 @@ impl Drop for LeaderGuard<'_> {
     }
 }
 
+/// Why a chunk is fetched before any read asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ahead {
+    /// Listed in a boot trace being prefetched.
+    Prefetch,
+    /// The next chunk after a sequential step.
+    Readahead,
+}
+
+/// What a fetch ahead of demand ([`Fetcher::fill`]) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fill {
+    /// Fetched, verified and cached.
+    Fetched,
+    /// Nothing to do: already cached, or another fetch of it is running.
+    Present,
+    /// The fetch failed (nothing cached; a later read fetches again).
+    Failed(FetchError),
+}
+
 /// Fetches objects and chunks with retries, deadlines, single flight and caching.
 pub struct Fetcher {
     bridge: Bridge,
@@ -126,6 +151,8 @@ pub struct Fetcher {
     cache: ChunkCache,
     stats: Arc<FetchStats>,
     inflight: Mutex<HashMap<ChunkKey, Arc<Flight>>>,
+    /// Chunks fetched ahead of demand that no demand read has used yet.
+    ahead: Mutex<HashMap<ChunkKey, Ahead>>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -153,7 +180,141 @@ impl Fetcher {
             cache,
             stats,
             inflight: Mutex::new(HashMap::new()),
+            ahead: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `key` is cached or being fetched.
+    pub fn present(&self, key: &ChunkKey) -> bool {
+        self.cache.contains(key) || self.inflight.lock().contains_key(key)
+    }
+
+    /// A demand read got `key`; `from_ahead` if it came from the cache or another fetch (not
+    /// its own). Counts the first demand use of a chunk fetched ahead.
+    fn demanded(&self, key: &ChunkKey, from_ahead: bool) {
+        let kind = {
+            let mut ahead = self.ahead.lock();
+            if ahead.is_empty() {
+                return;
+            }
+            ahead.remove(key)
+        };
+        match (kind, from_ahead) {
+            (Some(Ahead::Prefetch), true) => FetchStats::add(&self.stats.prefetch_hits, 1),
+            (Some(Ahead::Readahead), true) => FetchStats::add(&self.stats.readahead_hits, 1),
+            _ => {}
+        }
+    }
+
+    /// The cached chunk `key`, verified (a cached chunk failing verification is dropped).
+    fn cached(&self, key: &ChunkKey, range: &Range<u64>, verify: &Verify) -> Option<ChunkData> {
+        let c = self.cache.get(key)?;
+        if c.verified {
+            return Some(ChunkData::Cached(c));
+        }
+        if let Some(bytes) = self.verify_cached(&c, range, verify) {
+            self.cache.mark_verified(key);
+            return Some(ChunkData::Memory(bytes));
+        }
+        tracing::warn!(?key, "cached chunk fails verification; refetching");
+        self.cache.remove(key);
+        None
+    }
+
+    /// Claims the single-flight slot of `key`: `(flight, true)` if the caller is now its leader.
+    fn claim(&self, key: ChunkKey) -> (Arc<Flight>, bool) {
+        let mut table = self.inflight.lock();
+        match table.get(&key) {
+            Some(f) => (f.clone(), false),
+            None => {
+                let f = Arc::new(Flight::default());
+                table.insert(key, f.clone());
+                (f, true)
+            }
+        }
+    }
+
+    /// A freshly claimed leader re-checks the cache: a fetch that finished between the caller's
+    /// cache lookup and its claim left the chunk there, and fetching it again would be a second
+    /// GET for one chunk. Returns the chunk's bytes if so.
+    fn cached_after_claim(
+        &self,
+        key: &ChunkKey,
+        range: &Range<u64>,
+        verify: &Verify,
+    ) -> Option<Bytes> {
+        match self.cached(key, range, verify)? {
+            ChunkData::Memory(b) => Some(b),
+            ChunkData::Cached(c) => {
+                let mut buf = vec![0u8; c.len as usize];
+                c.file.read_exact_at(&mut buf, 0).ok()?;
+                Some(Bytes::from(buf))
+            }
+        }
+    }
+
+    /// Fetches chunk `key` into the cache ahead of demand, unless it is cached or already being
+    /// fetched. Runs on the store's runtime (an `async` task; it never blocks on the bridge). A
+    /// demand read of the same chunk meanwhile joins this fetch. Failures are not cached.
+    pub async fn fill(
+        &self,
+        key: ChunkKey,
+        object: &str,
+        range: Range<u64>,
+        verify: &Verify,
+        why: Ahead,
+    ) -> Fill {
+        if self.present(&key) {
+            return Fill::Present;
+        }
+        let (flight, leader) = self.claim(key);
+        if !leader {
+            return Fill::Present;
+        }
+        let mut guard = LeaderGuard {
+            fetcher: self,
+            key,
+            flight,
+            outcome: None,
+        };
+        if let Some(bytes) = self.cached_after_claim(&key, &range, verify) {
+            guard.outcome = Some(Ok(bytes));
+            return Fill::Present;
+        }
+        self.ahead.lock().insert(key, why);
+        let result = fetch_with_retries(
+            self.source.clone(),
+            object.to_owned(),
+            Some(range),
+            Some(verify.clone()),
+            self.policy,
+            std::time::Instant::now() + self.policy.timeout,
+            self.stats.clone(),
+        )
+        .await;
+        let fill = match &result {
+            Ok(bytes) => {
+                FetchStats::add(&self.stats.chunks_fetched, 1);
+                FetchStats::add(
+                    match why {
+                        Ahead::Prefetch => &self.stats.prefetched,
+                        Ahead::Readahead => &self.stats.readahead,
+                    },
+                    1,
+                );
+                if let Err(e) = self.cache.insert(key, bytes) {
+                    tracing::warn!(?key, error = %e, "could not cache a chunk fetched ahead");
+                }
+                Fill::Fetched
+            }
+            Err(e) => {
+                tracing::debug!(?key, error = %e, ?why, "fetch ahead failed");
+                self.ahead.lock().remove(&key);
+                Fill::Failed(e.clone())
+            }
+        };
+        guard.outcome = Some(result);
+        fill
     }
 
     /// The chunk cache.
@@ -189,6 +350,24 @@ impl Fetcher {
         r
     }
 
+    /// Fetches a whole (small) object from a task on the store's runtime.
+    pub async fn fetch_object_async(&self, key: &str) -> Result<Bytes, FetchError> {
+        let r = fetch_with_retries(
+            self.source.clone(),
+            key.to_owned(),
+            None,
+            None,
+            self.policy,
+            std::time::Instant::now() + self.policy.timeout,
+            self.stats.clone(),
+        )
+        .await;
+        if r.is_ok() {
+            FetchStats::add(&self.stats.maps_fetched, 1);
+        }
+        r
+    }
+
     /// The chunk `key`, stored at `range` of object `object`, verified with `verify`, or an
     /// error no later than (about) `deadline`.
     pub fn chunk(
@@ -199,35 +378,22 @@ impl Fetcher {
         verify: &Verify,
         deadline: std::time::Instant,
     ) -> Result<ChunkData, FetchError> {
-        if let Some(c) = self.cache.get(&key) {
-            if c.verified {
-                FetchStats::add(&self.stats.cache_hits, 1);
-                return Ok(ChunkData::Cached(c));
-            }
-            if let Some(bytes) = self.verify_cached(&c, &range, verify) {
-                self.cache.mark_verified(&key);
-                FetchStats::add(&self.stats.cache_hits, 1);
-                return Ok(ChunkData::Memory(bytes));
-            }
-            tracing::warn!(?key, "cached chunk fails verification; refetching");
-            self.cache.remove(&key);
+        if let Some(d) = self.cached(&key, &range, verify) {
+            FetchStats::add(&self.stats.cache_hits, 1);
+            self.demanded(&key, true);
+            return Ok(d);
         }
         FetchStats::add(&self.stats.cache_misses, 1);
-        let (flight, leader) = {
-            let mut table = self.inflight.lock();
-            match table.get(&key) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Arc::new(Flight::default());
-                    table.insert(key, f.clone());
-                    (f, true)
-                }
-            }
-        };
+        let (flight, leader) = self.claim(key);
         if !leader {
             FetchStats::add(&self.stats.shared_waits, 1);
             return match flight.wait_until(deadline) {
-                Some(r) => r.map(ChunkData::Memory),
+                Some(r) => {
+                    if r.is_ok() {
+                        self.demanded(&key, true);
+                    }
+                    r.map(ChunkData::Memory)
+                }
                 None => {
                     FetchStats::add(&self.stats.timeouts, 1);
                     FetchStats::add(&self.stats.failures, 1);
@@ -246,6 +412,12 @@ impl Fetcher {
             flight,
             outcome: None,
         };
+        if let Some(bytes) = self.cached_after_claim(&key, &range, verify) {
+            self.demanded(&key, true);
+            guard.outcome = Some(Ok(bytes.clone()));
+            return Ok(ChunkData::Memory(bytes));
+        }
+        self.demanded(&key, false);
         let fut = fetch_with_retries(
             self.source.clone(),
             object.to_owned(),

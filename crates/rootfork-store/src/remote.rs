@@ -2,10 +2,19 @@
 //!
 //! Objects are `<prefix>/<build id>/map` and `<prefix>/<build id>/data`. Opening a template
 //! fetches the maps it needs (small) and nothing else; each build's data is a [`RemoteData`] that
-//! reads through the chunk cache, fetching a chunk the first time any byte of it is read.
+//! reads through the chunk cache, fetching a chunk the first time any byte of it is read, and
+//! reading the next chunk ahead in the background when reads move sequentially
+//! ([`FetchPolicy::readahead`](crate::FetchPolicy::readahead)).
+//!
+//! [`RemoteStore::open_recording`] opens a template whose reads are also logged (an
+//! [`AccessLog`]), the boot trace that [`RemoteStore::prefetch`] replays on later cold starts.
 
+use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 
 use object_store::ObjectStore;
 use rootfork_block::layered::{
@@ -17,15 +26,133 @@ use crate::bridge::Bridge;
 use crate::cache::{ChunkCache, ChunkKey};
 use crate::config::StoreConfig;
 use crate::error::{FetchError, StoreError};
-use crate::fetch::{Fetcher, Verify};
+use crate::fetch::{Ahead, Fetcher, Verify};
 use crate::source::{ObjectSource, ObjectStoreSource};
 use crate::stats::{FetchStats, StatsSnapshot};
+use crate::trace::{AccessLog, Recorder};
 
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn ObjectStore>,
     pub(crate) prefix: String,
     pub(crate) fetcher: Fetcher,
     pub(crate) stats: Arc<FetchStats>,
+    /// What fetching a build's chunks needs, for every build whose map this store has decoded
+    /// (a few bytes per MiB of data; builds are immutable, so entries never go stale).
+    pub(crate) builds: Mutex<HashMap<BuildId, Arc<BuildInfo>>>,
+    /// Budget of the chunk cache.
+    pub(crate) cache_budget: u64,
+    /// Readahead fetches in flight.
+    readaheads: AtomicUsize,
+    /// Background tasks (prefetches and readaheads) not finished yet.
+    background: Mutex<usize>,
+    background_done: Condvar,
+}
+
+/// Everything needed to fetch one build's chunks.
+#[derive(Debug)]
+pub(crate) struct BuildInfo {
+    pub(crate) id: BuildId,
+    /// Object key of its data.
+    pub(crate) key: String,
+    /// Data length.
+    pub(crate) len: u64,
+    /// Fetch chunk size for this build.
+    pub(crate) chunk: u64,
+    pub(crate) verify: Verify,
+}
+
+impl BuildInfo {
+    /// Chunks in the data.
+    pub(crate) fn chunks(&self) -> u64 {
+        self.len.div_ceil(self.chunk)
+    }
+
+    /// The cache key and object range of chunk `index` (which must be below `chunks()`).
+    pub(crate) fn chunk_at(&self, index: u64) -> (ChunkKey, std::ops::Range<u64>) {
+        let start = index * self.chunk;
+        let key = ChunkKey {
+            build: self.id,
+            chunk_size: self.chunk,
+            index,
+        };
+        (key, start..(start + self.chunk).min(self.len))
+    }
+}
+
+/// Counts one background task for [`RemoteStore::wait_background`] while alive.
+pub(crate) struct BackgroundTask(Arc<Inner>);
+
+impl BackgroundTask {
+    pub(crate) fn new(inner: &Arc<Inner>) -> Self {
+        *inner.background.lock() += 1;
+        BackgroundTask(inner.clone())
+    }
+}
+
+impl Drop for BackgroundTask {
+    fn drop(&mut self) {
+        let mut n = self.0.background.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.0.background_done.notify_all();
+        }
+    }
+}
+
+/// Releases a readahead slot when its task ends, however it ends.
+struct ReadaheadSlot(Arc<Inner>);
+
+impl Drop for ReadaheadSlot {
+    fn drop(&mut self) {
+        self.0.readaheads.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Inner {
+    /// The fetch information of the build `map` describes, registered for prefetching.
+    pub(crate) fn build_info(&self, map: &BuildMap, key: String) -> Arc<BuildInfo> {
+        let sub = u64::from(map.header.chunk_size);
+        let info = Arc::new(BuildInfo {
+            id: map.header.id,
+            key,
+            len: map.header.data_len,
+            chunk: self.fetcher.policy().chunk_size.max(sub),
+            verify: Verify {
+                crcs: map.chunk_crcs.clone().into(),
+                sub,
+            },
+        });
+        self.builds.lock().insert(info.id, info.clone());
+        info
+    }
+}
+
+/// Starts a background fetch of chunk `index` of `info` unless the readahead bound is reached
+/// or the chunk is cached or being fetched.
+fn read_ahead(inner: &Arc<Inner>, info: &Arc<BuildInfo>, index: u64) {
+    let policy = inner.fetcher.policy();
+    if index >= info.chunks() {
+        return;
+    }
+    let (key, range) = info.chunk_at(index);
+    if inner.fetcher.present(&key) {
+        return;
+    }
+    if inner.readaheads.fetch_add(1, Ordering::AcqRel) >= policy.readahead_inflight {
+        inner.readaheads.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let slot = ReadaheadSlot(inner.clone());
+    let task = BackgroundTask::new(inner);
+    let (inner, info) = (inner.clone(), info.clone());
+    inner.fetcher.bridge().handle().clone().spawn(async move {
+        let _slot = slot;
+        let _task = task;
+        inner
+            .fetcher
+            .fill(key, &info.key, range, &info.verify, Ahead::Readahead)
+            .await;
+    });
 }
 
 /// Builds in an object store, read lazily through a local chunk cache.
@@ -72,6 +199,11 @@ impl RemoteStore {
                 prefix: cfg.prefix.trim_matches('/').to_owned(),
                 fetcher,
                 stats,
+                builds: Mutex::new(HashMap::new()),
+                cache_budget: cfg.cache.budget,
+                readaheads: AtomicUsize::new(0),
+                background: Mutex::new(0),
+                background_done: Condvar::new(),
             }),
         })
     }
@@ -88,6 +220,42 @@ impl RemoteStore {
     /// Opens the layered template whose top build is `id`, reading lazily from the store.
     pub fn open(&self, id: &BuildId) -> LayerResult<LayeredTemplate> {
         LayeredTemplate::open(self, id)
+    }
+
+    /// Opens the template like [`open`](Self::open) and records which chunks of which builds
+    /// its reads touch, in first-access order (readahead and prefetch fetches are not reads and
+    /// are not recorded). Take [`AccessLog::trace`] when the boot is done and store it with
+    /// [`put_boot_trace`](Self::put_boot_trace).
+    pub fn open_recording(&self, id: &BuildId) -> LayerResult<(LayeredTemplate, AccessLog)> {
+        let log = AccessLog::new();
+        let resolver = Recording {
+            store: self,
+            log: log.clone(),
+        };
+        let t = LayeredTemplate::open(&resolver, id)?;
+        Ok((t, log))
+    }
+
+    /// Waits until every background fetch (prefetches and readaheads) has finished. For tests
+    /// and benchmarks; a reader never needs it. Do not call it from the store's runtime.
+    pub fn wait_background(&self) {
+        let mut n = self.inner.background.lock();
+        while *n > 0 {
+            self.inner.background_done.wait(&mut n);
+        }
+    }
+
+    /// One build's data, reading through the cache; reads logged to `log` if given.
+    fn remote_data(&self, map: &BuildMap, log: Option<&AccessLog>) -> Arc<RemoteData> {
+        let key = self.key(&map.header.id, rootfork_block::layered::DATA_FILE);
+        let info = self.inner.build_info(map, key);
+        let recorder = log.map(|l| l.recorder(info.id, info.chunk, info.chunks()));
+        Arc::new(RemoteData {
+            inner: self.inner.clone(),
+            info,
+            last: AtomicU64::new(u64::MAX),
+            recorder,
+        })
     }
 
     /// The counters.
@@ -122,41 +290,58 @@ impl BuildResolver for RemoteStore {
     }
 
     fn data(&self, map: &BuildMap) -> LayerResult<Arc<dyn BuildData>> {
-        let sub = u64::from(map.header.chunk_size);
-        let chunk = self.inner.fetcher.policy().chunk_size.max(sub);
-        Ok(Arc::new(RemoteData {
-            inner: self.inner.clone(),
-            id: map.header.id,
-            key: self.key(&map.header.id, rootfork_block::layered::DATA_FILE),
-            len: map.header.data_len,
-            chunk,
-            verify: Verify {
-                crcs: map.chunk_crcs.clone().into(),
-                sub,
-            },
-        }))
+        Ok(self.remote_data(map, None))
+    }
+}
+
+/// The store as a resolver whose build data records reads into an [`AccessLog`].
+struct Recording<'a> {
+    store: &'a RemoteStore,
+    log: AccessLog,
+}
+
+impl BuildResolver for Recording<'_> {
+    fn map(&self, id: &BuildId) -> LayerResult<BuildMap> {
+        self.store.map(id)
+    }
+
+    fn data(&self, map: &BuildMap) -> LayerResult<Arc<dyn BuildData>> {
+        Ok(self.store.remote_data(map, Some(&self.log)))
     }
 }
 
 /// One build's data in the object store, read through the chunk cache.
 pub struct RemoteData {
     inner: Arc<Inner>,
-    id: BuildId,
-    key: String,
-    len: u64,
-    chunk: u64,
-    verify: Verify,
+    info: Arc<BuildInfo>,
+    /// Chunk index of the latest read (`u64::MAX` before the first), for readahead.
+    last: AtomicU64,
+    recorder: Option<Recorder>,
+}
+
+impl RemoteData {
+    /// Notes a read of chunk `index`: records it, and on a sequential step (the previous read
+    /// was in chunk `index - 1`) reads chunk `index + 1` ahead.
+    fn touch(&self, index: u64) {
+        if let Some(r) = &self.recorder {
+            r.record(index);
+        }
+        let prev = self.last.swap(index, Ordering::Relaxed);
+        if self.inner.fetcher.policy().readahead && prev != u64::MAX && prev + 1 == index {
+            read_ahead(&self.inner, &self.info, index + 1);
+        }
+    }
 }
 
 impl BuildData for RemoteData {
     fn len(&self) -> u64 {
-        self.len
+        self.info.len
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.len)
+            .filter(|&e| e <= self.info.len)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
         // One deadline for the whole request this read belongs to (see `RequestScope`), however
         // many chunks and mapping runs it needs, so it answers within the fetch timeout.
@@ -164,18 +349,14 @@ impl BuildData for RemoteData {
         let deadline = started + self.inner.fetcher.policy().timeout;
         let mut pos = offset;
         while pos < end {
-            let index = pos / self.chunk;
-            let start = index * self.chunk;
-            let stop = (start + self.chunk).min(self.len);
-            let key = ChunkKey {
-                build: self.id,
-                chunk_size: self.chunk,
-                index,
-            };
+            let index = pos / self.info.chunk;
+            let (key, range) = self.info.chunk_at(index);
+            let (start, stop) = (range.start, range.end);
+            self.touch(index);
             let data = self
                 .inner
                 .fetcher
-                .chunk(key, &self.key, start..stop, &self.verify, deadline)
+                .chunk(key, &self.info.key, range, &self.info.verify, deadline)
                 .map_err(|e| e.to_io())?;
             let n = (stop.min(end) - pos) as usize;
             let at = (pos - offset) as usize;

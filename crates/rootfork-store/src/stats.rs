@@ -17,6 +17,10 @@ pub struct FetchStats {
     pub(crate) failures: AtomicU64,
     pub(crate) checksum_failures: AtomicU64,
     pub(crate) evictions: AtomicU64,
+    pub(crate) prefetched: AtomicU64,
+    pub(crate) prefetch_hits: AtomicU64,
+    pub(crate) readahead: AtomicU64,
+    pub(crate) readahead_hits: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -46,6 +50,16 @@ pub struct StatsSnapshot {
     pub checksum_failures: u64,
     /// Chunks evicted from the cache.
     pub evictions: u64,
+    /// Chunks fetched by a prefetch ([`RemoteStore::prefetch`](crate::RemoteStore::prefetch));
+    /// included in `chunks_fetched`.
+    pub prefetched: u64,
+    /// Demand reads served by a prefetched chunk (from the cache, or by joining its fetch);
+    /// counted once per chunk, on its first demand read.
+    pub prefetch_hits: u64,
+    /// Chunks fetched by readahead on sequential access; included in `chunks_fetched`.
+    pub readahead: u64,
+    /// Demand reads served by a readahead chunk, once per chunk.
+    pub readahead_hits: u64,
 }
 
 impl FetchStats {
@@ -69,6 +83,10 @@ impl FetchStats {
             failures: g(&self.failures),
             checksum_failures: g(&self.checksum_failures),
             evictions: g(&self.evictions),
+            prefetched: g(&self.prefetched),
+            prefetch_hits: g(&self.prefetch_hits),
+            readahead: g(&self.readahead),
+            readahead_hits: g(&self.readahead_hits),
         }
     }
 }

@@ -167,7 +167,12 @@ fn a_read_spanning_many_missing_chunks_has_one_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let img = image_bytes(24 * MIB, 8);
     let (local, base) = local_base(dir.path(), &img);
-    let (remote, faulty, _) = memory_store(dir.path());
+    // Readahead off: this test counts the demand read's own fetches.
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let faulty = Faulty::new(ObjectStoreSource(store.clone()));
+    let mut cfg = config(dir.path(), Backend::Memory);
+    cfg.fetch.readahead = false;
+    let remote = RemoteStore::with_parts(&cfg, store, faulty.clone()).unwrap();
     remote.upload(&local, &base).unwrap();
     let t = remote.open(&base).unwrap();
     // Each request answers after 1 s, inside the 1.5 s deadline on its own.

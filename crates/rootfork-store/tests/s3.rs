@@ -42,10 +42,22 @@ fn s3(endpoint: &str) -> S3Config {
 }
 
 /// A config with a per-test prefix so tests sharing the server do not see each other's builds.
+/// Readahead is off: these tests count the fetches of demand reads (the prefetch test turns it
+/// on where it checks it).
 fn s3_config(dir: &Path, endpoint: &str, prefix: &str) -> StoreConfig {
     let mut cfg = config(dir, Backend::S3(s3(endpoint)));
     cfg.prefix = prefix.into();
+    cfg.fetch.readahead = false;
     cfg
+}
+
+/// Continues a stopped server when dropped, on every exit path of a test.
+struct Continue(Pid);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
 }
 
 fn read(dev: &dyn BlockDevice, offset: u64, len: usize) -> Vec<u8> {
@@ -211,4 +223,93 @@ fn s3_corrupted_object_is_detected() {
     );
     assert!(remote.stats().checksum_failures >= 1);
     assert_eq!(remote.cache().len(), 1);
+}
+
+/// Reads 4 KiB in 4 MiB chunk `chunk` of a dense image (device offsets equal data offsets).
+fn read_chunk(dev: &dyn BlockDevice, img: &[u8], chunk: u64) {
+    let off = chunk * 4 * MIB + 777;
+    assert_eq!(read(dev, off, 4096), img[off as usize..][..4096]);
+}
+
+#[test]
+#[ignore = "needs the S3 server of scripts/test.d/40-store-s3.sh"]
+fn s3_boot_trace_prefetch_and_readahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dense_image(24 * MIB, 15);
+    let (local, base) = local_base(dir.path(), &img);
+    let endpoint = env("ROOTFORK_S3_ENDPOINT");
+    let first = RemoteStore::new(&s3_config(&dir.path().join("a"), &endpoint, "trace")).unwrap();
+    first.upload(&local, &base).unwrap();
+    let pattern = [3, 0, 4, 3, 1];
+    {
+        let (t, log) = first.open_recording(&base).unwrap();
+        for c in pattern {
+            read_chunk(&t, &img, c);
+        }
+        first.put_boot_trace(&base, &log.trace()).unwrap();
+    }
+    // A cold start with a fresh cache: trace fetched, prefetched, then the same reads.
+    let remote = RemoteStore::new(&s3_config(&dir.path().join("b"), &endpoint, "trace")).unwrap();
+    let trace = remote.boot_trace(&base).unwrap();
+    assert_eq!(
+        trace.chunks.iter().map(|c| c.index).collect::<Vec<_>>(),
+        vec![3, 0, 4, 1]
+    );
+    let t = remote.open(&base).unwrap();
+    let report = remote.prefetch(&trace).wait();
+    assert_eq!((report.fetched, report.failed), (4, 0));
+    let before = remote.stats();
+    for c in pattern {
+        read_chunk(&t, &img, c);
+    }
+    let after = remote.stats();
+    assert_eq!(after.requests, before.requests, "no GET during the replay");
+    assert_eq!(after.prefetch_hits, 4);
+
+    // Readahead: with it on, a step from chunk 0 to 1 brings chunk 2 in.
+    let mut cfg = s3_config(&dir.path().join("c"), &endpoint, "trace");
+    cfg.fetch.readahead = true;
+    let ra = RemoteStore::new(&cfg).unwrap();
+    let t = ra.open(&base).unwrap();
+    read_chunk(&t, &img, 0);
+    read_chunk(&t, &img, 1);
+    ra.wait_background();
+    assert_eq!(ra.stats().readahead, 1);
+    let before = ra.stats();
+    read_chunk(&t, &img, 2);
+    assert_eq!(ra.stats().requests, before.requests);
+    assert_eq!(ra.stats().readahead_hits, 1);
+}
+
+#[test]
+#[ignore = "needs the S3 server of scripts/test.d/40-store-s3.sh"]
+fn s3_prefetch_with_the_server_stopped_fails_softly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dense_image(16 * MIB, 16);
+    let (local, base) = local_base(dir.path(), &img);
+    let endpoint = env("ROOTFORK_S3_ENDPOINT");
+    let first = RemoteStore::new(&s3_config(&dir.path().join("a"), &endpoint, "pfstop")).unwrap();
+    first.upload(&local, &base).unwrap();
+    let (t, log) = first.open_recording(&base).unwrap();
+    for c in [2, 0, 1] {
+        read_chunk(&t, &img, c);
+    }
+    let trace = log.trace();
+
+    let remote = RemoteStore::new(&s3_config(&dir.path().join("b"), &endpoint, "pfstop")).unwrap();
+    let t = remote.open(&base).unwrap();
+    let pid = Pid::from_raw(env("ROOTFORK_S3_PID").parse().unwrap());
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let resume = Continue(pid);
+    let report = remote.prefetch(&trace).wait();
+    assert_eq!((report.fetched, report.failed), (0, 3), "{report:?}");
+    assert!(remote.cache().is_empty(), "failures are not cached");
+    // While it is stopped a read fails with EIO, as without prefetch.
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(t.read_at(&mut buf, 0).unwrap_err().errno(), libc::EIO);
+    drop(resume);
+    // Server back: the reads work.
+    for c in [2, 0, 1] {
+        read_chunk(&t, &img, c);
+    }
 }

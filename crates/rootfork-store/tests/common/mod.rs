@@ -104,3 +104,23 @@ impl<S: ObjectSource> ObjectSource for Faulty<S> {
         self.inner.get(key)
     }
 }
+
+/// An image with no zero block, so a base build's data offsets equal device offsets (and a
+/// device offset names its data chunk directly).
+pub fn dense_image(size: u64, seed: u8) -> Vec<u8> {
+    (0..size)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// Waits until `cond` holds (a hang guard of a minute, not a timing assertion).
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never happened: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
