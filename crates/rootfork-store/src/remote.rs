@@ -236,6 +236,12 @@ impl RemoteStore {
         Ok((t, log))
     }
 
+    /// Build `map`'s data read through the cache, its reads recorded into `log` (for a
+    /// resolver of its own that mixes this store's builds with others, as the daemon's does).
+    pub fn data_recording(&self, map: &BuildMap, log: &AccessLog) -> Arc<dyn BuildData> {
+        self.remote_data(map, Some(log))
+    }
+
     /// Waits until every background fetch (prefetches and readaheads) has finished. For tests
     /// and benchmarks; a reader never needs it. Do not call it from the store's runtime.
     pub fn wait_background(&self) {

@@ -374,3 +374,70 @@ async fn an_upload_that_keeps_failing_is_retried_and_finished_after_a_restart() 
     a.shutdown().await;
     b.daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_template_first_booted_from_the_store_leaves_a_trace_the_next_host_prefetches() {
+    let shared = tempfile::tempdir().unwrap();
+    let store = shared.path().join("store");
+    let a = TestDaemon::start_with(false, with_store(&store)).await;
+    let b = TestDaemon::start_with(false, with_store(&store)).await;
+    let c = TestDaemon::start_with(false, with_store(&store)).await;
+    let (mut ca, mut cb, mut cc) = (a.client().await, b.client().await, c.client().await);
+    let src = template(shared.path());
+    import(&mut ca, "tpl", &src).await.unwrap();
+    let tb = a.template_build("tpl");
+    create(&mut ca, "tpl", "s").await.unwrap();
+    pause(&mut ca, "s").await.unwrap();
+    assert_eq!(
+        store_status(&mut ca, "s", "in the store").await,
+        "in the store"
+    );
+    // B takes s over: it knows the template now, its base build only in the store.
+    resume(&mut cb, "s").await.unwrap();
+    assert!(!b.builds().contains(&tb));
+    // B's first sandbox of it has no trace to prefetch: its reads are recorded, and published
+    // when it is deleted.
+    let first = create(&mut cb, "tpl", "first").await.unwrap();
+    let reads = [MIB, 12 * MIB + 4096, 27 * MIB];
+    for &at in &reads {
+        let want: Vec<u8> = (at..at + 4096).map(byte_at).collect();
+        assert_eq!(nbd_read(&first.nbd_uri, at, 4096), want);
+    }
+    assert!(!store.join(&tb).join("boot-trace").exists());
+    assert!(delete(&mut cb, "first").await.unwrap());
+    assert!(
+        store.join(&tb).join("boot-trace").exists(),
+        "no trace published"
+    );
+    // C takes s over from B and prefetches the template's trace while it resumes: the reads
+    // the first boot made are then served without a fetch.
+    pause(&mut cb, "s").await.unwrap();
+    assert_eq!(
+        store_status(&mut cb, "s", "in the store").await,
+        "in the store"
+    );
+    let r = resume(&mut cc, "s").await.unwrap();
+    let remote = c.daemon.core().builds.remote().unwrap().clone();
+    let waiter = remote.clone();
+    tokio::task::spawn_blocking(move || waiter.wait_background())
+        .await
+        .unwrap();
+    let before = remote.stats();
+    assert!(before.prefetched >= reads.len() as u64, "{before:?}");
+    for &at in &reads {
+        let want: Vec<u8> = (at..at + 4096).map(byte_at).collect();
+        assert_eq!(nbd_read(&r.nbd_uri, at, 4096), want);
+    }
+    let after = remote.stats();
+    assert_eq!(
+        after.bytes_fetched, before.bytes_fetched,
+        "{before:?} {after:?}"
+    );
+    assert!(after.prefetch_hits > before.prefetch_hits, "{after:?}");
+    for cl in [&mut ca, &mut cb, &mut cc] {
+        delete(cl, "s").await.unwrap();
+    }
+    a.daemon.shutdown().await;
+    b.daemon.shutdown().await;
+    c.daemon.shutdown().await;
+}

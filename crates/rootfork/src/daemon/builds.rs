@@ -21,7 +21,7 @@ use rootfork_block::layered::{
     BuildData, BuildId, BuildMap, BuildResolver, FileData, LayerError, LayerResult, LocalStore,
 };
 use rootfork_provider::{BaseImage, BuildSource};
-use rootfork_store::RemoteStore;
+use rootfork_store::{AccessLog, RemoteStore};
 
 use crate::daemon::core::Core;
 
@@ -110,6 +110,29 @@ impl BuildResolver for SharedFiles {
     }
 }
 
+/// [`SharedFiles`] recording which chunks of the object store's builds are read (a template's
+/// first boot on a host that reads it from the store: `remote/boot.rs`).
+#[derive(Debug)]
+struct RecordingFiles {
+    inner: Arc<SharedFiles>,
+    log: AccessLog,
+}
+
+impl BuildResolver for RecordingFiles {
+    fn map(&self, id: &BuildId) -> LayerResult<BuildMap> {
+        self.inner.map(id)
+    }
+
+    fn data(&self, map: &BuildMap) -> LayerResult<Arc<dyn BuildData>> {
+        match &self.inner.remote {
+            Some(remote) if !self.inner.is_local(&map.header.id) => {
+                Ok(remote.data_recording(map, &self.log))
+            }
+            _ => self.inner.data(map),
+        }
+    }
+}
+
 /// The store and who uses which build.
 #[derive(Debug)]
 pub struct Builds {
@@ -175,6 +198,20 @@ impl Builds {
             builds: BuildSource(self.shared.clone()),
             top,
         }
+    }
+
+    /// [`Builds::base`], recording the reads of builds that come from the object store into
+    /// the returned log.
+    pub fn base_recording(&self, top: BuildId) -> (BaseImage, AccessLog) {
+        let log = AccessLog::new();
+        let base = BaseImage::Build {
+            builds: BuildSource(Arc::new(RecordingFiles {
+                inner: self.shared.clone(),
+                log: log.clone(),
+            })),
+            top,
+        };
+        (base, log)
     }
 
     /// Whether build `id` is in the local store (its map is there).

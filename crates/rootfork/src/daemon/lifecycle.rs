@@ -99,7 +99,8 @@ pub async fn create(core: &Core, spec: SandboxSpec) -> Result<SandboxInfo> {
         unregister(core, &sb, "its template is gone");
         return Err(DaemonError::TemplateNotFound(sb.template.clone()));
     };
-    let base = core.builds.base(template_build);
+    let (base, boot) = crate::daemon::remote::boot::base_for_create(core, template_build).await;
+    live.boot = boot;
     let r = start::serve_and_start(core, &sb, &live, base, 0, VmStart::Boot, "create").await;
     match r {
         Ok((provider, vm)) => {
@@ -186,6 +187,7 @@ pub async fn delete(core: &Core, id: &str) -> Result<bool> {
         }
     }
     live.layer = None;
+    crate::daemon::remote::boot::publish(core, live.boot.take()).await;
     let link = std::mem::take(&mut live.store);
     crate::daemon::remote::release_on_delete(core, &sb, &link).await;
     // Its layer goes with the next collection unless a fork (or its parent) still uses it.

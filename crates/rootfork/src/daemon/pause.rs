@@ -179,6 +179,7 @@ pub async fn pause(core: &Core, id: &str) -> Result<SandboxInfo> {
     if live.store.pending.is_some() {
         remote::enqueue(core, &sb);
     }
+    remote::boot::publish(core, live.boot.take()).await;
     drop(live);
     tracing::info!(
         sandbox = id,

@@ -31,6 +31,8 @@ pub struct Live {
     pub vm_state: Option<crate::daemon::snapshot::VmState>,
     /// Where it stands in the object store (`--store`).
     pub store: crate::daemon::remote::StoreLink,
+    /// Its first boot's reads of a template from the object store, being recorded.
+    pub boot: Option<crate::daemon::remote::boot::BootRecording>,
 }
 
 /// A sandbox.

@@ -10,6 +10,7 @@
 //! host at a time: a host resumes a sandbox it once held only when the store still names it as
 //! the holder.
 
+pub mod boot;
 pub mod gc;
 mod manifest;
 mod resume;

@@ -208,6 +208,12 @@ pub async fn resume_from_store(core: &Core, id: &str, wait: bool) -> Result<Opti
         }
     }
     tracing::info!(sandbox = id, from = %m.holder_host, layer = %layer.id, "took a paused sandbox over from the object store");
+    // Its template's first reads, fetched while it resumes.
+    if let Ok(t) = m.template.build.parse() {
+        if !core.builds.exists(&t) {
+            super::boot::prefetch(core, t).await;
+        }
+    }
     Ok(Some(sb))
 }
 
