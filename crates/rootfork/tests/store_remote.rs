@@ -72,6 +72,19 @@ async fn store_status(c: &mut rootfork::client::Clients, id: &str, want: &str) -
     last
 }
 
+/// `ListSandboxes(paused_in_store)`.
+async fn in_store(c: &mut rootfork::client::Clients) -> Vec<v1::Sandbox> {
+    c.sandboxes
+        .list_sandboxes(v1::ListSandboxesRequest {
+            include_deleted: false,
+            paused_in_store: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes
+}
+
 fn state_of(s: &v1::Sandbox) -> v1::SandboxState {
     v1::SandboxState::try_from(s.state).unwrap()
 }
@@ -98,16 +111,7 @@ async fn a_sandbox_paused_on_one_host_resumes_on_another() {
     );
 
     // The store lists it, paused, held by A.
-    let listed = cb
-        .sandboxes
-        .list_sandboxes(v1::ListSandboxesRequest {
-            include_deleted: false,
-            paused_in_store: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandboxes;
+    let listed = in_store(&mut cb).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].id, "mover");
     assert_eq!(state_of(&listed[0]), v1::SandboxState::Paused);
@@ -196,16 +200,7 @@ async fn a_sandbox_paused_on_one_host_resumes_on_another() {
 
     // A, the holder, deletes it: the manifest goes; B's delete of its stale copy is local.
     assert!(delete(&mut ca, "mover").await.unwrap());
-    let listed = ca
-        .sandboxes
-        .list_sandboxes(v1::ListSandboxesRequest {
-            include_deleted: false,
-            paused_in_store: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .sandboxes;
+    let listed = in_store(&mut ca).await;
     assert!(listed.is_empty(), "{listed:?}");
     assert!(delete(&mut cb, "mover").await.unwrap());
     // Gone from the store: B's resume finds only its own tombstone.

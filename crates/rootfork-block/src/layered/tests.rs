@@ -152,6 +152,19 @@ fn layers_merge_and_resolve() {
         .all(|&b| b == 0));
 }
 
+/// A layer of `runs` (data in `data`) over `parent`, on a device of `size` bytes.
+fn layer_over(
+    store: &LocalStore,
+    parent: &BuildId,
+    size: u64,
+    runs: Vec<(u64, u64, DiffSource)>,
+    data: &MemData,
+) -> BuildMap {
+    store
+        .create_layer(parent, &LayerDiff { size, runs, data })
+        .unwrap()
+}
+
 #[test]
 fn a_layer_grows_the_device_with_zeros_past_the_parent() {
     let dir = tempfile::tempdir().unwrap();
@@ -169,16 +182,7 @@ fn a_layer_grows_the_device_with_zeros_past_the_parent() {
         ],
         &[],
     );
-    let l1 = store
-        .create_layer(
-            &base.header.id,
-            &LayerDiff {
-                size: grown,
-                runs,
-                data: &data,
-            },
-        )
-        .unwrap();
+    let l1 = layer_over(&store, &base.header.id, grown, runs, &data);
     assert_eq!(l1.header.size, grown);
     let mut model = img.clone();
     model.resize(grown as usize, 0);
@@ -188,16 +192,7 @@ fn a_layer_grows_the_device_with_zeros_past_the_parent() {
     assert_eq!(read_all(&store.open(&l1.header.id).unwrap()), model);
     // A layer over the grown one keeps its size; it opens with the smaller base below.
     let (runs, data) = data_diff(&[(0, vec![8u8; BS as usize])], &[]);
-    let l2 = store
-        .create_layer(
-            &l1.header.id,
-            &LayerDiff {
-                size: grown,
-                runs,
-                data: &data,
-            },
-        )
-        .unwrap();
+    let l2 = layer_over(&store, &l1.header.id, grown, runs, &data);
     model[..BS as usize].fill(8);
     assert_eq!(read_all(&store.open(&l2.header.id).unwrap()), model);
 }
@@ -225,28 +220,10 @@ fn block_status_flags_what_the_layers_changed_against_the_base() {
         &[(3 * BS, vec![7u8; BS as usize])],
         &[(0, BS), (4 * BS, BS)],
     );
-    let l1 = store
-        .create_layer(
-            &base.header.id,
-            &LayerDiff {
-                size: grown,
-                runs,
-                data: &data,
-            },
-        )
-        .unwrap();
+    let l1 = layer_over(&store, &base.header.id, grown, runs, &data);
     // One more layer on top: the base's view goes through the whole chain.
     let (runs, data) = data_diff(&[(6 * BS, vec![8u8; BS as usize])], &[]);
-    let l2 = store
-        .create_layer(
-            &l1.header.id,
-            &LayerDiff {
-                size: grown,
-                runs,
-                data: &data,
-            },
-        )
-        .unwrap();
+    let l2 = layer_over(&store, &l1.header.id, grown, runs, &data);
     let t = store.open(&l2.header.id).unwrap();
     let want = [
         (0, Contents::Hole, true),
@@ -285,16 +262,7 @@ fn flattening_a_chain_serves_the_same_bytes_from_one_layer_over_the_base() {
             &[(at, vec![g; 3 * BS as usize])],
             &[((u64::from(g) * 5 + 30) * BS, BS)],
         );
-        let layer = store
-            .create_layer(
-                &top,
-                &LayerDiff {
-                    size: model.len() as u64,
-                    runs,
-                    data: &data,
-                },
-            )
-            .unwrap();
+        let layer = layer_over(&store, &top, model.len() as u64, runs, &data);
         model[at as usize..(at + 3 * BS) as usize].fill(g);
         let z = ((u64::from(g) * 5 + 30) * BS) as usize;
         model[z..z + BS as usize].fill(0);
