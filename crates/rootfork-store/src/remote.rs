@@ -217,6 +217,15 @@ impl RemoteStore {
         }
     }
 
+    /// `rest` under the store's prefix.
+    pub fn prefixed(&self, rest: &str) -> String {
+        if self.inner.prefix.is_empty() {
+            rest.to_owned()
+        } else {
+            format!("{}/{rest}", self.inner.prefix)
+        }
+    }
+
     /// Opens the layered template whose top build is `id`, reading lazily from the store.
     pub fn open(&self, id: &BuildId) -> LayerResult<LayeredTemplate> {
         LayeredTemplate::open(self, id)

@@ -148,6 +148,60 @@ async fn put_file(
 }
 
 impl RemoteStore {
+    /// Uploads the local file `path` as the object `key` (relative to the store's prefix):
+    /// multipart in 8 MiB parts when large. Returns its size. Blocks the calling thread.
+    pub fn upload_file(&self, key: &str, path: &std::path::Path) -> Result<u64, StoreError> {
+        let (store, key, path) = (
+            self.inner.store.clone(),
+            self.prefixed(key),
+            path.to_owned(),
+        );
+        self.bridge()
+            .run(async move { put_file(&store, &key, path, None).await })?
+    }
+
+    /// Downloads the object `key` (relative to the store's prefix) into a new file at `path`,
+    /// streaming, fsynced. Returns its size. Blocks the calling thread; a failure removes what
+    /// it wrote.
+    pub fn download_file(&self, key: &str, path: &std::path::Path) -> Result<u64, StoreError> {
+        let (store, key, path) = (
+            self.inner.store.clone(),
+            self.prefixed(key),
+            path.to_owned(),
+        );
+        let r = self.bridge().run({
+            let path = path.clone();
+            async move {
+                use tokio::io::AsyncWriteExt;
+                use tokio_stream::StreamExt;
+                let io = |e| StoreError::io(format!("writing {}", path.display()), e);
+                let got = store
+                    .get(&ObjectPath::from(key.as_str()))
+                    .await
+                    .map_err(req(format!("downloading {key}")))?;
+                let mut file = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .await
+                    .map_err(io)?;
+                let mut stream = got.into_stream();
+                let mut n = 0u64;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(req(format!("downloading {key}")))?;
+                    file.write_all(&chunk).await.map_err(io)?;
+                    n += chunk.len() as u64;
+                }
+                file.sync_all().await.map_err(io)?;
+                Ok::<_, StoreError>(n)
+            }
+        })?;
+        if r.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        r
+    }
+
     /// Uploads the template whose top build is `top` — the top build and every ancestor its
     /// mapping references that is not in the store yet, base first (ancestors whose bytes were
     /// all overwritten are never read, so they are not needed). A chain held locally must open

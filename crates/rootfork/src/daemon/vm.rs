@@ -110,13 +110,20 @@ pub async fn release(sb: &Sandbox, vm: RunningVm) {
 }
 
 /// The template `sb` is forked from, as the VMM verification compares it: its base build's data
-/// file, which a VMM must never have open.
-pub(crate) fn template_identity(core: &Core, sb: &Sandbox) -> Result<TemplateIdentity> {
-    let data = core
+/// file, which a VMM must never have open (none when the build is read from the object store
+/// only: there is no local file a VMM could open).
+pub(crate) fn template_identity(core: &Core, sb: &Sandbox) -> Result<Vec<TemplateIdentity>> {
+    let build = core
         .templates
-        .data_path(&sb.template)
+        .build(&sb.template)
         .ok_or_else(|| DaemonError::TemplateNotFound(sb.template.clone()))?;
-    TemplateIdentity::of(&TemplatePath::new(data)).map_err(|e| DaemonError::io("stat template", e))
+    if !core.builds.exists(&build) {
+        return Ok(Vec::new());
+    }
+    let data = core.builds.data_path(&build);
+    let id = TemplateIdentity::of(&TemplatePath::new(data))
+        .map_err(|e| DaemonError::io("stat template", e))?;
+    Ok(vec![id])
 }
 
 /// The provider's device, which Firecracker needs to be a block device (or file).
@@ -213,7 +220,7 @@ pub async fn boot(
             Some(vm) => vm,
             None => firecracker::launch(core).await?,
         };
-        let vm = firecracker::boot(sb, spec, &device, &[template], launched).await?;
+        let vm = firecracker::boot(sb, spec, &device, &template, launched).await?;
         sb.update(|s| s.vm_pid = vm.pid().unwrap_or(0));
         return Ok(Some(RunningVm::Firecracker(Box::new(vm))));
     }
@@ -246,7 +253,7 @@ pub async fn restore(
                 Some(vm) => vm,
                 None => firecracker::launch(core).await?,
             };
-            let vm = firecracker::restore(sb, &device, &[template], &files, launched).await?;
+            let vm = firecracker::restore(sb, &device, &template, &files, launched).await?;
             sb.update(|s| s.vm_pid = vm.pid().unwrap_or(0));
             Ok(RunningVm::Firecracker(Box::new(vm)))
         }
@@ -296,8 +303,8 @@ async fn launch(
     let (vm, genid) = tokio::task::spawn_blocking(move || {
         // The QMP socket stays while the VM runs (a restarted daemon reconnects to it).
         let r = match &state {
-            None => QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &[template]),
-            Some(state) => QemuProcess::spawn_restored(&qemu, &cfg, &log, &qmp, &[template], state),
+            None => QemuProcess::spawn_verified(&qemu, &cfg, &log, &qmp, &template),
+            Some(state) => QemuProcess::spawn_restored(&qemu, &cfg, &log, &qmp, &template, state),
         };
         if r.is_err() {
             let _ = std::fs::remove_file(&qmp);

@@ -161,7 +161,7 @@ async fn take_fc(
         },
         &rec.run_dir,
         &device,
-        &[template],
+        &template,
     )
     .await
     .map_err(|source| VmAdoptError::FcRefused {

@@ -60,15 +60,29 @@ pub struct SandboxManifest {
     pub layer: Option<String>,
     /// Pauses so far.
     pub pause_count: u32,
-    /// Whether its pause saved a running VM's memory (not moved between hosts: such a sandbox
-    /// resumes only where it was paused).
-    pub vm_state: bool,
+    /// When its pause saved a running VM's memory and device state: where those files are in
+    /// the store (complete when `paused`); another host downloads them to restore the VM.
+    pub vm_state: Option<VmStateManifest>,
     /// The holder's instance id (its state directory's identity).
     pub holder: String,
     /// The holder's host name, for people.
     pub holder_host: String,
     /// When the manifest was written.
     pub updated_unix_ms: i64,
+}
+
+/// A paused VM's saved state in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStateManifest {
+    /// The state file's key, below the prefix (QEMU's migration stream, or Firecracker's
+    /// snapshot).
+    pub state: String,
+    /// Firecracker's guest memory file's key; `None` for QEMU.
+    pub memory: Option<String>,
+    /// The files' total size.
+    pub bytes: u64,
+    /// QEMU: the machine has a VM generation ID device.
+    pub vmgenid: bool,
 }
 
 /// A template as the store knows it.
@@ -128,6 +142,12 @@ impl Keys {
     /// A sandbox's manifest.
     pub fn sandbox(&self, id: &str) -> ObjectPath {
         self.key(&format!("sandboxes/{id}.json"))
+    }
+
+    /// Where a paused sandbox's VM state files go (below the prefix; relative, as
+    /// `RemoteStore::upload_file` takes it): one directory per sandbox, one per layer in it.
+    pub fn vm_state_dir(id: &str) -> String {
+        format!("vmstate/{id}")
     }
 
     /// The directory of sandbox manifests.

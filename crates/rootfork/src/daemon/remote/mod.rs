@@ -17,7 +17,7 @@ mod resume;
 mod upload;
 mod url;
 
-pub use manifest::{Held, Keys, ManifestError, SandboxManifest, TemplateManifest};
+pub use manifest::{Held, Keys, ManifestError, SandboxManifest, TemplateManifest, VmStateManifest};
 pub use resume::{claim_for_resume, list_in_store, resume_from_store};
 pub use upload::{enqueue, release_on_delete, uploader};
 pub use url::StoreUrl;
@@ -211,10 +211,88 @@ impl Remote {
         gc::collect(&self.store, &self.keys, min_age, dry_run).await
     }
 
+    /// Removes every VM state the store holds for sandbox `id`.
+    pub async fn delete_vm_states(&self, id: &str) -> Result<(), ManifestError> {
+        let dir = Keys::vm_state_dir(id);
+        let prefix = object_store::path::Path::from(self.store.prefixed(&dir));
+        self.on_store(move |store, _| async move {
+            use tokio_stream::StreamExt;
+            let mut keys = Vec::new();
+            let mut listing = store.list(Some(&prefix));
+            while let Some(m) = listing.next().await {
+                keys.push(m?.location);
+            }
+            drop(listing);
+            for k in keys {
+                manifest::delete(store.as_ref(), &k).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Queues sandbox `id`'s pending upload.
     fn enqueue(&self, id: &str) {
         let _ = self.queue.send(id.to_owned());
     }
+}
+
+/// Uploads a paused VM's state files as the VM state of sandbox `id`'s pause at `layer`.
+/// Blocks the calling thread.
+pub fn upload_vm_state(
+    store: &RemoteStore,
+    id: &str,
+    layer: &str,
+    v: &crate::daemon::snapshot::VmState,
+) -> Result<VmStateManifest, rootfork_store::StoreError> {
+    let dir = format!("{}/{layer}", Keys::vm_state_dir(id));
+    let state = format!("{dir}/state");
+    let mut bytes = store.upload_file(&state, &v.path)?;
+    let memory = match &v.memory {
+        Some(m) => {
+            let key = format!("{dir}/memory");
+            bytes += store.upload_file(&key, m)?;
+            Some(key)
+        }
+        None => None,
+    };
+    Ok(VmStateManifest {
+        state,
+        memory,
+        bytes,
+        vmgenid: v.vmgenid,
+    })
+}
+
+/// Downloads a VM state from the store into `state` (and `memory` for Firecracker's), as
+/// this host's files of a paused sandbox. Blocks the calling thread; a failure removes what
+/// it wrote.
+pub fn download_vm_state(
+    store: &RemoteStore,
+    m: &VmStateManifest,
+    state: &std::path::Path,
+    memory: &std::path::Path,
+) -> Result<crate::daemon::snapshot::VmState, rootfork_store::StoreError> {
+    let mut bytes = store.download_file(&m.state, state)?;
+    let mem = match &m.memory {
+        Some(key) => match store.download_file(key, memory) {
+            Ok(n) => {
+                bytes += n;
+                Some(memory.to_owned())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(state);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    Ok(crate::daemon::snapshot::VmState {
+        path: state.to_owned(),
+        memory: mem,
+        bytes,
+        vmgenid: m.vmgenid,
+    })
 }
 
 /// The manifest of `sb` as this host holds it, in `state`, with `layer`.
@@ -224,7 +302,7 @@ pub(crate) fn manifest_of(
     sb: &Sandbox,
     state: Held,
     layer: Option<String>,
-    vm_state: bool,
+    vm_state: Option<VmStateManifest>,
 ) -> Result<SandboxManifest, DaemonError> {
     let t = core
         .templates

@@ -29,7 +29,7 @@ pub async fn claim_for_resume(core: &Core, sb: &Sandbox, live: &mut Live) -> Res
         return Ok(());
     }
     match remote.manifest(&sb.id).await {
-        Ok(Some(m)) if m.holder != remote.holder.id && m.state == Held::Paused && !m.vm_state => {
+        Ok(Some(m)) if m.holder != remote.holder.id && m.state == Held::Paused => {
             // Another host took it over and paused it again: this host's copy is stale; it
             // takes the store's over instead.
             take_back(core, remote, sb, live, m).await?;
@@ -44,7 +44,7 @@ pub async fn claim_for_resume(core: &Core, sb: &Sandbox, live: &mut Live) -> Res
     }
     // (Naming the layer it runs on: the store keeps that chain while it runs.)
     let on = live.layer.as_ref().map(|l| l.id.to_string());
-    let running = manifest_of(core, remote, sb, Held::Running, on, false)?;
+    let running = manifest_of(core, remote, sb, Held::Running, on, None)?;
     remote
         .put_manifest(running)
         .await
@@ -81,18 +81,61 @@ async fn take_back(
         ..m.clone()
     };
     take_over(core, remote, claim).await?;
+    // This host's VM state of its older pause is stale: the store's replaces it.
+    for f in live
+        .vm_state
+        .take()
+        .iter()
+        .flat_map(|v| v.files().cloned().collect::<Vec<_>>())
+    {
+        crate::daemon::shared::release_and_remove(&core.shared, &f, &sb.id);
+        live.files.retain(|x| x != &f);
+    }
+    if let Some(vm) = &m.vm_state {
+        let v = fetch_vm_state(core, remote, &sb.id, live, vm).await?;
+        live.files.extend(v.files().cloned());
+        live.vm_state = Some(v);
+    }
     live.layer = Some(layer.clone());
-    live.vm_state = None;
     live.store.published = false;
     core.builds.track(&sb.id, Some(layer.id));
+    let vm_bytes = live.vm_state.as_ref().map_or(0, |v| v.bytes);
     sb.update(|s| {
         s.pause_count = m.pause_count;
         s.paused_diff_bytes = layer.diff_bytes;
-        s.vm_state_bytes = 0;
+        s.vm_state_bytes = vm_bytes;
         s.store_status = format!("taken back from host {}", m.holder_host);
     });
     tracing::info!(sandbox = %sb.id, from = %m.holder_host, layer = %layer.id, "took a sandbox back from the object store (this host's pause of it was older)");
     Ok(())
+}
+
+/// Downloads a VM state from the store into this host's pause directory, as files of sandbox
+/// `id` (named by its next generation, like a pause's own).
+async fn fetch_vm_state(
+    core: &Core,
+    remote: &Remote,
+    id: &str,
+    live: &mut Live,
+    vm: &super::VmStateManifest,
+) -> Result<crate::daemon::snapshot::VmState> {
+    let (state, memory) = if vm.memory.is_some() {
+        (
+            crate::daemon::snapshot::next_file(core, id, live, "fcstate"),
+            crate::daemon::snapshot::next_file(core, id, live, "fcmem"),
+        )
+    } else {
+        let p = crate::daemon::snapshot::next_file(core, id, live, "vmstate");
+        (p.clone(), p.with_extension("unused"))
+    };
+    for p in [&state, &memory] {
+        let _ = std::fs::remove_file(p);
+    }
+    let (store, vm) = (remote.store.clone(), vm.clone());
+    tokio::task::spawn_blocking(move || super::download_vm_state(&store, &vm, &state, &memory))
+        .await
+        .map_err(|e| DaemonError::task("downloading the VM state", e))?
+        .map_err(|e| DaemonError::StoreUnavailable(format!("downloading the VM state: {e}")))
 }
 
 fn held_elsewhere(m: &SandboxManifest) -> DaemonError {
@@ -143,12 +186,6 @@ pub async fn resume_from_store(core: &Core, id: &str, wait: bool) -> Result<Opti
             Held::Running => return Err(held_elsewhere(&m)),
         }
     };
-    if m.vm_state {
-        return Err(DaemonError::NoMove(format!(
-            "sandbox {id:?} was paused with its VM's memory, which stays on host {}: resume it there",
-            m.holder_host
-        )));
-    }
     let kind = provider_kind(&m.provider)
         .ok_or_else(|| DaemonError::NoMove(format!("unknown provider {:?}", m.provider)))?;
     let layer_id = m
@@ -189,6 +226,22 @@ pub async fn resume_from_store(core: &Core, id: &str, wait: bool) -> Result<Opti
         live.generation = 1;
         live.store.manifest = true;
         live.store.published = true;
+        if let Some(vm) = &m.vm_state {
+            // The paused VM's memory and devices, to restore it here.
+            match fetch_vm_state(core, remote, &sb.id, &mut live, vm).await {
+                Ok(v) => {
+                    live.files.extend(v.files().cloned());
+                    let bytes = v.bytes;
+                    live.vm_state = Some(v);
+                    sb.update(|s| s.vm_state_bytes = bytes);
+                }
+                Err(e) => {
+                    drop(live);
+                    let _ = remote.put_manifest(m).await;
+                    return Err(e);
+                }
+            }
+        }
         sb.update(|s| {
             s.state = SandboxState::Paused;
             s.pause_count = m.pause_count;

@@ -82,7 +82,7 @@ async fn upload_one(core: &Core, remote: &Remote, id: &str) -> Result<(), String
     let Some(sb) = core.lookup(id) else {
         return Ok(());
     };
-    let (layer, uploading) = {
+    let (layer, uploading, vm) = {
         let live = sb.live.lock().await;
         let Some(layer) = live.store.pending.clone() else {
             return Ok(());
@@ -96,10 +96,10 @@ async fn upload_one(core: &Core, remote: &Remote, id: &str) -> Result<(), String
             &sb,
             Held::Uploading,
             Some(layer.clone()),
-            live.vm_state.is_some(),
+            None,
         )
         .map_err(|e| e.to_string())?;
-        (layer, m)
+        (layer, m, live.vm_state.clone())
     };
     let top: BuildId = layer.parse().map_err(|e| format!("layer {layer}: {e}"))?;
     sb.update(|s| s.store_status = "uploading".into());
@@ -114,11 +114,31 @@ async fn upload_one(core: &Core, remote: &Remote, id: &str) -> Result<(), String
             let _ = persist::save(core, &sb, &live, record_state(&sb));
         }
     }
+    // The VM states of earlier pauses are of no use once this host holds it uploading.
+    remote
+        .delete_vm_states(id)
+        .await
+        .map_err(|e| e.to_string())?;
     let (store, local) = (remote.store.clone(), core.builds.store().clone());
     let report = tokio::task::spawn_blocking(move || store.upload(&local, &top))
         .await
         .map_err(|e| format!("the upload task failed: {e}"))?
         .map_err(|e| e.to_string())?;
+    let vm_manifest = match vm {
+        Some(v) => {
+            let (store_id, layer2) = (id.to_owned(), layer.clone());
+            let up = remote.store.clone();
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    super::upload_vm_state(&up, &store_id, &layer2, &v)
+                })
+                .await
+                .map_err(|e| format!("the upload task failed: {e}"))?
+                .map_err(|e| format!("uploading the VM state: {e}"))?,
+            )
+        }
+        None => None,
+    };
     if let Some(t) = core.templates.get(&sb.template) {
         let m = super::TemplateManifest {
             name: t.name.clone(),
@@ -136,7 +156,7 @@ async fn upload_one(core: &Core, remote: &Remote, id: &str) -> Result<(), String
         // Resumed here (or paused again) meanwhile: this host holds it running.
         if sb.state() != SandboxState::Paused && sb.state() != SandboxState::Deleted {
             let on = live.layer.as_ref().map(|l| l.id.to_string());
-            let m = manifest_of(core, remote, &sb, Held::Running, on, false)
+            let m = manifest_of(core, remote, &sb, Held::Running, on, None)
                 .map_err(|e| e.to_string())?;
             remote.put_manifest(m).await.map_err(|e| e.to_string())?;
         }
@@ -148,7 +168,7 @@ async fn upload_one(core: &Core, remote: &Remote, id: &str) -> Result<(), String
         &sb,
         Held::Paused,
         Some(layer.clone()),
-        live.vm_state.is_some(),
+        vm_manifest,
     )
     .map_err(|e| e.to_string())?;
     remote
@@ -198,6 +218,9 @@ pub async fn release_on_delete(core: &Core, sb: &Sandbox, link: &super::StoreLin
         Ok(Some(m)) if m.holder == remote.holder.id => {
             if let Err(e) = remote.delete_manifest(&sb.id).await {
                 tracing::warn!(sandbox = %sb.id, "removing its manifest from the object store: {e}");
+            }
+            if let Err(e) = remote.delete_vm_states(&sb.id).await {
+                tracing::warn!(sandbox = %sb.id, "removing its VM states from the object store: {e}");
             }
         }
         Ok(_) => {}
