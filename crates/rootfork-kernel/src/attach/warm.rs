@@ -281,7 +281,10 @@ impl WarmSlot {
         // `BLKFLSBUF` skips locked pages, so the zeroes would land after the flush. Let those
         // reads finish first.
         attachment.settle_reads_before(Instant::now());
-        attachment.flush()?;
+        // Unbound, the device refused every write: nothing needs to be made durable, so no
+        // `fsync` (an `NBD_CMD_FLUSH` round trip through the dispatcher to the new overlay),
+        // only the page cache dropped.
+        attachment.drop_cache()?;
         attachment.rename(sandbox);
         if let Some(cache) = cache {
             attachment.record_cache(cache);

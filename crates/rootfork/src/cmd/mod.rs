@@ -1,5 +1,6 @@
 //! One module per subcommand; each has an `Args` (clap) and a `run`.
 
+pub mod attach_reclaim;
 pub mod client_opts;
 pub mod completions;
 pub mod device;
@@ -10,6 +11,7 @@ pub mod nbd_list;
 pub mod nbd_reclaim;
 pub mod nbd_serve;
 pub mod output;
+pub mod phase_profile;
 pub mod sandbox;
 pub mod serve;
 pub mod template;
