@@ -62,9 +62,11 @@ enum NbdCommand {
 }
 
 /// `rootfork nbd attach` alone, parsed by a parser of its own arguments: building the whole
-/// command tree (every subcommand's arguments and help) is about a third of the attach's start-up
-/// under a slow CPU (the TCG test VM: ~40 ms), and an attach is timed from its spawn. The
-/// arguments, their environment variables and messages are the same `cmd::nbd_attach::Args`.
+/// command tree (every subcommand's arguments and help) was about a third of the attach's
+/// start-up under a slow CPU (the TCG test VM: ~40 ms), and an attach is timed from its spawn.
+/// Its usual argument lists are read without clap at all (`cmd::nbd_attach_argv`); the rest
+/// goes through this parser. The arguments, their environment variables and messages are the
+/// same `cmd::nbd_attach::Args`.
 #[derive(Debug, Parser)]
 #[command(
     name = "rootfork nbd attach",
@@ -98,7 +100,11 @@ where
     if argv.next()? != "nbd" || argv.next()? != "attach" {
         return None;
     }
-    let rest = std::iter::once(std::ffi::OsString::from("rootfork nbd attach")).chain(argv);
+    let rest: Vec<std::ffi::OsString> = argv.collect();
+    if let Some(args) = cmd::nbd_attach_argv::parse(&rest) {
+        return Some(Ok(args));
+    }
+    let rest = std::iter::once(std::ffi::OsString::from("rootfork nbd attach")).chain(rest);
     Some(AttachCli::try_parse_from(rest).map(|c| c.args))
 }
 

@@ -1,5 +1,6 @@
-//! `rootfork nbd attach`'s own parser (main.rs `parse_attach`) against the full command tree:
-//! the same commands reach it, with the same arguments, values and errors.
+//! `rootfork nbd attach`'s own parsers (main.rs `parse_attach`: the direct reading of
+//! `cmd::nbd_attach_argv`, else the attach-only clap parser) against the full command tree: the
+//! same commands reach them, with the same arguments, values and errors.
 
 use std::ffi::OsString;
 
@@ -62,6 +63,18 @@ fn the_short_parser_reads_what_the_full_one_reads() {
             "i-1",
             "--no-reclaim",
         ],
+        &[
+            "rootfork",
+            "nbd",
+            "attach",
+            "--no-reclaim",
+            "--connections",
+            "+2",
+            "--template",
+            "t",
+        ],
+        &["rootfork", "nbd", "attach", "--template=/t.img", "--timeout=0"],
+        &["rootfork", "nbd", "attach", "--template", "t", "--sandbox", ""],
     ] {
         let short = parse_attach(argv(words))
             .expect("an attach")
@@ -86,6 +99,14 @@ fn the_short_parser_refuses_what_the_full_one_refuses() {
         ],
         &["rootfork", "nbd", "attach", "--template", "t", "--bogus"],
         &["rootfork", "nbd", "attach", "--template", "t", "extra"],
+        &["rootfork", "nbd", "attach", "--template", "a", "--template", "b"],
+        &["rootfork", "nbd", "attach", "--template", "t", "--no-reclaim", "--no-reclaim"],
+        &["rootfork", "nbd", "attach", "--template", "t", "--connections", "4294967296"],
+        &["rootfork", "nbd", "attach", "--template", "t", "--timeout", "-1"],
+        &["rootfork", "nbd", "attach", "--template", "t", "--sandbox"],
+        &["rootfork", "nbd", "attach", "--template", "t", "--help"],
+        &["rootfork", "nbd", "attach", "--no-reclaim"],
+        &["rootfork", "nbd", "attach", "--template", ""],
     ] {
         let short = parse_attach(argv(words))
             .expect("an attach")
@@ -117,4 +138,28 @@ fn the_short_parser_has_the_same_arguments_and_about() {
         short.get_about().map(|a| a.to_string()),
         attach.get_about().map(|a| a.to_string())
     );
+}
+
+#[test]
+fn usual_argument_lists_skip_clap_and_odd_ones_do_not() {
+    use super::cmd::nbd_attach_argv::parse;
+    for words in [
+        &["--template", "/t.img"][..],
+        &["--template", "/t.img", "--sandbox", "bench", "--connections", "2"],
+        &["--no-reclaim", "--template", "t", "--instance", "x", "--block-size", "4096"],
+    ] {
+        assert!(parse(&argv(words)).is_some(), "{words:?}");
+    }
+    for words in [
+        &[][..],
+        &["--template=/t.img"],
+        &["--template", "t", "--help"],
+        &["--template", "t", "-h"],
+        &["--template", "t", "--sandbox", "-x"],
+        &["--template", "t", "--connections", "many"],
+        &["--template", "t", "--", "x"],
+        &["t"],
+    ] {
+        assert!(parse(&argv(words)).is_none(), "{words:?}");
+    }
 }

@@ -7,6 +7,7 @@ pub mod device;
 pub mod events;
 pub mod generate;
 pub mod nbd_attach;
+pub mod nbd_attach_argv;
 pub mod nbd_list;
 pub mod nbd_reclaim;
 pub mod nbd_serve;

@@ -30,6 +30,7 @@ use rootfork_kernel::{
 use rootfork_nbd::ServeOptions;
 
 use super::attach_reclaim;
+use super::nbd_attach_argv::{DEFAULT_CACHE_DIR, DEFAULT_LOCK_DIR};
 use super::phase_profile::mark;
 
 /// Arguments of `rootfork nbd attach`.
@@ -45,14 +46,10 @@ pub struct Args {
     #[arg(long)]
     pub sandbox: Option<String>,
     /// Directory for the overlay's cache file.
-    #[arg(long, env = "ROOTFORK_CACHE_DIR", default_value = "/var/tmp/rootfork")]
+    #[arg(long, env = "ROOTFORK_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
     /// Directory of the host-wide slot lock files (the same for every rootfork on the host).
-    #[arg(
-        long,
-        env = "ROOTFORK_NBD_LOCK_DIR",
-        default_value = "/run/rootfork/nbd"
-    )]
+    #[arg(long, env = "ROOTFORK_NBD_LOCK_DIR", default_value = DEFAULT_LOCK_DIR)]
     pub lock_dir: PathBuf,
     /// The kernel's request timeout in seconds.
     #[arg(long, default_value_t = 30)]
