@@ -73,8 +73,22 @@ fn the_short_parser_reads_what_the_full_one_reads() {
             "--template",
             "t",
         ],
-        &["rootfork", "nbd", "attach", "--template=/t.img", "--timeout=0"],
-        &["rootfork", "nbd", "attach", "--template", "t", "--sandbox", ""],
+        &[
+            "rootfork",
+            "nbd",
+            "attach",
+            "--template=/t.img",
+            "--timeout=0",
+        ],
+        &[
+            "rootfork",
+            "nbd",
+            "attach",
+            "--template",
+            "t",
+            "--sandbox",
+            "",
+        ],
     ] {
         let short = parse_attach(argv(words))
             .expect("an attach")
@@ -99,10 +113,42 @@ fn the_short_parser_refuses_what_the_full_one_refuses() {
         ],
         &["rootfork", "nbd", "attach", "--template", "t", "--bogus"],
         &["rootfork", "nbd", "attach", "--template", "t", "extra"],
-        &["rootfork", "nbd", "attach", "--template", "a", "--template", "b"],
-        &["rootfork", "nbd", "attach", "--template", "t", "--no-reclaim", "--no-reclaim"],
-        &["rootfork", "nbd", "attach", "--template", "t", "--connections", "4294967296"],
-        &["rootfork", "nbd", "attach", "--template", "t", "--timeout", "-1"],
+        &[
+            "rootfork",
+            "nbd",
+            "attach",
+            "--template",
+            "a",
+            "--template",
+            "b",
+        ],
+        &[
+            "rootfork",
+            "nbd",
+            "attach",
+            "--template",
+            "t",
+            "--no-reclaim",
+            "--no-reclaim",
+        ],
+        &[
+            "rootfork",
+            "nbd",
+            "attach",
+            "--template",
+            "t",
+            "--connections",
+            "4294967296",
+        ],
+        &[
+            "rootfork",
+            "nbd",
+            "attach",
+            "--template",
+            "t",
+            "--timeout",
+            "-1",
+        ],
         &["rootfork", "nbd", "attach", "--template", "t", "--sandbox"],
         &["rootfork", "nbd", "attach", "--template", "t", "--help"],
         &["rootfork", "nbd", "attach", "--no-reclaim"],
@@ -145,8 +191,23 @@ fn usual_argument_lists_skip_clap_and_odd_ones_do_not() {
     use super::cmd::nbd_attach_argv::parse;
     for words in [
         &["--template", "/t.img"][..],
-        &["--template", "/t.img", "--sandbox", "bench", "--connections", "2"],
-        &["--no-reclaim", "--template", "t", "--instance", "x", "--block-size", "4096"],
+        &[
+            "--template",
+            "/t.img",
+            "--sandbox",
+            "bench",
+            "--connections",
+            "2",
+        ],
+        &[
+            "--no-reclaim",
+            "--template",
+            "t",
+            "--instance",
+            "x",
+            "--block-size",
+            "4096",
+        ],
     ] {
         assert!(parse(&argv(words)).is_some(), "{words:?}");
     }

@@ -97,9 +97,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     mark("cache_dir");
     let pool = DevicePool::new(PoolConfig {
         lock_dir: args.lock_dir.clone(),
-        identity: identity.clone(),
         cache_dir: Some(args.cache_dir.clone()),
-        ..PoolConfig::default()
+        ..PoolConfig::with_identity(identity.clone())
     });
     pool.check_lock_dir().context("the lock directory")?;
     mark("lock_dir");
