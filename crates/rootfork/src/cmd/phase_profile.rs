@@ -16,8 +16,11 @@ pub const ENABLE_VAR: &str = "ROOTFORK_PHASE_PROFILE";
 /// The environment variable with the caller's spawn time (`CLOCK_MONOTONIC`, nanoseconds).
 pub const T0_VAR: &str = "ROOTFORK_PHASE_T0_NS";
 
-fn marks() -> Option<&'static Mutex<Vec<(&'static str, u128)>>> {
-    static MARKS: OnceLock<Option<Mutex<Vec<(&'static str, u128)>>>> = OnceLock::new();
+/// The phases marked so far: name and `CLOCK_MONOTONIC` nanoseconds.
+type Marks = Mutex<Vec<(&'static str, u128)>>;
+
+fn marks() -> Option<&'static Marks> {
+    static MARKS: OnceLock<Option<Marks>> = OnceLock::new();
     MARKS
         .get_or_init(|| {
             std::env::var_os(ENABLE_VAR)
