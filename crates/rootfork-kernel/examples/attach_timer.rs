@@ -18,7 +18,8 @@
 //!   command) has exited and the device is quiescent again (no `pid`, `size` 0).
 //!
 //! This process is a child subreaper, so servers that daemonize (qemu-nbd -c, nbdkit) are reaped
-//! here, not left as zombies. Prints `CYCLE device=… attach_us=… detach_us=…`; exits non-zero
+//! here, not left as zombies. Prints `CYCLE device=… attach_us=… detach_us=… seen_us=…` (`seen_us`:
+//! when the device was known — the printed line read, or at once with `--device`); exits non-zero
 //! with a message on any failure or when a step takes longer than `--timeout-secs`.
 
 use std::fs::{File, OpenOptions};
@@ -103,6 +104,22 @@ fn reap_orphans() {
     }
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds (0 if unreadable).
+fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
+/// Spawns `sh -c CMD` with `ROOTFORK_PHASE_T0_NS` set to the monotonic time just before the
+/// spawn (a rootfork profiling with `ROOTFORK_PHASE_PROFILE=1` reports its phases from it;
+/// every other server ignores it).
 fn spawn_shell(cmd: &str, stdout: Option<&Path>) -> Result<Child, String> {
     let out = match stdout {
         Some(path) => {
@@ -113,6 +130,7 @@ fn spawn_shell(cmd: &str, stdout: Option<&Path>) -> Result<Child, String> {
     Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
+        .env("ROOTFORK_PHASE_T0_NS", monotonic_ns().to_string())
         .stdout(out)
         .spawn()
         .map_err(|e| format!("spawn sh -c {cmd}: {e}"))
@@ -225,6 +243,7 @@ fn run(args: Args) -> Result<(), String> {
         deadline.check()?;
         sleep(POLL);
     };
+    let seen_us = start.elapsed().as_micros();
     let dir = sysfs_dir(&device)?;
     while !(connected(&dir) && reads_first_block(&device, buf)) {
         child_failed(child.get())?;
@@ -264,7 +283,7 @@ fn run(args: Args) -> Result<(), String> {
     let detach_us = start.elapsed().as_micros();
     reap_orphans();
     println!(
-        "CYCLE device={} attach_us={attach_us} detach_us={detach_us}",
+        "CYCLE device={} attach_us={attach_us} detach_us={detach_us} seen_us={seen_us}",
         device.display()
     );
     Ok(())

@@ -58,7 +58,7 @@ use crate::pause::{BaseImage, PausedDisk};
 use crate::provider::{Provider, ProviderKind};
 use crate::readiness::{Readiness, State};
 use crate::socket::DeviceWrapper;
-use crate::warm::WarmSource;
+use crate::warm::{TakenGuard, WarmDevice, WarmSource};
 
 /// Maps a slot index to its device node; `/dev/nbdN` except under a fake kernel in tests.
 pub type NodePath = Arc<dyn Fn(u32) -> PathBuf + Send + Sync>;
@@ -434,7 +434,9 @@ impl KernelProvider {
         }
     }
 
-    async fn attach(plan: AttachPlan) -> Result<(Running, ReadyDevice)> {
+    /// The background attach: the running attachment, its verified device, and the guard of a
+    /// warm device taken for it (to drop once the provider is marked ready).
+    async fn attach(plan: AttachPlan) -> Result<(Running, ReadyDevice, Option<TakenGuard>)> {
         let AttachPlan {
             config,
             attacher,
@@ -445,6 +447,7 @@ impl KernelProvider {
             adopt,
             reopened,
         } = plan;
+        let t0 = std::time::Instant::now();
         let cfg = config.clone();
         let reopen = adopt.is_some();
         let (overlay, report) =
@@ -462,6 +465,7 @@ impl KernelProvider {
             .await
             .map_err(|e| ProviderError::Task(e.to_string()))??;
         *lock(&reopened) = report;
+        stage_done("overlay", t0);
         let mut device: Arc<dyn BlockDevice> = overlay.clone();
         if let Some(w) = wrap {
             device = (w.0)(device);
@@ -469,13 +473,21 @@ impl KernelProvider {
         let warm = warm
             .filter(|_| !fault_injection && adopt.is_none())
             .and_then(|source| source.take(device.size()));
+        // Dropped (the stock told to refill) once the provider is ready, or on an error here.
+        let mut taken = None;
         let (serving, attachment) = match warm {
-            Some(w) => {
+            Some(WarmDevice {
+                slot,
+                dispatcher,
+                taken: guard,
+            }) => {
+                taken = guard;
+                stage_done("warm_taken", t0);
                 let attachment =
-                    w.slot
-                        .bind_with_cache(device, &config.attach.sandbox, Some(&config.cache))?;
+                    slot.bind_with_cache(device, &config.attach.sandbox, Some(&config.cache))?;
+                stage_done("warm_bound", t0);
                 let serving = Arc::new(Serving {
-                    dispatcher: w.dispatcher,
+                    dispatcher,
                     sockets: None,
                 });
                 (serving, attachment)
@@ -496,6 +508,7 @@ impl KernelProvider {
         };
         let index = attachment.index();
         let ready = ReadyDevice::verify(DevicePath::new(node_path(index)))?;
+        stage_done("verified", t0);
         Ok((
             Running {
                 overlay,
@@ -504,8 +517,19 @@ impl KernelProvider {
                 attachment: Some(attachment),
             },
             ready,
+            taken,
         ))
     }
+}
+
+/// A debug event at the end of a stage of the background attach, with the time since it began
+/// (for profiling create-to-ready: `RUST_LOG=rootfork_provider::kernel=debug`).
+fn stage_done(stage: &'static str, since: std::time::Instant) {
+    tracing::debug!(
+        stage,
+        elapsed_us = since.elapsed().as_micros() as u64,
+        "kernel provider stage done"
+    );
 }
 
 impl Provider for KernelProvider {
@@ -522,9 +546,10 @@ impl Provider for KernelProvider {
         let (readiness, running) = (self.readiness.clone(), self.running.clone());
         self.task = Some(tokio::spawn(async move {
             match Self::attach(plan).await {
-                Ok((r, ready)) => {
+                Ok((r, ready, taken)) => {
                     *lock(&running) = Some(r);
                     readiness.set(State::Ready(ready));
+                    drop(taken);
                 }
                 Err(e) => {
                     tracing::warn!("kernel provider attach failed: {e}");

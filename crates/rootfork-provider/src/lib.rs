@@ -32,4 +32,4 @@ pub use pause::{BaseImage, BuildSource, PausedDisk};
 pub use provider::{Provider, ProviderKind};
 pub use readiness::{Readiness, State};
 pub use socket::{DeviceWrapper, SocketConfig, SocketProvider};
-pub use warm::{WarmDevice, WarmSource};
+pub use warm::{TakenGuard, WarmDevice, WarmSource};

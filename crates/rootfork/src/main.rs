@@ -3,6 +3,8 @@
 //! (`nbd serve|attach|list|reclaim`).
 
 mod cmd;
+#[cfg(test)]
+mod main_tests;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -53,13 +55,60 @@ enum Command {
 enum NbdCommand {
     /// Serve a fresh copy-on-write overlay of a template over NBD (Unix socket, optionally TCP).
     Serve(cmd::nbd_serve::Args),
-    /// Attach a fresh overlay of a template to a free /dev/nbdN and serve it until signalled.
+    #[command(about = ATTACH_ABOUT)]
     Attach(cmd::nbd_attach::Args),
     /// List the kernel's /dev/nbdN slots and their state.
     List(cmd::nbd_list::Args),
     /// Disconnect rootfork devices whose owner is gone (another instance's only after its
     /// dead_conn_timeout, unless --force).
     Reclaim(cmd::nbd_reclaim::Args),
+}
+
+/// `rootfork nbd attach` alone, parsed by a parser of its own arguments: building the whole
+/// command tree (every subcommand's arguments and help) was about a third of the attach's
+/// start-up under a slow CPU (the TCG test VM: ~40 ms), and an attach is timed from its spawn.
+/// Its usual argument lists are read without clap at all (`cmd::nbd_attach_argv`); the rest
+/// goes through this parser. The arguments, their environment variables and messages are the
+/// same `cmd::nbd_attach::Args`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "rootfork nbd attach",
+    bin_name = "rootfork nbd attach",
+    about = ATTACH_ABOUT
+)]
+struct AttachCli {
+    #[command(flatten)]
+    args: cmd::nbd_attach::Args,
+}
+
+const ATTACH_ABOUT: &str =
+    "Attach a fresh overlay of a template to a free /dev/nbdN and serve it until signalled.";
+
+/// The arguments of `rootfork nbd attach …` when `argv` is that command (exits with clap's
+/// message on bad arguments, like the full parser); `None` for every other command.
+fn attach_args<I>(argv: I) -> Option<cmd::nbd_attach::Args>
+where
+    I: IntoIterator<Item = std::ffi::OsString>,
+{
+    parse_attach(argv).map(|r| r.unwrap_or_else(|e| e.exit()))
+}
+
+/// [`attach_args`] without the exit: `None` for another command, else the parse.
+fn parse_attach<I>(argv: I) -> Option<Result<cmd::nbd_attach::Args, clap::Error>>
+where
+    I: IntoIterator<Item = std::ffi::OsString>,
+{
+    let mut argv = argv.into_iter();
+    let _bin = argv.next();
+    if argv.next()? != "nbd" || argv.next()? != "attach" {
+        return None;
+    }
+    let rest: Vec<std::ffi::OsString> = argv.collect();
+    if let Some(args) = cmd::nbd_attach_argv::parse(&rest) {
+        return Some(Ok(args));
+    }
+    let rest = std::iter::once(std::ffi::OsString::from("rootfork nbd attach")).chain(rest);
+    Some(AttachCli::try_parse_from(rest).map(|c| c.args))
 }
 
 /// Whether `command` is a short-lived client whose output may go to a pipe that closes early
@@ -84,7 +133,15 @@ fn restore_default_sigpipe() {
 }
 
 fn main() -> std::process::ExitCode {
+    cmd::phase_profile::mark("main");
+    if let Some(args) = attach_args(std::env::args_os()) {
+        cmd::phase_profile::mark("parsed");
+        cmd::init_logging();
+        cmd::phase_profile::mark("logging");
+        return exit_code(cmd::nbd_attach::run(args));
+    }
     let cli = Cli::parse();
+    cmd::phase_profile::mark("parsed");
     if prints_for_a_pipe(&cli.command) {
         restore_default_sigpipe();
     }
@@ -99,6 +156,7 @@ fn main() -> std::process::ExitCode {
         Command::Store(c) => cmd::store::run(c),
         Command::Nbd(n) => {
             cmd::init_logging();
+            cmd::phase_profile::mark("logging");
             match n {
                 NbdCommand::Serve(args) => cmd::nbd_serve::run(args),
                 NbdCommand::Attach(args) => cmd::nbd_attach::run(args),
@@ -107,6 +165,11 @@ fn main() -> std::process::ExitCode {
             }
         }
     };
+    exit_code(result)
+}
+
+/// Success, or the error's chain on stderr and a failure status.
+fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

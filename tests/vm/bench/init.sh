@@ -10,13 +10,21 @@
 #
 # Kernel command line (set by scripts/bench-kernel): BENCH_TESTS, BENCH_SERVERS,
 # BENCH_ATTACH_SERVERS (comma lists), BENCH_RUNTIME (fio seconds per run), BENCH_RUNS (rounds),
-# BENCH_ATTACH_N (attach cycles per server), BENCH_SIZE_MIB (template size).
+# BENCH_ATTACH_N (attach cycles per server), BENCH_SIZE_MIB (template size); BENCH_TESTS=none
+# runs no fio test (attach timing only); BENCH_PROFILE=1 runs rootfork with
+# ROOTFORK_PHASE_PROFILE=1 and the attach's stage events (RUST_LOG) and prints one `PROFILE` line
+# per cycle: its phases (ms from the spawn), the attach's stages (att_*_us, from the attach's
+# start) and the timer's `CYCLE` fields.
 . /lib/guest-lib.sh
 guest_setup vmbench
 export ROOTFORK_HOST_ID=vmbench RUST_LOG=${RUST_LOG:-warn}
 guest_insmod_nbd 16
 
 TESTS=$(echo "${BENCH_TESTS:-randread-j1,randwrite-j1}" | tr , ' ')
+[ "$TESTS" = none ] && TESTS=
+if [ "${BENCH_PROFILE:-0}" = 1 ]; then
+  export ROOTFORK_PHASE_PROFILE=1 RUST_LOG=warn,rootfork_kernel::attach=debug
+fi
 SERVERS=$(echo "${BENCH_SERVERS:-rootfork-c1,qemu-nbd,nbdkit-cow4k-c1}" | tr , ' ')
 RUNTIME=${BENCH_RUNTIME:-2}
 RUNS=${BENCH_RUNS:-1}
@@ -184,6 +192,7 @@ while [ "$cycle" -le "$ATTACH_N" ]; do
        fi >$W/cycle 2>$W/cycle.err; then
       sed -n 's/.*attach_us=\([0-9]*\).*/\1/p' $W/cycle >>$W/att-$s
       sed -n 's/.*detach_us=\([0-9]*\).*/\1/p' $W/cycle >>$W/det-$s
+      [ -n "$ROOTFORK_PHASE_PROFILE" ] && echo "PROFILE server=$s cycle=$cycle $(grep -h '^PHASES' $W/cycle.err) $(sed -n 's/.*stage="\([a-z_]*\)" elapsed_us=\([0-9]*\).*/att_\1_us=\2/p' $W/cycle.err | tr '\n' ' ')$(cat $W/cycle)"
     else
       cat $W/cycle.err; fail "attach-$s-$cycle" "attach_timer"
       # Whatever the failed cycle left attached is detached before the next.

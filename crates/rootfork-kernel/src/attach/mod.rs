@@ -201,6 +201,7 @@ impl Attacher {
             };
             let index = lease.index();
             record_in_claim(&mut lease, opts)?;
+            stage_done(index, "claimed", started);
             stage_boundary().await;
 
             // 2. Socketpairs, 3. dispatchers on our ends.
@@ -213,6 +214,7 @@ impl Attacher {
                     .push(dispatcher.spawn(ours).map_err(AttachError::Dispatch)?);
                 kernel_ends.push(kernels);
             }
+            stage_done(index, "dispatching", started);
             stage_boundary().await;
 
             // 4. Connect. From here on the device may be connected: the guard disconnects on
@@ -254,6 +256,7 @@ impl Attacher {
             }
         };
         let index = lease.index();
+        stage_done(index, "connected", started);
         drop(skipped);
         // The kernel holds its own references to its ends now.
         drop(kernel_ends);
@@ -284,6 +287,7 @@ impl Attacher {
                 got: seen.size_sectors * 512,
             });
         }
+        stage_done(index, "seen_in_sysfs", started);
         stage_boundary().await;
 
         // 7. Open and keep the device fd.
@@ -291,6 +295,7 @@ impl Attacher {
             .nodes
             .open(index)
             .map_err(|source| AttachError::Open { index, source })?;
+        stage_done(index, "opened", started);
         lease.set_connected(true);
         Ok(Attachment {
             index,
@@ -309,6 +314,17 @@ impl Attacher {
             quiesce_wait: opts.quiesce_wait,
         })
     }
+}
+
+/// A debug event at the end of an attach stage, with the time since the attach began (for
+/// profiling: `RUST_LOG=rootfork_kernel::attach=debug`).
+fn stage_done(index: u32, stage: &'static str, started: Instant) {
+    tracing::debug!(
+        index,
+        stage,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "attach stage done"
+    );
 }
 
 /// A connected `/dev/nbdN` served by dispatchers. Dropping it disconnects and releases the slot;
@@ -404,6 +420,16 @@ impl Attachment {
     pub fn flush(&self) -> Result<(), AttachError> {
         self.nodes
             .flush(self.file())
+            .map_err(|source| AttachError::Flush {
+                index: self.index,
+                source,
+            })
+    }
+
+    /// `BLKFLSBUF` of the device fd alone (see [`DeviceNodes::drop_cache`]).
+    pub(crate) fn drop_cache(&self) -> Result<(), AttachError> {
+        self.nodes
+            .drop_cache(self.file())
             .map_err(|source| AttachError::Flush {
                 index: self.index,
                 source,

@@ -46,6 +46,12 @@ pub trait DeviceNodes: Send + Sync {
     fn open(&self, index: u32) -> io::Result<File>;
     /// Makes completed writes durable and drops cached pages: `fsync`, then `BLKFLSBUF`.
     fn flush(&self, file: &File) -> io::Result<()>;
+    /// Drops cached pages (writing back dirty ones first) without asking the device to make
+    /// anything durable: `BLKFLSBUF` alone (no `NBD_CMD_FLUSH` round trip). For a warm slot's
+    /// bind, where the device never accepted a write. By default [`DeviceNodes::flush`].
+    fn drop_cache(&self, file: &File) -> io::Result<()> {
+        self.flush(file)
+    }
 }
 
 /// The host's `/dev/nbdN` nodes.
@@ -65,6 +71,12 @@ impl DeviceNodes for HostNodes {
     fn flush(&self, file: &File) -> io::Result<()> {
         // Writeback errors of the block device surface here.
         file.sync_all()?;
+        self.drop_cache(file)
+    }
+
+    fn drop_cache(&self, file: &File) -> io::Result<()> {
+        // BLKFLSBUF writes dirty pages back (errors surface) and then invalidates the clean
+        // ones.
         // SAFETY: BLKFLSBUF takes no argument; the fd is a valid open block device owned by
         // `file` for the duration of the call.
         unsafe { blkflsbuf(file.as_raw_fd()) }.map_err(io::Error::from)?;

@@ -196,9 +196,11 @@ impl Gate {
 struct FakeNodes {
     dir: PathBuf,
     flushes: AtomicUsize,
+    /// `drop_cache` calls (`BLKFLSBUF` alone, no fsync).
+    drop_caches: AtomicUsize,
     fail_open: Mutex<bool>,
     /// Since when the dispatchers hold a request (shared with them); a flush while one is held
-    /// is counted in `flushed_while_pending`.
+    /// (or a cache drop) while one is held is counted in `flushed_while_pending`.
     pending_since: Arc<Mutex<Option<std::time::Instant>>>,
     flushed_while_pending: AtomicUsize,
 }
@@ -222,6 +224,14 @@ impl DeviceNodes for FakeNodes {
             self.flushed_while_pending.fetch_add(1, Ordering::SeqCst);
         }
         file.sync_all()
+    }
+
+    fn drop_cache(&self, _file: &File) -> io::Result<()> {
+        self.drop_caches.fetch_add(1, Ordering::SeqCst);
+        if self.pending_since.lock().is_some() {
+            self.flushed_while_pending.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }
 
@@ -327,6 +337,7 @@ impl Env {
         let nodes = Arc::new(FakeNodes {
             dir: dir.path().join("dev"),
             flushes: AtomicUsize::new(0),
+            drop_caches: AtomicUsize::new(0),
             fail_open: Mutex::new(false),
             pending_since: pending_since.clone(),
             flushed_while_pending: AtomicUsize::new(0),
@@ -713,11 +724,14 @@ mod warm {
                 })
             );
             let flushes = env.nodes.flushes.load(Ordering::SeqCst);
+            let drops = env.nodes.drop_caches.load(Ordering::SeqCst);
             let a = warm
                 .bind(Arc::new(MemDevice::new(1 << 20, 4096)), "late")
                 .unwrap();
-            // The bind dropped the page cache and talked to no one else.
-            assert_eq!(env.nodes.flushes.load(Ordering::SeqCst), flushes + 1);
+            // The bind dropped the page cache (no fsync: the unbound device took no write) and
+            // talked to no one else.
+            assert_eq!(env.nodes.drop_caches.load(Ordering::SeqCst), drops + 1);
+            assert_eq!(env.nodes.flushes.load(Ordering::SeqCst), flushes);
             assert_eq!(env.kernel.disconnects.load(Ordering::SeqCst), disconnects);
             let st = env.attacher.pool().list().unwrap();
             assert_eq!(st[a.index() as usize].sandbox.as_deref(), Some("late"));
@@ -746,7 +760,7 @@ mod warm {
             answer.join().unwrap();
             // The page cache was dropped only after that read was answered.
             assert_eq!(env.nodes.flushed_while_pending.load(Ordering::SeqCst), 0);
-            assert!(env.nodes.flushes.load(Ordering::SeqCst) >= 1);
+            assert!(env.nodes.drop_caches.load(Ordering::SeqCst) >= 1);
             a.close().await.unwrap();
         });
         env.assert_clean();

@@ -60,23 +60,31 @@ pub struct PoolConfig {
     pub cache_dir: Option<PathBuf>,
 }
 
-impl Default for PoolConfig {
-    /// The host's sysfs and lock directory, and a new instance of this boot.
-    fn default() -> Self {
+impl PoolConfig {
+    /// The host's sysfs and lock directory as `identity` (the defaults, without making up a new
+    /// instance only to replace it).
+    pub fn with_identity(identity: Identity) -> Self {
         PoolConfig {
             sysfs_root: PathBuf::from("/sys"),
             lock_dir: PathBuf::from("/run/rootfork/nbd"),
             cooldown: Duration::from_millis(200),
-            identity: Identity::new_instance().unwrap_or_else(|e| {
-                // Only names are lost: the claim lock still decides who is alive.
-                tracing::warn!("{e}; naming this instance without the boot id");
-                Identity {
-                    boot: "unknown".into(),
-                    instance: format!("p{}t{}", std::process::id(), now_ms()),
-                }
-            }),
+            identity,
             cache_dir: None,
         }
+    }
+}
+
+impl Default for PoolConfig {
+    /// The host's sysfs and lock directory, and a new instance of this boot.
+    fn default() -> Self {
+        PoolConfig::with_identity(Identity::new_instance().unwrap_or_else(|e| {
+            // Only names are lost: the claim lock still decides who is alive.
+            tracing::warn!("{e}; naming this instance without the boot id");
+            Identity {
+                boot: "unknown".into(),
+                instance: format!("p{}t{}", std::process::id(), now_ms()),
+            }
+        }))
     }
 }
 

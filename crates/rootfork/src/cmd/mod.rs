@@ -1,15 +1,18 @@
 //! One module per subcommand; each has an `Args` (clap) and a `run`.
 
+pub mod attach_reclaim;
 pub mod client_opts;
 pub mod completions;
 pub mod device;
 pub mod events;
 pub mod generate;
 pub mod nbd_attach;
+pub mod nbd_attach_argv;
 pub mod nbd_list;
 pub mod nbd_reclaim;
 pub mod nbd_serve;
 pub mod output;
+pub mod phase_profile;
 pub mod sandbox;
 pub mod serve;
 pub mod store;

@@ -3,10 +3,11 @@
 //! Each run is its own rootfork instance (a random instance id in the backend identifier, unless
 //! `--instance` names one). On start it checks the lock and cache directories (this user's, not
 //! writable by others) and reclaims devices whose owner is gone, by the rule in
-//! `rootfork_kernel::reclaim`, on a thread of its own beside the attach (the claim passes over a
-//! dead device's slot anyway: it is not quiescent; only when no slot is left does the attach wait
-//! for the reclaim and try again), so the reclaim's walk over every slot overlaps the overlay's
-//! creation and the connect; the device is printed once both are done. It creates the overlay
+//! `rootfork_kernel::reclaim`, on a thread of its own beside the attach (`attach_reclaim`: its walk
+//! starts once the attach has claimed its slot, so the two do not take turns on the slots; the
+//! claim passes over a dead device's slot anyway: it is not quiescent; only when no slot is left
+//! does the attach wait for the reclaim and try again), so the walk overlaps the connect; the
+//! device is printed once both are done. It creates the overlay
 //! (cache file `<cache-dir>/attach-<instance>-<sandbox>.cache`, recorded in the slot's claim so a
 //! later reclaim can remove it after a crash), attaches it, prints the device path as the first
 //! line on stdout, and serves until signalled; then it flushes, detaches (waiting for the
@@ -22,12 +23,15 @@ use nix::sys::signal::{SigSet, Signal};
 use rootfork_block::{BlockDevice, Overlay, OverlayOptions, TemplateFile, TemplatePath};
 use rootfork_kernel::identity::Identity;
 use rootfork_kernel::pool::PrivateDir;
-use rootfork_kernel::reclaim::ReclaimOptions;
 use rootfork_kernel::{
-    reclaim, AttachError, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher,
-    NbdNetlink, PoolConfig, PoolError, Reclaimed,
+    AttachError, AttachOptions, Attacher, DevicePool, HostNodes, NbdDispatcher, NbdNetlink,
+    PoolConfig, PoolError,
 };
 use rootfork_nbd::ServeOptions;
+
+use super::attach_reclaim;
+use super::nbd_attach_argv::{DEFAULT_CACHE_DIR, DEFAULT_LOCK_DIR};
+use super::phase_profile::mark;
 
 /// Arguments of `rootfork nbd attach`.
 #[derive(Debug, clap::Args)]
@@ -42,14 +46,10 @@ pub struct Args {
     #[arg(long)]
     pub sandbox: Option<String>,
     /// Directory for the overlay's cache file.
-    #[arg(long, env = "ROOTFORK_CACHE_DIR", default_value = "/var/tmp/rootfork")]
+    #[arg(long, env = "ROOTFORK_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
     /// Directory of the host-wide slot lock files (the same for every rootfork on the host).
-    #[arg(
-        long,
-        env = "ROOTFORK_NBD_LOCK_DIR",
-        default_value = "/run/rootfork/nbd"
-    )]
+    #[arg(long, env = "ROOTFORK_NBD_LOCK_DIR", default_value = DEFAULT_LOCK_DIR)]
     pub lock_dir: PathBuf,
     /// The kernel's request timeout in seconds.
     #[arg(long, default_value_t = 30)]
@@ -87,27 +87,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => Identity::new_instance(),
     }
     .context("naming this rootfork instance")?;
+    mark("identity");
     let sandbox = args
         .sandbox
         .clone()
         .unwrap_or_else(|| format!("attach-{}", identity.instance));
     // Both directories are checked before anything is written into them.
     PrivateDir::open(&args.cache_dir).context("the cache directory")?;
+    mark("cache_dir");
     let pool = DevicePool::new(PoolConfig {
         lock_dir: args.lock_dir.clone(),
-        identity: identity.clone(),
         cache_dir: Some(args.cache_dir.clone()),
-        ..PoolConfig::default()
+        ..PoolConfig::with_identity(identity.clone())
     });
     pool.check_lock_dir().context("the lock directory")?;
+    mark("lock_dir");
     let control = Arc::new(
         NbdNetlink::open(Duration::from_secs(10))
             .context("opening the kernel's nbd netlink family (is the nbd module loaded?)")?,
     );
-    let mut reclaiming = (!args.no_reclaim).then(|| start_reclaim(pool.clone()));
+    mark("netlink");
+    let mut reclaiming = (!args.no_reclaim).then(|| attach_reclaim::start(pool.clone()));
+    mark("reclaim_spawned");
 
     let template = TemplateFile::open(&TemplatePath::new(&args.template))
         .with_context(|| format!("opening template {}", args.template.display()))?;
+    mark("template");
     // The instance id, unlike a pid (1 in every pid namespace), is this run's own.
     let cache = args.cache_dir.join(format!(
         "attach-{}-{}.cache",
@@ -118,6 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Overlay::create(Arc::new(template), &cache, OverlayOptions::default())
             .with_context(|| format!("creating the overlay cache {}", cache.display()))?,
     );
+    mark("overlay");
     let dispatcher = NbdDispatcher::new(overlay, ServeOptions::default());
     let attacher = Attacher::new(pool, control, Arc::new(HostNodes));
     let opts = AttachOptions {
@@ -134,22 +140,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_time()
         .build()
         .context("starting the runtime")?;
+    mark("runtime");
     let attachment = match rt.block_on(attacher.attach(&dispatcher, &opts)) {
         // Every slot taken: the reclaim may free one.
         Err(AttachError::Pool(PoolError::Exhausted { .. })) if reclaiming.is_some() => {
-            finish_reclaim(reclaiming.take())?;
+            attach_reclaim::finish(reclaiming.take())?;
             rt.block_on(attacher.attach(&dispatcher, &opts))
         }
         other => other,
     }
     .context("attaching the overlay")?;
+    mark("attached");
     // Once the device is printed the reclaim is over (callers may rely on the dead devices being
     // gone by then).
-    finish_reclaim(reclaiming.take())?;
+    attach_reclaim::finish(reclaiming.take())?;
+    mark("reclaim_joined");
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", attachment.device_path().display())?;
     out.flush()?;
     drop(out);
+    mark("printed");
+    super::phase_profile::report();
     tracing::info!(
         device = %attachment.device_path().display(),
         sandbox,
@@ -163,41 +174,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let closed = rt.block_on(attachment.close());
     drop(dispatcher); // the overlay goes with it, and its cache file
     closed.context("detaching")?;
-    Ok(())
-}
-
-type Reclaiming = std::thread::JoinHandle<anyhow::Result<Vec<Reclaimed>>>;
-
-/// Reclaims dead rootfork devices on a thread of its own, over its own netlink socket (two
-/// threads must not share one: each would skip the other's answers).
-fn start_reclaim(pool: DevicePool) -> Reclaiming {
-    std::thread::spawn(move || {
-        let control = NbdNetlink::open(Duration::from_secs(10))
-            .context("opening the kernel's nbd netlink family for the reclaim")?;
-        Ok(reclaim(&pool, &control, &ReclaimOptions::default())?)
-    })
-}
-
-/// Waits for the reclaim and logs what it did.
-fn finish_reclaim(reclaiming: Option<Reclaiming>) -> anyhow::Result<()> {
-    let Some(handle) = reclaiming else {
-        return Ok(());
-    };
-    let done = handle
-        .join()
-        .map_err(|_| anyhow::anyhow!("the reclaim thread panicked"))?;
-    for r in done? {
-        if r.deferred.is_some() {
-            continue; // logged by reclaim
-        }
-        tracing::info!(
-            index = r.index,
-            disconnected = ?r.disconnected,
-            cache_removed = ?r.cache_removed,
-            error = ?r.error,
-            "reclaimed a slot of a dead rootfork process"
-        );
-    }
     Ok(())
 }
 

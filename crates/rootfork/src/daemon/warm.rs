@@ -8,7 +8,8 @@
 //!   each disk size a kernel create asked for since (a miss adds its size), at most
 //!   [`MAX_SIZES`] sizes; the size wanted least recently goes first, and its devices are closed.
 //! - **Refill**: one background task connects a device whenever a wanted size has fewer than
-//!   `warm_slots`; a failed connect (every slot taken, the module gone) waits with backoff
+//!   `warm_slots`, woken by a miss at once and by a hit only once the create that took the
+//!   device is ready (its [`TakenGuard`] dropped), so the two do not compete; a failed connect (every slot taken, the module gone) waits with backoff
 //!   (1 s doubling to 30 s) before the next try.
 //! - **Listing**: a stocked slot's claim is named `.warm-<size>` (sandbox ids cannot start with a
 //!   dot), so `device list` and the `pool_slots` metric show it as state `warm`.
@@ -24,7 +25,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rootfork_kernel::{AttachError, AttachOptions, Attacher, NbdDispatcher, WarmSlot};
 use rootfork_nbd::ServeOptions;
-use rootfork_provider::{WarmDevice, WarmSource};
+use rootfork_provider::{TakenGuard, WarmDevice, WarmSource};
 use tokio::sync::{watch, Notify};
 
 use crate::daemon::core::Core;
@@ -75,7 +76,8 @@ pub struct WarmCounts {
 pub struct WarmStock {
     per_size: usize,
     shelves: Mutex<Shelves>,
-    wake: Notify,
+    /// Wakes the refill (shared with the guards of taken devices).
+    wake: Arc<Notify>,
     hits: AtomicU64,
     misses: AtomicU64,
     failures: AtomicU64,
@@ -97,7 +99,7 @@ impl WarmStock {
         Arc::new(WarmStock {
             per_size,
             shelves: Mutex::default(),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -107,20 +109,24 @@ impl WarmStock {
     /// Marks `size` as wanted (most recently); returns the devices of a size that had to make
     /// room, for the caller to close.
     pub fn want(&self, size: u64) -> Vec<WarmDevice> {
-        let mut evicted = Vec::new();
-        {
-            let mut s = self.shelves.lock();
-            if s.closed {
-                return evicted;
-            }
-            s.sizes.retain(|&x| x != size);
-            s.sizes.push(size);
-            while s.sizes.len() > MAX_SIZES {
-                let old = s.sizes.remove(0);
-                evicted.extend(s.ready.remove(&old).unwrap_or_default());
-            }
-        }
+        let evicted = self.mark_wanted(size);
         self.wake.notify_one();
+        evicted
+    }
+
+    /// [`WarmStock::want`] without waking the refill.
+    fn mark_wanted(&self, size: u64) -> Vec<WarmDevice> {
+        let mut evicted = Vec::new();
+        let mut s = self.shelves.lock();
+        if s.closed {
+            return evicted;
+        }
+        s.sizes.retain(|&x| x != size);
+        s.sizes.push(size);
+        while s.sizes.len() > MAX_SIZES {
+            let old = s.sizes.remove(0);
+            evicted.extend(s.ready.remove(&old).unwrap_or_default());
+        }
         evicted
     }
 
@@ -175,13 +181,23 @@ impl WarmStock {
 impl WarmSource for WarmStock {
     fn take(&self, size: u64) -> Option<WarmDevice> {
         let taken = self.shelves.lock().ready.get_mut(&size).and_then(Vec::pop);
-        if taken.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-        }
-        // A miss stocks this size from now on; a hit wakes the refill.
-        for d in self.want(size) {
+        // A miss stocks this size from now on (the refill woken at once: the create attaches
+        // cold anyway); a hit wakes the refill only when the taker drops the device's guard, once
+        // its sandbox is ready, so the replacement's connect does not compete with the bind.
+        let evicted = self.mark_wanted(size);
+        let taken = match taken {
+            Some(d) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                let wake = self.wake.clone();
+                Some(d.with_taken_guard(TakenGuard::new(move || wake.notify_one())))
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                self.wake.notify_one();
+                None
+            }
+        };
+        for d in evicted {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => drop(rt.spawn(close_device(d))),
                 // Dropping a slot disconnects and releases it without waiting.
@@ -206,7 +222,7 @@ pub async fn connect(
     opts.cache_path = None;
     let attachment = attacher.attach(&dispatcher, &opts).await?;
     Ok(WarmDevice::new(
-        WarmSlot::new(attachment, device),
+        WarmSlot::stocked(attachment, device)?,
         dispatcher,
     ))
 }
@@ -358,6 +374,29 @@ mod tests {
             None,
             "a miss after close stocks nothing"
         );
+    }
+
+    /// Whether the refill has a wake-up waiting (consumes it).
+    fn woken(stock: &WarmStock) -> bool {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::select! {
+                biased;
+                _ = stock.wake.notified() => true,
+                _ = std::future::ready(()) => false,
+            }
+        })
+    }
+
+    #[test]
+    fn a_miss_wakes_the_refill_at_once() {
+        let stock = WarmStock::new(1);
+        assert!(!woken(&stock), "nothing to wake for yet");
+        assert!(stock.take(MIB).is_none());
+        assert!(woken(&stock), "a miss wakes the refill");
+        assert!(!woken(&stock), "one wake-up per miss");
     }
 
     #[test]
