@@ -277,19 +277,22 @@ impl Builds {
     ) -> usize {
         let mut used: BTreeSet<BuildId> = roots.into_iter().collect();
         let tops: Vec<BuildId> = self.uses.lock().values().copied().collect();
-        for top in tops {
-            match self.resolver().map(&top) {
-                Ok(m) => used.extend(m.lineage.iter().copied()),
-                Err(e) => {
-                    tracing::warn!(build = %top, "not collecting builds: a sandbox's layer cannot be read: {e}");
-                    return 0;
+        let (store, builds) = (self.store.clone(), self.resolver_arc());
+        // Maps are files, or requests to the object store: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            for top in tops {
+                match builds.map(&top) {
+                    Ok(m) => used.extend(m.lineage.iter().copied()),
+                    Err(e) => {
+                        tracing::warn!(build = %top, "not collecting builds: a sandbox's layer cannot be read: {e}");
+                        return 0;
+                    }
                 }
             }
-        }
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || remove_unused(&store, &used))
-            .await
-            .unwrap_or(0)
+            remove_unused(&store, &used)
+        })
+        .await
+        .unwrap_or(0)
     }
 }
 
