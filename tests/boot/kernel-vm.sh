@@ -13,7 +13,7 @@ TRIPLE=x86_64-unknown-linux-gnu
 BIN=$CARGO_TARGET_DIR/$TRIPLE/release/examples/kernel_vm
 if [ "${ROOTFORK_VM_SKIP_BUILD:-0}" != 1 ]; then
   # An explicit --target keeps build scripts and proc-macros dynamically linked.
-  RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release --target $TRIPLE \
+  RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static' cargo build -q --release --target $TRIPLE \
     -p rootfork-provider --example kernel_vm
 fi
 WORK=$(mktemp -d)

@@ -9,6 +9,11 @@ VM_TRIPLE=x86_64-unknown-linux-gnu
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 VM_REL=$CARGO_TARGET_DIR/$VM_TRIPLE/release
 VM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# Static, and not position-independent: a static PIE relocates itself at every start (every
+# pointer in its data), which under TCG was most of `rootfork nbd attach`'s start-up
+# (docs/kernel.md, "The cold attach profiled"). Binaries and test binaries share the flags, so
+# they share one build of the dependencies (tests/boot/kernel-vm.sh uses the same).
+VM_RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static'
 
 # vm_build NAME CARGO_BUILD_ARGS...: a statically linked release build, unless
 # ROOTFORK_VM_SKIP_BUILD=1. An explicit --target keeps build scripts and proc-macros dynamic.
@@ -16,7 +21,7 @@ vm_build() {
   local name=$1; shift
   [ "${ROOTFORK_VM_SKIP_BUILD:-0}" = 1 ] && return 0
   echo "$name: building static binaries" >&2
-  RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release --target $VM_TRIPLE "$@"
+  RUSTFLAGS="$VM_RUSTFLAGS" cargo build -q --release --target $VM_TRIPLE "$@"
 }
 
 # vm_build_test NAME CARGO_TEST_ARGS...: a statically linked release test binary
@@ -28,7 +33,7 @@ vm_build_test() {
   [ "${ROOTFORK_VM_SKIP_BUILD:-0}" = 1 ] && return 0
   echo "$name: building static test binaries" >&2
   local json exe target
-  json=$(RUSTFLAGS='-C target-feature=+crt-static' cargo test -q --no-run --release \
+  json=$(RUSTFLAGS="$VM_RUSTFLAGS" cargo test -q --no-run --release \
     --target $VM_TRIPLE --message-format=json "$@") || return 1
   # The compiler artifact of the test harness ("profile":{...,"test":true}); its "executable" is
   # the path, named <target>-<hash>. (One JSON message per line; plain grep/sed, no jq needed.)

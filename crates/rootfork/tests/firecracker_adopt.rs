@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::fake_kernel::{fake_kernel, FakeKernel};
-use common::{delete, get, import, make_template, pause, resume};
+use common::{create_firecracker, delete, get, import, make_template, pause, resume};
 use rootfork::api::v1;
 use rootfork::config::Config;
 use rootfork::daemon::kernel::KernelBackend;
@@ -83,26 +83,7 @@ async fn run_and_stop(
     let mut c = client(&d).await;
     let src = make_template(root, "src.img", 16);
     import(&mut c, "tpl", &src).await.unwrap();
-    let kernel = root.join("vmlinux");
-    std::fs::write(&kernel, b"not a kernel; the double only opens it").unwrap();
-    let sb = c
-        .sandboxes
-        .create_sandbox(v1::CreateSandboxRequest {
-            template: "tpl".into(),
-            id: "fc".into(),
-            provider: v1::ProviderKind::Kernel as i32,
-            vmm: Some(v1::VmmSettings {
-                kind: v1::vmm_settings::Kind::Firecracker as i32,
-                kernel: kernel.display().to_string(),
-                memory_mib: 128,
-                vcpus: 1,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let sb = create_firecracker(&mut c, "fc", root).await;
     assert!(sb.vm_pid > 0, "{sb:?}");
     let reaper = Reaper(sb.vm_pid);
     drop(c);

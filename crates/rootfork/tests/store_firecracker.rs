@@ -53,26 +53,7 @@ async fn a_firecracker_vm_paused_on_one_host_is_restored_on_another() {
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     let src = make_template(shared.path(), "src.img", 16);
     import(&mut ca, "tpl", &src).await.unwrap();
-    let kernel = shared.path().join("vmlinux");
-    std::fs::write(&kernel, b"not a kernel; the double only opens it").unwrap();
-    let sb = ca
-        .sandboxes
-        .create_sandbox(v1::CreateSandboxRequest {
-            template: "tpl".into(),
-            id: "vm".into(),
-            provider: v1::ProviderKind::Kernel as i32,
-            vmm: Some(v1::VmmSettings {
-                kind: v1::vmm_settings::Kind::Firecracker as i32,
-                kernel: kernel.display().to_string(),
-                memory_mib: 128,
-                vcpus: 1,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let sb = create_firecracker(&mut ca, "vm", shared.path()).await;
     assert!(sb.vm_pid > 0, "{sb:?}");
     let p = pause(&mut ca, "vm").await.unwrap();
     assert!(p.vm_state_bytes > 0, "{p:?}");

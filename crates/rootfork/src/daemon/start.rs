@@ -40,11 +40,7 @@ pub async fn serve_and_start(
         async { disk::bring_up(core, sb, disk::provider_for(core, sb, base, generation)?).await };
     // A Firecracker process starts while the device is attached (it needs the device only when
     // its drive is configured); QEMU is started on the ready device.
-    let restoring = match vm_start {
-        VmStart::Boot => None,
-        VmStart::Restore(state) => Some(state),
-    };
-    let (disk, launched) = match vm::prelaunch(core, sb, restoring) {
+    let (disk, launched) = match vm::prelaunch(core, sb, vm_start) {
         Some(launch) => {
             let (disk, launched) = tokio::join!(disk, launch);
             (disk, Some(launched))

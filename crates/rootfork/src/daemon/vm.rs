@@ -26,6 +26,7 @@ use crate::daemon::records::{FcProcess, RecordedVm, VmProcess};
 use crate::daemon::sandbox::Sandbox;
 use crate::daemon::snapshot::VmState;
 use crate::daemon::spec::{SpecError, VmSpec};
+use crate::daemon::start::VmStart;
 use crate::error::{DaemonError, Result};
 
 /// A VM the daemon runs on a sandbox's disk (killed on drop).
@@ -183,16 +184,16 @@ fn qemu_config(
 }
 
 /// A Firecracker process started ahead of the disk ([`firecracker::launch`]), when the VM
-/// `sb` is about to get needs one: booted (`restoring` = `None`) from a Firecracker spec, or
-/// restored from a Firecracker snapshot. `None` for QEMU or no VM.
+/// `sb` is about to get needs one: booted from a Firecracker spec, or restored from a
+/// Firecracker snapshot. `None` for QEMU or no VM.
 pub fn prelaunch(
     core: &Core,
     sb: &Sandbox,
-    restoring: Option<Option<&VmState>>,
+    start: VmStart<'_>,
 ) -> Option<impl std::future::Future<Output = Result<FirecrackerVm>> + 'static> {
-    let firecracker = match restoring {
-        None => sb.vm.as_ref().is_some_and(VmSpec::runs_firecracker),
-        Some(state) => state.is_some_and(|s| s.memory.is_some()),
+    let firecracker = match start {
+        VmStart::Boot => sb.vm.as_ref().is_some_and(VmSpec::runs_firecracker),
+        VmStart::Restore(state) => state.is_some_and(|s| s.memory.is_some()),
     };
     firecracker.then(|| firecracker::launch(core))
 }

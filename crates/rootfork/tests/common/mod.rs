@@ -165,6 +165,30 @@ pub fn template_files(state: &Path, name: &str) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+/// Creates kernel sandbox `id` of template `tpl` with a Firecracker VM (128 MiB, 1 vCPU) whose
+/// kernel is a placeholder file written into `dir` (the API double only opens it).
+pub async fn create_firecracker(c: &mut Clients, id: &str, dir: &Path) -> v1::Sandbox {
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, b"not a kernel; the double only opens it").unwrap();
+    c.sandboxes
+        .create_sandbox(v1::CreateSandboxRequest {
+            template: "tpl".into(),
+            id: id.into(),
+            provider: v1::ProviderKind::Kernel as i32,
+            vmm: Some(v1::VmmSettings {
+                kind: v1::vmm_settings::Kind::Firecracker as i32,
+                kernel: kernel.display().to_string(),
+                memory_mib: 128,
+                vcpus: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// A client of the API at `api`, once the daemon answers there (30 s at most).
 pub async fn connect_when_up(api: &Path) -> Clients {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
